@@ -1,0 +1,5 @@
+import sys
+
+from dra_cpu.cli import main
+
+sys.exit(main())

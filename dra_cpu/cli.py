@@ -1,0 +1,72 @@
+"""The `dra-cpu` command: argument parsing and exit codes. Each subcommand's work lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dra_cpu import __version__
+from dra_cpu.errors import DraCpuError
+from dra_cpu.render import dump, topology_table
+from dra_cpu.sysfs import read_topology
+from dra_cpu.topology import Topology
+
+# Exit code for bad input or environment: the message says what to fix.
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _render_topology(topo: Topology, output: str) -> str:
+    return topology_table(topo) if output == "table" else dump(topo.as_dict(), output)
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    root = Path(args.sysfs_root)
+    print(_render_topology(read_topology(root), args.output), end="", flush=True)
+    if args.watch:
+        from dra_cpu.watch import watch_topology
+
+        for topo in watch_topology(root):
+            print(_render_topology(topo, args.output), end="", flush=True)
+    return 0
+
+
+def add_sysfs_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sysfs-root",
+        default="/",
+        metavar="DIR",
+        help="read DIR/sys and DIR/proc instead of the machine's own (default /)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dra-cpu", description="CPU/NUMA DRA driver for Kubernetes")
+    parser.add_argument("--version", action="version", version=f"dra-cpu {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    discover = sub.add_parser("discover", help="show the CPUs, NUMA nodes and hugepages of this machine")
+    add_sysfs_root(discover)
+    discover.add_argument("--output", "-o", choices=["table", "json", "yaml"], default="table")
+    discover.add_argument(
+        "--watch", action="store_true", help="print a fresh snapshot on every cpu/node/memory uevent"
+    )
+    discover.set_defaults(handler=cmd_discover)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except DraCpuError as err:
+        print(f"dra-cpu {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

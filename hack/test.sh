@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: install, lint, type-check, test. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+hack/install.sh --test
+hack/install-testenv.sh
+.venv/bin/ruff check dra_cpu tests hack
+.venv/bin/ruff format --check dra_cpu
+.venv/bin/mypy --strict dra_cpu
+exec .venv/bin/pytest -q -ra "$@"
