@@ -51,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     discover = sub.add_parser("discover", help="show the CPUs, NUMA nodes and hugepages of this machine")
     add_sysfs_root(discover)
     discover.add_argument("--output", "-o", choices=["table", "json", "yaml"], default="table")
-    discover.add_argument(
-        "--watch", action="store_true", help="print a fresh snapshot on every cpu/node/memory uevent"
-    )
+    discover.add_argument("--watch", action="store_true", help="print a fresh snapshot on every cpu/node/memory uevent")
     discover.set_defaults(handler=cmd_discover)
     return parser
 

@@ -30,8 +30,7 @@ def topology_table(topo: Topology) -> str:
     lines = [
         f"CPU model:    {topo.cpu_model or 'unknown'}",
         f"Sockets:      {len(topo.sockets)} ({', '.join(map(str, topo.sockets)) or '-'})",
-        f"CPUs:         {len(topo.cpus)} present, online {topo.online_cpus or '-'}, "
-        f"offline {topo.offline_cpus or '-'}",
+        f"CPUs:         {len(topo.cpus)} present, online {topo.online_cpus or '-'}, offline {topo.offline_cpus or '-'}",
         f"SMT:          {'on' if topo.smt_active else 'off'}, {topo.threads_per_core} thread(s) per core, "
         f"{len(topo.cores())} physical cores online",
         f"Isolated:     {topo.isolated_cpus or '-'}",
@@ -49,7 +48,5 @@ def topology_table(topo: Topology) -> str:
         )
     if topo.hugepages:
         lines.append("")
-        lines.append(
-            "Hugepages (machine): " + ", ".join(f"{p.quantity} {p.total}/{p.free}" for p in topo.hugepages)
-        )
+        lines.append("Hugepages (machine): " + ", ".join(f"{p.quantity} {p.total}/{p.free}" for p in topo.hugepages))
     return "\n".join(lines) + "\n"

@@ -109,13 +109,9 @@ def _read_cpus(reader: _Reader, cpu_to_node: dict[int, int]) -> tuple[Cpu, ...]:
         d = f"{base}/cpu{cpu_id}"
         is_online = _is_online(reader, d, cpu_id, online)
         if not is_online:
-            cpus.append(
-                Cpu(id=cpu_id, online=False, numa_node=cpu_to_node.get(cpu_id), isolated=cpu_id in isolated)
-            )
+            cpus.append(Cpu(id=cpu_id, online=False, numa_node=cpu_to_node.get(cpu_id), isolated=cpu_id in isolated))
             continue
-        siblings = reader.cpuset(f"{d}/topology/thread_siblings_list") or reader.cpuset(
-            f"{d}/topology/core_cpus_list"
-        )
+        siblings = reader.cpuset(f"{d}/topology/thread_siblings_list") or reader.cpuset(f"{d}/topology/core_cpus_list")
         l2, l3 = _cache_ids(reader, d)
         cpus.append(
             Cpu(
@@ -192,9 +188,7 @@ def _read_nodes(reader: _Reader) -> tuple[NumaNode, ...]:
         return (_non_numa_node(reader),)
     online = reader.cpuset(f"{base}/online")
     if online is None:
-        node_ids = sorted(
-            int(m.group(1)) for m in map(_NODE_DIR.match, reader.listdir(base)) if m is not None
-        )
+        node_ids = sorted(int(m.group(1)) for m in map(_NODE_DIR.match, reader.listdir(base)) if m is not None)
         online = CPUSet.of(node_ids)
     if not online:
         return ()
@@ -235,8 +229,7 @@ def _distances(reader: _Reader, rel: str, order: list[int]) -> tuple[tuple[int, 
     fields = content.split()
     if len(fields) != len(order) or not all(f.isdigit() for f in fields):
         raise SysfsError(
-            f"{reader.path(rel)}: expected {len(order)} distances for online nodes {order}, "
-            f"found {content.strip()!r}"
+            f"{reader.path(rel)}: expected {len(order)} distances for online nodes {order}, found {content.strip()!r}"
         )
     # The kernel prints one distance per online node, in node order.
     return tuple(zip(order, (int(f) for f in fields), strict=True))

@@ -19,7 +19,9 @@ DEBOUNCE_SECONDS = 0.2
 def topology_events(timeout: float | None = None) -> Iterator[bool]:
     """Yields True after each burst of relevant uevents, False when `timeout` passes with none."""
     context = pyudev.Context()
-    monitor = pyudev.Monitor.from_netlink(context)
+    # Raw kernel uevents, not udev's re-broadcast: nodes and pods often run no udevd. The kernel sends them only to
+    # the host's network namespace, so a pod needs hostNetwork for events (the daemon also re-reads periodically).
+    monitor = pyudev.Monitor.from_netlink(context, source="kernel")
     for subsystem in SUBSYSTEMS:
         monitor.filter_by(subsystem)
     monitor.start()

@@ -1,0 +1,1 @@
+"""Talking to the kubelet: plugin registration and the DRA gRPC services."""

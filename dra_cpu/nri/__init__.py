@@ -1,0 +1,1 @@
+"""Talking to the container runtime through NRI (ttrpc over a multiplexed unix socket)."""
