@@ -8,8 +8,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dra_cpu import __version__
+from dra_cpu.cpuset import CPUSet, CPUSetError
+from dra_cpu.devices import DeviceConfig, DeviceMode, build_devices, build_slices
 from dra_cpu.errors import DraCpuError
-from dra_cpu.render import dump, topology_table
+from dra_cpu.render import dump, dump_objects, topology_table
 from dra_cpu.sysfs import read_topology
 from dra_cpu.topology import Topology
 
@@ -34,6 +36,40 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_cpuset_flag(flag: str, value: str) -> CPUSet:
+    try:
+        return CPUSet.parse(value)
+    except CPUSetError as err:
+        raise DraCpuError(f"{flag} {value!r}: {err}") from None
+
+
+def device_config(args: argparse.Namespace) -> DeviceConfig:
+    return DeviceConfig(
+        node_name=args.node_name,
+        driver_name=args.driver_name,
+        reserved_cpus=parse_cpuset_flag("--reserved-cpus", args.reserved_cpus),
+        device_mode=DeviceMode(args.device_mode),
+        whole_cores=args.whole_cores,
+    )
+
+
+def cmd_slices(args: argparse.Namespace) -> int:
+    config = device_config(args)
+    slices = build_slices(build_devices(read_topology(Path(args.sysfs_root)), config), config)
+    print(dump_objects(slices, args.output), end="")
+    return 0
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape the published devices, shared by `slices` and `run`."""
+    parser.add_argument("--driver-name", default="dra.cpu", help="DRA driver name and attribute domain")
+    parser.add_argument("--reserved-cpus", default="", metavar="LIST", help="CPUs kept for system daemons, e.g. 0-1")
+    parser.add_argument("--device-mode", choices=[m.value for m in DeviceMode], default=DeviceMode.GROUPED.value)
+    parser.add_argument(
+        "--whole-cores", action="store_true", help="publish and hand out whole physical cores only (SMT siblings)"
+    )
+
+
 def add_sysfs_root(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sysfs-root",
@@ -53,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--output", "-o", choices=["table", "json", "yaml"], default="table")
     discover.add_argument("--watch", action="store_true", help="print a fresh snapshot on every cpu/node/memory uevent")
     discover.set_defaults(handler=cmd_discover)
+
+    slices = sub.add_parser("slices", help="print the ResourceSlices this node would publish (no cluster needed)")
+    add_sysfs_root(slices)
+    slices.add_argument("--node-name", required=True, help="the Kubernetes node name (pool name)")
+    add_device_flags(slices)
+    slices.add_argument("--output", "-o", choices=["yaml", "json"], default="yaml")
+    slices.set_defaults(handler=cmd_slices)
     return parser
 
 

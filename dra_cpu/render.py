@@ -17,6 +17,13 @@ def dump(data: Any, output: str) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def dump_objects(objects: list[dict[str, Any]], output: str) -> str:
+    """Kubernetes objects as kubectl takes them: a YAML stream, or a JSON v1 List."""
+    if output == "json":
+        return dump({"apiVersion": "v1", "kind": "List", "items": objects}, "json")
+    return yaml.safe_dump_all(objects, sort_keys=False)
+
+
 def _human_bytes(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
