@@ -16,6 +16,7 @@ from typing import Any
 
 from dra_cpu.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
+from dra_cpu.quantity import format_bytes
 from dra_cpu.topology import Topology, page_size_quantity
 
 API_VERSION = "resource.k8s.io/v1"
@@ -109,12 +110,7 @@ class Device:
 
 
 def quantity(value: int, kind: DeviceType) -> str:
-    """Canonical Kubernetes quantities, so what we send compares equal to what the API server stores."""
-    if kind is DeviceType.HUGEPAGES:
-        for suffix, size in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
-            if value % size == 0:
-                return f"{value // size}{suffix}"
-    return str(value)
+    return format_bytes(value) if kind is DeviceType.HUGEPAGES else str(value)
 
 
 def _attribute(value: AttributeValue) -> dict[str, AttributeValue]:

@@ -1,0 +1,45 @@
+"""ClusterAPI: everything dra-cpu asks of the cluster, so that the driver runs the same code with or without one."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from dra_cpu.errors import DraCpuError
+
+
+class ClusterError(DraCpuError):
+    """The cluster could not answer; transient unless the message says otherwise."""
+
+
+class NotFound(ClusterError):
+    pass
+
+
+class Conflict(ClusterError):
+    """Someone else changed the object since we read it: re-read and try again."""
+
+
+class ClusterAPI(Protocol):
+    def get_claim(self, namespace: str, name: str) -> dict[str, Any]:
+        """The ResourceClaim as the API server returns it; NotFound when it does not exist."""
+        ...
+
+    def get_node(self, name: str) -> dict[str, Any] | None:
+        """The Node, or None when it cannot be read (no such node, no permission, a stand-in server)."""
+        ...
+
+    def list_slices(self, driver: str, node: str) -> list[dict[str, Any]]: ...
+
+    def create_slice(self, obj: dict[str, Any]) -> dict[str, Any]: ...
+
+    def update_slice(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Replace a slice; `metadata.resourceVersion` guards against lost updates (Conflict)."""
+        ...
+
+    def delete_slice(self, name: str) -> None: ...
+
+    def watch_slices(self, driver: str, node: str, stop: threading.Event) -> Iterator[None]:
+        """Yields after every change to the node's slices by anyone, until `stop` is set."""
+        ...
