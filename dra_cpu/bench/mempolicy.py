@@ -1,6 +1,7 @@
-"""Memory placement through the kernel's own syscalls (mbind, set_mempolicy) via ctypes, so no libnuma is needed.
+"""Memory placement through the kernel's mbind syscall via ctypes, so no libnuma is needed.
 
-glibc does not wrap these syscalls (libnuma does), so they go through syscall(2) with per-architecture numbers.
+glibc does not wrap mbind (libnuma does), so it goes through syscall(2) with per-architecture numbers. mbind on the
+buffer rather than set_mempolicy on the thread: the policy then belongs to the memory, whichever thread touches it.
 """
 
 from __future__ import annotations
@@ -14,14 +15,8 @@ from types import TracebackType
 from dra_cpu.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
 
-# (mbind, set_mempolicy) per `uname -m`; from the kernel's syscall tables.
-_SYSCALLS = {
-    "x86_64": (237, 238),
-    "aarch64": (235, 237),
-    "ppc64le": (259, 261),
-    "s390x": (268, 270),
-    "riscv64": (235, 237),
-}
+# mbind per `uname -m`, from the kernel's syscall tables.
+_MBIND = {"x86_64": 237, "aarch64": 235, "ppc64le": 259, "s390x": 268, "riscv64": 235}
 MPOL_BIND = 2
 MPOL_MF_STRICT = 1 << 0
 MPOL_MF_MOVE = 1 << 1
@@ -38,16 +33,12 @@ class MemPolicyError(DraCpuError):
     """The kernel refused a memory placement."""
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _syscall_numbers() -> tuple[int, int]:
+def _mbind_number() -> int:
     machine = platform.machine()
     try:
-        return _SYSCALLS[machine]
+        return _MBIND[machine]
     except KeyError:
-        raise MemPolicyError(f"machine {machine!r}: mbind/set_mempolicy syscall numbers unknown") from None
+        raise MemPolicyError(f"machine {machine!r}: the mbind syscall number is not known") from None
 
 
 def _nodemask(nodes: CPUSet) -> tuple[ctypes.Array[ctypes.c_ulong], int]:
@@ -55,26 +46,20 @@ def _nodemask(nodes: CPUSet) -> tuple[ctypes.Array[ctypes.c_ulong], int]:
 
     The kernel reads maxnode-1 bits (a historical off-by-one that libnuma also compensates), hence the +1.
     """
-    words = max(nodes.sorted()[-1] // _ULONG_BITS + 1 if nodes else 1, 1)
+    words = max(nodes.ids, default=0) // _ULONG_BITS + 1
     mask = (ctypes.c_ulong * words)()
     for node in nodes:
         mask[node // _ULONG_BITS] |= 1 << (node % _ULONG_BITS)
     return mask, words * _ULONG_BITS + 1
 
 
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        errno = ctypes.get_errno()
-        raise MemPolicyError(f"{what}: {os.strerror(errno)}")
-
-
 def mbind(address: int, length: int, nodes: CPUSet) -> None:
     """Bind [address, address+length) to `nodes`; pages faulted later come only from there (MPOL_BIND)."""
     mask, maxnode = _nodemask(nodes)
-    libc = _libc()
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     result = libc.syscall(
-        ctypes.c_long(_syscall_numbers()[0]),
+        ctypes.c_long(_mbind_number()),
         ctypes.c_void_p(address),
         ctypes.c_ulong(length),
         ctypes.c_int(MPOL_BIND),
@@ -82,18 +67,8 @@ def mbind(address: int, length: int, nodes: CPUSet) -> None:
         ctypes.c_ulong(maxnode),
         ctypes.c_uint(MPOL_MF_STRICT | MPOL_MF_MOVE),
     )
-    _check(result, f"mbind to memory node(s) {nodes}")
-
-
-def set_mempolicy_bind(nodes: CPUSet) -> None:
-    """Bind the calling thread's future allocations to `nodes`: what cpuset.mems does, without a cgroup."""
-    mask, maxnode = _nodemask(nodes)
-    libc = _libc()
-    libc.syscall.restype = ctypes.c_long
-    result = libc.syscall(
-        ctypes.c_long(_syscall_numbers()[1]), ctypes.c_int(MPOL_BIND), mask, ctypes.c_ulong(maxnode)
-    )
-    _check(result, f"set_mempolicy to memory node(s) {nodes}")
+    if result != 0:
+        raise MemPolicyError(f"mbind to memory node(s) {nodes}: {os.strerror(ctypes.get_errno())}")
 
 
 class BoundBuffer:

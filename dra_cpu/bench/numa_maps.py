@@ -112,9 +112,7 @@ class Placement:
         return None
 
 
-def verify_placement(
-    entries: Sequence[NumaMapsEntry], start: int, length: int, node: int, page_size: int
-) -> Placement:
+def verify_placement(entries: Sequence[NumaMapsEntry], start: int, length: int, node: int, page_size: int) -> Placement:
     """Check that every page of [start, start+length) is resident on `node`, from a numa_maps read after touching.
 
     A mapping the kernel merged with a neighbour counts the neighbour's pages too: pages found on another node then
