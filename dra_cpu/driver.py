@@ -1,0 +1,200 @@
+"""Prepare and unprepare: read the claim, decide (pure), then apply the decision with rollback.
+
+Apply order for prepare: checkpoint, CDI spec, enforcement. The checkpoint comes first because it is the truth
+a restarted driver trusts: a crash after it leaves a claim whose CDI spec start-up rewrites; a crash before it
+leaves nothing. Unprepare removes the CDI spec first, so a stale spec can never point at CPUs given to another
+claim, then the checkpoint entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dra_cpu import cdi
+from dra_cpu.allocator import AllocationPolicy
+from dra_cpu.cdi import CDIError, CDIStore
+from dra_cpu.checkpoint import Checkpoint, CheckpointError, CheckpointFile
+from dra_cpu.claims import ClaimRef, parse_claim
+from dra_cpu.devices import Device, DeviceConfig, device_index
+from dra_cpu.errors import DraCpuError
+from dra_cpu.kube.api import ClusterAPI, NotFound
+from dra_cpu.logs import OperationLog, operation
+from dra_cpu.state import PreparedClaim, State, decide
+from dra_cpu.topology import Topology
+
+LOG = logging.getLogger("dra_cpu.driver")
+
+
+class Enforcer(Protocol):
+    """What keeps the decision true in running containers (the NRI plugin); None in `--enforcement none`."""
+
+    def check_ready(self) -> None:
+        """Raise a DraCpuError (retriable) when enforcement is down and prepares must wait."""
+
+    def claims_changed(self, state: State) -> None:
+        """The set of prepared claims changed: shrink or regrow the shared pool (never blocks on the runtime)."""
+
+
+@dataclass(frozen=True)
+class PreparedResult:
+    """What the kubelet gets for one claim: the devices with their CDI ids, or an error it shows the user."""
+
+    claim: PreparedClaim | None = None
+    error: str = ""
+
+
+@dataclass
+class Driver:
+    api: ClusterAPI
+    config: DeviceConfig
+    topology: Topology
+    devices: tuple[Device, ...]
+    checkpoint: CheckpointFile
+    cdi_store: CDIStore
+    boot_id: str
+    default_policy: AllocationPolicy = field(default_factory=AllocationPolicy)
+    min_shared_cpus: int = 1
+    enforcer: Enforcer | None = None
+    cdi_hooks: tuple[dict[str, object], ...] = ()
+    state: State = field(default_factory=State)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # --- start-up -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the checkpoint (or rebuild from our CDI specs), make the CDI folder agree with it, save it."""
+        log = operation(LOG, "start")
+        try:
+            loaded = self.checkpoint.load()
+        except CheckpointError as err:
+            log.error(
+                "checkpoint is corrupt; rebuilding the prepared claims from CDI specs", extra={"reason": str(err)}
+            )
+            loaded = Checkpoint(self._state_from_cdi(log), boot_id="")
+        state = loaded.state if loaded else State()
+        if loaded and loaded.boot_id and loaded.boot_id != self.boot_id:
+            log.info("node rebooted since the checkpoint: rewriting CDI specs", extra={"claims": len(state.claims)})
+        with self._lock:
+            self._reconcile_cdi(state, log)
+            self.checkpoint.save(Checkpoint(state, self.boot_id))
+            self.state = state
+        log.info("state loaded", extra={"claims": len(state.claims), "allocated": str(state.allocated_cpus)})
+
+    def _state_from_cdi(self, log: OperationLog) -> State:
+        claims = {}
+        for uid in self.cdi_store.uids():
+            try:
+                env = cdi.env_of_spec(self.cdi_store.read(uid))
+                claims[uid] = cdi.claim_from_env(env, uid, self.config.node_name)
+            except CDIError as err:
+                log.error("CDI spec unreadable: its claim is not restored", extra={"claimUID": uid, "reason": str(err)})
+        return State(claims)
+
+    def _reconcile_cdi(self, state: State, log: OperationLog) -> None:
+        """Every prepared claim has exactly its spec, and no spec of ours is left without a claim."""
+        for claim in state.claims.values():
+            self.cdi_store.write(claim.uid, self._spec(claim))
+        for uid in set(self.cdi_store.uids()) - set(state.claims):
+            log.info("removing orphaned CDI spec", extra={"claimUID": uid})
+            self.cdi_store.remove(uid)
+
+    def _spec(self, claim: PreparedClaim) -> dict[str, object]:
+        return cdi.build_spec(self.config.driver_name, claim, claim.mems(self.topology), self.cdi_hooks)
+
+    # --- topology -------------------------------------------------------------------------------------------
+
+    def set_topology(self, topology: Topology, devices: tuple[Device, ...]) -> None:
+        with self._lock:
+            self.topology, self.devices = topology, devices
+
+    # --- prepare / unprepare --------------------------------------------------------------------------------
+
+    def prepare(self, refs: Iterable[ClaimRef]) -> dict[str, PreparedResult]:
+        return {ref.uid: self._prepare_one(ref) for ref in refs}
+
+    def _prepare_one(self, ref: ClaimRef) -> PreparedResult:
+        log = operation(LOG, "prepare", claimUID=ref.uid, claim=str(ref))
+        try:
+            if self.enforcer is not None:
+                self.enforcer.check_ready()
+            obj = self.api.get_claim(ref.namespace, ref.name)
+            request = parse_claim(
+                obj, ref, driver=self.config.driver_name, pool=self.config.node_name, default_policy=self.default_policy
+            )
+            log = log.bind(pods=",".join(request.pod_uids))
+            with self._lock:
+                claim = decide(
+                    self.state,
+                    request,
+                    self.topology,
+                    device_index(self.devices),
+                    cpu_capacity=self.config.cpu_capacity,
+                    memory_capacity=self.config.memory_capacity,
+                    min_shared_cpus=self.min_shared_cpus,
+                )
+                if claim.uid in self.state.claims:
+                    # A repeat (kubelet retry or restart): same CPUs; the spec may be gone after a reboot.
+                    self.cdi_store.write(claim.uid, self._spec(claim))
+                    log.info("already prepared", extra={"cpus": str(claim.cpus)})
+                    return PreparedResult(claim)
+                self._apply(self.state.with_claim(claim), write=claim, log=log)
+            log.info("prepared", extra={"cpus": str(claim.cpus), "mems": str(claim.mems(self.topology))})
+            return PreparedResult(claim)
+        except NotFound:
+            return self._failed(log, f"claim {ref} not found on the API server")
+        except DraCpuError as err:
+            return self._failed(log, str(err))
+
+    def unprepare(self, refs: Iterable[ClaimRef]) -> dict[str, str]:
+        """Claim uid -> error ("" when done). Unknown claims succeed: the kubelet may repeat an unprepare."""
+        return {ref.uid: self._unprepare_one(ref) for ref in refs}
+
+    def _unprepare_one(self, ref: ClaimRef) -> str:
+        log = operation(LOG, "unprepare", claimUID=ref.uid, claim=str(ref))
+        try:
+            with self._lock:
+                claim = self.state.claims.get(ref.uid)
+                self.cdi_store.remove(ref.uid)
+                if claim is None:
+                    log.info("not prepared here; nothing to do")
+                    return ""
+                self._apply(self.state.without(ref.uid), write=None, log=log)
+            log.info("unprepared", extra={"cpus": str(claim.cpus)})
+            return ""
+        except DraCpuError as err:
+            log.error("unprepare failed", extra={"reason": str(err)})
+            return str(err)
+
+    def _apply(self, new: State, write: PreparedClaim | None, log: OperationLog) -> None:
+        """Checkpoint, then CDI spec, then enforcement; undo the earlier steps when a later one fails."""
+        old = self.state
+        try:
+            self.checkpoint.save(Checkpoint(new, self.boot_id))
+        except OSError as err:
+            raise DraCpuError(f"cannot write checkpoint {self.checkpoint.path}: {err.strerror}") from None
+        try:
+            if write is not None:
+                self.cdi_store.write(write.uid, self._spec(write))
+        except CDIError:
+            self._rollback(old, log)
+            raise
+        self.state = new
+        if self.enforcer is not None:
+            self.enforcer.claims_changed(new)
+
+    def _rollback(self, old: State, log: OperationLog) -> None:
+        try:
+            self.checkpoint.save(Checkpoint(old, self.boot_id))
+        except OSError as err:
+            # The checkpoint now lists a claim without a spec: start-up rewrites the spec, and the kubelet's
+            # retry of this prepare returns the same CPUs, so nothing is lost.
+            log.error("rollback of the checkpoint failed", extra={"reason": err.strerror})
+
+    @staticmethod
+    def _failed(log: OperationLog, message: str) -> PreparedResult:
+        log.warning("prepare failed", extra={"reason": message})
+        return PreparedResult(error=message)
