@@ -211,10 +211,10 @@ class LatencyStats:
     def as_dict(self) -> dict[str, Any]:
         return {
             "count": self.count,
-            "p50Us": round(self.p50, 2),
-            "p99Us": round(self.p99, 2),
-            "p999Us": round(self.p999, 2),
-            "maxUs": round(self.max, 2),
+            "p50Us": round(self.p50, 3),
+            "p99Us": round(self.p99, 3),
+            "p999Us": round(self.p999, 3),
+            "maxUs": round(self.max, 3),
         }
 
 
