@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -39,6 +40,14 @@ class Enforcer(Protocol):
         """The set of prepared claims changed: shrink or regrow the shared pool (never blocks on the runtime)."""
 
 
+class Recorder(Protocol):
+    """Where prepare and unprepare outcomes are counted (the metrics)."""
+
+    def record_prepare(self, ok: bool, seconds: float) -> None: ...
+
+    def record_unprepare(self, ok: bool) -> None: ...
+
+
 @dataclass(frozen=True)
 class PreparedResult:
     """What the kubelet gets for one claim: the devices with their CDI ids, or an error it shows the user."""
@@ -60,6 +69,7 @@ class Driver:
     min_shared_cpus: int = 1
     enforcer: Enforcer | None = None
     cdi_hooks: tuple[dict[str, object], ...] = ()
+    recorder: Recorder | None = None
     state: State = field(default_factory=State)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -114,7 +124,13 @@ class Driver:
     # --- prepare / unprepare --------------------------------------------------------------------------------
 
     def prepare(self, refs: Iterable[ClaimRef]) -> dict[str, PreparedResult]:
-        return {ref.uid: self._prepare_one(ref) for ref in refs}
+        results = {}
+        for ref in refs:
+            start = time.perf_counter()
+            results[ref.uid] = result = self._prepare_one(ref)
+            if self.recorder is not None:
+                self.recorder.record_prepare(result.claim is not None, time.perf_counter() - start)
+        return results
 
     def _prepare_one(self, ref: ClaimRef) -> PreparedResult:
         log = operation(LOG, "prepare", claimUID=ref.uid, claim=str(ref))
@@ -151,7 +167,11 @@ class Driver:
 
     def unprepare(self, refs: Iterable[ClaimRef]) -> dict[str, str]:
         """Claim uid -> error ("" when done). Unknown claims succeed: the kubelet may repeat an unprepare."""
-        return {ref.uid: self._unprepare_one(ref) for ref in refs}
+        results = {ref.uid: self._unprepare_one(ref) for ref in refs}
+        if self.recorder is not None:
+            for error in results.values():
+                self.recorder.record_unprepare(not error)
+        return results
 
     def _unprepare_one(self, ref: ClaimRef) -> str:
         log = operation(LOG, "unprepare", claimUID=ref.uid, claim=str(ref))

@@ -1,0 +1,170 @@
+"""The daemon's configuration: defaults, then the YAML file (--config), then flags given on the command line.
+
+The file is strict: an unknown key or a value of the wrong type is an error naming the key, because a typo in a
+node-level setting (say `reservedCPU`) silently ignored would hand the system's CPUs to workloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dra_cpu.cpuset import CPUSet, CPUSetError
+from dra_cpu.devices import DeviceConfig, DeviceMode
+from dra_cpu.errors import DraCpuError
+
+ENFORCEMENTS = ("nri", "cdi-hook", "none")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(DraCpuError):
+    pass
+
+
+def _opt(help_text: str, flag: bool = True, choices: tuple[str, ...] = ()) -> Any:
+    return {"help": help_text, "flag": flag, "choices": choices}
+
+
+@dataclass(frozen=True)
+class Config:
+    node_name: str = field(default="", metadata=_opt("Kubernetes node name (default: $NODE_NAME or the hostname)"))
+    driver_name: str = field(default="dra.cpu", metadata=_opt("DRA driver name and attribute domain"))
+    kubeconfig: str = field(default="", metadata=_opt("kubeconfig file; empty: in-cluster config"))
+    standalone: str = field(default="", metadata=_opt("a folder standing in for the API server (development, demo)"))
+    sysfs_root: str = field(default="/", metadata=_opt("read DIR/sys and DIR/proc for topology"))
+    kubelet_root_dir: str = field(default="/var/lib/kubelet", metadata=_opt("the kubelet's root folder"))
+    cdi_root: str = field(default="/var/run/cdi", metadata=_opt("where CDI specs are written"))
+    state_dir: str = field(default="/var/lib/dra-cpu", metadata=_opt("where the checkpoint lives"))
+    nri_socket: str = field(default="/var/run/nri/nri.sock", metadata=_opt("the runtime's NRI socket"))
+    nri_plugin_index: str = field(default="00", metadata=_opt("NRI plugin index, two digits"))
+    device_mode: str = field(
+        default="grouped",
+        metadata=_opt("one device per NUMA node, or per CPU", choices=tuple(m.value for m in DeviceMode)),
+    )
+    reserved_cpus: str = field(default="", metadata=_opt("CPUs kept for system daemons, e.g. 0-1"))
+    whole_cores: bool = field(default=False, metadata=_opt("hand out whole physical cores only"))
+    strict_reserved: bool = field(default=False, metadata=_opt("keep containers without claims off reserved CPUs"))
+    min_shared_cpus: int = field(default=1, metadata=_opt("refuse claims that would leave fewer shared CPUs"))
+    enforcement: str = field(default="nri", metadata=_opt("how decisions are enforced", choices=ENFORCEMENTS))
+    metrics_address: str = field(default=":8080", metadata=_opt("host:port for /metrics, /healthz, /readyz"))
+    hugepage_poll_seconds: float = field(default=30.0, metadata=_opt("re-read hugepage reservations this often"))
+    log_level: str = field(default="info", metadata=_opt("log level", choices=LOG_LEVELS))
+    log_format: str = field(default="text", metadata=_opt("log format", choices=LOG_FORMATS))
+
+    def device_config(self) -> DeviceConfig:
+        return DeviceConfig(
+            node_name=self.node_name,
+            driver_name=self.driver_name,
+            reserved_cpus=self.reserved_cpu_set,
+            device_mode=DeviceMode(self.device_mode),
+            whole_cores=self.whole_cores,
+        )
+
+    @property
+    def reserved_cpu_set(self) -> CPUSet:
+        try:
+            return CPUSet.parse(self.reserved_cpus)
+        except CPUSetError as err:
+            raise ConfigError(f"reservedCpus {self.reserved_cpus!r}: {err}") from None
+
+    def validate(self) -> Config:
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{_camel(f.name)} {value!r}: must be one of {', '.join(choices)}")
+        if not (len(self.nri_plugin_index) == 2 and self.nri_plugin_index.isdigit()):
+            raise ConfigError(f"nriPluginIndex {self.nri_plugin_index!r}: must be two digits, 00 to 99")
+        if self.min_shared_cpus < 1:
+            raise ConfigError(f"minSharedCpus {self.min_shared_cpus}: at least 1 CPU must stay shared")
+        if self.hugepage_poll_seconds <= 0:
+            raise ConfigError(f"hugepagePollSeconds {self.hugepage_poll_seconds}: must be positive")
+        if self.enforcement == "none" and not self.standalone:
+            raise ConfigError("enforcement 'none' is for development: it needs --standalone")
+        self.reserved_cpu_set  # noqa: B018 -- parsing is the check
+        self.device_config()
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return {_camel(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config key; default None so that only flags actually given override the file."""
+    parser.add_argument("--config", metavar="FILE", help="YAML config file (keys as below, in camelCase)")
+    for f in fields(Config):
+        meta = f.metadata
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{meta['help']} (default {f.default!r})"}
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        if f.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.type == "int":
+            kwargs["type"] = int
+        elif f.type == "float":
+            kwargs["type"] = float
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def load(args: argparse.Namespace, environ: dict[str, str]) -> Config:
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(_from_file(Path(args.config)))
+    values.update({f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None})
+    config = Config(**values)
+    if not config.node_name:
+        config = dataclasses.replace(config, node_name=environ.get("NODE_NAME") or _hostname())
+    return config.validate()
+
+
+def _hostname() -> str:
+    return socket.gethostname().lower()
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys, found {type(doc).__name__}")
+    by_key = {_camel(f.name): f for f in fields(Config)}
+    values: dict[str, Any] = {}
+    for key, value in doc.items():
+        f = by_key.get(str(key))
+        if f is None:
+            raise ConfigError(f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(by_key))})")
+        values[f.name] = _typed(path, str(key), value, str(f.type))
+    return values
+
+
+def _typed(path: Path, key: str, value: Any, kind: str) -> Any:
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str) or (key == "reservedCpus" and isinstance(value, int)),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"config file {path}: {key} must be a {kind}, not {value!r}")
+    return float(value) if kind == "float" else str(value) if kind == "str" else value

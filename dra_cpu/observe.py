@@ -1,0 +1,181 @@
+"""Prometheus metrics, /healthz and /readyz on one small HTTP server.
+
+Gauges are computed at scrape time from the driver's state, so they can never drift from it. Labels are NUMA
+nodes, page sizes and results: never claim UIDs (unbounded cardinality).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psutil
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from dra_cpu.cpuset import CPUSet
+from dra_cpu.errors import DraCpuError
+
+LOG = logging.getLogger("dra_cpu.observe")
+
+
+@dataclass
+class OperationMetrics:
+    """What the driver records per operation; one instance per daemon, on its own registry."""
+
+    registry: CollectorRegistry
+    prepares: Counter = field(init=False)
+    unprepares: Counter = field(init=False)
+    prepare_seconds: Histogram = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prepares = Counter(
+            "dra_cpu_prepare", "NodePrepareResources claims by result", ["result"], registry=self.registry
+        )
+        self.unprepares = Counter(
+            "dra_cpu_unprepare", "NodeUnprepareResources claims by result", ["result"], registry=self.registry
+        )
+        self.prepare_seconds = Histogram(
+            "dra_cpu_prepare_duration_seconds",
+            "time to prepare one claim",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+            registry=self.registry,
+        )
+
+    def record_prepare(self, ok: bool, seconds: float) -> None:
+        self.prepares.labels(result="success" if ok else "error").inc()
+        self.prepare_seconds.observe(seconds)
+
+    def record_unprepare(self, ok: bool) -> None:
+        self.unprepares.labels(result="success" if ok else "error").inc()
+
+
+@dataclass
+class StateCollector(Collector):
+    """Gauges read from the running daemon at scrape time. `snapshot` returns a View of the moment."""
+
+    snapshot: Callable[[], View]
+    _last_times: list[Any] = field(default_factory=list)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        view = self.snapshot()
+        topo = view.topology
+        allocatable = GaugeMetricFamily("dra_cpu_cpus_allocatable", "CPUs claims may get", labels=["numa_node"])
+        allocated = GaugeMetricFamily("dra_cpu_cpus_allocated", "CPUs held by prepared claims", labels=["numa_node"])
+        shared = GaugeMetricFamily("dra_cpu_cpus_shared", "CPUs of the shared pool", labels=["numa_node"])
+        busy = GaugeMetricFamily(
+            "dra_cpu_cpu_busy_ratio", "busy fraction since the last scrape", labels=["numa_node", "pool"]
+        )
+        usage = self._busy_by_cpu()
+        for node in topo.numa_nodes:
+            if not node.cpus:
+                continue
+            label = [str(node.id)]
+            claimed = node.cpus & view.allocated
+            allocatable.add_metric(label, len(node.cpus & view.allocatable))
+            allocated.add_metric(label, len(claimed))
+            shared.add_metric(label, len(node.cpus & view.shared))
+            for pool, cpus in (("claimed", claimed), ("shared", node.cpus & view.shared)):
+                values = [usage[c] for c in cpus if c in usage]
+                if values:
+                    busy.add_metric([str(node.id), pool], sum(values) / len(values))
+        yield from (allocatable, allocated, shared, busy)
+
+        huge_total = GaugeMetricFamily(
+            "dra_cpu_hugepages_allocatable_bytes", "reserved hugepages", labels=["numa_node", "page_size"]
+        )
+        huge_used = GaugeMetricFamily(
+            "dra_cpu_hugepages_allocated_bytes", "hugepages held by claims", labels=["numa_node", "page_size"]
+        )
+        for node in topo.numa_nodes:
+            for pool in node.hugepages:
+                labels = [str(node.id), pool.quantity]
+                huge_total.add_metric(labels, pool.total * pool.size_bytes)
+                used = sum(
+                    g.bytes
+                    for c in view.claims
+                    for g in c.hugepages
+                    if g.numa_node == node.id and g.page_size_kib == pool.size_kib
+                )
+                huge_used.add_metric(labels, used)
+        yield from (huge_total, huge_used)
+
+        yield GaugeMetricFamily("dra_cpu_active_claims", "prepared claims", value=len(view.claims))
+        yield GaugeMetricFamily(
+            "dra_cpu_nri_connected", "1 while NRI is connected and synchronized", value=view.nri_connected
+        )
+        for name, help_text, value in view.counters:
+            yield GaugeMetricFamily(name, help_text, value=value)
+
+    def _busy_by_cpu(self) -> dict[int, float]:
+        """Busy fraction per CPU since the previous scrape (psutil's cumulative times, differenced)."""
+        now = psutil.cpu_times(percpu=True)
+        before, self._last_times = self._last_times or now, list(now)
+        busy: dict[int, float] = {}
+        for cpu, (a, b) in enumerate(zip(before, now, strict=False)):
+            total = sum(b) - sum(a)
+            idle = (b.idle + getattr(b, "iowait", 0.0)) - (a.idle + getattr(a, "iowait", 0.0))
+            if total > 0:
+                busy[cpu] = max(0.0, min(1.0, 1 - idle / total))
+        return busy
+
+
+@dataclass(frozen=True)
+class View:
+    """What the collector reads: the daemon fills it from the driver, the publisher and the NRI plugin."""
+
+    topology: Any
+    claims: tuple[Any, ...]
+    allocatable: CPUSet
+    allocated: CPUSet
+    shared: CPUSet
+    nri_connected: float
+    counters: tuple[tuple[str, str, float], ...] = ()
+
+
+ReadinessCheck = Callable[[], list[str]]
+
+
+def serve(address: str, registry: CollectorRegistry, readiness: ReadinessCheck) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz (the process answers) and /readyz (200 only when `readiness` lists no reason)."""
+    host, _, port_text = address.rpartition(":")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise DraCpuError(f"metricsAddress {address!r}: expected host:port, e.g. :8080") from None
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif self.path == "/healthz":
+                self._reply(200, b"ok\n")
+            elif self.path == "/readyz":
+                reasons = readiness()
+                body = ("ok\n" if not reasons else "".join(f"not ready: {r}\n" for r in reasons)).encode()
+                self._reply(503 if reasons else 200, body)
+            else:
+                self._reply(404, b"not found\n")
+
+        def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            LOG.debug(format % args)
+
+    try:
+        server = ThreadingHTTPServer((host or "0.0.0.0", port), Handler)
+    except OSError as err:
+        raise DraCpuError(f"metricsAddress {address!r}: cannot listen: {err.strerror}") from None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
