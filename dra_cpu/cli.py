@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,6 +61,22 @@ def cmd_slices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from dra_cpu import logs
+    from dra_cpu.config import load
+    from dra_cpu.daemon import Daemon
+
+    config = load(args, dict(os.environ))
+    logs.setup(config.log_level, config.log_format)
+    return Daemon(config).run()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dra_cpu.demo import run_demo
+
+    return run_demo(args.cpus)
+
+
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that shape the published devices, shared by `slices` and `run`."""
     parser.add_argument("--driver-name", default="dra.cpu", help="DRA driver name and attribute domain")
@@ -96,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_flags(slices)
     slices.add_argument("--output", "-o", choices=["yaml", "json"], default="yaml")
     slices.set_defaults(handler=cmd_slices)
+
+    from dra_cpu.config import add_flags
+
+    run = sub.add_parser("run", help="run the driver (the DaemonSet's command)")
+    add_flags(run)
+    run.set_defaults(handler=cmd_run)
+
+    demo = sub.add_parser("demo", help="walk a claim through the real driver on this machine, no cluster needed")
+    demo.add_argument("--cpus", type=int, default=1, help="CPUs to claim on NUMA node 0 (default 1)")
+    demo.set_defaults(handler=cmd_demo)
+
+    from dra_cpu.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,178 @@
+"""`dra-cpu run`: wires discovery, the driver, the slice publisher, enforcement, the kubelet plugin and the HTTP
+endpoints, in the order that keeps the node safe.
+
+Start order: state first (checkpoint and CDI agree before anything is served), then slices, then enforcement,
+and only when enforcement is connected and synchronized the kubelet registration: a kubelet that sees the plugin
+may send prepares at once, and a prepared claim nobody enforces pins nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from dra_cpu import observe
+from dra_cpu.cdi import CDIStore
+from dra_cpu.checkpoint import CheckpointFile
+from dra_cpu.config import Config
+from dra_cpu.devices import Device, allocatable_cpus, build_devices
+from dra_cpu.driver import Driver, Enforcer
+from dra_cpu.errors import DraCpuError
+from dra_cpu.fileio import boot_id
+from dra_cpu.kube.api import ClusterAPI
+from dra_cpu.kube.publisher import SlicePublisher
+from dra_cpu.kube.standalone import StandaloneAPI
+from dra_cpu.kubelet.plugin import KubeletPlugin, PluginPaths
+from dra_cpu.sysfs import read_topology
+from dra_cpu.topology import Topology
+
+LOG = logging.getLogger("dra_cpu.daemon")
+
+
+def connect_cluster(config: Config) -> ClusterAPI:
+    if config.standalone:
+        return StandaloneAPI(Path(config.standalone))
+    from dra_cpu.kube.apiserver import connect
+
+    return connect(config.kubeconfig or None)
+
+
+@dataclass
+class Daemon:
+    config: Config
+    stop: threading.Event = field(default_factory=threading.Event)
+    registered: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.metrics = observe.OperationMetrics(self.registry)
+        self._threads: list[threading.Thread] = []
+        self.plugin: KubeletPlugin | None = None
+        self.enforcer: Enforcer | None = None
+
+    def run(self) -> int:
+        config = self.config
+        LOG.info("starting", extra={"config": config.as_dict()})
+        if config.enforcement == "none":
+            LOG.warning("enforcement is off: claims get CPUs on paper only (development mode)")
+        device_config = config.device_config()
+        topology = read_topology(Path(config.sysfs_root))
+        devices = build_devices(topology, device_config)
+        api = connect_cluster(config)
+        state_dir = Path(config.state_dir)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DraCpuError(f"stateDir {state_dir}: cannot create: {err.strerror}") from None
+        self.driver = Driver(
+            api=api,
+            config=device_config,
+            topology=topology,
+            devices=devices,
+            checkpoint=CheckpointFile(state_dir),
+            cdi_store=CDIStore(Path(config.cdi_root), config.driver_name),
+            boot_id=boot_id(),
+            min_shared_cpus=config.min_shared_cpus,
+            recorder=self.metrics,
+        )
+        self.driver.start()
+        self.publisher = SlicePublisher(api, device_config, LOG)
+        self.publisher.set_devices(devices)
+        self._spawn("publisher", self.publisher.run, self.stop)
+        self.registry.register(observe.StateCollector(self._view))
+        self.http = observe.serve(config.metrics_address, self.registry, self.not_ready)
+        self._spawn("topology", self._watch_topology)
+        self.plugin = KubeletPlugin(
+            self.driver, PluginPaths(Path(config.kubelet_root_dir), config.driver_name), self.stop, self.registered
+        )
+        self.plugin.start()
+        self._install_signals()
+        self.stop.wait()
+        self.shutdown()
+        return 0
+
+    def _spawn(self, name: str, target: object, *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self._threads.append(thread)
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop.set())
+
+    def shutdown(self) -> None:
+        LOG.info("shutting down")
+        self.stop.set()
+        if self.plugin is not None:
+            self.plugin.stop()
+        self.http.shutdown()
+
+    def not_ready(self) -> list[str]:
+        reasons = []
+        if not self.registered.is_set():
+            reasons.append("not registered with the kubelet")
+        if self.publisher.writes == 0 and self.publisher.errors:
+            reasons.append("ResourceSlices not published")
+        return reasons
+
+    def _view(self) -> observe.View:
+        driver = self.driver
+        state, topology = driver.state, driver.topology
+        return observe.View(
+            topology=topology,
+            claims=tuple(state.claims.values()),
+            allocatable=allocatable_cpus(topology, driver.config),
+            allocated=state.allocated_cpus,
+            shared=state.shared_cpus(topology),
+            nri_connected=0.0,
+            counters=(
+                ("dra_cpu_slice_writes", "ResourceSlice writes", float(self.publisher.writes)),
+                ("dra_cpu_slice_publish_errors", "failed ResourceSlice writes", float(self.publisher.errors)),
+                (
+                    "dra_cpu_slice_dropped_field_warnings",
+                    "slices the API server stored without some of our fields",
+                    float(self.publisher.dropped_field_warnings),
+                ),
+            ),
+        )
+
+    def _watch_topology(self) -> None:
+        """Re-discover on cpu/node/memory uevents, and every hugepagePollSeconds (hugepage reservations send no
+        uevent, and a pod without hostNetwork receives none at all)."""
+        from dra_cpu.watch import topology_events
+
+        try:
+            events = topology_events(timeout=self.config.hugepage_poll_seconds)
+        except OSError as err:
+            LOG.warning("no uevents (%s): polling sysfs only", err.strerror)
+            events = None
+        while not self.stop.is_set():
+            if events is not None:
+                next(events)
+            elif self.stop.wait(self.config.hugepage_poll_seconds):
+                return
+            self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            topology = read_topology(Path(self.config.sysfs_root))
+            if topology == self.driver.topology:
+                return
+            devices = build_devices(topology, self.driver.config)
+        except DraCpuError as err:
+            LOG.error("re-discovery failed; keeping the previous topology", extra={"reason": str(err)})
+            return
+        self._set(topology, devices)
+
+    def _set(self, topology: Topology, devices: tuple[Device, ...]) -> None:
+        LOG.info("topology changed", extra={"online": str(topology.online_cpus), "devices": len(devices)})
+        self.driver.set_topology(topology, devices)
+        self.publisher.set_devices(devices)
+        if self.plugin is not None:
+            self.plugin.health.notify()
