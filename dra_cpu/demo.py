@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from dra_cpu import logs
 from dra_cpu.bench.isolation import CGROUP_ROOT, Cpusets, find_cpuset_hierarchy
 from dra_cpu.claims import ClaimRef
 from dra_cpu.config import Config
@@ -83,6 +84,7 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
 
 
 def run_demo(cpus: int, out: Callable[[str], None] = print) -> int:
+    logs.setup("error")
     with tempfile.TemporaryDirectory(prefix="dra-cpu-demo-") as tmp:
         root = Path(tmp)
         config = Config(
@@ -113,7 +115,8 @@ def run_demo(cpus: int, out: Callable[[str], None] = print) -> int:
             _wait("the daemon to publish its ResourceSlices", lambda: bool(errors) or any(slices_dir.glob("*.yaml")))
             _wait("the registration socket", lambda: bool(errors) or paths.registration_socket.exists())
             if errors:
-                raise errors[0]
+                err = errors[0]
+                raise err if isinstance(err, DraCpuError) else DraCpuError(f"demo: the daemon failed: {err!r}")
             return _walk(config, paths, slices_dir, cpus, out)
         finally:
             daemon.stop.set()

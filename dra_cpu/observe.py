@@ -55,7 +55,7 @@ class OperationMetrics:
         self.unprepares.labels(result="success" if ok else "error").inc()
 
 
-@dataclass
+@dataclass(eq=False)  # the registry keys collectors by identity
 class StateCollector(Collector):
     """Gauges read from the running daemon at scrape time. `snapshot` returns a View of the moment."""
 
