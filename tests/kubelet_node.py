@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import yaml
@@ -22,6 +22,7 @@ from dra_cpu.claims import ClaimRef
 from dra_cpu.cpuset import CPUSet
 from dra_cpu.devices import DeviceConfig, DeviceMode, build_devices
 from dra_cpu.driver import Driver
+from dra_cpu.kube.api import ClusterAPI
 from dra_cpu.kube.standalone import StandaloneAPI
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.kubelet.plugin import KubeletPlugin, PluginPaths
@@ -59,13 +60,30 @@ def cpu_config(requests: list[str] | None = None, source: str = "FromClaim", **p
     }
 
 
+class ClaimStore(Protocol):
+    """Where tests put allocated claims: a standalone folder, or the API server (through the status subresource)."""
+
+    def put(self, obj: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class FolderClaims:
+    root: Path
+
+    def put(self, obj: dict[str, Any]) -> None:
+        path = self.root / obj["metadata"]["namespace"] / f"{obj['metadata']['name']}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(obj))
+
+
 @dataclass
 class Node:
     root: Path
     driver: Driver
     plugin: KubeletPlugin
     kubelet: KubeletClient
-    claims_dir: Path
+    claims: ClaimStore
+    namespace: str = "default"
     pod_uid: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def claim(
@@ -76,7 +94,7 @@ class Node:
         uid: str | None = None,
         status: dict[str, Any] | None = None,
     ) -> ClaimRef:
-        ref = ClaimRef("default", name or f"claim-{uuid.uuid4().hex[:8]}", uid or str(uuid.uuid4()))
+        ref = ClaimRef(self.namespace, name or f"claim-{uuid.uuid4().hex[:8]}", uid or str(uuid.uuid4()))
         obj = {
             "apiVersion": "resource.k8s.io/v1",
             "kind": "ResourceClaim",
@@ -89,10 +107,9 @@ class Node:
                 "reservedFor": [{"resource": "pods", "name": "pod", "uid": self.pod_uid}],
             },
         }
-        path = self.claims_dir / ref.namespace / f"{ref.name}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(obj))
-        return ref
+        self.claims.put(obj)
+        # The API server assigns the uid: the claim as stored is what the kubelet would name.
+        return ClaimRef(ref.namespace, ref.name, str(obj["metadata"]["uid"]))
 
     def prepare(self, ref: ClaimRef, service: str | None = None) -> Any:
         return self.kubelet.prepare([ref], service=service).claims[ref.uid]
@@ -108,11 +125,13 @@ class Node:
         return {k: CPUSet.parse(v) if k.startswith(("DRA_CPUSET_", "DRA_MEMS_")) else v for k, v in env.items()}
 
 
-def make_driver(root: Path, fixture: str, mode: DeviceMode = DeviceMode.GROUPED, **config: Any) -> Driver:
+def make_driver(
+    root: Path, fixture: str, mode: DeviceMode = DeviceMode.GROUPED, api: ClusterAPI | None = None, **config: Any
+) -> Driver:
     topology = read_topology(FIXTURES / fixture)
     device_config = DeviceConfig(node_name=NODE, driver_name=DRIVER, device_mode=mode, **config)
     return Driver(
-        api=StandaloneAPI(root / "cluster"),
+        api=api or StandaloneAPI(root / "cluster"),
         config=device_config,
         topology=topology,
         devices=build_devices(topology, device_config),
@@ -128,20 +147,22 @@ def node_factory() -> Iterator[Any]:
     # Unix socket paths are limited to 107 bytes: pytest's tmp_path is too deep.
     base = Path(tempfile.mkdtemp(prefix="dc-", dir="/tmp"))
 
-    def start(fixture: str = "dual-socket-smt2", mode: DeviceMode = DeviceMode.GROUPED, **config: Any) -> Node:
+    def start(
+        fixture: str = "dual-socket-smt2",
+        mode: DeviceMode = DeviceMode.GROUPED,
+        api: ClusterAPI | None = None,
+        claims: ClaimStore | None = None,
+        namespace: str = "default",
+        **config: Any,
+    ) -> Node:
         root = base / f"n{len(started)}"
         (root / "state").mkdir(parents=True)
-        driver = make_driver(root, fixture, mode, **config)
+        driver = make_driver(root, fixture, mode, api, **config)
         driver.start()
         plugin = KubeletPlugin(driver, PluginPaths(root / "kubelet", DRIVER), threading.Event(), threading.Event())
         plugin.start()
-        node = Node(
-            root,
-            driver,
-            plugin,
-            KubeletClient.register(plugin.paths.registration_socket),
-            root / "cluster/resourceclaims",
-        )
+        kubelet = KubeletClient.register(plugin.paths.registration_socket)
+        node = Node(root, driver, plugin, kubelet, claims or FolderClaims(root / "cluster/resourceclaims"), namespace)
         started.append(node)
         return node
 
