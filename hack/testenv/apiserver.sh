@@ -35,7 +35,8 @@ install_etcd() {
 install_openssl() {
   command -v openssl >/dev/null && command -v curl >/dev/null && return
   log "installing openssl and curl (apt)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl >/dev/null
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl >/dev/null; } ||
+    die "apt-get install openssl curl failed"
 }
 
 # apt against a private sid sources list and state, so that the system's apt configuration is never touched.
@@ -97,7 +98,7 @@ build_apiserver() {
   local goroot
   goroot="$(echo "$root"/usr/lib/go-1.*)"
   [[ -x "$goroot/bin/go" ]] || die "no Go toolchain in $goroot"
-  log "building k8s.io/apiextensions-apiserver with $("$goroot/bin/go" version | cut -d' ' -f3) (about 5 minutes on 2 cores)"
+  log "building k8s.io/apiextensions-apiserver with $("$goroot/bin/go" version | cut -d' ' -f3) (3 to 5 minutes on 2 cores)"
   mkdir -p "$build.tmp"
   if ! GOROOT="$goroot" GOPATH="$root/usr/share/gocode" GO111MODULE=off GOTOOLCHAIN=local CGO_ENABLED=0 \
       GOCACHE="$root/gocache" GOFLAGS= "$goroot/bin/go" build -trimpath -ldflags='-s -w' \
@@ -178,7 +179,7 @@ spawn() {
 }
 
 # A killed process stays a zombie until PID 1 reaps it, which here can take seconds: count zombies as gone.
-running() { [[ "$(ps -o stat= -p "$1" 2>/dev/null)" == [^Z]* ]]; }
+running() { [[ -r "/proc/$1/status" ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
 
 alive() { [[ -f "$1/$2.pid" ]] && running "$(cat "$1/$2.pid")"; }
 
