@@ -33,6 +33,7 @@ PR_SET_TIMERSLACK = 29
 # rmdir of a cgroup whose last task just exited can fail for a moment while the kernel finishes the exit.
 RMDIR_TRIES = 50
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+CPU_DMA_LATENCY = Path("/dev/cpu_dma_latency")
 
 Progress = Callable[[str], None]
 
@@ -203,6 +204,20 @@ def _enforcement(options: IsolationOptions, progress: Progress) -> Iterator[Cpus
         cpusets.close()
 
 
+@contextmanager
+def _shallow_idle() -> Iterator[bool]:
+    """Hold a 0 us PM QoS request, as cyclictest does, so deep idle states do not add their exit latency to
+    wake-ups; the kernel drops the request when the file is closed. False where it cannot (not root, in a pod)."""
+    try:
+        request = CPU_DMA_LATENCY.open("wb", buffering=0)
+    except OSError:
+        yield False
+        return
+    with request:
+        request.write((0).to_bytes(4, "little"))
+        yield True
+
+
 # -- running the cases ---------------------------------------------------------------------------------------------
 
 
@@ -257,7 +272,9 @@ def run_isolation_bench(options: IsolationOptions, progress: Progress) -> Isolat
     plan = [("alone", CPUSet()), ("shared", allowed), ("exclusive", rest)]
     notes = []
     load_before = os.getloadavg()[0]
-    with _enforcement(options, progress) as cpusets:
+    with _enforcement(options, progress) as cpusets, _shallow_idle() as shallow:
+        if not shallow:
+            notes.append(f"could not hold {CPU_DMA_LATENCY} at 0: CPU idle states may add to wake-up latency")
         enforcement = cpusets.hierarchy.name if cpusets is not None else "sched_setaffinity"
         if cpusets is None:
             notes.append("no writable cpuset cgroup: CPUs split with sched_setaffinity among the allowed ones")

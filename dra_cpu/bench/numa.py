@@ -297,8 +297,8 @@ def run_numa_bench(options: NumaOptions, progress: Progress) -> NumaReport:
     check_fits(array_bytes, free, options.hugepages)
     if array_bytes < LLC_FACTOR * llc:
         notes.append(
-            f"arrays of {array_bytes // MIB} MiB are under {LLC_FACTOR}x the L3 ({llc // MIB} MiB): "
-            "part of the traffic may be served by the cache"
+            f"arrays of {array_bytes // MIB} MiB are under {LLC_FACTOR} x L3 = {LLC_FACTOR * llc // MIB} MiB "
+            "(STREAM's rule): part of the traffic may be served by the cache"
         )
     if len(memory_nodes) == 1:
         notes.append(ONE_NODE_NOTE)

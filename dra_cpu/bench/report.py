@@ -291,7 +291,7 @@ def isolation_report_dict(report: IsolationReport) -> dict[str, Any]:
         "intervalUs": report.interval_us,
         "secondsPerCase": report.seconds_per_case,
         "neighbourProcesses": report.neighbour_processes,
-        "loadAverage1m": {"before": report.load_average[0], "after": report.load_average[1]},
+        "loadAverage1m": {"before": round(report.load_average[0], 2), "after": round(report.load_average[1], 2)},
         "cases": {
             c.name: {
                 "probeCpus": str(c.probe_cpus),
