@@ -41,15 +41,21 @@ def choose_cpus(topology: Topology, free: CPUSet, count: int, policy: Allocation
         _check_whole_cores(topology, groups, count)
     if policy.spread:
         return _spread(groups, count)
+    # CPUs that a whole-core placement takes from whole free cores: all but an odd remainder.
+    from_whole = count - count % topology.threads_per_core
     fitting = [g for g in groups if g.capacity >= count]
-    if fitting:
+    whole = [g for g in fitting if g.whole_capacity >= from_whole]
+    if whole or (fitting and sum(g.whole_capacity for g in groups) < from_whole):
+        # Whole cores come first: an L3 group is chosen among those that can give them, if any can.
+        return min(whole or fitting, key=lambda g: (g.capacity, g.cpus.first())).take(count)
+    if policy.align_l3 and fitting:
         return min(fitting, key=lambda g: (g.capacity, g.cpus.first())).take(count)
     if policy.align_l3:
         largest = max(g.capacity for g in groups)
         raise AllocationError(
             f"alignL3: no single L3 group has {count} free CPUs (the most free in one group is {largest})"
         )
-    return _fewest_groups(groups, count)
+    return _fewest_groups(groups, count, from_whole)
 
 
 class _Group:
@@ -60,23 +66,29 @@ class _Group:
         cores = topology.cores(cpus)
         self.full = [c for c in cores if c == topology.cpu(c.first()).thread_siblings]
         self.partial = [] if whole_cores else [c for c in cores if c not in self.full]
-        self.capacity = sum(len(c) for c in self.full) + sum(len(c) for c in self.partial)
+        self.whole_capacity = sum(len(c) for c in self.full)
+        self.capacity = self.whole_capacity + sum(len(c) for c in self.partial)
 
     def take(self, count: int) -> CPUSet:
+        chosen = self.whole(count)
+        return chosen | self.fill(count - len(chosen), chosen)
+
+    def whole(self, count: int) -> CPUSet:
+        """Whole cores while the rest of the request needs at least a whole core."""
         chosen: list[int] = []
-        # Whole cores while the rest of the request needs at least a whole core.
         for core in self.full:
             if len(core) <= count - len(chosen):
                 chosen.extend(core)
-        rest = count - len(chosen)
-        if rest:
-            # Fill up from cores that are split already before splitting a whole one; tightest fit first.
-            leftovers = sorted(self.partial, key=lambda c: (len(c) < rest, len(c), c.first()))
-            leftovers += [c for c in self.full if not c.issubset(CPUSet.of(chosen))]
-            for core in leftovers:
-                for cpu in core:
-                    if len(chosen) < count and cpu not in chosen:
-                        chosen.append(cpu)
+        return CPUSet.of(chosen)
+
+    def fill(self, count: int, taken: CPUSet) -> CPUSet:
+        """The odd remainder: from cores that are split already before splitting a whole one; tightest fit first."""
+        chosen: list[int] = []
+        leftovers = sorted(self.partial, key=lambda c: (len(c) < count, len(c), c.first()))
+        for core in [*leftovers, *self.full]:
+            for cpu in core - taken:
+                if len(chosen) < count:
+                    chosen.append(cpu)
         return CPUSet.of(chosen)
 
 
@@ -91,15 +103,26 @@ def _check_whole_cores(topology: Topology, groups: list[_Group], count: int) -> 
         )
 
 
-def _fewest_groups(groups: list[_Group], count: int) -> CPUSet:
+def _fewest_groups(groups: list[_Group], count: int, from_whole: int) -> CPUSet:
+    """Whole cores from as few L3 groups as possible (largest first, then the tightest fit), then the remainder."""
+    whole_first = sum(g.whole_capacity for g in groups) >= from_whole
+
+    def capacity(g: _Group) -> int:
+        return g.whole_capacity if whole_first else g.capacity
+
+    target = from_whole if whole_first else count
     chosen = CPUSet()
-    rest = sorted(groups, key=lambda g: (-g.capacity, g.cpus.first()))
-    while len(chosen) < count and rest:
-        need = count - len(chosen)
-        fitting = [g for g in rest if g.capacity >= need]
-        group = min(fitting, key=lambda g: (g.capacity, g.cpus.first())) if fitting else rest[0]
-        chosen |= group.take(min(need, group.capacity))
+    used: list[_Group] = []
+    rest = sorted(groups, key=lambda g: (-capacity(g), g.cpus.first()))
+    while len(chosen) < target and rest:
+        need = target - len(chosen)
+        fitting = [g for g in rest if capacity(g) >= need]
+        group = min(fitting, key=lambda g: (capacity(g), g.cpus.first())) if fitting else rest[0]
+        chosen |= group.whole(need) if whole_first else group.take(min(need, group.capacity))
         rest.remove(group)
+        used.append(group)
+    for group in [*used, *rest]:
+        chosen |= group.fill(count - len(chosen), chosen)
     _ensure_count(chosen, count)
     return chosen
 
