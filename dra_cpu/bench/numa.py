@@ -170,7 +170,8 @@ def run_bound(cpus: Sequence[int], work: Callable[[int], None]) -> float:
 def _bandwidth(cpus: list[int], arrays: Any, iterations: int) -> tuple[float, float]:
     """Best copy and triad GB/s (STREAM reports the best iteration; bytes counted as STREAM counts them)."""
     a, b, c = arrays
-    slices = [slice(int(s[0]), int(s[-1]) + 1) for s in np.array_split(np.arange(a.size), len(cpus))]
+    bounds = [a.size * k // len(cpus) for k in range(len(cpus) + 1)]
+    slices = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
     scratch = [np.empty(TRIAD_CHUNK) for _ in cpus]
     q = 3.0
 
