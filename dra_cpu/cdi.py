@@ -18,7 +18,7 @@ from typing import Any
 from dra_cpu.claims import ClaimRef
 from dra_cpu.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
-from dra_cpu.fileio import remove_durably, write_atomic
+from dra_cpu.fileio import write_atomic
 from dra_cpu.state import HugePageGrant, PreparedClaim, PreparedDevice
 from dra_cpu.topology import page_size_quantity
 
@@ -132,15 +132,14 @@ class CDIStore:
     def write(self, uid: str, spec: Mapping[str, Any]) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path(uid), json.dumps(spec, indent=1).encode() + b"\n")
+            # Not durable: the specs live on a tmpfs, and start-up rewrites them from the checkpoint.
+            write_atomic(self.path(uid), json.dumps(spec, indent=1).encode() + b"\n", durable=False)
         except OSError as err:
             raise CDIError(f"cannot write CDI spec {self.path(uid)}: {err.strerror}") from None
 
     def remove(self, uid: str) -> None:
         try:
-            remove_durably(self.path(uid))
-        except FileNotFoundError:
-            pass
+            self.path(uid).unlink(missing_ok=True)
         except OSError as err:
             raise CDIError(f"cannot remove CDI spec {self.path(uid)}: {err.strerror}") from None
 

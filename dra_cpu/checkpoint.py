@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +31,23 @@ class Checkpoint:
     boot_id: str
 
 
-def encode(checkpoint: Checkpoint) -> bytes:
-    claims = [c.to_dict() for _, c in sorted(checkpoint.state.claims.items())]
-    return (
-        json.dumps(
-            {"version": VERSION, "bootID": checkpoint.boot_id, "checksum": _checksum(claims), "claims": claims},
-            indent=1,
-            sort_keys=True,
-        ).encode()
-        + b"\n"
-    )
+def encode(checkpoint: Checkpoint, cache: dict[str, tuple[PreparedClaim, str]] | None = None) -> bytes:
+    """Compact JSON; the checksum covers the claims' exact bytes. `cache` keeps each claim's serialization between
+    saves, so that a prepare costs one claim's encoding, not the whole node's."""
+    parts = []
+    for uid, claim in sorted(checkpoint.state.claims.items()):
+        hit = cache.get(uid) if cache is not None else None
+        if hit is None or hit[0] is not claim:
+            hit = (claim, json.dumps(claim.to_dict(), sort_keys=True, separators=(",", ":")))
+            if cache is not None:
+                cache[uid] = hit
+        parts.append(hit[1])
+    if cache is not None:
+        for uid in set(cache) - set(checkpoint.state.claims):
+            del cache[uid]
+    claims = "[" + ",".join(parts) + "]"
+    header = json.dumps({"version": VERSION, "bootID": checkpoint.boot_id, "checksum": _checksum(claims)})
+    return f'{header[:-1]}, "claims": {claims}}}\n'.encode()
 
 
 def decode(data: bytes, origin: str) -> Checkpoint:
@@ -52,7 +59,7 @@ def decode(data: bytes, origin: str) -> Checkpoint:
         version = doc.get("version") if isinstance(doc, dict) else None
         raise CheckpointError(f"{origin}: version {version!r}, expected {VERSION}")
     claims = doc.get("claims")
-    if not isinstance(claims, list) or doc.get("checksum") != _checksum(claims):
+    if not isinstance(claims, list) or doc.get("checksum") != _checksum(_canonical(claims)):
         raise CheckpointError(f"{origin}: checksum mismatch: the file was changed or cut short")
     try:
         prepared = [PreparedClaim.from_dict(c) for c in claims]
@@ -61,14 +68,18 @@ def decode(data: bytes, origin: str) -> Checkpoint:
     return Checkpoint(State({c.uid: c for c in prepared}), str(doc.get("bootID", "")))
 
 
-def _checksum(claims: list[Any]) -> str:
-    canonical = json.dumps(claims, sort_keys=True, separators=(",", ":")).encode()
-    return "sha256:" + hashlib.sha256(canonical).hexdigest()
+def _canonical(claims: list[Any]) -> str:
+    return "[" + ",".join(json.dumps(c, sort_keys=True, separators=(",", ":")) for c in claims) + "]"
 
 
-@dataclass(frozen=True)
+def _checksum(claims: str) -> str:
+    return "sha256:" + hashlib.sha256(claims.encode()).hexdigest()
+
+
+@dataclass
 class CheckpointFile:
     directory: Path
+    _encoded: dict[str, tuple[PreparedClaim, str]] = field(default_factory=dict, repr=False)
 
     @property
     def path(self) -> Path:
@@ -88,4 +99,4 @@ class CheckpointFile:
             raise CheckpointError(f"{err}; moved aside to {aside}") from None
 
     def save(self, checkpoint: Checkpoint) -> None:
-        write_atomic(self.path, encode(checkpoint), mode=0o600)
+        write_atomic(self.path, encode(checkpoint, self._encoded), mode=0o600)
