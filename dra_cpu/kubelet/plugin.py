@@ -138,26 +138,30 @@ class HealthService(dra_health_v1alpha1_pb2_grpc.DRAResourceHealthServicer):
         self.stop = stop
         self.resend_seconds = resend_seconds
         self.changed = threading.Condition()
+        # Every device this driver published: a device that disappears must be reported, not forgotten.
+        self.known: set[str] = {d.name for d in driver.devices}
 
     def notify(self) -> None:
         with self.changed:
             self.changed.notify_all()
 
-    def snapshot(self, known: set[str]) -> Any:
+    def snapshot(self) -> Any:
         pb = dra_health_v1alpha1_pb2
         topology = self.driver.topology
         current = {d.name: d for d in self.driver.devices}
-        known.update(current)
+        with self.changed:
+            self.known.update(current)
+            known = sorted(self.known)
         now = int(time.time())
         response = pb.NodeWatchResourcesResponse()
-        for name in sorted(known):
+        for name in known:
             device = current.get(name)
             held = [c.cpus for c in self.driver.state.claims.values() for d in c.devices if d.device == name]
             offline = [str(cpus - topology.online_cpus) for cpus in held if not cpus.issubset(topology.online_cpus)]
-            if device is None:
-                health, message = pb.UNHEALTHY, "the device's CPUs or memory are gone from the node"
-            elif offline:
+            if offline:
                 health, message = pb.UNHEALTHY, f"prepared CPUs {', '.join(offline)} are offline"
+            elif device is None:
+                health, message = pb.UNHEALTHY, "the device's CPUs or memory are gone from the node"
             elif device.type is DeviceType.CPU and not device.cpus.issubset(topology.online_cpus):
                 health, message = pb.UNHEALTHY, f"CPUs {device.cpus - topology.online_cpus} are offline"
             else:
@@ -171,9 +175,8 @@ class HealthService(dra_health_v1alpha1_pb2_grpc.DRAResourceHealthServicer):
         return response
 
     def NodeWatchResources(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        known: set[str] = set()
         while context.is_active() and not self.stop.is_set():
-            yield self.snapshot(known)
+            yield self.snapshot()
             with self.changed:
                 self.changed.wait(self.resend_seconds)
 
