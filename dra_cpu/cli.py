@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dra_cpu import __version__
-from dra_cpu.cpuset import CPUSet, CPUSetError
+from dra_cpu.cpuset import parse_field
 from dra_cpu.devices import DeviceConfig, DeviceMode, build_devices, build_slices
 from dra_cpu.errors import DraCpuError
 from dra_cpu.render import dump, dump_objects, topology_table
@@ -37,18 +37,11 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_cpuset_flag(flag: str, value: str) -> CPUSet:
-    try:
-        return CPUSet.parse(value)
-    except CPUSetError as err:
-        raise DraCpuError(f"{flag} {value!r}: {err}") from None
-
-
 def device_config(args: argparse.Namespace) -> DeviceConfig:
     return DeviceConfig(
         node_name=args.node_name,
         driver_name=args.driver_name,
-        reserved_cpus=parse_cpuset_flag("--reserved-cpus", args.reserved_cpus),
+        reserved_cpus=parse_field("--reserved-cpus", args.reserved_cpus),
         device_mode=DeviceMode(args.device_mode),
         whole_cores=args.whole_cores,
     )
@@ -125,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     from dra_cpu.bench.cli import add_bench_parser
+    from dra_cpu.explain import add_explain_parser
+    from dra_cpu.status import add_status_parser
 
     add_bench_parser(sub)
+    add_explain_parser(sub)
+    add_status_parser(sub)
     return parser
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from dra_cpu.cpuset import CPUSet, CPUSetError
+from dra_cpu.cpuset import CPUSet, parse_field
 from dra_cpu.devices import DeviceConfig, DeviceMode
 from dra_cpu.errors import DraCpuError
 
@@ -69,10 +69,7 @@ class Config:
 
     @property
     def reserved_cpu_set(self) -> CPUSet:
-        try:
-            return CPUSet.parse(self.reserved_cpus)
-        except CPUSetError as err:
-            raise ConfigError(f"reservedCpus {self.reserved_cpus!r}: {err}") from None
+        return parse_field("reservedCpus", self.reserved_cpus)
 
     def validate(self) -> Config:
         for f in fields(self):

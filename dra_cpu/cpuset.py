@@ -109,6 +109,14 @@ class CPUSet:
         return CPUSet(frozenset(ids))
 
 
+def parse_field(field: str, text: str) -> CPUSet:
+    """CPUSet.parse, with the error naming the flag or config key the list came from."""
+    try:
+        return CPUSet.parse(text)
+    except CPUSetError as err:
+        raise CPUSetError(f"{field} {text!r}: {err}") from None
+
+
 def _parse_id(token: str, text: str) -> int:
     token = token.strip()
     if not token.isdigit():

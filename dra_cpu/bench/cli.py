@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dra_cpu.cpuset import CPUSet, CPUSetError
+from dra_cpu.cpuset import parse_field
 from dra_cpu.errors import DraCpuError
 
 QUICK_ITERATIONS = 2
@@ -102,7 +102,7 @@ def cmd_bench_isolation(args: argparse.Namespace) -> int:
     seconds = args.seconds if args.seconds is not None else QUICK_SECONDS if args.quick else 10.0
     _at_least(seconds, 0.1, "--seconds")
     _at_least(args.interval_us, 100, "--interval-us")
-    probe = _cpu_list(args.probe_cpus, "--probe-cpus") if args.probe_cpus is not None else None
+    probe = parse_field("--probe-cpus", args.probe_cpus) if args.probe_cpus is not None else None
     report = run_isolation_bench(IsolationOptions(probe, seconds, args.interval_us, args.enforce), _progress)
     data = isolation_report_dict(report)
     _emit(args.output, data, isolation_table(report))
@@ -111,13 +111,6 @@ def cmd_bench_isolation(args: argparse.Namespace) -> int:
 
         _write_outputs(Path(args.output_dir), "isolation.json", data, lambda d: isolation_cdfs(report, d))
     return 0
-
-
-def _cpu_list(text: str, field: str) -> CPUSet:
-    try:
-        return CPUSet.parse(text)
-    except CPUSetError as err:
-        raise DraCpuError(f"{field} {text!r}: {err}") from None
 
 
 def _emit(output: str, data: dict[str, Any], table: str) -> None:
