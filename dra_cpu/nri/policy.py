@@ -1,0 +1,143 @@
+"""Which cpuset (and mems, hugepage limits) each container gets. Pure: data in, decisions out.
+
+A container is pinned to a claim only when three independent facts agree: the driver prepared the claim, the
+container's env carries the claim's CDI variable with exactly the prepared cpuset, and the container's pod (as the
+runtime reports it, not as the container says) is among the claim's reservedFor pods. NRI does not say which CDI
+devices a container got, so the env alone proves nothing: anyone can write DRA_CPUSET_<uid> into a pod spec.
+Everything else runs on the shared pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from dra_cpu import cdi
+from dra_cpu.cpuset import CPUSet
+from dra_cpu.errors import DraCpuError
+from dra_cpu.state import HugePageGrant, State
+from dra_cpu.topology import Topology
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What the plugin keeps of a container the runtime told it about."""
+
+    id: str
+    name: str
+    pod_uid: str
+    pod: str
+    """namespace/name, for log lines."""
+    env_claims: Mapping[str, str] = field(default_factory=dict)
+    """claim uid -> the raw value of DRA_CPUSET_<uid> in the container's env."""
+
+
+def container_info(container_id: str, name: str, pod_uid: str, pod: str, env: Iterable[str]) -> ContainerInfo:
+    claims = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if sep and key.startswith(cdi.ENV_CPUSET) and len(key) > len(cdi.ENV_CPUSET):
+            claims[key[len(cdi.ENV_CPUSET) :]] = value
+    return ContainerInfo(container_id, name, pod_uid, pod, claims)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The resources a container must have. Empty mems means "leave as is" (no memory node has been chosen)."""
+
+    cpus: CPUSet
+    mems: CPUSet = field(default_factory=CPUSet)
+    hugepage_limits: tuple[tuple[str, int], ...] = ()
+    """(OCI page size such as "2MB", bytes), for hugepage claims."""
+    claims: tuple[str, ...] = ()
+    """uids of the claims this container is pinned to; empty for the shared pool."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    claim_uid: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    pin: Pin
+    rejected: tuple[Rejection, ...] = ()
+
+
+class NoSharedCpus(DraCpuError):
+    """The shared pool is empty: a container without a claim would run nowhere (or, worse, everywhere)."""
+
+
+@dataclass(frozen=True)
+class Pools:
+    """The node-wide facts every decision needs, computed once per state change."""
+
+    state: State
+    topology: Topology
+    shared: CPUSet
+    shared_mems: CPUSet
+
+
+def pools(state: State, topology: Topology, reserved: CPUSet | None = None, strict_reserved: bool = False) -> Pools:
+    """The shared pool: online CPUs minus claimed, isolated and (with strict_reserved) reserved CPUs."""
+    shared = state.shared_cpus(topology) - (reserved if strict_reserved and reserved else CPUSet())
+    memory_nodes = CPUSet.of(n.id for n in topology.numa_nodes if n.memory_bytes > 0)
+    return Pools(state, topology, shared, memory_nodes)
+
+
+def oci_page_size(size_kib: int) -> str:
+    """The OCI runtime spec's hugepage size names: 64KB, 2MB, 1GB."""
+    for unit, scale in (("GB", 1 << 20), ("MB", 1 << 10)):
+        if size_kib % scale == 0:
+            return f"{size_kib // scale}{unit}"
+    return f"{size_kib}KB"
+
+
+def _hugepage_limits(grants: Iterable[HugePageGrant]) -> tuple[tuple[str, int], ...]:
+    limits: dict[str, int] = {}
+    for grant in grants:
+        key = oci_page_size(grant.page_size_kib)
+        limits[key] = limits.get(key, 0) + grant.bytes
+    return tuple(sorted(limits.items()))
+
+
+def _check(container: ContainerInfo, uid: str, value: str, pools: Pools) -> str:
+    """Why this env entry does not pin the container to claim `uid`, or "" when it does."""
+    claim = pools.state.claims.get(uid)
+    if claim is None:
+        return "no such claim is prepared on this node"
+    try:
+        cpus = CPUSet.parse(value)
+    except DraCpuError:
+        return f"cpuset {value!r} is not a cpu list"
+    if cpus != claim.cpus:
+        return f"cpuset {value!r} is not the claim's ({claim.cpus})"
+    if container.pod_uid not in claim.pod_uids:
+        return f"pod {container.pod_uid} is not among the claim's reservedFor pods ({', '.join(claim.pod_uids)})"
+    return ""
+
+
+def decide(container: ContainerInfo, pools: Pools) -> Decision:
+    """The pin for one container. NoSharedCpus when it should run on the shared pool and the pool is empty."""
+    granted, rejected = [], []
+    for uid, value in sorted(container.env_claims.items()):
+        reason = _check(container, uid, value, pools)
+        if reason:
+            rejected.append(Rejection(uid, reason))
+        else:
+            granted.append(pools.state.claims[uid])
+    if granted:
+        cpus = CPUSet.union_all(c.cpus for c in granted)
+        mems = CPUSet.union_all(c.mems(pools.topology) for c in granted)
+        hugepages = _hugepage_limits(h for c in granted for h in c.hugepages)
+        if not cpus:
+            # A hugepages-only claim holds no CPUs: the container runs on the shared pool beside its memory.
+            cpus = pools.shared
+        if cpus:
+            return Decision(Pin(cpus, mems, hugepages, tuple(c.uid for c in granted)), tuple(rejected))
+    if not pools.shared:
+        raise NoSharedCpus(
+            f"container {container.name} of pod {container.pod} needs the shared pool, and no shared CPU is left"
+        )
+    return Decision(Pin(pools.shared, pools.shared_mems), tuple(rejected))
