@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import total_ordering
+from functools import cache, total_ordering
 from typing import Any
 
 import celpy
@@ -233,7 +233,12 @@ def activation(device: CelDevice) -> dict[str, Any]:
     }
 
 
-_ENV = celpy.Environment()
+@cache
+def _environment() -> celpy.Environment:
+    """Built on first use: building the parser takes a tenth of a second that other commands need not pay."""
+    return celpy.Environment()
+
+
 # Wrappers around a single child that carry no meaning of their own for the explanation.
 _WRAPPERS = {
     "expr",
@@ -280,7 +285,7 @@ class Selector:
     def _eval(self, tree: Node, values: dict[str, Any]) -> Any:
         # Sub-trees are re-parsed from their text: celpy evaluates whole expressions only. Nothing below an
         # `&&` or `||` that we descend into binds a variable, so each such text stands on its own.
-        program = _ENV.program(_parse(self._text(tree)), functions=FUNCTIONS)
+        program = _program(self._text(tree))
         try:
             return program.evaluate(values)
         except CELEvalError as err:
@@ -327,7 +332,12 @@ class Selector:
 
 
 def _parse(text: str) -> Tree:
-    return _ENV.compile(text)
+    return _environment().compile(text)
+
+
+@cache
+def _program(text: str) -> celpy.Runner:
+    return _environment().program(_parse(text), functions=FUNCTIONS)
 
 
 def compile_selector(expression: str, where: str) -> Selector:
