@@ -170,7 +170,7 @@ def test_connect_rejects_a_bad_kubeconfig_in_one_line(tmp_path: Path, content: s
 
 def test_connect_without_kubeconfig_outside_a_pod(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    with pytest.raises(KubeconfigError, match="^no --kubeconfig given and no in-cluster service account: "):
+    with pytest.raises(KubeconfigError, match=r"^no --kubeconfig given and no in-cluster service account: "):
         connect(None)
 
 
