@@ -34,7 +34,7 @@ class ExplainInputError(DraCpuError):
     """A claim, class, slice or claim in use that is not what the API would accept; names the field and value."""
 
 
-def _num(value: Fraction) -> str:
+def number(value: Fraction) -> str:
     """Byte-sized amounts in binary units (no CPU count reaches a mebibyte), the rest as plain numbers."""
     if value.denominator != 1:
         return str(float(value))
@@ -171,14 +171,35 @@ class DeviceClass:
 
 
 @dataclass(frozen=True)
+class Held:
+    """One allocation result on a device: the claim (`namespace/name`) and its consumedCapacity."""
+
+    claim: str
+    consumed: tuple[tuple[str, Fraction], ...]
+
+
+@dataclass(frozen=True)
 class Usage:
-    """What allocated claims hold of one device: who, and how much of each capacity."""
+    """What allocated claims hold of one device."""
 
-    holders: tuple[str, ...] = ()
-    consumed: tuple[tuple[str, Fraction], ...] = ()
+    held: tuple[Held, ...] = ()
 
-    def of(self, key: str) -> Fraction:
-        return sum((amount for k, amount in self.consumed if k == key), Fraction(0))
+    @property
+    def holders(self) -> tuple[str, ...]:
+        return tuple(sorted({h.claim for h in self.held}))
+
+
+def held_amount(device: SliceDevice, usage: Usage, key: str, claim: str | None = None) -> Fraction:
+    """What allocated claims (or just `claim`) hold of a capacity. A result that recorded no consumedCapacity at
+    all holds what an allocation that names no capacity takes: the policy default, or everything."""
+    total = Fraction(0)
+    for held in usage.held:
+        if claim is not None and held.claim != claim:
+            continue
+        if not held.consumed:
+            total += device.capacity[key].unrequested
+        total += sum((amount for k, amount in held.consumed if k == key), Fraction(0))
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,7 +232,7 @@ class AlternativeResult:
             "name": alt.name,
             "deviceClassName": alt.class_name,
             "allocationMode": "All" if alt.all_devices else "ExactCount",
-            "capacity": {key: _num(amount) for key, amount in alt.capacity},
+            "capacity": {key: number(amount) for key, amount in alt.capacity},
             "candidates": list(self.candidates),
             "reasons": {c.device: c.reason for c in self.checks if not c.fits},
             "details": {c.device: c.reason for c in self.checks if c.fits and c.reason},
@@ -499,8 +520,7 @@ def _capacity(at: _At, raw: Any) -> Capacity:
 
 def parse_usage(claims: Iterable[Mapping[str, Any]], source: str, skip: str = "") -> dict[tuple[str, str, str], Usage]:
     """(driver, pool, device) -> what the allocated claims hold; `skip` leaves out the claim being explained."""
-    holders: dict[tuple[str, str, str], list[str]] = {}
-    consumed: dict[tuple[str, str, str], list[tuple[str, Fraction]]] = {}
+    held: dict[tuple[str, str, str], list[Held]] = {}
     for obj in claims:
         name = _describe(obj)
         if name == skip:
@@ -513,25 +533,17 @@ def parse_usage(claims: Iterable[Mapping[str, Any]], source: str, skip: str = ""
             result = r_at.mapping(raw, optional=False)
             driver = (r_at / "driver").string(result.get("driver"))
             key = (driver, (r_at / "pool").string(result.get("pool")), (r_at / "device").string(result.get("device")))
-            holders.setdefault(key, []).append(name.split(" ", 1)[-1])
-            for cap_key, amount in (r_at / "consumedCapacity").mapping(result.get("consumedCapacity")).items():
-                qualified = _qualified(str(cap_key), driver)
-                consumed.setdefault(key, []).append(
-                    (qualified, (r_at / "consumedCapacity" / str(cap_key)).quantity(amount))
-                )
-    return {key: Usage(tuple(who), tuple(consumed.get(key, ()))) for key, who in holders.items()}
+            consumed_at = r_at / "consumedCapacity"
+            consumed = tuple(
+                (_qualified(str(k), driver), (consumed_at / str(k)).quantity(v))
+                for k, v in consumed_at.mapping(result.get("consumedCapacity")).items()
+            )
+            held.setdefault(key, []).append(Held(name.split(" ", 1)[-1], consumed))
+    return {key: Usage(tuple(entries)) for key, entries in held.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation.
-
-
-def _held(device: SliceDevice, usage: Usage, key: str) -> Fraction:
-    """Consumed capacity of an allocated claim; one that recorded none holds what it would take without asking."""
-    recorded = usage.of(key)
-    if recorded or any(k == key for k, _ in usage.consumed) or not usage.holders:
-        return recorded
-    return device.capacity[key].unrequested * len(usage.holders)
 
 
 def check_device(alt: Alternative, dclass: DeviceClass, device: SliceDevice, usage: Usage, label: str) -> DeviceCheck:
@@ -556,7 +568,7 @@ def check_device(alt: Alternative, dclass: DeviceClass, device: SliceDevice, usa
         for key, wanted in requested.items():
             total = device.capacity[key].value
             if wanted > total:
-                return DeviceCheck(label, False, f"{key}: requests {_num(wanted)}, the device has {_num(total)}")
+                return DeviceCheck(label, False, f"{key}: requests {number(wanted)}, the device has {number(total)}")
         return DeviceCheck(label, True, "")
     takes: list[tuple[str, Fraction]] = []
     notes: list[str] = []
@@ -564,26 +576,26 @@ def check_device(alt: Alternative, dclass: DeviceClass, device: SliceDevice, usa
         asked = requested.get(key)
         amount: Fraction | None = cap.rounded(asked) if asked is not None else cap.unrequested
         if amount is None:
-            limit = _num(cap.maximum if cap.maximum is not None else cap.value)
-            allowed = f"valid values {', '.join(map(_num, cap.valid_values))}" if cap.valid_values else f"max {limit}"
+            limit = number(cap.maximum if cap.maximum is not None else cap.value)
+            allowed = f"valid values {', '.join(map(number, cap.valid_values))}" if cap.valid_values else f"max {limit}"
             return DeviceCheck(
-                label, False, f"{key}: requests {_num(asked or Fraction(0))}, above the requestPolicy ({allowed})"
+                label, False, f"{key}: requests {number(asked or Fraction(0))}, above the requestPolicy ({allowed})"
             )
-        held = Fraction(0) if alt.admin_access else _held(device, usage, key)
+        held = Fraction(0) if alt.admin_access else held_amount(device, usage, key)
         free = cap.value - held
         how = _how(asked, amount)
         if amount > free:
-            by = f" ({', '.join(usage.holders)} hold {_num(held)})" if held else ""
-            return DeviceCheck(label, False, f"{key}: {how}, only {_num(free)} of {_num(cap.value)} free{by}")
+            by = f" ({', '.join(usage.holders)} hold {number(held)})" if held else ""
+            return DeviceCheck(label, False, f"{key}: {how}, only {number(free)} of {number(cap.value)} free{by}")
         takes.append((key, amount))
-        notes.append(f"{key}: {how}, {_num(free)} of {_num(cap.value)} free")
+        notes.append(f"{key}: {how}, {number(free)} of {number(cap.value)} free")
     return DeviceCheck(label, True, "; ".join(notes), tuple(takes))
 
 
 def _how(asked: Fraction | None, amount: Fraction) -> str:
     if asked is None:
-        return f"takes the default {_num(amount)}"
-    return f"requests {_num(asked)}" + (f", rounded up to {_num(amount)}" if amount != asked else "")
+        return f"takes the default {number(amount)}"
+    return f"requests {number(asked)}" + (f", rounded up to {number(amount)}" if amount != asked else "")
 
 
 @dataclass
@@ -650,7 +662,7 @@ class _Search:
             for key, amount in check.takes:
                 slot = (device.key, key)
                 cap = device.capacity[key]
-                held = _held(device, self.usage.get(device.key, Usage()), key)
+                held = held_amount(device, self.usage.get(device.key, Usage()), key)
                 if held + taken.get(slot, Fraction(0)) + extra.get(slot, Fraction(0)) + amount > cap.value:
                     self._reject(f"{device.name}: {key} does not cover all the requests of this claim together")
                     return None
@@ -816,7 +828,7 @@ def render_table(explanation: Explanation) -> str:
         for alt in result.alternatives:
             a = alt.alternative
             mode = "All" if a.all_devices else f"ExactCount {a.count}"
-            wants = ", ".join(f"{k}={_num(v)}" for k, v in a.capacity)
+            wants = ", ".join(f"{k}={number(v)}" for k, v in a.capacity)
             lines.append(
                 f"  request {a.name}: DeviceClass {a.class_name}, {mode}" + (f", capacity {wants}" if wants else "")
             )

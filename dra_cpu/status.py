@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from dra_cpu.explain import SliceDevice, Usage, parse_slices, parse_usage
+from dra_cpu.explain import SliceDevice, Usage, held_amount, number, parse_slices, parse_usage
 from dra_cpu.quantity import format_bytes
 
 
@@ -105,7 +105,7 @@ def cluster_status(
         if kind == "cpu":
             key = f"{driver}/cpu"
             total = device.capacity[key].value if key in device.capacity else Fraction(1)
-            taken = held.of(key) if key in device.capacity else Fraction(1 if held.holders else 0)
+            taken = held_amount(device, held, key) if key in device.capacity else Fraction(1 if held.holders else 0)
             if device.attributes.get(f"{driver}/isolated") is True:
                 tally.isolated = _add(tally.isolated, total, taken)
             else:
@@ -116,17 +116,12 @@ def cluster_status(
             size = str(device.attributes.get(f"{driver}/pageSize", "?"))
             total = device.capacity[key].value
             previous = tally.hugepages.get(size, _NONE)
-            tally.hugepages[size] = _add(previous, total, held.of(key))
+            tally.hugepages[size] = _add(previous, total, held_amount(device, held, key))
             unit = f"of {size} hugepages"
         else:
             continue
         for claim in held.holders:
-            amounts = [a for k, a in held.consumed if k == key]
-            what = (
-                (format_bytes(int(sum(amounts))) if kind == "hugepages" else str(int(sum(amounts))))
-                if amounts
-                else "all"
-            )
+            what = number(held_amount(device, held, key, claim)) if key in device.capacity else "1"
             tally.claims.append(Holding(claim, device.name, f"{what} {unit}"))
     return tuple(
         NumaStatus(node, numa, t.cpus, t.isolated, tuple(sorted(t.hugepages.items())), tuple(t.claims))
