@@ -359,3 +359,51 @@ def test_bad_input_names_the_field(tmp_path: Path) -> None:
         Exception, match=r"ResourceSlice node-a-dra.cpu-0: spec.devices\[0\].capacity.dra.cpu/cpu.value"
     ):
         parse_slices([broken], "s.yaml")
+
+
+EXAMPLES = Path(__file__).parent.parent / "hack" / "examples"
+EXAMPLE_CLAIMS = [
+    (path, obj)
+    for path in sorted(EXAMPLES.rglob("*.yaml"))
+    for obj in load_objects(path)
+    if obj.get("kind") in ("ResourceClaim", "ResourceClaimTemplate")
+]
+
+
+def capacity_oracle(amount: int) -> Any:
+    """cpu-capacity claims: any NUMA node with that many shared CPUs."""
+    return lambda topology: [f"cpu-numa{n}" for n, count in shared_cpus(topology).items() if count >= amount]
+
+
+# Expected candidates of the first request, from the topology, for the example claims whose intent is known.
+EXAMPLE_ORACLES = {
+    "claim-cpu-capacity-4": capacity_oracle(4),
+    "claim-cpu-capacity-10": capacity_oracle(10),
+    "claim-cpu-capacity-20": capacity_oracle(20),
+    # numa-bench: 4 CPUs on NUMA node 0 with 3 GiB of 2 MiB pages beside them (aligned) or on node 1 (misaligned).
+    "numa-bench-aligned": lambda t: ["cpu-numa0"] if shared_cpus(t).get(0, 0) >= 4 else [],
+    "numa-bench-misaligned": lambda t: ["cpu-numa0"] if shared_cpus(t).get(0, 0) >= 4 else [],
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "obj"), EXAMPLE_CLAIMS, ids=[f"{p.name}:{o['metadata']['name']}" for p, o in EXAMPLE_CLAIMS]
+)
+def test_every_example_claim_on_every_fixture(path: Path, obj: dict[str, Any], sysfs_fixture: Path) -> None:
+    topology, slices = slices_of(sysfs_fixture)
+    result = run(obj, slices)
+    devices = {d["name"] for s in slices for d in s["spec"]["devices"]}
+    for req in result.as_dict()["requests"]:
+        # Every device is accounted for: a candidate, or a reason why not.
+        assert set(req["candidates"]) | set(req["reasons"]) == devices
+        if result.satisfiable:
+            assert set(req["allocated"]["devices"]) <= set(req["candidates"])
+    if not result.satisfiable:
+        assert result.reason
+    oracle = EXAMPLE_ORACLES.get(obj["metadata"]["name"])
+    if oracle is not None:
+        assert result.as_dict()["requests"][0]["candidates"] == oracle(topology)
+    if obj["metadata"]["name"].startswith("numa-bench"):
+        # No capture has 3 GiB of 2 MiB pages on one node: the hugepages request is why the pod would stay Pending.
+        assert not result.satisfiable
+        assert "hugepages:" in result.reason
