@@ -9,7 +9,13 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 SYSFS_FIXTURES = sorted(p.name for p in (FIXTURES / "sysfs").iterdir() if p.is_dir())
 
-pytest_plugins: list[str] = ["testenv_containerd", "testenv_podman", "testenv_apiserver", "kubelet_node"]
+pytest_plugins: list[str] = [
+    "testenv_containerd",
+    "testenv_podman",
+    "testenv_apiserver",
+    "kubelet_node",
+    "testenv_helm",
+]
 
 
 @pytest.fixture(params=SYSFS_FIXTURES)
