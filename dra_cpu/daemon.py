@@ -9,6 +9,7 @@ may send prepares at once, and a prepared claim nobody enforces pins nothing.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -43,6 +44,18 @@ def connect_cluster(config: Config) -> ClusterAPI:
     return connect(config.kubeconfig or None)
 
 
+def writable_dir(key: str, path: Path) -> Path:
+    """Create a host folder the daemon writes, or fail at start naming it: a missing or read-only mount would
+    otherwise surface only at the first prepare, as a pod stuck in ContainerCreating."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DraCpuError(f"{key} {path}: cannot create: {err.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise DraCpuError(f"{key} {path}: not writable (a read-only mount?)")
+    return path
+
+
 @dataclass
 class Daemon:
     config: Config
@@ -65,18 +78,15 @@ class Daemon:
         topology = read_topology(Path(config.sysfs_root))
         devices = build_devices(topology, device_config)
         api = connect_cluster(config)
-        state_dir = Path(config.state_dir)
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise DraCpuError(f"stateDir {state_dir}: cannot create: {err.strerror}") from None
+        state_dir = writable_dir("stateDir", Path(config.state_dir))
+        cdi_root = writable_dir("cdiRoot", Path(config.cdi_root))
         self.driver = Driver(
             api=api,
             config=device_config,
             topology=topology,
             devices=devices,
             checkpoint=CheckpointFile(state_dir),
-            cdi_store=CDIStore(Path(config.cdi_root), config.driver_name),
+            cdi_store=CDIStore(cdi_root, config.driver_name),
             boot_id=boot_id(),
             min_shared_cpus=config.min_shared_cpus,
             recorder=self.metrics,
