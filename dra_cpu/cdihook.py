@@ -29,6 +29,11 @@ from dra_cpu.errors import DraCpuError
 
 LOG = logging.getLogger("dra_cpu.cdihook")
 DEFAULT_CDI_DIR = Path("/var/run/cdi")
+LIMITATION = (
+    "enforcement cdi-hook pins claimed containers only: it cannot keep other containers off the claimed CPUs "
+    "(no shared pool) nor re-pin after a runtime resource update; use NRI where the runtime has it"
+)
+"""The line the daemon logs (warning) at start in this mode."""
 # Where runtimes put the pod's UID in the OCI annotations: containerd's CRI, then CRI-O.
 POD_UID_ANNOTATIONS = ("io.kubernetes.cri.sandbox-uid", "io.kubernetes.pod.uid")
 

@@ -150,7 +150,7 @@ def _node(containerd: Containerd, tmp_path: Path, min_shared_cpus: int = 1) -> I
         boot_id="test-boot",
         min_shared_cpus=min_shared_cpus,
     )
-    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint").mkdir(parents=True)
     driver.start()
     node = Node(containerd, driver, None, tmp_path / "cluster")  # type: ignore[arg-type]
     node.new_plugin()

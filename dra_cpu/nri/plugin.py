@@ -35,6 +35,10 @@ RUNTIME_SERVICE = "nri.pkg.api.v1alpha1.Runtime"
 PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"
 EVENTS = (api.CREATE_CONTAINER, api.UPDATE_CONTAINER, api.STOP_CONTAINER, api.REMOVE_CONTAINER)
 DEFAULT_SOCKET = Path("/var/run/nri/nri.sock")
+UPDATE_BATCH = 25
+"""Containers per UpdateContainers call: the runtime applies them one by one (~20 ms each), and a call must end
+well inside the timeout."""
+RETRY_SECONDS = 1.0
 _INDEX = re.compile(r"^\d\d$")
 
 
@@ -138,6 +142,7 @@ class NriPlugin:
 
     @property
     def connects_total(self) -> int:
+        """Connections that reached synchronization (the first, then one per reconnection)."""
         return self._connects
 
     @property
@@ -231,7 +236,6 @@ class NriPlugin:
             LOG.error("NRI registration failed", extra={"reason": str(err)})
             conn.close()
             return False
-        self._connects += 1
         LOG.info("registered with the runtime", extra={"name": self.config.plugin_name})
         return True
 
@@ -287,6 +291,7 @@ class NriPlugin:
                     self._applied[info.id] = pin
                     updates.append(_update(info.id, pin))
             self._synchronized_once = True
+            self._connects += 1
             self.ready.set()
         LOG.info(
             "synchronized with the runtime",
@@ -410,29 +415,32 @@ class NriPlugin:
         return updates
 
     def push_updates(self, conn: Connection) -> int:
-        """Bring every running container to its pin; returns how many were updated."""
+        """Bring every running container to its pin, in batches; returns how many were updated. A batch that
+        fails is retried after RETRY_SECONDS (its containers are marked unapplied, so they are in the retry)."""
         updates = self._pending_updates()
-        if not updates:
-            return 0
+        done = 0
+        for start in range(0, len(updates), UPDATE_BATCH):
+            done += self._push_batch(conn, updates[start : start + UPDATE_BATCH])
+        if done < len(updates) and not self._stop.wait(RETRY_SECONDS):
+            self._dirty.set()
+        return done
+
+    def _push_batch(self, conn: Connection, updates: list[api.ContainerUpdate]) -> int:
         log = operation(LOG, "update-containers", containers=len(updates), shared=str(self._pools.shared))
         request = api.UpdateContainersRequest(update=updates)
         try:
             raw = conn.call(RUNTIME_SERVICE, "UpdateContainers", request.SerializeToString(), self.config.call_timeout)
+            failed = list(api.UpdateContainersResponse.FromString(raw).failed)
         except TransportError as err:
-            self._update_failures += 1
-            log.error("UpdateContainers failed; the next synchronization repairs it", extra={"reason": str(err)})
-            with self._lock:
-                for update in updates:
-                    self._applied.pop(update.container_id, None)
-            return 0
-        failed = api.UpdateContainersResponse.FromString(raw).failed
+            (log.info if self._stop.is_set() else log.error)("UpdateContainers failed", extra={"reason": str(err)})
+            failed = updates
         with self._lock:
             for update in failed:
                 self._applied.pop(update.container_id, None)
         if failed:
             self._update_failures += len(failed)
             log.warning(
-                "runtime could not update some containers", extra={"failed": ",".join(f.container_id for f in failed)}
+                "runtime did not update some containers", extra={"failed": ",".join(f.container_id for f in failed)}
             )
         log.info("containers updated")
         return len(updates) - len(failed)
