@@ -129,19 +129,26 @@ def run(cdi_dir: Path, driver: str, stdin: TextIO) -> Grant:
     return grant
 
 
-def main(argv: Sequence[str], stdin: TextIO = sys.stdin) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cdi-dir", type=Path, default=DEFAULT_CDI_DIR, help="the driver's CDI spec folder")
+    parser.add_argument("--driver", default="dra.cpu", help="the DRA driver name")
+
+
+def run_hook(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
     """0 when done (pinned, or nothing to pin); 1 when a claimed container could not be pinned, which makes the
     runtime fail the container rather than run it unpinned."""
-    parser = argparse.ArgumentParser(prog="dra-cpu cdi-hook", description="OCI createRuntime hook: pin to claims")
-    parser.add_argument("--cdi-dir", type=Path, default=DEFAULT_CDI_DIR)
-    parser.add_argument("--driver", default="dra.cpu")
-    args = parser.parse_args(argv)
     try:
         run(args.cdi_dir, args.driver, stdin)
     except (CgroupError, DraCpuError) as err:
         LOG.error("cdi-hook failed", extra={"reason": str(err)})
         return 1
     return 0
+
+
+def main(argv: Sequence[str], stdin: TextIO = sys.stdin) -> int:
+    parser = argparse.ArgumentParser(prog="dra-cpu cdi-hook", description="OCI createRuntime hook: pin to claims")
+    add_arguments(parser)
+    return run_hook(parser.parse_args(argv), stdin)
 
 
 if __name__ == "__main__":

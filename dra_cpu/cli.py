@@ -70,6 +70,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.cpus)
 
 
+def cmd_cdi_hook(args: argparse.Namespace) -> int:
+    from dra_cpu import cdihook, logs
+
+    logs.setup("info", "json")
+    return cdihook.run_hook(args)
+
+
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that shape the published devices, shared by `slices` and `run`."""
     parser.add_argument("--driver-name", default="dra.cpu", help="DRA driver name and attribute domain")
@@ -116,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="walk a claim through the real driver on this machine, no cluster needed")
     demo.add_argument("--cpus", type=int, default=1, help="CPUs to claim on NUMA node 0 (default 1)")
     demo.set_defaults(handler=cmd_demo)
+
+    from dra_cpu import cdihook
+
+    hook = sub.add_parser("cdi-hook", help="OCI createRuntime hook of --enforcement cdi-hook: pin a claimed container")
+    cdihook.add_arguments(hook)
+    hook.set_defaults(handler=cmd_cdi_hook)
 
     from dra_cpu.bench.cli import add_bench_parser
     from dra_cpu.explain import add_explain_parser

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,18 +19,19 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from dra_cpu import observe
+from dra_cpu import cdihook, observe
 from dra_cpu.cdi import CDIStore
 from dra_cpu.checkpoint import CheckpointFile
 from dra_cpu.config import Config
 from dra_cpu.devices import Device, allocatable_cpus, build_devices
-from dra_cpu.driver import Driver, Enforcer
+from dra_cpu.driver import Driver
 from dra_cpu.errors import DraCpuError
 from dra_cpu.fileio import boot_id
 from dra_cpu.kube.api import ClusterAPI
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.kube.standalone import StandaloneAPI
 from dra_cpu.kubelet.plugin import KubeletPlugin, PluginPaths
+from dra_cpu.nri.plugin import NriConfig, NriPlugin
 from dra_cpu.sysfs import read_topology
 from dra_cpu.topology import Topology
 
@@ -67,7 +69,9 @@ class Daemon:
         self.metrics = observe.OperationMetrics(self.registry)
         self._threads: list[threading.Thread] = []
         self.plugin: KubeletPlugin | None = None
-        self.enforcer: Enforcer | None = None
+        self.nri: NriPlugin | None = None
+        # An error in a start-up thread, raised again by run() so that the command exits 2 naming it.
+        self._fatal: DraCpuError | None = None
 
     def run(self) -> int:
         config = self.config
@@ -80,6 +84,11 @@ class Daemon:
         api = connect_cluster(config)
         state_dir = writable_dir("stateDir", Path(config.state_dir))
         cdi_root = writable_dir("cdiRoot", Path(config.cdi_root))
+        hooks: tuple[dict[str, object], ...] = ()
+        if config.enforcement == "cdi-hook":
+            LOG.warning(cdihook.LIMITATION)
+            # The runtime runs the hook on the host: this executable must exist there at the same path.
+            hooks = (cdihook.hook(Path(sys.argv[0]).resolve(), cdi_dir=cdi_root, driver=config.driver_name),)
         self.driver = Driver(
             api=api,
             config=device_config,
@@ -90,8 +99,10 @@ class Daemon:
             boot_id=boot_id(),
             min_shared_cpus=config.min_shared_cpus,
             recorder=self.metrics,
+            cdi_hooks=hooks,
         )
         self.driver.start()
+        self.nri = self._start_enforcement(config)
         self.publisher = SlicePublisher(api, device_config, LOG)
         self.publisher.set_devices(devices)
         self._spawn("publisher", self.publisher.run, self.stop)
@@ -101,11 +112,50 @@ class Daemon:
         self.plugin = KubeletPlugin(
             self.driver, PluginPaths(Path(config.kubelet_root_dir), config.driver_name), self.stop, self.registered
         )
-        self.plugin.start()
+        if self.nri is None:
+            self.plugin.start()
+        else:
+            # Fail closed: the kubelet sees the plugin only once enforcement is connected and synchronized.
+            self._spawn("kubelet-plugin", self._register_when_enforced)
         self._install_signals()
         self.stop.wait()
         self.shutdown()
+        if self._fatal is not None:
+            raise self._fatal
         return 0
+
+    def _start_enforcement(self, config: Config) -> NriPlugin | None:
+        if config.enforcement != "nri":
+            return None
+        nri = NriPlugin(
+            NriConfig(
+                socket=Path(config.nri_socket),
+                plugin_index=config.nri_plugin_index,
+                reserved_cpus=config.reserved_cpu_set,
+                strict_reserved=config.strict_reserved,
+            ),
+            self.driver.topology,
+            self.driver.state,
+        )
+        self.driver.enforcer = nri
+        nri.start()
+        return nri
+
+    def _register_when_enforced(self) -> None:
+        if self.nri is not None:
+            while not self.nri.wait_ready(timeout=10):
+                if self.stop.is_set():
+                    return
+                LOG.warning(
+                    "waiting for NRI before registering with the kubelet", extra={"socket": self.config.nri_socket}
+                )
+        if not self.stop.is_set():
+            assert self.plugin is not None
+            try:
+                self.plugin.start()
+            except DraCpuError as err:
+                self._fatal = err
+                self.stop.set()
 
     def _spawn(self, name: str, target: Callable[..., object], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -122,10 +172,14 @@ class Daemon:
         self.stop.set()
         if self.plugin is not None:
             self.plugin.stop()
+        if self.nri is not None:
+            self.nri.stop()
         self.http.shutdown()
 
     def not_ready(self) -> list[str]:
         reasons = []
+        if self.nri is not None and not self.nri.ready.is_set():
+            reasons.append("NRI not connected and synchronized")
         if not self.registered.is_set():
             reasons.append("not registered with the kubelet")
         if self.publisher.writes == 0 and self.publisher.errors:
@@ -141,8 +195,18 @@ class Daemon:
             allocatable=allocatable_cpus(topology, driver.config),
             allocated=state.allocated_cpus,
             shared=state.shared_cpus(topology),
-            nri_connected=0.0,
+            nri_connected=float(self.nri is not None and self.nri.ready.is_set()),
             counters=(
+                (
+                    "dra_cpu_forged_env",
+                    "containers whose claim env was not theirs",
+                    float(self._nri_count("forged_env_total")),
+                ),
+                (
+                    "dra_cpu_nri_update_failures",
+                    "failed NRI container updates",
+                    float(self._nri_count("update_failures_total")),
+                ),
                 ("dra_cpu_slice_writes", "ResourceSlice writes", float(self.publisher.writes)),
                 ("dra_cpu_slice_publish_errors", "failed ResourceSlice writes", float(self.publisher.errors)),
                 (
@@ -152,6 +216,9 @@ class Daemon:
                 ),
             ),
         )
+
+    def _nri_count(self, name: str) -> int:
+        return int(getattr(self.nri, name)) if self.nri is not None else 0
 
     def _watch_topology(self) -> None:
         """Re-discover on cpu/node/memory uevents, and every hugepagePollSeconds (hugepage reservations send no
@@ -184,6 +251,8 @@ class Daemon:
     def _set(self, topology: Topology, devices: tuple[Device, ...]) -> None:
         LOG.info("topology changed", extra={"online": str(topology.online_cpus), "devices": len(devices)})
         self.driver.set_topology(topology, devices)
+        if self.nri is not None:
+            self.nri.set_topology(topology)
         self.publisher.set_devices(devices)
         if self.plugin is not None:
             self.plugin.health.notify()

@@ -182,7 +182,7 @@ class NriPlugin:
             "starting NRI plugin",
             extra={
                 "socket": str(self.config.socket),
-                "name": self.config.plugin_name,
+                "plugin": self.config.plugin_name,
                 "index": self.config.plugin_index,
             },
         )
@@ -236,7 +236,7 @@ class NriPlugin:
             LOG.error("NRI registration failed", extra={"reason": str(err)})
             conn.close()
             return False
-        LOG.info("registered with the runtime", extra={"name": self.config.plugin_name})
+        LOG.info("registered with the runtime", extra={"plugin": self.config.plugin_name})
         return True
 
     def _disconnected(self) -> None:

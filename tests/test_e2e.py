@@ -1,0 +1,98 @@
+"""The whole node path, every piece real except the kubelet: `dra-cpu run` with NRI enforcement against containerd
+(2.1 and 1.7), registration and NodePrepareResources through the kubelet sockets, the CDI device passed through CRI
+as the kubelet passes it, cpusets read back inside the containers and from the host."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from testenv_containerd import Containerd
+
+from dra_cpu.claims import ClaimRef
+from dra_cpu.cpuset import CPUSet
+from dra_cpu.kubelet.client import KubeletClient
+from tests.kubelet_node import result
+
+ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
+NODE = "node-e2e"
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_claimed_container_is_pinned_and_others_keep_off(fresh_containerd: Containerd) -> None:
+    cri = fresh_containerd.cri
+    root = Path(tempfile.mkdtemp(prefix="de-", dir="/tmp"))
+    cluster = root / "cluster"
+    registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
+    # A container of another pod, running before any claim: it starts on every CPU.
+    bystander_pod = cri.run_pod("bystander")
+    bystander = cri.create_container(bystander_pod, "app")
+    daemon = subprocess.Popen(
+        [
+            sys.executable, "-m", "dra_cpu", "run",
+            "--node-name", NODE,
+            "--standalone", str(cluster),
+            "--enforcement", "nri",
+            "--nri-socket", str(fresh_containerd.nri_socket),
+            "--kubelet-root-dir", str(root / "kubelet"),
+            "--cdi-root", str(fresh_containerd.cdi_dir),
+            "--state-dir", str(root / "state"),
+            "--metrics-address", "127.0.0.1:0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        eventually(registration.exists, "registration after NRI synchronized")
+        kubelet = KubeletClient.register(registration)
+        pod_uid = str(uuid.uuid4())
+        claim_cpus = 1 if len(ONLINE) <= 2 else 2
+        uid = str(uuid.uuid4())
+        obj = {
+            "metadata": {"name": "pinned", "namespace": "default", "uid": uid},
+            "status": {
+                "allocation": {"devices": {"results": [result("cpu-numa0", cpus=claim_cpus) | {"pool": NODE}]}},
+                "reservedFor": [{"resource": "pods", "name": "app", "uid": pod_uid}],
+            },
+        }
+        path = cluster / "resourceclaims/default/pinned.yaml"
+        path.parent.mkdir(parents=True)
+        path.write_text(yaml.safe_dump(obj))
+        ref = ClaimRef("default", "pinned", uid)
+        response = kubelet.prepare([ref]).claims[uid]
+        assert response.error == ""
+        [cdi_id] = response.devices[0].cdi_device_ids
+        spec = yaml.safe_load(next(fresh_containerd.cdi_dir.glob(f"*{uid}.json")).read_text())
+        granted = CPUSet.parse(
+            next(e for e in spec["devices"][0]["containerEdits"]["env"] if e.startswith("DRA_CPUSET_")).split("=")[1]
+        )
+        shared = ONLINE - granted
+
+        pod = cri.run_pod("app", uid=pod_uid)
+        app = cri.create_container(pod, "app", cdi_devices=[cdi_id])
+        assert cri.allowed_inside(app).cpus == granted
+        assert cri.allowed_on_host(app).cpus == granted
+        eventually(lambda: cri.allowed_on_host(bystander).cpus == shared, "the bystander to shrink to the shared pool")
+
+        assert kubelet.unprepare([ref]).claims[uid].error == ""
+        eventually(lambda: cri.allowed_on_host(bystander).cpus == ONLINE, "the bystander to regrow")
+        kubelet.close()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+    assert daemon.returncode == 0, stderr
