@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -30,12 +31,23 @@ def _can_hotplug() -> str | None:
     return None
 
 
+V1_CPUSET = Path("/sys/fs/cgroup/cpuset")
+
+
 @pytest.fixture
 def cpu1_restored() -> Iterator[None]:
+    """CPU 1 back online, and on cgroup v1 back in every cpuset it was in: v1 drops an offlined CPU from all
+    cpusets for good, which would leave other tests' (and the machine's) cgroups a CPU short."""
+    before = {p: p.read_text() for p in V1_CPUSET.rglob("cpuset.cpus")} if V1_CPUSET.is_dir() else {}
     try:
         yield
     finally:
         CPU1_ONLINE.write_text("1")
+        # Parents first: a child may only hold CPUs its parent has.
+        for path, cpus in sorted(before.items(), key=lambda item: len(item[0].parts)):
+            with contextlib.suppress(OSError):
+                if path.read_text() != cpus:
+                    path.write_text(cpus)
 
 
 def _snapshots(proc: subprocess.Popen[str]) -> queue.Queue[dict[str, Any]]:
