@@ -7,6 +7,8 @@ plus a cgroup2 mount without cpuset) takes the v1 path, because a controller ser
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -126,8 +128,84 @@ def write_cpuset(directory: Path, cpus: CPUSet, mems: CPUSet | None = None) -> N
         raise CgroupError(f"refusing to write an empty cpuset.cpus to {directory}: it would mean every CPU on v2")
     writes = [("cpuset.mems", mems)] if mems else []
     for name, value in [*writes, ("cpuset.cpus", cpus)]:
-        path = directory / name
-        try:
-            path.write_text(str(value))
-        except OSError as err:
-            raise CgroupError(f"cannot write {value} to {path}: {err.strerror}") from None
+        _write(directory / name, str(value))
+
+
+# -- child cpusets of this process's own (the demo and the isolation bench) ----------------------------------------
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# rmdir of a cgroup whose last task just exited can fail for a moment while the kernel finishes the exit.
+RMDIR_TRIES = 50
+
+
+@dataclass(frozen=True, slots=True)
+class CpusetHierarchy:
+    """Where this process's cpuset cgroup is, and which cgroup version holds it."""
+
+    version: int
+    parent: Path
+
+    @property
+    def name(self) -> str:
+        return f"cgroup-v{self.version}"
+
+
+def find_cpuset_hierarchy(root: Path, proc_cgroup: str) -> CpusetHierarchy | None:
+    """A writable cpuset hierarchy, preferring v2 where cpuset is a v2 controller (hybrid hosts keep it in v1)."""
+    paths = parse_proc_cgroup(proc_cgroup)
+    v1, v2 = paths.get("cpuset"), paths.get("")
+    controllers = root / "cgroup.controllers"
+    if v2 is not None and controllers.exists() and "cpuset" in controllers.read_text().split():
+        parent = root / v2.lstrip("/")
+        return CpusetHierarchy(2, parent) if os.access(parent, os.W_OK) else None
+    if v1 is not None and (root / "cpuset/cpuset.cpus").exists():
+        parent = root / "cpuset" / v1.lstrip("/")
+        return CpusetHierarchy(1, parent) if os.access(parent, os.W_OK) else None
+    return None
+
+
+class Cpusets:
+    """Child cpusets of this process's own, created on demand and removed (with what was enabled) on close."""
+
+    def __init__(self, hierarchy: CpusetHierarchy, tag: str) -> None:
+        self.hierarchy = hierarchy
+        self.tag = tag
+        self.created: list[Path] = []
+        self.enabled_controller = False
+        if hierarchy.version == 2:
+            control = hierarchy.parent / "cgroup.subtree_control"
+            if "cpuset" not in control.read_text().split():
+                _write(control, "+cpuset")
+                self.enabled_controller = True
+
+    def place(self, name: str, cpus: CPUSet, pids: list[int]) -> None:
+        group = self.hierarchy.parent / f"{self.tag}-{name}"
+        if not group.exists():
+            group.mkdir()
+            self.created.append(group)
+        # v1 refuses tasks until both cpus and mems are set; the parent's mems keep memory where it was allowed.
+        mems = self.hierarchy.parent / ("cpuset.mems.effective" if self.hierarchy.version == 2 else "cpuset.mems")
+        write_cpuset(group, cpus, CPUSet.parse(mems.read_text()))
+        for pid in pids:
+            _write(group / "cgroup.procs", str(pid))
+
+    def close(self) -> None:
+        for group in reversed(self.created):
+            for _ in range(RMDIR_TRIES):
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.02)
+            else:
+                raise CgroupError(f"cgroup {group}: could not remove it; remove it by hand with rmdir")
+        self.created.clear()
+        if self.enabled_controller:
+            _write(self.hierarchy.parent / "cgroup.subtree_control", "-cpuset")
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as err:
+        raise CgroupError(f"cannot write {value} to {path}: {err.strerror}") from None

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from dra_cpu import logs
-from dra_cpu.bench.isolation import CGROUP_ROOT, Cpusets, find_cpuset_hierarchy
+from dra_cpu.cgroups import CGROUP_ROOT, Cpusets, find_cpuset_hierarchy
 from dra_cpu.claims import ClaimRef
 from dra_cpu.config import Config
 from dra_cpu.cpuset import CPUSet

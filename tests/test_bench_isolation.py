@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 
 from dra_cpu.bench.cli import add_bench_parser
-from dra_cpu.bench.isolation import (
-    CGROUP_ROOT,
-    IsolationOptions,
-    find_cpuset_hierarchy,
-    parse_proc_cgroup,
-    run_isolation_bench,
-    split_cpus,
-)
+from dra_cpu.bench.isolation import IsolationOptions, run_isolation_bench, split_cpus
+from dra_cpu.cgroups import CGROUP_ROOT, find_cpuset_hierarchy, parse_proc_cgroup
 from dra_cpu.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
 
@@ -47,8 +41,9 @@ def test_split_errors_name_the_field_and_value(allowed: str, probe: str | None, 
 
 
 def test_proc_cgroup_paths_for_hybrid_and_unified_hosts() -> None:
-    assert parse_proc_cgroup(HYBRID) == ("/jobs", "/")
-    assert parse_proc_cgroup(UNIFIED) == (None, "/kubepods.slice/pod1/cri-abc")
+    hybrid, unified = parse_proc_cgroup(HYBRID), parse_proc_cgroup(UNIFIED)
+    assert (hybrid["cpuset"], hybrid[""]) == ("/jobs", "/")
+    assert "cpuset" not in unified and unified[""] == "/kubepods.slice/pod1/cri-abc"
 
 
 def test_hierarchy_prefers_v2_when_cpuset_is_a_v2_controller(tmp_path: Path) -> None:

@@ -24,15 +24,13 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 
 from dra_cpu.bench.report import IsolationCase, IsolationReport
+from dra_cpu.cgroups import CGROUP_ROOT, Cpusets, find_cpuset_hierarchy
 from dra_cpu.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
 
 KERNEL_BYTES = 256 * 1024
 HOG_BYTES = 64 * 1024 * 1024
 PR_SET_TIMERSLACK = 29
-# rmdir of a cgroup whose last task just exited can fail for a moment while the kernel finishes the exit.
-RMDIR_TRIES = 50
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 CPU_DMA_LATENCY = Path("/dev/cpu_dma_latency")
 
 Progress = Callable[[str], None]
@@ -95,95 +93,6 @@ def _hog(cpu: int | None, go: Event, stop: Event) -> None:
     source, target = bytearray(HOG_BYTES), bytearray(HOG_BYTES)
     while not stop.is_set():
         target[:] = source
-
-
-# -- cgroup cpusets ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class CpusetHierarchy:
-    """Where this process's cpuset cgroup is, and which cgroup version holds it."""
-
-    version: int
-    parent: Path
-
-    @property
-    def name(self) -> str:
-        return f"cgroup-v{self.version}"
-
-
-def parse_proc_cgroup(text: str) -> tuple[str | None, str | None]:
-    """This process's path in the v1 cpuset hierarchy and in the v2 unified one, from /proc/self/cgroup."""
-    v1 = v2 = None
-    for line in text.splitlines():
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and controllers == "":
-            v2 = path
-        elif "cpuset" in controllers.split(","):
-            v1 = path
-    return v1, v2
-
-
-def find_cpuset_hierarchy(root: Path, proc_cgroup: str) -> CpusetHierarchy | None:
-    """A writable cpuset hierarchy, preferring v2 where cpuset is a v2 controller (hybrid hosts keep it in v1)."""
-    v1, v2 = parse_proc_cgroup(proc_cgroup)
-    controllers = root / "cgroup.controllers"
-    if v2 is not None and controllers.exists() and "cpuset" in controllers.read_text().split():
-        parent = root / v2.lstrip("/")
-        return CpusetHierarchy(2, parent) if os.access(parent, os.W_OK) else None
-    if v1 is not None and (root / "cpuset/cpuset.cpus").exists():
-        parent = root / "cpuset" / v1.lstrip("/")
-        return CpusetHierarchy(1, parent) if os.access(parent, os.W_OK) else None
-    return None
-
-
-class Cpusets:
-    """Child cpusets of this process's own, created on demand and removed (with what was enabled) on close."""
-
-    def __init__(self, hierarchy: CpusetHierarchy, tag: str) -> None:
-        self.hierarchy = hierarchy
-        self.tag = tag
-        self.created: list[Path] = []
-        self.enabled_controller = False
-        if hierarchy.version == 2:
-            control = hierarchy.parent / "cgroup.subtree_control"
-            if "cpuset" not in control.read_text().split():
-                _write(control, "+cpuset")
-                self.enabled_controller = True
-
-    def place(self, name: str, cpus: CPUSet, pids: list[int]) -> None:
-        group = self.hierarchy.parent / f"{self.tag}-{name}"
-        if not group.exists():
-            group.mkdir()
-            self.created.append(group)
-        # v1 refuses tasks until both cpus and mems are set; the parent's mems keep memory where it was allowed.
-        mems = self.hierarchy.parent / ("cpuset.mems.effective" if self.hierarchy.version == 2 else "cpuset.mems")
-        _write(group / "cpuset.mems", mems.read_text().strip())
-        _write(group / "cpuset.cpus", str(cpus))
-        for pid in pids:
-            _write(group / "cgroup.procs", str(pid))
-
-    def close(self) -> None:
-        for group in reversed(self.created):
-            for _ in range(RMDIR_TRIES):
-                try:
-                    group.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.02)
-            else:
-                raise DraCpuError(f"cgroup {group}: could not remove it; remove it by hand with rmdir")
-        self.created.clear()
-        if self.enabled_controller:
-            _write(self.hierarchy.parent / "cgroup.subtree_control", "-cpuset")
-
-
-def _write(path: Path, value: str) -> None:
-    try:
-        path.write_text(value)
-    except OSError as err:
-        raise DraCpuError(f"cannot write {value!r} to {path}: {err.strerror}") from None
 
 
 @contextmanager
