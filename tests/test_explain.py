@@ -379,7 +379,8 @@ def capacity_oracle(amount: int) -> Any:
 EXAMPLE_ORACLES = {
     "claim-cpu-capacity-4": capacity_oracle(4),
     "claim-cpu-capacity-10": capacity_oracle(10),
-    "claim-cpu-capacity-20": capacity_oracle(20),
+    # Two requests of 10, one per NUMA node (the upstream example): the first wants node 0.
+    "claim-cpu-capacity-20": lambda t: ["cpu-numa0"] if shared_cpus(t).get(0, 0) >= 10 else [],
     # numa-bench: 4 CPUs on NUMA node 0 with 3 GiB of 2 MiB pages beside them (aligned) or on node 1 (misaligned).
     "numa-bench-aligned": lambda t: ["cpu-numa0"] if shared_cpus(t).get(0, 0) >= 4 else [],
     "numa-bench-misaligned": lambda t: ["cpu-numa0"] if shared_cpus(t).get(0, 0) >= 4 else [],
