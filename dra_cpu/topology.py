@@ -89,9 +89,6 @@ class Topology:
     def cpu(self, cpu_id: int) -> Cpu:
         return self._by_id[cpu_id]
 
-    def has_cpu(self, cpu_id: int) -> bool:
-        return cpu_id in self._by_id
-
     def node(self, node_id: int) -> NumaNode:
         for node in self.numa_nodes:
             if node.id == node_id:
