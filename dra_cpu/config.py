@@ -13,11 +13,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dra_cpu.cpuset import CPUSet, parse_field
 from dra_cpu.devices import DeviceConfig, DeviceMode
 from dra_cpu.errors import DraCpuError
+from dra_cpu.fileio import read_yaml
 
 ENFORCEMENTS = ("nri", "cdi-hook", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -135,14 +134,10 @@ def _hostname() -> str:
 
 
 def _from_file(path: Path) -> dict[str, Any]:
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    if doc is None:
+    docs = read_yaml(path, "config file", ConfigError)
+    if not docs:
         return {}
+    doc = docs[0]
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path}: expected a mapping of keys, found {type(doc).__name__}")
     by_key = {_camel(f.name): f for f in fields(Config)}

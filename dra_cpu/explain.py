@@ -19,10 +19,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dra_cpu.cel import AttributeValue, CelDevice, Selector, Semver, compile_selector
 from dra_cpu.errors import DraCpuError
+from dra_cpu.fileio import read_yaml
 from dra_cpu.quantity import QuantityError, format_bytes, parse_quantity
 
 # Enough for every claim a person writes; a claim that needs more is reported as undecided, not as unsatisfiable.
@@ -852,14 +851,7 @@ def load_objects(path: Path) -> list[dict[str, Any]]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file())
         return [obj for p in files for obj in load_objects(p)]
-    try:
-        docs = list(yaml.safe_load_all(path.read_text()))
-    except FileNotFoundError:
-        raise ExplainInputError(f"{path}: no such file or folder") from None
-    except OSError as err:
-        raise ExplainInputError(f"{path}: cannot read it: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ExplainInputError(f"{path} is not valid YAML or JSON: {' '.join(str(err).split())}") from None
+    docs = read_yaml(path, "file", ExplainInputError)
     objects: list[dict[str, Any]] = []
     for doc in docs:
         if doc is None:

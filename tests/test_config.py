@@ -76,7 +76,7 @@ def test_bad_config_file(tmp_path: Path, content: str, expected: str) -> None:
 
 def test_missing_config_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.yaml"
-    assert f"cannot read config file {missing}: No such file or directory" in refused(
+    assert f"config file {missing}: no such file" in refused(
         dra_cpu_run("--config", str(missing))
     )
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
-import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from dra_cpu.errors import DraCpuError
+from dra_cpu.fileio import read_yaml
 from dra_cpu.kube.api import ClusterError, Conflict, NotFound
 
 GROUP = "resource.k8s.io"
@@ -248,14 +248,7 @@ def connect(kubeconfig: str | None) -> KubeAPI:
 
 
 def _load_kubeconfig(path: Path, configuration: client.Configuration) -> None:
-    try:
-        content = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise KubeconfigError(f"kubeconfig {path}: no such file") from None
-    except OSError as err:
-        raise KubeconfigError(f"kubeconfig {path}: cannot read it: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise KubeconfigError(f"kubeconfig {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    content = next(iter(read_yaml(path, "kubeconfig", KubeconfigError)), None)
     if not isinstance(content, dict):
         raise KubeconfigError(f"kubeconfig {path} does not hold a kubeconfig (a YAML mapping)")
     try:

@@ -12,12 +12,10 @@ from typing import Any
 
 import yaml
 
-from dra_cpu.fileio import write_atomic
+from dra_cpu.fileio import YAML_LOADER, write_atomic
 from dra_cpu.kube.api import ClusterError, Conflict, NotFound
 
 POLL_SECONDS = 0.5
-# libyaml's parser is some 10 times faster than the pure-Python one, and a prepare reads a claim.
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -26,7 +24,7 @@ class StandaloneAPI:
 
     def _read(self, path: Path) -> dict[str, Any]:
         try:
-            obj = yaml.load(path.read_text(), Loader=_LOADER)
+            obj = yaml.load(path.read_text(), Loader=YAML_LOADER)
         except FileNotFoundError:
             raise NotFound(f"{path} does not exist") from None
         except (OSError, yaml.YAMLError) as err:
