@@ -201,8 +201,8 @@ def test_rbac_is_only_what_the_daemon_calls(helm: Helm) -> None:
     }
     assert rules == {
         (("",), ("nodes",)): {"get"},
-        (("resource.k8s.io",), ("resourceslices",)): {"get", "list", "watch", "create", "update", "patch", "delete"},
-        (("resource.k8s.io",), ("resourceclaims", "deviceclasses")): {"get"},
+        (("resource.k8s.io",), ("resourceslices",)): {"list", "watch", "create", "update", "delete"},
+        (("resource.k8s.io",), ("resourceclaims",)): {"get"},
     }
     binding = one(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == one(objects, "ClusterRole")["metadata"]["name"]
