@@ -14,8 +14,17 @@ fi
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)${extras}"
 if [[ ! -f "$stamp" ]]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  log=$(mktemp)
+  trap 'rm -f "$log"' EXIT
+  pip_install() {
+    if ! .venv/bin/python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+      grep -v '^WARNING: Location' "$log" | tail -40 >&2
+      echo "install: pip install $* failed (above)" >&2
+      exit 1
+    fi
+  }
+  pip_install --upgrade pip
+  pip_install -e ".${extras}"
   .venv/bin/python -c 'import dra_cpu.cli' || { echo "install: dra-cpu did not install" >&2; exit 1; }
   touch "$stamp"
 fi
