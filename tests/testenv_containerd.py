@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,8 @@ class Containerd:
     cgroup_parent: str
     """Every pod's cgroup lives below it (/kubepods-<hash>); it is this daemon's alone."""
     cri: CriClient
+    wrap: tuple[str, ...] = ()
+    """The command containerd.sh runs under, if any: nsenter into the cgroup v2 mount namespace of cgroupv2.sh."""
 
     @property
     def cri_socket(self) -> Path:
@@ -65,32 +67,33 @@ class Containerd:
             spec.unlink()
 
 
-def _script(*args: str) -> None:
-    result = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True)
+def _script(*args: str, wrap: Sequence[str] = ()) -> None:
+    result = subprocess.run([*wrap, "bash", str(SCRIPT), *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"containerd.sh {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
 
 
-def _start(version: str) -> Containerd:
+def _start(version: str, wrap: tuple[str, ...] = ()) -> Containerd:
     if os.geteuid() != 0:
         pytest.skip("containerd needs root")
     if not (CACHE / f"containerd-{version}" / "usr" / "bin" / "containerd").exists():
         pytest.skip(f"containerd {version} is not installed: run hack/testenv/containerd.sh install")
     directory = Path(tempfile.mkdtemp(prefix=f"dra-cpu-containerd-{version}-"))
     try:
-        _script("start", version, str(directory))
+        _script("start", version, str(directory), wrap=wrap)
     except RuntimeError:
-        _script("stop", version, str(directory))
+        _script("stop", version, str(directory), wrap=wrap)
         raise
     cgroup_parent = (directory / "cgroup-parent").read_text().strip()
-    daemon = Containerd(version, directory, cgroup_parent, CriClient(directory / "containerd.sock", cgroup_parent))
+    cri = CriClient(directory / "containerd.sock", cgroup_parent)
+    daemon = Containerd(version, directory, cgroup_parent, cri, wrap)
     daemon.cri.version()
     return daemon
 
 
 def _stop(daemon: Containerd) -> None:
     daemon.cri.close()
-    _script("stop", daemon.version, str(daemon.dir))
+    _script("stop", daemon.version, str(daemon.dir), wrap=daemon.wrap)
 
 
 @pytest.fixture(scope="session", params=VERSIONS, ids=[f"containerd-{v}" for v in VERSIONS])
