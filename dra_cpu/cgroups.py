@@ -74,7 +74,7 @@ def _inside(mount: CgroupMount, path: str) -> Path:
 def cpuset_dir(proc_cgroup: str, mountinfo: str) -> Path:
     """The directory with cpuset.cpus and cpuset.mems for the process whose /proc/<pid>/cgroup is given."""
     paths = parse_proc_cgroup(proc_cgroup)
-    mounts = parse_mountinfo(mountinfo)
+    mounts = _visible(parse_mountinfo(mountinfo))
     v1 = next((m for m in mounts if m.fstype == "cgroup" and "cpuset" in m.options), None)
     if v1 is not None and "cpuset" in paths:
         return _inside(v1, paths["cpuset"])
@@ -85,6 +85,16 @@ def cpuset_dir(proc_cgroup: str, mountinfo: str) -> Path:
         f"no cpuset cgroup found: the process is in {paths or 'no cgroup'} and cgroup mounts are "
         f"{[str(m.point) for m in mounts] or 'none'}"
     )
+
+
+def _visible(mounts: tuple[CgroupMount, ...]) -> list[CgroupMount]:
+    """Mounts not covered by a later one on the same point or above it (mountinfo lists mounts oldest first): in a
+    namespace that mounted cgroup2 over /sys/fs/cgroup, the host's /sys/fs/cgroup/unified is still listed."""
+    return [
+        m
+        for i, m in enumerate(mounts)
+        if not any(later.point == m.point or later.point in m.point.parents for later in mounts[i + 1 :])
+    ]
 
 
 def cpuset_dir_of_pid(pid: int, proc: Path = Path("/proc")) -> Path:

@@ -87,3 +87,13 @@ def test_write_outside_the_parent_is_a_clear_error(child_cgroup: Path) -> None:
         write_cpuset(child_cgroup, CPUSet.of([4095]))
     with pytest.raises(CgroupError, match="empty"):
         write_cpuset(child_cgroup, CPUSet())
+
+
+def test_a_cgroup2_mount_over_sys_fs_cgroup_hides_the_hosts_unified_mount() -> None:
+    """Inside a namespace that mounted cgroup2 on /sys/fs/cgroup, mountinfo still lists the covered host mounts."""
+    mountinfo = (
+        "30 25 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+        "31 30 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+        "40 25 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+    )
+    assert cpuset_dir("0::/kubepods/pod1/c1\n", mountinfo) == Path("/sys/fs/cgroup/kubepods/pod1/c1")

@@ -97,7 +97,8 @@ def _in_namespace(wrap: tuple[str, ...], pid: int) -> tuple[Path, Cpuset]:
         "import sys; from dra_cpu.cgroups import cpuset_dir_of_pid, read_cpuset\n"
         f"d = cpuset_dir_of_pid({pid}); c = read_cpuset(d); print(d, c.cpus, c.mems, sep='\\n')"
     )
-    out = subprocess.run([*wrap, sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+    out = subprocess.run([*wrap, sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     directory, cpus, mems = out.stdout.splitlines()
     return Path(directory), Cpuset(CPUSet.parse(cpus), CPUSet.parse(mems))
 
