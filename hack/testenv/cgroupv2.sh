@@ -90,7 +90,19 @@ problems() {
       fi
     done < <(find "$point" -mindepth 1 -maxdepth 1 -type d)
     mapfile -t -O "${#REASONS[@]}" REASONS < <(others_mounting "$point")
+    mapfile -t -O "${#REASONS[@]}" REASONS < <(dying "$point" "$superopts")
   done
+}
+
+# dying POINT SUPEROPTS: one line if the kernel counts more cgroups in POINT's hierarchy than there are folders.
+# Cgroups of processes that exited lately (podman's conmon, say) can stay dying for minutes, and the controller
+# stays bound to v1 until they are gone: moving then would hang until the kernel lets go.
+dying() {
+  local controller have count
+  controller=$(tr ',' '\n' <<<"$2" | grep -m1 -xE "$(IFS='|'; echo "${MOVE[*]}")")
+  have=$(find "$1" -type d | wc -l)
+  count=$(awk -v c="$controller" '$1 == c { print $3 }' /proc/cgroups)
+  ((count <= have)) || echo "$1 has $((count - have)) dying cgroup(s) the kernel has not freed yet (exited containers); try again later"
 }
 
 # others_mounting POINT: one line if processes of other mount namespaces (containers) have POINT's hierarchy mounted.
@@ -144,16 +156,20 @@ enter() {
   cat "$UNIFIED/cgroup.subtree_control" >"$STATE.tmp/subtree_control"
   find "$UNIFIED" -mindepth 1 -type d >"$STATE.tmp/v2-dirs"
   mv "$STATE.tmp" "$STATE"
+  # Cgroups just removed (leftovers above) can take many seconds to die and release their controller.
   # Whatever stops enter half-way (set -e included), the machine goes back.
   trap 'echo "cgroupv2.sh: enter failed; moving back" >&2; leave >&2' EXIT
   local child dir point
   for child in "${REMOVE[@]}"; do
-    find "$child" -depth -type d | while read -r dir; do retry 2 rmdir "$dir"; done
+    # A process that is leaving (podman's conmon outlives `podman run --rm` by a moment) keeps its cgroup busy.
+    find "$child" -depth -type d | while read -r dir; do retry 30 rmdir "$dir" || true; done
+    [[ ! -d "$child" ]] || die "cannot remove $child: processes still in it: $(cat "$child"/cgroup.procs "$child"/*/cgroup.procs 2>/dev/null | tr '\n' ' ')"
   done
   while IFS='|' read -r point _; do retry 5 umount "$point"; done <"$STATE/mounts"
   local c
   for c in "${MOVE[@]}"; do
-    [[ " $(cat "$UNIFIED/cgroup.subtree_control") " == *" $c "* ]] || retry 5 write "$UNIFIED/cgroup.subtree_control" "+$c"
+    [[ " $(cat "$UNIFIED/cgroup.subtree_control") " == *" $c "* ]] || retry 30 write "$UNIFIED/cgroup.subtree_control" "+$c" ||
+      { echo "cgroupv2.sh: the kernel did not release $c from cgroup v1 within 30 s (dying cgroups)" >&2; exit 3; }
   done
   # A mount namespace of its own keeps cgroup2 on /sys/fs/cgroup (where runc and containerd look) away from the
   # host; a bind mount of its nsfs file keeps it alive between commands. The bind must sit on a private mount.
