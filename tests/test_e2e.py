@@ -1,9 +1,10 @@
 """The whole node path, every piece real except the kubelet: `dra-cpu run` with NRI enforcement against containerd
-(2.1 and 1.7), registration and NodePrepareResources through the kubelet sockets, the CDI device passed through CRI
-as the kubelet passes it, cpusets read back inside the containers and from the host."""
+(2.1 and 1.7) and the real API server, registration and NodePrepareResources through the kubelet sockets, the CDI
+device passed through CRI as the kubelet passes it, cpusets read back inside the containers and from the host."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -13,14 +14,17 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import yaml
+import kubernetes
 from testenv_containerd import Containerd
 
 from dra_cpu.claims import ClaimRef
 from dra_cpu.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
 from tests.kubelet_node import result
+from tests.test_prepare_apiserver import ServerClaims
+from tests.testenv_apiserver import ApiServer
 
 ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
 NODE = "node-e2e"
@@ -33,10 +37,11 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 20) -> Non
         time.sleep(0.05)
 
 
-def test_claimed_container_is_pinned_and_others_keep_off(fresh_containerd: Containerd) -> None:
+def test_claimed_container_is_pinned_and_others_keep_off(
+    fresh_containerd: Containerd, apiserver: ApiServer, kube_api: Any, kube_namespace: str
+) -> None:
     cri = fresh_containerd.cri
     root = Path(tempfile.mkdtemp(prefix="de-", dir="/tmp"))
-    cluster = root / "cluster"
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     # A container of another pod, running before any claim: it starts on every CPU.
     bystander_pod = cri.run_pod("bystander")
@@ -45,7 +50,7 @@ def test_claimed_container_is_pinned_and_others_keep_off(fresh_containerd: Conta
         [
             sys.executable, "-m", "dra_cpu", "run",
             "--node-name", NODE,
-            "--standalone", str(cluster),
+            "--kubeconfig", str(apiserver.kubeconfig),
             "--enforcement", "nri",
             "--nri-socket", str(fresh_containerd.nri_socket),
             "--kubelet-root-dir", str(root / "kubelet"),
@@ -61,22 +66,32 @@ def test_claimed_container_is_pinned_and_others_keep_off(fresh_containerd: Conta
         kubelet = KubeletClient.register(registration)
         pod_uid = str(uuid.uuid4())
         claim_cpus = 1 if len(ONLINE) <= 2 else 2
-        uid = str(uuid.uuid4())
         obj = {
-            "metadata": {"name": "pinned", "namespace": "default", "uid": uid},
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceClaim",
+            "metadata": {"name": "pinned", "namespace": kube_namespace},
+            "spec": {"devices": {"requests": []}},
             "status": {
                 "allocation": {"devices": {"results": [result("cpu-numa0", cpus=claim_cpus) | {"pool": NODE}]}},
                 "reservedFor": [{"resource": "pods", "name": "app", "uid": pod_uid}],
             },
         }
-        path = cluster / "resourceclaims/default/pinned.yaml"
-        path.parent.mkdir(parents=True)
-        path.write_text(yaml.safe_dump(obj))
-        ref = ClaimRef("default", "pinned", uid)
+        ServerClaims(kubernetes.client.CustomObjectsApi(kube_api)).put(obj)
+        uid = obj["metadata"]["uid"]
+        ref = ClaimRef(kube_namespace, "pinned", uid)
+
+        # The node's pool is on the API server, as the scheduler would see it.
+        def published() -> bool:
+            slices = kubernetes.client.CustomObjectsApi(kube_api).list_cluster_custom_object(
+                "resource.k8s.io", "v1", "resourceslices", field_selector=f"spec.nodeName={NODE}"
+            )["items"]
+            return "cpu-numa0" in {d["name"] for s in slices for d in s["spec"]["devices"]}
+
+        eventually(published, "the node's ResourceSlices on the API server")
         response = kubelet.prepare([ref]).claims[uid]
         assert response.error == ""
         [cdi_id] = response.devices[0].cdi_device_ids
-        spec = yaml.safe_load(next(fresh_containerd.cdi_dir.glob(f"*{uid}.json")).read_text())
+        spec = json.loads(next(fresh_containerd.cdi_dir.glob(f"*{uid}.json")).read_text())
         granted = CPUSet.parse(
             next(e for e in spec["devices"][0]["containerEdits"]["env"] if e.startswith("DRA_CPUSET_")).split("=")[1]
         )
