@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.containerd, pytest.mark.root]
 
 
 def _cgroupv2(command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(CGROUPV2), command], capture_output=True, text=True, timeout=120)
+    return subprocess.run(["bash", str(CGROUPV2), command], capture_output=True, text=True, timeout=240)
 
 
 @pytest.fixture(scope="module")

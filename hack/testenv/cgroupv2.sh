@@ -168,8 +168,8 @@ enter() {
   while IFS='|' read -r point _; do retry 5 umount "$point"; done <"$STATE/mounts"
   local c
   for c in "${MOVE[@]}"; do
-    [[ " $(cat "$UNIFIED/cgroup.subtree_control") " == *" $c "* ]] || retry 30 write "$UNIFIED/cgroup.subtree_control" "+$c" ||
-      { echo "cgroupv2.sh: the kernel did not release $c from cgroup v1 within 30 s (dying cgroups)" >&2; exit 3; }
+    [[ " $(cat "$UNIFIED/cgroup.subtree_control") " == *" $c "* ]] || retry 90 write "$UNIFIED/cgroup.subtree_control" "+$c" ||
+      { echo "cgroupv2.sh: the kernel did not release $c from cgroup v1 within 90 s (dying cgroups)" >&2; exit 3; }
   done
   # A mount namespace of its own keeps cgroup2 on /sys/fs/cgroup (where runc and containerd look) away from the
   # host; a bind mount of its nsfs file keeps it alive between commands. The bind must sit on a private mount.
