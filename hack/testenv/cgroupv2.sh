@@ -15,10 +15,12 @@
 # the machine's own processes live in it.
 set -euo pipefail
 
-# CGROUPV2_CONTROLLERS and CGROUPV2_STATE exist for the script's own test (tests/test_cgroupv2_script.py).
+# CGROUPV2_CONTROLLERS, CGROUPV2_STATE and CGROUPV2_RELEASE_SECONDS exist for the script's own test (tests/test_cgroupv2_script.py).
 read -r -a MOVE <<<"${CGROUPV2_CONTROLLERS:-cpuset cpu}"
 UNIFIED=/sys/fs/cgroup/unified
 STATE=${CGROUPV2_STATE:-/run/dra-cpu-cgroupv2}
+# Cgroups of containers that exited lately stay dying for about a minute here, holding their controller in v1.
+RELEASE_SECONDS=${CGROUPV2_RELEASE_SECONDS:-90}
 # Empty child cgroups that may be removed: what containerd.sh (cgroup parents), podman and the cpuset benches and
 # demo leave behind when a run is killed.
 REMOVABLE=('kubepods-dra-cpu-*' 'libpod_parent' 'dra-cpu-*')
@@ -168,8 +170,8 @@ enter() {
   while IFS='|' read -r point _; do retry 5 umount "$point"; done <"$STATE/mounts"
   local c
   for c in "${MOVE[@]}"; do
-    [[ " $(cat "$UNIFIED/cgroup.subtree_control") " == *" $c "* ]] || retry 90 write "$UNIFIED/cgroup.subtree_control" "+$c" ||
-      { echo "cgroupv2.sh: the kernel did not release $c from cgroup v1 within 90 s (dying cgroups)" >&2; exit 3; }
+    [[ " $(cat "$UNIFIED/cgroup.subtree_control") " == *" $c "* ]] || retry "$RELEASE_SECONDS" write "$UNIFIED/cgroup.subtree_control" "+$c" ||
+      { echo "cgroupv2.sh: the kernel did not release $c from cgroup v1 within $RELEASE_SECONDS s (dying cgroups)" >&2; exit 3; }
   done
   # A mount namespace of its own keeps cgroup2 on /sys/fs/cgroup (where runc and containerd look) away from the
   # host; a bind mount of its nsfs file keeps it alive between commands. The bind must sit on a private mount.
