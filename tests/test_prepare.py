@@ -239,3 +239,22 @@ def test_empty_claim_fields_are_rejected_per_claim(node_factory: Any) -> None:
     node = node_factory()
     response = node.kubelet.prepare([ClaimRef("default", "", "u-1")])
     assert "empty name" in response.claims["u-1"].error
+
+
+def test_refused_registration_is_retried_with_a_new_socket(node_factory: Any) -> None:
+    from dra_cpu.kubelet.client import KubeletClient, KubeletError
+
+    node = node_factory()
+    node.plugin.retry_seconds = (0.1, 1.0)
+    socket = node.plugin.paths.registration_socket
+    # A new socket, as the kubelet's watcher sees one: created anew (the inode number may be reused).
+    first = socket.stat().st_ctime_ns
+    with pytest.raises(KubeletError):
+        KubeletClient.register(socket, accept=False).close()
+    assert not node.plugin.registered.is_set()
+    deadline = time.monotonic() + 10
+    while not socket.exists() or socket.stat().st_ctime_ns == first:
+        assert time.monotonic() < deadline, "no new registration socket after the refusal"
+        time.sleep(0.05)
+    KubeletClient.register(socket).close()
+    assert node.plugin.registered.is_set()

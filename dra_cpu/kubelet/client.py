@@ -44,6 +44,7 @@ class KubeletClient:
 
     @classmethod
     def register(cls, registration_socket: Path, timeout: float = 1.0, accept: bool = True) -> KubeletClient:
+        """GetInfo, then NotifyRegistrationStatus; `accept=False` refuses as a kubelet does when validation fails."""
         with grpc.insecure_channel(f"unix://{registration_socket}") as channel:
             stub = pluginregistration_v1_pb2_grpc.RegistrationStub(channel)
             try:
@@ -51,13 +52,12 @@ class KubeletClient:
             except grpc.RpcError as err:
                 raise KubeletError(f"GetInfo on {registration_socket} failed: {err.code().name}") from None
             service = next((s for s in info.supported_versions if s in KUBELET_SERVICES), None)
-            error = (
-                ""
-                if info.type == "DRAPlugin" and service
-                else f"unsupported plugin {info.type} {list(info.supported_versions)}"
-            )
+            if info.type != "DRAPlugin" or not service:
+                error = f"unsupported plugin {info.type} {list(info.supported_versions)}"
+            else:
+                error = "" if accept else "refused by this kubelet"
             stub.NotifyRegistrationStatus(
-                pluginregistration_v1_pb2.RegistrationStatus(plugin_registered=accept and not error, error=error),
+                pluginregistration_v1_pb2.RegistrationStatus(plugin_registered=not error, error=error),
                 timeout=5,
             )
         if error:

@@ -40,6 +40,8 @@ SUPPORTED_SERVICES = ("v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha1.DRAResource
 HEALTH_RESEND_SECONDS = 10.0
 # AF_UNIX paths are limited to 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
+# After a refusal the registration socket is made anew (the kubelet registers every new socket), with backoff.
+REGISTRATION_RETRY_SECONDS = (1.0, 60.0)
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,10 @@ def _refs(claims: Any) -> tuple[list[ClaimRef], dict[str, str]]:
 
 
 class RegistrationService(pluginregistration_v1_pb2_grpc.RegistrationServicer):
-    def __init__(self, paths: PluginPaths, registered: threading.Event) -> None:
+    def __init__(self, paths: PluginPaths, registered: threading.Event, status: Callable[[bool], None]) -> None:
         self.paths = paths
         self.registered = registered
+        self.status = status
 
     def GetInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pluginregistration_v1_pb2.PluginInfo(
@@ -123,10 +126,11 @@ class RegistrationService(pluginregistration_v1_pb2_grpc.RegistrationServicer):
         if request.plugin_registered:
             LOG.info("registered with the kubelet", extra={"driver": self.paths.driver})
             self.registered.set()
+            self.status(True)
         else:
-            # The kubelet retries registration with backoff on its own; say why it refused.
-            LOG.error("the kubelet refused registration", extra={"reason": request.error})
+            LOG.error("the kubelet refused registration; retrying", extra={"reason": request.error})
             self.registered.clear()
+            self.status(False)
         return pluginregistration_v1_pb2.RegistrationStatusResponse()
 
 
@@ -190,10 +194,14 @@ class KubeletPlugin:
     stop_event: threading.Event
     registered: threading.Event
     workers: int = 16
+    retry_seconds: tuple[float, float] = REGISTRATION_RETRY_SECONDS
 
     def __post_init__(self) -> None:
         self.health = HealthService(self.driver, self.stop_event)
         self._servers: list[grpc.Server] = []
+        self._registration: grpc.Server | None = None
+        self._refusals = 0
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         for path in (self.paths.dra_socket, self.paths.registration_socket):
@@ -211,17 +219,39 @@ class KubeletPlugin:
                 ),
             )
         )
-        registration = RegistrationService(self.paths, self.registered)
-        self._servers.append(
-            self._serve(
-                self.paths.registration_socket,
-                (lambda s: pluginregistration_v1_pb2_grpc.add_RegistrationServicer_to_server(registration, s),),
-            )
-        )
+        self._serve_registration()
         LOG.info(
             "kubelet plugin serving",
             extra={"dra": str(self.paths.dra_socket), "registration": str(self.paths.registration_socket)},
         )
+
+    def _serve_registration(self) -> None:
+        registration = RegistrationService(self.paths, self.registered, self._registration_status)
+        self._registration = self._serve(
+            self.paths.registration_socket,
+            (lambda s: pluginregistration_v1_pb2_grpc.add_RegistrationServicer_to_server(registration, s),),
+        )
+
+    def _registration_status(self, registered: bool) -> None:
+        with self._lock:
+            if registered:
+                self._refusals = 0
+                return
+            self._refusals += 1
+            low, high = self.retry_seconds
+            delay = min(high, low * 2 ** (self._refusals - 1))
+        # Not from inside the refusing call: that runs on the server being replaced.
+        timer = threading.Timer(delay, self._reregister)
+        timer.daemon = True
+        timer.start()
+
+    def _reregister(self) -> None:
+        with self._lock:
+            if self.stop_event.is_set() or self.registered.is_set() or self._registration is None:
+                return
+            self._registration.stop(grace=1).wait()
+            self._serve_registration()
+        LOG.info("registration socket made anew for the kubelet", extra={"socket": str(self.paths.registration_socket)})
 
     def _serve(self, socket: Path, register: tuple[Callable[[grpc.Server], None], ...]) -> grpc.Server:
         try:
@@ -242,6 +272,9 @@ class KubeletPlugin:
         # Removing the registration socket is how the kubelet learns the plugin is gone.
         self.paths.registration_socket.unlink(missing_ok=True)
         self.health.notify()
-        for server in reversed(self._servers):
+        with self._lock:
+            servers = [*self._servers, *([self._registration] if self._registration else [])]
+            self._registration = None
+        for server in reversed(servers):
             server.stop(grace=2).wait()
         self.paths.dra_socket.unlink(missing_ok=True)
