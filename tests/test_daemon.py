@@ -134,3 +134,42 @@ def test_wrong_kubeconfig_is_one_clear_line(root: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hugepage_reservation_change_is_republished(root: Path) -> None:
+    """Hugepage reservations send no uevent: the daemon's poll re-reads sysfs and republishes."""
+    sysfs = root / "sysfs"
+    shutil.copytree(FIXTURES / "dual-socket-smt2", sysfs)
+    nr = sysfs / "sys/devices/system/node/node1/hugepages/hugepages-2048kB/nr_hugepages"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "dra_cpu", "run",
+            "--node-name", "node-a",
+            "--standalone", str(root / "cluster"),
+            "--enforcement", "none",
+            "--sysfs-root", str(sysfs),
+            "--kubelet-root-dir", str(root / "kubelet"),
+            "--cdi-root", str(root / "cdi"),
+            "--state-dir", str(root / "state"),
+            "--metrics-address", "127.0.0.1:0",
+            "--hugepage-poll-seconds", "0.3",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+    def capacity() -> str | None:
+        for path in (root / "cluster/resourceslices").glob("*.yaml"):
+            for device in yaml.safe_load(path.read_text())["spec"]["devices"]:
+                if device["name"] == "hugepages-2mi-numa1":
+                    return str(device["capacity"]["dra.cpu/memory"]["value"])
+        return None
+
+    try:
+        _wait(lambda: capacity() == "64Mi", "the first publish")
+        nr.write_text("48\n")
+        _wait(lambda: capacity() == "96Mi", "the new reservation on the slice")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
