@@ -67,7 +67,6 @@ class Daemon:
     def __post_init__(self) -> None:
         self.registry = CollectorRegistry()
         self.metrics = observe.OperationMetrics(self.registry)
-        self._threads: list[threading.Thread] = []
         self.plugin: KubeletPlugin | None = None
         self.nri: NriPlugin | None = None
         # An error in a start-up thread, raised again by run() so that the command exits 2 naming it.
@@ -158,9 +157,7 @@ class Daemon:
                 self.stop.set()
 
     def _spawn(self, name: str, target: Callable[..., object], *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
     def _install_signals(self) -> None:
         if threading.current_thread() is threading.main_thread():
