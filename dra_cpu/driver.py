@@ -152,7 +152,7 @@ class Driver:
                     memory_capacity=self.config.memory_capacity,
                     min_shared_cpus=self.min_shared_cpus,
                 )
-                if claim.uid in self.state.claims:
+                if self.state.claims.get(claim.uid) == claim:
                     # A repeat (kubelet retry or restart): same CPUs; the spec may be gone after a reboot.
                     self.cdi_store.write(claim.uid, self._spec(claim))
                     log.info("already prepared", extra={"cpus": str(claim.cpus)})

@@ -142,7 +142,7 @@ def decide(
     """The grant for `request`, or ClaimError with a reason a person can act on. Idempotent per claim uid."""
     existing = state.claims.get(request.ref.uid)
     if existing is not None:
-        return existing
+        return existing if all(d.device for d in existing.devices) else _named(existing, request, devices)
     taken = state.allocated_cpus
     prepared: list[PreparedDevice] = []
     for result in request.results:
@@ -170,6 +170,30 @@ def decide(
             f"({shared or 'none'}); at least {min_shared_cpus} must stay for containers without claims"
         )
     return claim
+
+
+def _named(claim: PreparedClaim, request: ClaimRequest, devices: Mapping[str, Device]) -> PreparedClaim:
+    """A claim rebuilt from its CDI spec knows its CPUs and pages but not which device holds them: the kubelet's
+    repeated prepare names the devices again, and the grant stays exactly what it was."""
+    named = []
+    for result in request.results:
+        device = devices.get(result.device)
+        base = PreparedDevice((result.base_request,), result.pool, result.device, result.share_id)
+        if device is None:
+            named.append(base)
+        elif device.type is DeviceType.HUGEPAGES:
+            grant = next(
+                (
+                    h
+                    for h in claim.hugepages
+                    if (h.numa_node, h.page_size_kib) == (device.numa_node, device.page_size_kib)
+                ),
+                None,
+            )
+            named.append(replace(base, hugepages=grant))
+        else:
+            named.append(replace(base, cpus=claim.cpus & device.cpus))
+    return PreparedClaim(claim.ref, tuple(named), request.pod_uids)
 
 
 def _cpus(

@@ -80,9 +80,12 @@ def test_corrupt_checkpoint_is_rebuilt_from_cdi_specs(tmp_path: Path, caplog: py
     assert list((tmp_path / "state").glob("checkpoint.json.corrupt-*")), "the bad file is kept for a person"
     reloaded = CheckpointFile(tmp_path / "state").load()
     assert reloaded is not None and set(reloaded.state.claims) == {"uid-a", "uid-b"}
-    # A kubelet retry of the prepare gets the same CPUs and the full device record back.
+    # A kubelet retry of the prepare gets the same CPUs and the full device record back, and it is kept.
     again = driver.prepare([ClaimRef("default", "uid-a", "uid-a")])["uid-a"]
     assert again.claim is not None and again.claim.cpus == a
+    assert [(d.device, d.pool, d.request_names) for d in again.claim.devices] == [("cpu-numa0", "node-a", ("cpus",))]
+    saved = CheckpointFile(tmp_path / "state").load()
+    assert saved is not None and saved.state.claims["uid-a"].devices[0].device == "cpu-numa0"
 
 
 def test_reboot_rewrites_cdi_specs(tmp_path: Path) -> None:
