@@ -75,7 +75,8 @@ def read_topology(root: str | Path = "/") -> Topology:
         raise SysfsError(f"{reader.path('sys/devices/system/cpu')} does not exist: is --sysfs-root right?")
     nodes = _read_nodes(reader)
     cpu_to_node = {cpu: node.id for node in nodes for cpu in node.cpus}
-    cpus = _read_cpus(reader, cpu_to_node)
+    l3_sizes: dict[int, int] = {}
+    cpus = _read_cpus(reader, cpu_to_node, l3_sizes)
     smt = reader.int("sys/devices/system/cpu/smt/active")
     topology = Topology(
         cpus=cpus,
@@ -83,6 +84,7 @@ def read_topology(root: str | Path = "/") -> Topology:
         hugepages=_read_hugepages(reader, "sys/kernel/mm/hugepages", "nr_hugepages"),
         cpu_model=_cpu_model(reader),
         smt_active=bool(smt) if smt is not None else any(len(c.thread_siblings) > 1 for c in cpus),
+        l3_cache_bytes=tuple(sorted(l3_sizes.items())),
     )
     return topology
 
@@ -98,7 +100,8 @@ def _present_cpus(reader: _Reader) -> CPUSet:
     )
 
 
-def _read_cpus(reader: _Reader, cpu_to_node: dict[int, int]) -> tuple[Cpu, ...]:
+def _read_cpus(reader: _Reader, cpu_to_node: dict[int, int], l3_sizes: dict[int, int]) -> tuple[Cpu, ...]:
+    """The CPUs; `l3_sizes` collects each L3 cache's size, read once per cache."""
     base = "sys/devices/system/cpu"
     online = reader.cpuset(f"{base}/online")
     isolated = reader.cpuset(f"{base}/isolated") or CPUSet()
@@ -112,7 +115,7 @@ def _read_cpus(reader: _Reader, cpu_to_node: dict[int, int]) -> tuple[Cpu, ...]:
             cpus.append(Cpu(id=cpu_id, online=False, numa_node=cpu_to_node.get(cpu_id), isolated=cpu_id in isolated))
             continue
         siblings = reader.cpuset(f"{d}/topology/thread_siblings_list") or reader.cpuset(f"{d}/topology/core_cpus_list")
-        l2, l3 = _cache_ids(reader, d)
+        l2, l3 = _cache_ids(reader, d, l3_sizes)
         cpus.append(
             Cpu(
                 id=cpu_id,
@@ -153,7 +156,7 @@ def _cpu_node(reader: _Reader, cpu_dir: str, cpu_id: int, cpu_to_node: dict[int,
     return cpu_to_node.get(cpu_id)
 
 
-def _cache_ids(reader: _Reader, cpu_dir: str) -> tuple[int | None, int | None]:
+def _cache_ids(reader: _Reader, cpu_dir: str, l3_sizes: dict[int, int]) -> tuple[int | None, int | None]:
     ids: dict[int, int] = {}
     cache_dir = f"{cpu_dir}/cache"
     for name in sorted(reader.listdir(cache_dir)):
@@ -170,7 +173,18 @@ def _cache_ids(reader: _Reader, cpu_dir: str) -> tuple[int | None, int | None]:
                 continue
             cache_id = shared.first()
         ids[level] = cache_id
+        if level == 3 and cache_id not in l3_sizes:
+            l3_sizes[cache_id] = _cache_size(reader, f"{cache_dir}/{name}/size")
     return ids.get(2), ids.get(3)
+
+
+def _cache_size(reader: _Reader, rel: str) -> int:
+    """Bytes from the kernel's `16384K`; 0 where the file is missing."""
+    content = (reader.text(rel) or "0").strip()
+    number, unit = (content[:-1], 1024) if content.endswith("K") else (content, 1)
+    if not number.isdigit():
+        raise SysfsError(f"{reader.path(rel)}: expected a size such as 16384K, found {content!r}")
+    return int(number) * unit
 
 
 def _core_types(reader: _Reader) -> dict[int, str]:

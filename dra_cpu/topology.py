@@ -81,6 +81,8 @@ class Topology:
     hugepages: tuple[HugePagePool, ...] = ()
     smt_active: bool = False
     cpu_model: str = ""
+    # L3 cache id -> size in bytes.
+    l3_cache_bytes: tuple[tuple[int, int], ...] = ()
     _by_id: Mapping[int, Cpu] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +112,11 @@ class Topology:
     @property
     def isolated_cpus(self) -> CPUSet:
         return CPUSet.of(c.id for c in self.cpus if c.isolated)
+
+    @property
+    def l3_total_bytes(self) -> int:
+        """Every L3 cache of the machine together (0 without an L3)."""
+        return sum(size for _, size in self.l3_cache_bytes)
 
     @property
     def sockets(self) -> list[int]:

@@ -17,7 +17,6 @@ from dra_cpu.bench.numa import (
     parse_mems_allowed,
     parse_size,
     plan_pairs,
-    read_llc_bytes,
     read_node_free_bytes,
 )
 from dra_cpu.cpuset import CPUSet
@@ -77,7 +76,7 @@ def test_plan_includes_memory_only_nodes_as_memory_but_not_as_cpus() -> None:
 
 def test_llc_and_free_memory_from_a_recorded_sysfs() -> None:
     root = SYSFS / "dual-socket-smt2"
-    assert read_llc_bytes(root) == 2 * 16 * MIB  # one 16 MiB L3 per socket, counted once each
+    assert read_topology(root).l3_total_bytes == 2 * 16 * MIB  # one 16 MiB L3 per socket, counted once each
     assert read_node_free_bytes(root, 1, hugepages=False) == 403196 * 1024
     free_huge = int((root / "sys/devices/system/node/node0/hugepages/hugepages-2048kB/free_hugepages").read_text())
     assert read_node_free_bytes(root, 0, hugepages=True) == free_huge * 2 * MIB

@@ -96,24 +96,6 @@ def round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
-def parse_cache_size(text: str) -> int:
-    """sysfs cache `size`: `516096K` (the kernel writes K)."""
-    return parse_size(text, "cache size")
-
-
-def read_llc_bytes(root: Path) -> int:
-    """The sum of every distinct L3 cache on the machine (0 without an L3)."""
-    seen: dict[str, int] = {}
-    for index in (root / "sys/devices/system/cpu").glob("cpu[0-9]*/cache/index[0-9]*"):
-        try:
-            if (index / "level").read_text().strip() != "3":
-                continue
-            seen[(index / "shared_cpu_list").read_text().strip()] = parse_cache_size((index / "size").read_text())
-        except FileNotFoundError:
-            continue
-    return sum(seen.values())
-
-
 def read_node_free_bytes(root: Path, node: int, hugepages: bool) -> int:
     node_dir = root / f"sys/devices/system/node/node{node}"
     if hugepages:
@@ -286,7 +268,7 @@ def run_numa_bench(options: NumaOptions, progress: Progress) -> NumaReport:
     memory_nodes = sorted({p.memory_node for p in pairs})
     free = {m: read_node_free_bytes(root, m, options.hugepages) for m in memory_nodes}
     notes: list[str] = []
-    llc = read_llc_bytes(root)
+    llc = topology.l3_total_bytes
     if options.size_bytes is not None:
         array_bytes = options.size_bytes
     else:
