@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from dra_cpu.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
 from dra_cpu.fileio import write_atomic
 from dra_cpu.state import HugePageGrant, PreparedClaim, PreparedDevice
-from dra_cpu.topology import page_size_quantity
 
 CDI_VERSION = "0.5.0"
 CDI_CLASS = "cpu"
@@ -81,13 +80,14 @@ def build_spec(
     }
 
 
-def hugepage_limits(grants: tuple[HugePageGrant, ...]) -> dict[str, int]:
-    """Page size ("2Mi") -> bytes, summed over nodes: the container's hugetlb limit per page size."""
-    limits: dict[str, int] = {}
-    for grant in grants:
-        key = page_size_quantity(grant.page_size_kib)
-        limits[key] = limits.get(key, 0) + grant.bytes
-    return limits
+def claimed_cpusets(env: Iterable[str]) -> dict[str, str]:
+    """Claim uid -> the raw value of each DRA_CPUSET_<uid> in a container's env ("NAME=value" items)."""
+    claims = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if sep and key.startswith(ENV_CPUSET) and len(key) > len(ENV_CPUSET):
+            claims[key[len(ENV_CPUSET) :]] = value
+    return claims
 
 
 def claim_from_env(env: Mapping[str, str], uid: str, pool: str) -> PreparedClaim:

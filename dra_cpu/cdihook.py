@@ -64,11 +64,8 @@ def decide(env: Sequence[str], pod_uid: str, specs: Mapping[str, Mapping[str, st
     """Pure: the container's env and the driver's spec env per claim uid -> what to pin, and why entries were
     refused. `specs[uid]` is None when the driver has no spec for that claim."""
     cpus, mems, claims, refused = CPUSet(), CPUSet(), [], []
-    for item in env:
-        key, _, value = item.partition("=")
-        if not key.startswith(cdi.ENV_CPUSET) or len(key) == len(cdi.ENV_CPUSET):
-            continue
-        uid = key[len(cdi.ENV_CPUSET) :]
+    for uid, value in cdi.claimed_cpusets(env).items():
+        key = f"{cdi.ENV_CPUSET}{uid}"
         spec = specs.get(uid)
         pods = spec.get(f"{cdi.ENV_PODS}{uid}", "").split(",") if spec else []
         if spec is None:
@@ -107,8 +104,8 @@ def run(cdi_dir: Path, driver: str, stdin: TextIO) -> Grant:
     annotations = {**config.get("annotations", {}), **(state.get("annotations") or {})}
     pod_uid = next((str(annotations[a]) for a in POD_UID_ANNOTATIONS if a in annotations), "")
     store = CDIStore(cdi_dir, driver)
-    uids = {e.partition("=")[0][len(cdi.ENV_CPUSET) :] for e in env if e.startswith(cdi.ENV_CPUSET)}
-    grant, refused = decide(env, pod_uid, {uid: _spec_env(store, uid) for uid in uids if uid})
+    specs = {uid: _spec_env(store, uid) for uid in cdi.claimed_cpusets(env)}
+    grant, refused = decide(env, pod_uid, specs)
     for reason in refused:
         LOG.warning(
             "container env names a claim it is not entitled to", extra={"container": state.get("id"), "reason": reason}

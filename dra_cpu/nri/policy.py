@@ -33,12 +33,7 @@ class ContainerInfo:
 
 
 def container_info(container_id: str, name: str, pod_uid: str, pod: str, env: Iterable[str]) -> ContainerInfo:
-    claims = {}
-    for item in env:
-        key, sep, value = item.partition("=")
-        if sep and key.startswith(cdi.ENV_CPUSET) and len(key) > len(cdi.ENV_CPUSET):
-            claims[key[len(cdi.ENV_CPUSET) :]] = value
-    return ContainerInfo(container_id, name, pod_uid, pod, claims)
+    return ContainerInfo(container_id, name, pod_uid, pod, cdi.claimed_cpusets(env))
 
 
 @dataclass(frozen=True)
