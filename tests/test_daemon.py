@@ -8,12 +8,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -21,6 +19,7 @@ import yaml
 from dra_cpu.claims import ClaimRef
 from dra_cpu.kubelet.client import KubeletClient
 from tests.kubelet_node import FIXTURES, result
+from tests.waiting import eventually
 
 
 def _free_port() -> int:
@@ -35,13 +34,6 @@ def _get(url: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
-
-
-def _wait(check: Any, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -75,12 +67,12 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
     proc = _run(root, port, "--log-format", "json")
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     try:
-        _wait(registration.exists, "the registration socket")
-        _wait(lambda: any((root / "cluster/resourceslices").glob("*.yaml")), "the slices")
+        eventually(registration.exists, "the registration socket")
+        eventually(lambda: any((root / "cluster/resourceslices").glob("*.yaml")), "the slices")
         status, body = _get(f"http://127.0.0.1:{port}/readyz")
         assert status == 503 and "not registered with the kubelet" in body
         kubelet = KubeletClient.register(registration)
-        _wait(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, "readiness")
+        eventually(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, "readiness")
         assert _get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
 
         claim = {
@@ -166,9 +158,9 @@ def test_hugepage_reservation_change_is_republished(root: Path) -> None:
         return None
 
     try:
-        _wait(lambda: capacity() == "64Mi", "the first publish")
+        eventually(lambda: capacity() == "64Mi", "the first publish")
         nr.write_text("48\n")
-        _wait(lambda: capacity() == "96Mi", "the new reservation on the slice")
+        eventually(lambda: capacity() == "96Mi", "the new reservation on the slice")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)

@@ -10,9 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +23,10 @@ from dra_cpu.kubelet.client import KubeletClient
 from tests.kubelet_node import result
 from tests.test_prepare_apiserver import ServerClaims
 from tests.testenv_apiserver import ApiServer
+from tests.waiting import eventually
 
 ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
 NODE = "node-e2e"
-
-
-def eventually(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_claimed_container_is_pinned_and_others_keep_off(

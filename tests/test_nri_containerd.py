@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,20 +31,10 @@ from dra_cpu.errors import DraCpuError
 from dra_cpu.kube.standalone import StandaloneAPI
 from dra_cpu.nri.plugin import NriConfig, NriPlugin
 from dra_cpu.sysfs import read_topology
+from tests.waiting import eventually
 
 NODE = "node-nri"
 ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
-
-
-def eventually(check: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        last = check()
-        if last is True:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still {last!r} after {timeout}s")
-        time.sleep(0.05)
 
 
 @dataclass
