@@ -22,7 +22,8 @@ def page_size_quantity(size_kib: int) -> str:
 class HugePagePool:
     size_kib: int
     total: int
-    free: int
+    # Pages in use come and go with the workloads: not a change of the topology (nothing to republish).
+    free: int = field(compare=False)
 
     @property
     def quantity(self) -> str:
