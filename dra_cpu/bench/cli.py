@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dra_cpu.cli import add_sysfs_root
 from dra_cpu.cpuset import parse_field
 from dra_cpu.errors import DraCpuError
 
@@ -36,7 +37,7 @@ def add_bench_parser(subparsers: Any) -> None:
     numa.add_argument("--iterations", type=int, help="runs per figure; the best bandwidth is kept (default 5)")
     numa.add_argument("--latency-steps", type=int, help="dependent loads per latency run (default 1000000)")
     numa.add_argument("--hugepages", action="store_true", help="use 2 MiB hugepages (from the memory node's pool)")
-    numa.add_argument("--sysfs-root", default="/", metavar="DIR", help="read the topology from DIR/sys (default /)")
+    add_sysfs_root(numa)
     _common(numa)
     numa.set_defaults(handler=cmd_bench_numa)
 
