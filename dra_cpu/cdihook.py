@@ -1,4 +1,4 @@
-"""`dra-cpu cdi-hook`: the createRuntime hook of `--enforcement cdi-hook`, for runtimes without NRI.
+"""The createRuntime hook of `--enforcement cdi-hook` (`dra-cpu cdi-hook`), for runtimes without NRI.
 
 The claim's CDI spec adds this hook; the runtime runs it on the host after it created the container's cgroup and
 before the container's process starts, with the OCI state (pid, bundle, annotations) on stdin. It reads the
@@ -12,20 +12,20 @@ later resource update of the runtime. Prefer NRI wherever the runtime has it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from dra_cpu import cdi
-from dra_cpu.cdi import CDIError, CDIStore
-from dra_cpu.cgroups import CgroupError, cpuset_dir_of_pid, write_cpuset
-from dra_cpu.cpuset import CPUSet
+from dra_cpu.core import cdi_spec
+from dra_cpu.core.cdi_spec import CDIError
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.entitlement import Entitlement, refusal
 from dra_cpu.errors import DraCpuError
+from dra_cpu.node.cgroups import cpuset_dir_of_pid, write_cpuset
+from dra_cpu.store.cdi_files import CDIStore
 
 LOG = logging.getLogger("dra_cpu.cdihook")
 DEFAULT_CDI_DIR = Path("/var/run/cdi")
@@ -64,21 +64,30 @@ def decide(env: Sequence[str], pod_uid: str, specs: Mapping[str, Mapping[str, st
     """Pure: the container's env and the driver's spec env per claim uid -> what to pin, and why entries were
     refused. `specs[uid]` is None when the driver has no spec for that claim."""
     cpus, mems, claims, refused = CPUSet(), CPUSet(), [], []
-    for uid, value in cdi.claimed_cpusets(env).items():
-        key = f"{cdi.ENV_CPUSET}{uid}"
-        spec = specs.get(uid)
-        pods = spec.get(f"{cdi.ENV_PODS}{uid}", "").split(",") if spec else []
-        if spec is None:
-            refused.append(f"claim {uid}: the driver has no CDI spec for it")
-        elif spec.get(key) != value:
-            refused.append(f"claim {uid}: cpuset {value!r} is not the prepared one ({spec.get(key)!r})")
-        elif pod_uid and pod_uid not in pods:
-            refused.append(f"claim {uid}: pod {pod_uid} is not among its reservedFor pods ({','.join(pods)})")
+    for uid, value in cdi_spec.claimed_cpusets(env).items():
+        prepared = _entitlement(uid, specs.get(uid))
+        reason = refusal(value, pod_uid, prepared)
+        if reason or prepared is None:
+            refused.append(f"claim {uid}: {reason}")
         else:
-            cpus |= CPUSet.parse(value)
-            mems |= CPUSet.parse(spec.get(f"{cdi.ENV_MEMS}{uid}", ""))
+            cpus |= prepared.cpus
+            mems |= prepared.mems
             claims.append(uid)
     return Grant(cpus, mems, tuple(claims)), refused
+
+
+def _entitlement(uid: str, spec: Mapping[str, str] | None) -> Entitlement | None:
+    """What the driver's spec says it prepared for the claim; None without a readable spec."""
+    if spec is None:
+        return None
+    try:
+        return Entitlement(
+            CPUSet.parse(spec.get(f"{cdi_spec.ENV_CPUSET}{uid}", "")),
+            CPUSet.parse(spec.get(f"{cdi_spec.ENV_MEMS}{uid}", "")),
+            tuple(filter(None, spec.get(f"{cdi_spec.ENV_PODS}{uid}", "").split(","))),
+        )
+    except DraCpuError:
+        return None
 
 
 def _load_json(source: TextIO | Path, what: str) -> Any:
@@ -90,12 +99,12 @@ def _load_json(source: TextIO | Path, what: str) -> Any:
 
 def _spec_env(store: CDIStore, uid: str) -> dict[str, str] | None:
     try:
-        return cdi.env_of_spec(store.read(uid))
+        return cdi_spec.env_of_spec(store.read(uid))
     except CDIError:
         return None
 
 
-def run(cdi_dir: Path, driver: str, stdin: TextIO) -> Grant:
+def run_hook(cdi_dir: Path, driver: str, stdin: TextIO) -> Grant:
     state = _load_json(stdin, "OCI state on stdin")
     if not isinstance(state, dict) or not isinstance(state.get("pid"), int) or not state.get("bundle"):
         raise DraCpuError(f"the OCI state on stdin has no pid and bundle: {str(state)[:200]!r}")
@@ -104,7 +113,7 @@ def run(cdi_dir: Path, driver: str, stdin: TextIO) -> Grant:
     annotations = {**config.get("annotations", {}), **(state.get("annotations") or {})}
     pod_uid = next((str(annotations[a]) for a in POD_UID_ANNOTATIONS if a in annotations), "")
     store = CDIStore(cdi_dir, driver)
-    specs = {uid: _spec_env(store, uid) for uid in cdi.claimed_cpusets(env)}
+    specs = {uid: _spec_env(store, uid) for uid in cdi_spec.claimed_cpusets(env)}
     grant, refused = decide(env, pod_uid, specs)
     for reason in refused:
         LOG.warning(
@@ -124,32 +133,3 @@ def run(cdi_dir: Path, driver: str, stdin: TextIO) -> Grant:
             },
         )
     return grant
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cdi-dir", type=Path, default=DEFAULT_CDI_DIR, help="the driver's CDI spec folder")
-    parser.add_argument("--driver", default="dra.cpu", help="the DRA driver name")
-
-
-def run_hook(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
-    """0 when done (pinned, or nothing to pin); 1 when a claimed container could not be pinned, which makes the
-    runtime fail the container rather than run it unpinned."""
-    try:
-        run(args.cdi_dir, args.driver, stdin)
-    except (CgroupError, DraCpuError) as err:
-        LOG.error("cdi-hook failed", extra={"reason": str(err)})
-        return 1
-    return 0
-
-
-def main(argv: Sequence[str], stdin: TextIO = sys.stdin) -> int:
-    parser = argparse.ArgumentParser(prog="dra-cpu cdi-hook", description="OCI createRuntime hook: pin to claims")
-    add_arguments(parser)
-    return run_hook(parser.parse_args(argv), stdin)
-
-
-if __name__ == "__main__":
-    from dra_cpu import logs
-
-    logs.setup()
-    sys.exit(main(sys.argv[1:]))

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dra_cpu.cpuset import CPUSet, parse_field
-from dra_cpu.devices import DeviceConfig, DeviceMode
+from dra_cpu.core.cpuset import CPUSet, parse_field
+from dra_cpu.core.devices import DeviceConfig, DeviceMode
 from dra_cpu.errors import DraCpuError
-from dra_cpu.fileio import read_yaml
+from dra_cpu.store.fileio import read_yaml
 
 ENFORCEMENTS = ("nri", "cdi-hook", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")

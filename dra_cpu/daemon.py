@@ -20,20 +20,22 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from dra_cpu import cdihook, observe
-from dra_cpu.cdi import CDIStore
-from dra_cpu.checkpoint import CheckpointFile
 from dra_cpu.config import Config
-from dra_cpu.devices import Device, allocatable_cpus, build_devices
+from dra_cpu.core.devices import Device, allocatable_cpus, build_devices
+from dra_cpu.core.topology import Topology
 from dra_cpu.driver import Driver
 from dra_cpu.errors import DraCpuError
-from dra_cpu.fileio import boot_id
 from dra_cpu.kube.api import ClusterAPI
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.kube.standalone import StandaloneAPI
-from dra_cpu.kubelet.plugin import KubeletPlugin, PluginPaths
-from dra_cpu.nri.plugin import NriConfig, NriPlugin
-from dra_cpu.sysfs import read_topology
-from dra_cpu.topology import Topology
+from dra_cpu.kubelet.plugin import KubeletPlugin
+from dra_cpu.kubelet.registration import PluginPaths
+from dra_cpu.node.sysfs import read_topology
+from dra_cpu.node.watch import topology_events
+from dra_cpu.nri.enforcer import NriConfig, NriCounters, NriEnforcer
+from dra_cpu.store.cdi_files import CDIStore
+from dra_cpu.store.checkpoint import CheckpointFile
+from dra_cpu.store.fileio import boot_id
 
 LOG = logging.getLogger("dra_cpu.daemon")
 
@@ -41,6 +43,7 @@ LOG = logging.getLogger("dra_cpu.daemon")
 def connect_cluster(config: Config) -> ClusterAPI:
     if config.standalone:
         return StandaloneAPI(Path(config.standalone))
+    # The kubernetes client takes about a second to import; a standalone node never needs it.
     from dra_cpu.kube.apiserver import connect
 
     return connect(config.kubeconfig or None)
@@ -68,7 +71,7 @@ class Daemon:
         self.registry = CollectorRegistry()
         self.metrics = observe.OperationMetrics(self.registry)
         self.plugin: KubeletPlugin | None = None
-        self.nri: NriPlugin | None = None
+        self.nri: NriEnforcer | None = None
         # An error in a start-up thread, raised again by run() so that the command exits 2 naming it.
         self._fatal: DraCpuError | None = None
 
@@ -123,10 +126,10 @@ class Daemon:
             raise self._fatal
         return 0
 
-    def _start_enforcement(self, config: Config) -> NriPlugin | None:
+    def _start_enforcement(self, config: Config) -> NriEnforcer | None:
         if config.enforcement != "nri":
             return None
-        nri = NriPlugin(
+        nri = NriEnforcer(
             NriConfig(
                 socket=Path(config.nri_socket),
                 plugin_index=config.nri_plugin_index,
@@ -186,6 +189,7 @@ class Daemon:
     def _view(self) -> observe.View:
         driver = self.driver
         state, topology = driver.state, driver.topology
+        nri = self.nri.counters if self.nri is not None else NriCounters()
         return observe.View(
             topology=topology,
             claims=tuple(state.claims.values()),
@@ -197,12 +201,12 @@ class Daemon:
                 (
                     "dra_cpu_forged_env",
                     "containers whose claim env was not theirs",
-                    float(self._nri_count("forged_env_total")),
+                    float(nri.forged_env),
                 ),
                 (
                     "dra_cpu_nri_update_failures",
                     "failed NRI container updates",
-                    float(self._nri_count("update_failures_total")),
+                    float(nri.update_failures),
                 ),
                 ("dra_cpu_slice_writes", "ResourceSlice writes", float(self.publisher.writes)),
                 ("dra_cpu_slice_publish_errors", "failed ResourceSlice writes", float(self.publisher.errors)),
@@ -214,14 +218,9 @@ class Daemon:
             ),
         )
 
-    def _nri_count(self, name: str) -> int:
-        return int(getattr(self.nri, name)) if self.nri is not None else 0
-
     def _watch_topology(self) -> None:
         """Re-discover on cpu/node/memory uevents, and every hugepagePollSeconds (hugepage reservations send no
         uevent, and a pod without hostNetwork receives none at all)."""
-        from dra_cpu.watch import topology_events
-
         try:
             events = topology_events(timeout=self.config.hugepage_poll_seconds)
         except OSError as err:

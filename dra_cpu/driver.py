@@ -15,17 +15,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dra_cpu import cdi
-from dra_cpu.allocator import AllocationPolicy
-from dra_cpu.cdi import CDIError, CDIStore
-from dra_cpu.checkpoint import Checkpoint, CheckpointError, CheckpointFile
-from dra_cpu.claims import ClaimRef, parse_claim
-from dra_cpu.devices import Device, DeviceConfig, device_index
+from dra_cpu.core import cdi_spec
+from dra_cpu.core.allocator import AllocationPolicy
+from dra_cpu.core.cdi_spec import CDIError
+from dra_cpu.core.claims import ClaimRef, parse_claim
+from dra_cpu.core.devices import Device, DeviceConfig, device_index
+from dra_cpu.core.state import PreparedClaim, State, decide
+from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kube.api import ClusterAPI, NotFound
 from dra_cpu.logs import OperationLog, operation
-from dra_cpu.state import PreparedClaim, State, decide
-from dra_cpu.topology import Topology
+from dra_cpu.store.cdi_files import CDIStore
+from dra_cpu.store.checkpoint import Checkpoint, CheckpointError, CheckpointFile
 
 LOG = logging.getLogger("dra_cpu.driver")
 
@@ -98,8 +99,8 @@ class Driver:
         claims = {}
         for uid in self.cdi_store.uids():
             try:
-                env = cdi.env_of_spec(self.cdi_store.read(uid))
-                claims[uid] = cdi.claim_from_env(env, uid, self.config.node_name)
+                env = cdi_spec.env_of_spec(self.cdi_store.read(uid))
+                claims[uid] = cdi_spec.claim_from_env(env, uid, self.config.node_name)
             except CDIError as err:
                 log.error("CDI spec unreadable: its claim is not restored", extra={"claimUID": uid, "reason": str(err)})
         return State(claims)
@@ -113,7 +114,7 @@ class Driver:
             self.cdi_store.remove(uid)
 
     def _spec(self, claim: PreparedClaim) -> dict[str, object]:
-        return cdi.build_spec(self.config.driver_name, claim, claim.mems(self.topology), self.cdi_hooks)
+        return cdi_spec.build_spec(self.config.driver_name, claim, claim.mems(self.topology), self.cdi_hooks)
 
     # --- topology -------------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from dra_cpu.cpuset import CPUSet
+from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
 
 LOG = logging.getLogger("dra_cpu.observe")

@@ -6,25 +6,24 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures"
-SYSFS_FIXTURES = sorted(p.name for p in (FIXTURES / "sysfs").iterdir() if p.is_dir())
+from tests.support.paths import SYSFS, SYSFS_FIXTURES
 
 pytest_plugins: list[str] = [
-    "testenv_containerd",
-    "testenv_podman",
-    "testenv_apiserver",
-    "kubelet_node",
-    "testenv_helm",
+    "tests.support.testenv_containerd",
+    "tests.support.testenv_podman",
+    "tests.support.testenv_apiserver",
+    "tests.support.kubelet_node",
+    "tests.support.testenv_helm",
 ]
 
 
 @pytest.fixture(params=SYSFS_FIXTURES)
 def sysfs_fixture(request: pytest.FixtureRequest) -> Path:
     """Each real-kernel sysfs capture under tests/fixtures/sysfs."""
-    return FIXTURES / "sysfs" / str(request.param)
+    return SYSFS / str(request.param)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The cgroup v2 tests move the cpuset and cpu controllers, which the kernel releases only once no cgroup of
     # theirs is left, dying ones included: containers that exited minutes earlier (the podman tests) still hold them.
-    items.sort(key=lambda item: item.path.name != "test_nri_cgroupv2.py")
+    items.sort(key=lambda item: item.path.name != "test_cgroupv2.py")

@@ -5,18 +5,18 @@ from __future__ import annotations
 import ast
 import json
 import logging
-from pathlib import Path
 
 import pytest
 
 from dra_cpu.logs import JSONFormatter, KeyValueFormatter, operation
+from tests.support.paths import REPO
 
 RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
 def test_no_log_call_uses_a_reserved_field() -> None:
     offenders = []
-    for path in Path(__file__).parents[1].joinpath("dra_cpu").rglob("*.py"):
+    for path in REPO.joinpath("dra_cpu").rglob("*.py"):
         if "gen" in path.parts:
             continue
         for node in ast.walk(ast.parse(path.read_text())):

@@ -24,9 +24,9 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 
 from dra_cpu.bench.report import IsolationCase, IsolationReport
-from dra_cpu.cgroups import CGROUP_ROOT, Cpusets, find_cpuset_hierarchy
-from dra_cpu.cpuset import CPUSet
+from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
+from dra_cpu.node.cgroups import CGROUP_ROOT, Cpusets, find_cpuset_hierarchy
 
 KERNEL_BYTES = 256 * 1024
 HOG_BYTES = 64 * 1024 * 1024

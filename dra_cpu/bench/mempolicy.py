@@ -12,7 +12,7 @@ import os
 import platform
 from types import TracebackType
 
-from dra_cpu.cpuset import CPUSet
+from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
 
 # mbind per `uname -m`, from the kernel's syscall tables.

@@ -25,10 +25,10 @@ from dra_cpu.bench.extra import MissingExtraError
 from dra_cpu.bench.mempolicy import HUGEPAGE_2M_BYTES, BoundBuffer, MemPolicyError
 from dra_cpu.bench.numa_maps import Placement, parse_numa_maps, verify_placement
 from dra_cpu.bench.report import ONE_NODE_NOTE, NumaParameters, NumaReport, PairResult
-from dra_cpu.cpuset import CPUSet
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
-from dra_cpu.sysfs import read_topology
-from dra_cpu.topology import Topology
+from dra_cpu.node.sysfs import read_topology
 
 try:
     import numpy as np

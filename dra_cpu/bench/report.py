@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dra_cpu.bench.numa_maps import Placement
-from dra_cpu.cpuset import CPUSet
+from dra_cpu.core.cpuset import CPUSet
 
 SCHEMA_VERSION = 1
 ONE_NODE_NOTE = "only one memory node is available: remote figures need a machine (or claims) with two or more nodes"

@@ -19,8 +19,8 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from dra_cpu.errors import DraCpuError
-from dra_cpu.fileio import read_yaml
 from dra_cpu.kube.api import ClusterError, Conflict, NotFound
+from dra_cpu.store.fileio import read_yaml
 
 GROUP = "resource.k8s.io"
 VERSION = "v1"
@@ -42,6 +42,16 @@ class KubeconfigError(DraCpuError):
 
 
 @dataclass(frozen=True)
+class DraObjects:
+    """Every ResourceSlice, DeviceClass and ResourceClaim of a cluster (claims of all namespaces), as dicts with
+    their kind: what `status` and `explain --kubeconfig` read."""
+
+    slices: list[dict[str, Any]]
+    classes: list[dict[str, Any]]
+    claims: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class KubeAPI:
     api_client: client.ApiClient
 
@@ -52,6 +62,24 @@ class KubeAPI:
     @property
     def _objects(self) -> client.CustomObjectsApi:
         return client.CustomObjectsApi(self.api_client)
+
+    def list_dra_objects(self) -> DraObjects:
+        def items(plural: str, kind: str) -> list[dict[str, Any]]:
+            what = f"listing {plural}"
+            with self._errors(what):
+                listed = _dict(
+                    self._objects.list_cluster_custom_object(GROUP, VERSION, plural, _request_timeout=REQUEST_TIMEOUT),
+                    what,
+                )
+            # List items carry no kind of their own; explanations name objects by it.
+            return [{"kind": kind, **item} for item in listed.get("items", []) if isinstance(item, dict)]
+
+        return DraObjects(
+            items(SLICES, "ResourceSlice"), items("deviceclasses", "DeviceClass"), items(CLAIMS, "ResourceClaim")
+        )
+
+    def close(self) -> None:
+        self.api_client.close()  # type: ignore[no-untyped-call]
 
     def get_claim(self, namespace: str, name: str) -> dict[str, Any]:
         what = f"resourceclaim {namespace}/{name}"

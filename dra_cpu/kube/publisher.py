@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from dra_cpu.devices import Device, DeviceConfig, build_slices
+from dra_cpu.core.devices import Device, DeviceConfig, build_slices
 from dra_cpu.kube.api import ClusterAPI, ClusterError, Conflict, NotFound
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from dra_cpu.fileio import YAML_LOADER, write_atomic
 from dra_cpu.kube.api import ClusterError, Conflict, NotFound
+from dra_cpu.store.fileio import YAML_LOADER, write_atomic
 
 POLL_SECONDS = 0.5
 

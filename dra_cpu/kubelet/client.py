@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from dra_cpu.claims import ClaimRef
+from dra_cpu.core.claims import ClaimRef
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kubelet.gen import (
     dra_health_v1alpha1_pb2,

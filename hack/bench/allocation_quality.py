@@ -13,11 +13,11 @@ import random
 import sys
 from pathlib import Path
 
-from dra_cpu.allocator import AllocationError, AllocationPolicy, choose_cpus
-from dra_cpu.cpuset import CPUSet
-from dra_cpu.devices import DeviceConfig, DeviceType, build_devices
-from dra_cpu.sysfs import read_topology
-from dra_cpu.topology import Topology
+from dra_cpu.core.allocator import AllocationError, AllocationPolicy, choose_cpus
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.devices import DeviceConfig, DeviceType, build_devices
+from dra_cpu.core.topology import Topology
+from dra_cpu.node.sysfs import read_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ("dual-socket-smt2", "snc-4numa", "multi-l3-per-node", "big-8numa", "cxl-memoryless")

@@ -10,10 +10,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from dra_cpu.synthetic import uniform_machine, write_tree
-from dra_cpu.sysfs import read_topology
-
 ROOT = Path(__file__).resolve().parents[2]
+# Run as a script: the repository root (for tests/support) is not on the path by itself.
+sys.path.insert(0, str(ROOT))
+
+from dra_cpu.node.sysfs import read_topology  # noqa: E402
+from tests.support.synthetic import uniform_machine, write_tree  # noqa: E402
 
 
 def median_ms(root: Path, runs: int = 20) -> float:

@@ -24,22 +24,22 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cri import Allowed, CriClient  # noqa: E402
-from test_nri_containerd import NODE, Node, _node  # noqa: E402
-from test_nri_transport import Peer  # noqa: E402
-from testenv_containerd import SCRIPT, VERSIONS, Containerd  # noqa: E402
+# Run as a script: the repository root (for tests/support) is not on the path by itself.
+sys.path.insert(0, str(ROOT))
 
 from dra_cpu import logs  # noqa: E402
-from dra_cpu.claims import ClaimRef  # noqa: E402
-from dra_cpu.cpuset import CPUSet  # noqa: E402
+from dra_cpu.core.claims import ClaimRef  # noqa: E402
+from dra_cpu.core.cpuset import CPUSet  # noqa: E402
+from dra_cpu.core.state import PreparedClaim, PreparedDevice, State  # noqa: E402
+from dra_cpu.node.sysfs import read_topology  # noqa: E402
+from dra_cpu.nri.enforcer import NriConfig, NriEnforcer  # noqa: E402
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api  # noqa: E402
-from dra_cpu.nri.plugin import NriConfig, NriPlugin  # noqa: E402
 from dra_cpu.nri.transport import Connection  # noqa: E402
-from dra_cpu.state import PreparedClaim, PreparedDevice, State  # noqa: E402
-from dra_cpu.synthetic import uniform_machine, write_tree  # noqa: E402
-from dra_cpu.sysfs import read_topology  # noqa: E402
+from tests.support.cri import Allowed, CriClient  # noqa: E402
+from tests.support.nri_node import NODE, Node, nri_node  # noqa: E402
+from tests.support.nri_peer import Peer  # noqa: E402
+from tests.support.synthetic import uniform_machine, write_tree  # noqa: E402
+from tests.support.testenv_containerd import SCRIPT, VERSIONS, Containerd  # noqa: E402
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -59,9 +59,9 @@ def create_container_latency(calls: int = 5000) -> tuple[float, float]:
         )
         for i in range(20)
     }
-    plugin = NriPlugin(NriConfig(socket=Path("/nonexistent")), topology, State(claims))
+    plugin = NriEnforcer(NriConfig(socket=Path("/nonexistent")), topology, State(claims))
     ours, theirs = socket.socketpair()
-    conn = Connection(ours, plugin._handle, name="bench")
+    conn = Connection(ours, plugin.stub._handle, name="bench")
     conn.start()
     runtime = Peer(theirs)
     for i in range(200):
@@ -82,7 +82,7 @@ def create_container_latency(calls: int = 5000) -> tuple[float, float]:
         response = runtime.read_response(i * 2 + 1)
         times.append((time.perf_counter() - start) * 1000)
         assert api.CreateContainerResponse.FromString(response.payload).adjust.linux.resources.cpu.cpus
-        plugin._handle(
+        plugin.stub._handle(
             "nri.pkg.api.v1alpha1.Plugin",
             "StateChange",
             api.StateChangeEvent(event=api.REMOVE_CONTAINER, container=api.Container(id=f"c{i}")).SerializeToString(),
@@ -107,7 +107,7 @@ def containerd_figures(version: str, count: int) -> list[tuple[str, str]]:
     subprocess.run(["bash", str(SCRIPT), "start", version, str(directory)], check=True)
     parent = (directory / "cgroup-parent").read_text().strip()
     daemon = Containerd(version, directory, parent, CriClient(directory / "containerd.sock", parent))
-    nodes = _node(daemon, directory / "driver")
+    nodes = nri_node(daemon, directory / "driver")
     try:
         node: Node = next(nodes)
         cri = node.cri
@@ -120,20 +120,14 @@ def containerd_figures(version: str, count: int) -> list[tuple[str, str]]:
         trips = []
         first = containers[0]
         tracked = node.plugin._containers[first.id].info
-        conn = node.plugin._conn
-        assert conn is not None
         for i in range(20):
             pool = CPUSet.of([online.sorted()[i % 2]]) if len(online) > 1 else online
-            request = api.UpdateContainersRequest(
-                update=[
-                    api.ContainerUpdate(
-                        container_id=tracked.id,
-                        linux=api.LinuxContainerUpdate(resources=api.LinuxResources(cpu=api.LinuxCPU(cpus=str(pool)))),
-                    )
-                ]
-            ).SerializeToString()
+            update = api.ContainerUpdate(
+                container_id=tracked.id,
+                linux=api.LinuxContainerUpdate(resources=api.LinuxResources(cpu=api.LinuxCPU(cpus=str(pool)))),
+            )
             start = time.perf_counter()
-            conn.call("nri.pkg.api.v1alpha1.Runtime", "UpdateContainers", request, 5)
+            node.plugin.stub.update_containers([update])
             trips.append((time.perf_counter() - start) * 1000)
         node.plugin.claims_changed(node.driver.state)
 

@@ -20,7 +20,7 @@ fi
 
 size_mib=$(.venv/bin/python -c 'import sys; from dra_cpu.bench.numa import parse_size; print(parse_size(sys.argv[1]) >> 20)' "$size")
 cpus=$(cat "/sys/devices/system/node/node${node}/cpulist")
-threads=$(.venv/bin/python -c 'import sys; from dra_cpu.cpuset import CPUSet; print(len(CPUSet.parse(sys.argv[1])))' "$cpus")
+threads=$(.venv/bin/python -c 'import sys; from dra_cpu.core.cpuset import CPUSet; print(len(CPUSet.parse(sys.argv[1])))' "$cpus")
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 

@@ -26,9 +26,9 @@ from typing import Any
 import kubernetes
 import yaml
 
-from dra_cpu.claims import ClaimRef
-from dra_cpu.demo import claim_object
+from dra_cpu.core.claims import ClaimRef
 from dra_cpu.kubelet.client import KubeletClient
+from dra_cpu.tools.demo import claim_object
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE, DRIVER = "bench-node", "dra.cpu"

@@ -23,11 +23,11 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from dra_cpu.devices import DeviceConfig, DeviceMode, build_devices, build_slices
+from dra_cpu.core.devices import DeviceConfig, DeviceMode, build_devices, build_slices
+from dra_cpu.core.topology import Topology
 from dra_cpu.kube.apiserver import GROUP, SLICES, VERSION, KubeAPI, connect
 from dra_cpu.kube.publisher import SlicePublisher
-from dra_cpu.sysfs import read_topology
-from dra_cpu.topology import Topology
+from dra_cpu.node.sysfs import read_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests/fixtures/sysfs/big-8numa"

@@ -1,0 +1,43 @@
+"""What several commands share: the exit code for bad input and the flags that describe a node's devices."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from dra_cpu.core.cpuset import parse_field
+from dra_cpu.core.devices import DeviceConfig, DeviceMode
+
+# Exit code for bad input or environment: the message says what to fix.
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_sysfs_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sysfs-root",
+        default="/",
+        metavar="DIR",
+        help="read DIR/sys and DIR/proc instead of the machine's own (default /)",
+    )
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape the published devices, shared by `slices` and `run`."""
+    parser.add_argument("--driver-name", default="dra.cpu", help="DRA driver name and attribute domain")
+    parser.add_argument("--reserved-cpus", default="", metavar="LIST", help="CPUs kept for system daemons, e.g. 0-1")
+    parser.add_argument("--device-mode", choices=[m.value for m in DeviceMode], default=DeviceMode.GROUPED.value)
+    parser.add_argument(
+        "--whole-cores", action="store_true", help="publish and hand out whole physical cores only (SMT siblings)"
+    )
+
+
+def device_config(args: argparse.Namespace) -> DeviceConfig:
+    return DeviceConfig(
+        node_name=args.node_name,
+        driver_name=args.driver_name,
+        reserved_cpus=parse_field("--reserved-cpus", args.reserved_cpus),
+        device_mode=DeviceMode(args.device_mode),
+        whole_cores=args.whole_cores,
+    )

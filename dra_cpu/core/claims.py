@@ -1,0 +1,170 @@
+"""ResourceClaim (a resource.k8s.io/v1 dict, as the API server returns it) -> ClaimRequest, validated. Pure.
+
+Only the parts of the claim that concern this driver and this node are kept: the allocation results of our driver
+and pool, what the scheduler recorded as consumed, our opaque configuration, and the pods the claim is reserved for.
+Every error names the field path and the value, so that the message in the pod's events is actionable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from dra_cpu.core.allocator import AllocationPolicy
+from dra_cpu.core.objects import At
+from dra_cpu.errors import DraCpuError
+
+CONFIG_API_VERSION = "dra.cpu/v1alpha1"
+CONFIG_KIND = "CPUConfig"
+_CONFIG_FIELDS = {"wholeCores": "whole_cores", "alignL3": "align_l3", "spread": "spread"}
+
+
+class ClaimError(DraCpuError):
+    """The claim cannot be prepared as it stands; retrying will not help until the claim or node changes."""
+
+
+@dataclass(frozen=True)
+class ClaimRef:
+    namespace: str
+    name: str
+    uid: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class DeviceResult:
+    request: str
+    device: str
+    pool: str
+    share_id: str | None
+    consumed: tuple[tuple[str, str], ...]
+    policy: AllocationPolicy = field(default_factory=AllocationPolicy)
+
+    @property
+    def base_request(self) -> str:
+        """The kubelet matches containers' resources.claims[].request against the name before any `/subrequest`."""
+        return self.request.split("/", 1)[0]
+
+    def consumed_of(self, key: str) -> str | None:
+        return dict(self.consumed).get(key)
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    ref: ClaimRef
+    results: tuple[DeviceResult, ...]
+    pod_uids: tuple[str, ...]
+
+
+def parse_claim(
+    obj: Mapping[str, Any], ref: ClaimRef, *, driver: str, pool: str, default_policy: AllocationPolicy
+) -> ClaimRequest:
+    metadata = _mapping(obj.get("metadata"), "metadata")
+    uid = metadata.get("uid")
+    if uid != ref.uid:
+        raise ClaimError(
+            f"claim {ref}: metadata.uid is {uid!r} but the kubelet asked for {ref.uid!r} "
+            "(the claim was deleted and recreated)"
+        )
+    status = _mapping(obj.get("status") or {}, "status")
+    allocation = status.get("allocation")
+    if not allocation:
+        raise ClaimError(f"claim {ref}: status.allocation is empty: the claim is not allocated")
+    devices = _mapping(_mapping(allocation, "status.allocation").get("devices") or {}, "status.allocation.devices")
+    policies = _policies(devices.get("config") or [], driver, default_policy, ref)
+    results = []
+    for index, raw in enumerate(_list(devices.get("results") or [], "status.allocation.devices.results")):
+        path = f"status.allocation.devices.results[{index}]"
+        result = _mapping(raw, path)
+        if result.get("driver") != driver:
+            continue
+        if result.get("pool") != pool:
+            raise ClaimError(
+                f"claim {ref}: {path}.pool is {result.get('pool')!r} but this node serves pool {pool!r}: "
+                "the claim was allocated to another node"
+            )
+        request = _string(result.get("request"), f"{path}.request")
+        consumed = _mapping(result.get("consumedCapacity") or {}, f"{path}.consumedCapacity")
+        results.append(
+            DeviceResult(
+                request=request,
+                device=_string(result.get("device"), f"{path}.device"),
+                pool=pool,
+                share_id=result.get("shareID"),
+                consumed=tuple(sorted((str(k), str(v)) for k, v in consumed.items())),
+                policy=policies.get(request, policies.get(request.split("/", 1)[0], policies.get("", default_policy))),
+            )
+        )
+    if not results:
+        raise ClaimError(f"claim {ref}: no allocation result is for driver {driver!r}")
+    pods = tuple(
+        str(r.get("uid"))
+        for r in _list(status.get("reservedFor") or [], "status.reservedFor")
+        if isinstance(r, Mapping) and r.get("resource") == "pods" and r.get("uid")
+    )
+    return ClaimRequest(ref=ref, results=tuple(results), pod_uids=pods)
+
+
+def _policies(configs: Any, driver: str, default: AllocationPolicy, ref: ClaimRef) -> dict[str, AllocationPolicy]:
+    """Request name ("" = every request) -> policy. Class config comes first and the claim's own overrides it."""
+    entries = _list(configs, "status.allocation.devices.config")
+    ordered = sorted(enumerate(entries), key=lambda e: 0 if _source(e[1]) == "FromClass" else 1)
+    policies: dict[str, AllocationPolicy] = {}
+    for index, raw in ordered:
+        path = f"status.allocation.devices.config[{index}]"
+        entry = _mapping(raw, path)
+        opaque = _mapping(entry.get("opaque") or {}, f"{path}.opaque")
+        if opaque.get("driver") != driver:
+            continue
+        params = _mapping(opaque.get("parameters") or {}, f"{path}.opaque.parameters")
+        requests = [str(r) for r in _list(entry.get("requests") or [], f"{path}.requests")] or [""]
+        for request in requests:
+            base = policies.get(request, policies.get("", default))
+            policies[request] = parse_cpu_config(params, f"{path}.opaque.parameters", base, ref)
+    return policies
+
+
+def _source(entry: Any) -> Any:
+    return entry.get("source") if isinstance(entry, Mapping) else None
+
+
+def parse_cpu_config(params: Mapping[str, Any], path: str, base: AllocationPolicy, ref: ClaimRef) -> AllocationPolicy:
+    if params.get("apiVersion") != CONFIG_API_VERSION or params.get("kind") != CONFIG_KIND:
+        raise ClaimError(
+            f"claim {ref}: {path} has apiVersion {params.get('apiVersion')!r} and kind {params.get('kind')!r}; "
+            f"expected apiVersion {CONFIG_API_VERSION!r} and kind {CONFIG_KIND!r}"
+        )
+    values: dict[str, bool] = {}
+    for key, value in params.items():
+        if key in ("apiVersion", "kind"):
+            continue
+        if key not in _CONFIG_FIELDS:
+            raise ClaimError(
+                f"claim {ref}: {path}.{key} is not a known field (known: {', '.join(sorted(_CONFIG_FIELDS))})"
+            )
+        if not isinstance(value, bool):
+            raise ClaimError(f"claim {ref}: {path}.{key} must be true or false, not {value!r}")
+        values[_CONFIG_FIELDS[key]] = value
+    policy = replace(base, **values)
+    if policy.spread and policy.align_l3:
+        raise ClaimError(f"claim {ref}: {path}: spread and alignL3 contradict each other")
+    return policy
+
+
+def _at(path: str) -> At:
+    return At("", path, ClaimError)
+
+
+def _mapping(value: Any, path: str) -> Mapping[str, Any]:
+    return _at(path).mapping(value, optional=False)
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    return _at(path).list(value, optional=False)
+
+
+def _string(value: Any, path: str) -> str:
+    return _at(path).string(value)

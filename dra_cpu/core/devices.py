@@ -1,0 +1,304 @@
+"""Topology + DeviceConfig -> the devices the scheduler sees, and the ResourceSlices that carry them. Pure.
+
+Grouped mode (the default) publishes one consumable-capacity device (KEP-5075) per NUMA node: the scheduler
+counts CPUs, the driver picks the exact ones at prepare time. Isolated CPUs get devices of their own so that only
+a claim that asks for them on purpose lands there. Hugepages reserved on a node get one device per page size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.quantity import format_bytes
+from dra_cpu.core.topology import Topology, page_size_quantity
+from dra_cpu.errors import DraCpuError
+
+API_VERSION = "resource.k8s.io/v1"
+# KEP-5075's capacity keys and the standard NUMA attribute the kubelet topology-hint provider reads.
+STANDARD_NUMA_ATTRIBUTE = "resource.kubernetes.io/numaNode"
+# Claims written for the DRA network drivers select on this one; the upstream CPU driver's is <driver>/numaNodeID.
+NET_NUMA_ATTRIBUTE = "dra.net/numaNode"
+MAX_DEVICES_PER_SLICE = 128
+MAX_STRING_ATTRIBUTE = 64
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+AttributeValue = bool | int | str
+
+
+class DeviceMode(StrEnum):
+    GROUPED = "grouped"
+    INDIVIDUAL = "individual"
+
+
+class DeviceType(StrEnum):
+    CPU = "cpu"
+    HUGEPAGES = "hugepages"
+
+
+class DeviceConfigError(DraCpuError):
+    """A driver setting that cannot produce valid devices."""
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    node_name: str
+    driver_name: str = "dra.cpu"
+    reserved_cpus: CPUSet = field(default_factory=CPUSet)
+    device_mode: DeviceMode = DeviceMode.GROUPED
+    whole_cores: bool = False
+
+    def __post_init__(self) -> None:
+        _check_dns_subdomain("driver name", self.driver_name, 63)
+        _check_dns_subdomain("node name", self.node_name, 253)
+
+    @property
+    def cpu_capacity(self) -> str:
+        return f"{self.driver_name}/cpu"
+
+    @property
+    def memory_capacity(self) -> str:
+        return f"{self.driver_name}/memory"
+
+
+@dataclass(frozen=True)
+class Device:
+    """One published device and what it stands for on this node."""
+
+    name: str
+    type: DeviceType
+    numa_node: int
+    # CPU devices: the CPUs a claim on this device may get. Hugepage devices: empty.
+    cpus: CPUSet
+    isolated: bool
+    attributes: tuple[tuple[str, AttributeValue], ...]
+    # CPU count or hugepage bytes; 0 for individual-mode devices, which have no capacity.
+    capacity: int = 0
+    # Smallest amount a claim may consume, and the step above it (threads per core with whole cores, a page size).
+    step: int = 1
+    page_size_kib: int | None = None
+    capacity_key: str | None = None
+
+    def to_api(self) -> dict[str, Any]:
+        device: dict[str, Any] = {
+            "name": self.name,
+            "attributes": {key: _attribute(value) for key, value in self.attributes},
+        }
+        key = self.capacity_key
+        if key is not None and self.capacity:
+            device["capacity"] = {
+                key: {
+                    "value": quantity(self.capacity, self.type),
+                    "requestPolicy": {
+                        "default": quantity(self.step, self.type),
+                        "validRange": {
+                            "min": quantity(self.step, self.type),
+                            "max": quantity(self.capacity, self.type),
+                            "step": quantity(self.step, self.type),
+                        },
+                    },
+                }
+            }
+            device["allowMultipleAllocations"] = True
+        return device
+
+
+def quantity(value: int, kind: DeviceType) -> str:
+    return format_bytes(value) if kind is DeviceType.HUGEPAGES else str(value)
+
+
+def _attribute(value: AttributeValue) -> dict[str, AttributeValue]:
+    if isinstance(value, bool):
+        return {"bool": value}
+    if isinstance(value, int):
+        return {"int": value}
+    return {"string": value[:MAX_STRING_ATTRIBUTE]}
+
+
+def allocatable_cpus(topology: Topology, config: DeviceConfig) -> CPUSet:
+    """Online CPUs that claims may get: minus reserved ones, and with --whole-cores minus cores cut by reservation."""
+    unknown = config.reserved_cpus - topology.present_cpus
+    if unknown:
+        raise DeviceConfigError(
+            f"--reserved-cpus {config.reserved_cpus}: CPU(s) {unknown} do not exist on this node "
+            f"(present: {topology.present_cpus})"
+        )
+    available = topology.online_cpus - config.reserved_cpus
+    if config.whole_cores:
+        available = CPUSet.union_all(core for core in topology.cores(available) if _whole(topology, core))
+    return available
+
+
+def _whole(topology: Topology, core: CPUSet) -> bool:
+    return core == topology.cpu(core.first()).thread_siblings
+
+
+def build_devices(topology: Topology, config: DeviceConfig) -> tuple[Device, ...]:
+    available = allocatable_cpus(topology, config)
+    if not available:
+        raise DeviceConfigError(
+            f"no allocatable CPUs: online {topology.online_cpus}, reserved {config.reserved_cpus}"
+            + (" (--whole-cores drops cores cut by the reservation)" if config.whole_cores else "")
+        )
+    if config.device_mode is DeviceMode.INDIVIDUAL:
+        cpu_devices = _individual_devices(topology, config, available)
+    else:
+        cpu_devices = _grouped_devices(topology, config, available)
+    return (*cpu_devices, *_hugepage_devices(topology, config))
+
+
+def _numa_attributes(config: DeviceConfig, node: int) -> list[tuple[str, AttributeValue]]:
+    return [
+        (STANDARD_NUMA_ATTRIBUTE, node),
+        (f"{config.driver_name}/numaNodeID", node),
+        (NET_NUMA_ATTRIBUTE, node),
+    ]
+
+
+def _grouped_devices(topology: Topology, config: DeviceConfig, available: CPUSet) -> list[Device]:
+    d = config.driver_name
+    threads = topology.threads_per_core
+    step = threads if config.whole_cores else 1
+    devices = []
+    for node in topology.numa_nodes:
+        for isolated in (False, True):
+            pool = node.cpus & available
+            pool = pool & topology.isolated_cpus if isolated else pool - topology.isolated_cpus
+            if len(pool) < step:
+                continue
+            sockets = sorted({s for i in pool if (s := topology.cpu(i).socket) is not None})
+            attributes: list[tuple[str, AttributeValue]] = [
+                (f"{d}/type", DeviceType.CPU.value),
+                *_numa_attributes(config, node.id),
+                (f"{d}/socketID", sockets[0] if sockets else 0),
+                (f"{d}/numCPUs", len(pool)),
+                (f"{d}/smtEnabled", topology.smt_active),
+                (f"{d}/threadsPerCore", threads),
+                (f"{d}/l3Caches", len(topology.l3_groups(pool))),
+                (f"{d}/isolated", isolated),
+                (f"{d}/cpuModel", topology.cpu_model or "unknown"),
+            ]
+            devices.append(
+                Device(
+                    name=f"cpu-isolated-numa{node.id}" if isolated else f"cpu-numa{node.id}",
+                    type=DeviceType.CPU,
+                    numa_node=node.id,
+                    cpus=pool,
+                    isolated=isolated,
+                    attributes=tuple(attributes),
+                    capacity=len(pool),
+                    step=step,
+                    capacity_key=config.cpu_capacity,
+                )
+            )
+    return devices
+
+
+def _individual_devices(topology: Topology, config: DeviceConfig, available: CPUSet) -> list[Device]:
+    d = config.driver_name
+    devices = []
+    for cpu_id in available:
+        cpu = topology.cpu(cpu_id)
+        node = cpu.numa_node if cpu.numa_node is not None else 0
+        l3 = cpu.l3_cache if cpu.l3_cache is not None else -1
+        attributes: list[tuple[str, AttributeValue]] = [
+            (f"{d}/type", DeviceType.CPU.value),
+            *_numa_attributes(config, node),
+            (f"{d}/cpuID", cpu.id),
+            (f"{d}/coreID", cpu.core if cpu.core is not None else cpu.id),
+            (f"{d}/socketID", cpu.socket if cpu.socket is not None else 0),
+            (f"{d}/l3CacheID", l3),
+            # The upstream driver's name for the same fact.
+            (f"{d}/cacheL3ID", l3),
+            (f"{d}/smtEnabled", topology.smt_active),
+            (f"{d}/isolated", cpu.isolated),
+        ]
+        devices.append(
+            Device(
+                name=f"cpu-{cpu.id}",
+                type=DeviceType.CPU,
+                numa_node=node,
+                cpus=CPUSet.of([cpu.id]),
+                isolated=cpu.isolated,
+                attributes=tuple(attributes),
+            )
+        )
+    return devices
+
+
+def _hugepage_devices(topology: Topology, config: DeviceConfig) -> list[Device]:
+    d = config.driver_name
+    devices = []
+    for node in topology.numa_nodes:
+        for pool in node.hugepages:
+            if pool.total <= 0:
+                continue
+            size = page_size_quantity(pool.size_kib)
+            attributes: list[tuple[str, AttributeValue]] = [
+                (f"{d}/type", DeviceType.HUGEPAGES.value),
+                (f"{d}/pageSize", size),
+                *_numa_attributes(config, node.id),
+            ]
+            if node.memory_only:
+                attributes.append((f"{d}/memoryOnly", True))
+            devices.append(
+                Device(
+                    name=f"hugepages-{size.lower()}-numa{node.id}",
+                    type=DeviceType.HUGEPAGES,
+                    numa_node=node.id,
+                    cpus=CPUSet(),
+                    isolated=False,
+                    attributes=tuple(attributes),
+                    capacity=pool.total * pool.size_bytes,
+                    step=pool.size_bytes,
+                    page_size_kib=pool.size_kib,
+                    capacity_key=config.memory_capacity,
+                )
+            )
+    return devices
+
+
+def device_index(devices: Iterable[Device]) -> Mapping[str, Device]:
+    return {device.name: device for device in devices}
+
+
+def slice_name(config: DeviceConfig, index: int) -> str:
+    """Deterministic names: a restarted driver finds and updates its own slices instead of adding new ones."""
+    name = f"{config.node_name}-{config.driver_name}-{index}"
+    if len(name) <= 253:
+        return name
+    digest = hashlib.sha256(f"{config.node_name}/{config.driver_name}".encode()).hexdigest()[:10]
+    return f"{config.node_name[:200]}-{digest}-{index}"
+
+
+def build_slices(devices: tuple[Device, ...], config: DeviceConfig, generation: int = 1) -> list[dict[str, Any]]:
+    """The node's pool as ResourceSlice objects, at most 128 devices each (none of ours use taints or counters)."""
+    chunks = [devices[i : i + MAX_DEVICES_PER_SLICE] for i in range(0, len(devices), MAX_DEVICES_PER_SLICE)] or [()]
+    return [
+        {
+            "apiVersion": API_VERSION,
+            "kind": "ResourceSlice",
+            "metadata": {"name": slice_name(config, index)},
+            "spec": {
+                "driver": config.driver_name,
+                "nodeName": config.node_name,
+                "pool": {"name": config.node_name, "generation": generation, "resourceSliceCount": len(chunks)},
+                "devices": [device.to_api() for device in chunk],
+            },
+        }
+        for index, chunk in enumerate(chunks)
+    ]
+
+
+def _check_dns_subdomain(what: str, value: str, limit: int) -> None:
+    labels = value.split(".")
+    if not value or len(value) > limit or not all(_DNS_LABEL.match(label) for label in labels):
+        raise DeviceConfigError(
+            f"invalid {what} {value!r}: must be a lowercase DNS subdomain of at most {limit} characters"
+        )

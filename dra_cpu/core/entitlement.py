@@ -1,0 +1,156 @@
+"""Which cpuset (and mems, hugepage limits) each container gets. Pure: data in, decisions out.
+
+A container is pinned to a claim only when three independent facts agree: the driver prepared the claim, the
+container's env carries the claim's CDI variable with exactly the prepared cpuset, and the container's pod (as the
+runtime reports it, not as the container says) is among the claim's reservedFor pods. NRI does not say which CDI
+devices a container got, so the env alone proves nothing: anyone can write DRA_CPUSET_<uid> into a pod spec.
+Everything else runs on the shared pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from dra_cpu.core import cdi_spec
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.state import HugePageGrant, State
+from dra_cpu.core.topology import Topology
+from dra_cpu.errors import DraCpuError
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What the plugin keeps of a container the runtime told it about."""
+
+    id: str
+    name: str
+    pod_uid: str
+    pod: str
+    """namespace/name, for log lines."""
+    env_claims: Mapping[str, str] = field(default_factory=dict)
+    """claim uid -> the raw value of DRA_CPUSET_<uid> in the container's env."""
+
+
+def container_info(container_id: str, name: str, pod_uid: str, pod: str, env: Iterable[str]) -> ContainerInfo:
+    return ContainerInfo(container_id, name, pod_uid, pod, cdi_spec.claimed_cpusets(env))
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The resources a container must have. Empty mems means "leave as is" (no memory node has been chosen)."""
+
+    cpus: CPUSet
+    mems: CPUSet = field(default_factory=CPUSet)
+    hugepage_limits: tuple[tuple[str, int], ...] = ()
+    """(OCI page size such as "2MB", bytes), for hugepage claims."""
+    claims: tuple[str, ...] = ()
+    """uids of the claims this container is pinned to; empty for the shared pool."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    claim_uid: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    pin: Pin
+    rejected: tuple[Rejection, ...] = ()
+
+
+class NoSharedCpus(DraCpuError):
+    """The shared pool is empty: a container without a claim would run nowhere (or, worse, everywhere)."""
+
+
+@dataclass(frozen=True)
+class Pools:
+    """The node-wide facts every decision needs, computed once per state change."""
+
+    state: State
+    topology: Topology
+    shared: CPUSet
+    shared_mems: CPUSet
+
+
+def pools(state: State, topology: Topology, reserved: CPUSet | None = None, strict_reserved: bool = False) -> Pools:
+    """The shared pool: online CPUs minus claimed, isolated and (with strict_reserved) reserved CPUs."""
+    shared = state.shared_cpus(topology) - (reserved if strict_reserved and reserved else CPUSet())
+    memory_nodes = CPUSet.of(n.id for n in topology.numa_nodes if n.memory_bytes > 0)
+    return Pools(state, topology, shared, memory_nodes)
+
+
+def oci_page_size(size_kib: int) -> str:
+    """The OCI runtime spec's hugepage size names: 64KB, 2MB, 1GB."""
+    for unit, scale in (("GB", 1 << 20), ("MB", 1 << 10)):
+        if size_kib % scale == 0:
+            return f"{size_kib // scale}{unit}"
+    return f"{size_kib}KB"
+
+
+def _hugepage_limits(grants: Iterable[HugePageGrant]) -> tuple[tuple[str, int], ...]:
+    limits: dict[str, int] = {}
+    for grant in grants:
+        key = oci_page_size(grant.page_size_kib)
+        limits[key] = limits.get(key, 0) + grant.bytes
+    return tuple(sorted(limits.items()))
+
+
+@dataclass(frozen=True)
+class Entitlement:
+    """What the driver prepared for one claim, as far as enforcement needs it: from its state (NRI) or from its
+    CDI spec (the createRuntime hook)."""
+
+    cpus: CPUSet
+    mems: CPUSet
+    pod_uids: tuple[str, ...]
+
+
+def refusal(value: str, pod_uid: str, prepared: Entitlement | None) -> str:
+    """Why DRA_CPUSET_<uid>=value in a container of pod `pod_uid` does not entitle it to the claim the driver
+    prepared as `prepared` (None: not prepared here), or "" when it does. The one rule of NRI and the CDI hook. An
+    empty pod_uid means the runtime did not name the pod (an OCI hook under podman): then only the cpuset can be
+    checked; NRI always names it."""
+    if prepared is None:
+        return "no such claim is prepared on this node"
+    try:
+        cpus = CPUSet.parse(value)
+    except DraCpuError:
+        return f"cpuset {value!r} is not a cpu list"
+    if cpus != prepared.cpus:
+        return f"cpuset {value!r} is not the claim's ({prepared.cpus})"
+    if pod_uid and pod_uid not in prepared.pod_uids:
+        return f"pod {pod_uid} is not among the claim's reservedFor pods ({', '.join(prepared.pod_uids)})"
+    return ""
+
+
+def _check(container: ContainerInfo, uid: str, value: str, pools: Pools) -> str:
+    claim = pools.state.claims.get(uid)
+    prepared = None if claim is None else Entitlement(claim.cpus, claim.mems(pools.topology), claim.pod_uids)
+    return refusal(value, container.pod_uid, prepared)
+
+
+def decide(container: ContainerInfo, pools: Pools) -> Decision:
+    """The pin for one container. NoSharedCpus when it should run on the shared pool and the pool is empty."""
+    granted, rejected = [], []
+    for uid, value in sorted(container.env_claims.items()):
+        reason = _check(container, uid, value, pools)
+        if reason:
+            rejected.append(Rejection(uid, reason))
+        else:
+            granted.append(pools.state.claims[uid])
+    if granted:
+        cpus = CPUSet.union_all(c.cpus for c in granted)
+        mems = CPUSet.union_all(c.mems(pools.topology) for c in granted)
+        hugepages = _hugepage_limits(h for c in granted for h in c.hugepages)
+        if not cpus:
+            # A hugepages-only claim holds no CPUs: the container runs on the shared pool beside its memory.
+            cpus = pools.shared
+        if cpus:
+            return Decision(Pin(cpus, mems, hugepages, tuple(c.uid for c in granted)), tuple(rejected))
+    if not pools.shared:
+        raise NoSharedCpus(
+            f"container {container.name} of pod {container.pod} needs the shared pool, and no shared CPU is left"
+        )
+    return Decision(Pin(pools.shared, pools.shared_mems), tuple(rejected))

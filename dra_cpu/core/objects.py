@@ -1,0 +1,62 @@
+"""A typed reader of untyped Kubernetes objects (dicts as the API server or a YAML file gives them). Pure.
+
+Every error names where the value came from, the field path and the value: `claim.yaml: spec.devices.requests[0]
+.name must be a non-empty string, not 3`, so that a message in a pod's events or on a terminal is actionable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from dra_cpu.core.quantity import QuantityError, parse_quantity
+from dra_cpu.errors import DraCpuError
+
+
+@dataclass(frozen=True)
+class At:
+    """A position in an input object. `source` names the object (a file, a claim) and may be empty."""
+
+    source: str
+    path: str = ""
+    error: type[DraCpuError] = DraCpuError
+
+    def __truediv__(self, part: str | int) -> At:
+        if isinstance(part, int):
+            return At(self.source, f"{self.path}[{part}]", self.error)
+        return At(self.source, f"{self.path}.{part}" if self.path else part, self.error)
+
+    def fail(self, what: str) -> DraCpuError:
+        where = self.path or "the object"
+        return self.error(f"{self.source}: {where} {what}" if self.source else f"{where} {what}")
+
+    def mapping(self, value: Any, *, optional: bool = True) -> Mapping[str, Any]:
+        if value is None and optional:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.fail(f"must be an object, not {value!r}")
+        return value
+
+    def list(self, value: Any, *, optional: bool = True) -> list[Any]:
+        if value is None and optional:
+            return []
+        if not isinstance(value, list):
+            raise self.fail(f"must be a list, not {value!r}")
+        return value
+
+    def items(self, value: Any) -> Iterator[tuple[At, Any]]:
+        for index, item in enumerate(self.list(value)):
+            yield self / index, item
+
+    def string(self, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(f"must be a non-empty string, not {value!r}")
+        return value
+
+    def quantity(self, value: Any) -> Fraction:
+        try:
+            return parse_quantity(value if isinstance(value, int | str) else repr(value))
+        except QuantityError:
+            raise self.fail(f"must be a quantity, not {value!r}") from None

@@ -1,0 +1,243 @@
+"""The prepared claims and what they hold, and decide(): a claim request -> the exact grant, as data. Pure.
+
+decide() is the first of prepare's two steps: it computes the PreparedClaim without touching anything; the driver
+then applies it (checkpoint, CDI, enforcement) and rolls back if a step fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from dra_cpu.core.allocator import AllocationError, choose_cpus
+from dra_cpu.core.claims import ClaimError, ClaimRef, ClaimRequest, DeviceResult
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.devices import Device, DeviceType
+from dra_cpu.core.quantity import QuantityError, whole_quantity
+from dra_cpu.core.topology import Topology
+
+
+@dataclass(frozen=True)
+class HugePageGrant:
+    numa_node: int
+    page_size_kib: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class PreparedDevice:
+    request_names: tuple[str, ...]
+    pool: str
+    device: str
+    share_id: str | None = None
+    cpus: CPUSet = field(default_factory=CPUSet)
+    hugepages: HugePageGrant | None = None
+
+
+@dataclass(frozen=True)
+class PreparedClaim:
+    ref: ClaimRef
+    devices: tuple[PreparedDevice, ...]
+    pod_uids: tuple[str, ...] = ()
+
+    @property
+    def uid(self) -> str:
+        return self.ref.uid
+
+    @property
+    def cpus(self) -> CPUSet:
+        return CPUSet.union_all(d.cpus for d in self.devices)
+
+    @property
+    def hugepages(self) -> tuple[HugePageGrant, ...]:
+        return tuple(d.hugepages for d in self.devices if d.hugepages is not None)
+
+    def mems(self, topology: Topology) -> CPUSet:
+        """Memory nodes: those of the claim's CPUs and of its hugepages."""
+        return topology.numa_nodes_of(self.cpus) | CPUSet.of(h.numa_node for h in self.hugepages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "namespace": self.ref.namespace,
+            "name": self.ref.name,
+            "uid": self.ref.uid,
+            "podUIDs": list(self.pod_uids),
+            "devices": [
+                {
+                    "requestNames": list(d.request_names),
+                    "pool": d.pool,
+                    "device": d.device,
+                    "shareID": d.share_id,
+                    "cpus": str(d.cpus),
+                    "hugepages": None
+                    if d.hugepages is None
+                    else {
+                        "numaNode": d.hugepages.numa_node,
+                        "pageSizeKiB": d.hugepages.page_size_kib,
+                        "bytes": d.hugepages.bytes,
+                    },
+                }
+                for d in self.devices
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreparedClaim:
+        """Inverse of to_dict; KeyError/TypeError/ValueError on a malformed record (the checkpoint reports those)."""
+        devices = []
+        for d in data["devices"]:
+            huge = d.get("hugepages")
+            devices.append(
+                PreparedDevice(
+                    request_names=tuple(str(n) for n in d["requestNames"]),
+                    pool=str(d["pool"]),
+                    device=str(d["device"]),
+                    share_id=d.get("shareID"),
+                    cpus=CPUSet.parse(d["cpus"]),
+                    hugepages=None
+                    if huge is None
+                    else HugePageGrant(int(huge["numaNode"]), int(huge["pageSizeKiB"]), int(huge["bytes"])),
+                )
+            )
+        return cls(
+            ref=ClaimRef(namespace=str(data["namespace"]), name=str(data["name"]), uid=str(data["uid"])),
+            devices=tuple(devices),
+            pod_uids=tuple(str(p) for p in data.get("podUIDs", ())),
+        )
+
+
+@dataclass(frozen=True)
+class State:
+    claims: Mapping[str, PreparedClaim] = field(default_factory=dict)
+
+    def with_claim(self, claim: PreparedClaim) -> State:
+        return State({**self.claims, claim.uid: claim})
+
+    def without(self, uid: str) -> State:
+        return State({k: v for k, v in self.claims.items() if k != uid})
+
+    @property
+    def allocated_cpus(self) -> CPUSet:
+        return CPUSet.union_all(c.cpus for c in self.claims.values())
+
+    def holder_of(self, cpu: int) -> PreparedClaim | None:
+        return next((c for c in self.claims.values() if cpu in c.cpus), None)
+
+    def shared_cpus(self, topology: Topology) -> CPUSet:
+        """Where every container without a claim runs: online CPUs that are neither claimed nor isolated."""
+        return topology.online_cpus - topology.isolated_cpus - self.allocated_cpus
+
+
+def decide(
+    state: State,
+    request: ClaimRequest,
+    topology: Topology,
+    devices: Mapping[str, Device],
+    *,
+    cpu_capacity: str,
+    memory_capacity: str,
+    min_shared_cpus: int = 1,
+) -> PreparedClaim:
+    """The grant for `request`, or ClaimError with a reason a person can act on. Idempotent per claim uid."""
+    existing = state.claims.get(request.ref.uid)
+    if existing is not None:
+        return existing if all(d.device for d in existing.devices) else _named(existing, request, devices)
+    taken = state.allocated_cpus
+    prepared: list[PreparedDevice] = []
+    for result in request.results:
+        device = devices.get(result.device)
+        if device is None:
+            raise ClaimError(
+                f"claim {request.ref}: device {result.device!r} (request {result.request!r}) is not published by "
+                f"this node (devices: {', '.join(sorted(devices))})"
+            )
+        base = PreparedDevice(
+            request_names=(result.base_request,), pool=result.pool, device=device.name, share_id=result.share_id
+        )
+        if device.type is DeviceType.HUGEPAGES:
+            grant = _hugepages(request.ref, result, device, memory_capacity)
+            prepared.append(replace(base, hugepages=grant))
+            continue
+        cpus = _cpus(state, request.ref, result, device, topology, taken, cpu_capacity)
+        taken |= cpus
+        prepared.append(replace(base, cpus=cpus))
+    claim = PreparedClaim(ref=request.ref, devices=tuple(prepared), pod_uids=request.pod_uids)
+    shared = state.with_claim(claim).shared_cpus(topology)
+    if claim.cpus and len(shared) < min_shared_cpus:
+        raise ClaimError(
+            f"claim {request.ref}: taking CPUs {claim.cpus} would leave {len(shared)} shared CPU(s) "
+            f"({shared or 'none'}); at least {min_shared_cpus} must stay for containers without claims"
+        )
+    return claim
+
+
+def _named(claim: PreparedClaim, request: ClaimRequest, devices: Mapping[str, Device]) -> PreparedClaim:
+    """A claim rebuilt from its CDI spec knows its CPUs and pages but not which device holds them: the kubelet's
+    repeated prepare names the devices again, and the grant stays exactly what it was."""
+    named = []
+    for result in request.results:
+        device = devices.get(result.device)
+        base = PreparedDevice((result.base_request,), result.pool, result.device, result.share_id)
+        if device is None:
+            named.append(base)
+        elif device.type is DeviceType.HUGEPAGES:
+            grant = next(
+                (
+                    h
+                    for h in claim.hugepages
+                    if (h.numa_node, h.page_size_kib) == (device.numa_node, device.page_size_kib)
+                ),
+                None,
+            )
+            named.append(replace(base, hugepages=grant))
+        else:
+            named.append(replace(base, cpus=claim.cpus & device.cpus))
+    return PreparedClaim(claim.ref, tuple(named), request.pod_uids)
+
+
+def _cpus(
+    state: State,
+    ref: ClaimRef,
+    result: DeviceResult,
+    device: Device,
+    topology: Topology,
+    taken: CPUSet,
+    cpu_capacity: str,
+) -> CPUSet:
+    if not device.capacity:
+        # Individual mode: the scheduler chose the CPU itself; it must still be free here.
+        busy = device.cpus & taken
+        if busy:
+            holder = state.holder_of(busy.first())
+            raise ClaimError(
+                f"claim {ref}: CPU {busy} of device {device.name} is already prepared for "
+                f"{'claim ' + str(holder.ref) if holder else 'another request of this claim'}"
+            )
+        return device.cpus
+    raw = result.consumed_of(cpu_capacity)
+    if raw is None:
+        raise ClaimError(
+            f"claim {ref}: result for request {result.request!r} on {device.name} has no "
+            f"consumedCapacity[{cpu_capacity!r}] (is the DRAConsumableCapacity feature gate on?)"
+        )
+    try:
+        count = whole_quantity(raw, f"consumedCapacity[{cpu_capacity!r}]")
+        return choose_cpus(topology, device.cpus - taken, count, result.policy)
+    except (QuantityError, AllocationError) as err:
+        raise ClaimError(f"claim {ref}: request {result.request!r} on {device.name}: {err}") from None
+
+
+def _hugepages(ref: ClaimRef, result: DeviceResult, device: Device, memory_capacity: str) -> HugePageGrant:
+    raw = result.consumed_of(memory_capacity)
+    page = device.step
+    try:
+        size = whole_quantity(raw, f"consumedCapacity[{memory_capacity!r}]") if raw is not None else page
+    except QuantityError as err:
+        raise ClaimError(f"claim {ref}: request {result.request!r} on {device.name}: {err}") from None
+    if size % page:
+        raise ClaimError(
+            f"claim {ref}: request {result.request!r} on {device.name}: {raw} is not a whole number of "
+            f"{device.page_size_kib} KiB pages"
+        )
+    return HugePageGrant(numa_node=device.numa_node, page_size_kib=device.page_size_kib or page // 1024, bytes=size)

@@ -1,0 +1,65 @@
+"""The DRA service (NodePrepareResources, NodeUnprepareResources): requests become ClaimRefs for the Driver, and
+its results become responses. v1 and v1beta1 differ only in package and in v1's share_id, so one servicer serves
+both."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import grpc
+
+from dra_cpu.core import cdi_spec
+from dra_cpu.core.claims import ClaimRef
+from dra_cpu.driver import Driver
+from dra_cpu.kubelet.gen import dra_v1_pb2_grpc, dra_v1beta1_pb2_grpc
+
+
+class DRAService(dra_v1_pb2_grpc.DRAPluginServicer, dra_v1beta1_pb2_grpc.DRAPluginServicer):
+    """NodePrepareResources / NodeUnprepareResources for one API version (its generated module `pb2`)."""
+
+    def __init__(self, driver: Driver, pb2: ModuleType) -> None:
+        self.driver = driver
+        self.pb2 = pb2
+        self.has_share_id = "share_id" in pb2.Device.DESCRIPTOR.fields_by_name
+
+    def NodePrepareResources(self, request: Any, context: grpc.ServicerContext) -> Any:
+        response = self.pb2.NodePrepareResourcesResponse()
+        refs, invalid = _refs(request.claims)
+        for uid, error in invalid.items():
+            response.claims[uid].error = error
+        for uid, result in self.driver.prepare(refs).items():
+            out = response.claims[uid]
+            if result.claim is None:
+                out.error = result.error
+                continue
+            for device in result.claim.devices:
+                item = out.devices.add(
+                    request_names=list(device.request_names),
+                    pool_name=device.pool,
+                    device_name=device.device,
+                    cdi_device_ids=[cdi_spec.device_id(self.driver.config.driver_name, uid)],
+                )
+                if self.has_share_id and device.share_id:
+                    item.share_id = device.share_id
+        return response
+
+    def NodeUnprepareResources(self, request: Any, context: grpc.ServicerContext) -> Any:
+        response = self.pb2.NodeUnprepareResourcesResponse()
+        refs, invalid = _refs(request.claims)
+        for uid, error in invalid.items():
+            response.claims[uid].error = error
+        for uid, error in self.driver.unprepare(refs).items():
+            response.claims[uid].error = error
+        return response
+
+
+def _refs(claims: Any) -> tuple[list[ClaimRef], dict[str, str]]:
+    refs, invalid = [], {}
+    for claim in claims:
+        missing = [f for f in ("namespace", "uid", "name") if not getattr(claim, f)]
+        if missing:
+            invalid[claim.uid] = f"claim {claim.namespace}/{claim.name} (uid {claim.uid!r}): empty {', '.join(missing)}"
+        else:
+            refs.append(ClaimRef(namespace=claim.namespace, name=claim.name, uid=claim.uid))
+    return refs, invalid

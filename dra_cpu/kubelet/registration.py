@@ -1,0 +1,58 @@
+"""Plugin registration: where the sockets are, and the Registration service the kubelet calls on the
+registration socket (GetInfo, NotifyRegistrationStatus)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from dra_cpu.kubelet.gen import pluginregistration_v1_pb2, pluginregistration_v1_pb2_grpc
+
+LOG = logging.getLogger("dra_cpu.kubelet")
+SUPPORTED_SERVICES = ("v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha1.DRAResourceHealth")
+
+
+@dataclass(frozen=True)
+class PluginPaths:
+    kubelet_root: Path
+    driver: str
+
+    @property
+    def registration_socket(self) -> Path:
+        return self.kubelet_root / "plugins_registry" / f"{self.driver}-reg.sock"
+
+    @property
+    def dra_socket(self) -> Path:
+        return self.kubelet_root / "plugins" / self.driver / "dra.sock"
+
+
+class RegistrationService(pluginregistration_v1_pb2_grpc.RegistrationServicer):
+    def __init__(self, paths: PluginPaths, registered: threading.Event, status: Callable[[bool], None]) -> None:
+        self.paths = paths
+        self.registered = registered
+        self.status = status
+
+    def GetInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return pluginregistration_v1_pb2.PluginInfo(
+            type="DRAPlugin",
+            name=self.paths.driver,
+            endpoint=str(self.paths.dra_socket),
+            supported_versions=list(SUPPORTED_SERVICES),
+        )
+
+    def NotifyRegistrationStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if request.plugin_registered:
+            LOG.info("registered with the kubelet", extra={"driver": self.paths.driver})
+            self.registered.set()
+            self.status(True)
+        else:
+            LOG.error("the kubelet refused registration; retrying", extra={"reason": request.error})
+            self.registered.clear()
+            self.status(False)
+        return pluginregistration_v1_pb2.RegistrationStatusResponse()

@@ -1,0 +1,220 @@
+"""A generic NRI plugin connection (what containerd's Go `stub` package is to Go plugins): dial the runtime's
+socket, register, answer the runtime's calls through a handler, reconnect with backoff when the runtime restarts.
+
+Threads: the transport's reader answers the runtime's calls inline through the handler; the connector keeps a
+connection up. `ready` is set once the runtime has synchronized with the plugin and cleared when the connection
+drops. The handler must never call the runtime from inside one of its callbacks (the runtime waits for the
+callback's answer while it handles the call: a deadlock in NRI before containerd/nri#301).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from dra_cpu.errors import DraCpuError
+from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
+from dra_cpu.nri.transport import UNIMPLEMENTED, Connection, MethodError, TransportError
+
+LOG = logging.getLogger("dra_cpu.nri")
+
+RUNTIME_SERVICE = "nri.pkg.api.v1alpha1.Runtime"
+PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"
+_INDEX = re.compile(r"^\d\d$")
+
+
+def event_mask(events: Sequence[int]) -> int:
+    mask = 0
+    for event in events:
+        mask |= 1 << (event - 1)
+    return mask
+
+
+@dataclass(frozen=True)
+class StubConfig:
+    socket: Path
+    plugin_name: str
+    plugin_index: str
+    call_timeout: float
+    backoff_initial: float
+    backoff_max: float
+
+    def check(self) -> None:
+        if not _INDEX.match(self.plugin_index):
+            raise DraCpuError(f"--nri-plugin-index {self.plugin_index!r}: must be two digits, 00 to 99")
+        if not self.plugin_name or any(c.isspace() or c == "/" for c in self.plugin_name):
+            raise DraCpuError(f"NRI plugin name {self.plugin_name!r}: must be non-empty, without spaces or '/'")
+
+
+class Handler(Protocol):
+    """What a plugin answers. Each callback runs on the transport's reader thread and must return quickly."""
+
+    @property
+    def events(self) -> Sequence[int]:
+        """The events to subscribe to (api.CREATE_CONTAINER, ...)."""
+        ...
+
+    def synchronize(
+        self, pods: Sequence[api.PodSandbox], containers: Sequence[api.Container]
+    ) -> list[api.ContainerUpdate]:
+        """The runtime's whole state (after every (re)connection): the updates that reconcile it."""
+        ...
+
+    def create_container(self, request: api.CreateContainerRequest) -> api.ContainerAdjustment:
+        """Raise MethodError to refuse the container."""
+        ...
+
+    def update_container(self, request: api.UpdateContainerRequest) -> list[api.ContainerUpdate]: ...
+
+    def stop_container(self, request: api.StopContainerRequest) -> None: ...
+
+    def remove_container(self, container_id: str) -> None: ...
+
+    def disconnected(self, stopping: bool) -> None:
+        """The connection dropped (`stopping`: because the plugin stops); a Synchronize follows a reconnection."""
+        ...
+
+
+class Stub:
+    def __init__(self, config: StubConfig, handler: Handler) -> None:
+        self.config = config
+        self.handler = handler
+        self.ready = threading.Event()
+        self._conn: Connection | None = None
+        self._stop = threading.Event()
+        self._sync_pods: list[api.PodSandbox] = []
+        self._sync_containers: list[api.Container] = []
+        self._thread = threading.Thread(target=self._connect_loop, name="nri-connect", daemon=True)
+        self._methods: dict[str, Callable[[bytes], bytes]] = {
+            "Configure": self._configure,
+            "Synchronize": self._synchronize,
+            "CreateContainer": self._create_container,
+            "UpdateContainer": self._update_container,
+            "StopContainer": self._stop_container,
+            "StateChange": self._state_change,
+            "Shutdown": self._shutdown,
+        }
+
+    def start(self) -> None:
+        LOG.info(
+            "starting NRI plugin",
+            extra={
+                "socket": str(self.config.socket),
+                "plugin": self.config.plugin_name,
+                "index": self.config.plugin_index,
+            },
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        conn = self._conn
+        if conn is not None:
+            conn.close()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.ready.clear()
+
+    def update_containers(self, updates: Sequence[api.ContainerUpdate]) -> list[api.ContainerUpdate]:
+        """Runtime.UpdateContainers; returns the updates the runtime reports failed. Never from a callback."""
+        conn = self._conn
+        if conn is None:
+            raise TransportError("not connected to the runtime")
+        request = api.UpdateContainersRequest(update=updates)
+        raw = conn.call(RUNTIME_SERVICE, "UpdateContainers", request.SerializeToString(), self.config.call_timeout)
+        return list(api.UpdateContainersResponse.FromString(raw).failed)
+
+    def _connect_loop(self) -> None:
+        backoff = self.config.backoff_initial
+        while not self._stop.is_set():
+            try:
+                conn = Connection.dial(str(self.config.socket), self._handle)
+            except OSError as err:
+                LOG.warning(
+                    "cannot connect to NRI; retrying",
+                    extra={"socket": str(self.config.socket), "reason": err.strerror or str(err), "retryIn": backoff},
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.config.backoff_max)
+                continue
+            self._conn = conn
+            conn.start()
+            if self._register(conn):
+                backoff = self.config.backoff_initial
+            while not conn.closed.wait(0.2):
+                if self._stop.is_set():
+                    conn.close()
+            conn.close()
+            self.ready.clear()
+            self._sync_pods, self._sync_containers = [], []
+            self.handler.disconnected(self._stop.is_set())
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, self.config.backoff_max)
+
+    def _register(self, conn: Connection) -> bool:
+        request = api.RegisterPluginRequest(plugin_name=self.config.plugin_name, plugin_idx=self.config.plugin_index)
+        try:
+            conn.call(RUNTIME_SERVICE, "RegisterPlugin", request.SerializeToString(), self.config.call_timeout)
+        except TransportError as err:
+            LOG.error("NRI registration failed", extra={"reason": str(err)})
+            conn.close()
+            return False
+        LOG.info("registered with the runtime", extra={"plugin": self.config.plugin_name})
+        return True
+
+    def _handle(self, service: str, method: str, payload: bytes) -> bytes:
+        if service != PLUGIN_SERVICE or method not in self._methods:
+            LOG.warning("unknown NRI method called", extra={"service": service, "method": method})
+            raise MethodError(UNIMPLEMENTED, f"{service}/{method} is not implemented by {self.config.plugin_name}")
+        return self._methods[method](payload)
+
+    def _configure(self, payload: bytes) -> bytes:
+        request = api.ConfigureRequest.FromString(payload)
+        LOG.info(
+            "configured by the runtime",
+            extra={
+                "runtime": request.runtime_name,
+                "runtimeVersion": request.runtime_version,
+                "requestTimeoutMs": request.request_timeout,
+            },
+        )
+        return api.ConfigureResponse(events=event_mask(self.handler.events)).SerializeToString()
+
+    def _synchronize(self, payload: bytes) -> bytes:
+        request = api.SynchronizeRequest.FromString(payload)
+        self._sync_pods.extend(request.pods)
+        self._sync_containers.extend(request.containers)
+        if request.more:
+            return api.SynchronizeResponse(more=True).SerializeToString()
+        pods, containers = self._sync_pods, self._sync_containers
+        self._sync_pods, self._sync_containers = [], []
+        updates = self.handler.synchronize(pods, containers)
+        self.ready.set()
+        return api.SynchronizeResponse(update=updates).SerializeToString()
+
+    def _create_container(self, payload: bytes) -> bytes:
+        adjust = self.handler.create_container(api.CreateContainerRequest.FromString(payload))
+        return api.CreateContainerResponse(adjust=adjust).SerializeToString()
+
+    def _update_container(self, payload: bytes) -> bytes:
+        updates = self.handler.update_container(api.UpdateContainerRequest.FromString(payload))
+        return api.UpdateContainerResponse(update=updates).SerializeToString()
+
+    def _stop_container(self, payload: bytes) -> bytes:
+        self.handler.stop_container(api.StopContainerRequest.FromString(payload))
+        return api.StopContainerResponse().SerializeToString()
+
+    def _state_change(self, payload: bytes) -> bytes:
+        event = api.StateChangeEvent.FromString(payload)
+        if event.event == api.REMOVE_CONTAINER:
+            self.handler.remove_container(event.container.id)
+        return api.Empty().SerializeToString()
+
+    def _shutdown(self, payload: bytes) -> bytes:
+        LOG.warning("the runtime asked the plugin to shut down; it will reconnect")
+        return api.Empty().SerializeToString()

@@ -1,0 +1,52 @@
+"""The driver's CDI spec files: written atomically, listed, read back and removed (core/cdi_spec.py builds them)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dra_cpu.core.cdi_spec import CDI_CLASS, CDIError, spec_filename
+from dra_cpu.store.fileio import write_atomic
+
+
+@dataclass(frozen=True)
+class CDIStore:
+    """The driver's spec files in the CDI folder; files of other drivers there are never touched."""
+
+    root: Path
+    driver: str
+
+    def path(self, uid: str) -> Path:
+        return self.root / spec_filename(self.driver, uid)
+
+    def write(self, uid: str, spec: Mapping[str, Any]) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            # Not durable: the specs live on a tmpfs, and start-up rewrites them from the checkpoint.
+            write_atomic(self.path(uid), json.dumps(spec, indent=1).encode() + b"\n", durable=False)
+        except OSError as err:
+            raise CDIError(f"cannot write CDI spec {self.path(uid)}: {err.strerror}") from None
+
+    def remove(self, uid: str) -> None:
+        try:
+            self.path(uid).unlink(missing_ok=True)
+        except OSError as err:
+            raise CDIError(f"cannot remove CDI spec {self.path(uid)}: {err.strerror}") from None
+
+    def uids(self) -> Iterator[str]:
+        prefix, suffix = f"{self.driver}-{CDI_CLASS}_claim-", ".json"
+        if not self.root.is_dir():
+            return
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(prefix) and entry.name.endswith(suffix):
+                yield entry.name[len(prefix) : -len(suffix)]
+
+    def read(self, uid: str) -> dict[str, Any]:
+        try:
+            spec: dict[str, Any] = json.loads(self.path(uid).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CDIError(f"cannot read CDI spec {self.path(uid)}: {err}") from None
+        return spec

@@ -1,0 +1,102 @@
+"""The prepared claims on disk: one JSON file, versioned and checksummed, replaced atomically.
+
+Loaded before anything is served. A file that fails its checksum or does not parse is moved aside (never deleted:
+a person may want it) and the caller rebuilds the state from the driver's own CDI specs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dra_cpu.core.state import PreparedClaim, State
+from dra_cpu.errors import DraCpuError
+from dra_cpu.store.fileio import write_atomic
+
+VERSION = 1
+FILENAME = "checkpoint.json"
+
+
+class CheckpointError(DraCpuError):
+    """The checkpoint exists but cannot be trusted."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    state: State
+    boot_id: str
+
+
+def encode(checkpoint: Checkpoint, cache: dict[str, tuple[PreparedClaim, str]] | None = None) -> bytes:
+    """Compact JSON; the checksum covers the claims' exact bytes. `cache` keeps each claim's serialization between
+    saves, so that a prepare costs one claim's encoding, not the whole node's."""
+    parts = []
+    for uid, claim in sorted(checkpoint.state.claims.items()):
+        hit = cache.get(uid) if cache is not None else None
+        if hit is None or hit[0] is not claim:
+            hit = (claim, json.dumps(claim.to_dict(), sort_keys=True, separators=(",", ":")))
+            if cache is not None:
+                cache[uid] = hit
+        parts.append(hit[1])
+    if cache is not None:
+        for uid in set(cache) - set(checkpoint.state.claims):
+            del cache[uid]
+    claims = "[" + ",".join(parts) + "]"
+    header = json.dumps({"version": VERSION, "bootID": checkpoint.boot_id, "checksum": _checksum(claims)})
+    return f'{header[:-1]}, "claims": {claims}}}\n'.encode()
+
+
+def decode(data: bytes, origin: str) -> Checkpoint:
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{origin}: not JSON ({err})") from None
+    if not isinstance(doc, dict) or doc.get("version") != VERSION:
+        version = doc.get("version") if isinstance(doc, dict) else None
+        raise CheckpointError(f"{origin}: version {version!r}, expected {VERSION}")
+    claims = doc.get("claims")
+    if not isinstance(claims, list) or doc.get("checksum") != _checksum(_canonical(claims)):
+        raise CheckpointError(f"{origin}: checksum mismatch: the file was changed or cut short")
+    try:
+        prepared = [PreparedClaim.from_dict(c) for c in claims]
+    except (KeyError, TypeError, ValueError, DraCpuError) as err:
+        raise CheckpointError(f"{origin}: malformed claim record ({err!r})") from None
+    return Checkpoint(State({c.uid: c for c in prepared}), str(doc.get("bootID", "")))
+
+
+def _canonical(claims: list[Any]) -> str:
+    return "[" + ",".join(json.dumps(c, sort_keys=True, separators=(",", ":")) for c in claims) + "]"
+
+
+def _checksum(claims: str) -> str:
+    return "sha256:" + hashlib.sha256(claims.encode()).hexdigest()
+
+
+@dataclass
+class CheckpointFile:
+    directory: Path
+    _encoded: dict[str, tuple[PreparedClaim, str]] = field(default_factory=dict, repr=False)
+
+    @property
+    def path(self) -> Path:
+        return self.directory / FILENAME
+
+    def load(self) -> Checkpoint | None:
+        """None when there is no checkpoint yet; CheckpointError (after moving the file aside) when it is bad."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return decode(data, str(self.path))
+        except CheckpointError as err:
+            aside = self.path.with_name(f"{FILENAME}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            self.path.rename(aside)
+            raise CheckpointError(f"{err}; moved aside to {aside}") from None
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        write_atomic(self.path, encode(checkpoint, self._encoded), mode=0o600)

@@ -1,0 +1,230 @@
+"""The Kubernetes DRA CEL environment over cel-python (celpy): the `device` variable, the quantity and semver
+libraries and the string extensions. Pure."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import cache, total_ordering
+from typing import Any
+
+import celpy
+from celpy import celtypes
+from celpy.evaluation import base_functions
+from lark import Token
+from lark import Tree as LarkTree
+
+from dra_cpu.core.quantity import QuantityError, parse_quantity
+from dra_cpu.errors import DraCpuError
+
+Tree = LarkTree[Token]
+Node = Tree | Token
+
+
+class CelError(DraCpuError):
+    """A selector that does not compile: a syntax error, or a type error Kubernetes would reject."""
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A resource.Quantity as CEL sees it: exact, compared by value."""
+
+    value: Fraction
+
+    def __str__(self) -> str:
+        return str(self.value.numerator) if self.value.denominator == 1 else str(float(self.value))
+
+
+_SEMVER = re.compile(
+    r"^v?(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?(?:\+[0-9A-Za-z.-]+)?$"
+)
+
+
+@total_ordering
+@dataclass(frozen=True, eq=False)
+class Semver:
+    """A version attribute: semver 2.0 precedence (build metadata ignored, a pre-release sorts first)."""
+
+    text: str
+    core: tuple[int, int, int]
+    prerelease: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Semver:
+        match = _SEMVER.match(text)
+        if not match:
+            raise ValueError(f"invalid semver {text!r}")
+        major, minor, patch, pre = match.groups()
+        return cls(text, (int(major), int(minor), int(patch)), tuple(pre.split(".")) if pre else ())
+
+    def _key(self) -> tuple[tuple[int, int, int], bool, tuple[tuple[bool, int, str], ...]]:
+        # Numeric identifiers sort before alphanumeric ones, and numerically among themselves.
+        pre = tuple((not p.isdigit(), int(p) if p.isdigit() else 0, p) for p in self.prerelease)
+        return self.core, not self.prerelease, pre
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Semver) and self._key() == other._key()
+
+    def __lt__(self, other: Semver) -> bool:
+        return self._key() < other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __str__(self) -> str:
+        return self.text
+
+
+AttributeValue = bool | int | str | Semver
+
+
+@dataclass(frozen=True)
+class CelDevice:
+    """What a selector sees of one device. Attribute and capacity keys are fully qualified (`domain/id`)."""
+
+    driver: str
+    attributes: Mapping[str, AttributeValue]
+    capacity: Mapping[str, Fraction]
+    allow_multiple_allocations: bool
+
+
+DEVICE_FIELDS = {"driver": "string", "attributes": "map", "capacity": "map", "allowMultipleAllocations": "bool"}
+MACROS = {"has", "all", "exists", "exists_one", "map", "filter"}
+
+
+def _compare(a: Any, b: Any) -> celtypes.IntType:
+    if type(a) is not type(b) or not isinstance(a, Quantity | Semver):
+        raise TypeError(f"no such overload: compareTo({type(a).__name__}, {type(b).__name__})")
+    if isinstance(a, Quantity) and isinstance(b, Quantity):
+        return celtypes.IntType((a.value > b.value) - (a.value < b.value))
+    return celtypes.IntType((a > b) - (a < b))
+
+
+def _quantity(text: Any) -> Quantity:
+    try:
+        return Quantity(parse_quantity(str(text)))
+    except QuantityError as err:
+        raise ValueError(str(err)) from None
+
+
+def _is(parse: Callable[[Any], object]) -> Callable[[Any], celtypes.BoolType]:
+    def check(text: Any) -> celtypes.BoolType:
+        try:
+            parse(text)
+        except ValueError:
+            return celtypes.BoolType(False)
+        return celtypes.BoolType(True)
+
+    return check
+
+
+def _quantity_arith(sign: int) -> Callable[[Quantity, Any], Quantity]:
+    def arith(q: Quantity, other: Any) -> Quantity:
+        amount = other.value if isinstance(other, Quantity) else Fraction(int(other))
+        return Quantity(q.value + sign * amount)
+
+    return arith
+
+
+def _semver(text: Any) -> Semver:
+    return Semver.parse(str(text))
+
+
+def _as_integer(q: Quantity) -> celtypes.IntType:
+    if q.value.denominator != 1:
+        raise ValueError(f"quantity {q} is not an integer")
+    return celtypes.IntType(q.value.numerator)
+
+
+def _sign(q: Quantity) -> celtypes.IntType:
+    return celtypes.IntType((q.value > 0) - (q.value < 0))
+
+
+def _semver_part(index: int) -> Callable[[Semver], celtypes.IntType]:
+    return lambda v: celtypes.IntType(v.core[index])
+
+
+def _split(text: Any, sep: Any) -> celtypes.ListType:
+    return celtypes.ListType(celtypes.StringType(part) for part in str(text).split(str(sep)))
+
+
+# The Kubernetes CEL libraries a device selector may call, beyond celpy's standard ones.
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "quantity": _quantity,
+    "isQuantity": _is(_quantity),
+    "semver": _semver,
+    "isSemver": _is(_semver),
+    "compareTo": _compare,
+    "isGreaterThan": lambda a, b: celtypes.BoolType(_compare(a, b) > 0),
+    "isLessThan": lambda a, b: celtypes.BoolType(_compare(a, b) < 0),
+    "add": _quantity_arith(1),
+    "sub": _quantity_arith(-1),
+    "asInteger": _as_integer,
+    "isInteger": lambda q: celtypes.BoolType(q.value.denominator == 1),
+    "asApproximateFloat": lambda q: celtypes.DoubleType(float(q.value)),
+    "sign": _sign,
+    "major": _semver_part(0),
+    "minor": _semver_part(1),
+    "patch": _semver_part(2),
+    "lowerAscii": lambda s: celtypes.StringType(str(s).lower()),
+    "upperAscii": lambda s: celtypes.StringType(str(s).upper()),
+    "trim": lambda s: celtypes.StringType(str(s).strip()),
+    "split": _split,
+}
+KNOWN_FUNCTIONS = set(base_functions) | set(FUNCTIONS) | MACROS
+
+
+class _Domains(celtypes.MapType):
+    """`device.attributes` and `device.capacity`: an unknown domain is an empty map, as in Kubernetes."""
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().get(key, celtypes.MapType())
+
+
+def _cel_value(value: AttributeValue) -> Any:
+    if isinstance(value, bool):
+        return celtypes.BoolType(value)
+    if isinstance(value, int):
+        return celtypes.IntType(value)
+    if isinstance(value, str):
+        return celtypes.StringType(value)
+    return value
+
+
+def _grouped(values: Mapping[str, Any]) -> _Domains:
+    domains: dict[str, dict[Any, Any]] = {}
+    for key, value in values.items():
+        domain, _, name = key.rpartition("/")
+        domains.setdefault(domain, {})[celtypes.StringType(name)] = value
+    return _Domains({celtypes.StringType(d): celtypes.MapType(ids) for d, ids in domains.items()})
+
+
+def activation(device: CelDevice) -> dict[str, Any]:
+    return {
+        "device": celtypes.MapType(
+            {
+                celtypes.StringType("driver"): celtypes.StringType(device.driver),
+                celtypes.StringType("attributes"): _grouped({k: _cel_value(v) for k, v in device.attributes.items()}),
+                celtypes.StringType("capacity"): _grouped({k: Quantity(v) for k, v in device.capacity.items()}),
+                celtypes.StringType("allowMultipleAllocations"): celtypes.BoolType(device.allow_multiple_allocations),
+            }
+        )
+    }
+
+
+@cache
+def environment() -> celpy.Environment:
+    """Built on first use: building the parser takes a tenth of a second that other commands need not pay."""
+    return celpy.Environment()
+
+
+# Wrappers around a single child that carry no meaning of their own for the explanation.
+def parse(text: str) -> Tree:
+    return environment().compile(text)
+
+
+@cache
+def program(text: str) -> celpy.Runner:
+    return environment().program(parse(text), functions=FUNCTIONS)

@@ -1,0 +1,167 @@
+"""`dra-cpu status`: per node and NUMA node, the CPUs and hugepages the driver publishes, what allocated claims
+hold of them (their consumedCapacity) and which claims those are. The view before placing a big NUMA-bound workload.
+
+Pure: ResourceSlices + ResourceClaims in, a report out (cli/status.py reads them from the API server).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from dra_cpu.core.quantity import format_bytes
+from dra_cpu.tools.explain.model import SliceDevice, Usage, held_amount, number
+
+
+@dataclass(frozen=True)
+class Amount:
+    total: Fraction
+    allocated: Fraction
+
+    @property
+    def free(self) -> Fraction:
+        return self.total - self.allocated
+
+
+@dataclass(frozen=True)
+class Holding:
+    claim: str
+    device: str
+    what: str
+
+
+@dataclass(frozen=True)
+class NumaStatus:
+    node: str
+    numa: int
+    cpus: Amount
+    isolated: Amount
+    # Page size ("2Mi") -> bytes.
+    hugepages: tuple[tuple[str, Amount], ...]
+    claims: tuple[Holding, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "numaNode": self.numa,
+            "cpus": _cpus(self.cpus),
+            "isolatedCpus": _cpus(self.isolated),
+            "hugepages": {
+                size: {
+                    "total": format_bytes(int(a.total)),
+                    "allocated": format_bytes(int(a.allocated)),
+                    "free": format_bytes(int(a.free)),
+                }
+                for size, a in self.hugepages
+            },
+            "claims": [{"claim": h.claim, "device": h.device, "holds": h.what} for h in self.claims],
+        }
+
+
+def _cpus(amount: Amount) -> dict[str, int]:
+    return {"total": int(amount.total), "allocated": int(amount.allocated), "free": int(amount.free)}
+
+
+_NONE = Amount(Fraction(0), Fraction(0))
+
+
+@dataclass
+class _Tally:
+    cpus: Amount = _NONE
+    isolated: Amount = _NONE
+    hugepages: dict[str, Amount] = field(default_factory=dict)
+    claims: list[Holding] = field(default_factory=list)
+
+
+def _add(a: Amount, total: Fraction, allocated: Fraction) -> Amount:
+    return Amount(a.total + total, a.allocated + allocated)
+
+
+def _numa(device: SliceDevice) -> int:
+    for key in (f"{device.driver}/numaNodeID", "resource.kubernetes.io/numaNode"):
+        value = device.attributes.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return -1
+
+
+def cluster_status(
+    devices: Iterable[SliceDevice], usage: Mapping[tuple[str, str, str], Usage], driver: str
+) -> tuple[NumaStatus, ...]:
+    """One row per (node, NUMA node) of `driver`'s devices. A device with capacity counts its capacity and what
+    claims consumed of it; an individual-mode CPU device (no capacity) counts 1, allocated when any claim holds it."""
+    tallies: dict[tuple[str, int], _Tally] = {}
+    for device in devices:
+        if device.driver != driver:
+            continue
+        kind = device.attributes.get(f"{driver}/type")
+        held = usage.get(device.key, Usage())
+        tally = tallies.setdefault((device.node or device.pool, _numa(device)), _Tally())
+        if kind == "cpu":
+            key = f"{driver}/cpu"
+            total = device.capacity[key].value if key in device.capacity else Fraction(1)
+            taken = held_amount(device, held, key) if key in device.capacity else Fraction(1 if held.holders else 0)
+            if device.attributes.get(f"{driver}/isolated") is True:
+                tally.isolated = _add(tally.isolated, total, taken)
+            else:
+                tally.cpus = _add(tally.cpus, total, taken)
+            unit = "CPU(s)"
+        elif kind == "hugepages" and f"{driver}/memory" in device.capacity:
+            key = f"{driver}/memory"
+            size = str(device.attributes.get(f"{driver}/pageSize", "?"))
+            total = device.capacity[key].value
+            previous = tally.hugepages.get(size, _NONE)
+            tally.hugepages[size] = _add(previous, total, held_amount(device, held, key))
+            unit = f"of {size} hugepages"
+        else:
+            continue
+        for claim in held.holders:
+            what = number(held_amount(device, held, key, claim)) if key in device.capacity else "1"
+            tally.claims.append(Holding(claim, device.name, f"{what} {unit}"))
+    return tuple(
+        NumaStatus(node, numa, t.cpus, t.isolated, tuple(sorted(t.hugepages.items())), tuple(t.claims))
+        for (node, numa), t in sorted(tallies.items())
+    )
+
+
+_COLUMNS = (
+    ("NODE", "<20"),
+    ("NUMA", ">4"),
+    ("CPUS", ">5"),
+    ("ALLOC", ">5"),
+    ("FREE", ">5"),
+    ("ISOLATED(A/T)", ">13"),
+    ("HUGEPAGES(A/T)", "<24"),
+    ("CLAIMS", ""),
+)
+
+
+def _line(cells: Iterable[object]) -> str:
+    return " ".join(f"{cell!s:{fmt}}" for cell, (_, fmt) in zip(cells, _COLUMNS, strict=True)).rstrip()
+
+
+def render_table(rows: tuple[NumaStatus, ...]) -> str:
+    lines = [_line(name for name, _ in _COLUMNS)]
+    for row in rows:
+        pages = ", ".join(
+            f"{size} {format_bytes(int(a.allocated)) if a.allocated else '0'}/{format_bytes(int(a.total))}"
+            for size, a in row.hugepages
+        )
+        cpus = _cpus(row.cpus)
+        lines.append(
+            _line(
+                (
+                    row.node,
+                    row.numa,
+                    cpus["total"],
+                    cpus["allocated"],
+                    cpus["free"],
+                    f"{int(row.isolated.allocated)}/{int(row.isolated.total)}",
+                    pages or "-",
+                    ", ".join(f"{h.claim} ({h.what})" for h in row.claims) or "-",
+                )
+            )
+        )
+    return "\n".join(lines) + "\n"

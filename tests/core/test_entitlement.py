@@ -1,0 +1,114 @@
+"""The pure decision: which cpus, mems and hugepage limits a container gets."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from dra_cpu.core import entitlement as policy
+from dra_cpu.core.claims import ClaimRef
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.entitlement import ContainerInfo, NoSharedCpus, Pin
+from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State
+from dra_cpu.node.sysfs import read_topology
+from tests.support.paths import SYSFS
+
+TOPOLOGY = read_topology(SYSFS / "dual-socket-smt2")
+POD = "pod-uid-1"
+
+
+def claim(uid: str, cpus: str, pods: tuple[str, ...] = (POD,), hugepages: HugePageGrant | None = None) -> PreparedClaim:
+    devices = [PreparedDevice(("cpus",), "node", "cpu-numa0", cpus=CPUSet.parse(cpus))]
+    if hugepages is not None:
+        devices.append(PreparedDevice(("mem",), "node", "hugepages-2Mi-numa1", hugepages=hugepages))
+    return PreparedClaim(ClaimRef("ns", f"c-{uid}", uid), tuple(devices), pods)
+
+
+def container(env: list[str], pod_uid: str = POD) -> ContainerInfo:
+    return policy.container_info("cid", "app", pod_uid, "ns/pod", env)
+
+
+STATE = State({"a": claim("a", "2-3"), "b": claim("b", "8-9", pods=("other-pod",))})
+POOLS = policy.pools(STATE, TOPOLOGY)
+
+
+def test_claimed_container_gets_the_claims_cpus_and_numa_nodes() -> None:
+    decision = policy.decide(container(["PATH=/bin", "DRA_CPUSET_a=2-3"]), POOLS)
+    assert decision.pin == Pin(CPUSet.parse("2-3"), CPUSet.parse("0"), claims=("a",))
+    assert decision.rejected == ()
+
+
+def test_unclaimed_container_gets_the_shared_pool_and_every_memory_node() -> None:
+    decision = policy.decide(container(["PATH=/bin"]), POOLS)
+    assert decision.pin == Pin(CPUSet.parse("0-1,4-7,10-15"), CPUSet.parse("0-1"))
+
+
+@pytest.mark.parametrize(
+    ("env", "pod_uid", "reason"),
+    [
+        (["DRA_CPUSET_a=2-3"], "forger", "pod forger is not among the claim's reservedFor pods (pod-uid-1)"),
+        (["DRA_CPUSET_a=2"], POD, "cpuset '2' is not the claim's (2-3)"),
+        (["DRA_CPUSET_a=all"], POD, "cpuset 'all' is not a cpu list"),
+        (["DRA_CPUSET_zzz=2-3"], POD, "no such claim is prepared on this node"),
+        (["DRA_CPUSET_b=8-9"], POD, "pod pod-uid-1 is not among the claim's reservedFor pods (other-pod)"),
+    ],
+)
+def test_env_that_does_not_prove_a_claim_gives_the_shared_pool(env: list[str], pod_uid: str, reason: str) -> None:
+    decision = policy.decide(container(env, pod_uid), POOLS)
+    assert decision.pin == Pin(POOLS.shared, POOLS.shared_mems)
+    assert [r.reason for r in decision.rejected] == [reason]
+
+
+def test_a_forged_entry_beside_a_real_claim_is_rejected_alone() -> None:
+    decision = policy.decide(container(["DRA_CPUSET_a=2-3", "DRA_CPUSET_b=8-9"]), POOLS)
+    assert decision.pin.cpus == CPUSet.parse("2-3")
+    assert [r.claim_uid for r in decision.rejected] == ["b"]
+
+
+def test_two_claims_of_one_container_are_united() -> None:
+    state = State({"a": claim("a", "2-3"), "c": claim("c", "12")})
+    decision = policy.decide(container(["DRA_CPUSET_a=2-3", "DRA_CPUSET_c=12"]), policy.pools(state, TOPOLOGY))
+    assert (decision.pin.cpus, decision.pin.mems, decision.pin.claims) == (
+        CPUSet.parse("2-3,12"),
+        CPUSet.parse("0-1"),
+        ("a", "c"),
+    )
+
+
+def test_hugepage_claim_sets_limits_and_its_memory_node() -> None:
+    grant = HugePageGrant(numa_node=1, page_size_kib=2048, bytes=64 << 20)
+    state = State({"h": claim("h", "2-3", hugepages=grant)})
+    pin = policy.decide(container(["DRA_CPUSET_h=2-3"]), policy.pools(state, TOPOLOGY)).pin
+    assert pin.hugepage_limits == (("2MB", 64 << 20),)
+    assert pin.mems == CPUSet.parse("0-1")
+
+
+@pytest.mark.parametrize(("kib", "name"), [(64, "64KB"), (2048, "2MB"), (1 << 20, "1GB"), (32768, "32MB")])
+def test_oci_page_size_names(kib: int, name: str) -> None:
+    assert policy.oci_page_size(kib) == name
+
+
+def test_reserved_cpus_stay_shared_unless_strict() -> None:
+    reserved = CPUSet.parse("0-1")
+    assert reserved.issubset(policy.pools(STATE, TOPOLOGY, reserved).shared)
+    assert reserved.isdisjoint(policy.pools(STATE, TOPOLOGY, reserved, strict_reserved=True).shared)
+
+
+def test_isolated_cpus_are_not_shared() -> None:
+    cpus = tuple(replace(c, isolated=c.id in (14, 15)) for c in TOPOLOGY.cpus)
+    topology = replace(TOPOLOGY, cpus=cpus)
+    assert policy.pools(State(), topology).shared == CPUSet.parse("0-13")
+
+
+def test_no_shared_cpu_left_is_an_error_naming_the_container() -> None:
+    everything = State({"a": claim("a", "0-15")})
+    with pytest.raises(NoSharedCpus, match="container app of pod ns/pod"):
+        policy.decide(container([]), policy.pools(everything, TOPOLOGY))
+    # The claim's own container still gets its CPUs.
+    assert policy.decide(container(["DRA_CPUSET_a=0-15"]), policy.pools(everything, TOPOLOGY)).pin.claims == ("a",)
+
+
+def test_env_parsing_ignores_lookalikes() -> None:
+    info = container(["DRA_CPUSET_=1", "DRA_CPUSET_x", "XDRA_CPUSET_y=1", "DRA_CPUSET_z=1=2"])
+    assert info.env_claims == {"z": "1=2"}

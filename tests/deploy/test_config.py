@@ -1,0 +1,160 @@
+"""`dra-cpu run --config FILE`: bad files and bad mounts stop the daemon with one line naming the key or path and
+exit code 2; flags given on the command line override the file; the docs and the chart know every key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from dra_cpu.cli import EXIT_USAGE, build_parser
+from dra_cpu.config import Config, ConfigError, load
+from tests.support.paths import FIXTURES, REPO
+
+KEYS = {f.name: "".join(p.capitalize() if i else p for i, p in enumerate(f.name.split("_"))) for f in fields(Config)}
+
+
+def dra_cpu_run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dra_cpu", "run", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def refused(result: subprocess.CompletedProcess[str]) -> str:
+    """The daemon's one-line complaint, after checking that it exited 2 with nothing else on stderr but logs."""
+    assert result.returncode == EXIT_USAGE, result.stderr
+    complaints = [line for line in result.stderr.splitlines() if line.startswith("dra-cpu run: ")]
+    assert len(complaints) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return complaints[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('reservedCPUs: "0-1"\n', "unknown key 'reservedCPUs'"),
+        ("wholeCores: yes please\n", "wholeCores must be a bool"),
+        ("minSharedCpus: 1.5\n", "minSharedCpus must be a int"),
+        ("metricsAddress: 8080\n", "metricsAddress must be a str"),
+        ("deviceMode: fancy\n", "deviceMode 'fancy': must be one of grouped, individual"),
+        ('reservedCpus: "0-x"\n', "reservedCpus '0-x'"),
+        ("enforcement: none\n", "enforcement 'none' is for development: it needs --standalone"),
+        ("minSharedCpus: 0\n", "minSharedCpus 0: at least 1 CPU must stay shared"),
+        ('nriPluginIndex: "7"\n', "nriPluginIndex '7': must be two digits"),
+        ("hugepagePollSeconds: 0\n", "hugepagePollSeconds 0.0: must be positive"),
+        ("driverName: CPU_Driver\n", "invalid driver name 'CPU_Driver'"),
+        ("- wholeCores\n", "expected a mapping of keys, found list"),
+        ("wholeCores: [\n", "is not valid YAML"),
+    ],
+    ids=[
+        "unknown-key",
+        "wrong-type-bool",
+        "wrong-type-int",
+        "wrong-type-str",
+        "bad-choice",
+        "bad-cpu-list",
+        "dev-enforcement-outside-standalone",
+        "no-shared-cpus",
+        "nri-index",
+        "poll-interval",
+        "driver-name",
+        "not-a-mapping",
+        "not-yaml",
+    ],
+)
+def test_bad_config_file(tmp_path: Path, content: str, expected: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(content)
+    assert expected in refused(dra_cpu_run("--config", str(path)))
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.yaml"
+    assert f"config file {missing}: no such file" in refused(dra_cpu_run("--config", str(missing)))
+
+
+def load_args(*argv: str, environ: dict[str, str] | None = None) -> Config:
+    return load(build_parser().parse_args(["run", *argv]), environ or {"NODE_NAME": "env-node"})
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("minSharedCpus: 3\nwholeCores: true\nlogLevel: debug\nreservedCpus: 0\n")
+    from_file = load_args("--config", str(path))
+    assert (from_file.min_shared_cpus, from_file.whole_cores, from_file.log_level) == (3, True, "debug")
+    assert from_file.reserved_cpus == "0"  # a bare number in YAML is still a cpu list
+    assert from_file.node_name == "env-node"
+
+    flagged = load_args("--config", str(path), "--min-shared-cpus", "2", "--no-whole-cores", "--node-name", "n1")
+    assert (flagged.min_shared_cpus, flagged.whole_cores, flagged.node_name) == (2, False, "n1")
+    assert flagged.log_level == "debug"  # not given as a flag: the file's value stays
+    assert flagged.hugepage_poll_seconds == Config().hugepage_poll_seconds  # in neither: the default
+
+
+def test_a_flag_cannot_make_the_file_valid_if_the_result_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("enforcement: none\n")
+    with pytest.raises(ConfigError, match="needs --standalone"):
+        load_args("--config", str(path))
+    assert load_args("--config", str(path), "--standalone", str(tmp_path)).enforcement == "none"
+
+
+def standalone_run(tmp_path: Path, **paths: str) -> subprocess.CompletedProcess[str]:
+    """`dra-cpu run` on a fixture topology with every host folder under tmp_path unless given."""
+    folders = {
+        "kubelet-root-dir": str(tmp_path / "kubelet"),
+        "cdi-root": str(tmp_path / "cdi"),
+        "state-dir": str(tmp_path / "state"),
+        **paths,
+    }
+    return dra_cpu_run(
+        "--standalone",
+        str(tmp_path / "cluster"),
+        "--enforcement",
+        "none",
+        "--node-name",
+        "n",
+        "--sysfs-root",
+        str(FIXTURES / "sysfs" / "kvm-2cpu"),
+        "--metrics-address",
+        "127.0.0.1:0",
+        *(arg for key, value in folders.items() for arg in (f"--{key}", value)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "key"),
+    [("cdi-root", "cdiRoot"), ("state-dir", "stateDir"), ("kubelet-root-dir", "cannot prepare socket")],
+)
+def test_unusable_host_folder_stops_the_daemon_naming_it(tmp_path: Path, flag: str, key: str) -> None:
+    # A folder under a regular file can be created by nobody, root included: what a wrong or missing mount gives.
+    # Short, so that the kubelet sockets under it fit a unix socket path and the folder is what fails.
+    with tempfile.NamedTemporaryFile(prefix="dra-cpu-") as blocker:
+        bad = Path(blocker.name) / "sub"
+        line = refused(standalone_run(tmp_path, **{flag: str(bad)}))
+    assert key in line
+    assert str(bad) in line
+    assert "Not a directory" in line
+
+
+def test_missing_sysfs_names_the_path(tmp_path: Path) -> None:
+    line = refused(
+        dra_cpu_run(
+            "--standalone", str(tmp_path), "--enforcement", "none", "--sysfs-root", str(tmp_path / "host"),
+            "--node-name", "n",
+        )
+    )  # fmt: skip
+    assert f"{tmp_path / 'host'}/sys/devices/system/cpu does not exist" in line
+
+
+def test_every_key_is_documented_and_the_chart_offers_only_real_keys() -> None:
+    admin = (REPO / "docs" / "admin.md").read_text()
+    undocumented = [key for key in KEYS.values() if f"`{key}`" not in admin]
+    assert not undocumented, f"docs/admin.md does not describe {undocumented}"
+    schema = json.loads((REPO / "charts" / "dra-cpu" / "values.schema.json").read_text())
+    assert set(schema["properties"]["config"]["properties"]) <= set(KEYS.values())

@@ -1,0 +1,260 @@
+"""NodePrepareResources / NodeUnprepareResources through the real sockets, as the kubelet calls them."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.devices import DeviceMode
+from dra_cpu.kubelet.gen import pluginregistration_v1_pb2, pluginregistration_v1_pb2_grpc
+from tests.support.kubelet_node import DRIVER, NODE, cpu_config, result
+
+
+def test_registration_answers_like_a_dra_plugin(node_factory: Any) -> None:
+    node = node_factory()
+    with grpc.insecure_channel(f"unix://{node.plugin.paths.registration_socket}") as channel:
+        start = time.monotonic()
+        info = pluginregistration_v1_pb2_grpc.RegistrationStub(channel).GetInfo(
+            pluginregistration_v1_pb2.InfoRequest(), timeout=1
+        )
+        assert time.monotonic() - start < 1
+    assert info.type == "DRAPlugin" and info.name == DRIVER
+    assert info.endpoint == str(node.plugin.paths.dra_socket)
+    assert list(info.supported_versions) == ["v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha1.DRAResourceHealth"]
+    assert node.plugin.registered.is_set()
+
+
+@pytest.mark.parametrize("service", ["v1.DRAPlugin", "v1beta1.DRAPlugin"])
+def test_prepare_writes_cdi_and_answers(node_factory: Any, service: str) -> None:
+    node = node_factory()
+    ref = node.claim([result("cpu-numa1", cpus=4)])
+    response = node.prepare(ref, service=service)
+    assert not response.error
+    [device] = response.devices
+    assert (device.pool_name, device.device_name, list(device.request_names)) == (NODE, "cpu-numa1", ["cpus"])
+    assert list(device.cdi_device_ids) == [f"{DRIVER}/cpu=claim-{ref.uid}"]
+    assert device.HasField("share_id") if service.startswith("v1.") else not hasattr(device, "share_id")
+    spec = json.loads(node.driver.cdi_store.path(ref.uid).read_text())
+    assert spec["cdiVersion"] == "0.5.0" and spec["kind"] == f"{DRIVER}/cpu"
+    assert spec["devices"][0]["name"] == f"claim-{ref.uid}"
+    env = node.env(ref.uid)
+    assert env[f"DRA_CPUSET_{ref.uid}"] == CPUSet.parse("8-11"), "whole cores, packed, on NUMA node 1"
+    assert env[f"DRA_MEMS_{ref.uid}"] == CPUSet.parse("1")
+    assert env[f"DRA_PODS_{ref.uid}"] == node.pod_uid
+
+
+def test_two_numa_claim_gets_the_union(node_factory: Any) -> None:
+    """The upstream claim-cpu-capacity-20 example: 10 CPUs from each of two NUMA nodes."""
+    node = node_factory("multi-l3-per-node")
+    ref = node.claim([result("cpu-numa0", request="numa0", cpus=10), result("cpu-numa1", request="numa1", cpus=10)])
+    response = node.prepare(ref)
+    assert not response.error
+    assert sorted(d.device_name for d in response.devices) == ["cpu-numa0", "cpu-numa1"]
+    env = node.env(ref.uid)
+    cpus = env[f"DRA_CPUSET_{ref.uid}"]
+    assert len(cpus) == 20 and len(cpus & CPUSet.parse("0-15")) == 10
+    assert env[f"DRA_MEMS_{ref.uid}"] == CPUSet.parse("0-1")
+
+
+def test_claims_never_share_a_cpu_and_unprepare_frees(node_factory: Any) -> None:
+    node = node_factory()
+    first = node.claim([result("cpu-numa0", cpus=3)])
+    second = node.claim([result("cpu-numa0", cpus=4)])
+    a, b = node.cpus_of(first), node.cpus_of(second)
+    assert a.isdisjoint(b) and len(a) == 3 and len(b) == 4
+    assert node.kubelet.unprepare([first]).claims[first.uid].error == ""
+    assert not node.driver.cdi_store.path(first.uid).exists()
+    third = node.claim([result("cpu-numa0", cpus=3)])
+    assert node.cpus_of(third) == a, "freed CPUs are reused, whole cores first"
+
+
+def test_prepare_is_idempotent_and_unknown_unprepare_succeeds(node_factory: Any) -> None:
+    node = node_factory()
+    ref = node.claim([result("cpu-numa0", cpus=2)])
+    first = node.cpus_of(ref)
+    node.driver.cdi_store.path(ref.uid).unlink()  # as after a reboot: /var/run is gone
+    assert node.cpus_of(ref) == first
+    assert node.driver.cdi_store.path(ref.uid).exists()
+    other = node.claim([result("cpu-numa0", cpus=1)])
+    assert node.kubelet.unprepare([other]).claims[other.uid].error == ""
+
+
+def test_policies_from_opaque_config(node_factory: Any) -> None:
+    node = node_factory("multi-l3-per-node")
+    spread = node.claim([result("cpu-numa0", cpus=4)], [cpu_config(spread=True)])
+    assert node.cpus_of(spread) == CPUSet.parse("0-1,8-9")
+    whole = node.claim([result("cpu-numa1", cpus=3)], [cpu_config(wholeCores=True)])
+    assert "3 CPUs is not a whole number of cores" in node.prepare(whole).error
+    # The class says wholeCores, the claim's own config overrides it for its request.
+    override = node.claim(
+        [result("cpu-numa1", cpus=3)],
+        [cpu_config(["cpus"], source="FromClaim", wholeCores=False), cpu_config(source="FromClass", wholeCores=True)],
+    )
+    assert len(node.cpus_of(override)) == 3
+    aligned = node.claim([result("cpu-numa1", cpus=10)], [cpu_config(alignL3=True)])
+    assert "alignL3: no single L3 group has 10 free CPUs" in node.prepare(aligned).error
+
+
+def test_hugepages_are_recorded(node_factory: Any) -> None:
+    node = node_factory()
+    ref = node.claim([result("cpu-numa0", cpus=2), result("hugepages-2mi-numa0", request="mem", memory="64Mi")])
+    response = node.prepare(ref)
+    assert not response.error
+    env = node.env(ref.uid)
+    assert env[f"DRA_HUGEPAGES_{ref.uid}"] == "2048kB@0=67108864"
+    assert env[f"DRA_MEMS_{ref.uid}"] == CPUSet.parse("0")
+
+
+def test_individual_mode(node_factory: Any) -> None:
+    node = node_factory("big-8numa", mode=DeviceMode.INDIVIDUAL)
+    ref = node.claim([result("cpu-9"), result("cpu-41")])
+    assert node.cpus_of(ref) == CPUSet.parse("9,41")
+    assert node.env(ref.uid)[f"DRA_MEMS_{ref.uid}"] == CPUSet.parse("1,5")
+    again = node.claim([result("cpu-41")])
+    assert f"CPU 41 of device cpu-41 is already prepared for claim default/{ref.name}" in node.prepare(again).error
+
+
+def _status(**allocation: Any) -> dict[str, Any]:
+    return {"allocation": {"devices": allocation}} if allocation else {}
+
+
+@pytest.mark.parametrize(
+    ("results", "config", "status", "message"),
+    [
+        ([], None, {}, "status.allocation is empty: the claim is not allocated"),
+        (
+            [result("cpu-numa0", cpus=1) | {"pool": "node-b"}],
+            None,
+            None,
+            "pool is 'node-b' but this node serves pool 'node-a'",
+        ),
+        (
+            [result("cpu-numa0", cpus=1) | {"driver": "gpu.example.com"}],
+            None,
+            None,
+            "no allocation result is for driver 'dra.cpu'",
+        ),
+        (
+            [result("cpu-numa7", cpus=1)],
+            None,
+            None,
+            "device 'cpu-numa7' (request 'cpus') is not published by this node",
+        ),
+        (
+            [result("cpu-numa0")],
+            None,
+            None,
+            "has no consumedCapacity['dra.cpu/cpu'] (is the DRAConsumableCapacity feature gate on?)",
+        ),
+        (
+            [result("cpu-numa0", cpus="500m")],
+            None,
+            None,
+            "consumedCapacity['dra.cpu/cpu'] '500m' must be a positive whole number",
+        ),  # type: ignore[arg-type]
+        ([result("cpu-numa0", cpus=9)], None, None, "9 CPUs requested but only 8 are free"),
+        (
+            [result("cpu-numa0", cpus=1)],
+            [cpu_config(wholeCore=True)],
+            None,
+            "parameters.wholeCore is not a known field",
+        ),
+        (
+            [result("cpu-numa0", cpus=1)],
+            [cpu_config(wholeCores="yes")],
+            None,
+            "parameters.wholeCores must be true or false, not 'yes'",
+        ),
+        (
+            [result("cpu-numa0", cpus=1)],
+            [cpu_config(spread=True, alignL3=True)],
+            None,
+            "spread and alignL3 contradict each other",
+        ),
+        ([result("hugepages-2mi-numa0", memory="3Mi")], None, None, "3Mi is not a whole number of 2048 KiB pages"),
+    ],
+)
+def test_bad_claims_fail_per_claim_with_the_value(
+    node_factory: Any, results: list[Any], config: Any, status: Any, message: str
+) -> None:
+    node = node_factory()
+    good = node.claim([result("cpu-numa1", cpus=1)])
+    bad = node.claim(results, config, status=status)
+    response = node.kubelet.prepare([good, bad])
+    assert response.claims[good.uid].error == ""
+    assert message in response.claims[bad.uid].error
+    assert not node.driver.cdi_store.path(bad.uid).exists()
+    assert set(node.driver.state.claims) == {good.uid}, "nothing half-applied"
+
+
+def test_claim_not_found_and_uid_mismatch(node_factory: Any) -> None:
+    from dra_cpu.core.claims import ClaimRef
+
+    node = node_factory()
+    missing = ClaimRef("default", "nope", "uid-1")
+    assert node.prepare(missing).error == "claim default/nope not found on the API server"
+    ref = node.claim([result("cpu-numa0", cpus=1)])
+    stale = ClaimRef(ref.namespace, ref.name, "another-uid")
+    assert "metadata.uid is" in node.kubelet.prepare([stale]).claims["another-uid"].error
+
+
+def test_unwritable_cdi_folder_rolls_back(node_factory: Any) -> None:
+    node = node_factory()
+    ref = node.claim([result("cpu-numa0", cpus=2)])
+    # A file where the CDI folder should be: root ignores permission bits, but not this.
+    node.driver.cdi_store.root.write_text("not a folder")
+    error = node.prepare(ref).error
+    assert "cannot write CDI spec" in error
+    assert node.driver.state.claims == {}
+    assert node.driver.checkpoint.load() is not None and node.driver.checkpoint.load().state.claims == {}  # type: ignore[union-attr]
+
+
+def test_min_shared_cpus(node_factory: Any) -> None:
+    node = node_factory("kvm-2cpu")
+    ref = node.claim([result("cpu-numa0", cpus=2)])
+    assert "would leave 0 shared CPU(s)" in node.prepare(ref).error
+    ok = node.claim([result("cpu-numa0", cpus=1)])
+    assert len(node.cpus_of(ok)) == 1
+
+
+def test_fifty_parallel_prepares_never_share_a_cpu(node_factory: Any) -> None:
+    node = node_factory("big-8numa")
+    refs = [node.claim([result(f"cpu-numa{i % 8}", cpus=1)]) for i in range(50)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(lambda r: node.kubelet.prepare([r]).claims[r.uid], refs))
+    assert all(not r.error for r in responses)
+    cpus = [node.env(r.uid)[f"DRA_CPUSET_{r.uid}"] for r in refs]
+    assert len(CPUSet.union_all(cpus)) == 50
+
+
+def test_empty_claim_fields_are_rejected_per_claim(node_factory: Any) -> None:
+    from dra_cpu.core.claims import ClaimRef
+
+    node = node_factory()
+    response = node.kubelet.prepare([ClaimRef("default", "", "u-1")])
+    assert "empty name" in response.claims["u-1"].error
+
+
+def test_refused_registration_is_retried_with_a_new_socket(node_factory: Any) -> None:
+    from dra_cpu.kubelet.client import KubeletClient, KubeletError
+
+    node = node_factory()
+    node.plugin.retry_seconds = (0.1, 1.0)
+    socket = node.plugin.paths.registration_socket
+    # A new socket, as the kubelet's watcher sees one: created anew (the inode number may be reused).
+    first = socket.stat().st_ctime_ns
+    with pytest.raises(KubeletError):
+        KubeletClient.register(socket, accept=False).close()
+    assert not node.plugin.registered.is_set()
+    deadline = time.monotonic() + 10
+    while not socket.exists() or socket.stat().st_ctime_ns == first:
+        assert time.monotonic() < deadline, "no new registration socket after the refusal"
+        time.sleep(0.05)
+    KubeletClient.register(socket).close()
+    assert node.plugin.registered.is_set()

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dra_cpu.cli import main
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.node.sysfs import SysfsError, read_topology
+from tests.support.paths import SYSFS
+from tests.support.synthetic import SyntheticCpu, SyntheticNode, uniform_machine, write_tree
+
+
+def test_fixture_matches_expected_field_by_field(sysfs_fixture: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    expected = json.loads((sysfs_fixture / "expected.json").read_text())
+    assert main(["discover", "--sysfs-root", str(sysfs_fixture), "--output", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [c["id"] for c in got["cpus"]] == [c["id"] for c in expected["cpus"]]
+    for want, have in zip(expected["cpus"], got["cpus"], strict=True):
+        for key, value in want.items():
+            assert have[key] == value, f"cpu {want['id']} {key}"
+    assert [n["id"] for n in got["numaNodes"]] == [n["id"] for n in expected["numaNodes"]]
+    for want, have in zip(expected["numaNodes"], got["numaNodes"], strict=True):
+        for key, value in want.items():
+            assert have[key] == value, f"node {want['id']} {key}"
+
+
+def test_fixture_summary_agrees_with_raw_facts(sysfs_fixture: Path) -> None:
+    raw = json.loads((sysfs_fixture / "expected.json").read_text())["summary"]
+    topo = read_topology(sysfs_fixture)
+    assert topo.sockets == raw["sockets"]
+    assert len(topo.cores()) == raw["physical_cores_online"]
+    assert [topo.threads_per_core] == raw["threads_per_core"]
+    assert sorted(str(g) for g in topo.l3_groups().values()) == sorted(raw["l3_groups_by_shared_cpu_list"])
+
+
+def test_memory_only_node(tmp_path: Path) -> None:
+    topo = read_topology(SYSFS / "cxl-memoryless")
+    node2 = topo.node(2)
+    assert node2.memory_only and not node2.cpus
+    assert node2.memory_bytes > 0
+    assert node2.distance_to(0) == 30
+
+
+def test_live_machine_agrees_with_the_kernel() -> None:
+    topo = read_topology("/")
+    assert topo.online_cpus == CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
+    assert topo.numa_nodes, "every Linux machine has at least node 0"
+    allowed = CPUSet.parse(_status_field(os.getpid(), "Cpus_allowed_list"))
+    assert allowed.issubset(topo.online_cpus)
+
+
+def _status_field(pid: int, name: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"{name} not in /proc/{pid}/status")
+
+
+def test_odd_machine(tmp_path: Path) -> None:
+    """SMT-4, an offline CPU, isolated and nohz_full CPUs, no L3, caches without ids, a node without hugepages."""
+    quad = CPUSet.parse("0-3")
+    cpus = [SyntheticCpu(id=i, core=0, siblings=quad, l2=0, l3=None, cache_ids=False) for i in range(4)]
+    cpus += [SyntheticCpu(id=4, core=1, node=1, l3=None), SyntheticCpu(id=5, core=2, node=1, online=False)]
+    nodes = [
+        SyntheticNode(id=0, cpus=CPUSet.parse("0-3"), hugepages={2048: (8, 6), 1048576: (1, 1)}),
+        SyntheticNode(id=1, cpus=CPUSet.parse("4-5")),
+    ]
+    write_tree(tmp_path, cpus, nodes, isolated=CPUSet.parse("3"), nohz_full=CPUSet.parse("2-3"))
+    topo = read_topology(tmp_path)
+    assert topo.threads_per_core == 4
+    assert topo.smt_active
+    assert [str(c) for c in topo.cores()] == ["0-3", "4"]
+    assert topo.cpu(0).l2_cache == 0, "without an id the lowest CPU sharing the cache names it"
+    assert topo.cpu(0).l3_cache is None
+    assert topo.cpu(0).cluster is None, "cluster_id 65535 means no cluster"
+    offline = topo.cpu(5)
+    assert not offline.online and offline.core is None and offline.socket is None and offline.numa_node == 1
+    assert str(topo.offline_cpus) == "5"
+    assert str(topo.isolated_cpus) == "3"
+    assert topo.cpu(2).nohz_full and not topo.cpu(1).nohz_full
+    assert {p.quantity: (p.total, p.free) for p in topo.node(0).hugepages} == {"2Mi": (8, 6), "1Gi": (1, 1)}
+    assert topo.node(1).hugepages == ()
+    assert {p.quantity: p.total for p in topo.hugepages} == {"2Mi": 8, "1Gi": 1}
+    groups = topo.l3_groups()
+    assert len(groups) == 5, "CPUs without an L3 each form their own group"
+
+
+def test_hybrid_core_types(tmp_path: Path) -> None:
+    cpus, nodes = uniform_machine(sockets=1, nodes_per_socket=1, cores_per_node=4, threads=1)
+    write_tree(tmp_path, cpus, nodes)
+    (tmp_path / "sys/devices/cpu_core").mkdir(parents=True)
+    (tmp_path / "sys/devices/cpu_core/cpus").write_text("0-1\n")
+    (tmp_path / "sys/devices/cpu_atom").mkdir(parents=True)
+    (tmp_path / "sys/devices/cpu_atom/cpus").write_text("2-3\n")
+    topo = read_topology(tmp_path)
+    assert [topo.cpu(i).core_type for i in range(4)] == ["performance"] * 2 + ["efficiency"] * 2
+
+
+def test_kernel_without_numa(tmp_path: Path) -> None:
+    cpus, nodes = uniform_machine(sockets=1, nodes_per_socket=1, cores_per_node=2, threads=1)
+    write_tree(tmp_path, cpus, nodes)
+    shutil.rmtree(tmp_path / "sys/devices/system/node")
+    (tmp_path / "proc/meminfo").write_text("MemTotal:       2048 kB\n")
+    topo = read_topology(tmp_path)
+    assert [(n.id, str(n.cpus), n.memory_bytes) for n in topo.numa_nodes] == [(0, "0-1", 2048 * 1024)]
+
+
+@pytest.mark.parametrize(
+    ("rel", "content", "message"),
+    [
+        ("sys/devices/system/cpu/online", "0-x", "invalid cpu id 'x'"),
+        ("sys/devices/system/cpu/cpu1/topology/core_id", "banana", "expected an integer, found 'banana'"),
+        ("sys/devices/system/node/node0/distance", "10 abc", "found '10 abc'"),
+        ("sys/devices/system/node/node0/meminfo", "Node 0 MemTotal: lots kB", "MemTotal is not a number"),
+    ],
+)
+def test_bad_content_is_one_clear_line_and_exit_2(
+    tmp_path: Path, rel: str, content: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cpus, nodes = uniform_machine(sockets=1, nodes_per_socket=1, cores_per_node=2, threads=1)
+    write_tree(tmp_path, cpus, nodes)
+    (tmp_path / rel).write_text(content + "\n")
+    with pytest.raises(SysfsError, match=message):
+        read_topology(tmp_path)
+    assert main(["discover", "--sysfs-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / rel) in err and message in err
+
+
+def test_missing_root_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["discover", "--sysfs-root", str(tmp_path / "nowhere")]) == 2
+    assert "is --sysfs-root right?" in capsys.readouterr().err
+
+
+def test_table_shows_nodes_memory_and_hugepages() -> None:
+    root = SYSFS / "dual-socket-smt2"
+    out = subprocess.run(
+        [sys.executable, "-m", "dra_cpu", "discover", "--sysfs-root", str(root)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "2 thread(s) per core, 8 physical cores online" in out
+    assert "0     0-7" in out and "2Mi 64/64" in out and "2Mi 32/32" in out
+    assert "L3 groups:    0:0-7  1:8-15" in out
+
+
+def test_large_generated_machine(tmp_path: Path) -> None:
+    cpus, nodes = uniform_machine(sockets=4, nodes_per_socket=4, cores_per_node=32, threads=2, l3_per_node=2)
+    write_tree(tmp_path, cpus, nodes)
+    topo = read_topology(tmp_path)
+    assert len(topo.cpus) == 1024 and len(topo.numa_nodes) == 16
+    assert len(topo.cores()) == 512
+    assert len(topo.l3_groups()) == 32
+    assert str(topo.node(0).cpus) == "0-31,512-543"

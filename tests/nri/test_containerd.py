@@ -1,0 +1,167 @@
+"""The NRI plugin against a real containerd (2.1 and 1.7): cpusets read back inside the containers and on the host.
+
+Prepares run in-process through the Driver with a claim folder (StandaloneAPI); containers get the claim's CDI
+device through CRI the way kubelet passes it. The machine may have only 2 CPUs: one claimed, one shared.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dra_cpu.core.claims import ClaimRef
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.errors import DraCpuError
+from tests.support.nri_node import ONLINE, Node, nri_node
+from tests.support.testenv_containerd import SCRIPT, Containerd
+from tests.support.waiting import eventually
+
+
+@pytest.fixture
+def node(containerd: Containerd, tmp_path: Path) -> Iterator[Node]:
+    yield from nri_node(containerd, tmp_path)
+
+
+@pytest.fixture
+def freshnri_node(fresh_containerd: Containerd, tmp_path: Path) -> Iterator[Node]:
+    yield from nri_node(fresh_containerd, tmp_path)
+
+
+def test_claimed_container_pinned_and_shared_pool_follows_claims(node: Node) -> None:
+    cri = node.cri
+    bystander = cri.create_container(cri.run_pod("bystander"), "plain")
+    node.assert_allowed(bystander, ONLINE)
+
+    pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
+    ref = node.claim([pod.uid])
+    claimed = node.cpus_of(ref)
+    assert len(claimed) == 1
+    # Prepare shrinks the running bystander at once, before any container of the claim exists.
+    node.assert_allowed(bystander, ONLINE - claimed)
+
+    pinned = node.claimed_container(pod, ref)
+    node.assert_allowed(pinned, claimed, mems=node.driver.topology.numa_nodes_of(claimed))
+    env = cri.exec_sync(pinned, ["env"]).stdout.splitlines()
+    assert f"DRA_CPUSET_{ref.uid}={claimed}" in env
+    # A container of the same pod without the claim's device is shared.
+    sidecar = cri.create_container(pod, "sidecar")
+    node.assert_allowed(sidecar, ONLINE - claimed)
+
+    cri.remove_pod(pod)
+    assert node.driver.unprepare([ref]) == {ref.uid: ""}
+    node.assert_allowed(bystander, ONLINE)
+
+
+def test_forged_env_gets_the_shared_pool_and_is_counted(node: Node) -> None:
+    cri = node.cri
+    owner = cri.run_pod("owner", uid=str(uuid.uuid4()))
+    ref = node.claim([owner.uid])
+    claimed = node.cpus_of(ref)
+    forger = cri.run_pod("forger")
+    before = node.plugin.counters.forged_env
+
+    forged = cri.create_container(forger, "forged", env={f"DRA_CPUSET_{ref.uid}": str(claimed)})
+    node.assert_allowed(forged, ONLINE - claimed)
+    assert node.plugin.counters.forged_env == before + 1
+    # The right pod with the wrong cpuset in its env is no better.
+    wrong = str(ONLINE - claimed)
+    mismatched = cri.create_container(owner, "mismatched", env={f"DRA_CPUSET_{ref.uid}": wrong})
+    node.assert_allowed(mismatched, ONLINE - claimed)
+    assert node.plugin.counters.forged_env == before + 2
+
+
+def test_someone_elses_update_does_not_unpin(node: Node) -> None:
+    cri = node.cri
+    pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
+    ref = node.claim([pod.uid])
+    pinned = node.claimed_container(pod, ref)
+    plain = cri.create_container(pod, "plain")
+    node.assert_allowed(pinned, node.cpus_of(ref))
+
+    cri.update_resources(pinned, cpuset_cpus=str(ONLINE))
+    cri.update_resources(plain, cpuset_cpus=str(ONLINE))
+    node.assert_allowed(pinned, node.cpus_of(ref))
+    node.assert_allowed(plain, node.shared())
+
+
+def test_plugin_restart_keeps_pins_and_reconciles(node: Node) -> None:
+    cri = node.cri
+    pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
+    ref = node.claim([pod.uid])
+    pinned = node.claimed_container(pod, ref)
+    node.assert_allowed(pinned, node.cpus_of(ref))
+
+    node.plugin.stop()
+    # While no plugin is connected the runtime creates containers unpinned ...
+    missed = cri.create_container(cri.run_pod("while-down"), "missed")
+    node.assert_allowed(missed, ONLINE)
+    node.assert_allowed(pinned, node.cpus_of(ref))
+
+    node.new_plugin()
+    # ... and Synchronize puts them on the shared pool; the pinned one stays pinned.
+    node.assert_allowed(missed, ONLINE - node.cpus_of(ref))
+    node.assert_allowed(pinned, node.cpus_of(ref))
+
+
+def _restart_containerd(daemon: Containerd) -> None:
+    pid = int((daemon.dir / "containerd.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    eventually(lambda: not Path(f"/proc/{pid}").exists() or "zombie", "containerd should exit")
+    subprocess.run(["bash", str(SCRIPT), "start", daemon.version, str(daemon.dir)], check=True, capture_output=True)
+
+
+def test_containerd_restart_reconnects_and_resynchronizes(fresh_node: Node) -> None:
+    node = fresh_node
+    cri = node.cri
+    pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
+    first = node.claim([pod.uid])
+    pinned = node.claimed_container(pod, first)
+    plain = cri.create_container(cri.run_pod("plain"), "plain")
+    node.assert_allowed(plain, ONLINE - node.cpus_of(first))
+
+    _restart_containerd(node.containerd)
+    assert node.plugin.wait_ready(15), "the plugin did not reconnect to the restarted containerd"
+    assert node.plugin.counters.connects == 2
+    node.assert_allowed(pinned, node.cpus_of(first))
+    # The reconnected plugin still follows claims: unprepare regrows the running container.
+    cri.remove_pod(pod)
+    assert node.driver.unprepare([first]) == {first.uid: ""}
+    node.assert_allowed(plain, ONLINE)
+
+
+def test_enforcement_down_fails_prepares_after_the_grace_period(fresh_node: Node) -> None:
+    node = fresh_node
+    node.plugin.stop()
+    node.new_plugin(grace_seconds=0.0)
+    os.kill(int((node.containerd.dir / "containerd.pid").read_text()), signal.SIGKILL)
+    eventually(lambda: not node.plugin.ready.is_set(), "the plugin should notice the runtime is gone")
+    with pytest.raises(DraCpuError, match="not enforced"):
+        node.plugin.check_ready()
+    ref = ClaimRef("default", "late", str(uuid.uuid4()))
+    assert "not enforced" in node.driver.prepare([ref])[ref.uid].error
+
+
+def test_two_claims_never_overlap_and_an_empty_shared_pool_refuses_containers(
+    containerd: Containerd, tmp_path: Path
+) -> None:
+    nodes = nri_node(containerd, tmp_path, min_shared_cpus=0)
+    node = next(nodes)
+    try:
+        cri = node.cri
+        pods = [cri.run_pod(f"claimant-{i}", uid=str(uuid.uuid4())) for i in range(len(ONLINE))]
+        refs = [node.claim([pod.uid]) for pod in pods]
+        cpus = [node.cpus_of(ref) for ref in refs]
+        assert CPUSet.union_all(cpus) == ONLINE and sum(map(len, cpus)) == len(ONLINE)
+        for pod, ref, mine in zip(pods, refs, cpus, strict=True):
+            node.assert_allowed(node.claimed_container(pod, ref), mine)
+        with pytest.raises(grpc.RpcError, match="no shared CPU"):
+            cri.create_container(pods[0], "unclaimed")
+    finally:
+        next(nodes, None)

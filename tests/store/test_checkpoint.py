@@ -1,0 +1,115 @@
+"""The checkpoint survives restarts, reboots and corruption without losing or inventing an allocation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dra_cpu.core.claims import ClaimRef
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State
+from dra_cpu.store.checkpoint import Checkpoint, CheckpointError, CheckpointFile, decode, encode
+from tests.support.kubelet_node import make_driver
+
+
+def _state() -> State:
+    claim = PreparedClaim(
+        ref=ClaimRef("ns", "a", "uid-a"),
+        devices=(
+            PreparedDevice(("cpus",), "node-a", "cpu-numa0", "share-1", CPUSet.parse("2-3")),
+            PreparedDevice(("mem",), "node-a", "hugepages-2mi-numa0", None, hugepages=HugePageGrant(0, 2048, 4 << 20)),
+        ),
+        pod_uids=("pod-1",),
+    )
+    return State({claim.uid: claim})
+
+
+def test_round_trip() -> None:
+    checkpoint = Checkpoint(_state(), "boot-1")
+    assert decode(encode(checkpoint), "x") == checkpoint
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda b: b[: len(b) // 2], "not JSON"),
+        (lambda b: b.replace(b'"2-3"', b'"2-4"'), "checksum mismatch"),
+        (lambda b: b.replace(b'"version": 1', b'"version": 9'), "version 9, expected 1"),
+        (lambda b: b"\xff\xfe", "not JSON"),
+    ],
+)
+def test_tampering_is_detected(mangle, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(CheckpointError, match=message):
+        decode(mangle(encode(Checkpoint(_state(), "b"))), "file")
+
+
+def _prepare(root: Path, uid: str, cpus: int) -> CPUSet:
+    import yaml
+
+    from tests.support.kubelet_node import result
+
+    path = root / "cluster/resourceclaims/default" / f"{uid}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj = {
+        "metadata": {"name": uid, "namespace": "default", "uid": uid},
+        "status": {"allocation": {"devices": {"results": [result("cpu-numa0", cpus=cpus)]}}},
+    }
+    path.write_text(yaml.safe_dump(obj))
+    driver = make_driver(root, "dual-socket-smt2")
+    driver.start()
+    res = driver.prepare([ClaimRef("default", uid, uid)])[uid]
+    assert res.claim is not None, res.error
+    return res.claim.cpus
+
+
+def test_corrupt_checkpoint_is_rebuilt_from_cdi_specs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "state").mkdir()
+    a, b = _prepare(tmp_path, "uid-a", 2), _prepare(tmp_path, "uid-b", 3)
+    checkpoint = tmp_path / "state/checkpoint.json"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:40])
+    driver = make_driver(tmp_path, "dual-socket-smt2")
+    with caplog.at_level(logging.ERROR):
+        driver.start()
+    assert "checkpoint is corrupt" in caplog.text
+    assert {u: c.cpus for u, c in driver.state.claims.items()} == {"uid-a": a, "uid-b": b}
+    assert driver.state.claims["uid-a"].ref == ClaimRef("default", "uid-a", "uid-a")
+    assert list((tmp_path / "state").glob("checkpoint.json.corrupt-*")), "the bad file is kept for a person"
+    reloaded = CheckpointFile(tmp_path / "state").load()
+    assert reloaded is not None and set(reloaded.state.claims) == {"uid-a", "uid-b"}
+    # A kubelet retry of the prepare gets the same CPUs and the full device record back, and it is kept.
+    again = driver.prepare([ClaimRef("default", "uid-a", "uid-a")])["uid-a"]
+    assert again.claim is not None and again.claim.cpus == a
+    assert [(d.device, d.pool, d.request_names) for d in again.claim.devices] == [("cpu-numa0", "node-a", ("cpus",))]
+    saved = CheckpointFile(tmp_path / "state").load()
+    assert saved is not None and saved.state.claims["uid-a"].devices[0].device == "cpu-numa0"
+
+
+def test_reboot_rewrites_cdi_specs(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    cpus = _prepare(tmp_path, "uid-a", 2)
+    shutil.rmtree(tmp_path / "cdi")  # /var/run is a tmpfs: gone after a reboot
+    data = json.loads((tmp_path / "state/checkpoint.json").read_text())
+    assert data["bootID"] == "boot-1"
+    driver = make_driver(tmp_path, "dual-socket-smt2")
+    driver.boot_id = "boot-2"
+    driver.start()
+    spec = json.loads(driver.cdi_store.path("uid-a").read_text())
+    assert f"DRA_CPUSET_uid-a={cpus}" in spec["devices"][0]["containerEdits"]["env"]
+    assert json.loads((tmp_path / "state/checkpoint.json").read_text())["bootID"] == "boot-2"
+
+
+def test_orphaned_spec_is_removed_and_other_drivers_specs_kept(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    _prepare(tmp_path, "uid-a", 1)
+    orphan = tmp_path / "cdi/dra.cpu-cpu_claim-ghost.json"
+    other = tmp_path / "cdi/gpu.example.com-gpu_claim-x.json"
+    orphan.write_text("{}")
+    other.write_text("{}")
+    driver = make_driver(tmp_path, "dual-socket-smt2")
+    driver.start()
+    assert not orphan.exists() and other.exists()
+    assert set(driver.state.claims) == {"uid-a"}

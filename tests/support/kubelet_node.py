@@ -1,0 +1,175 @@
+"""A node for prepare tests: the real Driver behind the real kubelet sockets, a standalone folder for the cluster,
+and a kubelet stand-in that registers and calls it. Claims are written the way the scheduler leaves them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+import yaml
+
+from dra_cpu.core.claims import ClaimRef
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.devices import DeviceConfig, DeviceMode, build_devices
+from dra_cpu.driver import Driver
+from dra_cpu.kube.api import ClusterAPI
+from dra_cpu.kube.standalone import StandaloneAPI
+from dra_cpu.kubelet.client import KubeletClient
+from dra_cpu.kubelet.plugin import KubeletPlugin
+from dra_cpu.kubelet.registration import PluginPaths
+from dra_cpu.node.sysfs import read_topology
+from dra_cpu.store.cdi_files import CDIStore
+from dra_cpu.store.checkpoint import CheckpointFile
+from tests.support.paths import SYSFS
+
+FIXTURES = SYSFS
+NODE = "node-a"
+DRIVER = "dra.cpu"
+
+
+def result(
+    device: str, request: str = "cpus", cpus: int | None = None, memory: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    consumed = {}
+    if cpus is not None:
+        consumed[f"{DRIVER}/cpu"] = str(cpus)
+    if memory is not None:
+        consumed[f"{DRIVER}/memory"] = memory
+    return {
+        "request": request,
+        "driver": DRIVER,
+        "pool": NODE,
+        "device": device,
+        "shareID": str(uuid.uuid4()),
+        **({"consumedCapacity": consumed} if consumed else {}),
+        **extra,
+    }
+
+
+def cpu_config(requests: list[str] | None = None, source: str = "FromClaim", **params: Any) -> dict[str, Any]:
+    return {
+        "source": source,
+        "requests": requests or [],
+        "opaque": {"driver": DRIVER, "parameters": {"apiVersion": "dra.cpu/v1alpha1", "kind": "CPUConfig", **params}},
+    }
+
+
+class ClaimStore(Protocol):
+    """Where tests put allocated claims: a standalone folder, or the API server (through the status subresource)."""
+
+    def put(self, obj: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class FolderClaims:
+    root: Path
+
+    def put(self, obj: dict[str, Any]) -> None:
+        path = self.root / obj["metadata"]["namespace"] / f"{obj['metadata']['name']}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(obj))
+
+
+@dataclass
+class Node:
+    root: Path
+    driver: Driver
+    plugin: KubeletPlugin
+    kubelet: KubeletClient
+    claims: ClaimStore
+    namespace: str = "default"
+    pod_uid: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def claim(
+        self,
+        results: list[dict[str, Any]],
+        config: list[dict[str, Any]] | None = None,
+        name: str | None = None,
+        uid: str | None = None,
+        status: dict[str, Any] | None = None,
+    ) -> ClaimRef:
+        ref = ClaimRef(self.namespace, name or f"claim-{uuid.uuid4().hex[:8]}", uid or str(uuid.uuid4()))
+        obj = {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceClaim",
+            "metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
+            "spec": {"devices": {"requests": []}},
+            "status": status
+            if status is not None
+            else {
+                "allocation": {"devices": {"results": results, "config": config or []}},
+                "reservedFor": [{"resource": "pods", "name": "pod", "uid": self.pod_uid}],
+            },
+        }
+        self.claims.put(obj)
+        # The API server assigns the uid: the claim as stored is what the kubelet would name.
+        return ClaimRef(ref.namespace, ref.name, str(obj["metadata"]["uid"]))
+
+    def prepare(self, ref: ClaimRef, service: str | None = None) -> Any:
+        return self.kubelet.prepare([ref], service=service).claims[ref.uid]
+
+    def cpus_of(self, ref: ClaimRef) -> CPUSet:
+        response = self.prepare(ref)
+        assert not response.error, response.error
+        return self.env(ref.uid)[f"DRA_CPUSET_{ref.uid}"]
+
+    def env(self, uid: str) -> dict[str, Any]:
+        spec = json.loads(self.driver.cdi_store.path(uid).read_text())
+        env = dict(e.split("=", 1) for e in spec["devices"][0]["containerEdits"]["env"])
+        return {k: CPUSet.parse(v) if k.startswith(("DRA_CPUSET_", "DRA_MEMS_")) else v for k, v in env.items()}
+
+
+def make_driver(
+    root: Path, fixture: str, mode: DeviceMode = DeviceMode.GROUPED, api: ClusterAPI | None = None, **config: Any
+) -> Driver:
+    topology = read_topology(FIXTURES / fixture)
+    device_config = DeviceConfig(node_name=NODE, driver_name=DRIVER, device_mode=mode, **config)
+    return Driver(
+        api=api or StandaloneAPI(root / "cluster"),
+        config=device_config,
+        topology=topology,
+        devices=build_devices(topology, device_config),
+        checkpoint=CheckpointFile(root / "state"),
+        cdi_store=CDIStore(root / "cdi", DRIVER),
+        boot_id="boot-1",
+    )
+
+
+@pytest.fixture
+def node_factory() -> Iterator[Any]:
+    started: list[Node] = []
+    # Unix socket paths are limited to 107 bytes: pytest's tmp_path is too deep.
+    base = Path(tempfile.mkdtemp(prefix="dc-", dir="/tmp"))
+
+    def start(
+        fixture: str = "dual-socket-smt2",
+        mode: DeviceMode = DeviceMode.GROUPED,
+        api: ClusterAPI | None = None,
+        claims: ClaimStore | None = None,
+        namespace: str = "default",
+        **config: Any,
+    ) -> Node:
+        root = base / f"n{len(started)}"
+        (root / "state").mkdir(parents=True)
+        driver = make_driver(root, fixture, mode, api, **config)
+        driver.start()
+        plugin = KubeletPlugin(driver, PluginPaths(root / "kubelet", DRIVER), threading.Event(), threading.Event())
+        plugin.start()
+        kubelet = KubeletClient.register(plugin.paths.registration_socket)
+        node = Node(root, driver, plugin, kubelet, claims or FolderClaims(root / "cluster/resourceclaims"), namespace)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.kubelet.close()
+        node.plugin.stop()
+    shutil.rmtree(base, ignore_errors=True)

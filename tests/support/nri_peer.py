@@ -1,0 +1,45 @@
+"""The runtime's side of an NRI connection, as raw frames: for transport and enforcer tests and hack/bench/nri.py."""
+
+from __future__ import annotations
+
+import socket
+
+from dra_cpu.nri import transport
+from dra_cpu.nri.gen import nri_ttrpc_pb2
+from dra_cpu.nri.transport import PLUGIN_CONN, RUNTIME_CONN, TYPE_REQUEST, TYPE_RESPONSE, Decoder, Message, Oversized
+
+SERVICE = "nri.pkg.api.v1alpha1.Plugin"
+
+
+class Peer:
+    """The runtime's side: raw frames in and out."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.settimeout(5)
+        self.decoder = Decoder()
+        self.queue: list[Message | Oversized] = []
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, stream: int, method: str, payload: bytes = b"", service: str = SERVICE) -> None:
+        body = nri_ttrpc_pb2.Request(service=service, method=method, payload=payload).SerializeToString()
+        self.send_raw(transport.encode(PLUGIN_CONN, stream, TYPE_REQUEST, body))
+
+    def respond(self, stream: int, payload: bytes = b"", code: int = 0) -> None:
+        self.send_raw(transport.encode(RUNTIME_CONN, stream, TYPE_RESPONSE, transport.response_body(payload, code)))
+
+    def read(self) -> Message:
+        while not self.queue:
+            data = self.sock.recv(1 << 16)
+            assert data, "plugin closed the connection"
+            self.queue.extend(self.decoder.feed(data))
+        item = self.queue.pop(0)
+        assert isinstance(item, Message)
+        return item
+
+    def read_response(self, stream: int) -> nri_ttrpc_pb2.Response:
+        message = self.read()
+        assert (message.conn, message.stream, message.type) == (PLUGIN_CONN, stream, TYPE_RESPONSE)
+        return nri_ttrpc_pb2.Response.FromString(message.payload)

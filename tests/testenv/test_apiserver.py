@@ -1,0 +1,212 @@
+"""The test API server: resource.k8s.io/v1 objects written through the typed client and read back from the server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from tests.support.paths import TESTENV
+from tests.support.testenv_apiserver import ApiServer
+
+GEN_CRDS = TESTENV / "apiserver" / "gen_crds.py"
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def cpu_device(name: str, numa_node: int) -> client.V1Device:
+    return client.V1Device(
+        name=name,
+        allow_multiple_allocations=True,
+        attributes={
+            "resource.kubernetes.io/numaNode": client.V1DeviceAttribute(int=numa_node),
+            "socket": client.V1DeviceAttribute(int=0),
+            "smt": client.V1DeviceAttribute(bool=True),
+            "model": client.V1DeviceAttribute(string="AMD EPYC"),
+            "driverVersion": client.V1DeviceAttribute(version="0.1.0"),
+        },
+        capacity={
+            "cpus": client.V1DeviceCapacity(
+                value="8",
+                request_policy=client.V1CapacityRequestPolicy(
+                    default="1", valid_range=client.V1CapacityRequestPolicyRange(min="1", max="8", step="1")
+                ),
+            ),
+            "memory": client.V1DeviceCapacity(value="16Gi"),
+        },
+    )
+
+
+def resource_slice(name: str, node: str, driver: str, devices: list[client.V1Device]) -> client.V1ResourceSlice:
+    return client.V1ResourceSlice(
+        api_version="resource.k8s.io/v1",
+        kind="ResourceSlice",
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1ResourceSliceSpec(
+            driver=driver,
+            node_name=node,
+            pool=client.V1ResourcePool(name=node, generation=1, resource_slice_count=1),
+            devices=devices,
+        ),
+    )
+
+
+def test_committed_crds_are_the_generators_output() -> None:
+    check = subprocess.run([sys.executable, str(GEN_CRDS), "--check"], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+
+
+def test_fixture_describes_the_server(apiserver: ApiServer) -> None:
+    assert apiserver.url.startswith("https://127.0.0.1:")
+    assert apiserver.kubeconfig.is_file()
+    assert (apiserver.state_dir / "apiserver.log").is_file()
+
+
+def test_resource_slice_round_trip_and_field_selectors(kube_api: client.ApiClient) -> None:
+    api = client.ResourceV1Api(kube_api)
+    driver = f"{unique('cpu')}.example.com"
+    node, other_node = unique("node"), unique("node")
+    name = unique("slice")
+    api.create_resource_slice(resource_slice(name, node, driver, [cpu_device("numa0", 0), cpu_device("numa1", 1)]))
+    api.create_resource_slice(resource_slice(unique("slice"), other_node, driver, [cpu_device("numa0", 0)]))
+
+    stored = api.read_resource_slice(name)
+    assert stored.spec.driver == driver
+    assert stored.spec.node_name == node
+    assert stored.spec.pool == client.V1ResourcePool(name=node, generation=1, resource_slice_count=1)
+    assert [d.name for d in stored.spec.devices] == ["numa0", "numa1"]
+    numa1 = stored.spec.devices[1]
+    assert numa1.allow_multiple_allocations is True
+    assert numa1.attributes["resource.kubernetes.io/numaNode"].int == 1
+    assert numa1.attributes["smt"].bool is True
+    assert numa1.attributes["model"].string == "AMD EPYC"
+    assert numa1.attributes["driverVersion"].version == "0.1.0"
+    assert numa1.capacity["memory"].value == "16Gi"
+    policy = numa1.capacity["cpus"].request_policy
+    assert (policy.default, policy.valid_range.min, policy.valid_range.max, policy.valid_range.step) == (
+        "1",
+        "1",
+        "8",
+        "1",
+    )
+
+    on_node = api.list_resource_slice(field_selector=f"spec.nodeName={node}")
+    assert [s.metadata.name for s in on_node.items] == [name]
+    of_driver = api.list_resource_slice(field_selector=f"spec.driver={driver}")
+    assert sorted(s.spec.node_name for s in of_driver.items) == sorted([node, other_node])
+
+    # The typed client cannot parse the Status this server answers DELETE with.
+    for stored_slice in of_driver.items:
+        assert api.delete_resource_slice(stored_slice.metadata.name, _preload_content=False).status == 200
+    assert api.list_resource_slice(field_selector=f"spec.driver={driver}").items == []
+
+
+def test_fields_newer_than_kubernetes_1_34_are_pruned(kube_api: client.ApiClient) -> None:
+    api = client.ResourceV1Api(kube_api)
+    device = client.V1Device(name="numa0", attributes={"cpus": client.V1DeviceAttribute(ints=[0, 1])})
+    body = resource_slice(unique("slice"), unique("node"), "cpu.example.com", [device])
+    with pytest.raises(ApiException) as strict:
+        api.create_resource_slice(body, field_validation="Strict")
+    assert strict.value.status == 400 and "ints" in str(strict.value.body)
+    stored = api.create_resource_slice(body)
+    assert stored.spec.devices[0].attributes["cpus"].ints is None
+    api.delete_resource_slice(stored.metadata.name, _preload_content=False)
+
+
+def test_resource_claim_allocation_through_the_status_subresource(
+    kube_api: client.ApiClient, kube_namespace: str
+) -> None:
+    api = client.ResourceV1Api(kube_api)
+    name = unique("claim")
+    request = client.V1DeviceRequest(name="cpus", exactly=client.V1ExactDeviceRequest(device_class_name="cpu"))
+    claim = client.ResourceV1ResourceClaim(
+        api_version="resource.k8s.io/v1",
+        kind="ResourceClaim",
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1ResourceClaimSpec(devices=client.V1DeviceClaim(requests=[request])),
+    )
+    created = api.create_namespaced_resource_claim(kube_namespace, claim)
+    assert created.status is None
+
+    share_id = str(uuid.uuid4())
+    allocation = {
+        "devices": {
+            "results": [
+                {
+                    "request": "cpus",
+                    "driver": "cpu.example.com",
+                    "pool": "node-a",
+                    "device": "numa0",
+                    "shareID": share_id,
+                    "consumedCapacity": {"cpus": "4"},
+                }
+            ],
+            "config": [
+                {
+                    "source": "FromClass",
+                    "requests": ["cpus"],
+                    "opaque": {"driver": "cpu.example.com", "parameters": {"fullCores": True}},
+                }
+            ],
+        },
+        "allocationTimestamp": "2026-01-02T03:04:05Z",
+    }
+    # The main resource ignores status, as the scheduler's own writes go to the subresource.
+    api.patch_namespaced_resource_claim(
+        name, kube_namespace, {"status": {"allocation": allocation}}, _content_type=MERGE_PATCH
+    )
+    assert api.read_namespaced_resource_claim(name, kube_namespace).status is None
+
+    api.patch_namespaced_resource_claim_status(
+        name, kube_namespace, {"status": {"allocation": allocation}}, _content_type=MERGE_PATCH
+    )
+    stored = api.read_namespaced_resource_claim(name, kube_namespace)
+    assert stored.spec.devices.requests[0].exactly.device_class_name == "cpu"
+    [result] = stored.status.allocation.devices.results
+    assert (result.request, result.driver, result.pool, result.device) == ("cpus", "cpu.example.com", "node-a", "numa0")
+    assert result.share_id == share_id
+    assert result.consumed_capacity == {"cpus": "4"}
+    assert stored.status.allocation.devices.config[0].opaque.parameters == {"fullCores": True}
+    assert stored.status.allocation.allocation_timestamp.year == 2026
+
+    listed = api.list_namespaced_resource_claim(kube_namespace)
+    assert [c.metadata.name for c in listed.items] == [name]
+    api.delete_namespaced_resource_claim(name, kube_namespace, _preload_content=False)
+
+
+def test_device_class_round_trip(kube_api: client.ApiClient) -> None:
+    api = client.ResourceV1Api(kube_api)
+    name = unique("cpu")
+    selector = 'device.driver == "cpu.example.com"'
+    device_class = client.V1DeviceClass(
+        api_version="resource.k8s.io/v1",
+        kind="DeviceClass",
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1DeviceClassSpec(
+            selectors=[client.V1DeviceSelector(cel=client.V1CELDeviceSelector(expression=selector))],
+            config=[
+                client.V1DeviceClassConfiguration(
+                    opaque=client.V1OpaqueDeviceConfiguration(
+                        driver="cpu.example.com", parameters={"kind": "CpuConfig", "exclusive": True}
+                    )
+                )
+            ],
+        ),
+    )
+    api.create_device_class(device_class)
+
+    stored = api.read_device_class(name)
+    assert stored.spec.selectors[0].cel.expression == selector
+    assert stored.spec.config[0].opaque.parameters == {"kind": "CpuConfig", "exclusive": True}
+    assert name in [c.metadata.name for c in api.list_device_class().items]
+    api.delete_device_class(name, _preload_content=False)
+    with pytest.raises(ApiException) as gone:
+        api.read_device_class(name)
+    assert gone.value.status == 404

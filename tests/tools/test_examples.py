@@ -1,0 +1,179 @@
+"""hack/examples/*.yaml: what app developers copy. Each file holds ResourceClaims and a Pod using them; they must
+pass the Kubernetes schemas, be accepted by a real API server, and be satisfiable on at least one real topology by
+the chart's DeviceClasses (checked with `dra-cpu explain`'s allocator model and the driver's own CPU picker).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import kubernetes_validate
+import pytest
+import yaml
+
+from dra_cpu.core.allocator import AllocationError, AllocationPolicy, choose_cpus
+from dra_cpu.core.claims import ClaimRef, parse_cpu_config
+from dra_cpu.core.devices import DeviceConfig, build_devices, build_slices, device_index
+from dra_cpu.core.quantity import parse_quantity
+from dra_cpu.core.topology import Topology
+from dra_cpu.node.sysfs import read_topology
+from dra_cpu.tools.explain.model import DeviceClass
+from dra_cpu.tools.explain.parse import parse_claim, parse_class, parse_slices
+from dra_cpu.tools.explain.result import Explanation
+from dra_cpu.tools.explain.search import explain
+from tests.support.paths import EXAMPLES, FIXTURES, SYSFS_FIXTURES
+from tests.support.testenv_helm import Helm
+
+FILES = sorted(EXAMPLES.glob("*.yaml"))
+DRIVER = "dra.cpu"
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def claims_of(path: Path) -> list[dict[str, Any]]:
+    return [d for d in documents(path) if d["kind"] == "ResourceClaim"]
+
+
+def test_the_examples_exist() -> None:
+    assert {f.stem for f in FILES} >= {
+        "claim-cpu-capacity-4",
+        "claim-cpu-capacity-10",
+        "claim-cpu-capacity-20",
+        "claim-cpu-numa-pinned",
+        "claim-cpu-hugepages-2mi",
+        "claim-isolated-cpus",
+        "claim-whole-cores",
+    }
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_schema_and_pod_uses_the_claims(path: Path) -> None:
+    docs = documents(path)
+    for version in ("1.34.0", "1.37.0"):
+        for doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)
+    claims = {c["metadata"]["name"] for c in claims_of(path)}
+    pods = [d for d in docs if d["kind"] == "Pod"]
+    assert claims and pods
+    for pod in pods:
+        refs = {r["name"]: r["resourceClaimName"] for r in pod["spec"]["resourceClaims"]}
+        assert set(refs.values()) <= claims
+        used = {c["name"] for ctr in pod["spec"]["containers"] for c in ctr["resources"].get("claims", [])}
+        assert used == set(refs), f"{path.name}: containers use {used}, the pod declares {set(refs)}"
+    assert claims == {ref for pod in pods for ref in (r["resourceClaimName"] for r in pod["spec"]["resourceClaims"])}
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_claims_are_accepted_by_the_api_server(
+    path: Path, kube_api: kubernetes.client.ApiClient, kube_namespace: str
+) -> None:
+    objects = kubernetes.client.CustomObjectsApi(kube_api)
+    for claim in claims_of(path):
+        created = objects.create_namespaced_custom_object(
+            "resource.k8s.io", "v1", kube_namespace, "resourceclaims", claim, field_validation="Strict"
+        )
+        stored = objects.get_namespaced_custom_object(
+            "resource.k8s.io", "v1", kube_namespace, "resourceclaims", claim["metadata"]["name"]
+        )
+        assert stored["metadata"]["uid"] == created["metadata"]["uid"]
+        assert stored["spec"] == claim["spec"]
+
+
+def _isolated_copy(root: Path, name: str) -> Path:
+    """A fixture with its last two cores of NUMA node 0 isolated, as `isolcpus=` makes the kernel report them."""
+    tree = root / name
+    shutil.copytree(FIXTURES / "sysfs" / name, tree, symlinks=True)
+    topology = read_topology(tree)
+    cores = topology.cores(topology.numa_nodes[0].cpus)
+    isolated = sorted(cpu for core in cores[-2:] for cpu in core)
+    (tree / "sys/devices/system/cpu/isolated").write_text(",".join(map(str, isolated)) + "\n")
+    return tree
+
+
+@pytest.fixture(scope="module")
+def topologies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Topology]:
+    """Every real-kernel capture, plus one with isolated CPUs (no capture has isolcpus set)."""
+    trees = {name: FIXTURES / "sysfs" / name for name in SYSFS_FIXTURES}
+    trees["dual-socket-smt2+isolcpus"] = _isolated_copy(tmp_path_factory.mktemp("isolated"), "dual-socket-smt2")
+    return {name: read_topology(tree) for name, tree in trees.items()}
+
+
+@pytest.fixture(scope="module")
+def classes(helm: Helm) -> dict[str, DeviceClass]:
+    """The DeviceClasses the chart installs with its default values."""
+    rendered = [o for o in helm.template() if o["kind"] == "DeviceClass"]
+    return {c.name: c for c in (parse_class(o, "chart") for o in rendered)}
+
+
+def _policies(claim: dict[str, Any]) -> Iterator[tuple[str, AllocationPolicy]]:
+    """The driver's reading of the claim's opaque config, per request (what it applies at prepare time)."""
+    for entry in claim["spec"]["devices"].get("config", []):
+        opaque = entry["opaque"]
+        if opaque["driver"] == DRIVER:
+            ref = ClaimRef("default", claim["metadata"]["name"], "uid")
+            policy = parse_cpu_config(opaque["parameters"], "config.opaque.parameters", AllocationPolicy(), ref)
+            for request in entry["requests"]:
+                yield request, policy
+
+
+def _preparable(claim: dict[str, Any], topology: Topology, explanation: Explanation) -> bool:
+    """Whether the driver can pick the CPUs for the devices the scheduler model chose, under the claim's config."""
+    devices = device_index(build_devices(topology, DeviceConfig(node_name="n")))
+    policies = dict(_policies(claim))
+    requests = {r["name"]: r["exactly"] for r in claim["spec"]["devices"]["requests"]}
+    for result in explanation.requests:
+        name = result.request.name
+        wanted = requests[name].get("capacity", {}).get("requests", {}).get(f"{DRIVER}/cpu")
+        if wanted is None:
+            continue
+        (label,) = result.devices
+        device = devices[label.rsplit("/", 1)[-1]]
+        count = parse_quantity(wanted)
+        assert count.denominator == 1
+        try:
+            choose_cpus(topology, device.cpus, int(count), policies.get(name, AllocationPolicy()))
+        except AllocationError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_claims_fit_a_real_topology(
+    path: Path, topologies: dict[str, Topology], classes: dict[str, DeviceClass]
+) -> None:
+    for claim in claims_of(path):
+        model = parse_claim(claim, path.name)
+        fits = []
+        for name, topology in topologies.items():
+            config = DeviceConfig(node_name="n")
+            slices = build_slices(build_devices(topology, config), config)
+            explanation = explain(model, classes, parse_slices(slices, name), {})
+            if explanation.satisfiable and _preparable(claim, topology, explanation):
+                fits.append(name)
+        assert fits, f"{path.name}: {claim['metadata']['name']} fits none of {sorted(topologies)}"
+
+
+def test_the_check_can_fail(topologies: dict[str, Topology], classes: dict[str, DeviceClass]) -> None:
+    """The same checks reject what no topology has: more CPUs than any NUMA node, hugepages of the wrong size."""
+    too_big = claims_of(EXAMPLES / "claim-cpu-capacity-4.yaml")[0]
+    too_big["spec"]["devices"]["requests"][0]["exactly"]["capacity"]["requests"][f"{DRIVER}/cpu"] = "1000"
+    gigantic = claims_of(EXAMPLES / "claim-cpu-hugepages-2mi.yaml")[0]
+    gigantic["spec"]["devices"]["requests"][1]["exactly"]["deviceClassName"] = "dra.hugepages-1gi"
+    for claim in (too_big, gigantic):
+        model = parse_claim(claim, "test")
+        for name, topology in topologies.items():
+            config = DeviceConfig(node_name="n")
+            slices = build_slices(build_devices(topology, config), config)
+            assert not explain(model, classes, parse_slices(slices, name), {}).satisfiable
+    # The driver's own picker refuses an odd whole-core count on SMT-2 nodes.
+    whole = claims_of(EXAMPLES / "claim-whole-cores.yaml")[0]
+    ((_, policy),) = _policies(whole)
+    smt = topologies["dual-socket-smt2"]
+    with pytest.raises(AllocationError, match="wholeCores"):
+        choose_cpus(smt, smt.numa_nodes[0].cpus, 3, policy)

@@ -1,0 +1,404 @@
+"""dra-cpu explain: claims explained against the slices dra-cpu builds from real-kernel sysfs captures, with the
+expected candidates worked out from the topology itself; hand-made failing claims give the reason that matters."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dra_cpu.cli import main
+from dra_cpu.core.devices import DeviceConfig, allocatable_cpus, build_devices, build_slices
+from dra_cpu.core.topology import Topology
+from dra_cpu.node.sysfs import read_topology
+from dra_cpu.tools.cel.library import CelError
+from dra_cpu.tools.explain.inputs import load_objects
+from dra_cpu.tools.explain.parse import parse_claim, parse_class, parse_slices, parse_usage
+from dra_cpu.tools.explain.result import Explanation
+from dra_cpu.tools.explain.search import explain
+from tests.support.paths import EXAMPLES, FIXTURES
+
+EXPLAIN = FIXTURES / "explain"
+CLASSES = EXPLAIN / "classes.yaml"
+CLAIMS = {obj["metadata"]["name"]: obj for obj in load_objects(EXPLAIN / "claims.yaml")}
+MIB = 1 << 20
+
+
+def slices_of(root: Path, **config: Any) -> tuple[Topology, list[dict[str, Any]]]:
+    topology = read_topology(root)
+    device_config = DeviceConfig(node_name="node-a", **config)
+    return topology, build_slices(build_devices(topology, device_config), device_config)
+
+
+def run(claim: dict[str, Any], slices: list[dict[str, Any]], in_use: Sequence[dict[str, Any]] = ()) -> Explanation:
+    classes = {c.name: c for c in (parse_class(o, "classes") for o in load_objects(CLASSES))}
+    parsed = parse_claim(claim, "claim")
+    return explain(parsed, classes, parse_slices(slices, "slices"), parse_usage(in_use, "in-use"))
+
+
+def request(result: Explanation, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(r for r in result.as_dict()["requests"] if r["name"] == name)
+    return found
+
+
+def shared_cpus(topology: Topology) -> dict[int, int]:
+    """NUMA node -> CPUs a dra.cpu claim may get there, from the topology rather than from the slices."""
+    available = allocatable_cpus(topology, DeviceConfig(node_name="node-a")) - topology.isolated_cpus
+    return {node.id: len(node.cpus & available) for node in topology.numa_nodes if node.cpus & available}
+
+
+def hugepages_2mi(topology: Topology) -> dict[int, int]:
+    return {
+        node.id: pool.total * pool.size_bytes
+        for node in topology.numa_nodes
+        for pool in node.hugepages
+        if pool.size_kib == 2048 and pool.total > 0
+    }
+
+
+def test_capacity_claims_on_every_fixture(sysfs_fixture: Path) -> None:
+    topology, slices = slices_of(sysfs_fixture)
+    cpus = shared_cpus(topology)
+    for name, amount in (("cpus-4", 4), ("cpus-10", 10)):
+        result = run(CLAIMS[name], slices)
+        fitting = [f"cpu-numa{n}" for n, count in cpus.items() if count >= amount]
+        assert request(result, "cpus")["candidates"] == fitting, name
+        assert result.satisfiable == bool(fitting)
+        for device in set(f"cpu-numa{n}" for n in cpus) - set(fitting):
+            assert (
+                f"requests {amount}, above the requestPolicy (max {cpus[int(device[8:])]})"
+                in (request(result, "cpus")["reasons"][device])
+            )
+        if fitting:
+            assert result.node == "node-a"
+            assert request(result, "cpus")["allocated"]["devices"] == fitting[:1]
+        else:
+            assert "cpus: needs 1 device(s); 0 pass" in result.reason
+
+
+def test_numa_pinned_template(sysfs_fixture: Path) -> None:
+    topology, slices = slices_of(sysfs_fixture)
+    result = run(CLAIMS["numa0-cpus"], slices)
+    numa0 = request(result, "numa0-cpus")
+    assert numa0["candidates"] == ["cpu-numa0"]
+    assert result.satisfiable
+    for node in set(shared_cpus(topology)) - {0}:
+        assert f"(resource.kubernetes.io/numaNode is {node})" in numa0["reasons"][f"cpu-numa{node}"]
+
+
+def test_cpus_and_hugepages_on_one_numa_node(sysfs_fixture: Path) -> None:
+    topology, slices = slices_of(sysfs_fixture)
+    cpus, pages = shared_cpus(topology), hugepages_2mi(topology)
+    both = sorted(n for n in cpus if cpus[n] >= 2 and pages.get(n, 0) >= 64 * MIB)
+    result = run(CLAIMS["cpus-and-hugepages"], slices)
+    assert result.satisfiable == bool(both)
+    if both:
+        assert request(result, "cpus")["allocated"]["devices"] == [f"cpu-numa{both[0]}"]
+        assert request(result, "hugepages")["allocated"]["devices"] == [f"hugepages-2mi-numa{both[0]}"]
+    elif pages:
+        assert "matchAttribute resource.kubernetes.io/numaNode" in result.reason or "hugepages:" in result.reason
+    else:
+        assert "hugepages: needs 1 device(s); 0 pass" in result.reason
+
+
+def test_isolated_claim_finds_no_isolated_cpus(sysfs_fixture: Path) -> None:
+    topology, slices = slices_of(sysfs_fixture)
+    assert not topology.isolated_cpus  # the captures have no isolcpus; the claim must say why it cannot fit
+    result = run(CLAIMS["isolated"], slices)
+    assert not result.satisfiable
+    reasons = request(result, "cpus")["reasons"]
+    for node in shared_cpus(topology):
+        assert (
+            'device.attributes["dra.cpu"].isolated\' is false (dra.cpu/isolated is false)'
+            in (reasons[f"cpu-numa{node}"])
+        )
+
+
+def test_first_available_takes_the_first_subrequest_that_fits(sysfs_fixture: Path) -> None:
+    topology, slices = slices_of(sysfs_fixture)
+    result = run(CLAIMS["prefer-20"], slices)
+    expected = "cpus/big" if max(shared_cpus(topology).values()) >= 20 else "cpus/small"
+    assert result.satisfiable
+    assert request(result, "cpus")["allocated"]["subrequest"] == expected
+    assert [s["name"] for s in request(result, "cpus")["subrequests"]] == ["cpus/big", "cpus/small"]
+
+
+def test_distinct_attribute_needs_two_numa_nodes(sysfs_fixture: Path) -> None:
+    topology, slices = slices_of(sysfs_fixture)
+    result = run(CLAIMS["spread"], slices)
+    nodes = sorted(shared_cpus(topology))
+    assert result.satisfiable == (len(nodes) >= 2)
+    if result.satisfiable:
+        assert request(result, "a")["allocated"]["devices"] == [f"cpu-numa{nodes[0]}"]
+        assert request(result, "b")["allocated"]["devices"] == [f"cpu-numa{nodes[1]}"]
+    else:
+        assert "distinctAttribute dra.cpu/numaNodeID over all requests" in result.reason
+
+
+DUAL = FIXTURES / "sysfs" / "dual-socket-smt2"
+
+
+def cpus_claim(amount: str, *selectors: str, name: str = "c") -> dict[str, Any]:
+    exactly: dict[str, Any] = {"deviceClassName": "dra.cpu", "capacity": {"requests": {"dra.cpu/cpu": amount}}}
+    if selectors:
+        exactly["selectors"] = [{"cel": {"expression": s}} for s in selectors]
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"devices": {"requests": [{"name": "cpus", "exactly": exactly}]}},
+    }
+
+
+def test_wrong_attribute_name_is_a_runtime_error_that_stops_the_scheduler() -> None:
+    _, slices = slices_of(DUAL)
+    result = run(cpus_claim("2", 'device.attributes["dra.cpu"].numaNode == 0'), slices)
+    assert not result.satisfiable
+    assert "CEL runtime error stops the scheduler" in result.reason
+    assert "attribute dra.cpu/numaNode is missing" in result.reason
+    assert request(result, "cpus")["candidates"] == []
+
+
+def test_a_missing_domain_is_an_empty_map_and_has_is_false() -> None:
+    _, slices = slices_of(DUAL)
+    result = run(cpus_claim("2", 'has(device.attributes["gpu.example.com"].numaNode)'), slices)
+    assert not result.satisfiable
+    reason = request(result, "cpus")["reasons"]["cpu-numa0"]
+    assert reason == (
+        "request cpus selectors[0]: 'has(device.attributes[\"gpu.example.com\"].numaNode)' is false "
+        "(gpu.example.com/numaNode is missing)"
+    )
+
+
+def test_capacity_too_large_names_the_policy_maximum() -> None:
+    _, slices = slices_of(DUAL)
+    result = run(cpus_claim("9"), slices)
+    assert not result.satisfiable
+    assert request(result, "cpus")["reasons"]["cpu-numa1"] == (
+        "dra.cpu/cpu: requests 9, above the requestPolicy (max 8)"
+    )
+
+
+def test_whole_cores_round_a_request_up_to_the_step() -> None:
+    _, slices = slices_of(DUAL, whole_cores=True)
+    result = run(cpus_claim("3"), slices)
+    assert result.satisfiable
+    assert request(result, "cpus")["details"]["cpu-numa0"] == "dra.cpu/cpu: requests 3, rounded up to 4, 8 of 8 free"
+
+
+def allocated(name: str, device: str, amount: str, key: str = "dra.cpu/cpu") -> dict[str, Any]:
+    return {
+        "kind": "ResourceClaim",
+        "metadata": {"name": name, "namespace": "team"},
+        "status": {
+            "allocation": {
+                "devices": {
+                    "results": [
+                        {
+                            "request": "cpus",
+                            "driver": "dra.cpu",
+                            "pool": "node-a",
+                            "device": device,
+                            "consumedCapacity": {key: amount},
+                        }
+                    ]
+                }
+            }
+        },
+    }
+
+
+def test_claims_in_use_leave_less_room() -> None:
+    _, slices = slices_of(DUAL)
+    in_use = [allocated("one", "cpu-numa0", "4"), allocated("two", "cpu-numa0", "2"), allocated("x", "cpu-numa1", "1")]
+    result = run(cpus_claim("4"), slices, in_use)
+    cpus = request(result, "cpus")
+    assert cpus["candidates"] == ["cpu-numa1"]
+    assert cpus["reasons"]["cpu-numa0"] == "dra.cpu/cpu: requests 4, only 2 of 8 free (team/one, team/two hold 6)"
+    assert cpus["details"]["cpu-numa1"] == "dra.cpu/cpu: requests 4, 7 of 8 free"
+    assert cpus["allocated"]["devices"] == ["cpu-numa1"]
+
+
+def test_requests_of_one_claim_share_a_device_capacity() -> None:
+    _, slices = slices_of(DUAL)
+    claim = copy.deepcopy(CLAIMS["spread"])
+    for r in claim["spec"]["devices"]["requests"]:
+        r["exactly"]["capacity"]["requests"]["dra.cpu/cpu"] = "5"
+        r["exactly"]["selectors"] = [{"cel": {"expression": 'device.attributes["dra.cpu"].numaNodeID == 0'}}]
+    claim["spec"]["devices"]["constraints"] = []
+    result = run(claim, slices)
+    assert request(result, "a")["candidates"] == request(result, "b")["candidates"] == ["cpu-numa0"]
+    assert not result.satisfiable
+    assert "cpu-numa0: dra.cpu/cpu does not cover all the requests of this claim together" in result.reason
+
+
+def test_unsatisfiable_constraint_shows_what_each_request_offers() -> None:
+    _, slices = slices_of(DUAL)
+    claim = copy.deepcopy(CLAIMS["cpus-and-hugepages"])
+    cpus, pages = claim["spec"]["devices"]["requests"]
+    cpus["exactly"]["selectors"] = [{"cel": {"expression": 'device.attributes["dra.cpu"].numaNodeID == 0'}}]
+    pages["exactly"]["selectors"] = [{"cel": {"expression": 'device.attributes["dra.cpu"].numaNodeID == 1'}}]
+    result = run(claim, slices)
+    assert not result.satisfiable
+    assert request(result, "cpus")["candidates"] == ["cpu-numa0"]
+    assert request(result, "hugepages")["candidates"] == ["hugepages-2mi-numa1"]
+    assert result.reason == (
+        "no combination of candidates fits together: matchAttribute resource.kubernetes.io/numaNode over cpus, "
+        "hugepages (resource.kubernetes.io/numaNode: cpus offers 0; hugepages offers 1)"
+    )
+
+
+def test_missing_device_class_is_the_reason() -> None:
+    _, slices = slices_of(DUAL)
+    claim = cpus_claim("1")
+    claim["spec"]["devices"]["requests"][0]["exactly"]["deviceClassName"] = "dra.gpu"
+    result = run(claim, slices)
+    assert not result.satisfiable
+    assert result.reason.startswith("cpus: DeviceClass 'dra.gpu' not found (dra.cpu, dra.cpu.isolated,")
+
+
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        (
+            'device.attributes["dra.cpu"].numaNodeID = 0',
+            "CEL syntax error at line 1, column 41: unexpected character '='",
+        ),
+        (
+            'device.attributes["dra.cpu"].type.contans("c")',
+            "CEL type error at line 1, column 35: undeclared reference to function 'contans'",
+        ),
+        ('device.drivr == "dra.cpu"', "CEL type error at line 1, column 8: undefined field 'drivr' of device"),
+        (
+            "device.driver == 1",
+            "CEL type error at line 1, column 1: found no matching overload for '_==_' applied to '(string, int)'",
+        ),
+        ('device.driver == "dra.cpu" &&', "CEL syntax error at line 1, column 28: unexpected end of expression"),
+    ],
+)
+def test_cel_mistakes_are_reported_with_their_position(expression: str, message: str) -> None:
+    with pytest.raises(CelError) as err:
+        parse_claim(cpus_claim("1", expression), "claim.yaml")
+    assert str(err.value).startswith(f"request cpus selectors[0]: {message}")
+
+
+def write(path: Path, *objects: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump_all(objects))
+    return path
+
+
+def test_cli_json_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, slices = slices_of(DUAL)
+    slices_file = write(tmp_path / "slices.yaml", *slices)
+    args = ["explain", "--class", str(CLASSES), "--slices", str(slices_file), "-o", "json"]
+    claims = EXPLAIN / "claims.yaml"
+
+    assert main([*args, "--claim", str(claims), "--claim-name", "numa0-cpus"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["satisfiable"] is True
+    [numa0] = out["requests"]
+    assert numa0["name"] == "numa0-cpus"
+    assert numa0["candidates"] == ["cpu-numa0"]
+    assert set(numa0["reasons"]) == {"cpu-numa1", "hugepages-2mi-numa0", "hugepages-2mi-numa1"}
+
+    assert main([*args, "--claim", str(claims), "--claim-name", "cpus-10"]) == 1
+    assert json.loads(capsys.readouterr().out)["satisfiable"] is False
+
+    in_use = write(tmp_path / "in-use.yaml", allocated("big", "cpu-numa0", "8"), allocated("b", "cpu-numa1", "7"))
+    assert main([*args, "--claim", str(claims), "--claim-name", "cpus-4", "--claims-in-use", str(in_use)]) == 1
+    reasons = json.loads(capsys.readouterr().out)["requests"][0]["reasons"]
+    assert reasons["cpu-numa0"] == "dra.cpu/cpu: requests 4, only 0 of 8 free (team/big hold 8)"
+    assert reasons["cpu-numa1"] == "dra.cpu/cpu: requests 4, only 1 of 8 free (team/b hold 7)"
+
+    typo = write(tmp_path / "typo.yaml", cpus_claim("1", 'device.attributes["dra.cpu"].numaNodeID === 0'))
+    assert main([*args, "--claim", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(
+        "dra-cpu explain: request cpus selectors[0]: CEL syntax error at line 1, column 43: unexpected character '='"
+    )
+
+    assert main([*args, "--claim", str(claims)]) == 2
+    assert "expected one ResourceClaim or ResourceClaimTemplate, found ResourceClaim cpus-4" in capsys.readouterr().err
+
+
+def test_cli_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, slices = slices_of(DUAL)
+    slices_file = write(tmp_path / "slices.yaml", *slices)
+    claim = EXPLAIN / "claims.yaml"
+    argv = ["explain", "--claim", str(claim), "--claim-name", "cpus-and-hugepages", "--class", str(CLASSES)]
+    assert main([*argv, "--slices", str(slices_file)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "ResourceClaim cpus-and-hugepages: satisfiable on node node-a"
+    assert "  => cpus: cpu-numa0" in out
+    assert "  => hugepages: hugepages-2mi-numa0" in out
+    assert any(line.split()[:2] == ["hugepages-2mi-numa0", "fits"] for line in out)
+
+
+def test_bad_input_names_the_field(tmp_path: Path) -> None:
+    claim = cpus_claim("1")
+    claim["spec"]["devices"]["requests"][0]["exactly"]["count"] = 0
+    with pytest.raises(
+        Exception, match=r"claim: spec.devices.requests\[0\].exactly.count must be a positive integer, not 0"
+    ):
+        parse_claim(claim, "claim")
+    _, slices = slices_of(DUAL)
+    broken = copy.deepcopy(slices[0])
+    broken["spec"]["devices"][0]["capacity"]["dra.cpu/cpu"]["value"] = "eight"
+    with pytest.raises(
+        Exception, match=r"ResourceSlice node-a-dra.cpu-0: spec.devices\[0\].capacity.dra.cpu/cpu.value"
+    ):
+        parse_slices([broken], "s.yaml")
+
+
+EXAMPLE_CLAIMS = [
+    (path, obj)
+    for path in sorted(EXAMPLES.rglob("*.yaml"))
+    for obj in load_objects(path)
+    if obj.get("kind") in ("ResourceClaim", "ResourceClaimTemplate")
+]
+
+
+def capacity_oracle(amount: int) -> Any:
+    """cpu-capacity claims: any NUMA node with that many shared CPUs."""
+    return lambda topology: [f"cpu-numa{n}" for n, count in shared_cpus(topology).items() if count >= amount]
+
+
+# Expected candidates of the first request, from the topology, for the example claims whose intent is known.
+EXAMPLE_ORACLES = {
+    "claim-cpu-capacity-4": capacity_oracle(4),
+    "claim-cpu-capacity-10": capacity_oracle(10),
+    # Two requests of 10, one per NUMA node (the upstream example): the first wants node 0.
+    "claim-cpu-capacity-20": lambda t: ["cpu-numa0"] if shared_cpus(t).get(0, 0) >= 10 else [],
+    # numa-bench: 4 CPUs on NUMA node 0 with 3 GiB of 2 MiB pages beside them (aligned) or on node 1 (misaligned).
+    "numa-bench-aligned": lambda t: ["cpu-numa0"] if shared_cpus(t).get(0, 0) >= 4 else [],
+    "numa-bench-misaligned": lambda t: ["cpu-numa0"] if shared_cpus(t).get(0, 0) >= 4 else [],
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "obj"), EXAMPLE_CLAIMS, ids=[f"{p.name}:{o['metadata']['name']}" for p, o in EXAMPLE_CLAIMS]
+)
+def test_every_example_claim_on_every_fixture(path: Path, obj: dict[str, Any], sysfs_fixture: Path) -> None:
+    topology, slices = slices_of(sysfs_fixture)
+    result = run(obj, slices)
+    devices = {d["name"] for s in slices for d in s["spec"]["devices"]}
+    for req in result.as_dict()["requests"]:
+        # Every device is accounted for: a candidate, or a reason why not.
+        assert set(req["candidates"]) | set(req["reasons"]) == devices
+        if result.satisfiable:
+            assert set(req["allocated"]["devices"]) <= set(req["candidates"])
+    if not result.satisfiable:
+        assert result.reason
+    oracle = EXAMPLE_ORACLES.get(obj["metadata"]["name"])
+    if oracle is not None:
+        assert result.as_dict()["requests"][0]["candidates"] == oracle(topology)
+    if obj["metadata"]["name"].startswith("numa-bench"):
+        # No capture has 3 GiB of 2 MiB pages on one node: the hugepages request is why the pod would stay Pending.
+        assert not result.satisfiable
+        assert "hugepages:" in result.reason
