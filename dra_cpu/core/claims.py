@@ -7,7 +7,7 @@ Every error names the field path and the value, so that the message in the pod's
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -57,6 +57,55 @@ class ClaimRequest:
     ref: ClaimRef
     results: tuple[DeviceResult, ...]
     pod_uids: tuple[str, ...]
+
+
+def allocated_claim(
+    namespace: str,
+    name: str,
+    results: Sequence[Mapping[str, Any]],
+    *,
+    uid: str = "",
+    pod_uids: Sequence[str] = (),
+    config: Sequence[Mapping[str, Any]] = (),
+    requests: Sequence[Mapping[str, Any]] = (),
+    node: str = "",
+) -> dict[str, Any]:
+    """A ResourceClaim as the API server returns it once the scheduler allocated it (on `node`, when given) and
+    reserved it for pods: what the demo, the benchmarks and the tests hand to the driver. `results` come from
+    `allocation_result`."""
+    allocation: dict[str, Any] = {
+        "devices": {"results": [dict(r) for r in results], "config": [dict(c) for c in config]}
+    }
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": name, "namespace": namespace, **({"uid": uid} if uid else {})},
+        "spec": {"devices": {"requests": [dict(r) for r in requests]}},
+        "status": {
+            "allocation": allocation,
+            "reservedFor": [{"resource": "pods", "name": f"pod-{i}", "uid": u} for i, u in enumerate(pod_uids)],
+        },
+    }
+
+
+def allocation_result(
+    driver: str,
+    pool: str,
+    device: str,
+    *,
+    request: str = "cpus",
+    consumed: Mapping[str, str] | None = None,
+    share_id: str = "",
+) -> dict[str, Any]:
+    """One entry of status.allocation.devices.results."""
+    return {
+        "request": request,
+        "driver": driver,
+        "pool": pool,
+        "device": device,
+        **({"shareID": share_id} if share_id else {}),
+        **({"consumedCapacity": dict(consumed)} if consumed else {}),
+    }
 
 
 def parse_claim(

@@ -23,7 +23,7 @@ import yaml
 
 from dra_cpu import logs
 from dra_cpu.config import Config
-from dra_cpu.core.claims import ClaimRef
+from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.daemon import Daemon
 from dra_cpu.errors import DraCpuError
@@ -35,44 +35,11 @@ NAMESPACE = "default"
 
 
 def claim_object(name: str, uid: str, node: str, driver: str, device: str, cpus: int, pod_uid: str) -> dict[str, Any]:
-    """A ResourceClaim as the API server returns it after the scheduler allocated it."""
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceClaim",
-        "metadata": {"name": name, "namespace": NAMESPACE, "uid": uid},
-        "spec": {
-            "devices": {
-                "requests": [
-                    {
-                        "name": "cpus",
-                        "exactly": {"deviceClassName": driver, "capacity": {"requests": {f"{driver}/cpu": str(cpus)}}},
-                    }
-                ]
-            }
-        },
-        "status": {
-            "allocation": {
-                "devices": {
-                    "results": [
-                        {
-                            "request": "cpus",
-                            "driver": driver,
-                            "pool": node,
-                            "device": device,
-                            "shareID": str(uuid.uuid4()),
-                            "consumedCapacity": {f"{driver}/cpu": str(cpus)},
-                        }
-                    ]
-                },
-                "nodeSelector": {
-                    "nodeSelectorTerms": [
-                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
-                    ]
-                },
-            },
-            "reservedFor": [{"resource": "pods", "name": "demo", "uid": pod_uid}],
-        },
-    }
+    """The demo's claim: `cpus` CPUs of `device`, allocated on `node` and reserved for one pod."""
+    key = f"{driver}/cpu"
+    request = {"name": "cpus", "exactly": {"deviceClassName": driver, "capacity": {"requests": {key: str(cpus)}}}}
+    result = allocation_result(driver, node, device, consumed={key: str(cpus)}, share_id=str(uuid.uuid4()))
+    return allocated_claim(NAMESPACE, name, [result], uid=uid, pod_uids=[pod_uid], requests=[request], node=node)
 
 
 def _wait(what: str, check: Callable[[], bool], timeout: float = 10) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import kubernetes
 
-from dra_cpu.core.claims import ClaimRef
+from dra_cpu.core.claims import ClaimRef, allocated_claim
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
 from tests.support.kubelet_node import result
@@ -58,16 +58,9 @@ def test_claimed_container_is_pinned_and_others_keep_off(
         kubelet = KubeletClient.register(registration)
         pod_uid = str(uuid.uuid4())
         claim_cpus = 1 if len(ONLINE) <= 2 else 2
-        obj = {
-            "apiVersion": "resource.k8s.io/v1",
-            "kind": "ResourceClaim",
-            "metadata": {"name": "pinned", "namespace": kube_namespace},
-            "spec": {"devices": {"requests": []}},
-            "status": {
-                "allocation": {"devices": {"results": [result("cpu-numa0", cpus=claim_cpus) | {"pool": NODE}]}},
-                "reservedFor": [{"resource": "pods", "name": "app", "uid": pod_uid}],
-            },
-        }
+        obj = allocated_claim(
+            kube_namespace, "pinned", [result("cpu-numa0", cpus=claim_cpus) | {"pool": NODE}], pod_uids=[pod_uid]
+        )
         ServerClaims(kubernetes.client.CustomObjectsApi(kube_api)).put(obj)
         uid = obj["metadata"]["uid"]
         ref = ClaimRef(kube_namespace, "pinned", uid)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import pytest
 import yaml
 
-from dra_cpu.core.claims import ClaimRef
+from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig, DeviceMode, build_devices
 from dra_cpu.driver import Driver
@@ -43,15 +43,9 @@ def result(
         consumed[f"{DRIVER}/cpu"] = str(cpus)
     if memory is not None:
         consumed[f"{DRIVER}/memory"] = memory
-    return {
-        "request": request,
-        "driver": DRIVER,
-        "pool": NODE,
-        "device": device,
-        "shareID": str(uuid.uuid4()),
-        **({"consumedCapacity": consumed} if consumed else {}),
-        **extra,
-    }
+    return (
+        allocation_result(DRIVER, NODE, device, request=request, consumed=consumed, share_id=str(uuid.uuid4())) | extra
+    )
 
 
 def cpu_config(requests: list[str] | None = None, source: str = "FromClaim", **params: Any) -> dict[str, Any]:
@@ -97,18 +91,11 @@ class Node:
         status: dict[str, Any] | None = None,
     ) -> ClaimRef:
         ref = ClaimRef(self.namespace, name or f"claim-{uuid.uuid4().hex[:8]}", uid or str(uuid.uuid4()))
-        obj = {
-            "apiVersion": "resource.k8s.io/v1",
-            "kind": "ResourceClaim",
-            "metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
-            "spec": {"devices": {"requests": []}},
-            "status": status
-            if status is not None
-            else {
-                "allocation": {"devices": {"results": results, "config": config or []}},
-                "reservedFor": [{"resource": "pods", "name": "pod", "uid": self.pod_uid}],
-            },
-        }
+        obj = allocated_claim(
+            ref.namespace, ref.name, results, uid=ref.uid, pod_uids=[self.pod_uid], config=config or []
+        )
+        if status is not None:
+            obj["status"] = status
         self.claims.put(obj)
         # The API server assigns the uid: the claim as stored is what the kubelet would name.
         return ClaimRef(ref.namespace, ref.name, str(obj["metadata"]["uid"]))

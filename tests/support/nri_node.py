@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from dra_cpu.core import cdi_spec
-from dra_cpu.core.claims import ClaimRef
+from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig, build_devices
 from dra_cpu.driver import Driver
@@ -60,27 +60,8 @@ class Node:
     def claim(self, pod_uids: list[str], cpus: int = 1) -> ClaimRef:
         """Write an allocated claim reserved for `pod_uids` and prepare it."""
         ref = ClaimRef("default", f"claim-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()))
-        obj = {
-            "apiVersion": "resource.k8s.io/v1",
-            "kind": "ResourceClaim",
-            "metadata": {"namespace": ref.namespace, "name": ref.name, "uid": ref.uid},
-            "status": {
-                "allocation": {
-                    "devices": {
-                        "results": [
-                            {
-                                "request": "cpus",
-                                "driver": "dra.cpu",
-                                "pool": NODE,
-                                "device": "cpu-numa0",
-                                "consumedCapacity": {"dra.cpu/cpu": str(cpus)},
-                            }
-                        ]
-                    }
-                },
-                "reservedFor": [{"resource": "pods", "name": "p", "uid": uid} for uid in pod_uids],
-            },
-        }
+        result = allocation_result("dra.cpu", NODE, "cpu-numa0", consumed={"dra.cpu/cpu": str(cpus)})
+        obj = allocated_claim(ref.namespace, ref.name, [result], uid=ref.uid, pod_uids=pod_uids)
         path = self.claims_dir / "resourceclaims" / ref.namespace / f"{ref.name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(obj))
