@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from dra_cpu.cli.cluster import read_cluster
+from dra_cpu.tools.explain.classes import chart_device_classes
 from dra_cpu.tools.explain.inputs import load_objects, of_kind, pick_claim
 from dra_cpu.tools.explain.parse import describe, parse_claim, parse_class, parse_slices, parse_usage
 from dra_cpu.tools.explain.result import render_table
@@ -33,7 +35,8 @@ def add_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="FILE",
-        help="DeviceClass file or folder (repeatable)",
+        help="DeviceClass file or folder (repeatable); without it and without --kubeconfig, the DeviceClasses the "
+        "dra-cpu chart installs by default",
     )
     source = explain_parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--slices", metavar="FILE|DIR", help="ResourceSlices (e.g. from dra-cpu slices)")
@@ -62,6 +65,14 @@ def run(args: argparse.Namespace) -> int:
         slice_objs = of_kind(load_objects(Path(args.slices)), "ResourceSlice")
     for path in args.classes:
         class_objs += [(path, o) for o in of_kind(load_objects(Path(path)), "DeviceClass")]
+    if not args.classes and not args.kubeconfig:
+        defaults = chart_device_classes()
+        names = ", ".join(o["metadata"]["name"] for o in defaults)
+        print(
+            f"explain: no --class given: assuming the DeviceClasses the dra-cpu chart installs ({names})",
+            file=sys.stderr,
+        )
+        class_objs = [("the chart's default DeviceClasses", o) for o in defaults]
     if args.claims_in_use:
         in_use = of_kind(load_objects(Path(args.claims_in_use)), "ResourceClaim")
     classes = {c.name: c for c in (parse_class(o, source) for source, o in class_objs)}

@@ -17,6 +17,7 @@ import pytest
 
 from dra_cpu.cli import build_parser
 from dra_cpu.config import Config, load
+from dra_cpu.tools.explain.classes import chart_device_classes
 from tests.support.testenv_helm import CHART, Helm
 
 # Non-default values that change what the templates produce (paths, names, optional objects, enforcement).
@@ -270,6 +271,13 @@ def test_bad_values_are_refused(helm: Helm, options: tuple[str, ...], message: s
     for result in results:
         assert result.returncode != 0
         assert message in result.stderr + result.stdout
+
+
+def test_explain_knows_the_charts_default_device_classes(helm: Helm) -> None:
+    rendered = [
+        {**obj, "metadata": {"name": obj["metadata"]["name"]}} for obj in by_kind(helm.template(), "DeviceClass")
+    ]
+    assert rendered == chart_device_classes()
 
 
 def test_device_classes_are_created_on_the_api_server(

@@ -19,11 +19,10 @@ import kubernetes
 from dra_cpu.core.claims import ClaimRef, allocated_claim
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
-from tests.support.kubelet_node import result
+from tests.support.kubelet_node import ServerClaims, result
 from tests.support.testenv_apiserver import ApiServer
 from tests.support.testenv_containerd import Containerd
 from tests.support.waiting import eventually
-from tests.test_prepare_apiserver import ServerClaims
 
 ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
 NODE = "node-e2e"

@@ -3,8 +3,6 @@ as the scheduler writes them, read back by the driver when the kubelet calls."""
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
 from typing import Any
 
 import kubernetes
@@ -13,28 +11,8 @@ import pytest
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceMode
 from dra_cpu.kube.apiserver import connect
-from tests.support.kubelet_node import cpu_config, result
+from tests.support.kubelet_node import ServerClaims, cpu_config, result
 from tests.support.testenv_apiserver import ApiServer
-
-GROUP, VERSION, PLURAL = "resource.k8s.io", "v1", "resourceclaims"
-
-
-@dataclass(frozen=True)
-class ServerClaims:
-    """Creates the claim, then writes its status the way the scheduler does: through the status subresource."""
-
-    api: kubernetes.client.CustomObjectsApi
-
-    def put(self, obj: dict[str, Any]) -> None:
-        meta = obj["metadata"]
-        body = {k: v for k, v in obj.items() if k != "status"}
-        body["metadata"] = {"name": meta["name"], "namespace": meta["namespace"]}
-        created = self.api.create_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, body)
-        created["status"] = copy.deepcopy(obj["status"])
-        self.api.replace_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], created
-        )
-        meta["uid"] = created["metadata"]["uid"]
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ and a kubelet stand-in that registers and calls it. Claims are written the way t
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import kubernetes
 import pytest
 import yaml
 
@@ -70,6 +72,26 @@ class FolderClaims:
         path = self.root / obj["metadata"]["namespace"] / f"{obj['metadata']['name']}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(obj))
+
+
+@dataclass(frozen=True)
+class ServerClaims:
+    """Creates the claim, then writes its status the way the scheduler does: through the status subresource."""
+
+    api: kubernetes.client.CustomObjectsApi
+
+    def put(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        body = {k: v for k, v in obj.items() if k != "status"}
+        body["metadata"] = {"name": meta["name"], "namespace": meta["namespace"]}
+        created = self.api.create_namespaced_custom_object(
+            "resource.k8s.io", "v1", meta["namespace"], "resourceclaims", body
+        )
+        created["status"] = copy.deepcopy(obj["status"])
+        self.api.replace_namespaced_custom_object_status(
+            "resource.k8s.io", "v1", meta["namespace"], "resourceclaims", meta["name"], created
+        )
+        meta["uid"] = created["metadata"]["uid"]
 
 
 @dataclass

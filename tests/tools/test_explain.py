@@ -323,6 +323,26 @@ def test_cli_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert any(line.split()[:2] == ["hugepages-2mi-numa0", "fits"] for line in out)
 
 
+def test_without_class_the_charts_device_classes_are_assumed_and_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, slices = slices_of(FIXTURES / "sysfs" / "multi-l3-per-node")
+    slices_file = write(tmp_path / "slices.yaml", *slices)
+    claim = EXAMPLES / "claim-cpu-capacity-20.yaml"
+    assert main(["explain", "--claim", str(claim), "--slices", str(slices_file), "-o", "json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["satisfiable"] is True
+    assert captured.err == (
+        "explain: no --class given: assuming the DeviceClasses the dra-cpu chart installs "
+        "(dra.cpu, dra.cpu.isolated, dra.hugepages-2mi, dra.hugepages-1gi)\n"
+    )
+    # A class the chart does not install is still reported as missing, naming the ones assumed.
+    other = cpus_claim("1")
+    other["spec"]["devices"]["requests"][0]["exactly"]["deviceClassName"] = "gpu.example.com"
+    assert main(["explain", "--claim", str(write(tmp_path / "c.yaml", other)), "--slices", str(slices_file)]) == 1
+    assert "DeviceClass 'gpu.example.com' not found (dra.cpu, dra.cpu.isolated" in capsys.readouterr().out
+
+
 def test_bad_input_names_the_field(tmp_path: Path) -> None:
     claim = cpus_claim("1")
     claim["spec"]["devices"]["requests"][0]["exactly"]["count"] = 0
