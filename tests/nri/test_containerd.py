@@ -30,7 +30,7 @@ def node(containerd: Containerd, tmp_path: Path) -> Iterator[Node]:
 
 
 @pytest.fixture
-def freshnri_node(fresh_containerd: Containerd, tmp_path: Path) -> Iterator[Node]:
+def fresh_node(fresh_containerd: Containerd, tmp_path: Path) -> Iterator[Node]:
     yield from nri_node(fresh_containerd, tmp_path)
 
 
