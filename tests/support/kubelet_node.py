@@ -36,8 +36,10 @@ DRIVER = "dra.cpu"
 
 
 def result(
-    device: str, request: str = "cpus", cpus: int | None = None, memory: str | None = None, **extra: Any
+    device: str, request: str = "cpus", cpus: int | str | None = None, memory: str | None = None, **extra: Any
 ) -> dict[str, Any]:
+    """An allocation result for one of this node's devices. `cpus` (a count, or any quantity string, valid or not)
+    and `memory` become its consumedCapacity."""
     consumed = {}
     if cpus is not None:
         consumed[f"{DRIVER}/cpu"] = str(cpus)
@@ -97,10 +99,11 @@ class Node:
         status: dict[str, Any] | None = None,
     ) -> ClaimRef:
         ref = ClaimRef(self.namespace, name or f"claim-{uuid.uuid4().hex[:8]}", uid or str(uuid.uuid4()))
-        obj = {
+        metadata = {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid}
+        obj: dict[str, Any] = {
             "apiVersion": "resource.k8s.io/v1",
             "kind": "ResourceClaim",
-            "metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
+            "metadata": metadata,
             "spec": {"devices": {"requests": []}},
             "status": status
             if status is not None
@@ -111,7 +114,7 @@ class Node:
         }
         self.claims.put(obj)
         # The API server assigns the uid: the claim as stored is what the kubelet would name.
-        return ClaimRef(ref.namespace, ref.name, str(obj["metadata"]["uid"]))
+        return ClaimRef(ref.namespace, ref.name, metadata["uid"])
 
     def prepare(self, ref: ClaimRef, service: str | None = None) -> Any:
         return self.kubelet.prepare([ref], service=service).claims[ref.uid]
@@ -119,9 +122,13 @@ class Node:
     def cpus_of(self, ref: ClaimRef) -> CPUSet:
         response = self.prepare(ref)
         assert not response.error, response.error
-        return self.env(ref.uid)[f"DRA_CPUSET_{ref.uid}"]
+        cpus = self.env(ref.uid)[f"DRA_CPUSET_{ref.uid}"]
+        assert isinstance(cpus, CPUSet)
+        return cpus
 
     def env(self, uid: str) -> dict[str, Any]:
+        """The environment the claim's CDI spec gives containers: DRA_CPUSET_* and DRA_MEMS_* as CPUSets, the
+        rest as strings."""
         spec = json.loads(self.driver.cdi_store.path(uid).read_text())
         env = dict(e.split("=", 1) for e in spec["devices"][0]["containerEdits"]["env"])
         return {k: CPUSet.parse(v) if k.startswith(("DRA_CPUSET_", "DRA_MEMS_")) else v for k, v in env.items()}
@@ -143,8 +150,22 @@ def make_driver(
     )
 
 
+class NodeFactory(Protocol):
+    """The `node_factory` fixture: starts a Node on a sysfs fixture; the test's teardown stops every one."""
+
+    def __call__(
+        self,
+        fixture: str = ...,
+        mode: DeviceMode = ...,
+        api: ClusterAPI | None = ...,
+        claims: ClaimStore | None = ...,
+        namespace: str = ...,
+        **config: Any,
+    ) -> Node: ...
+
+
 @pytest.fixture
-def node_factory() -> Iterator[Any]:
+def node_factory() -> Iterator[NodeFactory]:
     started: list[Node] = []
     # Unix socket paths are limited to 107 bytes: pytest's tmp_path is too deep.
     base = Path(tempfile.mkdtemp(prefix="dc-", dir="/tmp"))

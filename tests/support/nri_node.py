@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -38,8 +38,8 @@ class Node:
 
     containerd: Containerd
     driver: Driver
-    plugin: NriEnforcer
     claims_dir: Path
+    plugin: NriEnforcer = field(init=False)  # set by new_plugin()
 
     @property
     def cri(self) -> CriClient:
@@ -126,7 +126,7 @@ def nri_node(containerd: Containerd, tmp_path: Path, min_shared_cpus: int = 1) -
     )
     (tmp_path / "checkpoint").mkdir(parents=True)
     driver.start()
-    node = Node(containerd, driver, None, tmp_path / "cluster")  # type: ignore[arg-type]
+    node = Node(containerd, driver, tmp_path / "cluster")
     node.new_plugin()
     yield node
     node.plugin.stop()
