@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 hack/install.sh --test
 hack/install-testenv.sh
 .venv/bin/ruff check dra_cpu tests hack
-.venv/bin/ruff format --check dra_cpu
-.venv/bin/mypy --strict dra_cpu
+.venv/bin/ruff format --check dra_cpu tests hack
+.venv/bin/mypy --strict dra_cpu tests hack
 exec .venv/bin/pytest -q -ra "$@"

@@ -73,12 +73,12 @@ def create_container_latency(calls: int = 5000) -> tuple[float, float]:
         runtime.read_response(1)
     times = []
     for i in range(calls):
-        request = api.CreateContainerRequest(
+        payload = api.CreateContainerRequest(
             pod=api.PodSandbox(id="s", uid=f"pod-{i % 20}", name="p", namespace="ns"),
             container=api.Container(id=f"c{i}", name="c", env=["PATH=/bin", f"DRA_CPUSET_uid-{i % 20}={i % 20}"]),
         ).SerializeToString()
         start = time.perf_counter()
-        runtime.request(i * 2 + 1, "CreateContainer", request)
+        runtime.request(i * 2 + 1, "CreateContainer", payload)
         response = runtime.read_response(i * 2 + 1)
         times.append((time.perf_counter() - start) * 1000)
         assert api.CreateContainerResponse.FromString(response.payload).adjust.linux.resources.cpu.cpus

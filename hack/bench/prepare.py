@@ -21,16 +21,20 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import kubernetes
 import yaml
 
-from dra_cpu.core.claims import ClaimRef
-from dra_cpu.kubelet.client import KubeletClient
-from dra_cpu.tools.demo import claim_object
-
 ROOT = Path(__file__).resolve().parents[2]
+# Run as a script: the repository root (for tests/support) is not on the path by itself.
+sys.path.insert(0, str(ROOT))
+
+from dra_cpu.core.claims import ClaimRef  # noqa: E402
+from dra_cpu.kubelet.client import KubeletClient  # noqa: E402
+from dra_cpu.tools.demo import claim_object  # noqa: E402
+from tests.support.kube import new_api_client  # noqa: E402
+from tests.support.typed import as_dict  # noqa: E402
+
 NODE, DRIVER = "bench-node", "dra.cpu"
 DAEMON = """
 import sys, logging
@@ -86,15 +90,15 @@ def latency(claims: int) -> bool:
         )
         kubeconfig = started.stdout.strip()
         try:
-            api = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=kubeconfig))
+            api = kubernetes.client.CustomObjectsApi(new_api_client(kubeconfig))
             print(f"creating {claims} allocated claims on the API server ...", flush=True)
             refs = []
             for i in range(claims):
                 obj = claim_object(f"c{i}", "", NODE, DRIVER, f"cpu-numa{i % 8}", 1, str(uuid.uuid4()))
                 status = obj.pop("status")
                 obj["metadata"] = {"name": f"c{i}", "namespace": "bench"}
-                made: dict[str, Any] = api.create_namespaced_custom_object(
-                    "resource.k8s.io", "v1", "bench", "resourceclaims", obj
+                made = as_dict(
+                    api.create_namespaced_custom_object("resource.k8s.io", "v1", "bench", "resourceclaims", obj)
                 )
                 made["status"] = status
                 api.replace_namespaced_custom_object_status(

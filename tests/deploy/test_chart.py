@@ -19,6 +19,7 @@ from dra_cpu.cli import build_parser
 from dra_cpu.config import Config, load
 from dra_cpu.tools.explain.classes import chart_device_classes
 from tests.support.testenv_helm import CHART, Helm
+from tests.support.typed import as_dict
 
 # Non-default values that change what the templates produce (paths, names, optional objects, enforcement).
 CUSTOM = (
@@ -72,7 +73,7 @@ def daemon_config(objects: list[dict[str, Any]], tmp_path: Path) -> Config:
 
 def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     (c,) = one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"]
-    return c
+    return as_dict(c, "the DaemonSet's container")
 
 
 def host_mounts(objects: list[dict[str, Any]]) -> dict[str, tuple[str, bool]]:
@@ -292,8 +293,8 @@ def test_device_classes_are_created_on_the_api_server(
         objects.create_cluster_custom_object("resource.k8s.io", "v1", "deviceclasses", obj, field_validation="Strict")
     try:
         for obj in classes:
-            stored = objects.get_cluster_custom_object(
-                "resource.k8s.io", "v1", "deviceclasses", obj["metadata"]["name"]
+            stored = as_dict(
+                objects.get_cluster_custom_object("resource.k8s.io", "v1", "deviceclasses", obj["metadata"]["name"])
             )
             assert stored["spec"] == obj["spec"]
         assert {c["metadata"]["name"] for c in classes} == set(names.values())

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dra_cpu.cli import EXIT_USAGE, build_parser
+from dra_cpu.cli import build_parser
+from dra_cpu.cli.common import EXIT_USAGE
 from dra_cpu.config import Config, ConfigError, load
 from tests.support.paths import FIXTURES, REPO
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from tests.support.kubelet_node import result
+from tests.support.kubelet_node import NodeFactory, result
+from tests.support.testenv_podman import Podman
 
 
-def test_podman_injects_the_claims_env(node_factory: Any, podman: Any) -> None:
+def test_podman_injects_the_claims_env(node_factory: NodeFactory, podman: Podman) -> None:
     node = node_factory("kvm-2cpu")
     ref = node.claim([result("cpu-numa0", cpus=1)])
     response = node.prepare(ref)

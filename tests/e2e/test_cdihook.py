@@ -40,9 +40,9 @@ def test_decide_trusts_only_the_drivers_spec() -> None:
 
 def test_bad_stdin_is_a_clear_error_and_exit_1(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     assert cdi_hook.main(["--cdi-dir", str(tmp_path)], io.StringIO("{not json")) == 1
-    assert "cannot read the OCI state on stdin" in caplog.records[-1].reason
+    assert "cannot read the OCI state on stdin" in caplog.records[-1].__dict__["reason"]
     assert cdi_hook.main(["--cdi-dir", str(tmp_path)], io.StringIO('{"pid": "x"}')) == 1
-    assert "has no pid and bundle" in caplog.records[-1].reason
+    assert "has no pid and bundle" in caplog.records[-1].__dict__["reason"]
 
 
 def test_hook_entry_shape() -> None:

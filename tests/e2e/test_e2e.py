@@ -12,16 +12,16 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
 
 import kubernetes
 
 from dra_cpu.core.claims import ClaimRef, allocated_claim
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
-from tests.support.kubelet_node import ServerClaims, result
-from tests.support.testenv_apiserver import ApiServer
+from tests.support.kubelet_node import result
+from tests.support.testenv_apiserver import ApiServer, ServerClaims
 from tests.support.testenv_containerd import Containerd
+from tests.support.typed import as_dict
 from tests.support.waiting import eventually
 
 ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
@@ -29,7 +29,7 @@ NODE = "node-e2e"
 
 
 def test_claimed_container_is_pinned_and_others_keep_off(
-    fresh_containerd: Containerd, apiserver: ApiServer, kube_api: Any, kube_namespace: str
+    fresh_containerd: Containerd, apiserver: ApiServer, kube_api: kubernetes.client.ApiClient, kube_namespace: str
 ) -> None:
     cri = fresh_containerd.cri
     root = Path(tempfile.mkdtemp(prefix="de-", dir="/tmp"))
@@ -66,9 +66,10 @@ def test_claimed_container_is_pinned_and_others_keep_off(
 
         # The node's pool is on the API server, as the scheduler would see it.
         def published() -> bool:
-            slices = kubernetes.client.CustomObjectsApi(kube_api).list_cluster_custom_object(
+            listed = kubernetes.client.CustomObjectsApi(kube_api).list_cluster_custom_object(
                 "resource.k8s.io", "v1", "resourceslices", field_selector=f"spec.nodeName={NODE}"
-            )["items"]
+            )
+            slices = as_dict(listed)["items"]
             return "cpu-numa0" in {d["name"] for s in slices for d in s["spec"]["devices"]}
 
         eventually(published, "the node's ResourceSlices on the API server")

@@ -20,6 +20,7 @@ from dra_cpu.errors import DraCpuError
 from dra_cpu.kube.api import ClusterError, Conflict, NotFound
 from dra_cpu.kube.apiserver import KubeAPI, KubeconfigError, connect
 from tests.support.testenv_apiserver import ApiServer
+from tests.support.typed import present
 
 
 def unique(prefix: str) -> str:
@@ -46,7 +47,7 @@ def kube(apiserver: ApiServer) -> Iterator[KubeAPI]:
     try:
         yield api
     finally:
-        api.api_client.close()
+        api.close()
 
 
 def test_slices_round_trip_through_the_server(kube: KubeAPI, kube_api: client.ApiClient) -> None:
@@ -63,7 +64,7 @@ def test_slices_round_trip_through_the_server(kube: KubeAPI, kube_api: client.Ap
     updated = kube.update_slice(listed)
     assert updated["metadata"]["resourceVersion"] != created["metadata"]["resourceVersion"]
     typed = client.ResourceV1Api(kube_api).read_resource_slice(created["metadata"]["name"])
-    assert [d.name for d in typed.spec.devices] == ["cpu-0"]
+    assert [d.name for d in present(typed.spec.devices)] == ["cpu-0"]
 
     kube.delete_slice(created["metadata"]["name"])
     kube.delete_slice(created["metadata"]["name"])  # already gone: still fine

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import kubernetes
 import kubernetes_validate
 import pytest
 import yaml
@@ -27,9 +26,11 @@ from dra_cpu.core.devices import Device, DeviceConfig, DeviceMode, build_devices
 from dra_cpu.kube.apiserver import GROUP, SLICES, VERSION, KubeAPI, connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
+from tests.support.kube import close_api_client, new_api_client, unparsed
 from tests.support.paths import SYSFS
 from tests.support.synthetic import uniform_machine, write_tree
 from tests.support.testenv_apiserver import SCRIPT, ApiServer
+from tests.support.typed import as_dict
 
 FIXTURES = SYSFS
 LOG = logging.getLogger("test.publisher")
@@ -55,7 +56,7 @@ def kube(apiserver: ApiServer) -> Iterator[KubeAPI]:
     try:
         yield api
     finally:
-        api.api_client.close()
+        api.close()
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ class Reader:
 
     def slices(self, node: str | None = None, driver: str | None = None) -> dict[str, dict[str, Any]]:
         selector = f"spec.nodeName={node or self.config.node_name},spec.driver={driver or self.config.driver_name}"
-        items = self.api.list_cluster_custom_object(GROUP, VERSION, SLICES, field_selector=selector)["items"]
+        items = as_dict(self.api.list_cluster_custom_object(GROUP, VERSION, SLICES, field_selector=selector))["items"]
         return {s["metadata"]["name"]: s for s in items}
 
     def devices(self) -> list[dict[str, Any]]:
@@ -91,7 +92,8 @@ class Reader:
         self.api.replace_cluster_custom_object(GROUP, VERSION, SLICES, obj["metadata"]["name"], obj)
 
     def create(self, obj: dict[str, Any]) -> str:
-        version: str = self.api.create_cluster_custom_object(GROUP, VERSION, SLICES, obj)["metadata"]["resourceVersion"]
+        created = as_dict(self.api.create_cluster_custom_object(GROUP, VERSION, SLICES, obj))
+        version: str = created["metadata"]["resourceVersion"]
         return version
 
 
@@ -367,10 +369,10 @@ def gateless_apiserver(apiserver: ApiServer, tmp_path_factory: pytest.TempPathFa
     try:
         assert started.returncode == 0, started.stderr
         kubeconfig = Path(started.stdout.strip())
-        api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+        api_client = new_api_client(kubeconfig)
         crds = client.ApiextensionsV1Api(api_client)
         name = "resourceslices.resource.k8s.io"
-        crd = json.loads(crds.read_custom_resource_definition(name, _preload_content=False).data)
+        crd = json.loads(unparsed(crds.read_custom_resource_definition(name, _preload_content=False)).data)
         spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
         without(spec, "devices", "items", "allowMultipleAllocations")
         without(spec, "devices", "items", "capacity", "additionalProperties", "requestPolicy")
@@ -389,12 +391,12 @@ def gateless_apiserver(apiserver: ApiServer, tmp_path_factory: pytest.TempPathFa
                     "devices": [{"name": "x", "allowMultipleAllocations": True}],
                 },
             }
-            stored = probe.api.create_cluster_custom_object(GROUP, VERSION, SLICES, obj)
+            stored = as_dict(probe.api.create_cluster_custom_object(GROUP, VERSION, SLICES, obj))
             probe.delete(stored["metadata"]["name"])
             return "allowMultipleAllocations" not in stored["spec"]["devices"][0]
 
         until("the new schema to take effect", pruned)
-        api_client.close()
+        close_api_client(api_client)
         url = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
         yield ApiServer(kubeconfig=kubeconfig, url=url, state_dir=state_dir)
     finally:
@@ -425,7 +427,7 @@ def test_fields_the_server_drops_are_reported_once(
     [stored] = kube.list_slices(config.driver_name, config.node_name)
     assert all("allowMultipleAllocations" not in d for d in stored["spec"]["devices"])
     assert [d["name"] for d in stored["spec"]["devices"]] == [d.name for d in devices]
-    kube.api_client.close()
+    kube.close()
 
 
 class Outage:
@@ -501,7 +503,7 @@ def test_the_publisher_rides_out_an_unreachable_server(
     kubeconfig["clusters"][0]["cluster"]["server"] = outage.url
     (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
     # Not connect(): that refuses to start against a server that does not answer.
-    kube = KubeAPI(kubernetes.config.new_client_from_config(config_file=str(tmp_path / "kubeconfig")))
+    kube = KubeAPI(new_api_client(tmp_path / "kubeconfig"))
     publisher = SlicePublisher(kube, config, LOG, retry_seconds=(0.05, 0.5))
     devices = devices_of(FIXTURES / "xeon-16cpu", config)
     publisher.set_devices(devices)
@@ -523,4 +525,4 @@ def test_the_publisher_rides_out_an_unreachable_server(
         assert reader.generations() == {2}
     finally:
         outage.close()
-        kube.api_client.close()
+        kube.close()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from dra_cpu.core.devices import build_devices
 from dra_cpu.kubelet.gen import dra_health_v1alpha1_pb2 as pb
-from tests.support.kubelet_node import result
+from tests.support.kubelet_node import Node, NodeFactory, result
 
 
-def _health(node: Any) -> dict[str, tuple[int, str]]:
+def _health(node: Node) -> dict[str, tuple[int, str]]:
     stream = node.kubelet.watch_health(timeout=5)
     first = next(stream)
     stream.cancel()
@@ -18,7 +17,7 @@ def _health(node: Any) -> dict[str, tuple[int, str]]:
     return {d.device.device_name: (d.health, d.message) for d in first.devices}
 
 
-def test_devices_turn_unhealthy_when_their_cpus_go_offline(node_factory: Any) -> None:
+def test_devices_turn_unhealthy_when_their_cpus_go_offline(node_factory: NodeFactory) -> None:
     node = node_factory()
     ref = node.claim([result("cpu-numa1", cpus=2)])
     cpus = node.cpus_of(ref)

@@ -13,10 +13,10 @@ import pytest
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceMode
 from dra_cpu.kubelet.gen import pluginregistration_v1_pb2, pluginregistration_v1_pb2_grpc
-from tests.support.kubelet_node import DRIVER, NODE, cpu_config, result
+from tests.support.kubelet_node import DRIVER, NODE, NodeFactory, cpu_config, result
 
 
-def test_registration_answers_like_a_dra_plugin(node_factory: Any) -> None:
+def test_registration_answers_like_a_dra_plugin(node_factory: NodeFactory) -> None:
     node = node_factory()
     with grpc.insecure_channel(f"unix://{node.plugin.paths.registration_socket}") as channel:
         start = time.monotonic()
@@ -31,7 +31,7 @@ def test_registration_answers_like_a_dra_plugin(node_factory: Any) -> None:
 
 
 @pytest.mark.parametrize("service", ["v1.DRAPlugin", "v1beta1.DRAPlugin"])
-def test_prepare_writes_cdi_and_answers(node_factory: Any, service: str) -> None:
+def test_prepare_writes_cdi_and_answers(node_factory: NodeFactory, service: str) -> None:
     node = node_factory()
     ref = node.claim([result("cpu-numa1", cpus=4)])
     response = node.prepare(ref, service=service)
@@ -49,7 +49,7 @@ def test_prepare_writes_cdi_and_answers(node_factory: Any, service: str) -> None
     assert env[f"DRA_PODS_{ref.uid}"] == node.pod_uid
 
 
-def test_two_numa_claim_gets_the_union(node_factory: Any) -> None:
+def test_two_numa_claim_gets_the_union(node_factory: NodeFactory) -> None:
     """The upstream claim-cpu-capacity-20 example: 10 CPUs from each of two NUMA nodes."""
     node = node_factory("multi-l3-per-node")
     ref = node.claim([result("cpu-numa0", request="numa0", cpus=10), result("cpu-numa1", request="numa1", cpus=10)])
@@ -62,7 +62,7 @@ def test_two_numa_claim_gets_the_union(node_factory: Any) -> None:
     assert env[f"DRA_MEMS_{ref.uid}"] == CPUSet.parse("0-1")
 
 
-def test_claims_never_share_a_cpu_and_unprepare_frees(node_factory: Any) -> None:
+def test_claims_never_share_a_cpu_and_unprepare_frees(node_factory: NodeFactory) -> None:
     node = node_factory()
     first = node.claim([result("cpu-numa0", cpus=3)])
     second = node.claim([result("cpu-numa0", cpus=4)])
@@ -74,7 +74,7 @@ def test_claims_never_share_a_cpu_and_unprepare_frees(node_factory: Any) -> None
     assert node.cpus_of(third) == a, "freed CPUs are reused, whole cores first"
 
 
-def test_prepare_is_idempotent_and_unknown_unprepare_succeeds(node_factory: Any) -> None:
+def test_prepare_is_idempotent_and_unknown_unprepare_succeeds(node_factory: NodeFactory) -> None:
     node = node_factory()
     ref = node.claim([result("cpu-numa0", cpus=2)])
     first = node.cpus_of(ref)
@@ -85,7 +85,7 @@ def test_prepare_is_idempotent_and_unknown_unprepare_succeeds(node_factory: Any)
     assert node.kubelet.unprepare([other]).claims[other.uid].error == ""
 
 
-def test_policies_from_opaque_config(node_factory: Any) -> None:
+def test_policies_from_opaque_config(node_factory: NodeFactory) -> None:
     node = node_factory("multi-l3-per-node")
     spread = node.claim([result("cpu-numa0", cpus=4)], [cpu_config(spread=True)])
     assert node.cpus_of(spread) == CPUSet.parse("0-1,8-9")
@@ -101,7 +101,7 @@ def test_policies_from_opaque_config(node_factory: Any) -> None:
     assert "alignL3: no single L3 group has 10 free CPUs" in node.prepare(aligned).error
 
 
-def test_hugepages_are_recorded(node_factory: Any) -> None:
+def test_hugepages_are_recorded(node_factory: NodeFactory) -> None:
     node = node_factory()
     ref = node.claim([result("cpu-numa0", cpus=2), result("hugepages-2mi-numa0", request="mem", memory="64Mi")])
     response = node.prepare(ref)
@@ -111,7 +111,7 @@ def test_hugepages_are_recorded(node_factory: Any) -> None:
     assert env[f"DRA_MEMS_{ref.uid}"] == CPUSet.parse("0")
 
 
-def test_individual_mode(node_factory: Any) -> None:
+def test_individual_mode(node_factory: NodeFactory) -> None:
     node = node_factory("big-8numa", mode=DeviceMode.INDIVIDUAL)
     ref = node.claim([result("cpu-9"), result("cpu-41")])
     assert node.cpus_of(ref) == CPUSet.parse("9,41")
@@ -157,7 +157,7 @@ def _status(**allocation: Any) -> dict[str, Any]:
             None,
             None,
             "consumedCapacity['dra.cpu/cpu'] '500m' must be a positive whole number",
-        ),  # type: ignore[arg-type]
+        ),
         ([result("cpu-numa0", cpus=9)], None, None, "9 CPUs requested but only 8 are free"),
         (
             [result("cpu-numa0", cpus=1)],
@@ -181,7 +181,11 @@ def _status(**allocation: Any) -> dict[str, Any]:
     ],
 )
 def test_bad_claims_fail_per_claim_with_the_value(
-    node_factory: Any, results: list[Any], config: Any, status: Any, message: str
+    node_factory: NodeFactory,
+    results: list[dict[str, Any]],
+    config: list[dict[str, Any]] | None,
+    status: dict[str, Any] | None,
+    message: str,
 ) -> None:
     node = node_factory()
     good = node.claim([result("cpu-numa1", cpus=1)])
@@ -193,7 +197,7 @@ def test_bad_claims_fail_per_claim_with_the_value(
     assert set(node.driver.state.claims) == {good.uid}, "nothing half-applied"
 
 
-def test_claim_not_found_and_uid_mismatch(node_factory: Any) -> None:
+def test_claim_not_found_and_uid_mismatch(node_factory: NodeFactory) -> None:
     from dra_cpu.core.claims import ClaimRef
 
     node = node_factory()
@@ -204,7 +208,7 @@ def test_claim_not_found_and_uid_mismatch(node_factory: Any) -> None:
     assert "metadata.uid is" in node.kubelet.prepare([stale]).claims["another-uid"].error
 
 
-def test_unwritable_cdi_folder_rolls_back(node_factory: Any) -> None:
+def test_unwritable_cdi_folder_rolls_back(node_factory: NodeFactory) -> None:
     node = node_factory()
     ref = node.claim([result("cpu-numa0", cpus=2)])
     # A file where the CDI folder should be: root ignores permission bits, but not this.
@@ -212,10 +216,11 @@ def test_unwritable_cdi_folder_rolls_back(node_factory: Any) -> None:
     error = node.prepare(ref).error
     assert "cannot write CDI spec" in error
     assert node.driver.state.claims == {}
-    assert node.driver.checkpoint.load() is not None and node.driver.checkpoint.load().state.claims == {}  # type: ignore[union-attr]
+    checkpoint = node.driver.checkpoint.load()
+    assert checkpoint is not None and checkpoint.state.claims == {}
 
 
-def test_min_shared_cpus(node_factory: Any) -> None:
+def test_min_shared_cpus(node_factory: NodeFactory) -> None:
     node = node_factory("kvm-2cpu")
     ref = node.claim([result("cpu-numa0", cpus=2)])
     assert "would leave 0 shared CPU(s)" in node.prepare(ref).error
@@ -223,7 +228,7 @@ def test_min_shared_cpus(node_factory: Any) -> None:
     assert len(node.cpus_of(ok)) == 1
 
 
-def test_fifty_parallel_prepares_never_share_a_cpu(node_factory: Any) -> None:
+def test_fifty_parallel_prepares_never_share_a_cpu(node_factory: NodeFactory) -> None:
     node = node_factory("big-8numa")
     refs = [node.claim([result(f"cpu-numa{i % 8}", cpus=1)]) for i in range(50)]
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -233,7 +238,7 @@ def test_fifty_parallel_prepares_never_share_a_cpu(node_factory: Any) -> None:
     assert len(CPUSet.union_all(cpus)) == 50
 
 
-def test_empty_claim_fields_are_rejected_per_claim(node_factory: Any) -> None:
+def test_empty_claim_fields_are_rejected_per_claim(node_factory: NodeFactory) -> None:
     from dra_cpu.core.claims import ClaimRef
 
     node = node_factory()
@@ -241,7 +246,7 @@ def test_empty_claim_fields_are_rejected_per_claim(node_factory: Any) -> None:
     assert "empty name" in response.claims["u-1"].error
 
 
-def test_refused_registration_is_retried_with_a_new_socket(node_factory: Any) -> None:
+def test_refused_registration_is_retried_with_a_new_socket(node_factory: NodeFactory) -> None:
     from dra_cpu.kubelet.client import KubeletClient, KubeletError
 
     node = node_factory()

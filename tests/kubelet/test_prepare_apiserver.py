@@ -3,7 +3,7 @@ as the scheduler writes them, read back by the driver when the kubelet calls."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import kubernetes
 import pytest
@@ -11,13 +11,21 @@ import pytest
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceMode
 from dra_cpu.kube.apiserver import connect
-from tests.support.kubelet_node import ServerClaims, cpu_config, result
-from tests.support.testenv_apiserver import ApiServer
+from tests.support.kubelet_node import Node, NodeFactory, cpu_config, result
+from tests.support.testenv_apiserver import ApiServer, ServerClaims
+
+
+class ServerNodeFactory(Protocol):
+    """The `server_node` fixture: a Node whose driver reads its claims from the API server."""
+
+    def __call__(self, fixture: str = ..., mode: DeviceMode = ...) -> Node: ...
 
 
 @pytest.fixture
-def server_node(node_factory: Any, apiserver: ApiServer, kube_api: Any, kube_namespace: str) -> Any:
-    def start(fixture: str = "dual-socket-smt2", mode: DeviceMode = DeviceMode.GROUPED) -> Any:
+def server_node(
+    node_factory: NodeFactory, apiserver: ApiServer, kube_api: kubernetes.client.ApiClient, kube_namespace: str
+) -> ServerNodeFactory:
+    def start(fixture: str = "dual-socket-smt2", mode: DeviceMode = DeviceMode.GROUPED) -> Node:
         claims = ServerClaims(kubernetes.client.CustomObjectsApi(kube_api))
         return node_factory(
             fixture, mode, api=connect(str(apiserver.kubeconfig)), claims=claims, namespace=kube_namespace
@@ -45,7 +53,11 @@ def server_node(node_factory: Any, apiserver: ApiServer, kube_api: Any, kube_nam
     ],
 )
 def test_prepare_reads_the_allocation_from_the_server(
-    server_node: Any, fixture: str, results: list[dict[str, Any]], expected_cpus: str | None, expected_mems: str
+    server_node: ServerNodeFactory,
+    fixture: str,
+    results: list[dict[str, Any]],
+    expected_cpus: str | None,
+    expected_mems: str,
 ) -> None:
     node = server_node(fixture)
     ref = node.claim(results)
@@ -61,20 +73,22 @@ def test_prepare_reads_the_allocation_from_the_server(
     assert node.kubelet.unprepare([ref]).claims[ref.uid].error == ""
 
 
-def test_whole_cores_config_from_the_server(server_node: Any) -> None:
+def test_whole_cores_config_from_the_server(server_node: ServerNodeFactory) -> None:
     node = server_node("multi-l3-per-node")
     ref = node.claim([result("cpu-numa0", cpus=3)], [cpu_config(wholeCores=True)])
     assert "3 CPUs is not a whole number of cores" in node.prepare(ref).error
 
 
-def test_individual_mode_on_the_server(server_node: Any) -> None:
+def test_individual_mode_on_the_server(server_node: ServerNodeFactory) -> None:
     node = server_node("big-8numa", DeviceMode.INDIVIDUAL)
     ref = node.claim([result("cpu-5"), result("cpu-6")])
     assert not node.prepare(ref).error
     assert node.env(ref.uid)[f"DRA_CPUSET_{ref.uid}"] == CPUSet.parse("5-6")
 
 
-def test_deleted_and_recreated_claim_is_refused(server_node: Any, kube_api: Any) -> None:
+def test_deleted_and_recreated_claim_is_refused(
+    server_node: ServerNodeFactory, kube_api: kubernetes.client.ApiClient
+) -> None:
     from dra_cpu.core.claims import ClaimRef
 
     node = server_node()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+from google.protobuf.message import Message
+from google.rpc import status_pb2
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
@@ -26,6 +29,7 @@ POD = api.PodSandbox(id="sandbox-1", uid="pod-1", name="p", namespace="ns")
 CLAIM = PreparedClaim(
     ClaimRef("ns", "c", "uid-1"), (PreparedDevice(("r",), "node", "cpu-numa0", cpus=CPUSet.parse("1")),), ("pod-1",)
 )
+M = TypeVar("M", bound=Message)
 
 
 def container(cid: str, env: tuple[str, ...] = ()) -> api.Container:
@@ -48,18 +52,20 @@ class Runtime:
         register = self.peer.read()
         assert api.RegisterPluginRequest.FromString(_request(register.payload).payload).plugin_idx == "07"
         response = self.call("Configure", api.ConfigureRequest(runtime_name="fake"), api.ConfigureResponse)
+        assert isinstance(response, api.ConfigureResponse), response
         assert response.events == event_mask(EVENTS)
         self.peer.respond(register.stream)
         return self.peer
 
-    def call(self, method: str, request: object, response_type: type) -> object:
+    def call(self, method: str, request: Message, response_type: type[M]) -> M | status_pb2.Status:
+        """The plugin's answer: a `response_type`, or the error status it answered with instead."""
         assert self.peer is not None
         stream, self.stream = self.stream, self.stream + 2
-        self.peer.request(stream, method, request.SerializeToString())  # type: ignore[attr-defined]
+        self.peer.request(stream, method, request.SerializeToString())
         response = self.peer.read_response(stream)
         if response.status.code:
             return response.status
-        return response_type.FromString(response.payload)  # type: ignore[attr-defined]
+        return response_type.FromString(response.payload)
 
 
 def _request(payload: bytes) -> nri_ttrpc_pb2.Request:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_round_trip() -> None:
         (lambda b: b"\xff\xfe", "not JSON"),
     ],
 )
-def test_tampering_is_detected(mangle, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_tampering_is_detected(mangle: Callable[[bytes], bytes], message: str) -> None:
     with pytest.raises(CheckpointError, match=message):
         decode(mangle(encode(Checkpoint(_state(), "b"))), "file")
 

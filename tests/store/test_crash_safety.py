@@ -94,10 +94,10 @@ def test_kill_9_at_random_points(tmp_path: Path) -> None:
         proc.wait()
     assert len(acked) > 0, "the stream prepared something"
     # A last clean start: repeated prepares of every acknowledged claim give the same CPUs back.
-    proc = subprocess.run(
+    rerun = subprocess.run(
         [sys.executable, "-c", _REPREPARE, str(tmp_path)], capture_output=True, text=True, cwd=REPO, env=env, check=True
     )
-    reprepared = json.loads(proc.stdout)
+    reprepared = json.loads(rerun.stdout)
     assert {uid: reprepared.get(uid) for uid in acked} == {uid: str(cpus) for uid, cpus in acked.items()}
 
 

@@ -3,7 +3,6 @@ and a kubelet stand-in that registers and calls it. Claims are written the way t
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import tempfile
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import kubernetes
 import pytest
 import yaml
 
@@ -38,8 +36,10 @@ DRIVER = "dra.cpu"
 
 
 def result(
-    device: str, request: str = "cpus", cpus: int | None = None, memory: str | None = None, **extra: Any
+    device: str, request: str = "cpus", cpus: int | str | None = None, memory: str | None = None, **extra: Any
 ) -> dict[str, Any]:
+    """An allocation result for one of this node's devices. `cpus` (a count, or any quantity string, valid or not)
+    and `memory` become its consumedCapacity."""
     consumed = {}
     if cpus is not None:
         consumed[f"{DRIVER}/cpu"] = str(cpus)
@@ -72,26 +72,6 @@ class FolderClaims:
         path = self.root / obj["metadata"]["namespace"] / f"{obj['metadata']['name']}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(obj))
-
-
-@dataclass(frozen=True)
-class ServerClaims:
-    """Creates the claim, then writes its status the way the scheduler does: through the status subresource."""
-
-    api: kubernetes.client.CustomObjectsApi
-
-    def put(self, obj: dict[str, Any]) -> None:
-        meta = obj["metadata"]
-        body = {k: v for k, v in obj.items() if k != "status"}
-        body["metadata"] = {"name": meta["name"], "namespace": meta["namespace"]}
-        created = self.api.create_namespaced_custom_object(
-            "resource.k8s.io", "v1", meta["namespace"], "resourceclaims", body
-        )
-        created["status"] = copy.deepcopy(obj["status"])
-        self.api.replace_namespaced_custom_object_status(
-            "resource.k8s.io", "v1", meta["namespace"], "resourceclaims", meta["name"], created
-        )
-        meta["uid"] = created["metadata"]["uid"]
 
 
 @dataclass
@@ -128,9 +108,13 @@ class Node:
     def cpus_of(self, ref: ClaimRef) -> CPUSet:
         response = self.prepare(ref)
         assert not response.error, response.error
-        return self.env(ref.uid)[f"DRA_CPUSET_{ref.uid}"]
+        cpus = self.env(ref.uid)[f"DRA_CPUSET_{ref.uid}"]
+        assert isinstance(cpus, CPUSet)
+        return cpus
 
     def env(self, uid: str) -> dict[str, Any]:
+        """The environment the claim's CDI spec gives containers: DRA_CPUSET_* and DRA_MEMS_* as CPUSets, the
+        rest as strings."""
         spec = json.loads(self.driver.cdi_store.path(uid).read_text())
         env = dict(e.split("=", 1) for e in spec["devices"][0]["containerEdits"]["env"])
         return {k: CPUSet.parse(v) if k.startswith(("DRA_CPUSET_", "DRA_MEMS_")) else v for k, v in env.items()}
@@ -152,8 +136,22 @@ def make_driver(
     )
 
 
+class NodeFactory(Protocol):
+    """The `node_factory` fixture: starts a Node on a sysfs fixture; the test's teardown stops every one."""
+
+    def __call__(
+        self,
+        fixture: str = ...,
+        mode: DeviceMode = ...,
+        api: ClusterAPI | None = ...,
+        claims: ClaimStore | None = ...,
+        namespace: str = ...,
+        **config: Any,
+    ) -> Node: ...
+
+
 @pytest.fixture
-def node_factory() -> Iterator[Any]:
+def node_factory() -> Iterator[NodeFactory]:
     started: list[Node] = []
     # Unix socket paths are limited to 107 bytes: pytest's tmp_path is too deep.
     base = Path(tempfile.mkdtemp(prefix="dc-", dir="/tmp"))

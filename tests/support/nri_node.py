@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -38,8 +38,8 @@ class Node:
 
     containerd: Containerd
     driver: Driver
-    plugin: NriEnforcer
     claims_dir: Path
+    plugin: NriEnforcer = field(init=False)  # set by new_plugin()
 
     @property
     def cri(self) -> CriClient:
@@ -65,8 +65,8 @@ class Node:
         path = self.claims_dir / "resourceclaims" / ref.namespace / f"{ref.name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(obj))
-        result = self.driver.prepare([ref])[ref.uid]
-        assert result.claim is not None, result.error
+        prepared = self.driver.prepare([ref])[ref.uid]
+        assert prepared.claim is not None, prepared.error
         return ref
 
     def cpus_of(self, ref: ClaimRef) -> CPUSet:
@@ -107,7 +107,7 @@ def nri_node(containerd: Containerd, tmp_path: Path, min_shared_cpus: int = 1) -
     )
     (tmp_path / "checkpoint").mkdir(parents=True)
     driver.start()
-    node = Node(containerd, driver, None, tmp_path / "cluster")  # type: ignore[arg-type]
+    node = Node(containerd, driver, tmp_path / "cluster")
     node.new_plugin()
     yield node
     node.plugin.stop()

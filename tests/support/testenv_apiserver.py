@@ -14,18 +14,22 @@ fields unknown to 1.34 are pruned, and none of the built-in validation of resour
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import kubernetes
 import pytest
 import yaml
 
+from tests.support.kube import close_api_client, new_api_client
 from tests.support.paths import TESTENV
+from tests.support.typed import as_dict
 
 SCRIPT = TESTENV / "apiserver.sh"
 
@@ -69,14 +73,35 @@ def apiserver(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 @pytest.fixture
 def kube_api(apiserver: ApiServer) -> Iterator[kubernetes.client.ApiClient]:
     """A typed-client ApiClient authenticated as cluster admin to the test API server."""
-    client = kubernetes.config.new_client_from_config(config_file=str(apiserver.kubeconfig))
+    client = new_api_client(apiserver.kubeconfig)
     try:
         yield client
     finally:
-        client.close()
+        close_api_client(client)
 
 
 @pytest.fixture
 def kube_namespace() -> str:
     """A namespace name no other test uses (the server has no Namespace objects: any name is usable as is)."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass(frozen=True)
+class ServerClaims:
+    """Where prepare tests put allocated claims on the server (a tests.support.kubelet_node ClaimStore): creates the
+    claim, then writes its status the way the scheduler does, through the status subresource."""
+
+    api: kubernetes.client.CustomObjectsApi
+
+    def put(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        body = {k: v for k, v in obj.items() if k != "status"}
+        body["metadata"] = {"name": meta["name"], "namespace": meta["namespace"]}
+        created = as_dict(
+            self.api.create_namespaced_custom_object("resource.k8s.io", "v1", meta["namespace"], "resourceclaims", body)
+        )
+        created["status"] = copy.deepcopy(obj["status"])
+        self.api.replace_namespaced_custom_object_status(
+            "resource.k8s.io", "v1", meta["namespace"], "resourceclaims", meta["name"], created
+        )
+        meta["uid"] = created["metadata"]["uid"]

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.support.paths import REPO, TESTENV
+from tests.support.typed import as_dict
 
 SCRIPT = TESTENV / "helm.sh"
 CHART = REPO / "charts" / "dra-cpu"
@@ -32,7 +33,7 @@ class Helm:
         result = self.run("template", "dra-cpu", str(chart), "--namespace", namespace, *options)
         if result.returncode != 0:
             raise AssertionError(f"helm template {' '.join(options)} failed:\n{result.stderr}")
-        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        return [as_dict(doc, "a rendered object") for doc in yaml.safe_load_all(result.stdout) if doc]
 
     def lint(self, options: Sequence[str] = (), chart: Path = CHART) -> subprocess.CompletedProcess[str]:
         return self.run("lint", "--strict", str(chart), *options)

@@ -10,8 +10,10 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from tests.support.kube import unparsed
 from tests.support.paths import TESTENV
 from tests.support.testenv_apiserver import ApiServer
+from tests.support.typed import present
 
 GEN_CRDS = TESTENV / "apiserver" / "gen_crds.py"
 MERGE_PATCH = "application/merge-patch+json"
@@ -81,16 +83,20 @@ def test_resource_slice_round_trip_and_field_selectors(kube_api: client.ApiClien
     assert stored.spec.driver == driver
     assert stored.spec.node_name == node
     assert stored.spec.pool == client.V1ResourcePool(name=node, generation=1, resource_slice_count=1)
-    assert [d.name for d in stored.spec.devices] == ["numa0", "numa1"]
-    numa1 = stored.spec.devices[1]
+    devices = present(stored.spec.devices, "spec.devices")
+    assert [d.name for d in devices] == ["numa0", "numa1"]
+    numa1 = devices[1]
     assert numa1.allow_multiple_allocations is True
-    assert numa1.attributes["resource.kubernetes.io/numaNode"].int == 1
-    assert numa1.attributes["smt"].bool is True
-    assert numa1.attributes["model"].string == "AMD EPYC"
-    assert numa1.attributes["driverVersion"].version == "0.1.0"
-    assert numa1.capacity["memory"].value == "16Gi"
-    policy = numa1.capacity["cpus"].request_policy
-    assert (policy.default, policy.valid_range.min, policy.valid_range.max, policy.valid_range.step) == (
+    attributes = present(numa1.attributes, "attributes")
+    assert attributes["resource.kubernetes.io/numaNode"].int == 1
+    assert attributes["smt"].bool is True
+    assert attributes["model"].string == "AMD EPYC"
+    assert attributes["driverVersion"].version == "0.1.0"
+    capacity = present(numa1.capacity, "capacity")
+    assert capacity["memory"].value == "16Gi"
+    policy = present(capacity["cpus"].request_policy, "requestPolicy")
+    valid_range = present(policy.valid_range, "requestPolicy.validRange")
+    assert (policy.default, valid_range.min, valid_range.max, valid_range.step) == (
         "1",
         "1",
         "8",
@@ -98,13 +104,14 @@ def test_resource_slice_round_trip_and_field_selectors(kube_api: client.ApiClien
     )
 
     on_node = api.list_resource_slice(field_selector=f"spec.nodeName={node}")
-    assert [s.metadata.name for s in on_node.items] == [name]
+    assert [present(s.metadata).name for s in on_node.items] == [name]
     of_driver = api.list_resource_slice(field_selector=f"spec.driver={driver}")
-    assert sorted(s.spec.node_name for s in of_driver.items) == sorted([node, other_node])
+    assert sorted(present(s.spec.node_name) for s in of_driver.items) == sorted([node, other_node])
 
     # The typed client cannot parse the Status this server answers DELETE with.
     for stored_slice in of_driver.items:
-        assert api.delete_resource_slice(stored_slice.metadata.name, _preload_content=False).status == 200
+        slice_name = present(present(stored_slice.metadata).name)
+        assert unparsed(api.delete_resource_slice(slice_name, _preload_content=False)).status == 200
     assert api.list_resource_slice(field_selector=f"spec.driver={driver}").items == []
 
 
@@ -116,8 +123,8 @@ def test_fields_newer_than_kubernetes_1_34_are_pruned(kube_api: client.ApiClient
         api.create_resource_slice(body, field_validation="Strict")
     assert strict.value.status == 400 and "ints" in str(strict.value.body)
     stored = api.create_resource_slice(body)
-    assert stored.spec.devices[0].attributes["cpus"].ints is None
-    api.delete_resource_slice(stored.metadata.name, _preload_content=False)
+    assert present(present(stored.spec.devices)[0].attributes)["cpus"].ints is None
+    api.delete_resource_slice(present(present(stored.metadata).name), _preload_content=False)
 
 
 def test_resource_claim_allocation_through_the_status_subresource(
@@ -168,16 +175,19 @@ def test_resource_claim_allocation_through_the_status_subresource(
         name, kube_namespace, {"status": {"allocation": allocation}}, _content_type=MERGE_PATCH
     )
     stored = api.read_namespaced_resource_claim(name, kube_namespace)
-    assert stored.spec.devices.requests[0].exactly.device_class_name == "cpu"
-    [result] = stored.status.allocation.devices.results
+    requests = present(present(present(stored.spec).devices).requests)
+    assert present(requests[0].exactly).device_class_name == "cpu"
+    stored_allocation = present(present(stored.status).allocation)
+    allocated_devices = present(stored_allocation.devices)
+    [result] = present(allocated_devices.results)
     assert (result.request, result.driver, result.pool, result.device) == ("cpus", "cpu.example.com", "node-a", "numa0")
     assert result.share_id == share_id
     assert result.consumed_capacity == {"cpus": "4"}
-    assert stored.status.allocation.devices.config[0].opaque.parameters == {"fullCores": True}
-    assert stored.status.allocation.allocation_timestamp.year == 2026
+    assert present(present(allocated_devices.config)[0].opaque).parameters == {"fullCores": True}
+    assert present(stored_allocation.allocation_timestamp).year == 2026
 
     listed = api.list_namespaced_resource_claim(kube_namespace)
-    assert [c.metadata.name for c in listed.items] == [name]
+    assert [present(c.metadata).name for c in listed.items] == [name]
     api.delete_namespaced_resource_claim(name, kube_namespace, _preload_content=False)
 
 
@@ -203,9 +213,10 @@ def test_device_class_round_trip(kube_api: client.ApiClient) -> None:
     api.create_device_class(device_class)
 
     stored = api.read_device_class(name)
-    assert stored.spec.selectors[0].cel.expression == selector
-    assert stored.spec.config[0].opaque.parameters == {"kind": "CpuConfig", "exclusive": True}
-    assert name in [c.metadata.name for c in api.list_device_class().items]
+    spec = present(stored.spec)
+    assert present(present(spec.selectors)[0].cel).expression == selector
+    assert present(present(spec.config)[0].opaque).parameters == {"kind": "CpuConfig", "exclusive": True}
+    assert name in [present(c.metadata).name for c in api.list_device_class().items]
     api.delete_device_class(name, _preload_content=False)
     with pytest.raises(ApiException) as gone:
         api.read_device_class(name)

@@ -27,13 +27,14 @@ from dra_cpu.tools.explain.result import Explanation
 from dra_cpu.tools.explain.search import explain
 from tests.support.paths import EXAMPLES, FIXTURES, SYSFS_FIXTURES
 from tests.support.testenv_helm import Helm
+from tests.support.typed import as_dict
 
 FILES = sorted(EXAMPLES.glob("*.yaml"))
 DRIVER = "dra.cpu"
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [as_dict(doc, path.name) for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
 def claims_of(path: Path) -> list[dict[str, Any]]:
@@ -75,11 +76,15 @@ def test_claims_are_accepted_by_the_api_server(
 ) -> None:
     objects = kubernetes.client.CustomObjectsApi(kube_api)
     for claim in claims_of(path):
-        created = objects.create_namespaced_custom_object(
-            "resource.k8s.io", "v1", kube_namespace, "resourceclaims", claim, field_validation="Strict"
+        created = as_dict(
+            objects.create_namespaced_custom_object(
+                "resource.k8s.io", "v1", kube_namespace, "resourceclaims", claim, field_validation="Strict"
+            )
         )
-        stored = objects.get_namespaced_custom_object(
-            "resource.k8s.io", "v1", kube_namespace, "resourceclaims", claim["metadata"]["name"]
+        stored = as_dict(
+            objects.get_namespaced_custom_object(
+                "resource.k8s.io", "v1", kube_namespace, "resourceclaims", claim["metadata"]["name"]
+            )
         )
         assert stored["metadata"]["uid"] == created["metadata"]["uid"]
         assert stored["spec"] == claim["spec"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -367,13 +367,13 @@ EXAMPLE_CLAIMS = [
 ]
 
 
-def capacity_oracle(amount: int) -> Any:
+def capacity_oracle(amount: int) -> Callable[[Topology], list[str]]:
     """cpu-capacity claims: any NUMA node with that many shared CPUs."""
     return lambda topology: [f"cpu-numa{n}" for n, count in shared_cpus(topology).items() if count >= amount]
 
 
 # Expected candidates of the first request, from the topology, for the example claims whose intent is known.
-EXAMPLE_ORACLES = {
+EXAMPLE_ORACLES: dict[str, Callable[[Topology], list[str]]] = {
     "claim-cpu-capacity-4": capacity_oracle(4),
     "claim-cpu-capacity-10": capacity_oracle(10),
     # Two requests of 10, one per NUMA node (the upstream example): the first wants node 0.

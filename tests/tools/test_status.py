@@ -19,6 +19,7 @@ from dra_cpu.tools.explain.parse import parse_slices, parse_usage
 from dra_cpu.tools.status import cluster_status
 from tests.support.paths import FIXTURES
 from tests.support.testenv_apiserver import ApiServer
+from tests.support.typed import as_dict
 
 GROUP, VERSION = "resource.k8s.io", "v1"
 
@@ -46,7 +47,7 @@ def results(driver: str, node: str, *held: tuple[str, str, str]) -> list[dict[st
 
 def allocate(objects: client.CustomObjectsApi, obj: dict[str, Any], allocated: list[dict[str, Any]]) -> None:
     namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-    created: dict[str, Any] = objects.create_namespaced_custom_object(GROUP, VERSION, namespace, "resourceclaims", obj)  # type: ignore[assignment]
+    created = as_dict(objects.create_namespaced_custom_object(GROUP, VERSION, namespace, "resourceclaims", obj))
     created["status"] = {"allocation": {"devices": {"results": allocated}}}
     objects.replace_namespaced_custom_object_status(GROUP, VERSION, namespace, "resourceclaims", name, created)
 
