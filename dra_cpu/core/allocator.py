@@ -213,14 +213,23 @@ def _fewest_groups(groups: list[_Group], count: int, from_whole: int) -> CPUSet:
 
 
 def _spread(groups: list[_Group], count: int) -> CPUSet:
-    """One core from each L3 group in turn, so the claim gets as many caches as its size allows."""
-    queues = [[*g.full, *g.partial] for g in groups]
+    """One whole core from each L3 group in turn, so the claim gets as many caches as its size allows; the odd
+    remainder then comes from cores already split (dealt over the groups the same way), and splits a whole core only
+    when nothing else is left."""
+    whole = [list(g.full) for g in groups]
     chosen: list[int] = []
-    while len(chosen) < count and any(queues):
-        for queue in queues:
-            if queue and len(chosen) < count:
-                core = queue.pop(0)
-                chosen.extend(list(core)[: count - len(chosen)])
+    dealt = True
+    while dealt:
+        dealt = False
+        for queue in whole:
+            if queue and len(queue[0]) <= count - len(chosen):
+                chosen.extend(queue.pop(0))
+                dealt = True
+    for queues in ([list(g.partial) for g in groups], whole):
+        while len(chosen) < count and any(queues):
+            for queue in queues:
+                if queue and len(chosen) < count:
+                    chosen.extend(list(queue.pop(0))[: count - len(chosen)])
     result = CPUSet.of(chosen)
     _ensure_count(result, count)
     return result

@@ -51,6 +51,10 @@ def test_spread_deals_cores_over_l3_groups() -> None:
     got = CPUSet.parse(pick(MULTI_L3, "0-15", 4, AllocationPolicy(spread=True)))
     assert str(got) == "0-1,8-9"
     assert len(MULTI_L3.l3_groups(got)) == 2
+    # CPU 0 is taken, so its sibling 1 is a split core: the odd CPU of a 5-CPU claim comes from there, and whole
+    # cores are dealt over both groups (2-3, 8-9 ... not one core of each group and then a split one).
+    assert pick(MULTI_L3, "1-15", 5, AllocationPolicy(spread=True)) == "1-3,8-9"
+    assert pick(MULTI_L3, "1-15", 4, AllocationPolicy(spread=True)) == "2-3,8-9"
 
 
 def test_whole_cores_policy() -> None:
@@ -157,12 +161,12 @@ def test_properties(free: set[int], count: int, spread: bool) -> None:
     assert len(got) == count
     assert got.issubset(available)
     assert got == choose_cpus(BIG, available, count, policy), "deterministic"
+    whole_free = [c for c in BIG.cores(available) if c == BIG.cpu(c.first()).thread_siblings]
+    # When whole free cores can cover the request, at most the odd CPU splits a core it did not split before.
+    if sum(len(c) for c in whole_free) >= count:
+        newly_split = [w for w in whole_free if (w & got) and (w & got) != w]
+        assert len(newly_split) <= count % 2
     if not spread:
-        whole_free = [c for c in BIG.cores(available) if c == BIG.cpu(c.first()).thread_siblings]
-        # When whole free cores can cover the request, at most the odd CPU splits a core it did not split before.
-        if sum(len(c) for c in whole_free) >= count:
-            newly_split = [w for w in whole_free if (w & got) and (w & got) != w]
-            assert len(newly_split) <= count % 2
         groups = BIG.l3_groups(available)
         if any(len(g) >= count for g in groups.values()):
             assert len(BIG.l3_groups(got)) == 1, "a request that fits one L3 group stays in one"
