@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dra_cpu.core.cpuset import CPUSet, parse_field
-from dra_cpu.core.devices import DeviceConfig, DeviceMode
+from dra_cpu.core.devices import DeviceConfig, DeviceMode, GroupBy
 from dra_cpu.errors import DraCpuError
 from dra_cpu.store.fileio import read_yaml
 
@@ -47,6 +47,17 @@ class Config:
         default="grouped",
         metadata=_opt("one device per NUMA node, or per CPU", choices=tuple(m.value for m in DeviceMode)),
     )
+    group_by: str = field(
+        default="numanode",
+        metadata=_opt(
+            "grouped mode: one device per NUMA node, socket, or for the machine",
+            choices=tuple(g.value for g in GroupBy),
+        ),
+    )
+    publish_node_allocatable_resources: bool = field(
+        default=False,
+        metadata=_opt("publish KEP-5517 nodeAllocatableResources (needs the DRANodeAllocatableResources gate)"),
+    )
     reserved_cpus: str = field(default="", metadata=_opt("CPUs kept for system daemons, e.g. 0-1"))
     whole_cores: bool = field(default=False, metadata=_opt("hand out whole physical cores only"))
     strict_reserved: bool = field(default=False, metadata=_opt("keep containers without claims off reserved CPUs"))
@@ -64,6 +75,8 @@ class Config:
             reserved_cpus=self.reserved_cpu_set,
             device_mode=DeviceMode(self.device_mode),
             whole_cores=self.whole_cores,
+            group_by=GroupBy(self.group_by),
+            node_allocatable=self.publish_node_allocatable_resources,
         )
 
     @property

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from dra_cpu.core.cpuset import parse_field
-from dra_cpu.core.devices import DeviceConfig, DeviceMode
+from dra_cpu.core.devices import DeviceConfig, DeviceMode, GroupBy
 
 # Exit code for bad input or environment: the message says what to fix.
 EXIT_USAGE = 2
@@ -31,6 +31,17 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--whole-cores", action="store_true", help="publish and hand out whole physical cores only (SMT siblings)"
     )
+    parser.add_argument(
+        "--group-by",
+        choices=[g.value for g in GroupBy],
+        default=GroupBy.NUMA_NODE.value,
+        help="grouped mode: one device per NUMA node, per socket, or one for the machine",
+    )
+    parser.add_argument(
+        "--publish-node-allocatable-resources",
+        action="store_true",
+        help="add KEP-5517 nodeAllocatableResources to every device (1.36+, gate DRANodeAllocatableResources)",
+    )
 
 
 def device_config(args: argparse.Namespace) -> DeviceConfig:
@@ -40,4 +51,6 @@ def device_config(args: argparse.Namespace) -> DeviceConfig:
         reserved_cpus=parse_field("--reserved-cpus", args.reserved_cpus),
         device_mode=DeviceMode(args.device_mode),
         whole_cores=args.whole_cores,
+        group_by=GroupBy(args.group_by),
+        node_allocatable=args.publish_node_allocatable_resources,
     )

@@ -17,7 +17,12 @@ from dra_cpu.errors import DraCpuError
 
 CONFIG_API_VERSION = "dra.cpu/v1alpha1"
 CONFIG_KIND = "CPUConfig"
-_CONFIG_FIELDS = {"wholeCores": "whole_cores", "alignL3": "align_l3", "spread": "spread"}
+_CONFIG_FIELDS = {
+    "wholeCores": "whole_cores",
+    "alignL3": "align_l3",
+    "spread": "spread",
+    "distributeAcrossNUMA": "distribute_across_numa",
+}
 
 
 class ClaimError(DraCpuError):

@@ -1,8 +1,10 @@
 """Topology + DeviceConfig -> the devices the scheduler sees, and the ResourceSlices that carry them. Pure.
 
-Grouped mode (the default) publishes one consumable-capacity device (KEP-5075) per NUMA node: the scheduler
-counts CPUs, the driver picks the exact ones at prepare time. Isolated CPUs get devices of their own so that only
-a claim that asks for them on purpose lands there. Hugepages reserved on a node get one device per page size.
+Grouped mode (the default) publishes one consumable-capacity device (KEP-5075) per NUMA node, or per socket, or one
+for the whole machine (`groupBy`): the scheduler counts CPUs, the driver picks the exact ones at prepare time.
+Isolated CPUs get devices of their own so that only a claim that asks for them on purpose lands there. Hugepages
+reserved on a node get one device per page size and NUMA node in every mode. With `node_allocatable` every device
+also says which node-allocatable resource its allocations stand for (KEP-5517, `nodeAllocatableResources`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ class DeviceMode(StrEnum):
     INDIVIDUAL = "individual"
 
 
+class GroupBy(StrEnum):
+    """What one grouped-mode CPU device covers (the upstream driver's `groupBy` values)."""
+
+    NUMA_NODE = "numanode"
+    SOCKET = "socket"
+    MACHINE = "machine"
+
+
 class DeviceType(StrEnum):
     CPU = "cpu"
     HUGEPAGES = "hugepages"
@@ -53,6 +63,10 @@ class DeviceConfig:
     reserved_cpus: CPUSet = field(default_factory=CPUSet)
     device_mode: DeviceMode = DeviceMode.GROUPED
     whole_cores: bool = False
+    group_by: GroupBy = GroupBy.NUMA_NODE
+    # KEP-5517: publish `nodeAllocatableResources` (cpu, hugepages-<size>) so that the scheduler and the kubelet
+    # count what claims get against node allocatable. Needs the DRANodeAllocatableResources gate (1.36+).
+    node_allocatable: bool = False
 
     def __post_init__(self) -> None:
         _check_dns_subdomain("driver name", self.driver_name, 63)
@@ -73,7 +87,8 @@ class Device:
 
     name: str
     type: DeviceType
-    numa_node: int
+    # The NUMA nodes the device covers: one, except for socket and machine devices on multi-NUMA sockets/machines.
+    numa_nodes: CPUSet
     # CPU devices: the CPUs a claim on this device may get. Hugepage devices: empty.
     cpus: CPUSet
     isolated: bool
@@ -84,6 +99,16 @@ class Device:
     step: int = 1
     page_size_kib: int | None = None
     capacity_key: str | None = None
+    # KEP-5517: the node-allocatable resource (`cpu`, `hugepages-2Mi`) that an allocation of this device stands for;
+    # None: not published.
+    node_allocatable: str | None = None
+
+    @property
+    def numa_node(self) -> int:
+        """The device's one NUMA node; ValueError for a device that spans several (socket and machine groups)."""
+        if len(self.numa_nodes) != 1:
+            raise ValueError(f"device {self.name} spans NUMA nodes {self.numa_nodes or 'none'}")
+        return self.numa_nodes.first()
 
     def to_api(self) -> dict[str, Any]:
         device: dict[str, Any] = {
@@ -106,6 +131,15 @@ class Device:
                 }
             }
             device["allowMultipleAllocations"] = True
+        if self.node_allocatable is not None:
+            # Capacity devices map what the scheduler records as consumed (1 dra.cpu/cpu = 1 cpu, 1 byte of
+            # dra.cpu/memory = 1 byte of hugepages-<size>); a device without capacity (one CPU) is one unit.
+            mapping = (
+                {"capacityKey": key, "capacityMultiplier": "1"}
+                if key is not None and self.capacity
+                else {"deviceMultiplier": "1"}
+            )
+            device["nodeAllocatableResources"] = {self.node_allocatable: {"mapping": mapping}}
         return device
 
 
@@ -161,22 +195,42 @@ def _numa_attributes(config: DeviceConfig, node: int) -> list[tuple[str, Attribu
     ]
 
 
+def _groups(topology: Topology, config: DeviceConfig, available: CPUSet) -> list[tuple[str, CPUSet, CPUSet | None]]:
+    """(name suffix, CPUs, NUMA node or None: the nodes of the CPUs) of each grouped-mode device before the
+    isolated CPUs are split off."""
+    if config.group_by is GroupBy.MACHINE:
+        return [("machine", available, None)]
+    if config.group_by is GroupBy.SOCKET:
+        sockets: dict[int, set[int]] = {}
+        for cpu_id in available:
+            socket = topology.cpu(cpu_id).socket
+            sockets.setdefault(socket if socket is not None else 0, set()).add(cpu_id)
+        return [(f"socket{socket}", CPUSet.of(cpus), None) for socket, cpus in sorted(sockets.items())]
+    return [(f"numa{node.id}", node.cpus & available, CPUSet.of([node.id])) for node in topology.numa_nodes]
+
+
 def _grouped_devices(topology: Topology, config: DeviceConfig, available: CPUSet) -> list[Device]:
     d = config.driver_name
     threads = topology.threads_per_core
     step = threads if config.whole_cores else 1
     devices = []
-    for node in topology.numa_nodes:
+    for suffix, cpus, numa in _groups(topology, config, available):
         for isolated in (False, True):
-            pool = node.cpus & available
-            pool = pool & topology.isolated_cpus if isolated else pool - topology.isolated_cpus
+            pool = cpus & topology.isolated_cpus if isolated else cpus - topology.isolated_cpus
             if len(pool) < step:
                 continue
+            nodes = numa if numa is not None else topology.numa_nodes_of(pool)
             sockets = sorted({s for i in pool if (s := topology.cpu(i).socket) is not None})
-            attributes: list[tuple[str, AttributeValue]] = [
-                (f"{d}/type", DeviceType.CPU.value),
-                *_numa_attributes(config, node.id),
-                (f"{d}/socketID", sockets[0] if sockets else 0),
+            attributes: list[tuple[str, AttributeValue]] = [(f"{d}/type", DeviceType.CPU.value)]
+            # The NUMA attributes hold one node: a device over several NUMA nodes (a socket with sub-NUMA
+            # clustering, a machine) has none, as upstream's socket and machine devices, and says which ones below.
+            if len(nodes) == 1:
+                attributes += _numa_attributes(config, nodes.first())
+            if len(sockets) <= 1:
+                attributes.append((f"{d}/socketID", sockets[0] if sockets else 0))
+            attributes += [
+                (f"{d}/numaNodes", str(nodes)),
+                (f"{d}/numaNodeCount", len(nodes)),
                 (f"{d}/numCPUs", len(pool)),
                 (f"{d}/smtEnabled", topology.smt_active),
                 (f"{d}/threadsPerCore", threads),
@@ -186,15 +240,16 @@ def _grouped_devices(topology: Topology, config: DeviceConfig, available: CPUSet
             ]
             devices.append(
                 Device(
-                    name=f"cpu-isolated-numa{node.id}" if isolated else f"cpu-numa{node.id}",
+                    name=f"cpu-isolated-{suffix}" if isolated else f"cpu-{suffix}",
                     type=DeviceType.CPU,
-                    numa_node=node.id,
+                    numa_nodes=nodes,
                     cpus=pool,
                     isolated=isolated,
                     attributes=tuple(attributes),
                     capacity=len(pool),
                     step=step,
                     capacity_key=config.cpu_capacity,
+                    node_allocatable="cpu" if config.node_allocatable else None,
                 )
             )
     return devices
@@ -223,10 +278,11 @@ def _individual_devices(topology: Topology, config: DeviceConfig, available: CPU
             Device(
                 name=f"cpu-{cpu.id}",
                 type=DeviceType.CPU,
-                numa_node=node,
+                numa_nodes=CPUSet.of([node]),
                 cpus=CPUSet.of([cpu.id]),
                 isolated=cpu.isolated,
                 attributes=tuple(attributes),
+                node_allocatable="cpu" if config.node_allocatable else None,
             )
         )
     return devices
@@ -251,7 +307,7 @@ def _hugepage_devices(topology: Topology, config: DeviceConfig) -> list[Device]:
                 Device(
                     name=f"hugepages-{size.lower()}-numa{node.id}",
                     type=DeviceType.HUGEPAGES,
-                    numa_node=node.id,
+                    numa_nodes=CPUSet.of([node.id]),
                     cpus=CPUSet(),
                     isolated=False,
                     attributes=tuple(attributes),
@@ -259,6 +315,7 @@ def _hugepage_devices(topology: Topology, config: DeviceConfig) -> list[Device]:
                     step=pool.size_bytes,
                     page_size_kib=pool.size_kib,
                     capacity_key=config.memory_capacity,
+                    node_allocatable=f"hugepages-{size}" if config.node_allocatable else None,
                 )
             )
     return devices

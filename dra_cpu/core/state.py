@@ -223,7 +223,7 @@ def _cpus(
         )
     try:
         count = whole_quantity(raw, f"consumedCapacity[{cpu_capacity!r}]")
-        return choose_cpus(topology, device.cpus - taken, count, result.policy)
+        return choose_cpus(topology, device.cpus - taken, count, result.policy, device.cpus)
     except (QuantityError, AllocationError) as err:
         raise ClaimError(f"claim {ref}: request {result.request!r} on {device.name}: {err}") from None
 

@@ -236,12 +236,18 @@ class SlicePublisher:
             return
         with self._lock:
             self._dropped_field_warnings += 1
+        gates = sorted({_GATES.get(path.rsplit(".", 1)[-1], "DRAConsumableCapacity") for path in dropped})
         self._log.warning(
-            "the API server dropped fields of resourceslice %s: %s (is the DRAConsumableCapacity feature gate off?)",
+            "the API server dropped fields of resourceslice %s: %s (is the %s feature gate off?)",
             name,
             ", ".join(dropped),
+            " or ".join(gates),
             extra={"slice": name, "droppedFields": ",".join(dropped)},
         )
+
+
+# The feature gate behind a device field the server may drop; any other dropped field: DRAConsumableCapacity's.
+_GATES = {"nodeAllocatableResources": "DRANodeAllocatableResources"}
 
 
 def _generation(obj: dict[str, Any]) -> int:

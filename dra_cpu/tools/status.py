@@ -41,11 +41,14 @@ class NumaStatus:
     # Page size ("2Mi") -> bytes.
     hugepages: tuple[tuple[str, Amount], ...]
     claims: tuple[Holding, ...]
+    # numa -1: a socket or machine device over several NUMA nodes, these ("0-1"); "" when unknown.
+    numa_nodes: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "node": self.node,
             "numaNode": self.numa,
+            **({"numaNodes": self.numa_nodes} if self.numa_nodes else {}),
             "cpus": _cpus(self.cpus),
             "isolatedCpus": _cpus(self.isolated),
             "hugepages": {
@@ -92,13 +95,15 @@ def cluster_status(
 ) -> tuple[NumaStatus, ...]:
     """One row per (node, NUMA node) of `driver`'s devices. A device with capacity counts its capacity and what
     claims consumed of it; an individual-mode CPU device (no capacity) counts 1, allocated when any claim holds it."""
-    tallies: dict[tuple[str, int], _Tally] = {}
+    tallies: dict[tuple[str, int, str], _Tally] = {}
     for device in devices:
         if device.driver != driver:
             continue
         kind = device.attributes.get(f"{driver}/type")
         held = usage.get(device.key, Usage())
-        tally = tallies.setdefault((device.node or device.pool, _numa(device)), _Tally())
+        numa = _numa(device)
+        span = str(device.attributes.get(f"{driver}/numaNodes", "")) if numa < 0 else ""
+        tally = tallies.setdefault((device.node or device.pool, numa, span), _Tally())
         if kind == "cpu":
             key = f"{driver}/cpu"
             total = device.capacity[key].value if key in device.capacity else Fraction(1)
@@ -121,8 +126,8 @@ def cluster_status(
             what = number(held_amount(device, held, key, claim)) if key in device.capacity else "1"
             tally.claims.append(Holding(claim, device.name, f"{what} {unit}"))
     return tuple(
-        NumaStatus(node, numa, t.cpus, t.isolated, tuple(sorted(t.hugepages.items())), tuple(t.claims))
-        for (node, numa), t in sorted(tallies.items())
+        NumaStatus(node, numa, t.cpus, t.isolated, tuple(sorted(t.hugepages.items())), tuple(t.claims), span)
+        for (node, numa, span), t in sorted(tallies.items())
     )
 
 
@@ -154,7 +159,7 @@ def render_table(rows: tuple[NumaStatus, ...]) -> str:
             _line(
                 (
                     row.node,
-                    row.numa,
+                    row.numa_nodes or row.numa,
                     cpus["total"],
                     cpus["allocated"],
                     cpus["free"],

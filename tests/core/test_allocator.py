@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,8 +19,8 @@ BIG = read_topology(FIXTURES / "big-8numa")
 PACK = AllocationPolicy()
 
 
-def pick(topo: Topology, free: str, count: int, policy: AllocationPolicy = PACK) -> str:
-    return str(choose_cpus(topo, CPUSet.parse(free), count, policy))
+def pick(topo: Topology, free: str, count: int, policy: AllocationPolicy = PACK, device: str | None = None) -> str:
+    return str(choose_cpus(topo, CPUSet.parse(free), count, policy, None if device is None else CPUSet.parse(device)))
 
 
 def test_whole_cores_first() -> None:
@@ -49,6 +51,10 @@ def test_spread_deals_cores_over_l3_groups() -> None:
     got = CPUSet.parse(pick(MULTI_L3, "0-15", 4, AllocationPolicy(spread=True)))
     assert str(got) == "0-1,8-9"
     assert len(MULTI_L3.l3_groups(got)) == 2
+    # CPU 0 is taken, so its sibling 1 is a split core: the odd CPU of a 5-CPU claim comes from there, and whole
+    # cores are dealt over both groups (2-3, 8-9 ... not one core of each group and then a split one).
+    assert pick(MULTI_L3, "1-15", 5, AllocationPolicy(spread=True)) == "1-3,8-9"
+    assert pick(MULTI_L3, "1-15", 4, AllocationPolicy(spread=True)) == "2-3,8-9"
 
 
 def test_whole_cores_policy() -> None:
@@ -58,6 +64,79 @@ def test_whole_cores_policy() -> None:
         choose_cpus(DUAL, CPUSet.parse("0-7"), 3, whole)
     with pytest.raises(AllocationError, match="only 4 CPUs form whole free cores"):
         choose_cpus(DUAL, CPUSet.parse("1,3-7"), 6, whole)
+
+
+def test_socket_device_stays_on_one_numa_node() -> None:
+    """big-8numa: socket 0 is NUMA nodes 0 (CPUs 0-7) and 1 (8-15) under one L3; siblings (2k, 2k+1)."""
+    assert pick(BIG, "0-15", 4) == "0-3"
+    # Node 0 has 4 free CPUs, node 1 has 8: 6 CPUs go to node 1 rather than 4-9 across both (what one L3 alone gives).
+    assert pick(BIG, "4-15", 6) == "8-13"
+    # Both nodes fit: the tighter one (6 free) takes it, node 1 stays whole for a bigger claim.
+    assert pick(BIG, "2-15", 4) == "2-5"
+    # An odd request goes where a split core already is: CPU 1's sibling is taken, so node 0 gives 1-3.
+    assert pick(BIG, "1-15", 3) == "1-3"
+
+
+def test_machine_device_prefers_one_numa_node_then_one_l3() -> None:
+    # All nodes fit: the tightest (node 3, 4 free) and its L3.
+    assert pick(BIG, "0-27,32-63", 4) == "24-27"
+    # No node has 12 free: one L3 group (socket 0), whole cores, as few NUMA nodes as that L3 allows.
+    assert pick(BIG, "0-63", 12) == "0-11"
+    # alignL3 may cross NUMA nodes inside one L3 group, never L3 groups.
+    assert pick(BIG, "0-15", 10, AllocationPolicy(align_l3=True)) == "0-9"
+    with pytest.raises(AllocationError, match="alignL3: no single L3 group has 20 free CPUs"):
+        choose_cpus(BIG, CPUSet.parse("0-63"), 20, AllocationPolicy(align_l3=True))
+
+
+def test_whole_cores_across_numa_nodes_when_no_node_has_them() -> None:
+    # Node 0 has one whole core (0-1) and two split ones, node 1 one whole core (8-9) and a split one.
+    whole = AllocationPolicy(whole_cores=True)
+    assert pick(BIG, "0-1,3,5,8-9,11", 4, whole) == "0-1,8-9"
+
+
+def test_distribute_across_numa() -> None:
+    spread_numa = AllocationPolicy(distribute_across_numa=True)
+    # Socket 0 (NUMA nodes 0 and 1): 3 CPUs on each, each share packed as usual.
+    assert pick(BIG, "0-15", 6, spread_numa, device="0-15") == "0-2,8-10"
+    # The machine: 2 CPUs (one whole core) on each of the 8 nodes.
+    got = CPUSet.parse(pick(BIG, "0-63", 16, spread_numa, device="0-63"))
+    assert got == CPUSet.parse("0-1,8-9,16-17,24-25,32-33,40-41,48-49,56-57")
+    # Busy CPUs: each share still takes whole free cores (CPU 1's sibling 0 is taken: 2-3, not 1-2).
+    assert pick(BIG, "1-15", 4, spread_numa, device="0-15") == "2-3,8-9"
+    whole = AllocationPolicy(distribute_across_numa=True, whole_cores=True)
+    assert pick(BIG, "0-15", 8, whole, device="0-15") == "0-3,8-11"
+    # A one-node device: the whole claim on that node.
+    assert pick(BIG, "8-15", 3, spread_numa, device="8-15") == "8-10"
+
+
+@pytest.mark.parametrize(
+    ("free", "count", "policy", "message"),
+    [
+        (
+            "0-63",
+            12,
+            AllocationPolicy(distribute_across_numa=True),
+            "12 CPUs do not divide into equal shares over the device's 8 NUMA nodes (0-7)",
+        ),
+        (
+            "8-15",
+            4,
+            AllocationPolicy(distribute_across_numa=True),
+            "NUMA node 0 has 0 free CPU(s) (none), its share is 2",
+        ),
+        (
+            "0-15",
+            6,
+            AllocationPolicy(distribute_across_numa=True, whole_cores=True),
+            "NUMA node 0, share of 3: wholeCores: 3 CPUs is not a whole number of cores",
+        ),
+    ],
+    ids=["does-not-divide", "node-full", "odd-whole-core-share"],
+)
+def test_distribute_across_numa_refusals(free: str, count: int, policy: AllocationPolicy, message: str) -> None:
+    device = "0-63" if count == 12 else "0-15"
+    with pytest.raises(AllocationError, match=f"^distributeAcrossNUMA: {re.escape(message)}"):
+        choose_cpus(BIG, CPUSet.parse(free), count, policy, CPUSet.parse(device))
 
 
 def test_too_many() -> None:
@@ -82,12 +161,35 @@ def test_properties(free: set[int], count: int, spread: bool) -> None:
     assert len(got) == count
     assert got.issubset(available)
     assert got == choose_cpus(BIG, available, count, policy), "deterministic"
+    whole_free = [c for c in BIG.cores(available) if c == BIG.cpu(c.first()).thread_siblings]
+    # When whole free cores can cover the request, at most the odd CPU splits a core it did not split before.
+    if sum(len(c) for c in whole_free) >= count:
+        newly_split = [w for w in whole_free if (w & got) and (w & got) != w]
+        assert len(newly_split) <= count % 2
     if not spread:
-        whole_free = [c for c in BIG.cores(available) if c == BIG.cpu(c.first()).thread_siblings]
-        # When whole free cores can cover the request, at most the odd CPU splits a core it did not split before.
-        if sum(len(c) for c in whole_free) >= count:
-            newly_split = [w for w in whole_free if (w & got) and (w & got) != w]
-            assert len(newly_split) <= count % 2
         groups = BIG.l3_groups(available)
         if any(len(g) >= count for g in groups.values()):
             assert len(BIG.l3_groups(got)) == 1, "a request that fits one L3 group stays in one"
+        nodes = [available & node.cpus for node in BIG.numa_nodes]
+        if count % 2 == 0 and any(_whole_cores_in(n) >= count for n in nodes):
+            assert len(BIG.numa_nodes_of(got)) == 1, "a request one NUMA node can give as whole cores stays there"
+
+
+def _whole_cores_in(cpus: CPUSet) -> int:
+    return sum(len(c) for c in BIG.cores(cpus) if c == BIG.cpu(c.first()).thread_siblings)
+
+
+@settings(max_examples=100, deadline=None)
+@given(free=st.sets(st.integers(min_value=0, max_value=63), min_size=1), share=st.integers(min_value=1, max_value=8))
+def test_distribute_properties(free: set[int], share: int) -> None:
+    """Equal shares on every node of the machine device, or a refusal that names the node without room."""
+    available = CPUSet.of(free)
+    policy = AllocationPolicy(distribute_across_numa=True)
+    short = [n.id for n in BIG.numa_nodes if len(available & n.cpus) < share]
+    if 8 * share > len(available) or short:
+        with pytest.raises(AllocationError):
+            choose_cpus(BIG, available, 8 * share, policy, BIG.online_cpus)
+        return
+    got = choose_cpus(BIG, available, 8 * share, policy, BIG.online_cpus)
+    assert got.issubset(available)
+    assert [len(got & n.cpus) for n in BIG.numa_nodes] == [share] * 8

@@ -13,6 +13,7 @@ from dra_cpu.core.devices import (
     DeviceConfig,
     DeviceConfigError,
     DeviceMode,
+    GroupBy,
     build_devices,
     build_slices,
 )
@@ -33,14 +34,33 @@ def _devices(slices: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {d["name"]: d for s in slices for d in s["spec"]["devices"]}
 
 
-@pytest.mark.parametrize("mode", ["grouped", "individual"])
-@pytest.mark.parametrize("version", ["1.34.0", "1.37.0"])
+MODES = {
+    "numanode": ("--group-by", "numanode"),
+    "socket": ("--group-by", "socket"),
+    "machine": ("--group-by", "machine"),
+    "individual": ("--device-mode", "individual"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("mapped", [False, True], ids=["unmapped", "mapped"])
 def test_every_fixture_validates_strictly(
-    sysfs_fixture: Path, mode: str, version: str, capsys: pytest.CaptureFixture[str]
+    sysfs_fixture: Path, mode: str, mapped: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for obj in _slices(sysfs_fixture, "--device-mode", mode, capsys=capsys):
-        kubernetes_validate.validate(obj, version, strict=True)
+    """1.34 and 1.37 accept every slice without nodeAllocatableResources; 1.37 accepts them with it, and 1.34 (which
+    does not know the field) refuses exactly that field."""
+    args = (*MODES[mode], *(("--publish-node-allocatable-resources",) if mapped else ()))
+    for obj in _slices(sysfs_fixture, *args, capsys=capsys):
         assert len(obj["spec"]["devices"]) <= 128
+        kubernetes_validate.validate(obj, "1.37.0", strict=True)
+        mappings = [d.get("nodeAllocatableResources") for d in obj["spec"]["devices"]]
+        assert all(mappings) if mapped else not any(mappings)
+        if mapped:
+            with pytest.raises(kubernetes_validate.ValidationError, match="nodeAllocatableResources"):
+                kubernetes_validate.validate(obj, "1.34.0", strict=True)
+            for device in obj["spec"]["devices"]:
+                del device["nodeAllocatableResources"]
+        kubernetes_validate.validate(obj, "1.34.0", strict=True)
 
 
 def test_grouped_dual_socket(capsys: pytest.CaptureFixture[str]) -> None:
@@ -169,3 +189,105 @@ def test_bad_settings_are_one_clear_line(args: list[str], message: str, capsys: 
 def test_invalid_node_name() -> None:
     with pytest.raises(DeviceConfigError, match="invalid node name 'Node_1'"):
         DeviceConfig(node_name="Node_1")
+
+
+def test_node_allocatable_mappings(capsys: pytest.CaptureFixture[str]) -> None:
+    """KEP-5517: grouped CPU devices map consumed dra.cpu/cpu 1:1 to cpu, hugepage devices their bytes to
+    hugepages-<size>, individual CPU devices one cpu each; nothing is published unless asked."""
+    root = FIXTURES / "dual-socket-smt2"
+    assert not any("nodeAllocatableResources" in d for d in _devices(_slices(root, capsys=capsys)).values())
+    devices = _devices(_slices(root, "--publish-node-allocatable-resources", capsys=capsys))
+    cpu_map = {"cpu": {"mapping": {"capacityKey": "dra.cpu/cpu", "capacityMultiplier": "1"}}}
+    assert devices["cpu-numa0"]["nodeAllocatableResources"] == cpu_map
+    assert devices["cpu-numa1"]["nodeAllocatableResources"] == cpu_map
+    assert devices["hugepages-2mi-numa0"]["nodeAllocatableResources"] == {
+        "hugepages-2Mi": {"mapping": {"capacityKey": "dra.cpu/memory", "capacityMultiplier": "1"}}
+    }
+    individual = _devices(
+        _slices(root, "--device-mode", "individual", "--publish-node-allocatable-resources", capsys=capsys)
+    )
+    assert individual["cpu-5"]["nodeAllocatableResources"] == {"cpu": {"mapping": {"deviceMultiplier": "1"}}}
+    assert individual["hugepages-2mi-numa1"]["nodeAllocatableResources"] == {
+        "hugepages-2Mi": {"mapping": {"capacityKey": "dra.cpu/memory", "capacityMultiplier": "1"}}
+    }
+
+
+def test_one_gigabyte_pages_map_to_hugepages_1gi(tmp_path: Path) -> None:
+    cpus = [SyntheticCpu(id=i, core=i) for i in range(2)]
+    write_tree(tmp_path, cpus, [SyntheticNode(id=0, cpus=CPUSet.parse("0-1"), hugepages={1048576: (2, 2)})])
+    config = DeviceConfig(node_name="n", node_allocatable=True)
+    devices = {d.name: d.to_api() for d in build_devices(read_topology(tmp_path), config)}
+    assert devices["hugepages-1gi-numa0"]["nodeAllocatableResources"] == {
+        "hugepages-1Gi": {"mapping": {"capacityKey": "dra.cpu/memory", "capacityMultiplier": "1"}}
+    }
+    assert devices["cpu-numa0"]["nodeAllocatableResources"]["cpu"]["mapping"]["capacityKey"] == "dra.cpu/cpu"
+
+
+def test_group_by_socket(capsys: pytest.CaptureFixture[str]) -> None:
+    """big-8numa: 4 sockets of 2 NUMA nodes each. A socket device spans two NUMA nodes, so it carries no NUMA
+    attribute (one int cannot say 0 and 1) but says which nodes it covers."""
+    devices = _devices(_slices(FIXTURES / "big-8numa", "--group-by", "socket", "--reserved-cpus", "0-1", capsys=capsys))
+    assert sorted(devices) == ["cpu-socket0", "cpu-socket1", "cpu-socket2", "cpu-socket3"]
+    socket0 = devices["cpu-socket0"]
+    assert socket0["capacity"]["dra.cpu/cpu"]["value"] == "14"
+    assert socket0["allowMultipleAllocations"] is True
+    assert socket0["attributes"] == {
+        "dra.cpu/type": {"string": "cpu"},
+        "dra.cpu/socketID": {"int": 0},
+        "dra.cpu/numaNodes": {"string": "0-1"},
+        "dra.cpu/numaNodeCount": {"int": 2},
+        "dra.cpu/numCPUs": {"int": 14},
+        "dra.cpu/smtEnabled": {"bool": True},
+        "dra.cpu/threadsPerCore": {"int": 2},
+        "dra.cpu/l3Caches": {"int": 1},
+        "dra.cpu/isolated": {"bool": False},
+        "dra.cpu/cpuModel": {"string": "Intel Xeon Processor (Skylake)"},
+    }
+    assert devices["cpu-socket3"]["attributes"]["dra.cpu/numaNodes"] == {"string": "6-7"}
+
+
+def test_group_by_socket_with_one_numa_node_keeps_the_numa_attributes(capsys: pytest.CaptureFixture[str]) -> None:
+    """A socket that is one NUMA node: claims that select resource.kubernetes.io/numaNode or dra.cpu/numaNodeID
+    (written for upstream's NUMA devices) still match."""
+    devices = _devices(_slices(FIXTURES / "dual-socket-smt2", "--group-by", "socket", capsys=capsys))
+    assert sorted(devices) == ["cpu-socket0", "cpu-socket1", "hugepages-2mi-numa0", "hugepages-2mi-numa1"]
+    attrs = devices["cpu-socket1"]["attributes"]
+    assert attrs["resource.kubernetes.io/numaNode"] == {"int": 1}
+    assert attrs["dra.cpu/numaNodeID"] == {"int": 1}
+    assert attrs["dra.net/numaNode"] == {"int": 1}
+    assert attrs["dra.cpu/socketID"] == {"int": 1}
+    assert attrs["dra.cpu/numaNodeCount"] == {"int": 1}
+    assert devices["cpu-socket1"]["capacity"]["dra.cpu/cpu"]["value"] == "8"
+
+
+def test_group_by_machine(tmp_path: Path) -> None:
+    """One device for every allocatable CPU; no socket or NUMA attribute on a machine with several; isolated CPUs
+    still apart; hugepages per NUMA node as in every mode."""
+    cpus, nodes = uniform_machine(sockets=2, nodes_per_socket=1, cores_per_node=4, threads=2)
+    # Core c is CPUs c and c + 8; NUMA node 0 holds cores 0-3, node 1 cores 4-7.
+    write_tree(tmp_path, cpus, nodes, isolated=CPUSet.parse("7,15"))
+    topo = read_topology(tmp_path)
+    config = DeviceConfig(node_name="n", group_by=GroupBy.MACHINE, reserved_cpus=CPUSet.parse("0"), whole_cores=True)
+    devices = {d.name: d for d in build_devices(topo, config)}
+    assert sorted(devices) == ["cpu-isolated-machine", "cpu-machine"]
+    machine = devices["cpu-machine"]
+    assert str(machine.cpus) == "1-6,9-14", "core 0 (CPUs 0 and 8) is cut by the reservation: whole cores drop it"
+    assert str(machine.numa_nodes) == "0-1"
+    with pytest.raises(ValueError, match="spans NUMA nodes 0-1"):
+        machine.numa_node  # noqa: B018
+    api = machine.to_api()
+    assert api["capacity"]["dra.cpu/cpu"]["requestPolicy"]["validRange"] == {"min": "2", "max": "12", "step": "2"}
+    assert "resource.kubernetes.io/numaNode" not in api["attributes"]
+    assert "dra.cpu/socketID" not in api["attributes"]
+    assert api["attributes"]["dra.cpu/numaNodes"] == {"string": "0-1"}
+    assert str(devices["cpu-isolated-machine"].cpus) == "7,15"
+    assert dict(devices["cpu-isolated-machine"].attributes)["resource.kubernetes.io/numaNode"] == 1
+
+
+def test_group_by_numanode_is_the_default_and_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
+    root = FIXTURES / "snc-4numa"
+    assert _slices(root, capsys=capsys) == _slices(root, "--group-by", "numanode", capsys=capsys)
+    devices = _devices(_slices(root, capsys=capsys))
+    assert [n for n in devices if n.startswith("cpu-")] == ["cpu-numa0", "cpu-numa1", "cpu-numa2", "cpu-numa3"]
+    assert devices["cpu-numa2"]["attributes"]["dra.cpu/numaNodes"] == {"string": "2"}
+    assert devices["cpu-numa2"]["attributes"]["dra.cpu/socketID"] == {"int": 1}

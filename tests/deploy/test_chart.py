@@ -7,6 +7,7 @@ ConfigMap's config file must load in the daemon's own config loader with the pat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,10 @@ import pytest
 
 from dra_cpu.cli import build_parser
 from dra_cpu.config import Config, load
+from dra_cpu.core.devices import build_devices, build_slices
+from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.classes import chart_device_classes
+from tests.support.paths import SYSFS
 from tests.support.testenv_helm import CHART, Helm
 from tests.support.typed import as_dict
 
@@ -41,6 +45,10 @@ CUSTOM = (
     "config.enforcement=cdi-hook",
     "--set",
     "config.wholeCores=true",
+    "--set",
+    "config.groupBy=socket",
+    "--set",
+    "config.publishNodeAllocatableResources=true",
     "--set-string",
     "config.reservedCpus=0-1",
     "--set",
@@ -128,6 +136,8 @@ def test_defaults(helm: Helm, tmp_path: Path) -> None:
 
     config = daemon_config(objects, tmp_path)
     assert (config.node_name, config.driver_name, config.enforcement) == ("node-a", "dra.cpu", "nri")
+    # Node-allocatable mappings are off while the gate is alpha; one device per NUMA node.
+    assert (config.group_by, config.publish_node_allocatable_resources) == ("numanode", False)
     # Every folder the daemon uses on the host is mounted at the same path; /sys read-only.
     assert host_mounts(objects) == {
         "/var/lib/kubelet/plugins": ("/var/lib/kubelet/plugins", False),
@@ -158,6 +168,18 @@ def test_custom_values(helm: Helm, tmp_path: Path) -> None:
     assert config.enforcement == "cdi-hook"
     assert config.whole_cores is True
     assert config.reserved_cpus == "0-1"
+    assert (config.group_by, config.publish_node_allocatable_resources) == ("socket", True)
+    # What the node then publishes: socket devices whose consumed CPUs count against node allocatable cpu.
+    device_config = dataclasses.replace(config.device_config(), driver_name="dra.cpu")
+    slices = build_slices(build_devices(read_topology(SYSFS / "dual-socket-smt2"), device_config), device_config)
+    devices = {d["name"]: d for s in slices for d in s["spec"]["devices"]}
+    assert sorted(devices) == ["cpu-socket0", "cpu-socket1", "hugepages-2mi-numa0", "hugepages-2mi-numa1"]
+    assert devices["cpu-socket1"]["nodeAllocatableResources"] == {
+        "cpu": {"mapping": {"capacityKey": "dra.cpu/cpu", "capacityMultiplier": "1"}}
+    }
+    assert devices["hugepages-2mi-numa0"]["nodeAllocatableResources"] == {
+        "hugepages-2Mi": {"mapping": {"capacityKey": "dra.cpu/memory", "capacityMultiplier": "1"}}
+    }
     assert config.metrics_address == ":9464"
     assert config.kubelet_root_dir == "/var/lib/k0s/kubelet"
     # cdi-hook needs no NRI socket, so its folder is not mounted.
@@ -245,6 +267,8 @@ def test_node_slice_policy_binds_the_driver_to_its_node(helm: Helm) -> None:
     ("options", "message"),
     [
         (("--set-string", "config.wholeCores=yes"), "wholeCores"),
+        (("--set", "config.groupBy=numa"), "groupBy"),
+        (("--set-string", "config.publishNodeAllocatableResources=true"), "publishNodeAllocatableResources"),
         (("--set", "config.reservedCPUs=0-1"), "reservedCPUs"),
         (("--set", "config.kubeletRootDir=/x"), "kubeletRootDir"),
         (("--set", "config.enforcement=none"), "enforcement"),
@@ -255,6 +279,8 @@ def test_node_slice_policy_binds_the_driver_to_its_node(helm: Helm) -> None:
     ],
     ids=[
         "wrong-type",
+        "group-by",
+        "mapping-type",
         "unknown-key",
         "path-key-in-config",
         "dev-only-enforcement",

@@ -15,6 +15,7 @@ import pytest
 from dra_cpu.cli import build_parser
 from dra_cpu.cli.common import EXIT_USAGE
 from dra_cpu.config import Config, ConfigError, load
+from dra_cpu.core.devices import GroupBy
 from tests.support.paths import FIXTURES, REPO
 
 KEYS = {f.name: "".join(p.capitalize() if i else p for i, p in enumerate(f.name.split("_"))) for f in fields(Config)}
@@ -43,6 +44,8 @@ def refused(result: subprocess.CompletedProcess[str]) -> str:
         ("minSharedCpus: 1.5\n", "minSharedCpus must be a int"),
         ("metricsAddress: 8080\n", "metricsAddress must be a str"),
         ("deviceMode: fancy\n", "deviceMode 'fancy': must be one of grouped, individual"),
+        ("groupBy: numa\n", "groupBy 'numa': must be one of numanode, socket, machine"),
+        ("publishNodeAllocatableResources: 1\n", "publishNodeAllocatableResources must be a bool"),
         ('reservedCpus: "0-x"\n', "reservedCpus '0-x'"),
         ("enforcement: none\n", "enforcement 'none' is for development: it needs --standalone"),
         ("minSharedCpus: 0\n", "minSharedCpus 0: at least 1 CPU must stay shared"),
@@ -58,6 +61,8 @@ def refused(result: subprocess.CompletedProcess[str]) -> str:
         "wrong-type-int",
         "wrong-type-str",
         "bad-choice",
+        "bad-group-by",
+        "wrong-type-mapping",
         "bad-cpu-list",
         "dev-enforcement-outside-standalone",
         "no-shared-cpus",
@@ -95,6 +100,17 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     assert (flagged.min_shared_cpus, flagged.whole_cores, flagged.node_name) == (2, False, "n1")
     assert flagged.log_level == "debug"  # not given as a flag: the file's value stays
     assert flagged.hugepage_poll_seconds == Config().hugepage_poll_seconds  # in neither: the default
+
+
+def test_grouping_and_node_allocatable_reach_the_device_config(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("groupBy: socket\npublishNodeAllocatableResources: true\n")
+    config = load_args("--config", str(path))
+    device = config.device_config()
+    assert (device.group_by, device.node_allocatable) == (GroupBy.SOCKET, True)
+    assert (Config().group_by, Config().publish_node_allocatable_resources) == ("numanode", False)
+    flagged = load_args("--config", str(path), "--group-by", "machine", "--no-publish-node-allocatable-resources")
+    assert (flagged.device_config().group_by, flagged.device_config().node_allocatable) == (GroupBy.MACHINE, False)
 
 
 def test_a_flag_cannot_make_the_file_valid_if_the_result_is_not(tmp_path: Path) -> None:

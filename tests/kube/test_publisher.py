@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -428,6 +428,26 @@ def test_fields_the_server_drops_are_reported_once(
     assert all("allowMultipleAllocations" not in d for d in stored["spec"]["devices"])
     assert [d["name"] for d in stored["spec"]["devices"]] == [d.name for d in devices]
     kube.close()
+
+
+def test_node_allocatable_mappings_a_1_34_server_drops_name_their_gate(
+    kube: KubeAPI, config: DeviceConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shared test server has the 1.34 schema, which has no nodeAllocatableResources: it drops them as a
+    1.36/1.37 server with DRANodeAllocatableResources off does, and the warning names that gate."""
+    mapped = replace(config, node_allocatable=True)
+    publisher = SlicePublisher(kube, mapped, LOG)
+    devices = devices_of(FIXTURES / "dual-socket-smt2", mapped)
+    assert all(d.to_api()["nodeAllocatableResources"] for d in devices)
+    publisher.set_devices(devices)
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        assert publisher.sync_once() == 1
+        assert publisher.sync_once() == 0
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.__dict__["droppedFields"] == "spec.devices[*].nodeAllocatableResources"
+    assert "is the DRANodeAllocatableResources feature gate off?" in warning.getMessage()
+    [stored] = kube.list_slices(mapped.driver_name, mapped.node_name)
+    assert all("nodeAllocatableResources" not in d for d in stored["spec"]["devices"])
 
 
 class Outage:

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.devices import DeviceMode
+from dra_cpu.core.devices import DeviceMode, GroupBy
 from dra_cpu.kubelet.gen import pluginregistration_v1_pb2, pluginregistration_v1_pb2_grpc
 from tests.support.kubelet_node import DRIVER, NODE, NodeFactory, cpu_config, result
 
@@ -99,6 +99,29 @@ def test_policies_from_opaque_config(node_factory: NodeFactory) -> None:
     assert len(node.cpus_of(override)) == 3
     aligned = node.claim([result("cpu-numa1", cpus=10)], [cpu_config(alignL3=True)])
     assert "alignL3: no single L3 group has 10 free CPUs" in node.prepare(aligned).error
+
+
+def test_socket_and_machine_devices(node_factory: NodeFactory) -> None:
+    """groupBy socket on big-8numa (sockets of two NUMA nodes under one L3): the claim lands on one NUMA node and its
+    memory there; distributeAcrossNUMA splits a claim evenly over the socket's nodes."""
+    node = node_factory("big-8numa", group_by=GroupBy.SOCKET)
+    packed = node.claim([result("cpu-socket1", cpus=4)])
+    assert node.cpus_of(packed) == CPUSet.parse("16-19")
+    assert node.env(packed.uid)[f"DRA_MEMS_{packed.uid}"] == CPUSet.parse("2")
+    spread = node.claim([result("cpu-socket1", cpus=4)], [cpu_config(distributeAcrossNUMA=True)])
+    assert node.cpus_of(spread) == CPUSet.parse("20-21,24-25")
+    assert node.env(spread.uid)[f"DRA_MEMS_{spread.uid}"] == CPUSet.parse("2-3")
+    odd = node.claim([result("cpu-socket2", cpus=3)], [cpu_config(distributeAcrossNUMA=True)])
+    assert "distributeAcrossNUMA: 3 CPUs do not divide into equal shares" in node.prepare(odd).error
+    machine = node_factory("big-8numa", group_by=GroupBy.MACHINE)
+    whole = cpu_config(distributeAcrossNUMA=True, wholeCores=True)
+    half_cores = machine.claim([result("cpu-machine", cpus=8)], [whole])
+    assert (
+        "NUMA node 0, share of 1: wholeCores: 1 CPUs is not a whole number of cores"
+        in machine.prepare(half_cores).error
+    )
+    ref = machine.claim([result("cpu-machine", cpus=16)], [whole])
+    assert machine.cpus_of(ref) == CPUSet.parse("0-1,8-9,16-17,24-25,32-33,40-41,48-49,56-57")
 
 
 def test_hugepages_are_recorded(node_factory: NodeFactory) -> None:

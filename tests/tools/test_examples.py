@@ -1,12 +1,15 @@
 """hack/examples/*.yaml: what app developers copy. Each file holds ResourceClaims and a Pod using them; they must
 pass the Kubernetes schemas, be accepted by a real API server, and be satisfiable on at least one real topology by
-the chart's DeviceClasses (checked with `dra-cpu explain`'s allocator model and the driver's own CPU picker).
+the chart's DeviceClasses (checked with `dra-cpu explain`'s allocator model and the driver's own CPU picker), with
+the driver settings the example is written for (NODE_SETTINGS). Pods repeat their claims' amounts in their requests
+exactly when the driver publishes no node-allocatable mapping.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ import yaml
 
 from dra_cpu.core.allocator import AllocationError, AllocationPolicy, choose_cpus
 from dra_cpu.core.claims import ClaimRef, parse_cpu_config
-from dra_cpu.core.devices import DeviceConfig, build_devices, build_slices, device_index
+from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, build_slices, device_index
 from dra_cpu.core.quantity import parse_quantity
 from dra_cpu.core.topology import Topology
 from dra_cpu.node.sysfs import read_topology
@@ -31,6 +34,15 @@ from tests.support.typed import as_dict
 
 FILES = sorted(EXAMPLES.glob("*.yaml"))
 DRIVER = "dra.cpu"
+# The driver settings an example is written for, when not the defaults: any one of them must satisfy it.
+NODE_SETTINGS: dict[str, list[dict[str, Any]]] = {
+    "claim-cpu-distribute-numa": [{"group_by": GroupBy.SOCKET}, {"group_by": GroupBy.MACHINE}],
+    "claim-node-allocatable": [{"node_allocatable": True}],
+}
+
+
+def settings_of(path: Path) -> list[DeviceConfig]:
+    return [DeviceConfig(node_name="n", **kwargs) for kwargs in NODE_SETTINGS.get(path.stem, [{}])]
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -50,7 +62,10 @@ def test_the_examples_exist() -> None:
         "claim-cpu-hugepages-2mi",
         "claim-isolated-cpus",
         "claim-whole-cores",
+        "claim-node-allocatable",
+        "claim-cpu-distribute-numa",
     }
+    assert set(NODE_SETTINGS) <= {f.stem for f in FILES}
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
@@ -127,9 +142,9 @@ def _policies(claim: dict[str, Any]) -> Iterator[tuple[str, AllocationPolicy]]:
                 yield request, policy
 
 
-def _preparable(claim: dict[str, Any], topology: Topology, explanation: Explanation) -> bool:
+def _preparable(claim: dict[str, Any], topology: Topology, explanation: Explanation, config: DeviceConfig) -> bool:
     """Whether the driver can pick the CPUs for the devices the scheduler model chose, under the claim's config."""
-    devices = device_index(build_devices(topology, DeviceConfig(node_name="n")))
+    devices = device_index(build_devices(topology, config))
     policies = dict(_policies(claim))
     requests = {r["name"]: r["exactly"] for r in claim["spec"]["devices"]["requests"]}
     for result in explanation.requests:
@@ -142,7 +157,7 @@ def _preparable(claim: dict[str, Any], topology: Topology, explanation: Explanat
         count = parse_quantity(wanted)
         assert count.denominator == 1
         try:
-            choose_cpus(topology, device.cpus, int(count), policies.get(name, AllocationPolicy()))
+            choose_cpus(topology, device.cpus, int(count), policies.get(name, AllocationPolicy()), device.cpus)
         except AllocationError:
             return False
     return True
@@ -153,15 +168,84 @@ def test_claims_fit_a_real_topology(
     path: Path, topologies: dict[str, Topology], classes: dict[str, DeviceClass]
 ) -> None:
     for claim in claims_of(path):
-        model = parse_claim(claim, path.name)
-        fits = []
+        assert _fits(claim, path, topologies, classes, settings_of(path)), (
+            f"{path.name}: {claim['metadata']['name']} fits none of {sorted(topologies)}"
+        )
+
+
+def _fits(
+    claim: dict[str, Any],
+    path: Path,
+    topologies: dict[str, Topology],
+    classes: dict[str, DeviceClass],
+    configs: list[DeviceConfig],
+) -> list[str]:
+    """The topologies (with the setting) on which the scheduler model allocates the claim and the driver prepares it."""
+    model = parse_claim(claim, path.name)
+    fits = []
+    for config in configs:
         for name, topology in topologies.items():
-            config = DeviceConfig(node_name="n")
             slices = build_slices(build_devices(topology, config), config)
             explanation = explain(model, classes, parse_slices(slices, name), {})
-            if explanation.satisfiable and _preparable(claim, topology, explanation):
-                fits.append(name)
-        assert fits, f"{path.name}: {claim['metadata']['name']} fits none of {sorted(topologies)}"
+            if explanation.satisfiable and _preparable(claim, topology, explanation, config):
+                fits.append(f"{name} {config.group_by}")
+    return fits
+
+
+def _claimed(pod: dict[str, Any], claims: dict[str, dict[str, Any]]) -> dict[str, Fraction]:
+    """What the claims a container uses ask for, as node resources: cpu and hugepages-<size>."""
+    pages = {"dra.hugepages-2mi": "hugepages-2Mi", "dra.hugepages-1gi": "hugepages-1Gi"}
+    refs = {r["name"]: r["resourceClaimName"] for r in pod["spec"]["resourceClaims"]}
+    totals: dict[str, Fraction] = {}
+    for container in pod["spec"]["containers"]:
+        for use in container["resources"].get("claims", []):
+            for request in claims[refs[use["name"]]]["spec"]["devices"]["requests"]:
+                exact = request["exactly"]
+                asked = exact.get("capacity", {}).get("requests", {})
+                resource = pages.get(exact["deviceClassName"], "cpu")
+                amount = asked.get(f"{DRIVER}/memory" if resource != "cpu" else f"{DRIVER}/cpu", exact.get("count", 1))
+                totals[resource] = totals.get(resource, Fraction(0)) + parse_quantity(str(amount))
+    return totals
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_pods_repeat_their_claims_exactly_when_nothing_is_mapped(path: Path) -> None:
+    """Unmapped: requests and limits carry the claims' CPUs and pages (the scheduler and kubelet see nothing else).
+    Mapped (KEP-5517): they carry none of them (they would count twice)."""
+    mapped = any(c.node_allocatable for c in settings_of(path))
+    claims = {c["metadata"]["name"]: c for c in claims_of(path)}
+    for pod in (d for d in documents(path) if d["kind"] == "Pod"):
+        claimed = _claimed(pod, claims)
+        for field in ("requests", "limits"):
+            given: dict[str, Fraction] = {}
+            for container in pod["spec"]["containers"]:
+                for resource, value in container["resources"].get(field, {}).items():
+                    if resource == "cpu" or resource.startswith("hugepages-"):
+                        given[resource] = given.get(resource, Fraction(0)) + parse_quantity(str(value))
+            assert given == ({} if mapped else claimed), f"{path.name}: {pod['metadata']['name']} {field}"
+
+
+@pytest.mark.parametrize("group_by", [GroupBy.SOCKET, GroupBy.MACHINE])
+def test_claims_written_for_upstream_work_in_every_grouping(
+    group_by: GroupBy, topologies: dict[str, Topology], classes: dict[str, DeviceClass]
+) -> None:
+    """Claims that ask only `dra.cpu/cpu` of class dra.cpu fit socket and machine devices as they fit NUMA devices;
+    a selector on the standard NUMA attribute fits a socket that is one NUMA node and nothing that spans several."""
+    config = DeviceConfig(node_name="n", group_by=group_by)
+    for stem in ("claim-cpu-capacity-4", "claim-cpu-capacity-10", "claim-whole-cores"):
+        path = EXAMPLES / f"{stem}.yaml"
+        (claim,) = claims_of(path)
+        assert "big-8numa" in " ".join(_fits(claim, path, topologies, classes, [config])), stem
+    pinned_path = EXAMPLES / "claim-cpu-numa-pinned.yaml"
+    (pinned,) = claims_of(pinned_path)
+    # Sockets that are NUMA node 1 and nothing else: cxl-memoryless's and dual-socket-smt2's second socket.
+    one_node = ["cxl-memoryless socket", "dual-socket-smt2 socket", "dual-socket-smt2+isolcpus socket"]
+    fits = _fits(pinned, pinned_path, topologies, classes, [config])
+    assert sorted(fits) == (one_node if group_by is GroupBy.SOCKET else [])
+    slices = build_slices(build_devices(topologies["big-8numa"], config), config)
+    explanation = explain(parse_claim(pinned, "pinned"), classes, parse_slices(slices, "big"), {})
+    assert not explanation.satisfiable
+    assert "attribute resource.kubernetes.io/numaNode is missing" in explanation.reason
 
 
 def test_the_check_can_fail(topologies: dict[str, Topology], classes: dict[str, DeviceClass]) -> None:

@@ -13,10 +13,10 @@ import yaml
 from kubernetes import client
 
 from dra_cpu.cli import main
-from dra_cpu.core.devices import DeviceConfig, build_devices, build_slices
+from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, build_slices
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.parse import parse_slices, parse_usage
-from dra_cpu.tools.status import cluster_status
+from dra_cpu.tools.status import cluster_status, render_table
 from tests.support.paths import FIXTURES
 from tests.support.testenv_apiserver import ApiServer
 from tests.support.typed import as_dict
@@ -198,3 +198,29 @@ def test_explain_reads_slices_classes_and_claims_in_use_from_the_cluster(
     assert (
         cpus["reasons"][f"{cluster['small']}/cpu-numa0"] == f"{driver}/cpu: requests 5, above the requestPolicy (max 4)"
     )
+
+
+def test_status_of_socket_devices_over_several_numa_nodes() -> None:
+    """big-8numa by socket: CPU devices span two NUMA nodes each and have no NUMA attribute: one row per socket
+    device, named by its nodes; a claim's consumption counts there."""
+    config = DeviceConfig(node_name="n", group_by=GroupBy.SOCKET)
+    slices = build_slices(build_devices(read_topology(FIXTURES / "sysfs" / "big-8numa"), config), config)
+    usage = [
+        {
+            "kind": "ResourceClaim",
+            "metadata": {"name": "a", "namespace": "ns"},
+            "status": {
+                "allocation": {"devices": {"results": results("dra.cpu", "n", ("cpu-socket1", "dra.cpu/cpu", "6"))}}
+            },
+        }
+    ]
+    rows = cluster_status(parse_slices(slices, "s"), parse_usage(usage, "c"), "dra.cpu")
+    assert [(r.numa, r.numa_nodes, int(r.cpus.total), int(r.cpus.allocated)) for r in rows] == [
+        (-1, "0-1", 16, 0),
+        (-1, "2-3", 16, 6),
+        (-1, "4-5", 16, 0),
+        (-1, "6-7", 16, 0),
+    ]
+    assert rows[1].as_dict()["numaNodes"] == "2-3"
+    table = render_table(rows).splitlines()
+    assert table[2].split()[:5] == ["n", "2-3", "16", "6", "10"]
