@@ -6,7 +6,7 @@ then applies it (checkpoint, CDI, enforcement) and rolls back if a step fails.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -14,7 +14,7 @@ from dra_cpu.core.allocator import AllocationError, choose_cpus
 from dra_cpu.core.claims import ClaimError, ClaimRef, ClaimRequest, DeviceResult
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceType
-from dra_cpu.core.quantity import QuantityError, whole_quantity
+from dra_cpu.core.quantity import QuantityError, format_bytes, whole_quantity
 from dra_cpu.core.topology import Topology
 
 
@@ -121,6 +121,11 @@ class State:
     def allocated_cpus(self) -> CPUSet:
         return CPUSet.union_all(c.cpus for c in self.claims.values())
 
+    @property
+    def allocated_hugepages(self) -> dict[tuple[int, int], int]:
+        """(NUMA node, page size KiB) -> bytes held by prepared claims."""
+        return _hugepage_bytes(self.claims.values())
+
     def holder_of(self, cpu: int) -> PreparedClaim | None:
         return next((c for c in self.claims.values() if cpu in c.cpus), None)
 
@@ -144,6 +149,7 @@ def decide(
     if existing is not None:
         return existing if all(d.device for d in existing.devices) else _named(existing, request, devices)
     taken = state.allocated_cpus
+    held = state.allocated_hugepages
     prepared: list[PreparedDevice] = []
     for result in request.results:
         device = devices.get(result.device)
@@ -156,7 +162,9 @@ def decide(
             request_names=(result.base_request,), pool=result.pool, device=device.name, share_id=result.share_id
         )
         if device.type is DeviceType.HUGEPAGES:
-            grant = _hugepages(request.ref, result, device, memory_capacity)
+            grant = _hugepages(request.ref, result, device, memory_capacity, held)
+            key = (grant.numa_node, grant.page_size_kib)
+            held[key] = held.get(key, 0) + grant.bytes
             prepared.append(replace(base, hugepages=grant))
             continue
         cpus = _cpus(state, request.ref, result, device, topology, taken, cpu_capacity)
@@ -228,7 +236,9 @@ def _cpus(
         raise ClaimError(f"claim {ref}: request {result.request!r} on {device.name}: {err}") from None
 
 
-def _hugepages(ref: ClaimRef, result: DeviceResult, device: Device, memory_capacity: str) -> HugePageGrant:
+def _hugepages(
+    ref: ClaimRef, result: DeviceResult, device: Device, memory_capacity: str, held: Mapping[tuple[int, int], int]
+) -> HugePageGrant:
     raw = result.consumed_of(memory_capacity)
     page = device.step
     try:
@@ -240,4 +250,22 @@ def _hugepages(ref: ClaimRef, result: DeviceResult, device: Device, memory_capac
             f"claim {ref}: request {result.request!r} on {device.name}: {raw} is not a whole number of "
             f"{device.page_size_kib} KiB pages"
         )
-    return HugePageGrant(numa_node=device.numa_node, page_size_kib=device.page_size_kib or page // 1024, bytes=size)
+    grant = HugePageGrant(numa_node=device.numa_node, page_size_kib=device.page_size_kib or page // 1024, bytes=size)
+    # Counted as CPUs are: the scheduler's view may be stale or wrong (a claim allocated against an older slice),
+    # and the pages are reserved per node, so what is granted here must fit what the node reserved.
+    free = max(0, device.capacity - held.get((grant.numa_node, grant.page_size_kib), 0))
+    if size > free:
+        raise ClaimError(
+            f"claim {ref}: request {result.request!r} on {device.name}: {format_bytes(size)} of hugepages "
+            f"requested, {format_bytes(free) if free else 'none'} of {format_bytes(device.capacity)} free"
+        )
+    return grant
+
+
+def _hugepage_bytes(claims: Iterable[PreparedClaim]) -> dict[tuple[int, int], int]:
+    held: dict[tuple[int, int], int] = {}
+    for claim in claims:
+        for grant in claim.hugepages:
+            key = (grant.numa_node, grant.page_size_kib)
+            held[key] = held.get(key, 0) + grant.bytes
+    return held
