@@ -286,3 +286,10 @@ def test_refused_registration_is_retried_with_a_new_socket(node_factory: Any) ->
         time.sleep(0.05)
     KubeletClient.register(socket).close()
     assert node.plugin.registered.is_set()
+
+
+def test_plugin_sockets_are_0600(node_factory: Any) -> None:
+    """Before: both sockets were left at the umask's 0755."""
+    node = node_factory()
+    for path in (node.plugin.paths.dra_socket, node.plugin.paths.registration_socket):
+        assert path.stat().st_mode & 0o777 == 0o600, path

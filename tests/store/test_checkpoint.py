@@ -141,3 +141,34 @@ def test_orphaned_spec_is_removed_and_other_drivers_specs_kept(tmp_path: Path) -
     driver.start()
     assert not orphan.exists() and other.exists()
     assert set(driver.state.claims) == {"uid-a"}
+
+
+def test_leftover_temp_files_of_ours_are_removed_at_start(tmp_path: Path) -> None:
+    """Before: temp files of writes killed before their rename piled up in the state and CDI folders forever."""
+    (tmp_path / "state").mkdir()
+    _prepare(tmp_path, "uid-a", 1)
+    ours = [
+        tmp_path / "state/.checkpoint.json.k2j4_x9q.tmp",
+        tmp_path / "cdi/.dra.cpu-cpu_claim-uid-b.json.a1b2c3d4.tmp",
+    ]
+    theirs = [
+        tmp_path / "state/notes.tmp",
+        tmp_path / "state/.checkpoint.json.tmp",
+        tmp_path / "cdi/.gpu.example.com-gpu_claim-x.json.a1b2c3d4.tmp",
+        tmp_path / "cdi/.dra.cpu-cpu_claim-uid-b.json.too-long-part.tmp",
+    ]
+    for path in [*ours, *theirs]:
+        path.write_text("{")
+    driver = make_driver(tmp_path, "dual-socket-smt2")
+    driver.start()
+    assert [p.name for p in ours if p.exists()] == []
+    assert [p.name for p in theirs if not p.exists()] == []
+    assert set(driver.state.claims) == {"uid-a"}
+
+
+def test_state_folder_is_0700_and_checkpoint_0600(tmp_path: Path) -> None:
+    """Before: the state folder stayed as created (0755), readable by every user of the node."""
+    (tmp_path / "state").mkdir(mode=0o755)
+    _prepare(tmp_path, "uid-a", 1)
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "state/checkpoint.json").stat().st_mode & 0o777 == 0o600
