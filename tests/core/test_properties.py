@@ -18,10 +18,17 @@ from dra_cpu.core.topology import Topology
 from dra_cpu.store.checkpoint import Checkpoint, decode, encode
 from tests.support.strategies import DRIVER, Scenario, loose_claims, scenarios, topologies
 
-# Bounded so that the file runs in about a minute on 2 cores; derandomized so that CI sees the same examples.
-BOUNDED = settings(
-    max_examples=250, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
-)
+
+def bounded(examples: int) -> settings:
+    """Bounded so that the file runs in about a minute on 2 cores; derandomized so that CI sees the same examples."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
 
 Outcome = PreparedClaim | str | None
 
@@ -94,7 +101,7 @@ def _check_invariants(state: State, s: Scenario, index: dict[str, Device] | obje
     assert restore(claims, s.topology) == State(state.claims)
 
 
-@BOUNDED
+@bounded(2000)
 @given(scenarios())
 def test_claim_streams_keep_every_invariant_and_are_deterministic(s: Scenario) -> None:
     state, outcomes = _run(s)
@@ -102,7 +109,7 @@ def test_claim_streams_keep_every_invariant_and_are_deterministic(s: Scenario) -
     assert (again, outcomes_again) == (state, outcomes), "the same inputs gave different grants"
 
 
-@BOUNDED
+@bounded(800)
 @given(scenarios(), st.text("abc-", max_size=12), st.sampled_from(["", "its CPU(s) 9 are not online"]))
 def test_checkpoint_round_trip(s: Scenario, boot_id: str, reason: str) -> None:
     state, _ = _run(s)
@@ -121,7 +128,7 @@ def damaged_disks(draw: st.DrawFn) -> tuple[Topology, list[PreparedClaim]]:
     return topology, draw(loose_claims(topology))
 
 
-@BOUNDED
+@bounded(4000)
 @given(damaged_disks())
 def test_restore_repairs_any_state_by_dropping_whole_claims(case: tuple[Topology, list[PreparedClaim]]) -> None:
     topology, claims = case

@@ -130,7 +130,7 @@ class Scenario:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn, max_claims: int = 6, max_ops: int = 14) -> Scenario:
+def scenarios(draw: st.DrawFn, max_claims: int = 8, max_ops: int = 24) -> Scenario:
     topology = draw(topologies())
     config = draw(device_configs(topology))
     try:
