@@ -6,12 +6,12 @@ state a damaged disk may hold into one that obeys the same invariants, dropping 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dra_cpu.core.claims import ClaimError
+from dra_cpu.core.claims import ClaimError, ClaimRef
 from dra_cpu.core.devices import Device, DeviceType, allocatable_cpus, device_index
 from dra_cpu.core.state import PreparedClaim, State, Unrestorable, decide, restore
 from dra_cpu.core.topology import Topology
@@ -79,8 +79,7 @@ def _check_disjoint(claims: Iterable[PreparedClaim]) -> None:
         seen |= claim.cpus.ids
 
 
-def _check_invariants(state: State, s: Scenario, index: dict[str, Device] | object) -> None:
-    assert isinstance(index, dict)
+def _check_invariants(state: State, s: Scenario, index: Mapping[str, Device]) -> None:
     claims = list(state.claims.values())
     _check_disjoint(claims)
     allocatable = allocatable_cpus(s.topology, s.config)
@@ -113,7 +112,7 @@ def test_claim_streams_keep_every_invariant_and_are_deterministic(s: Scenario) -
 @given(scenarios(), st.text("abc-", max_size=12), st.sampled_from(["", "its CPU(s) 9 are not online"]))
 def test_checkpoint_round_trip(s: Scenario, boot_id: str, reason: str) -> None:
     state, _ = _run(s)
-    lost = {"gone": Unrestorable(s.claims[0].ref.__class__("ns", "gone", "gone"), reason)} if reason else {}
+    lost = {"gone": Unrestorable(ClaimRef("ns", "gone", "gone"), reason)} if reason else {}
     checkpoint = Checkpoint(State(state.claims, lost), boot_id)
     assert decode(encode(checkpoint), "x") == checkpoint
     # The per-claim cache of the encoder gives the same bytes as a fresh encoding.
