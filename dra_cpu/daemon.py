@@ -199,6 +199,11 @@ class Daemon:
             nri_connected=float(self.nri is not None and self.nri.ready.is_set()),
             counters=(
                 (
+                    "dra_cpu_claims_unrestorable",
+                    "claims prepared before a restart that this node can no longer honour (the log names each)",
+                    float(len(state.unrestorable)),
+                ),
+                (
                     "dra_cpu_forged_env",
                     "containers whose claim env was not theirs",
                     float(nri.forged_env),

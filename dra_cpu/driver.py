@@ -20,7 +20,7 @@ from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.cdi_spec import CDIError
 from dra_cpu.core.claims import ClaimRef, parse_claim
 from dra_cpu.core.devices import Device, DeviceConfig, device_index
-from dra_cpu.core.state import PreparedClaim, State, decide
+from dra_cpu.core.state import PreparedClaim, State, decide, restore
 from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kube.api import ClusterAPI, NotFound
@@ -77,8 +77,10 @@ class Driver:
     # --- start-up -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load the checkpoint (or rebuild from our CDI specs), make the CDI folder agree with it, save it."""
+        """Load the checkpoint (or rebuild from our CDI specs), check it against this node (restore()), make the
+        CDI folder agree with it, save it. Claims the node cannot honour are reported, never fatal."""
         log = operation(LOG, "start")
+        self._clean_up_leftovers(log)
         try:
             loaded = self.checkpoint.load()
         except CheckpointError as err:
@@ -86,14 +88,38 @@ class Driver:
                 "checkpoint is corrupt; rebuilding the prepared claims from CDI specs", extra={"reason": str(err)}
             )
             loaded = Checkpoint(self._state_from_cdi(log), boot_id="")
-        state = loaded.state if loaded else State()
+        on_disk = loaded.state if loaded else State()
         if loaded and loaded.boot_id and loaded.boot_id != self.boot_id:
-            log.info("node rebooted since the checkpoint: rewriting CDI specs", extra={"claims": len(state.claims)})
+            log.info("node rebooted since the checkpoint: rewriting CDI specs", extra={"claims": len(on_disk.claims)})
+        state = restore(on_disk.claims.values(), self.topology, on_disk.unrestorable.values())
+        for uid, lost in state.unrestorable.items():
+            if uid not in on_disk.unrestorable:
+                log.error(
+                    "claim cannot be restored on this node: it is dropped and its prepares are refused",
+                    extra={"claimUID": uid, "claim": str(lost.ref), "reason": lost.reason},
+                )
         with self._lock:
             self._reconcile_cdi(state, log)
             self.checkpoint.save(Checkpoint(state, self.boot_id))
             self.state = state
-        log.info("state loaded", extra={"claims": len(state.claims), "allocated": str(state.allocated_cpus)})
+        log.info(
+            "state loaded",
+            extra={
+                "claims": len(state.claims),
+                "allocated": str(state.allocated_cpus),
+                "unrestorable": len(state.unrestorable),
+            },
+        )
+
+    def _clean_up_leftovers(self, log: OperationLog) -> None:
+        """Make the state folder ours alone (0700) and remove the temp files of writes a kill interrupted."""
+        try:
+            self.checkpoint.secure()
+            removed = [*self.checkpoint.remove_leftovers(), *self.cdi_store.remove_leftovers()]
+        except OSError as err:
+            raise DraCpuError(f"cannot clean up {err.filename}: {err.strerror}") from None
+        for path in removed:
+            log.info("removed the temp file of an interrupted write", extra={"path": str(path)})
 
     def _state_from_cdi(self, log: OperationLog) -> State:
         claims = {}
@@ -180,6 +206,11 @@ class Driver:
             with self._lock:
                 claim = self.state.claims.get(ref.uid)
                 self.cdi_store.remove(ref.uid)
+                if ref.uid in self.state.unrestorable:
+                    # Its report is done: the kubelet let go of the claim.
+                    self._apply(self.state.without(ref.uid), write=None, log=log)
+                    log.info("unprepared a claim that could not be restored")
+                    return ""
                 if claim is None:
                     log.info("not prepared here; nothing to do")
                     return ""

@@ -6,7 +6,7 @@ then applies it (checkpoint, CDI, enforcement) and rolls back if a step fails.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -14,8 +14,8 @@ from dra_cpu.core.allocator import AllocationError, choose_cpus
 from dra_cpu.core.claims import ClaimError, ClaimRef, ClaimRequest, DeviceResult
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceType
-from dra_cpu.core.quantity import QuantityError, whole_quantity
-from dra_cpu.core.topology import Topology
+from dra_cpu.core.quantity import QuantityError, format_bytes, whole_quantity
+from dra_cpu.core.topology import Topology, page_size_quantity
 
 
 @dataclass(frozen=True)
@@ -108,18 +108,49 @@ class PreparedClaim:
 
 
 @dataclass(frozen=True)
+class Unrestorable:
+    """A claim prepared before a restart that this node can no longer honour (see restore()). It holds nothing;
+    it is remembered so that every prepare of it gets `reason` until the kubelet unprepares it."""
+
+    ref: ClaimRef
+    reason: str
+
+    @property
+    def uid(self) -> str:
+        return self.ref.uid
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"namespace": self.ref.namespace, "name": self.ref.name, "uid": self.ref.uid, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Unrestorable:
+        ref = ClaimRef(namespace=str(data["namespace"]), name=str(data["name"]), uid=str(data["uid"]))
+        return cls(ref, str(data["reason"]))
+
+
+@dataclass(frozen=True)
 class State:
     claims: Mapping[str, PreparedClaim] = field(default_factory=dict)
+    # Claim uid -> why it was dropped at start-up; disjoint from `claims`.
+    unrestorable: Mapping[str, Unrestorable] = field(default_factory=dict)
 
     def with_claim(self, claim: PreparedClaim) -> State:
-        return State({**self.claims, claim.uid: claim})
+        return State({**self.claims, claim.uid: claim}, self.unrestorable)
 
     def without(self, uid: str) -> State:
-        return State({k: v for k, v in self.claims.items() if k != uid})
+        return State(
+            {k: v for k, v in self.claims.items() if k != uid},
+            {k: v for k, v in self.unrestorable.items() if k != uid},
+        )
 
     @property
     def allocated_cpus(self) -> CPUSet:
         return CPUSet.union_all(c.cpus for c in self.claims.values())
+
+    @property
+    def allocated_hugepages(self) -> dict[tuple[int, int], int]:
+        """(NUMA node, page size KiB) -> bytes held by prepared claims."""
+        return _hugepage_bytes(self.claims.values())
 
     def holder_of(self, cpu: int) -> PreparedClaim | None:
         return next((c for c in self.claims.values() if cpu in c.cpus), None)
@@ -127,6 +158,65 @@ class State:
     def shared_cpus(self, topology: Topology) -> CPUSet:
         """Where every container without a claim runs: online CPUs that are neither claimed nor isolated."""
         return topology.online_cpus - topology.isolated_cpus - self.allocated_cpus
+
+
+def restore(claims: Iterable[PreparedClaim], topology: Topology, unrestorable: Iterable[Unrestorable] = ()) -> State:
+    """The state loaded from disk (checkpoint or CDI specs), checked against this node: what enters the process.
+
+    Claims are taken in the order given (the checkpoint's, or the CDI folder's), and each is kept whole or not at
+    all. A claim is dropped, as Unrestorable with the reason, when
+    - one of its CPUs is not online here (the node shrank: a VM resized across a reboot, SMT turned off),
+    - one of its hugepage grants names a NUMA node or page size this node no longer reserves,
+    - one of its CPUs is already held by a claim kept before it (a double booking on disk: the first is kept),
+    - its hugepages, added to those of the claims kept before it, exceed what the node reserves.
+    The drop is loud (the driver logs each, a metric counts them, the kubelet's prepares get the reason); refusing
+    to start instead would crash-loop the daemon and strand every other claim of the node.
+    """
+    online = topology.online_cpus
+    pools = {(n.id, p.size_kib): p.total * p.size_bytes for n in topology.numa_nodes for p in n.hugepages}
+    kept: dict[str, PreparedClaim] = {}
+    dropped: dict[str, Unrestorable] = {u.uid: u for u in unrestorable}
+    holders: dict[int, PreparedClaim] = {}
+    held: dict[tuple[int, int], int] = {}
+    for claim in claims:
+        reason = _unrestorable_reason(claim, online, pools, holders, held)
+        if reason:
+            dropped[claim.uid] = Unrestorable(claim.ref, reason)
+            continue
+        kept[claim.uid] = claim
+        dropped.pop(claim.uid, None)
+        holders.update(dict.fromkeys(claim.cpus, claim))
+        for key, size in _hugepage_bytes([claim]).items():
+            held[key] = held.get(key, 0) + size
+    return State(kept, dropped)
+
+
+def _unrestorable_reason(
+    claim: PreparedClaim,
+    online: CPUSet,
+    pools: Mapping[tuple[int, int], int],
+    holders: Mapping[int, PreparedClaim],
+    held: Mapping[tuple[int, int], int],
+) -> str:
+    gone = claim.cpus - online
+    if gone:
+        return f"its CPU(s) {gone} are not online on this node any more (online: {online or 'none'})"
+    busy = CPUSet.of(c for c in claim.cpus if c in holders)
+    if busy:
+        other = holders[busy.first()]
+        return f"its CPU(s) {busy} are also held by claim {other.ref} (uid {other.uid}), which is kept"
+    for (node, size_kib), size in _hugepage_bytes([claim]).items():
+        what = f"its {format_bytes(size)} of {page_size_quantity(size_kib)} hugepages on NUMA node {node}"
+        capacity = pools.get((node, size_kib))
+        if capacity is None:
+            return f"{what}: this node has no such hugepage pool any more"
+        used = held.get((node, size_kib), 0)
+        if used + size > capacity:
+            return (
+                f"{what}: with the {format_bytes(used) if used else '0'} held by claims kept before it, "
+                f"that exceeds the {format_bytes(capacity) if capacity else '0'} reserved"
+            )
+    return ""
 
 
 def decide(
@@ -140,10 +230,17 @@ def decide(
     min_shared_cpus: int = 1,
 ) -> PreparedClaim:
     """The grant for `request`, or ClaimError with a reason a person can act on. Idempotent per claim uid."""
+    lost = state.unrestorable.get(request.ref.uid)
+    if lost is not None:
+        raise ClaimError(
+            f"claim {request.ref} was prepared on this node before the driver restarted and cannot be restored: "
+            f"{lost.reason}. Delete its pod: the kubelet then unprepares the claim here"
+        )
     existing = state.claims.get(request.ref.uid)
     if existing is not None:
         return existing if all(d.device for d in existing.devices) else _named(existing, request, devices)
     taken = state.allocated_cpus
+    held = state.allocated_hugepages
     prepared: list[PreparedDevice] = []
     for result in request.results:
         device = devices.get(result.device)
@@ -156,7 +253,9 @@ def decide(
             request_names=(result.base_request,), pool=result.pool, device=device.name, share_id=result.share_id
         )
         if device.type is DeviceType.HUGEPAGES:
-            grant = _hugepages(request.ref, result, device, memory_capacity)
+            grant = _hugepages(request.ref, result, device, memory_capacity, held)
+            key = (grant.numa_node, grant.page_size_kib)
+            held[key] = held.get(key, 0) + grant.bytes
             prepared.append(replace(base, hugepages=grant))
             continue
         cpus = _cpus(state, request.ref, result, device, topology, taken, cpu_capacity)
@@ -228,7 +327,9 @@ def _cpus(
         raise ClaimError(f"claim {ref}: request {result.request!r} on {device.name}: {err}") from None
 
 
-def _hugepages(ref: ClaimRef, result: DeviceResult, device: Device, memory_capacity: str) -> HugePageGrant:
+def _hugepages(
+    ref: ClaimRef, result: DeviceResult, device: Device, memory_capacity: str, held: Mapping[tuple[int, int], int]
+) -> HugePageGrant:
     raw = result.consumed_of(memory_capacity)
     page = device.step
     try:
@@ -240,4 +341,22 @@ def _hugepages(ref: ClaimRef, result: DeviceResult, device: Device, memory_capac
             f"claim {ref}: request {result.request!r} on {device.name}: {raw} is not a whole number of "
             f"{device.page_size_kib} KiB pages"
         )
-    return HugePageGrant(numa_node=device.numa_node, page_size_kib=device.page_size_kib or page // 1024, bytes=size)
+    grant = HugePageGrant(numa_node=device.numa_node, page_size_kib=device.page_size_kib or page // 1024, bytes=size)
+    # Counted as CPUs are: the scheduler's view may be stale or wrong (a claim allocated against an older slice),
+    # and the pages are reserved per node, so what is granted here must fit what the node reserved.
+    free = max(0, device.capacity - held.get((grant.numa_node, grant.page_size_kib), 0))
+    if size > free:
+        raise ClaimError(
+            f"claim {ref}: request {result.request!r} on {device.name}: {format_bytes(size)} of hugepages "
+            f"requested, {format_bytes(free) if free else 'none'} of {format_bytes(device.capacity)} free"
+        )
+    return grant
+
+
+def _hugepage_bytes(claims: Iterable[PreparedClaim]) -> dict[tuple[int, int], int]:
+    held: dict[tuple[int, int], int] = {}
+    for claim in claims:
+        for grant in claim.hugepages:
+            key = (grant.numa_node, grant.page_size_kib)
+            held[key] = held.get(key, 0) + grant.bytes
+    return held

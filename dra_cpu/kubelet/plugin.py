@@ -114,6 +114,7 @@ class KubeletPlugin:
         if not server.add_insecure_port(f"unix://{socket}"):
             raise DraCpuError(f"cannot listen on {socket}")
         server.start()
+        socket.chmod(0o600)  # the kubelet (root) alone may call the driver
         return server
 
     def stop(self) -> None:

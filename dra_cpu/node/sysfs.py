@@ -74,9 +74,10 @@ def read_topology(root: str | Path = "/") -> Topology:
     if not reader.path("sys/devices/system/cpu").is_dir():
         raise SysfsError(f"{reader.path('sys/devices/system/cpu')} does not exist: is --sysfs-root right?")
     nodes = _read_nodes(reader)
-    cpu_to_node = {cpu: node.id for node in nodes for cpu in node.cpus}
+    cpu_to_node = _cpu_to_node(nodes)
     l3_sizes: dict[int, int] = {}
     cpus = _read_cpus(reader, cpu_to_node, l3_sizes)
+    _check_every_online_cpu_in_one_node(cpus, nodes, cpu_to_node)
     smt = reader.int("sys/devices/system/cpu/smt/active")
     topology = Topology(
         cpus=cpus,
@@ -87,6 +88,30 @@ def read_topology(root: str | Path = "/") -> Topology:
         l3_cache_bytes=tuple(sorted(l3_sizes.items())),
     )
     return topology
+
+
+def _cpu_to_node(nodes: tuple[NumaNode, ...]) -> dict[int, int]:
+    """CPU -> its NUMA node; a CPU in two nodes' cpulists is refused (slices would publish it twice)."""
+    owner: dict[int, int] = {}
+    for node in nodes:
+        for cpu in node.cpus:
+            if cpu in owner:
+                raise SysfsError(f"sysfs: CPU {cpu} is in the cpulist of node{owner[cpu]} and node{node.id}")
+            owner[cpu] = node.id
+    return owner
+
+
+def _check_every_online_cpu_in_one_node(
+    cpus: tuple[Cpu, ...], nodes: tuple[NumaNode, ...], cpu_to_node: dict[int, int]
+) -> None:
+    """An online CPU in no node's cpulist would silently vanish from every device (a nodeN/ folder missing)."""
+    homeless = CPUSet.of(c.id for c in cpus if c.online and c.id not in cpu_to_node)
+    if homeless:
+        listed = ", ".join(f"node{n.id}" for n in nodes) or "none"
+        raise SysfsError(
+            f"sysfs: online CPU(s) {homeless} are in no NUMA node's cpulist (nodes: {listed}; "
+            "is a sys/devices/system/node/nodeN/ folder missing?)"
+        )
 
 
 def _present_cpus(reader: _Reader) -> CPUSet:
@@ -210,6 +235,10 @@ def _read_nodes(reader: _Reader) -> tuple[NumaNode, ...]:
     nodes = []
     for node_id in order:
         d = f"{base}/node{node_id}"
+        if not reader.path(d).is_dir():
+            raise SysfsError(
+                f"sysfs: node{node_id} is online in {reader.path(f'{base}/online')} but {reader.path(d)} is missing"
+            )
         nodes.append(
             NumaNode(
                 id=node_id,

@@ -10,6 +10,7 @@ from typing import Any
 
 from dra_cpu.core.cdi_spec import CDI_CLASS, CDIError, spec_filename
 from dra_cpu.store.fileio import write_atomic
+from dra_cpu.store.leftovers import remove_temp_files
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class CDIStore:
             self.path(uid).unlink(missing_ok=True)
         except OSError as err:
             raise CDIError(f"cannot remove CDI spec {self.path(uid)}: {err.strerror}") from None
+
+    def remove_leftovers(self) -> list[Path]:
+        """Temp files of spec writes killed before their rename (`.<our spec file name>.<random>.tmp`); other
+        drivers' files are never touched."""
+        return remove_temp_files(self.root, f"{self.driver}-{CDI_CLASS}_claim-*.json")
 
     def uids(self) -> Iterator[str]:
         prefix, suffix = f"{self.driver}-{CDI_CLASS}_claim-", ".json"

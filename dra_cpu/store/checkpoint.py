@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dra_cpu.core.state import PreparedClaim, State
+from dra_cpu.core.state import PreparedClaim, State, Unrestorable
 from dra_cpu.errors import DraCpuError
 from dra_cpu.store.fileio import write_atomic
+from dra_cpu.store.leftovers import remove_temp_files
 
 VERSION = 1
 FILENAME = "checkpoint.json"
@@ -27,6 +30,9 @@ class CheckpointError(DraCpuError):
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """What was on disk: the prepared claims and the unrestorable reports (State.unrestorable), as read. They are
+    trusted only after core/state.restore() has checked them against this node's topology."""
+
     state: State
     boot_id: str
 
@@ -46,8 +52,12 @@ def encode(checkpoint: Checkpoint, cache: dict[str, tuple[PreparedClaim, str]] |
         for uid in set(cache) - set(checkpoint.state.claims):
             del cache[uid]
     claims = "[" + ",".join(parts) + "]"
-    header = json.dumps({"version": VERSION, "bootID": checkpoint.boot_id, "checksum": _checksum(claims)})
-    return f'{header[:-1]}, "claims": {claims}}}\n'.encode()
+    lost = [u.to_dict() for _, u in sorted(checkpoint.state.unrestorable.items())]
+    # Only when there are some: a file without them stays readable by drivers that predate the field.
+    extra = _canonical(lost) if lost else ""
+    header = json.dumps({"version": VERSION, "bootID": checkpoint.boot_id, "checksum": _checksum(claims + extra)})
+    tail = f', "unrestorable": {extra}' if lost else ""
+    return f'{header[:-1]}, "claims": {claims}{tail}}}\n'.encode()
 
 
 def decode(data: bytes, origin: str) -> Checkpoint:
@@ -58,14 +68,24 @@ def decode(data: bytes, origin: str) -> Checkpoint:
     if not isinstance(doc, dict) or doc.get("version") != VERSION:
         version = doc.get("version") if isinstance(doc, dict) else None
         raise CheckpointError(f"{origin}: version {version!r}, expected {VERSION}")
-    claims = doc.get("claims")
-    if not isinstance(claims, list) or doc.get("checksum") != _checksum(_canonical(claims)):
+    claims, lost = doc.get("claims"), doc.get("unrestorable")
+    if (
+        not isinstance(claims, list)
+        or not isinstance(lost, list | None)
+        or doc.get("checksum") != _checksum(_canonical(claims) + (_canonical(lost) if lost else ""))
+    ):
         raise CheckpointError(f"{origin}: checksum mismatch: the file was changed or cut short")
     try:
         prepared = [PreparedClaim.from_dict(c) for c in claims]
+        reports = [Unrestorable.from_dict(u) for u in lost or ()]
     except (KeyError, TypeError, ValueError, DraCpuError) as err:
         raise CheckpointError(f"{origin}: malformed claim record ({err!r})") from None
-    return Checkpoint(State({c.uid: c for c in prepared}), str(doc.get("bootID", "")))
+    twice = sorted(uid for uid, n in Counter(c.uid for c in prepared).items() if n > 1)
+    if twice:
+        raise CheckpointError(f"{origin}: claim {twice[0]} is listed twice")
+    # Listed order is kept: restore() keeps the first of two claims that overlap.
+    state = State({c.uid: c for c in prepared}, {u.uid: u for u in reports})
+    return Checkpoint(state, str(doc.get("bootID", "")))
 
 
 def _canonical(claims: list[Any]) -> str:
@@ -97,6 +117,16 @@ class CheckpointFile:
             aside = self.path.with_name(f"{FILENAME}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             self.path.rename(aside)
             raise CheckpointError(f"{err}; moved aside to {aside}") from None
+
+    def secure(self) -> None:
+        """The folder is the driver's alone (0700): the checkpoint names every claim's pods and CPUs."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+
+    def remove_leftovers(self) -> list[Path]:
+        """Temp files of saves killed before their rename (store/fileio.write_atomic names them
+        `.checkpoint.json.<random>.tmp`); nothing else in the folder is touched."""
+        return remove_temp_files(self.directory, FILENAME)
 
     def save(self, checkpoint: Checkpoint) -> None:
         write_atomic(self.path, encode(checkpoint, self._encoded), mode=0o600)

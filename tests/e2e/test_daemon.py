@@ -99,6 +99,48 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
     assert prepare_lines and all('"claimUID": "uid-1"' in line and '"opID"' in line for line in prepare_lines)
 
 
+def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
+    """Before: a checkpoint naming CPU 40 on this 16-CPU node made start-up raise KeyError and exit 1, every time."""
+    from dra_cpu.core.cpuset import CPUSet
+    from dra_cpu.core.state import PreparedClaim, PreparedDevice, State
+    from dra_cpu.store.checkpoint import Checkpoint, CheckpointFile
+
+    def claim(uid: str, cpus: str) -> PreparedClaim:
+        device = PreparedDevice(("cpus",), "node-a", "cpu-numa0", None, CPUSet.parse(cpus))
+        return PreparedClaim(ClaimRef("default", uid, uid), (device,))
+
+    (root / "state").mkdir(mode=0o755)
+    state = State({"big": claim("big", "38-41"), "small": claim("small", "2")})
+    CheckpointFile(root / "state").save(Checkpoint(state, "boot-0"))
+    port = _free_port()
+    proc = _run(root, port, "--log-format", "json")
+    registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
+    try:
+        eventually(registration.exists, "the registration socket")
+        kubelet = KubeletClient.register(registration)
+        metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
+        assert "dra_cpu_claims_unrestorable 1.0" in metrics and "dra_cpu_active_claims 1.0" in metrics
+        path = root / "cluster/resourceclaims/default/big.yaml"
+        path.parent.mkdir(parents=True)
+        obj = {
+            "metadata": {"name": "big", "namespace": "default", "uid": "big"},
+            "status": {"allocation": {"devices": {"results": [result("cpu-numa0", cpus=4)]}}},
+        }
+        path.write_text(yaml.safe_dump(obj))
+        error = kubelet.prepare([ClaimRef("default", "big", "big")]).claims["big"].error
+        assert "cannot be restored: its CPU(s) 38-41 are not online on this node any more" in error
+        for sock in (registration, root / "kubelet/plugins/dra.cpu/dra.sock"):
+            assert sock.stat().st_mode & 0o777 == 0o600, sock
+        assert (root / "state").stat().st_mode & 0o777 == 0o700
+        kubelet.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    lost = [line for line in stderr.splitlines() if "cannot be restored on this node" in line]
+    assert len(lost) == 1 and '"claimUID": "big"' in lost[0] and "38-41" in lost[0]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

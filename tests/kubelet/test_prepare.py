@@ -134,6 +134,34 @@ def test_hugepages_are_recorded(node_factory: NodeFactory) -> None:
     assert env[f"DRA_MEMS_{ref.uid}"] == CPUSet.parse("0")
 
 
+def test_hugepages_are_counted_against_the_device(node_factory: NodeFactory) -> None:
+    """Before: every hugepage claim was prepared, 1Ti on a 128Mi device included."""
+    node = node_factory()  # node0 reserves 64 pages of 2Mi: 128Mi
+    first, second, huge, last = (
+        node.claim([result("hugepages-2mi-numa0", request="mem", memory=m)]) for m in ("64Mi", "64Mi", "1Ti", "2Mi")
+    )
+    assert not node.prepare(first).error and not node.prepare(second).error
+    error = node.prepare(huge).error
+    assert error.endswith("request 'mem' on hugepages-2mi-numa0: 1Ti of hugepages requested, none of 128Mi free")
+    assert "none of 128Mi free" in node.prepare(last).error
+    assert node.kubelet.unprepare([first]).claims[first.uid].error == ""
+    assert not node.prepare(last).error
+    assert "1Ti of hugepages requested, 62Mi of 128Mi free" in node.prepare(huge).error
+
+
+def test_hugepages_of_one_claim_add_up(node_factory: NodeFactory) -> None:
+    node = node_factory()
+    ref = node.claim(
+        [
+            result("hugepages-2mi-numa1", request="a", memory="48Mi"),
+            result("hugepages-2mi-numa1", request="b", memory="32Mi"),
+        ]
+    )
+    assert "request 'b' on hugepages-2mi-numa1: 32Mi of hugepages requested, 16Mi of 64Mi free" in (
+        node.prepare(ref).error
+    )
+
+
 def test_individual_mode(node_factory: NodeFactory) -> None:
     node = node_factory("big-8numa", mode=DeviceMode.INDIVIDUAL)
     ref = node.claim([result("cpu-9"), result("cpu-41")])
@@ -286,3 +314,10 @@ def test_refused_registration_is_retried_with_a_new_socket(node_factory: NodeFac
         time.sleep(0.05)
     KubeletClient.register(socket).close()
     assert node.plugin.registered.is_set()
+
+
+def test_plugin_sockets_are_0600(node_factory: NodeFactory) -> None:
+    """Before: both sockets were left at the umask's 0755."""
+    node = node_factory()
+    for path in (node.plugin.paths.dra_socket, node.plugin.paths.registration_socket):
+        assert path.stat().st_mode & 0o777 == 0o600, path

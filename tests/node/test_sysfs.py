@@ -133,6 +133,51 @@ def test_bad_content_is_one_clear_line_and_exit_2(
     assert err.count("\n") == 1 and str(tmp_path / rel) in err and message in err
 
 
+def _two_node_tree(root: Path) -> Path:
+    cpus, nodes = uniform_machine(sockets=2, nodes_per_socket=1, cores_per_node=4, threads=1)
+    return write_tree(root, cpus, nodes)
+
+
+def test_cpu_in_two_nodes_is_refused_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: CPU 3 counted on both nodes, and the slices published 9 CPUs of an 8-CPU machine."""
+    _two_node_tree(tmp_path)
+    (tmp_path / "sys/devices/system/node/node1/cpulist").write_text("3-7\n")
+    with pytest.raises(SysfsError, match=r"^sysfs: CPU 3 is in the cpulist of node0 and node1$"):
+        read_topology(tmp_path)
+    assert main(["discover", "--sysfs-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CPU 3 is in the cpulist of node0 and node1" in err
+
+
+@pytest.mark.parametrize("node_online", [True, False], ids=["listed-online", "not-listed"])
+def test_missing_node_folder_is_refused_with_exit_2(
+    tmp_path: Path, node_online: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: node1's CPUs silently disappeared from the topology and discover exited 0."""
+    _two_node_tree(tmp_path)
+    shutil.rmtree(tmp_path / "sys/devices/system/node/node1")
+    if not node_online:
+        (tmp_path / "sys/devices/system/node/online").unlink()
+        (tmp_path / "sys/devices/system/node/node0/distance").unlink()  # else its 2 columns name the lost node
+    message = (
+        r"online CPU\(s\) 4-7 are in no NUMA node's cpulist \(nodes: node0;.*nodeN/ folder missing"
+        if not node_online
+        else r"node1 is online in .*/node/online but .*/node1 is missing"
+    )
+    with pytest.raises(SysfsError, match=message):
+        read_topology(tmp_path)
+    assert main(["discover", "--sysfs-root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_offline_cpu_outside_every_cpulist_is_normal(tmp_path: Path) -> None:
+    cpus, nodes = uniform_machine(sockets=2, nodes_per_socket=1, cores_per_node=4, threads=1)
+    cpus = [SyntheticCpu(c.id, node=c.node, online=c.id != 7) for c in cpus]
+    nodes = [SyntheticNode(n.id, n.cpus - CPUSet.of([7])) for n in nodes]
+    topo = read_topology(write_tree(tmp_path, cpus, nodes))
+    assert str(topo.online_cpus) == "0-6" and str(topo.node(1).cpus) == "4-6"
+
+
 def test_missing_root_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["discover", "--sysfs-root", str(tmp_path / "nowhere")]) == 2
     assert "is --sysfs-root right?" in capsys.readouterr().err

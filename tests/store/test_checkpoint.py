@@ -7,14 +7,17 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State
+from dra_cpu.driver import Driver, PreparedResult
 from dra_cpu.store.checkpoint import Checkpoint, CheckpointError, CheckpointFile, decode, encode
-from tests.support.kubelet_node import make_driver
+from tests.support.kubelet_node import make_driver, result
 
 
 def _state() -> State:
@@ -48,23 +51,48 @@ def test_tampering_is_detected(mangle: Callable[[bytes], bytes], message: str) -
         decode(mangle(encode(Checkpoint(_state(), "b"))), "file")
 
 
-def _prepare(root: Path, uid: str, cpus: int) -> CPUSet:
-    import yaml
-
-    from tests.support.kubelet_node import result
-
+def _write_claim(root: Path, uid: str, results: list[dict[str, Any]]) -> ClaimRef:
     path = root / "cluster/resourceclaims/default" / f"{uid}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     obj = {
         "metadata": {"name": uid, "namespace": "default", "uid": uid},
-        "status": {"allocation": {"devices": {"results": [result("cpu-numa0", cpus=cpus)]}}},
+        "status": {"allocation": {"devices": {"results": results}}},
     }
     path.write_text(yaml.safe_dump(obj))
+    return ClaimRef("default", uid, uid)
+
+
+def _prepare_one(driver: Driver, root: Path, uid: str, results: list[dict[str, Any]]) -> PreparedResult:
+    return driver.prepare([_write_claim(root, uid, results)])[uid]
+
+
+def _prepare(root: Path, uid: str, cpus: int) -> CPUSet:
     driver = make_driver(root, "dual-socket-smt2")
     driver.start()
-    res = driver.prepare([ClaimRef("default", uid, uid)])[uid]
+    res = _prepare_one(driver, root, uid, [result("cpu-numa0", cpus=cpus)])
     assert res.claim is not None, res.error
     return res.claim.cpus
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["checkpoint", "rebuilt-from-cdi"])
+def test_hugepage_accounting_survives_restart(tmp_path: Path, corrupt: bool) -> None:
+    """Before: nothing counted hugepages, so after a restart (or a rebuild from CDI specs) a 2Mi claim on a full
+    128Mi device was prepared."""
+    (tmp_path / "state").mkdir()
+    driver = make_driver(tmp_path, "dual-socket-smt2")
+    driver.start()
+    for uid in ("a", "b"):
+        res = _prepare_one(driver, tmp_path, uid, [result("hugepages-2mi-numa0", request="mem", memory="64Mi")])
+        assert res.claim is not None, res.error
+    if corrupt:
+        (tmp_path / "state/checkpoint.json").write_bytes(b"{")
+    again = make_driver(tmp_path, "dual-socket-smt2")
+    again.start()
+    assert again.state.allocated_hugepages == {(0, 2048): 128 << 20}
+    more = _prepare_one(again, tmp_path, "c", [result("hugepages-2mi-numa0", request="mem", memory="2Mi")])
+    assert more.error.endswith("2Mi of hugepages requested, none of 128Mi free")
+    repeat = again.prepare([ClaimRef("default", "a", "a")])["a"]
+    assert repeat.claim is not None and repeat.claim.hugepages == (HugePageGrant(0, 2048, 64 << 20),)
 
 
 def test_corrupt_checkpoint_is_rebuilt_from_cdi_specs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -114,3 +142,34 @@ def test_orphaned_spec_is_removed_and_other_drivers_specs_kept(tmp_path: Path) -
     driver.start()
     assert not orphan.exists() and other.exists()
     assert set(driver.state.claims) == {"uid-a"}
+
+
+def test_leftover_temp_files_of_ours_are_removed_at_start(tmp_path: Path) -> None:
+    """Before: temp files of writes killed before their rename piled up in the state and CDI folders forever."""
+    (tmp_path / "state").mkdir()
+    _prepare(tmp_path, "uid-a", 1)
+    ours = [
+        tmp_path / "state/.checkpoint.json.k2j4_x9q.tmp",
+        tmp_path / "cdi/.dra.cpu-cpu_claim-uid-b.json.a1b2c3d4.tmp",
+    ]
+    theirs = [
+        tmp_path / "state/notes.tmp",
+        tmp_path / "state/.checkpoint.json.tmp",
+        tmp_path / "cdi/.gpu.example.com-gpu_claim-x.json.a1b2c3d4.tmp",
+        tmp_path / "cdi/.dra.cpu-cpu_claim-uid-b.json.too-long-part.tmp",
+    ]
+    for path in [*ours, *theirs]:
+        path.write_text("{")
+    driver = make_driver(tmp_path, "dual-socket-smt2")
+    driver.start()
+    assert [p.name for p in ours if p.exists()] == []
+    assert [p.name for p in theirs if not p.exists()] == []
+    assert set(driver.state.claims) == {"uid-a"}
+
+
+def test_state_folder_is_0700_and_checkpoint_0600(tmp_path: Path) -> None:
+    """Before: the state folder stayed as created (0755), readable by every user of the node."""
+    (tmp_path / "state").mkdir(mode=0o755)
+    _prepare(tmp_path, "uid-a", 1)
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "state/checkpoint.json").stat().st_mode & 0o777 == 0o600

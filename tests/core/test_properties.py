@@ -1,0 +1,148 @@
+"""Properties of the core that hold for every machine, device setting, claim stream and prepare/unprepare order
+(tests/support/strategies.py draws them): no CPU and no hugepage byte in two claims, nothing over a device's
+capacity, the same inputs give the same grants, the checkpoint's encoding round-trips, and restore() turns any
+state a damaged disk may hold into one that obeys the same invariants, dropping whole claims only."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dra_cpu.core.claims import ClaimError, ClaimRef
+from dra_cpu.core.devices import Device, DeviceType, allocatable_cpus, device_index
+from dra_cpu.core.state import PreparedClaim, State, Unrestorable, decide, restore
+from dra_cpu.core.topology import Topology
+from dra_cpu.store.checkpoint import Checkpoint, decode, encode
+from tests.support.strategies import DRIVER, Scenario, loose_claims, scenarios, topologies
+
+
+def bounded(examples: int) -> settings:
+    """Bounded so that the file runs in about a minute on 2 cores; derandomized so that CI sees the same examples."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+Outcome = PreparedClaim | str | None
+
+
+def _run(s: Scenario) -> tuple[State, list[Outcome]]:
+    """Feed the scenario's prepares and unprepares to decide(), checking the invariants after each step."""
+    state, outcomes = State(), list[Outcome]()
+    index = device_index(s.devices)
+    for op, i in s.ops:
+        request = s.claims[i]
+        if op == "unprepare":
+            state = state.without(request.ref.uid)
+            outcomes.append(None)
+        else:
+            try:
+                claim = decide(
+                    state,
+                    request,
+                    s.topology,
+                    index,
+                    cpu_capacity=f"{DRIVER}/cpu",
+                    memory_capacity=f"{DRIVER}/memory",
+                    min_shared_cpus=s.min_shared_cpus,
+                )
+            except ClaimError as err:
+                outcomes.append(str(err))
+            else:
+                if request.ref.uid in state.claims:
+                    assert claim == state.claims[request.ref.uid], "a repeated prepare gives the same grant"
+                state = state.with_claim(claim)
+                outcomes.append(claim)
+        _check_invariants(state, s, index)
+    return state, outcomes
+
+
+def _hugepages_held(claims: Iterable[PreparedClaim]) -> dict[tuple[int, int], int]:
+    held: dict[tuple[int, int], int] = {}
+    for claim in claims:
+        for h in claim.hugepages:
+            held[(h.numa_node, h.page_size_kib)] = held.get((h.numa_node, h.page_size_kib), 0) + h.bytes
+    return held
+
+
+def _check_disjoint(claims: Iterable[PreparedClaim]) -> None:
+    seen: set[int] = set()
+    for claim in claims:
+        assert seen.isdisjoint(claim.cpus.ids), f"CPU(s) {seen & claim.cpus.ids} in two claims"
+        seen |= claim.cpus.ids
+
+
+def _check_invariants(state: State, s: Scenario, index: Mapping[str, Device]) -> None:
+    claims = list(state.claims.values())
+    _check_disjoint(claims)
+    allocatable = allocatable_cpus(s.topology, s.config)
+    for claim in claims:
+        assert not claim.cpus - allocatable, f"claim {claim.uid} holds {claim.cpus - allocatable}, not allocatable"
+        for d in claim.devices:
+            device = index[d.device]
+            assert not d.cpus - device.cpus, f"{d.cpus} outside device {device.name} ({device.cpus})"
+            if d.hugepages is not None:
+                assert (d.hugepages.numa_node, d.hugepages.page_size_kib) == (device.numa_node, device.page_size_kib)
+                assert d.hugepages.bytes % device.step == 0
+    capacity = {(d.numa_node, d.page_size_kib): d.capacity for d in index.values() if d.type is DeviceType.HUGEPAGES}
+    for key, held in _hugepages_held(claims).items():
+        assert held <= capacity[key], f"hugepages {key}: {held} bytes granted of {capacity[key]}"
+    if state.allocated_cpus:
+        assert len(state.shared_cpus(s.topology)) >= s.min_shared_cpus
+    # What enters the process from disk is the same state again.
+    assert restore(claims, s.topology) == State(state.claims)
+
+
+@bounded(2000)
+@given(scenarios())
+def test_claim_streams_keep_every_invariant_and_are_deterministic(s: Scenario) -> None:
+    state, outcomes = _run(s)
+    again, outcomes_again = _run(copy.deepcopy(s))
+    assert (again, outcomes_again) == (state, outcomes), "the same inputs gave different grants"
+
+
+@bounded(800)
+@given(scenarios(), st.text("abc-", max_size=12), st.sampled_from(["", "its CPU(s) 9 are not online"]))
+def test_checkpoint_round_trip(s: Scenario, boot_id: str, reason: str) -> None:
+    state, _ = _run(s)
+    lost = {"gone": Unrestorable(ClaimRef("ns", "gone", "gone"), reason)} if reason else {}
+    checkpoint = Checkpoint(State(state.claims, lost), boot_id)
+    assert decode(encode(checkpoint), "x") == checkpoint
+    # The per-claim cache of the encoder gives the same bytes as a fresh encoding.
+    cache: dict[str, tuple[PreparedClaim, str]] = {}
+    encode(Checkpoint(State(dict(list(state.claims.items())[:1])), boot_id), cache)
+    assert encode(checkpoint, cache) == encode(checkpoint)
+
+
+@st.composite
+def damaged_disks(draw: st.DrawFn) -> tuple[Topology, list[PreparedClaim]]:
+    topology = draw(topologies())
+    return topology, draw(loose_claims(topology))
+
+
+@bounded(4000)
+@given(damaged_disks())
+def test_restore_repairs_any_state_by_dropping_whole_claims(case: tuple[Topology, list[PreparedClaim]]) -> None:
+    topology, claims = case
+    state = restore(claims, topology)
+    assert set(state.claims) | set(state.unrestorable) == {c.uid for c in claims}
+    assert not set(state.claims) & set(state.unrestorable)
+    kept = list(state.claims.values())
+    assert all(c in claims for c in kept), "kept claims are kept whole and unchanged"
+    _check_disjoint(kept)
+    assert not state.allocated_cpus - topology.online_cpus
+    pools = {(n.id, p.size_kib): p.total * p.size_bytes for n in topology.numa_nodes for p in n.hugepages}
+    for key, held in _hugepages_held(kept).items():
+        assert held <= pools.get(key, 0)
+    # The first claim is dropped only for what it holds itself, never for a conflict.
+    if claims and claims[0].uid in state.unrestorable:
+        assert "also held by" not in state.unrestorable[claims[0].uid].reason
+    assert restore(claims, topology) == state
+    assert restore(kept, topology) == State(state.claims)
