@@ -28,3 +28,8 @@ def shown(value: object) -> str:
     if isinstance(value, str) and len(value) > _REPR.maxstring:
         text += f" ({len(value)} characters)"
     return text
+
+
+def not_utf8(err: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8, for the one line that names the file."""
+    return f"byte {err.object[err.start : err.start + 1]!r} at offset {err.start}"
