@@ -39,7 +39,10 @@ _QUANTITY = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+))(?:([eE][+-]?\d+)|(Ki|Mi|Gi|
 
 
 class QuantityError(DraCpuError):
-    pass
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        # Why a well-formed quantity is refused ("out of range: ..."), for messages that name the value themselves.
+        self.reason = reason
 
 
 def parse_quantity(text: str | int) -> Fraction:
@@ -49,7 +52,8 @@ def parse_quantity(text: str | int) -> Fraction:
         return _bounded(Fraction(text), text)
     stripped = text.strip()
     if len(stripped) > MAX_QUANTITY_LENGTH:
-        raise QuantityError(f"invalid quantity {shown(text)}: longer than {MAX_QUANTITY_LENGTH} characters")
+        reason = f"longer than {MAX_QUANTITY_LENGTH} characters"
+        raise QuantityError(f"invalid quantity {shown(text)}: {reason}", reason)
     match = _QUANTITY.match(stripped)
     if not match:
         raise QuantityError(f"invalid quantity {shown(text)}")
@@ -78,7 +82,8 @@ def _bounded(value: Fraction, text: str | int) -> Fraction:
 
 
 def _out_of_range(text: str | int) -> QuantityError:
-    return QuantityError(f"quantity {shown(text)} is out of range: its magnitude must be at most 2^63-1")
+    reason = "out of range: its magnitude must be at most 2^63-1"
+    return QuantityError(f"quantity {shown(text)} is {reason}", reason)
 
 
 def whole_quantity(text: str | int, what: str) -> int:
@@ -86,7 +91,7 @@ def whole_quantity(text: str | int, what: str) -> int:
     try:
         value = parse_quantity(text)
     except QuantityError as err:
-        raise QuantityError(f"{what}: {err}") from None
+        raise QuantityError(f"{what}: {err}", err.reason) from None
     if value.denominator != 1 or value <= 0:
         raise QuantityError(f"{what} {shown(text)} must be a positive whole number")
     return int(value)

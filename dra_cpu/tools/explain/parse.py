@@ -8,6 +8,7 @@ from fractions import Fraction
 from typing import Any
 
 from dra_cpu.core.objects import At
+from dra_cpu.errors import shown
 from dra_cpu.tools.cel.library import AttributeValue, Semver
 from dra_cpu.tools.cel.selector import Selector, compile_selector
 from dra_cpu.tools.explain.model import (
@@ -122,7 +123,7 @@ def _alternative(at: At, raw: Any, name: str) -> Alternative:
         raise (at / "count").fail(f"must be a positive integer, not {count!r}")
     capacity = (at / "capacity").mapping(item.get("capacity"))
     requests = (at / "capacity" / "requests").mapping(capacity.get("requests"))
-    amounts = tuple((str(k), (at / "capacity" / "requests" / str(k)).quantity(v)) for k, v in requests.items())
+    amounts = tuple((str(k), _positive(at / "capacity" / "requests" / str(k), v)) for k, v in requests.items())
     tolerations = tuple(
         Toleration(
             str(t.get("key", "")), str(t.get("operator", "Equal")), str(t.get("value", "")), str(t.get("effect", ""))
@@ -140,6 +141,14 @@ def _alternative(at: At, raw: Any, name: str) -> Alternative:
         admin_access=bool(item.get("adminAccess")),
         tolerations=tolerations,
     )
+
+
+def _positive(at: At, value: Any) -> Fraction:
+    """A capacity request: Kubernetes' validation refuses zero and negative amounts."""
+    amount = at.quantity(value)
+    if amount <= 0:
+        raise at.fail(f"must be a positive quantity, not {shown(value)}")
+    return amount
 
 
 def parse_slices(objs: Iterable[Mapping[str, Any]], source: str) -> tuple[SliceDevice, ...]:
