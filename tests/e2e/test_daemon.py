@@ -21,6 +21,8 @@ from dra_cpu.kubelet.client import KubeletClient
 from tests.support.kubelet_node import FIXTURES, result
 from tests.support.waiting import eventually
 
+UID = "00000000-0000-4000-8000-000000000001"
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -76,13 +78,13 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
         assert _get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
 
         claim = {
-            "metadata": {"name": "c1", "namespace": "default", "uid": "uid-1"},
+            "metadata": {"name": "c1", "namespace": "default", "uid": UID},
             "status": {"allocation": {"devices": {"results": [result("cpu-numa0", cpus=3)]}}},
         }
         path = root / "cluster/resourceclaims/default/c1.yaml"
         path.parent.mkdir(parents=True)
         path.write_text(yaml.safe_dump(claim))
-        assert kubelet.prepare([ClaimRef("default", "c1", "uid-1")]).claims["uid-1"].error == ""
+        assert kubelet.prepare([ClaimRef("default", "c1", UID)]).claims[UID].error == ""
         metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
         assert 'dra_cpu_cpus_allocated{numa_node="0"} 3.0' in metrics
         assert 'dra_cpu_cpus_allocatable{numa_node="1"} 8.0' in metrics
@@ -96,7 +98,7 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
     assert proc.returncode == 0, stderr
     assert not registration.exists(), "the kubelet learns the plugin is gone"
     prepare_lines = [line for line in stderr.splitlines() if '"op": "prepare"' in line]
-    assert prepare_lines and all('"claimUID": "uid-1"' in line and '"opID"' in line for line in prepare_lines)
+    assert prepare_lines and all(f'"claimUID": "{UID}"' in line and '"opID"' in line for line in prepare_lines)
 
 
 @pytest.mark.parametrize(
