@@ -65,3 +65,9 @@ def test_a_runaway_selector_ends_with_exceeds_cost_limit(expression: str) -> Non
 def test_small_comprehensions_stay_within_the_budget() -> None:
     selector = compile_selector('["a", "b", "dra.cpu"].exists(d, device.driver == d)', "sel")
     assert selector.evaluate(DEVICE).matches
+
+
+def test_a_type_error_after_a_bare_literal_has_a_position() -> None:
+    # Lark gives the tree of `true == ...` no position of its own; the error used to be a TypeError.
+    with pytest.raises(CelError, match=r"CEL type error at line 1, column 1: .*'\(bool, string\)'"):
+        compile_selector("true == device.driver", "sel")

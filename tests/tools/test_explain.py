@@ -20,7 +20,7 @@ from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.cel.library import CelError
 from dra_cpu.tools.explain.inputs import load_objects
 from dra_cpu.tools.explain.model import ExplainInputError
-from dra_cpu.tools.explain.parse import parse_claim, parse_class, parse_slices, parse_usage
+from dra_cpu.tools.explain.parse import describe, parse_claim, parse_class, parse_slices, parse_usage
 from dra_cpu.tools.explain.result import Explanation
 from dra_cpu.tools.explain.search import explain
 from tests.support.paths import EXAMPLES, FIXTURES
@@ -427,3 +427,10 @@ def test_every_example_claim_on_every_fixture(path: Path, obj: dict[str, Any], s
         # No capture has 3 GiB of 2 MiB pages on one node: the hugepages request is why the pod would stay Pending.
         assert not result.satisfiable
         assert "hugepages:" in result.reason
+
+
+def test_a_namespace_that_is_not_a_string_is_described_not_a_type_error() -> None:
+    claim = cpus_claim("1")
+    claim["metadata"]["namespace"] = 7
+    assert describe(claim) == "ResourceClaim 7/c"
+    assert describe({"kind": "ResourceClaim", "metadata": {"name": "n" * 10_000}}).endswith("...")

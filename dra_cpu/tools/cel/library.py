@@ -36,8 +36,8 @@ Node = Tree | Token
 MAX_EXPRESSION_LENGTH = 10 * 1024
 MAX_COST = 1_000_000
 VISIT_COST = 10
-# Levels of celpy's parse tree (a parenthesis costs about ten, an operator of a chain one): what celpy's recursive
-# walks fit in Python's default recursion limit with room to spare for the caller's frames.
+# Levels of celpy's parse tree (a parenthesis costs about ten, an operator of a chain one): celpy's recursive walks
+# take about five frames a level, which fits the recursion limit celpy sets (2500) with room for the caller's.
 MAX_DEPTH = 250
 
 

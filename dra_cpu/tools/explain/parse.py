@@ -26,6 +26,9 @@ from dra_cpu.tools.explain.model import (
     Usage,
 )
 
+# Kind, a DNS-label namespace and a DNS-subdomain name fit; a megabyte of name from a file does not.
+_MAX_DESCRIPTION = 330
+
 
 def _at(source: str, path: str = "") -> At:
     return At(source, path, ExplainInputError)
@@ -37,10 +40,12 @@ def qualified(key: str, driver: str) -> str:
 
 
 def describe(obj: Mapping[str, Any]) -> str:
+    """`Kind namespace/name`, whatever types a file gave those fields, cut to a length that fits a message."""
     metadata = obj.get("metadata") or {}
     name = metadata.get("name", "?") if isinstance(metadata, Mapping) else "?"
     namespace = metadata.get("namespace") if isinstance(metadata, Mapping) else None
-    return f"{obj.get('kind', 'object')} {namespace + '/' if namespace else ''}{name}"
+    text = f"{obj.get('kind', 'object')} {f'{namespace}/' if namespace else ''}{name}"
+    return text if len(text) <= _MAX_DESCRIPTION else text[: _MAX_DESCRIPTION - 3] + "..."
 
 
 def parse_class(obj: Mapping[str, Any], source: str) -> DeviceClass:
