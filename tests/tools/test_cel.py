@@ -71,3 +71,20 @@ def test_a_type_error_after_a_bare_literal_has_a_position() -> None:
     # Lark gives the tree of `true == ...` no position of its own; the error used to be a TypeError.
     with pytest.raises(CelError, match=r"CEL type error at line 1, column 1: .*'\(bool, string\)'"):
         compile_selector("true == device.driver", "sel")
+
+
+@pytest.mark.parametrize(
+    ("expression", "reason"),
+    [
+        ("false", "sel: 'false' is false"),
+        ("true && false", "sel: 'false' is false"),
+        ("!true == true", "sel: '!true == true' is false"),
+        (
+            "!-true",
+            "sel: CEL runtime error at line 1, column 1: found no matching overload for '-' applied to '(bool)'",
+        ),
+    ],
+)
+def test_bare_literals_without_positions_are_explained(expression: str, reason: str) -> None:
+    # Found by hack/bench/fuzz.py: these used to raise CELParseError or TypeError from explain.
+    assert compile_selector(expression, "sel").evaluate(DEVICE).reason == reason

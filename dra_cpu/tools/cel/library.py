@@ -79,10 +79,11 @@ class _BudgetedEvaluator(Evaluator):
         return result
 
 
-def evaluate(text: str, values: Mapping[str, Any], budget: Budget) -> Any:
-    """Evaluates a selector (or a part of one) within `budget`; CelCostError when it runs out."""
-    runner = program(text)
-    return _BudgetedEvaluator(runner.ast, runner.new_activation(), budget).evaluate(dict(values))
+def evaluate(text: str, values: Mapping[str, Any], budget: Budget, tree: Tree | None = None) -> Any:
+    """Evaluates a selector (or a part of one) within `budget`; CelCostError when it runs out. `tree` is the
+    part's own parse tree, for a part whose text lark cannot locate (a bare literal has no position)."""
+    runner = program(text if text.strip() or tree is None else "true")
+    return _BudgetedEvaluator(tree or runner.ast, runner.new_activation(), budget).evaluate(dict(values))
 
 
 def depth(tree: Tree) -> int:

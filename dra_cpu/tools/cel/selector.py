@@ -89,15 +89,20 @@ class Selector:
     def _eval(self, tree: Node, values: dict[str, Any], budget: Budget) -> Any:
         # Sub-trees are re-parsed from their text: celpy evaluates whole expressions only. Nothing below an
         # `&&` or `||` that we descend into binds a variable, so each such text stands on its own.
+        text = self._text(tree)
         try:
-            return evaluate(self._text(tree), values, budget)
+            return evaluate(text, values, budget, None if text.strip() or not isinstance(tree, LarkTree) else tree)
         except CELEvalError as err:
             return err
+        except CELParseError as err:  # a part's text that does not stand on its own
+            return CELEvalError(str(err), type(err), None, tree=tree if isinstance(tree, LarkTree) else None)
         except (TypeError, ValueError, ArithmeticError) as err:
             return CELEvalError(str(err), type(err), None, tree=tree if isinstance(tree, LarkTree) else None)
 
     def _text(self, node: Node) -> str:
         start, end = span(node)
+        if start == end and unwrap(node) is unwrap(self.tree):
+            return self.expression  # the whole expression, which lark left without a position
         return self.expression[start:end]
 
     def _why_false(self, tree: Node, values: dict[str, Any], budget: Budget) -> str:
@@ -110,7 +115,8 @@ class Selector:
                 if result is not None and not result:
                     return self._why_false(child, values, budget)
         reads = [f"{name} is {value}" for name, value in self._reads(node, values, budget)]
-        return f"{self._text(node)!r} is false" + (f" ({', '.join(reads)})" if reads else "")
+        # A bare literal operand has no position to take its text from; it is false, so it reads `false`.
+        return f"{self._text(node) or 'false'!r} is false" + (f" ({', '.join(reads)})" if reads else "")
 
     def _reads(self, node: Node, values: dict[str, Any], budget: Budget) -> Iterator[tuple[str, str]]:
         """The device fields an expression reads, named as in the slice, with their values on this device."""
@@ -130,7 +136,7 @@ class Selector:
             if name is not None:
                 kind = "capacity" if name.startswith("capacity ") else "attribute"
                 return f"{self.where}: {kind} {name.removeprefix('capacity ')} is missing ({self._text(tree)!r})"
-        where = f" at {position(self.expression, tree.meta.start_pos)}" if tree is not None else ""
+        where = f" at {position(self.expression, span(tree)[0])}" if tree is not None else ""
         return f"{self.where}: CEL runtime error{where}: {runtime_message(err)}"
 
 
@@ -164,11 +170,22 @@ def compile_selector(expression: str, where: str) -> Selector:
     return Selector(expression, where, tree)
 
 
+_OPERATORS = {
+    "unary_neg": "-",
+    "unary_not": "!",
+    "addition_add": "+",
+    "addition_sub": "-",
+    "multiplication_mul": "*",
+    "multiplication_div": "/",
+    "multiplication_mod": "%",
+}
+
+
 def runtime_message(err: CELEvalError) -> str:
     """celpy's message without its Python internals: `'=='` for `Token('RULE', 'relation_eq')`, `int` for
     `<class 'celpy.celtypes.IntType'>`."""
     text = first_line(err.args[0] if err.args else err)
-    text = re.sub(r"Token\('RULE', '(relation_\w+)'\)", lambda m: repr(RELATIONS.get(m[1], m[1])), text)
+    text = re.sub(r"Token\('RULE', '(\w+)'\)", lambda m: repr(RELATIONS.get(m[1], _OPERATORS.get(m[1], m[1]))), text)
     return re.sub(r"<class 'celpy\.celtypes\.(\w+?)Type'>", lambda m: m[1].lower(), text)
 
 
