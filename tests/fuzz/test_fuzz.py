@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tests.support.fuzz_targets import TARGETS, Target, crash
 
 # CI-sized: the whole folder runs in well under two minutes on two cores; hack/bench/fuzz.py runs longer.
-EXAMPLES = int(os.environ.get("DRA_CPU_FUZZ_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("DRA_CPU_FUZZ_EXAMPLES", "1000"))
 CORPUS = [(t, name, value) for t in TARGETS for name, value in t.corpus()]
 
 
