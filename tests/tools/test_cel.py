@@ -88,3 +88,9 @@ def test_a_type_error_after_a_bare_literal_has_a_position() -> None:
 def test_bare_literals_without_positions_are_explained(expression: str, reason: str) -> None:
     # Found by hack/bench/fuzz.py: these used to raise CELParseError or TypeError from explain.
     assert compile_selector(expression, "sel").evaluate(DEVICE).reason == reason
+
+
+def test_a_slip_inside_celpy_is_the_expression_runtime_error() -> None:
+    # Found by hack/bench/fuzz.py: celpy's repr of `![]` raises IndexError while it reports the type error.
+    verdict = compile_selector("(![] && ![])", "sel").evaluate(DEVICE)
+    assert verdict.error and verdict.reason.startswith("sel: CEL runtime error")

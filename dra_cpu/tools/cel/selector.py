@@ -96,7 +96,9 @@ class Selector:
             return err
         except CELParseError as err:  # a part's text that does not stand on its own
             return CELEvalError(str(err), type(err), None, tree=tree if isinstance(tree, LarkTree) else None)
-        except (TypeError, ValueError, ArithmeticError) as err:
+        except CelCostError:
+            raise
+        except Exception as err:  # celpy's own slips (an IndexError from repr of `![]`): the expression's error
             return CELEvalError(str(err), type(err), None, tree=tree if isinstance(tree, LarkTree) else None)
 
     def _text(self, node: Node) -> str:
