@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dra_cpu.core.cpuset import CPUSet, parse_field
+from dra_cpu.core.cpuset import MAX_CPUS, CPUSet, parse_field
 from dra_cpu.core.devices import DeviceConfig, DeviceMode, GroupBy
-from dra_cpu.errors import DraCpuError
+from dra_cpu.errors import DraCpuError, shown
 from dra_cpu.store.fileio import read_yaml
 
 ENFORCEMENTS = ("nri", "cdi-hook", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+# A day: long enough for any poll, short enough for threading's timeouts (which overflow near 1e9 seconds).
+MAX_POLL_SECONDS = 86400.0
 
 
 class ConfigError(DraCpuError):
@@ -88,13 +91,21 @@ class Config:
             choices = f.metadata["choices"]
             value = getattr(self, f.name)
             if choices and value not in choices:
-                raise ConfigError(f"{_camel(f.name)} {value!r}: must be one of {', '.join(choices)}")
-        if not (len(self.nri_plugin_index) == 2 and self.nri_plugin_index.isdigit()):
-            raise ConfigError(f"nriPluginIndex {self.nri_plugin_index!r}: must be two digits, 00 to 99")
+                raise ConfigError(f"{_camel(f.name)} {shown(value)}: must be one of {', '.join(choices)}")
+        index = self.nri_plugin_index
+        if not (len(index) == 2 and index.isascii() and index.isdigit()):
+            raise ConfigError(f"nriPluginIndex {shown(index)}: must be two digits, 00 to 99")
         if self.min_shared_cpus < 1:
-            raise ConfigError(f"minSharedCpus {self.min_shared_cpus}: at least 1 CPU must stay shared")
-        if self.hugepage_poll_seconds <= 0:
-            raise ConfigError(f"hugepagePollSeconds {self.hugepage_poll_seconds}: must be positive")
+            raise ConfigError(f"minSharedCpus {shown(self.min_shared_cpus)}: at least 1 CPU must stay shared")
+        if self.min_shared_cpus > MAX_CPUS:
+            raise ConfigError(f"minSharedCpus {shown(self.min_shared_cpus)}: must be at most {MAX_CPUS}")
+        poll = self.hugepage_poll_seconds
+        if not (math.isfinite(poll) and 0 < poll <= MAX_POLL_SECONDS):
+            raise ConfigError(
+                f"hugepagePollSeconds {poll}: must be a number of seconds above 0, at most {MAX_POLL_SECONDS:g}"
+            )
+        if not Path(self.kubelet_root_dir).is_absolute():
+            raise ConfigError(f"kubeletRootDir {shown(self.kubelet_root_dir)}: must be an absolute path")
         if self.enforcement == "none" and not self.standalone:
             raise ConfigError("enforcement 'none' is for development: it needs --standalone")
         self.reserved_cpu_set  # noqa: B018 -- parsing is the check
@@ -158,7 +169,7 @@ def _from_file(path: Path) -> dict[str, Any]:
     for key, value in doc.items():
         f = by_key.get(str(key))
         if f is None:
-            raise ConfigError(f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(by_key))})")
+            raise ConfigError(f"config file {path}: unknown key {shown(key)} (known: {', '.join(sorted(by_key))})")
         values[f.name] = _typed(path, str(key), value, str(f.type))
     return values
 
@@ -171,5 +182,7 @@ def _typed(path: Path, key: str, value: Any, kind: str) -> Any:
         "str": isinstance(value, str) or (key == "reservedCpus" and isinstance(value, int)),
     }[kind]
     if not ok:
-        raise ConfigError(f"config file {path}: {key} must be a {kind}, not {value!r}")
+        raise ConfigError(f"config file {path}: {key} must be a {kind}, not {shown(value)}")
+    if kind == "float" and isinstance(value, int) and abs(value) > MAX_POLL_SECONDS:
+        value = math.inf  # float() of a 400-digit integer overflows; validate() names the key
     return float(value) if kind == "float" else str(value) if kind == "str" else value

@@ -7,13 +7,14 @@ Every error names the field path and the value, so that the message in the pod's
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.objects import At
-from dra_cpu.errors import DraCpuError
+from dra_cpu.errors import DraCpuError, shown
 
 CONFIG_API_VERSION = "dra.cpu/v1alpha1"
 CONFIG_KIND = "CPUConfig"
@@ -37,6 +38,27 @@ class ClaimRef:
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+# The API server gives every object a UUID; namespaces are DNS labels, ResourceClaim names DNS subdomains.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def ref_problem(namespace: str, name: str, uid: str) -> str:
+    """Why a claim reference from a request cannot name a ResourceClaim, or "". The uid becomes CDI file and
+    device names, so anything but a UUID (a newline, `..`, `/`, `=`, 300 characters) is refused here."""
+    missing = [f for f, v in (("namespace", namespace), ("uid", uid), ("name", name)) if not v]
+    if missing:
+        return f"claim {shown(namespace)}/{shown(name)} (uid {shown(uid)}): empty {', '.join(missing)}"
+    if not _UUID.fullmatch(uid):
+        return f"claim {shown(namespace)}/{shown(name)}: uid {shown(uid)} is not a UUID"
+    if not _DNS_LABEL.fullmatch(namespace):
+        return f"claim uid {uid}: namespace {shown(namespace)} is not a DNS label"
+    if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+        return f"claim uid {uid}: name {shown(name)} is not a DNS subdomain"
+    return ""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ from fractions import Fraction
 from typing import Any
 
 from dra_cpu.core.quantity import QuantityError, parse_quantity
-from dra_cpu.errors import DraCpuError
+from dra_cpu.errors import DraCpuError, shown
+
+_MAX_PATH = 160
 
 
 @dataclass(frozen=True)
@@ -30,20 +32,22 @@ class At:
 
     def fail(self, what: str) -> DraCpuError:
         where = self.path or "the object"
+        if len(where) > _MAX_PATH:  # keys come from outside too
+            where = f"{where[: _MAX_PATH // 2]}...{where[-_MAX_PATH // 4 :]}"
         return self.error(f"{self.source}: {where} {what}" if self.source else f"{where} {what}")
 
     def mapping(self, value: Any, *, optional: bool = True) -> Mapping[str, Any]:
         if value is None and optional:
             return {}
         if not isinstance(value, Mapping):
-            raise self.fail(f"must be an object, not {value!r}")
+            raise self.fail(f"must be an object, not {shown(value)}")
         return value
 
     def list(self, value: Any, *, optional: bool = True) -> list[Any]:
         if value is None and optional:
             return []
         if not isinstance(value, list):
-            raise self.fail(f"must be a list, not {value!r}")
+            raise self.fail(f"must be a list, not {shown(value)}")
         return value
 
     def items(self, value: Any) -> Iterator[tuple[At, Any]]:
@@ -52,11 +56,13 @@ class At:
 
     def string(self, value: Any) -> str:
         if not isinstance(value, str) or not value:
-            raise self.fail(f"must be a non-empty string, not {value!r}")
+            raise self.fail(f"must be a non-empty string, not {shown(value)}")
         return value
 
     def quantity(self, value: Any) -> Fraction:
         try:
             return parse_quantity(value if isinstance(value, int | str) else repr(value))
-        except QuantityError:
-            raise self.fail(f"must be a quantity, not {value!r}") from None
+        except QuantityError as err:
+            raise self.fail(
+                f"must be a quantity, not {shown(value)}" + (f" ({err.reason})" if err.reason else "")
+            ) from None

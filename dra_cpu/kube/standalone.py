@@ -27,8 +27,8 @@ class StandaloneAPI:
             obj = yaml.load(path.read_text(), Loader=YAML_LOADER)
         except FileNotFoundError:
             raise NotFound(f"{path} does not exist") from None
-        except (OSError, yaml.YAMLError) as err:
-            raise ClusterError(f"cannot read {path}: {err}") from None
+        except (OSError, yaml.YAMLError, ValueError) as err:  # ValueError: not UTF-8, or a 5000-digit integer
+            raise ClusterError(f"cannot read {path}: {' '.join(str(err).split())[:300]}") from None
         if not isinstance(obj, dict):
             raise ClusterError(f"{path} does not hold a Kubernetes object")
         return obj

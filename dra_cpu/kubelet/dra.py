@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from dra_cpu.core import cdi_spec
-from dra_cpu.core.claims import ClaimRef
+from dra_cpu.core.claims import ClaimRef, ref_problem
 from dra_cpu.driver import Driver
 from dra_cpu.kubelet.gen import dra_v1_pb2_grpc, dra_v1beta1_pb2_grpc
 
@@ -47,8 +47,9 @@ class DRAService(dra_v1_pb2_grpc.DRAPluginServicer, dra_v1beta1_pb2_grpc.DRAPlug
     def NodeUnprepareResources(self, request: Any, context: grpc.ServicerContext) -> Any:
         response = self.pb2.NodeUnprepareResourcesResponse()
         refs, invalid = _refs(request.claims)
-        for uid, error in invalid.items():
-            response.claims[uid].error = error
+        for uid in invalid:
+            # Prepare refuses such references, so nothing was ever prepared under one: nothing to undo.
+            response.claims[uid].error = ""
         for uid, error in self.driver.unprepare(refs).items():
             response.claims[uid].error = error
         return response
@@ -57,9 +58,9 @@ class DRAService(dra_v1_pb2_grpc.DRAPluginServicer, dra_v1beta1_pb2_grpc.DRAPlug
 def _refs(claims: Any) -> tuple[list[ClaimRef], dict[str, str]]:
     refs, invalid = [], {}
     for claim in claims:
-        missing = [f for f in ("namespace", "uid", "name") if not getattr(claim, f)]
-        if missing:
-            invalid[claim.uid] = f"claim {claim.namespace}/{claim.name} (uid {claim.uid!r}): empty {', '.join(missing)}"
+        problem = ref_problem(claim.namespace, claim.name, claim.uid)
+        if problem:
+            invalid[claim.uid] = problem
         else:
             refs.append(ClaimRef(namespace=claim.namespace, name=claim.name, uid=claim.uid))
     return refs, invalid

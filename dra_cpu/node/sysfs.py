@@ -14,13 +14,15 @@ from pathlib import Path
 
 from dra_cpu.core.cpuset import CPUSet, CPUSetError
 from dra_cpu.core.topology import Cpu, HugePagePool, NumaNode, Topology
-from dra_cpu.errors import DraCpuError
+from dra_cpu.errors import DraCpuError, not_utf8, shown
 
 # The kernel reports cluster_id 65535 (and -1 on some architectures) when it knows no cluster.
 _NO_ID = {-1, 65535, 0xFFFFFFFF}
 _HUGEPAGE_DIR = re.compile(r"^hugepages-(\d+)kB$")
 _NODE_DIR = re.compile(r"^node(\d+)$")
 _INDEX_DIR = re.compile(r"^index(\d+)$")
+# sysfs attributes fit a page; /proc/cpuinfo of a 16384-CPU machine is some 25 MB.
+MAX_FILE_BYTES = 64 << 20
 
 
 class SysfsError(DraCpuError):
@@ -36,11 +38,18 @@ class _Reader:
 
     def text(self, rel: str) -> str | None:
         try:
-            return self.path(rel).read_text()
+            with self.path(rel).open("rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
             return None
         except OSError as err:
             raise SysfsError(f"cannot read {self.path(rel)}: {err.strerror}") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise SysfsError(f"{self.path(rel)}: larger than {MAX_FILE_BYTES} bytes, which no kernel writes")
+        try:
+            return data.decode()
+        except UnicodeDecodeError as err:
+            raise SysfsError(f"{self.path(rel)} is not UTF-8 text: {not_utf8(err)}") from None
 
     def cpuset(self, rel: str) -> CPUSet | None:
         content = self.text(rel)
@@ -60,7 +69,7 @@ class _Reader:
         try:
             return int(content.strip())
         except ValueError:
-            raise SysfsError(f"{self.path(rel)}: expected an integer, found {content.strip()!r}") from None
+            raise SysfsError(f"{self.path(rel)}: expected an integer, found {shown(content.strip())}") from None
 
     def listdir(self, rel: str) -> list[str]:
         try:

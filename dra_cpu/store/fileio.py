@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from dra_cpu.errors import DraCpuError
+from dra_cpu.errors import DraCpuError, not_utf8
 
 # libyaml's parser is some 10 times faster than the pure-Python one.
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -58,7 +58,11 @@ def read_yaml(path: Path, what: str, error: type[DraCpuError] = DraCpuError) -> 
         raise error(f"{what} {path}: no such file") from None
     except OSError as err:
         raise error(f"{what} {path}: cannot read it: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{what} {path} is not UTF-8 text: {not_utf8(err)}") from None
     try:
         return [doc for doc in yaml.load_all(text, Loader=YAML_LOADER) if doc is not None]
     except yaml.YAMLError as err:
         raise error(f"{what} {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except ValueError as err:  # a constructor's: an integer of 5000 digits, a timestamp in month 13
+        raise error(f"{what} {path} holds a value YAML cannot build: {' '.join(str(err).split())}") from None

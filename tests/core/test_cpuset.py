@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dra_cpu.core.cpuset import CPUSet, CPUSetError
+from dra_cpu.core.cpuset import MAX_CPUS, MAX_LIST_LENGTH, CPUSet, CPUSetError, parse_field
 
 
 @pytest.mark.parametrize(
@@ -34,8 +36,39 @@ def test_malformed_lists_name_the_value(text: str) -> None:
 
 
 def test_negative_ids_rejected() -> None:
-    with pytest.raises(CPUSetError, match="negative cpu id -1"):
+    with pytest.raises(CPUSetError, match="cpu id -1 is outside 0-16383"):
         CPUSet.of([1, -1])
+
+
+@pytest.mark.parametrize("text", ["0-99999999", "16384", "0-16384", "1" * 5000, "00000000000000000000016384"])
+def test_ids_beyond_max_cpus_are_refused_before_expansion(text: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(CPUSetError, match=r"--reserved-cpus .*: cpu id .* is outside 0-16383"):
+        parse_field("--reserved-cpus", text)
+    assert time.monotonic() - started < 0.1
+
+
+def test_the_largest_list_parses() -> None:
+    assert len(CPUSet.parse(f"0-{MAX_CPUS - 1}")) == MAX_CPUS
+    assert CPUSet.parse("00007") == CPUSet.of([7])
+
+
+def test_a_list_longer_than_the_bound_is_refused_with_a_short_message() -> None:
+    with pytest.raises(CPUSetError, match=f"longer than {MAX_LIST_LENGTH} characters") as err:
+        parse_field("reservedCpus", "0," * MAX_LIST_LENGTH)
+    assert len(str(err.value)) < 300
+
+
+def test_overlapping_ranges_cost_one_expansion() -> None:
+    started = time.monotonic()
+    assert len(CPUSet.parse(",".join(["0-16383"] * 10_000))) == MAX_CPUS
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("text", ["-", "1-", "3-1", ",", "1,", "\u0661", "\u00b2", "1 2"])
+def test_malformed_ranges_are_refused(text: str) -> None:
+    with pytest.raises(CPUSetError):
+        CPUSet.parse(text)
 
 
 def test_set_algebra() -> None:

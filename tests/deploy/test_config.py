@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dra_cpu.cli import build_parser
+from dra_cpu.cli import build_parser, main
 from dra_cpu.cli.common import EXIT_USAGE
 from dra_cpu.config import Config, ConfigError, load
 from dra_cpu.core.devices import GroupBy
@@ -50,7 +50,7 @@ def refused(result: subprocess.CompletedProcess[str]) -> str:
         ("enforcement: none\n", "enforcement 'none' is for development: it needs --standalone"),
         ("minSharedCpus: 0\n", "minSharedCpus 0: at least 1 CPU must stay shared"),
         ('nriPluginIndex: "7"\n', "nriPluginIndex '7': must be two digits"),
-        ("hugepagePollSeconds: 0\n", "hugepagePollSeconds 0.0: must be positive"),
+        ("hugepagePollSeconds: 0\n", "hugepagePollSeconds 0.0: must be a number of seconds above 0"),
         ("driverName: CPU_Driver\n", "invalid driver name 'CPU_Driver'"),
         ("- wholeCores\n", "expected a mapping of keys, found list"),
         ("wholeCores: [\n", "is not valid YAML"),
@@ -77,6 +77,50 @@ def test_bad_config_file(tmp_path: Path, content: str, expected: str) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(content)
     assert expected in refused(dra_cpu_run("--config", str(path)))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--hugepage-poll-seconds", "nan"], "hugepagePollSeconds nan: must be a number of seconds above 0"),
+        (["--hugepage-poll-seconds", "inf"], "hugepagePollSeconds inf: must be"),
+        (["--hugepage-poll-seconds", "-1"], "hugepagePollSeconds -1.0: must be"),
+        (["--hugepage-poll-seconds", "1e300"], "at most 86400"),
+        (["--min-shared-cpus", "9" * 40], "minSharedCpus 9999999999999999999999999999999999999999: must be at most"),
+        (["--kubelet-root-dir", "var/lib/kubelet"], "kubeletRootDir 'var/lib/kubelet': must be an absolute path"),
+        (["--reserved-cpus", "0-99999999"], "reservedCpus '0-99999999': cpu id '99999999'"),
+        (["--nri-plugin-index", "\u0661\u0662"], "nriPluginIndex"),
+    ],
+)
+def test_bad_numbers_and_paths_from_flags_are_one_line_and_exit_2(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--node-name", "n", *argv]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("dra-cpu run: ") and err.count("\n") == 1, err
+    assert expected in err
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"hugepagePollSeconds: .nan\n", "hugepagePollSeconds nan: must be"),
+        (b"hugepagePollSeconds: -.inf\n", "hugepagePollSeconds -inf: must be"),
+        (b"hugepagePollSeconds: 1" + b"0" * 400 + b"\n", "hugepagePollSeconds inf: must be"),
+        (b"minSharedCpus: 1" + b"0" * 5000 + b"\n", "holds a value YAML cannot build"),
+        (b"logLevel: \xff\xfe\n", "is not UTF-8 text: byte b'\\xff' at offset 10"),
+    ],
+    ids=["nan", "minus-inf", "float-overflow", "5000-digit-int", "not-utf8"],
+)
+def test_bad_numbers_and_bytes_in_the_config_file_are_one_line_and_exit_2(
+    tmp_path: Path, content: bytes, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    assert main(["run", "--node-name", "n", "--config", str(path)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("dra-cpu run: ") and err.count("\n") == 1, err
+    assert expected in err
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ from dra_cpu.kubelet.client import KubeletClient
 from tests.support.kubelet_node import FIXTURES, result
 from tests.support.waiting import eventually
 
+UID = "00000000-0000-4000-8000-000000000001"
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -76,13 +78,13 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
         assert _get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
 
         claim = {
-            "metadata": {"name": "c1", "namespace": "default", "uid": "uid-1"},
+            "metadata": {"name": "c1", "namespace": "default", "uid": UID},
             "status": {"allocation": {"devices": {"results": [result("cpu-numa0", cpus=3)]}}},
         }
         path = root / "cluster/resourceclaims/default/c1.yaml"
         path.parent.mkdir(parents=True)
         path.write_text(yaml.safe_dump(claim))
-        assert kubelet.prepare([ClaimRef("default", "c1", "uid-1")]).claims["uid-1"].error == ""
+        assert kubelet.prepare([ClaimRef("default", "c1", UID)]).claims[UID].error == ""
         metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
         assert 'dra_cpu_cpus_allocated{numa_node="0"} 3.0' in metrics
         assert 'dra_cpu_cpus_allocatable{numa_node="1"} 8.0' in metrics
@@ -96,7 +98,7 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
     assert proc.returncode == 0, stderr
     assert not registration.exists(), "the kubelet learns the plugin is gone"
     prepare_lines = [line for line in stderr.splitlines() if '"op": "prepare"' in line]
-    assert prepare_lines and all('"claimUID": "uid-1"' in line and '"opID"' in line for line in prepare_lines)
+    assert prepare_lines and all(f'"claimUID": "{UID}"' in line and '"opID"' in line for line in prepare_lines)
 
 
 def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
@@ -105,12 +107,14 @@ def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
     from dra_cpu.core.state import PreparedClaim, PreparedDevice, State
     from dra_cpu.store.checkpoint import Checkpoint, CheckpointFile
 
-    def claim(uid: str, cpus: str) -> PreparedClaim:
+    big_uid, small_uid = "6f1a2b3c-0000-4000-8000-000000000b16", "6f1a2b3c-0000-4000-8000-0000000005aa"
+
+    def claim(name: str, uid: str, cpus: str) -> PreparedClaim:
         device = PreparedDevice(("cpus",), "node-a", "cpu-numa0", None, CPUSet.parse(cpus))
-        return PreparedClaim(ClaimRef("default", uid, uid), (device,))
+        return PreparedClaim(ClaimRef("default", name, uid), (device,))
 
     (root / "state").mkdir(mode=0o755)
-    state = State({"big": claim("big", "38-41"), "small": claim("small", "2")})
+    state = State({big_uid: claim("big", big_uid, "38-41"), small_uid: claim("small", small_uid, "2")})
     CheckpointFile(root / "state").save(Checkpoint(state, "boot-0"))
     port = _free_port()
     proc = _run(root, port, "--log-format", "json")
@@ -123,11 +127,11 @@ def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
         path = root / "cluster/resourceclaims/default/big.yaml"
         path.parent.mkdir(parents=True)
         obj = {
-            "metadata": {"name": "big", "namespace": "default", "uid": "big"},
+            "metadata": {"name": "big", "namespace": "default", "uid": big_uid},
             "status": {"allocation": {"devices": {"results": [result("cpu-numa0", cpus=4)]}}},
         }
         path.write_text(yaml.safe_dump(obj))
-        error = kubelet.prepare([ClaimRef("default", "big", "big")]).claims["big"].error
+        error = kubelet.prepare([ClaimRef("default", "big", big_uid)]).claims[big_uid].error
         assert "cannot be restored: its CPU(s) 38-41 are not online on this node any more" in error
         for sock in (registration, root / "kubelet/plugins/dra.cpu/dra.sock"):
             assert sock.stat().st_mode & 0o777 == 0o600, sock
@@ -138,7 +142,7 @@ def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     lost = [line for line in stderr.splitlines() if "cannot be restored on this node" in line]
-    assert len(lost) == 1 and '"claimUID": "big"' in lost[0] and "38-41" in lost[0]
+    assert len(lost) == 1 and f'"claimUID": "{big_uid}"' in lost[0] and "38-41" in lost[0]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from dra_cpu.cli import main
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kube.api import ClusterError, Conflict, NotFound
 from dra_cpu.kube.apiserver import KubeAPI, KubeconfigError, connect
@@ -167,6 +168,17 @@ def test_connect_rejects_a_bad_kubeconfig_in_one_line(tmp_path: Path, content: s
         connect(str(path))
     assert str(err.value).startswith(message.format(path=path))
     assert "\n" not in str(err.value)
+
+
+def test_a_kubeconfig_that_is_not_utf8_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_bytes(b"apiVersion: v1\nkind: Config\ncurrent-context: \xc3\x28\n")
+    with pytest.raises(KubeconfigError, match=rf"^kubeconfig {path} is not UTF-8 text: byte b'\\xc3' at offset 45$"):
+        connect(str(path))
+    assert main(["status", "--kubeconfig", str(path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_connect_without_kubeconfig_outside_a_pod(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -252,11 +252,11 @@ def test_claim_not_found_and_uid_mismatch(node_factory: NodeFactory) -> None:
     from dra_cpu.core.claims import ClaimRef
 
     node = node_factory()
-    missing = ClaimRef("default", "nope", "uid-1")
+    missing = ClaimRef("default", "nope", "00000000-0000-4000-8000-000000000001")
     assert node.prepare(missing).error == "claim default/nope not found on the API server"
     ref = node.claim([result("cpu-numa0", cpus=1)])
-    stale = ClaimRef(ref.namespace, ref.name, "another-uid")
-    assert "metadata.uid is" in node.kubelet.prepare([stale]).claims["another-uid"].error
+    stale = ClaimRef(ref.namespace, ref.name, "00000000-0000-4000-8000-000000000002")
+    assert "metadata.uid is" in node.kubelet.prepare([stale]).claims[stale.uid].error
 
 
 def test_unwritable_cdi_folder_rolls_back(node_factory: NodeFactory) -> None:
@@ -293,8 +293,9 @@ def test_empty_claim_fields_are_rejected_per_claim(node_factory: NodeFactory) ->
     from dra_cpu.core.claims import ClaimRef
 
     node = node_factory()
-    response = node.kubelet.prepare([ClaimRef("default", "", "u-1")])
-    assert "empty name" in response.claims["u-1"].error
+    uid = "00000000-0000-4000-8000-000000000003"
+    response = node.kubelet.prepare([ClaimRef("default", "", uid)])
+    assert "empty name" in response.claims[uid].error
 
 
 def test_refused_registration_is_retried_with_a_new_socket(node_factory: NodeFactory) -> None:

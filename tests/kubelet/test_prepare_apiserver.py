@@ -93,7 +93,7 @@ def test_deleted_and_recreated_claim_is_refused(
 
     node = server_node()
     ref = node.claim([result("cpu-numa0", cpus=1)])
-    stale = ClaimRef(ref.namespace, ref.name, "0000-old-uid")
+    stale = ClaimRef(ref.namespace, ref.name, "00000000-0000-4000-8000-00000000abcd")
     assert "the claim was deleted and recreated" in node.kubelet.prepare([stale]).claims[stale.uid].error
-    missing = ClaimRef(ref.namespace, "no-such-claim", "u")
+    missing = ClaimRef(ref.namespace, "no-such-claim", "00000000-0000-4000-8000-00000000abce")
     assert node.prepare(missing).error == f"claim {ref.namespace}/no-such-claim not found on the API server"

@@ -118,6 +118,8 @@ def test_kernel_without_numa(tmp_path: Path) -> None:
         ("sys/devices/system/cpu/cpu1/topology/core_id", "banana", "expected an integer, found 'banana'"),
         ("sys/devices/system/node/node0/distance", "10 abc", "found '10 abc'"),
         ("sys/devices/system/node/node0/meminfo", "Node 0 MemTotal: lots kB", "MemTotal is not a number"),
+        ("sys/devices/system/cpu/online", "0-99999999", "is outside 0-16383"),
+        ("sys/devices/system/cpu/cpu1/topology/core_id", "9" * 5000, "found '99999999"),
     ],
 )
 def test_bad_content_is_one_clear_line_and_exit_2(
@@ -176,6 +178,18 @@ def test_offline_cpu_outside_every_cpulist_is_normal(tmp_path: Path) -> None:
     nodes = [SyntheticNode(n.id, n.cpus - CPUSet.of([7])) for n in nodes]
     topo = read_topology(write_tree(tmp_path, cpus, nodes))
     assert str(topo.online_cpus) == "0-6" and str(topo.node(1).cpus) == "4-6"
+
+
+def test_a_file_that_is_not_utf8_is_one_clear_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cpus, nodes = uniform_machine(sockets=1, nodes_per_socket=1, cores_per_node=2, threads=1)
+    write_tree(tmp_path, cpus, nodes)
+    path = tmp_path / "sys/devices/system/cpu/online"
+    path.write_bytes(b"0-\xff\n")
+    assert main(["discover", "--sysfs-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"dra-cpu discover: {path} is not UTF-8 text: byte b'\\xff' at offset 2\n"
 
 
 def test_missing_root_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

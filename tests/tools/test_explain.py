@@ -19,7 +19,8 @@ from dra_cpu.core.topology import Topology
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.cel.library import CelError
 from dra_cpu.tools.explain.inputs import load_objects
-from dra_cpu.tools.explain.parse import parse_claim, parse_class, parse_slices, parse_usage
+from dra_cpu.tools.explain.model import ExplainInputError
+from dra_cpu.tools.explain.parse import describe, parse_claim, parse_class, parse_slices, parse_usage
 from dra_cpu.tools.explain.result import Explanation
 from dra_cpu.tools.explain.search import explain
 from tests.support.paths import EXAMPLES, FIXTURES
@@ -359,6 +360,47 @@ def test_bad_input_names_the_field(tmp_path: Path) -> None:
         parse_slices([broken], "s.yaml")
 
 
+@pytest.mark.parametrize("amount", ["-4", "0", "-1e-999999"])
+def test_a_capacity_request_that_is_not_positive_is_an_input_error(amount: str) -> None:
+    with pytest.raises(
+        ExplainInputError,
+        match=rf"claim: spec.devices.requests\[0\].exactly.capacity.requests.dra.cpu/cpu must be a positive quantity, "
+        rf"not '{amount}'",
+    ):
+        parse_claim(cpus_claim(amount), "claim")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (yaml.safe_dump(cpus_claim("1e999999999")).encode(), "(out of range: its magnitude must be at most 2^63-1)"),
+        (yaml.safe_dump(cpus_claim("9" * 100_000)).encode(), "(longer than 64 characters)"),
+        (b"kind: ResourceClaim\nmetadata: {name: \xe9}\n", "is not UTF-8 text: byte b'\\xe9' at offset 37"),
+        (b"kind: ResourceClaim\nspec: " + b"1" * 5000 + b"\n", "holds a value YAML cannot build"),
+    ],
+    ids=["huge-exponent", "huge-digits", "not-utf8", "5000-digit-int"],
+)
+def test_hostile_claim_files_are_one_line_and_exit_2(
+    tmp_path: Path, content: bytes, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, slices = slices_of(DUAL)
+    claim = tmp_path / "claim.yaml"
+    claim.write_bytes(content)
+    argv = [
+        "explain",
+        "--claim",
+        str(claim),
+        "--class",
+        str(CLASSES),
+        "--slices",
+        str(write(tmp_path / "s.yaml", *slices)),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dra-cpu explain: ") and err.count("\n") == 1 and len(err) < 400, err
+    assert expected in err
+
+
 EXAMPLE_CLAIMS = [
     (path, obj)
     for path in sorted(EXAMPLES.rglob("*.yaml"))
@@ -428,3 +470,10 @@ def test_every_example_claim_on_every_fixture(
         # on a device over several NUMA nodes it is already the NUMA selector (no NUMA attribute to compare).
         assert not result.satisfiable
         assert "hugepages:" in result.reason or "attribute dra.cpu/numaNodeID is missing" in result.reason
+
+
+def test_a_namespace_that_is_not_a_string_is_described_not_a_type_error() -> None:
+    claim = cpus_claim("1")
+    claim["metadata"]["namespace"] = 7
+    assert describe(claim) == "ResourceClaim 7/c"
+    assert describe({"kind": "ResourceClaim", "metadata": {"name": "n" * 10_000}}).endswith("...")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from celpy.celparser import CELParseError
+from lark import Token
 from lark import Tree as LarkTree
 from lark import exceptions as lark_exceptions
 
@@ -196,7 +197,13 @@ def subtrees(tree: Tree) -> Iterator[Tree]:
 
 def span(node: Node) -> tuple[int, int]:
     if isinstance(node, LarkTree):
-        return node.meta.start_pos, node.meta.end_pos
+        start, end = getattr(node.meta, "start_pos", None), getattr(node.meta, "end_pos", None)
+        if start is not None and end is not None:
+            return start, end
+        # Lark leaves the positions of a tree whose first child is an anonymous token (`true`) empty: its tokens
+        # still have them.
+        positions = [span(token) for token in node.scan_values(lambda v: isinstance(v, Token))]
+        return (min(p[0] for p in positions), max(p[1] for p in positions)) if positions else (0, 0)
     return node.start_pos or 0, node.end_pos or 0
 
 

@@ -1,5 +1,14 @@
 """The Kubernetes DRA CEL environment over cel-python (celpy): the `device` variable, the quantity and semver
-libraries and the string extensions. Pure."""
+libraries and the string extensions, and the bounds Kubernetes puts on a selector. Pure.
+
+Kubernetes (k8s.io/api resource/v1) bounds a selector's text to `CELSelectorExpressionMaxLength` (10 Ki) and its
+cost to `CELSelectorExpressionMaxCost` (1,000,000), which kube-scheduler also enforces at runtime. Here the cost
+is counted while evaluating: every node of celpy's parse tree visited costs `VISIT_COST`, plus a tenth of the
+length of each string, list or map it yields, so that comprehensions (`all`, `exists`, `map`, `filter`) and
+growing values run out of budget instead of running away. celpy visits some 100,000 nodes a second, so the
+budget ends any evaluation within seconds; it is stricter than Kubernetes' estimate, which counts CEL's own
+operations (about a tenth of celpy's nodes). celpy evaluates recursively, so the parse tree's depth is bounded.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +21,7 @@ from typing import Any
 
 import celpy
 from celpy import celtypes
-from celpy.evaluation import base_functions
+from celpy.evaluation import Evaluator, base_functions
 from lark import Token
 from lark import Tree as LarkTree
 
@@ -23,8 +32,68 @@ Tree = LarkTree[Token]
 Node = Tree | Token
 
 
+# k8s.io/api resource/v1 CELSelectorExpressionMaxLength and CELSelectorExpressionMaxCost.
+MAX_EXPRESSION_LENGTH = 10 * 1024
+MAX_COST = 1_000_000
+VISIT_COST = 10
+# Levels of celpy's parse tree (a parenthesis costs about ten, an operator of a chain one): celpy's recursive walks
+# take about five frames a level, which fits the recursion limit celpy sets (2500) with room for the caller's.
+MAX_DEPTH = 250
+
+
 class CelError(DraCpuError):
     """A selector that does not compile: a syntax error, or a type error Kubernetes would reject."""
+
+
+class CelCostError(CelError):
+    """An evaluation that ran out of its cost budget."""
+
+
+class Budget:
+    """What one evaluation may still spend; shared by the nested evaluators of comprehensions."""
+
+    def __init__(self, limit: int = MAX_COST) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def spend(self, value: Any) -> None:
+        size = len(value) if isinstance(value, str | bytes | list | dict) else 0
+        self.left -= VISIT_COST + size // 10
+        if self.left < 0:
+            raise CelCostError(f"exceeds the cost limit of {self.limit}")
+
+
+class _BudgetedEvaluator(Evaluator):
+    """celpy's evaluator, charging every visited node to a Budget."""
+
+    def __init__(self, ast: Tree, activation: Any, budget: Budget) -> None:
+        super().__init__(ast, activation)
+        self.budget = budget
+
+    def sub_evaluator(self, ast: Tree) -> Evaluator:
+        return _BudgetedEvaluator(ast, self.activation, self.budget)
+
+    def _visit_tree(self, tree: Tree) -> Any:
+        result = super()._visit_tree(tree)
+        self.budget.spend(result)
+        return result
+
+
+def evaluate(text: str, values: Mapping[str, Any], budget: Budget, tree: Tree | None = None) -> Any:
+    """Evaluates a selector (or a part of one) within `budget`; CelCostError when it runs out. `tree` is the
+    part's own parse tree, for a part whose text lark cannot locate (a bare literal has no position)."""
+    runner = program(text if text.strip() or tree is None else "true")
+    return _BudgetedEvaluator(tree or runner.ast, runner.new_activation(), budget).evaluate(dict(values))
+
+
+def depth(tree: Tree) -> int:
+    """The parse tree's depth, counted without recursion (the tree may be too deep for it)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in node.children if isinstance(child, LarkTree))
+    return deepest
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from fractions import Fraction
 from typing import Any
 
 from dra_cpu.core.objects import At
+from dra_cpu.errors import shown
 from dra_cpu.tools.cel.library import AttributeValue, Semver
 from dra_cpu.tools.cel.selector import Selector, compile_selector
 from dra_cpu.tools.explain.model import (
@@ -25,6 +26,9 @@ from dra_cpu.tools.explain.model import (
     Usage,
 )
 
+# Kind, a DNS-label namespace and a DNS-subdomain name fit; a megabyte of name from a file does not.
+_MAX_DESCRIPTION = 330
+
 
 def _at(source: str, path: str = "") -> At:
     return At(source, path, ExplainInputError)
@@ -36,10 +40,12 @@ def qualified(key: str, driver: str) -> str:
 
 
 def describe(obj: Mapping[str, Any]) -> str:
+    """`Kind namespace/name`, whatever types a file gave those fields, cut to a length that fits a message."""
     metadata = obj.get("metadata") or {}
     name = metadata.get("name", "?") if isinstance(metadata, Mapping) else "?"
     namespace = metadata.get("namespace") if isinstance(metadata, Mapping) else None
-    return f"{obj.get('kind', 'object')} {namespace + '/' if namespace else ''}{name}"
+    text = f"{obj.get('kind', 'object')} {f'{namespace}/' if namespace else ''}{name}"
+    return text if len(text) <= _MAX_DESCRIPTION else text[: _MAX_DESCRIPTION - 3] + "..."
 
 
 def parse_class(obj: Mapping[str, Any], source: str) -> DeviceClass:
@@ -122,7 +128,7 @@ def _alternative(at: At, raw: Any, name: str) -> Alternative:
         raise (at / "count").fail(f"must be a positive integer, not {count!r}")
     capacity = (at / "capacity").mapping(item.get("capacity"))
     requests = (at / "capacity" / "requests").mapping(capacity.get("requests"))
-    amounts = tuple((str(k), (at / "capacity" / "requests" / str(k)).quantity(v)) for k, v in requests.items())
+    amounts = tuple((str(k), _positive(at / "capacity" / "requests" / str(k), v)) for k, v in requests.items())
     tolerations = tuple(
         Toleration(
             str(t.get("key", "")), str(t.get("operator", "Equal")), str(t.get("value", "")), str(t.get("effect", ""))
@@ -140,6 +146,14 @@ def _alternative(at: At, raw: Any, name: str) -> Alternative:
         admin_access=bool(item.get("adminAccess")),
         tolerations=tolerations,
     )
+
+
+def _positive(at: At, value: Any) -> Fraction:
+    """A capacity request: Kubernetes' validation refuses zero and negative amounts."""
+    amount = at.quantity(value)
+    if amount <= 0:
+        raise at.fail(f"must be a positive quantity, not {shown(value)}")
+    return amount
 
 
 def parse_slices(objs: Iterable[Mapping[str, Any]], source: str) -> tuple[SliceDevice, ...]:
