@@ -138,6 +138,7 @@ class Driver:
         try:
             if self.enforcer is not None:
                 self.enforcer.check_ready()
+            log.debug("reading the claim")
             obj = self.api.get_claim(ref.namespace, ref.name)
             request = parse_claim(
                 obj, ref, driver=self.config.driver_name, pool=self.config.node_name, default_policy=self.default_policy

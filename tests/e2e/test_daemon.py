@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 
+from dra_cpu import daemon
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.kubelet.client import KubeletClient
 from tests.support.kubelet_node import FIXTURES, result
@@ -164,4 +172,154 @@ def test_hugepage_reservation_change_is_republished(root: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+
+
+class Stderr:
+    """A daemon's stderr, read as it comes, so that a test can wait for a line."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self.lines: list[str] = []
+        self._stream = proc.stderr
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            self.lines.append(line)
+
+    def wait_for(self, text: str) -> None:
+        eventually(lambda: any(text in line for line in self.lines), f"a log line with {text!r}")
+
+    def text(self) -> str:
+        self._thread.join(timeout=10)
+        return "".join(self.lines)
+
+
+def _exit_code(proc: subprocess.Popen[str], within: float) -> int:
+    try:
+        return proc.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"the daemon did not exit within {within}s") from None
+
+
+def test_sigterm_at_any_moment_ends_the_daemon_cleanly_once(root: Path) -> None:
+    """SIGTERM at random moments of start-up and service, and again while it shuts down: one shutdown, exit 0."""
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
+    for attempt in range(5):
+        proc = _run(root, _free_port())
+        stderr = Stderr(proc)
+        try:
+            # The handlers are in place before the first log line; before it the interpreter is still starting.
+            stderr.wait_for("starting")
+            time.sleep(rng.uniform(0, 2.5))  # the random moment, not a synchronisation
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(rng.uniform(0, 0.5))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            code = _exit_code(proc, daemon.SHUTDOWN_SECONDS + 10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        log = stderr.text()
+        assert code == 0, f"seed {seed}, attempt {attempt}: exit {code}\n{log}"
+        assert "Traceback" not in log and log.count("received: shutting down") == 1, f"seed {seed}\n{log}"
+        assert not registration.exists()
+
+
+def _stuck_prepare(root: Path) -> tuple[subprocess.Popen[str], Stderr, threading.Thread]:
+    """A daemon with a prepare in flight that never ends: the claim is a FIFO nobody writes, as a request to an
+    API server that accepted the connection and then went silent."""
+    claim = root / "cluster/resourceclaims/default/stuck.yaml"
+    claim.parent.mkdir(parents=True)
+    os.mkfifo(claim)
+    proc = _run(root, _free_port(), "--log-level", "debug")
+    stderr = Stderr(proc)
+    registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
+    eventually(registration.exists, "the registration socket")
+    kubelet = KubeletClient.register(registration)
+
+    def prepare() -> None:
+        with contextlib.suppress(grpc.RpcError):
+            kubelet.prepare([ClaimRef("default", "stuck", "uid-stuck")], timeout=60)
+        kubelet.close()
+
+    caller = threading.Thread(target=prepare, daemon=True)
+    caller.start()
+    stderr.wait_for("reading the claim")
+    return proc, stderr, caller
+
+
+def test_a_hung_request_does_not_hold_the_exit(root: Path) -> None:
+    proc, stderr, caller = _stuck_prepare(root)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        code = _exit_code(proc, daemon.SHUTDOWN_SECONDS + 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = stderr.text()
+    assert code == 0, log
+    assert "shutdown did not end in time" not in log and "Traceback" not in log
+    assert not (root / "kubelet/plugins_registry/dra.cpu-reg.sock").exists()
+    caller.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("signals", "code"),
+    [((signal.SIGTERM, signal.SIGTERM, signal.SIGTERM), 128 + signal.SIGTERM), ((signal.SIGTERM, signal.SIGINT), 130)],
+)
+def test_a_third_signal_or_sigint_during_the_shutdown_exits_at_once(
+    root: Path, signals: tuple[signal.Signals, ...], code: int
+) -> None:
+    proc, stderr, caller = _stuck_prepare(root)
+    try:
+        started = time.monotonic()
+        for sent, sig in enumerate(signals):
+            proc.send_signal(sig)
+            if sent == 0:
+                stderr.wait_for("SIGTERM received: shutting down")
+            elif sent < len(signals) - 1:
+                stderr.wait_for("already shutting down")
+        assert _exit_code(proc, daemon.SHUTDOWN_SECONDS + 10) == code, stderr.text()
+        assert time.monotonic() - started < daemon.SHUTDOWN_SECONDS, "before the shutdown's own deadline"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "during the shutdown: exiting at once" in stderr.text()
+    caller.join(timeout=10)
+
+
+def test_the_signal_handler_takes_no_lock() -> None:
+    """Python runs a signal handler on the main thread between two bytecodes, also while that thread holds a lock:
+    here the stop event's own, as inside Event.set() during the shutdown. A handler that sets the event there waits
+    for itself forever (the hang seen once with a second SIGTERM)."""
+    script = textwrap.dedent(
+        """
+        import os, signal
+        from dra_cpu.config import Config
+        from dra_cpu.daemon import Daemon
+
+        d = Daemon(Config(node_name="n"))
+        d._install_signals()
+        with d.stop._cond:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+        assert d.stop.wait(10)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the signal handler deadlocked on the stop event") from None
     assert proc.returncode == 0, stderr
