@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,14 +25,9 @@ import yaml
 from dra_cpu import daemon
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.kubelet.client import KubeletClient
+from tests.support.daemon_process import Stderr, exit_code, free_port, run_daemon
 from tests.support.kubelet_node import FIXTURES, result
 from tests.support.waiting import eventually
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -51,28 +45,9 @@ def root() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _run(root: Path, port: int, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable, "-m", "dra_cpu", "run",
-            "--node-name", "node-a",
-            "--standalone", str(root / "cluster"),
-            "--enforcement", "none",
-            "--sysfs-root", str(FIXTURES / "dual-socket-smt2"),
-            "--kubelet-root-dir", str(root / "kubelet"),
-            "--cdi-root", str(root / "cdi"),
-            "--state-dir", str(root / "state"),
-            "--metrics-address", f"127.0.0.1:{port}",
-            *extra,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-
-
 def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
-    port = _free_port()
-    proc = _run(root, port, "--log-format", "json")
+    port = free_port()
+    proc = run_daemon(root, port, "--log-format", "json")
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     try:
         eventually(registration.exists, "the registration socket")
@@ -118,7 +93,7 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
     ],
 )
 def test_bad_settings_exit_2_with_one_line(root: Path, extra: list[str], message: str) -> None:
-    proc = _run(root, _free_port(), *extra)
+    proc = run_daemon(root, free_port(), *extra)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 2
     errors = [line for line in stderr.splitlines() if line.startswith("dra-cpu run:")]
@@ -175,44 +150,13 @@ def test_hugepage_reservation_change_is_republished(root: Path) -> None:
     assert proc.returncode == 0, stderr
 
 
-class Stderr:
-    """A daemon's stderr, read as it comes, so that a test can wait for a line."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stderr is not None
-        self.lines: list[str] = []
-        self._stream = proc.stderr
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        for line in self._stream:
-            self.lines.append(line)
-
-    def wait_for(self, text: str) -> None:
-        eventually(lambda: any(text in line for line in self.lines), f"a log line with {text!r}")
-
-    def text(self) -> str:
-        self._thread.join(timeout=10)
-        return "".join(self.lines)
-
-
-def _exit_code(proc: subprocess.Popen[str], within: float) -> int:
-    try:
-        return proc.wait(timeout=within)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"the daemon did not exit within {within}s") from None
-
-
 def test_sigterm_at_any_moment_ends_the_daemon_cleanly_once(root: Path) -> None:
     """SIGTERM at random moments of start-up and service, and again while it shuts down: one shutdown, exit 0."""
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     for attempt in range(5):
-        proc = _run(root, _free_port())
+        proc = run_daemon(root, free_port())
         stderr = Stderr(proc)
         try:
             # The handlers are in place before the first log line; before it the interpreter is still starting.
@@ -222,7 +166,7 @@ def test_sigterm_at_any_moment_ends_the_daemon_cleanly_once(root: Path) -> None:
             time.sleep(rng.uniform(0, 0.5))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-            code = _exit_code(proc, daemon.SHUTDOWN_SECONDS + 10)
+            code = exit_code(proc, daemon.SHUTDOWN_SECONDS + 10)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -239,7 +183,7 @@ def _stuck_prepare(root: Path) -> tuple[subprocess.Popen[str], Stderr, threading
     claim = root / "cluster/resourceclaims/default/stuck.yaml"
     claim.parent.mkdir(parents=True)
     os.mkfifo(claim)
-    proc = _run(root, _free_port(), "--log-level", "debug")
+    proc = run_daemon(root, free_port(), "--log-level", "debug")
     stderr = Stderr(proc)
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     eventually(registration.exists, "the registration socket")
@@ -260,7 +204,7 @@ def test_a_hung_request_does_not_hold_the_exit(root: Path) -> None:
     proc, stderr, caller = _stuck_prepare(root)
     try:
         proc.send_signal(signal.SIGTERM)
-        code = _exit_code(proc, daemon.SHUTDOWN_SECONDS + 10)
+        code = exit_code(proc, daemon.SHUTDOWN_SECONDS + 10)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -287,7 +231,7 @@ def test_a_third_signal_or_sigint_during_the_shutdown_exits_at_once(
                 stderr.wait_for("SIGTERM received: shutting down")
             elif sent < len(signals) - 1:
                 stderr.wait_for("already shutting down")
-        assert _exit_code(proc, daemon.SHUTDOWN_SECONDS + 10) == code, stderr.text()
+        assert exit_code(proc, daemon.SHUTDOWN_SECONDS + 10) == code, stderr.text()
         assert time.monotonic() - started < daemon.SHUTDOWN_SECONDS, "before the shutdown's own deadline"
     finally:
         if proc.poll() is None:
