@@ -87,8 +87,12 @@ def put_claim(root: Path, name: str, uid: str, cpus: int, device: str = "cpu-num
     """An allocated claim in the standalone folder, as the scheduler leaves it."""
     path = root / "cluster/resourceclaims/default" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(allocated_claim("default", name, [result(device, cpus=cpus)], uid=uid)))
+    path.write_text(claim_yaml(name, uid, cpus, device))
     return ClaimRef("default", name, uid)
+
+
+def claim_yaml(name: str, uid: str, cpus: int, device: str = "cpu-numa0") -> str:
+    return yaml.safe_dump(allocated_claim("default", name, [result(device, cpus=cpus)], uid=uid))
 
 
 @dataclass(frozen=True)
