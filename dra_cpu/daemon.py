@@ -4,6 +4,11 @@ endpoints, in the order that keeps the node safe.
 Start order: state first (checkpoint and CDI agree before anything is served), then slices, then enforcement,
 and only when enforcement is connected and synchronized the kubelet registration: a kubelet that sees the plugin
 may send prepares at once, and a prepared claim nobody enforces pins nothing.
+
+Signals: SIGTERM or SIGINT starts one shutdown, on the main thread; another SIGTERM during it is only logged; a
+third signal, or a SIGINT during the shutdown, ends the process at once (exit 128 + the signal's number). Once a
+shutdown starts, the process is gone within SHUTDOWN_SECONDS whatever else hangs (a request to a dead API server,
+a stuck disk): the checkpoint is built to survive an exit at any instant.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ from dra_cpu.store.fileio import boot_id
 
 LOG = logging.getLogger("dra_cpu.daemon")
 
+# From the first stop request to the end of the process, at most (the kubelet's grace period is 30 s by default).
+SHUTDOWN_SECONDS = 10.0
+# The signal that ends the process at once, counting the one that started the shutdown.
+FORCE_EXIT_SIGNALS = 3
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 def connect_cluster(config: Config) -> ClusterAPI:
     if config.standalone:
@@ -47,6 +58,18 @@ def connect_cluster(config: Config) -> ClusterAPI:
     from dra_cpu.kube.apiserver import connect
 
     return connect(config.kubeconfig or None)
+
+
+def _end_process(code: int) -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _ignore_in_handler(signum: int, frame: object) -> None:
+    """The Python-level handler of SIGTERM and SIGINT: nothing at all (see Daemon._install_signals)."""
 
 
 def writable_dir(key: str, path: Path) -> Path:
@@ -74,9 +97,14 @@ class Daemon:
         self.nri: NriEnforcer | None = None
         # An error in a start-up thread, raised again by run() so that the command exits 2 naming it.
         self._fatal: DraCpuError | None = None
+        # Set when this daemon owns the process (runs on its main thread): only then may it end the process.
+        self._owns_process = False
+        self._exit_code = 1
+        self._deadline_armed = threading.Lock()
 
     def run(self) -> int:
         config = self.config
+        self._install_signals()
         LOG.info("starting", extra={"config": config.as_dict()})
         if config.enforcement == "none":
             LOG.warning("enforcement is off: claims get CPUs on paper only (development mode)")
@@ -119,9 +147,10 @@ class Daemon:
         else:
             # Fail closed: the kubelet sees the plugin only once enforcement is connected and synchronized.
             self._spawn("kubelet-plugin", self._register_when_enforced)
-        self._install_signals()
         self.stop.wait()
+        self._arm_exit_deadline()
         self.shutdown()
+        self._exit_code = 0 if self._fatal is None else 2
         if self._fatal is not None:
             raise self._fatal
         return 0
@@ -163,9 +192,65 @@ class Daemon:
         threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
     def _install_signals(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop.set())
+        """Re-entrancy safe: Python runs a signal handler on the main thread between any two bytecodes, also while
+        that thread holds a lock (inside Event.set, a logging call, shutdown itself), so the handler must take none.
+        It does nothing; the interpreter's C handler writes each signal's number to a pipe that a thread of ours
+        reads, and everything else (logging, setting `stop`, counting, forcing the exit) happens on that thread."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # the demo and tests run a daemon in a thread; the process and its signals are not ours
+        self._owns_process = True
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for sig in SHUTDOWN_SIGNALS:
+            signal.signal(sig, _ignore_in_handler)
+        self._spawn("signals", self._read_signals, read_fd)
+
+    def _read_signals(self, read_fd: int) -> None:
+        received = 0
+        while data := os.read(read_fd, 64):
+            for number in data:
+                if number not in SHUTDOWN_SIGNALS:
+                    continue
+                received += 1
+                name = signal.Signals(number).name
+                if received == 1:
+                    LOG.info(f"{name} received: shutting down", extra={"boundSeconds": SHUTDOWN_SECONDS})
+                    self.stop.set()
+                    self._arm_exit_deadline()
+                elif received >= FORCE_EXIT_SIGNALS or number == signal.SIGINT:
+                    LOG.error(f"{name} during the shutdown: exiting at once", extra={"exitCode": 128 + number})
+                    _end_process(128 + number)
+                else:
+                    LOG.warning(
+                        f"{name} received again: already shutting down; one more, or SIGINT, exits at once",
+                    )
+
+    def _arm_exit_deadline(self) -> None:
+        """However the shutdown goes, the process ends SHUTDOWN_SECONDS after it started: a worker thread blocked
+        in a request (a dead API server) would otherwise hold the interpreter's exit, which joins them all."""
+        if self._owns_process and self._deadline_armed.acquire(blocking=False):
+            self._spawn("exit-deadline", self._exit_by_deadline)
+
+    def _exit_by_deadline(self) -> None:
+        threading.Event().wait(SHUTDOWN_SECONDS)
+        busy = sorted({t.name for t in threading.enumerate() if t.is_alive() and not t.daemon} - {"MainThread"})
+        LOG.error(
+            "shutdown did not end in time: exiting now",
+            extra={"boundSeconds": SHUTDOWN_SECONDS, "busyThreads": ",".join(busy), "exitCode": self._exit_code},
+        )
+        _end_process(self._exit_code)
+
+    def exit(self, code: int) -> None:
+        """End the process with `code` once run() returned, when this daemon owns it; otherwise return.
+
+        Not through the interpreter's exit: that waits for every worker thread (one blocked on a dead API server
+        holds it for as long as its request), and it puts the default signal actions back before the process is
+        gone, so that a SIGTERM in that window kills it with a signal instead of the shutdown's exit code. A
+        thread left behind holds nothing that must still be written: a prepare answers only after its checkpoint
+        is on disk, and the checkpoint survives an exit at any instant."""
+        if self._owns_process:
+            _end_process(code)
 
     def shutdown(self) -> None:
         LOG.info("shutting down")

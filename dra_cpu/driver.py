@@ -8,6 +8,7 @@ claim, then the checkpoint entry.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -164,6 +165,7 @@ class Driver:
         try:
             if self.enforcer is not None:
                 self.enforcer.check_ready()
+            log.debug("reading the claim")
             obj = self.api.get_claim(ref.namespace, ref.name)
             request = parse_claim(
                 obj, ref, driver=self.config.driver_name, pool=self.config.node_name, default_policy=self.default_policy
@@ -180,8 +182,9 @@ class Driver:
                     min_shared_cpus=self.min_shared_cpus,
                 )
                 if self.state.claims.get(claim.uid) == claim:
-                    # A repeat (kubelet retry or restart): same CPUs; the spec may be gone after a reboot.
-                    self.cdi_store.write(claim.uid, self._spec(claim))
+                    # A repeat (kubelet retry or restart): same CPUs. The spec may be gone after a reboot; when it
+                    # is there and right it is left alone, so a retry succeeds on a full or read-only CDI folder.
+                    self._ensure_spec(claim)
                     log.info("already prepared", extra={"cpus": str(claim.cpus)})
                     return PreparedResult(claim)
                 self._apply(self.state.with_claim(claim), write=claim, log=log)
@@ -214,7 +217,12 @@ class Driver:
                 if claim is None:
                     log.info("not prepared here; nothing to do")
                     return ""
-                self._apply(self.state.without(ref.uid), write=None, log=log)
+                try:
+                    self._apply(self.state.without(ref.uid), write=None, log=log)
+                except DraCpuError:
+                    # The claim stays prepared (its CPUs are still held): so does its spec, until a retry succeeds.
+                    self._restore_spec(claim, log)
+                    raise
             log.info("unprepared", extra={"cpus": str(claim.cpus)})
             return ""
         except DraCpuError as err:
@@ -237,6 +245,23 @@ class Driver:
         self.state = new
         if self.enforcer is not None:
             self.enforcer.claims_changed(new)
+
+    def _ensure_spec(self, claim: PreparedClaim) -> None:
+        spec = self._spec(claim)
+        try:
+            # Compared as JSON reads it back (lists, not tuples).
+            if self.cdi_store.read(claim.uid) == json.loads(json.dumps(spec)):
+                return
+        except CDIError:
+            pass  # missing or unreadable: written below
+        self.cdi_store.write(claim.uid, spec)
+
+    def _restore_spec(self, claim: PreparedClaim, log: OperationLog) -> None:
+        try:
+            self.cdi_store.write(claim.uid, self._spec(claim))
+        except CDIError as err:
+            # Safe either way: a missing spec points at nothing; start-up and a repeated prepare rewrite it.
+            log.error("could not restore the CDI spec of a claim still prepared", extra={"reason": str(err)})
 
     def _rollback(self, old: State, log: OperationLog) -> None:
         try:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from dra_cpu import logs
+from dra_cpu.cli.common import EXIT_USAGE
 from dra_cpu.config import add_flags, load
+from dra_cpu.errors import DraCpuError
 
 
 def add_parser(sub: Any) -> None:
@@ -23,4 +26,12 @@ def run(args: argparse.Namespace) -> int:
 
     config = load(args, dict(os.environ))
     logs.setup(config.log_level, config.log_format)
-    return Daemon(config).run()
+    daemon = Daemon(config)
+    try:
+        code = daemon.run()
+    except DraCpuError as err:
+        print(f"dra-cpu run: {err}", file=sys.stderr)
+        code = EXIT_USAGE
+    # The process ends here, not after the interpreter's exit (see Daemon.exit).
+    daemon.exit(code)
+    return code

@@ -23,7 +23,7 @@ from dra_cpu.kubelet.gen import (
     dra_v1beta1_pb2_grpc,
     pluginregistration_v1_pb2_grpc,
 )
-from dra_cpu.kubelet.health import HealthService
+from dra_cpu.kubelet.health import MAX_HEALTH_STREAMS, HealthService
 from dra_cpu.kubelet.registration import PluginPaths, RegistrationService
 
 LOG = logging.getLogger("dra_cpu.kubelet")
@@ -42,10 +42,14 @@ class KubeletPlugin:
     stop_event: threading.Event
     registered: threading.Event
     workers: int = 16
+    # Health streams each hold a worker while open: they get a few, and prepares keep the rest (health.py).
+    health_streams: int = MAX_HEALTH_STREAMS
     retry_seconds: tuple[float, float] = REGISTRATION_RETRY_SECONDS
 
     def __post_init__(self) -> None:
-        self.health = HealthService(self.driver, self.stop_event)
+        if not 0 < self.health_streams <= self.workers // 2:
+            raise ValueError(f"health_streams {self.health_streams}: must leave most of {self.workers} workers")
+        self.health = HealthService(self.driver, self.stop_event, max_streams=self.health_streams)
         self._servers: list[grpc.Server] = []
         self._registration: grpc.Server | None = None
         self._refusals = 0

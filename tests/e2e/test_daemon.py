@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 
+from dra_cpu import daemon
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.kubelet.client import KubeletClient
+from tests.support.daemon_process import Stderr, exit_code, free_port, run_daemon
 from tests.support.kubelet_node import FIXTURES, result
 from tests.support.waiting import eventually
 
 UID = "00000000-0000-4000-8000-000000000001"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -45,28 +47,9 @@ def root() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _run(root: Path, port: int, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable, "-m", "dra_cpu", "run",
-            "--node-name", "node-a",
-            "--standalone", str(root / "cluster"),
-            "--enforcement", "none",
-            "--sysfs-root", str(FIXTURES / "dual-socket-smt2"),
-            "--kubelet-root-dir", str(root / "kubelet"),
-            "--cdi-root", str(root / "cdi"),
-            "--state-dir", str(root / "state"),
-            "--metrics-address", f"127.0.0.1:{port}",
-            *extra,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-
-
 def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
-    port = _free_port()
-    proc = _run(root, port, "--log-format", "json")
+    port = free_port()
+    proc = run_daemon(root, port, "--log-format", "json")
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     try:
         eventually(registration.exists, "the registration socket")
@@ -116,8 +99,8 @@ def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
     (root / "state").mkdir(mode=0o755)
     state = State({big_uid: claim("big", big_uid, "38-41"), small_uid: claim("small", small_uid, "2")})
     CheckpointFile(root / "state").save(Checkpoint(state, "boot-0"))
-    port = _free_port()
-    proc = _run(root, port, "--log-format", "json")
+    port = free_port()
+    proc = run_daemon(root, port, "--log-format", "json")
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     try:
         eventually(registration.exists, "the registration socket")
@@ -156,7 +139,7 @@ def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
     ],
 )
 def test_bad_settings_exit_2_with_one_line(root: Path, extra: list[str], message: str) -> None:
-    proc = _run(root, _free_port(), *extra)
+    proc = run_daemon(root, free_port(), *extra)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 2
     errors = [line for line in stderr.splitlines() if line.startswith("dra-cpu run:")]
@@ -210,4 +193,123 @@ def test_hugepage_reservation_change_is_republished(root: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+
+
+def test_sigterm_at_any_moment_ends_the_daemon_cleanly_once(root: Path) -> None:
+    """SIGTERM at random moments of start-up and service, and again while it shuts down: one shutdown, exit 0."""
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
+    for attempt in range(5):
+        proc = run_daemon(root, free_port())
+        stderr = Stderr(proc)
+        try:
+            # The handlers are in place before the first log line; before it the interpreter is still starting.
+            stderr.wait_for("starting")
+            time.sleep(rng.uniform(0, 2.5))  # the random moment, not a synchronisation
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(rng.uniform(0, 0.5))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            code = exit_code(proc, daemon.SHUTDOWN_SECONDS + 10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        log = stderr.text()
+        assert code == 0, f"seed {seed}, attempt {attempt}: exit {code}\n{log}"
+        assert "Traceback" not in log and log.count("received: shutting down") == 1, f"seed {seed}\n{log}"
+        assert not registration.exists()
+
+
+def _stuck_prepare(root: Path) -> tuple[subprocess.Popen[str], Stderr, threading.Thread]:
+    """A daemon with a prepare in flight that never ends: the claim is a FIFO nobody writes, as a request to an
+    API server that accepted the connection and then went silent."""
+    claim = root / "cluster/resourceclaims/default/stuck.yaml"
+    claim.parent.mkdir(parents=True)
+    os.mkfifo(claim)
+    proc = run_daemon(root, free_port(), "--log-level", "debug")
+    stderr = Stderr(proc)
+    registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
+    eventually(registration.exists, "the registration socket")
+    kubelet = KubeletClient.register(registration)
+
+    def prepare() -> None:
+        with contextlib.suppress(grpc.RpcError):
+            kubelet.prepare([ClaimRef("default", "stuck", "uid-stuck")], timeout=60)
+        kubelet.close()
+
+    caller = threading.Thread(target=prepare, daemon=True)
+    caller.start()
+    stderr.wait_for("reading the claim")
+    return proc, stderr, caller
+
+
+def test_a_hung_request_does_not_hold_the_exit(root: Path) -> None:
+    proc, stderr, caller = _stuck_prepare(root)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        code = exit_code(proc, daemon.SHUTDOWN_SECONDS + 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = stderr.text()
+    assert code == 0, log
+    assert "shutdown did not end in time" not in log and "Traceback" not in log
+    assert not (root / "kubelet/plugins_registry/dra.cpu-reg.sock").exists()
+    caller.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("signals", "code"),
+    [((signal.SIGTERM, signal.SIGTERM, signal.SIGTERM), 128 + signal.SIGTERM), ((signal.SIGTERM, signal.SIGINT), 130)],
+)
+def test_a_third_signal_or_sigint_during_the_shutdown_exits_at_once(
+    root: Path, signals: tuple[signal.Signals, ...], code: int
+) -> None:
+    proc, stderr, caller = _stuck_prepare(root)
+    try:
+        started = time.monotonic()
+        for sent, sig in enumerate(signals):
+            proc.send_signal(sig)
+            if sent == 0:
+                stderr.wait_for("SIGTERM received: shutting down")
+            elif sent < len(signals) - 1:
+                stderr.wait_for("already shutting down")
+        assert exit_code(proc, daemon.SHUTDOWN_SECONDS + 10) == code, stderr.text()
+        assert time.monotonic() - started < daemon.SHUTDOWN_SECONDS, "before the shutdown's own deadline"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "during the shutdown: exiting at once" in stderr.text()
+    caller.join(timeout=10)
+
+
+def test_the_signal_handler_takes_no_lock() -> None:
+    """Python runs a signal handler on the main thread between two bytecodes, also while that thread holds a lock:
+    here the stop event's own, as inside Event.set() during the shutdown. A handler that sets the event there waits
+    for itself forever (the hang seen once with a second SIGTERM)."""
+    script = textwrap.dedent(
+        """
+        import os, signal
+        from dra_cpu.config import Config
+        from dra_cpu.daemon import Daemon
+
+        d = Daemon(Config(node_name="n"))
+        d._install_signals()
+        with d.stop._cond:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+        assert d.stop.wait(10)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the signal handler deadlocked on the stop event") from None
     assert proc.returncode == 0, stderr

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+
+import grpc
+import pytest
 
 from dra_cpu.core.devices import build_devices
 from dra_cpu.kubelet.gen import dra_health_v1alpha1_pb2 as pb
+from dra_cpu.kubelet.gen import dra_health_v1alpha1_pb2_grpc
 from tests.support.kubelet_node import Node, NodeFactory, result
+from tests.support.waiting import eventually
 
 
 def _health(node: Node) -> dict[str, tuple[int, str]]:
@@ -34,3 +40,36 @@ def test_devices_turn_unhealthy_when_their_cpus_go_offline(node_factory: NodeFac
     assert health["cpu-numa0"] == (pb.HEALTHY, "")
     state, message = health["cpu-numa1"]
     assert state == pb.UNHEALTHY and str(cpus) in message
+
+
+def test_open_health_streams_never_starve_prepare(node_factory: NodeFactory) -> None:
+    """A kubelet that reconnects again and again (or any client) leaves health streams open: however many, prepares
+    and unprepares still get a worker, the newest streams are served and the oldest are told why they ended."""
+    node = node_factory()
+    ref = node.claim([result("cpu-numa0", cpus=2)])
+    channels = [grpc.insecure_channel(f"unix://{node.plugin.paths.dra_socket}") for _ in range(4)]
+    streams = []
+    started = time.monotonic()
+    try:
+        for i in range(3 * node.plugin.workers):
+            stub = dra_health_v1alpha1_pb2_grpc.DRAResourceHealthStub(channels[i % len(channels)])
+            streams.append(stub.NodeWatchResources(pb.NodeWatchResourcesRequest(), timeout=30))
+            # Each stream reaches the plugin before the next opens, as a reconnecting kubelet's would.
+            assert next(streams[-1]).devices
+        response = node.kubelet.prepare([ref], timeout=10).claims[ref.uid]
+        assert response.error == "" and response.devices
+        assert node.kubelet.unprepare([ref], timeout=10).claims[ref.uid].error == ""
+        # Well inside the streams' own deadline: no stream had to time out to free a worker.
+        assert time.monotonic() - started < 20
+        newest = streams[-node.plugin.health.max_streams :]
+        for stream in streams[: -node.plugin.health.max_streams]:
+            with pytest.raises(grpc.RpcError) as ended:
+                list(stream)
+            assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "newer health stream" in (ended.value.details() or "")
+        for stream in newest:
+            stream.cancel()
+        eventually(lambda: node.plugin.health.open_streams == 0, "the workers of cancelled streams are given back")
+    finally:
+        for channel in channels:
+            channel.close()

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from google.protobuf.message import Message
-from google.rpc import status_pb2
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.state import PreparedClaim, PreparedDevice, State
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.sysfs import read_topology
-from dra_cpu.nri.enforcer import EVENTS, NriConfig, NriEnforcer
+from dra_cpu.nri.enforcer import NriConfig, NriEnforcer
 from dra_cpu.nri.gen import nri_ttrpc_pb2
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
-from dra_cpu.nri.stub import event_mask
 from dra_cpu.nri.transport import FAILED_PRECONDITION, RUNTIME_CONN, TYPE_REQUEST, UNIMPLEMENTED
-from tests.support.nri_peer import Peer
+from tests.support.nri_peer import Runtime
 from tests.support.paths import SYSFS
 
 TOPOLOGY = read_topology(SYSFS / "kvm-2cpu")
@@ -34,42 +31,6 @@ M = TypeVar("M", bound=Message)
 
 def container(cid: str, env: tuple[str, ...] = ()) -> api.Container:
     return api.Container(id=cid, pod_sandbox_id=POD.id, name=cid, env=env, state=api.CONTAINER_RUNNING)
-
-
-class Runtime:
-    """A scripted runtime: accepts the plugin, answers its registration, makes calls and reads the answers."""
-
-    def __init__(self, path: Path) -> None:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(1)
-        self.listener.settimeout(5)
-        self.peer: Peer | None = None
-        self.stream = 1
-
-    def accept(self) -> Peer:
-        self.peer = Peer(self.listener.accept()[0])
-        register = self.peer.read()
-        assert api.RegisterPluginRequest.FromString(_request(register.payload).payload).plugin_idx == "07"
-        response = self.call("Configure", api.ConfigureRequest(runtime_name="fake"), api.ConfigureResponse)
-        assert isinstance(response, api.ConfigureResponse), response
-        assert response.events == event_mask(EVENTS)
-        self.peer.respond(register.stream)
-        return self.peer
-
-    def call(self, method: str, request: Message, response_type: type[M]) -> M | status_pb2.Status:
-        """The plugin's answer: a `response_type`, or the error status it answered with instead."""
-        assert self.peer is not None
-        stream, self.stream = self.stream, self.stream + 2
-        self.peer.request(stream, method, request.SerializeToString())
-        response = self.peer.read_response(stream)
-        if response.status.code:
-            return response.status
-        return response_type.FromString(response.payload)
-
-
-def _request(payload: bytes) -> nri_ttrpc_pb2.Request:
-    return nri_ttrpc_pb2.Request.FromString(payload)
 
 
 @pytest.fixture
@@ -141,7 +102,7 @@ def test_claims_changed_pushes_updates_from_the_plugins_own_thread(runtime: tupl
     assert fake.peer is not None
     call = fake.peer.read()
     assert (call.conn, call.type) == (RUNTIME_CONN, TYPE_REQUEST)
-    request = api.UpdateContainersRequest.FromString(_request(call.payload).payload)
+    request = api.UpdateContainersRequest.FromString(nri_ttrpc_pb2.Request.FromString(call.payload).payload)
     assert [(u.container_id, cpus_of(u)) for u in request.update] == [("plain", "0-1")]
     fake.peer.respond(call.stream, api.UpdateContainersResponse().SerializeToString())
     assert plugin.shared_cpus == CPUSet.parse("0-1")

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+from typing import TypeVar
+
+from google.protobuf.message import Message as ProtoMessage
+from google.rpc import status_pb2
 
 from dra_cpu.nri import transport
+from dra_cpu.nri.enforcer import EVENTS
 from dra_cpu.nri.gen import nri_ttrpc_pb2
+from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
+from dra_cpu.nri.stub import event_mask
 from dra_cpu.nri.transport import PLUGIN_CONN, RUNTIME_CONN, TYPE_REQUEST, TYPE_RESPONSE, Decoder, Message, Oversized
 
 SERVICE = "nri.pkg.api.v1alpha1.Plugin"
+
+
+M = TypeVar("M", bound=ProtoMessage)
 
 
 class Peer:
@@ -43,3 +54,41 @@ class Peer:
         message = self.read()
         assert (message.conn, message.stream, message.type) == (PLUGIN_CONN, stream, TYPE_RESPONSE)
         return nri_ttrpc_pb2.Response.FromString(message.payload)
+
+
+class Runtime:
+    """A scripted runtime: accepts the plugin, answers its registration, makes calls and reads the answers."""
+
+    def __init__(self, path: Path, plugin_index: str = "07") -> None:
+        self.plugin_index = plugin_index
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.listener.settimeout(5)
+        self.peer: Peer | None = None
+        self.stream = 1
+
+    def accept(self) -> Peer:
+        self.peer = Peer(self.listener.accept()[0])
+        register = self.peer.read()
+        request = nri_ttrpc_pb2.Request.FromString(register.payload)
+        assert api.RegisterPluginRequest.FromString(request.payload).plugin_idx == self.plugin_index
+        response = self.call("Configure", api.ConfigureRequest(runtime_name="fake"), api.ConfigureResponse)
+        assert isinstance(response, api.ConfigureResponse), response
+        assert response.events == event_mask(EVENTS)
+        self.peer.respond(register.stream)
+        return self.peer
+
+    def call(self, method: str, request: ProtoMessage, response_type: type[M]) -> M | status_pb2.Status:
+        """The plugin's answer: a `response_type`, or the error status it answered with instead."""
+        assert self.peer is not None
+        stream, self.stream = self.stream, self.stream + 2
+        self.peer.request(stream, method, request.SerializeToString())
+        response = self.peer.read_response(stream)
+        if response.status.code:
+            return response.status
+        return response_type.FromString(response.payload)
+
+
+def _request(payload: bytes) -> nri_ttrpc_pb2.Request:
+    return nri_ttrpc_pb2.Request.FromString(payload)
