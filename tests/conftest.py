@@ -12,6 +12,7 @@ SYSFS_FIXTURES = sorted(p.name for p in (FIXTURES / "sysfs").iterdir() if p.is_d
 pytest_plugins: list[str] = [
     "testenv_containerd",
     "testenv_podman",
+    "tests.support.control_plane",
     "testenv_apiserver",
     "kubelet_node",
     "testenv_helm",
