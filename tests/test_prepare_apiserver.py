@@ -21,7 +21,9 @@ GROUP, VERSION, PLURAL = "resource.k8s.io", "v1", "resourceclaims"
 
 @dataclass(frozen=True)
 class ServerClaims:
-    """Creates the claim, then writes its status the way the scheduler does: through the status subresource."""
+    """Creates the claim, then writes its status the way the scheduler does: through the status subresource.
+    kube-apiserver refuses results of requests the claim does not have: a claim written without requests gets one
+    per request its allocation names."""
 
     api: kubernetes.client.CustomObjectsApi
 
@@ -29,12 +31,24 @@ class ServerClaims:
         meta = obj["metadata"]
         body = {k: v for k, v in obj.items() if k != "status"}
         body["metadata"] = {"name": meta["name"], "namespace": meta["namespace"]}
+        if not body["spec"]["devices"]["requests"]:
+            body["spec"] = copy.deepcopy(body["spec"])
+            body["spec"]["devices"]["requests"] = [
+                {"name": name, "exactly": {"deviceClassName": "dra.cpu"}} for name in _requests_named(obj["status"])
+            ]
         created = self.api.create_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, body)
         created["status"] = copy.deepcopy(obj["status"])
         self.api.replace_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], created
         )
         meta["uid"] = created["metadata"]["uid"]
+
+
+def _requests_named(status: dict[str, Any]) -> list[str]:
+    devices = (status.get("allocation") or {}).get("devices") or {}
+    names = [r["request"] for r in devices.get("results", [])]
+    names += [n for c in devices.get("config", []) for n in c.get("requests", [])]
+    return list(dict.fromkeys(n.split("/")[0] for n in names))
 
 
 @pytest.fixture
