@@ -30,6 +30,8 @@ components=(kube-apiserver kube-scheduler kube-controller-manager kubelet kubect
 # Bump when the build recipe changes so that binaries built by an older recipe are rebuilt.
 recipe=1
 etcd_venv="$cache_root/etcd-venv"
+# The Go fetched when there is no go command (k8s.io/kubernetes 1.37 needs 1.26 or newer).
+go_fallback=1.26.8
 
 export GOMODCACHE="$cache_root/go/mod" GOCACHE="$cache_root/go/build" GOFLAGS=-mod=mod CGO_ENABLED=0
 # A Go older than what k8s.io/kubernetes declares fetches the declared toolchain from the module proxy.
@@ -57,6 +59,26 @@ install_tools() {
   log "installing openssl and curl (apt)"
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl >/dev/null; } ||
     die "apt-get install openssl curl failed"
+}
+
+# Without a go command, the Go distribution the go command itself would switch to (GOTOOLCHAIN) is fetched from the
+# module proxy, where every release is a module: golang.org/toolchain@v0.0.1-go<version>.linux-<arch>.
+install_go() {
+  local dir="$cache_root/go/toolchain-$go_fallback" arch zip
+  if [[ ! -x "$dir/bin/go" ]]; then
+    command -v unzip >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq unzip >/dev/null; } ||
+      die "apt-get install unzip failed"
+    arch="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
+    zip="golang.org/toolchain/@v/v0.0.1-go$go_fallback.linux-$arch.zip"
+    log "no go command on PATH: fetching Go $go_fallback from the Go module proxy"
+    rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+    curl -fsSL "$(cut -d, -f1 <<<"${GOPROXY:-https://proxy.golang.org}")/$zip" -o "$dir.tmp/go.zip" || die "downloading $zip failed"
+    unzip -q "$dir.tmp/go.zip" -d "$dir.tmp" && rm "$dir.tmp/go.zip"
+    rm -rf "$dir" && mv "$dir.tmp"/golang.org/toolchain@*/ "$dir" && rm -rf "$dir.tmp"
+    chmod +x "$dir/bin/go" "$dir"/pkg/tool/*/* 2>/dev/null || true
+  fi
+  export PATH="$dir/bin:$PATH" GOTOOLCHAIN=local
+  go version >/dev/null || die "the Go toolchain in $dir does not run"
 }
 
 built() {
@@ -92,7 +114,7 @@ write_module() {
 }
 
 build() {
-  command -v go >/dev/null || die "no go command on PATH: install Go 1.26 or newer"
+  command -v go >/dev/null || install_go
   local work start
   start=$SECONDS
   rm -rf "$cache"/build.*  # left by an interrupted build

@@ -625,6 +625,21 @@ def create_namespace(api: client.ApiClient, name: str) -> None:
 
 
 @contextlib.contextmanager
+def running(state_dir: Path, components: Iterable[str] = APISERVER_ONLY) -> Iterator[ControlPlane]:
+    """A ControlPlane of `components` for the body of the `with`, outside pytest (benchmarks); raises
+    ControlPlaneError when it is not installed or does not start."""
+    binaries = Binaries.installed()
+    if binaries is None:
+        raise ControlPlaneError("the Kubernetes control plane is not installed: run hack/testenv/kubernetes.sh install")
+    plane = ControlPlane(state_dir, binaries)
+    try:
+        plane.start(components)
+        yield plane
+    finally:
+        plane.stop()
+
+
+@contextlib.contextmanager
 def started(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
