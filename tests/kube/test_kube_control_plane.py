@@ -8,7 +8,7 @@ import uuid
 from fractions import Fraction
 
 from dra_cpu.quantity import parse_quantity
-from tests.support.cluster import Kube, pinned_pod, scheduled, wait_for
+from tests.support.cluster import Kube, new_namespace, pinned_pod, scheduled, wait_for
 from tests.support.control_plane import (
     FEATURE_GATES,
     SCRIPT,
@@ -66,4 +66,26 @@ def test_a_pod_is_scheduled_onto_a_created_node_and_the_node_stays_ready(control
         kube.delete(f"/api/v1/namespaces/{namespace}/pods/p", force=True)
     finally:
         delete_node(api, node)
+        close(api)
+
+
+def test_the_controllers_give_namespaces_service_accounts_and_token_secrets(control_plane: ControlPlane) -> None:
+    api = control_plane.admin()
+    kube = Kube(api)
+    try:
+        namespace = new_namespace(kube)  # waits for the serviceaccount controller's `default`
+        kube.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "token", "annotations": {"kubernetes.io/service-account.name": "default"}},
+                "type": "kubernetes.io/service-account-token",
+            },
+            namespace,
+        )
+        secret = f"/api/v1/namespaces/{namespace}/secrets/token"
+        token = wait_for(lambda: kube.get(secret).get("data", {}).get("token"), "the token controller")
+        assert len(token) > 100
+        wait_for(lambda: kube.find(f"/api/v1/namespaces/{namespace}/configmaps/kube-root-ca.crt"), "kube-root-ca.crt")
+    finally:
         close(api)

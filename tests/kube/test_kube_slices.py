@@ -20,8 +20,8 @@ from dra_cpu.devices import DeviceConfig, DeviceMode, build_devices
 from dra_cpu.kube.apiserver import connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.sysfs import read_topology
-from tests.support.cluster import Kube, ensure, pinned_pod, scheduled, wait_for
-from tests.support.control_plane import ControlPlane, close, create_namespace, create_node, delete_node, new_client
+from tests.support.cluster import Kube, ensure, new_namespace, pinned_pod, scheduled, wait_for
+from tests.support.control_plane import ControlPlane, close, create_node, delete_node, new_client
 from tests.testenv_helm import CHART, Helm
 
 LOG = logging.getLogger("test.kube.slices")
@@ -114,14 +114,18 @@ def driver(control_plane: ControlPlane, helm: Helm) -> Iterator[Driver]:
     a pod of that service account scheduled onto a node, and a token bound to that pod, as the kubelet mounts it."""
     api = control_plane.admin()
     kube = Kube(api)
-    namespace, release, node = unique("driver"), unique("dra-cpu"), unique("node")
+    namespace, release, node = new_namespace(kube, "driver"), unique("dra-cpu"), unique("node")
     rendered = helm.run("template", release, str(CHART), "--namespace", namespace)
     assert rendered.returncode == 0, rendered.stderr
-    wanted = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy"}
-    wanted |= {"ValidatingAdmissionPolicyBinding"}
+    wanted = {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
     objs = [o for o in yaml.safe_load_all(rendered.stdout) if o and o["kind"] in wanted]
     assert {o["kind"] for o in objs} == wanted
-    create_namespace(api, namespace)
     ensure(kube, objs, namespace)
     [account] = [o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"]
     create_node(api, node, cpus=4, memory=8 << 30)
@@ -134,7 +138,6 @@ def driver(control_plane: ControlPlane, helm: Helm) -> Iterator[Driver]:
         },
         node,
     )
-    wait_for(lambda: kube.find(f"/api/v1/namespaces/{namespace}/serviceaccounts/default"), "the default ServiceAccount")
     kube.create(pod)
     bound = scheduled(kube, namespace, "driver")
     token_request = {

@@ -1,13 +1,14 @@
 """pytest plugin: the real Kubernetes control plane (hack/testenv/kubernetes.sh) on loopback, for the whole test run.
 
     def test_x(control_plane: ControlPlane) -> None:
-        node = create_node(control_plane.admin(), "node-a", cpus=16, memory=64 << 30)
+        api = control_plane.admin()
+        create_node(api, "node-a", cpus=16, memory=64 << 30)
 
 `control_plane` is etcd, kube-apiserver, kube-scheduler and kube-controller-manager, with TLS client certificates and
 kubeconfigs made with openssl, service-account signing keys, `--authorization-mode=Node,RBAC`, admission with
 ValidatingAdmissionPolicy, and the DRA feature gates this Kubernetes knows (FEATURE_GATES). The controller manager runs
 the controllers a DRA test needs (CONTROLLERS): ResourceClaims from templates, garbage collection, DaemonSets,
-service accounts and their tokens, namespaces. No node lifecycle controller runs, so a Node made by `create_node`
+service accounts and token Secrets, namespaces. No node lifecycle controller runs, so a Node made by `create_node`
 stays Ready without a kubelet and the scheduler places pods on it.
 
 Each process logs to <state_dir>/<name>.log; a component that does not start fails the test run with its log's tail.
@@ -50,8 +51,9 @@ FEATURE_GATES: Mapping[str, bool] = {
     "DRAListTypeAttributes": True,
 }
 # kube-controller-manager --controllers: claims from templates (resourceclaim), owner-based deletion, DaemonSets, the
-# `default` ServiceAccount of each namespace and its token Secret, namespace deletion, and the kube-root-ca.crt
-# ConfigMap that service-account token volumes mount.
+# `default` ServiceAccount of each namespace, the token of Secrets of type kubernetes.io/service-account-token (pods
+# get theirs from the TokenRequest API, which kube-apiserver serves itself), namespace deletion, and the
+# kube-root-ca.crt ConfigMap that service-account token volumes mount.
 CONTROLLERS = (
     "resourceclaim-controller",
     "garbage-collector-controller",
@@ -284,19 +286,27 @@ class ControlPlane:
     def start(self, components: Iterable[str] = ALL) -> None:
         wanted = set(components)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self._make_credentials()
-            if ETCD in wanted:
-                etcd_url = self._start_etcd()
-            if APISERVER in wanted:
-                self._start_apiserver(etcd_url)
-            if SCHEDULER in wanted:
-                self._start_scheduler()
-            if CONTROLLER_MANAGER in wanted:
-                self._start_controller_manager()
-        except BaseException:
-            self.stop()
-            raise
+        self._make_credentials()
+        for attempt in range(3):
+            try:
+                if ETCD in wanted:
+                    shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)
+                    etcd_url = self._start_etcd()
+                if APISERVER in wanted:
+                    self._start_apiserver(etcd_url)
+                if SCHEDULER in wanted:
+                    self._start_scheduler()
+                if CONTROLLER_MANAGER in wanted:
+                    self._start_controller_manager()
+                return
+            except ControlPlaneError as err:
+                self.stop()
+                # A port chosen free can be taken by another process before ours binds it: choose again.
+                if "address already in use" not in str(err) or attempt == 2:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
 
     def stop(self) -> None:
         """Stops every component, the last started first (SIGTERM, then SIGKILL after 10 s)."""
