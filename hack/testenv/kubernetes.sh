@@ -55,10 +55,10 @@ install_etcd() {
 }
 
 install_tools() {
-  command -v openssl >/dev/null && command -v curl >/dev/null && return
-  log "installing openssl and curl (apt)"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl >/dev/null; } ||
-    die "apt-get install openssl curl failed"
+  command -v openssl >/dev/null && command -v curl >/dev/null && python3 -m venv --help >/dev/null 2>&1 && return
+  log "installing openssl, curl and python3-venv (apt)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl python3-venv >/dev/null; } ||
+    die "apt-get install openssl curl python3-venv failed"
 }
 
 # Without a go command, the Go distribution the go command itself would switch to (GOTOOLCHAIN) is fetched from the
