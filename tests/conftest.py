@@ -11,6 +11,7 @@ from tests.support.paths import SYSFS, SYSFS_FIXTURES
 pytest_plugins: list[str] = [
     "tests.support.testenv_containerd",
     "tests.support.testenv_podman",
+    "tests.support.control_plane",
     "tests.support.testenv_apiserver",
     "tests.support.kubelet_node",
     "tests.support.testenv_helm",

@@ -2,7 +2,8 @@
 """Prepare figures, printed (run with .venv/bin/python):
 
 latency  1000 claims through the kubelet socket of a real daemon reading them from the real API server
-         (hack/testenv/apiserver.sh): NodePrepareResources p50 (goal <= 3 ms) and p99 (goal <= 10 ms).
+         (kube-apiserver from tests/support/control_plane.py): NodePrepareResources p50 (goal <= 3 ms) and
+         p99 (goal <= 10 ms).
 soak     10,000 prepare/unprepare cycles against a standalone daemon: leaked files, fds or CPUs (goal none),
          RSS growth (goal <= 5 MB) and daemon RSS (goal <= 70 MB).
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from dra_cpu.core.claims import ClaimRef  # noqa: E402
 from dra_cpu.kubelet.client import KubeletClient  # noqa: E402
 from dra_cpu.tools.demo import claim_object  # noqa: E402
-from tests.support.kube import new_api_client  # noqa: E402
+from tests.support.control_plane import close, create_namespace, new_client, running  # noqa: E402
 from tests.support.typed import as_dict  # noqa: E402
 
 NODE, DRIVER = "bench-node", "dra.cpu"
@@ -82,15 +83,11 @@ def percentile(values: list[float], p: float) -> float:
 def latency(claims: int) -> bool:
     with tempfile.TemporaryDirectory(prefix="dc-") as tmp_text:
         tmp = Path(tmp_text)
-        started = subprocess.run(
-            ["bash", str(ROOT / "hack/testenv/apiserver.sh"), "start", str(tmp / "api")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        kubeconfig = started.stdout.strip()
-        try:
-            api = kubernetes.client.CustomObjectsApi(new_api_client(kubeconfig))
+        with running(tmp / "api") as plane:
+            kubeconfig = str(plane.kubeconfig)
+            api_client = new_client(plane.kubeconfig)
+            create_namespace(api_client, "bench")
+            api = kubernetes.client.CustomObjectsApi(api_client)
             print(f"creating {claims} allocated claims on the API server ...", flush=True)
             refs = []
             for i in range(claims):
@@ -105,6 +102,7 @@ def latency(claims: int) -> bool:
                     "resource.k8s.io", "v1", "bench", "resourceclaims", f"c{i}", made
                 )
                 refs.append(ClaimRef("bench", f"c{i}", made["metadata"]["uid"]))
+            close(api_client)
             with daemon(tmp, kubeconfig=kubeconfig) as (_, kubelet, _):
                 times = []
                 for n, ref in enumerate(refs):
@@ -116,8 +114,6 @@ def latency(claims: int) -> bool:
                     times.append((time.perf_counter() - start) * 1000)
                     if response.error:
                         raise SystemExit(f"prepare failed: {response.error}")
-        finally:
-            subprocess.run(["bash", str(ROOT / "hack/testenv/apiserver.sh"), "stop", str(tmp / "api")], check=False)
     p50, p99 = statistics.median(times), percentile(times, 99)
     print(f"NodePrepareResources over {claims} claims (real API server):")
     print(f"  p50 {p50:.2f} ms (goal <= 3), p99 {p99:.2f} ms (goal <= 10)")

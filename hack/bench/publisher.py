@@ -2,15 +2,15 @@
 """Prints what publishing ResourceSlices costs: building the slices of the 64-CPU fixture in every device mode,
 grouping and node-allocatable setting (goal <= 20 ms each, median of 20), API writes by a running publisher while
 nothing changes (goal 0), and how long a slice deleted by another client stays away (goal <= 1 s, median of 20).
-Starts its own test API server (hack/testenv/apiserver.sh; run `hack/testenv/apiserver.sh install` once); with
---build-only it needs none. Run with .venv/bin/python hack/bench/publisher.py [--idle-seconds N] [--build-only]."""
+Starts its own kube-apiserver (tests/support/control_plane.py; run `hack/testenv/kubernetes.sh install` once);
+with --build-only it needs none. Run with .venv/bin/python hack/bench/publisher.py [--idle-seconds N] [--build-only]."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +32,9 @@ from dra_cpu.node.sysfs import read_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests/fixtures/sysfs/big-8numa"
-SCRIPT = ROOT / "hack/testenv/apiserver.sh"
+sys.path.insert(0, str(ROOT))  # for tests.support
+
+from tests.support.control_plane import ControlPlaneError, running  # noqa: E402
 
 
 def median_ms(action: Callable[[], object], runs: int) -> float:
@@ -107,27 +109,25 @@ def main() -> int:
     devices = build_devices(topology, config)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
-    with tempfile.TemporaryDirectory() as state:
-        started = subprocess.run(["bash", str(SCRIPT), "start", state], capture_output=True, text=True, check=False)
-        if started.returncode != 0:
-            print(f"cannot start the test API server: {started.stderr.strip().splitlines()[-1]}", file=sys.stderr)
-            return 2
+    with tempfile.TemporaryDirectory() as state, contextlib.ExitStack() as stack:
         try:
-            api = connect(started.stdout.strip())
-            publisher = SlicePublisher(api, config, logging.getLogger("bench.publisher"))
-            publisher.set_devices(devices)
-            stop = threading.Event()
-            runner = threading.Thread(target=publisher.run, args=(stop,), daemon=True)
-            runner.start()
-            while not versions(api, config):
-                time.sleep(0.01)
-            time.sleep(1)  # let the start-up reconciles (first list of the watch) pass
-            changed, writes = idle_writes(api, publisher, config, args.idle_seconds)
-            latencies = [republish_ms(api, config) for _ in range(args.runs)]
-            stop.set()
-            runner.join()
-        finally:
-            subprocess.run(["bash", str(SCRIPT), "stop", state], capture_output=True, check=False)
+            plane = stack.enter_context(running(Path(state)))
+        except ControlPlaneError as err:
+            print(f"cannot start the test API server: {err}", file=sys.stderr)
+            return 2
+        api = connect(str(plane.kubeconfig))
+        publisher = SlicePublisher(api, config, logging.getLogger("bench.publisher"))
+        publisher.set_devices(devices)
+        stop = threading.Event()
+        runner = threading.Thread(target=publisher.run, args=(stop,), daemon=True)
+        runner.start()
+        while not versions(api, config):
+            time.sleep(0.01)
+        time.sleep(1)  # let the start-up reconciles (first list of the watch) pass
+        changed, writes = idle_writes(api, publisher, config, args.idle_seconds)
+        latencies = [republish_ms(api, config) for _ in range(args.runs)]
+        stop.set()
+        runner.join()
 
     rows = [
         *build_rows,

@@ -85,7 +85,7 @@ def test_errors_name_the_object(kube: KubeAPI, kube_namespace: str) -> None:
         kube.update_slice(stale)
     with pytest.raises(NotFound, match=f"resourceclaim {kube_namespace}/absent: 404"):
         kube.get_claim(kube_namespace, "absent")
-    with pytest.raises(ClusterError, match=f"resourceslice {name}-x: 422 .*spec.devices"):
+    with pytest.raises(ClusterError, match=f"resourceslice {name}-x: 400 .*spec.devices"):
         broken = slice_obj(f"{name}-x", unique("node"), "cpu.example.com")
         broken["spec"]["devices"] = "not a list"
         kube.create_slice(broken)

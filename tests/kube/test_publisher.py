@@ -7,7 +7,6 @@ import json
 import logging
 import shutil
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -26,10 +25,11 @@ from dra_cpu.core.devices import Device, DeviceConfig, DeviceMode, build_devices
 from dra_cpu.kube.apiserver import GROUP, SLICES, VERSION, KubeAPI, connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
-from tests.support.kube import close_api_client, new_api_client, unparsed
+from tests.support.control_plane import APISERVER_ONLY, FEATURE_GATES, create_node, delete_node, started
+from tests.support.kube import new_api_client
 from tests.support.paths import SYSFS
 from tests.support.synthetic import uniform_machine, write_tree
-from tests.support.testenv_apiserver import SCRIPT, ApiServer
+from tests.support.testenv_apiserver import ApiServer
 from tests.support.typed import as_dict
 
 FIXTURES = SYSFS
@@ -147,9 +147,11 @@ def test_first_publish(kube: KubeAPI, config: DeviceConfig, reader: Reader) -> N
     assert stored["spec"]["driver"] == "dra.cpu"
     assert stored["spec"]["pool"] == {"name": config.node_name, "generation": 1, "resourceSliceCount": 1}
     assert stored["spec"]["devices"] == published(devices)
-    # The stand-in server skips the built-in validation; kube-apiserver would run it.
-    kubernetes_validate.validate(stored, "1.34.0", strict=True)
-    assert "ownerReferences" not in stored["metadata"]  # the test server serves no Nodes
+    # What kube-apiserver accepted passes the 1.34 schema too: older servers take it as well.
+    kubernetes_validate.validate(
+        {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice", **stored}, "1.34.0", strict=True
+    )
+    assert "ownerReferences" not in stored["metadata"]  # no Node of that name exists
     assert publisher.sync_once() == 0
     assert (publisher.writes, publisher.errors, publisher.dropped_field_warnings) == (1, 0, 0)
 
@@ -231,8 +233,8 @@ def test_a_big_node_gets_several_slices_and_loses_them_when_it_shrinks(
     assert publisher.sync_once() == 3
     stored = reader.slices()
     assert [len(s["spec"]["devices"]) for _, s in sorted(stored.items())] == [128, 128, 44]
-    assert {json.dumps(s["spec"]["pool"]) for s in stored.values()} == {
-        json.dumps({"generation": 1, "name": config.node_name, "resourceSliceCount": 3})
+    assert {json.dumps(s["spec"]["pool"], sort_keys=True) for s in stored.values()} == {
+        json.dumps({"generation": 1, "name": config.node_name, "resourceSliceCount": 3}, sort_keys=True)
     }
     assert reader.devices() == published(devices)
 
@@ -286,20 +288,18 @@ def test_slices_of_other_nodes_drivers_and_pools_are_never_touched(
 
 
 @dataclass(frozen=True)
-class NodeServingAPI(KubeAPI):
-    """The test server serves no Nodes; a cluster would answer this for the node the driver runs on."""
-
-    node_uid: str = ""
+class NodeBlindAPI(KubeAPI):
+    """A client that may not read Nodes, as a driver whose RBAC lacks `get nodes`."""
 
     def get_node(self, name: str) -> dict[str, Any] | None:
-        return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "uid": self.node_uid}}
+        return None
 
 
 def test_slices_are_owned_by_the_node_when_it_can_be_read(kube: KubeAPI, config: DeviceConfig, reader: Reader) -> None:
-    uid = str(uuid.uuid4())
-    with_node = NodeServingAPI(kube.api_client, node_uid=uid)
+    node = create_node(kube.api_client, config.node_name, cpus=2, memory=4 << 30)
+    uid = node["metadata"]["uid"]
     devices = devices_of(FIXTURES / "kvm-2cpu", config)
-    publisher = SlicePublisher(with_node, config, LOG)
+    publisher = SlicePublisher(kube, config, LOG)
     publisher.set_devices(devices)
     assert publisher.sync_once() == 1
     [stored] = reader.slices().values()
@@ -307,15 +307,18 @@ def test_slices_are_owned_by_the_node_when_it_can_be_read(kube: KubeAPI, config:
     assert stored["metadata"]["ownerReferences"] == [owner]
 
     # A restart that cannot read the Node leaves the owner in place and writes nothing.
-    blind = SlicePublisher(kube, config, LOG)
+    blind = SlicePublisher(NodeBlindAPI(kube.api_client), config, LOG)
     blind.set_devices(devices)
     assert blind.sync_once() == 0
-    # A re-created Node has a new uid: the slices follow it.
-    recreated = SlicePublisher(NodeServingAPI(kube.api_client, node_uid=str(uuid.uuid4())), config, LOG)
+    # A re-created Node has a new uid: the slices follow it (or are made anew, if the garbage collector was quicker).
+    delete_node(kube.api_client, config.node_name)
+    create_node(kube.api_client, config.node_name, cpus=2, memory=4 << 30)
+    recreated = SlicePublisher(kube, config, LOG)
     recreated.set_devices(devices)
     assert recreated.sync_once() == 1
     [stored] = reader.slices().values()
     assert stored["metadata"]["ownerReferences"][0]["uid"] != uid
+    delete_node(kube.api_client, config.node_name)
 
 
 @dataclass(frozen=True)
@@ -350,57 +353,13 @@ def test_a_conflict_is_resolved_by_reading_again(kube: KubeAPI, config: DeviceCo
     assert reader.generations() == {2}
 
 
-def without(schema: dict[str, Any], *path: str) -> None:
-    """Removes the property at `path` (names of properties, "items" and "additionalProperties") from a schema."""
-    *parents, last = path
-    for step in parents:
-        schema = schema[step] if step in ("items", "additionalProperties") else schema["properties"][step]
-    del schema["properties"][last]
-
-
 @pytest.fixture(scope="module")
-def gateless_apiserver(apiserver: ApiServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    """A server of its own whose ResourceSlice schema lacks the DRAConsumableCapacity fields, so that it drops them
-    as a 1.34 kube-apiserver with the gate off does (the shared server must keep its schema)."""
-    state_dir = tmp_path_factory.mktemp("gateless")
-    started = subprocess.run(
-        ["bash", str(SCRIPT), "start", str(state_dir)], capture_output=True, text=True, timeout=180, check=False
-    )
-    try:
-        assert started.returncode == 0, started.stderr
-        kubeconfig = Path(started.stdout.strip())
-        api_client = new_api_client(kubeconfig)
-        crds = client.ApiextensionsV1Api(api_client)
-        name = "resourceslices.resource.k8s.io"
-        crd = json.loads(unparsed(crds.read_custom_resource_definition(name, _preload_content=False)).data)
-        spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-        without(spec, "devices", "items", "allowMultipleAllocations")
-        without(spec, "devices", "items", "capacity", "additionalProperties", "requestPolicy")
-        crds.replace_custom_resource_definition(name, crd, _preload_content=False)
-        probe = Reader(client.CustomObjectsApi(api_client), DeviceConfig(node_name="probe"))
-
-        def pruned() -> bool:
-            obj = {
-                "apiVersion": "resource.k8s.io/v1",
-                "kind": "ResourceSlice",
-                "metadata": {"generateName": "probe-"},
-                "spec": {
-                    "driver": "dra.cpu",
-                    "nodeName": "probe",
-                    "pool": {"name": "probe", "generation": 1, "resourceSliceCount": 1},
-                    "devices": [{"name": "x", "allowMultipleAllocations": True}],
-                },
-            }
-            stored = as_dict(probe.api.create_cluster_custom_object(GROUP, VERSION, SLICES, obj))
-            probe.delete(stored["metadata"]["name"])
-            return "allowMultipleAllocations" not in stored["spec"]["devices"][0]
-
-        until("the new schema to take effect", pruned)
-        close_api_client(api_client)
-        url = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
-        yield ApiServer(kubeconfig=kubeconfig, url=url, state_dir=state_dir)
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop", str(state_dir)], timeout=60, check=False)
+def gateless_apiserver(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    """A kube-apiserver of its own with the DRAConsumableCapacity gate off, which drops that feature's fields as any
+    server with the gate off does (the shared server keeps the gate on)."""
+    gates = {**FEATURE_GATES, "DRAConsumableCapacity": False}
+    with started(request, tmp_path_factory, APISERVER_ONLY, gates, name="gateless") as plane:
+        yield plane.apiserver
 
 
 def test_fields_the_server_drops_are_reported_once(

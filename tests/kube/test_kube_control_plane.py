@@ -1,0 +1,91 @@
+"""The control plane fixture itself: the components of hack/testenv/kubernetes.sh's version, the DRA feature gates on,
+and a Node from `create_node` that the real scheduler places pods on with no kubelet there."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from fractions import Fraction
+
+from dra_cpu.core.quantity import parse_quantity
+from tests.support.cluster import Kube, new_namespace, pinned_pod, scheduled, wait_for
+from tests.support.control_plane import (
+    FEATURE_GATES,
+    SCRIPT,
+    ControlPlane,
+    close,
+    create_namespace,
+    create_node,
+    delete_node,
+)
+
+
+def test_components_are_the_version_built_and_run_with_the_dra_gates(control_plane: ControlPlane) -> None:
+    version = subprocess.run(["bash", str(SCRIPT), "version"], capture_output=True, text=True, check=True).stdout
+    api = control_plane.admin()
+    try:
+        served = Kube(api).get("/version")
+    finally:
+        close(api)
+    assert served["gitVersion"] == version.strip()
+    for name in ("kube-apiserver", "kube-scheduler", "kube-controller-manager", "kubelet", "kubectl"):
+        args = ["version", "--client"] if name == "kubectl" else ["--version"]
+        shown = subprocess.run(
+            [str(control_plane.binaries.path(name)), *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert version.strip() in shown.stdout, (name, shown.stdout, shown.stderr)
+    # Every gate asked for is passed unless this Kubernetes no longer lists it (GA, locked on).
+    assert set(control_plane.gates) <= set(FEATURE_GATES)
+    assert "DRAConsumableCapacity" in control_plane.gates
+    for name in ("kube-apiserver", "kube-scheduler", "kube-controller-manager"):
+        assert control_plane.log(name).stat().st_size > 0
+
+
+def test_a_pod_is_scheduled_onto_a_created_node_and_the_node_stays_ready(control_plane: ControlPlane) -> None:
+    api = control_plane.admin()
+    kube = Kube(api)
+    node, namespace = f"node-{uuid.uuid4().hex[:10]}", f"test-{uuid.uuid4().hex[:10]}"
+    try:
+        stored = create_node(api, node, cpus=4, memory=8 << 30, hugepages={"2Mi": 64 << 20})
+        allocatable = {k: parse_quantity(v) for k, v in stored["status"]["allocatable"].items()}
+        assert (allocatable["cpu"], allocatable["hugepages-2Mi"]) == (Fraction(4), Fraction(64 << 20))
+        assert allocatable["memory"] == (8 << 30) - (64 << 20)
+        create_namespace(api, namespace)
+        wait_for(lambda: kube.find(f"/api/v1/namespaces/{namespace}/serviceaccounts/default"), "default SA")
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": "busybox", "resources": {"requests": {"cpu": "3"}}}]},
+        }
+        kube.create(pinned_pod(pod, node), namespace)
+        assert scheduled(kube, namespace, "p")["spec"]["nodeName"] == node
+        conditions = {c["type"]: c["status"] for c in kube.get(f"/api/v1/nodes/{node}")["status"]["conditions"]}
+        assert conditions == {"Ready": "True"}
+        assert "taints" not in kube.get(f"/api/v1/nodes/{node}")["spec"]
+        kube.delete(f"/api/v1/namespaces/{namespace}/pods/p", force=True)
+    finally:
+        delete_node(api, node)
+        close(api)
+
+
+def test_the_controllers_give_namespaces_service_accounts_and_token_secrets(control_plane: ControlPlane) -> None:
+    api = control_plane.admin()
+    kube = Kube(api)
+    try:
+        namespace = new_namespace(kube)  # waits for the serviceaccount controller's `default`
+        kube.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "token", "annotations": {"kubernetes.io/service-account.name": "default"}},
+                "type": "kubernetes.io/service-account-token",
+            },
+            namespace,
+        )
+        secret = f"/api/v1/namespaces/{namespace}/secrets/token"
+        token = wait_for(lambda: kube.get(secret).get("data", {}).get("token"), "the token controller")
+        assert len(token) > 100
+        wait_for(lambda: kube.find(f"/api/v1/namespaces/{namespace}/configmaps/kube-root-ca.crt"), "kube-root-ca.crt")
+    finally:
+        close(api)
