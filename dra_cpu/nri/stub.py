@@ -59,6 +59,10 @@ class Handler(Protocol):
         """The events to subscribe to (api.CREATE_CONTAINER, ...)."""
         ...
 
+    def configured(self, request: api.ConfigureRequest) -> None:
+        """The runtime introduced itself (name, version, NRI version where it sends one)."""
+        ...
+
     def synchronize(
         self, pods: Sequence[api.PodSandbox], containers: Sequence[api.Container]
     ) -> list[api.ContainerUpdate]:
@@ -70,6 +74,10 @@ class Handler(Protocol):
         ...
 
     def update_container(self, request: api.UpdateContainerRequest) -> list[api.ContainerUpdate]: ...
+
+    def post_create_container(self, pod: api.PodSandbox, container: api.Container) -> None:
+        """The runtime created the container (its cgroup exists; its process has not started)."""
+        ...
 
     def stop_container(self, request: api.StopContainerRequest) -> None: ...
 
@@ -180,9 +188,11 @@ class Stub:
             extra={
                 "runtime": request.runtime_name,
                 "runtimeVersion": request.runtime_version,
+                "nriVersion": request.NRI_version or "unknown",
                 "requestTimeoutMs": request.request_timeout,
             },
         )
+        self.handler.configured(request)
         return api.ConfigureResponse(events=event_mask(self.handler.events)).SerializeToString()
 
     def _synchronize(self, payload: bytes) -> bytes:
@@ -213,6 +223,8 @@ class Stub:
         event = api.StateChangeEvent.FromString(payload)
         if event.event == api.REMOVE_CONTAINER:
             self.handler.remove_container(event.container.id)
+        elif event.event == api.POST_CREATE_CONTAINER:
+            self.handler.post_create_container(event.pod, event.container)
         return api.Empty().SerializeToString()
 
     def _shutdown(self, payload: bytes) -> bytes:

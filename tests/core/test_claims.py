@@ -16,7 +16,7 @@ from dra_cpu.core.claims import (
 )
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, device_index
-from dra_cpu.core.state import State, decide
+from dra_cpu.core.state import PreparedClaim, State, decide
 from dra_cpu.node.sysfs import read_topology
 from tests.support.paths import SYSFS
 
@@ -80,15 +80,17 @@ def test_a_claim_reserved_for_several_pods_is_refused_at_first_prepare_and_kept_
         obj = allocated_claim("default", "c", results, uid=REF.uid, pod_uids=pods)
         return parse_claim(obj, REF, driver="dra.cpu", pool="n", default_policy=AllocationPolicy())
 
-    kwargs = {"cpu_capacity": "dra.cpu/cpu", "memory_capacity": "dra.cpu/memory"}
+    def prepare(state: State, claim: ClaimRequest) -> PreparedClaim:
+        return decide(state, claim, BIG, devices, cpu_capacity="dra.cpu/cpu", memory_capacity="dra.cpu/memory")
+
     with pytest.raises(ClaimError) as refused:
-        decide(State(), request("pod-b", "pod-a"), BIG, devices, **kwargs)
+        prepare(State(), request("pod-b", "pod-a"))
     assert str(refused.value) == (
         "claim default/c is reserved for 2 pods (pod-a, pod-b); dra-cpu does not share a claim's CPUs across pods "
         "(use one claim per pod, e.g. a ResourceClaimTemplate)"
     )
     # The kubelet does not prepare a claim again for a second pod once it is prepared; if it repeats the prepare
     # anyway, the claim stays the first pod's and enforcement refuses the second pod's containers.
-    first = decide(State(), request("pod-a"), BIG, devices, **kwargs)
-    again = decide(State().with_claim(first), request("pod-a", "pod-b"), BIG, devices, **kwargs)
+    first = prepare(State(), request("pod-a"))
+    again = prepare(State().with_claim(first), request("pod-a", "pod-b"))
     assert again == first and again.pod_uids == ("pod-a",)
