@@ -2,15 +2,15 @@
 shared pool. The decisions are core/entitlement.py's; this module keeps the runtime's container table, answers
 the runtime through the NRI stub and hands changed pins to the shared-pool updater.
 
-The container table is read and written under one lock; the runtime's callbacks only touch the table (and, after
-a hugepage claim's container is created, its two hugetlb limit files), so each answer takes well under a
-millisecond.
+The container table is read and written under one lock; the runtime's callbacks only touch the table (and, when
+a hugepage claim's container starts, its hugetlb limit files), so each answer takes well under a millisecond.
 
 Hugepage limits: the adjustment carries them (OCI hugepageLimits); runc 1.1.10 and later write both the fault
 limit and the reservation limit from it, older runc only the fault limit, and containerd drops them altogether
-while its CRI `disable_hugetlb_controller` is true (its default). So once the container exists (PostCreateContainer,
-before its process starts) the enforcer makes both `hugetlb.<size>.max` and `hugetlb.<size>.rsvd.max` (v1:
-`.limit_in_bytes`, `.rsvd.limit_in_bytes`) hold the claim's bytes itself, writing only what differs.
+while its CRI `disable_hugetlb_controller` is true (its default). So once the container's cgroup exists
+(StartContainer: after the OCI runtime created the container, before its process runs) the enforcer makes both
+`hugetlb.<size>.max` and `hugetlb.<size>.rsvd.max` (v1: `.limit_in_bytes`, `.rsvd.limit_in_bytes`) hold the
+claim's bytes itself, writing only what differs.
 
 Memory policy: runtimes whose NRI is 0.12 or newer (ConfigureRequest.NRI_version) take a LinuxMemoryPolicy
 adjustment; a claimed container gets MPOL_BIND to its claim's NUMA nodes there. Older runtimes would ignore the
@@ -43,7 +43,7 @@ LOG = logging.getLogger("dra_cpu.nri")
 
 EVENTS = (
     api.CREATE_CONTAINER,
-    api.POST_CREATE_CONTAINER,
+    api.START_CONTAINER,
     api.UPDATE_CONTAINER,
     api.STOP_CONTAINER,
     api.REMOVE_CONTAINER,
@@ -266,12 +266,12 @@ class NriEnforcer:
             self._report(info, decision, "create")
         return _adjustment(decision.pin, self.memory_policy)
 
-    def post_create_container(self, pod: api.PodSandbox, container: api.Container) -> None:
+    def start_container(self, pod: api.PodSandbox, container: api.Container) -> None:
         with self._lock:
             pin = self._applied.get(container.id)
         if pin is None or not pin.hugepage_limits or self.config.cgroup_root is None:
             return
-        log = operation(LOG, "post-create", containerID=container.id, container=container.name, podUID=pod.uid)
+        log = operation(LOG, "start", containerID=container.id, container=container.name, podUID=pod.uid)
         try:
             if self._hugetlb is None:
                 self._hugetlb = cgroups.find_hugetlb_hierarchy(self.config.cgroup_root)

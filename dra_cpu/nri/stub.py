@@ -75,8 +75,9 @@ class Handler(Protocol):
 
     def update_container(self, request: api.UpdateContainerRequest) -> list[api.ContainerUpdate]: ...
 
-    def post_create_container(self, pod: api.PodSandbox, container: api.Container) -> None:
-        """The runtime created the container (its cgroup exists; its process has not started)."""
+    def start_container(self, pod: api.PodSandbox, container: api.Container) -> None:
+        """The runtime is about to start the container (NRI StartContainer): its cgroup exists (CRI CreateContainer
+        only records the container; the OCI runtime creates it at start), its own process has not run yet."""
         ...
 
     def stop_container(self, request: api.StopContainerRequest) -> None: ...
@@ -223,8 +224,8 @@ class Stub:
         event = api.StateChangeEvent.FromString(payload)
         if event.event == api.REMOVE_CONTAINER:
             self.handler.remove_container(event.container.id)
-        elif event.event == api.POST_CREATE_CONTAINER:
-            self.handler.post_create_container(event.pod, event.container)
+        elif event.event == api.START_CONTAINER:
+            self.handler.start_container(event.pod, event.container)
         return api.Empty().SerializeToString()
 
     def _shutdown(self, payload: bytes) -> bytes:

@@ -222,8 +222,8 @@ def _create(fake: Runtime, cid: str, env: tuple[str, ...], pod: api.PodSandbox =
     return created
 
 
-def _post_create(fake: Runtime, cid: str) -> None:
-    event = api.StateChangeEvent(event=api.POST_CREATE_CONTAINER, pod=POD, container=container(cid))
+def _start(fake: Runtime, cid: str) -> None:
+    event = api.StateChangeEvent(event=api.START_CONTAINER, pod=POD, container=container(cid))
     event.container.linux.cgroups_path = CGROUP
     assert fake.call("StateChange", event, api.Empty) == api.Empty()
 
@@ -239,7 +239,7 @@ def test_hugepage_claim_limits_land_in_both_hugetlb_files(tmp_path: Path, versio
         assert [(h.page_size, h.limit) for h in resources.hugepage_limits] == [("2MB", 4 << 20)]
         assert (resources.cpu.cpus, resources.cpu.mems) == ("1", "0")
         # ... and, after creation, what the enforcer makes sure of itself: the fault and the reservation limit.
-        _post_create(fake, "huge")
+        _start(fake, "huge")
         assert (directory / f"hugetlb.2MB.{suffix}").read_text() == str(4 << 20)
         assert (directory / f"hugetlb.2MB.rsvd.{suffix}").read_text() == str(4 << 20)
         assert plugin.counters.hugetlb_unenforced == 0
@@ -254,11 +254,11 @@ def test_hugetlb_without_reservation_files_or_controller_is_reported(
     fake, plugin = _connected(tmp_path, State({"uid-h": HUGE}), "")
     try:
         _create(fake, "huge", ("DRA_CPUSET_uid-h=1",))
-        _post_create(fake, "huge")
+        _start(fake, "huge")
         assert (directory / "hugetlb.2MB.max").read_text() == str(4 << 20)
         assert "no hugetlb reservation limit" in caplog.text
         (directory / "hugetlb.2MB.max").unlink()
-        _post_create(fake, "huge")
+        _start(fake, "huge")
         assert plugin.counters.hugetlb_unenforced == 1
         reasons = [str(getattr(r, "reason", "")) for r in caplog.records]
         assert any("the hugetlb controller is not enabled for the container's cgroup" in r for r in reasons)
