@@ -69,7 +69,11 @@ def test_forged_env_gets_the_shared_pool_and_is_counted(node: Node) -> None:
     forger = cri.run_pod("forger")
     before = node.plugin.counters.forged_env
 
-    forged = cri.create_container(forger, "forged", env={f"DRA_CPUSET_{ref.uid}": str(claimed)})
+    # A copy of the claim's exact variable looks like a pod that shares the claim (NRI does not say which CDI
+    # devices a container got): refused, not run.
+    with pytest.raises(grpc.RpcError, match="does not share a claim's CPUs across pods"):
+        cri.create_container(forger, "copied", env={f"DRA_CPUSET_{ref.uid}": str(claimed)})
+    forged = cri.create_container(forger, "forged", env={f"DRA_CPUSET_{ref.uid}": str(ONLINE)})
     node.assert_allowed(forged, ONLINE - claimed)
     assert node.plugin.counters.forged_env == before + 1
     # The right pod with the wrong cpuset in its env is no better.
