@@ -298,6 +298,16 @@ class Daemon:
                     "failed NRI container updates",
                     float(nri.update_failures),
                 ),
+                (
+                    "dra_cpu_shared_claim_refused",
+                    "containers refused for using a claim prepared for another pod",
+                    float(nri.shared_claim_refused),
+                ),
+                (
+                    "dra_cpu_hugetlb_unenforced",
+                    "hugepage claims' containers whose cgroup hugetlb limits could not be set",
+                    float(nri.hugetlb_unenforced),
+                ),
                 ("dra_cpu_slice_writes", "ResourceSlice writes", float(self.publisher.writes)),
                 ("dra_cpu_slice_publish_errors", "failed ResourceSlice writes", float(self.publisher.errors)),
                 (

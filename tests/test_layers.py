@@ -25,7 +25,7 @@ ALLOWED = {
     "node": {"core", "errors"},
     "store": {"core", "errors"},
     "kube": {"core", "store", "errors"},
-    "nri": {"core", "errors", "logs"},
+    "nri": {"core", "errors", "logs", "node"},
     "driver": {"core", "store", "kube", "errors", "logs"},
     "kubelet": {"core", "driver", "errors"},
     "cdihook": {"core", "node", "store", "errors"},

@@ -5,6 +5,10 @@ container's env carries the claim's CDI variable with exactly the prepared cpuse
 runtime reports it, not as the container says) is among the claim's reservedFor pods. NRI does not say which CDI
 devices a container got, so the env alone proves nothing: anyone can write DRA_CPUSET_<uid> into a pod spec.
 Everything else runs on the shared pool.
+
+A claim's CPUs are shared by the containers of the one pod it was prepared for, never across pods: a container of
+another pod whose env names the claim with exactly its cpuset (the claim really is shared, by the pod spec, not
+forged) is refused outright by NRI (ClaimSharedAcrossPods) rather than silently given the shared pool.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 
 from dra_cpu.core import cdi_spec
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import HugePageGrant, State
+from dra_cpu.core.state import SHARING_ADVICE, HugePageGrant, State
 from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
 
@@ -62,6 +66,10 @@ class Decision:
 
 class NoSharedCpus(DraCpuError):
     """The shared pool is empty: a container without a claim would run nowhere (or, worse, everywhere)."""
+
+
+class ClaimSharedAcrossPods(DraCpuError):
+    """A container of another pod uses a claim prepared for one pod: refused, with a message naming both."""
 
 
 @dataclass(frozen=True)
@@ -125,17 +133,33 @@ def refusal(value: str, pod_uid: str, prepared: Entitlement | None) -> str:
     return ""
 
 
-def _check(container: ContainerInfo, uid: str, value: str, pools: Pools) -> str:
+def _check(container: ContainerInfo, uid: str, value: str, pools: Pools, refuse_shared: bool) -> str:
     claim = pools.state.claims.get(uid)
     prepared = None if claim is None else Entitlement(claim.cpus, claim.mems(pools.topology), claim.pod_uids)
-    return refusal(value, container.pod_uid, prepared)
+    reason = refusal(value, container.pod_uid, prepared)
+    if reason and refuse_shared and claim is not None and _same_cpuset(value, claim.cpus) and container.pod_uid:
+        # The env is the claim's own (the CDI device was given to this container), only the pod is another one.
+        raise ClaimSharedAcrossPods(
+            f"claim {claim.ref} is prepared for pod {', '.join(claim.pod_uids) or '(none)'}; container "
+            f"{container.name} of pod {container.pod} ({container.pod_uid}) cannot use it: {SHARING_ADVICE}"
+        )
+    return reason
 
 
-def decide(container: ContainerInfo, pools: Pools) -> Decision:
-    """The pin for one container. NoSharedCpus when it should run on the shared pool and the pool is empty."""
+def _same_cpuset(value: str, cpus: CPUSet) -> bool:
+    try:
+        return CPUSet.parse(value) == cpus
+    except DraCpuError:
+        return False
+
+
+def decide(container: ContainerInfo, pools: Pools, refuse_shared: bool = False) -> Decision:
+    """The pin for one container. NoSharedCpus when it should run on the shared pool and the pool is empty;
+    with `refuse_shared` (a container being created), ClaimSharedAcrossPods when it uses a claim prepared for
+    another pod. Without it (containers already running) that claim is rejected like a forged one."""
     granted, rejected = [], []
     for uid, value in sorted(container.env_claims.items()):
-        reason = _check(container, uid, value, pools)
+        reason = _check(container, uid, value, pools, refuse_shared)
         if reason:
             rejected.append(Rejection(uid, reason))
         else:

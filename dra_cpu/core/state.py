@@ -17,6 +17,11 @@ from dra_cpu.core.devices import Device, DeviceType
 from dra_cpu.core.quantity import QuantityError, format_bytes, whole_quantity
 from dra_cpu.core.topology import Topology, page_size_quantity
 
+SHARING_ADVICE = (
+    "dra-cpu does not share a claim's CPUs across pods (use one claim per pod, e.g. a ResourceClaimTemplate)"
+)
+"""Why a claim used by several pods is refused: at prepare (reservedFor lists several pods) and by enforcement."""
+
 
 @dataclass(frozen=True)
 class HugePageGrant:
@@ -238,7 +243,11 @@ def decide(
         )
     existing = state.claims.get(request.ref.uid)
     if existing is not None:
+        # A repeat keeps the pods it was prepared for: a pod added to reservedFor since is refused by enforcement.
         return existing if all(d.device for d in existing.devices) else _named(existing, request, devices)
+    pods = sorted(set(request.pod_uids))
+    if len(pods) > 1:
+        raise ClaimError(f"claim {request.ref} is reserved for {len(pods)} pods ({', '.join(pods)}); {SHARING_ADVICE}")
     taken = state.allocated_cpus
     held = state.allocated_hugepages
     prepared: list[PreparedDevice] = []
@@ -292,7 +301,7 @@ def _named(claim: PreparedClaim, request: ClaimRequest, devices: Mapping[str, De
             named.append(replace(base, hugepages=grant))
         else:
             named.append(replace(base, cpus=claim.cpus & device.cpus))
-    return PreparedClaim(claim.ref, tuple(named), request.pod_uids)
+    return PreparedClaim(claim.ref, tuple(named), claim.pod_uids or request.pod_uids)
 
 
 def _cpus(

@@ -2,13 +2,25 @@
 shared pool. The decisions are core/entitlement.py's; this module keeps the runtime's container table, answers
 the runtime through the NRI stub and hands changed pins to the shared-pool updater.
 
-The container table is read and written under one lock; the runtime's callbacks only touch the table, so each
-answer takes well under a millisecond.
+The container table is read and written under one lock; the runtime's callbacks only touch the table (and, when
+a hugepage claim's container starts, its hugetlb limit files), so each answer takes well under a millisecond.
+
+Hugepage limits: the adjustment carries them (OCI hugepageLimits); runc 1.1.10 and later write both the fault
+limit and the reservation limit from it, older runc only the fault limit, and containerd drops them altogether
+while its CRI `disable_hugetlb_controller` is true (its default). So once the container's cgroup exists
+(StartContainer: after the OCI runtime created the container, before its process runs) the enforcer makes both
+`hugetlb.<size>.max` and `hugetlb.<size>.rsvd.max` (v1: `.limit_in_bytes`, `.rsvd.limit_in_bytes`) hold the
+claim's bytes itself, writing only what differs.
+
+Memory policy: runtimes whose NRI is 0.12 or newer (ConfigureRequest.NRI_version) take a LinuxMemoryPolicy
+adjustment; a claimed container gets MPOL_BIND to its claim's NUMA nodes there. Older runtimes would ignore the
+field; the enforcer says so once and relies on cpuset.mems, which binds the same nodes.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -21,6 +33,7 @@ from dra_cpu.core.state import State
 from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
 from dra_cpu.logs import operation
+from dra_cpu.node import cgroups
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
 from dra_cpu.nri.stub import Stub, StubConfig
 from dra_cpu.nri.transport import FAILED_PRECONDITION, MethodError
@@ -28,8 +41,24 @@ from dra_cpu.nri.updater import SharedPoolUpdater
 
 LOG = logging.getLogger("dra_cpu.nri")
 
-EVENTS = (api.CREATE_CONTAINER, api.UPDATE_CONTAINER, api.STOP_CONTAINER, api.REMOVE_CONTAINER)
+EVENTS = (
+    api.CREATE_CONTAINER,
+    api.START_CONTAINER,
+    api.UPDATE_CONTAINER,
+    api.STOP_CONTAINER,
+    api.REMOVE_CONTAINER,
+)
 DEFAULT_SOCKET = Path("/var/run/nri/nri.sock")
+MEMORY_POLICY_NRI = (0, 12)
+"""The first NRI version whose runtimes apply a LinuxMemoryPolicy adjustment."""
+MEMORY_POLICY_MODE = api.MPOL_BIND
+_VERSION = re.compile(r"^v?(\d+)\.(\d+)")
+
+
+def nri_version(text: str) -> tuple[int, int] | None:
+    """(major, minor) of an NRI version such as "v0.12.1"; None when the runtime did not send one."""
+    match = _VERSION.match(text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 @dataclass(frozen=True)
@@ -44,6 +73,8 @@ class NriConfig:
     call_timeout: float = 5.0
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
+    cgroup_root: Path | None = Path("/sys/fs/cgroup")
+    """Where the host's cgroup hierarchies are, for hugetlb reservation limits; None: leave them to the runtime."""
 
     def __post_init__(self) -> None:
         self.stub.check()
@@ -64,12 +95,23 @@ class NriCounters:
     update_failures: int = 0
     connects: int = 0
     """Connections that reached synchronization (the first, then one per reconnection)."""
+    shared_claim_refused: int = 0
+    """Containers refused because they use a claim prepared for another pod."""
+    hugetlb_unenforced: int = 0
+    """Hugepage claims' containers whose cgroup hugetlb limits could not be set."""
 
 
 @dataclass(frozen=True)
 class _Tracked:
     info: policy.ContainerInfo
     running: bool = True
+
+
+def _adjustment(pin: policy.Pin, memory_policy: bool) -> api.ContainerAdjustment:
+    linux = api.LinuxContainerAdjustment(resources=_resources(pin))
+    if memory_policy and pin.claims and pin.mems:
+        linux.memory_policy.CopyFrom(api.LinuxMemoryPolicy(mode=MEMORY_POLICY_MODE, nodes=str(pin.mems)))
+    return api.ContainerAdjustment(linux=linux)
 
 
 def _resources(pin: policy.Pin) -> api.LinuxResources:
@@ -113,6 +155,10 @@ class NriEnforcer:
         self._connected = False
         self._down_since = time.monotonic()
         self._synchronized_once = False
+        self.memory_policy = False
+        """Whether the connected runtime applies memory policy adjustments (NRI 0.12+)."""
+        self._said_no_memory_policy = False
+        self._hugetlb: cgroups.HugetlbHierarchy | None = None
 
     @property
     def ready(self) -> threading.Event:
@@ -162,6 +208,21 @@ class NriEnforcer:
 
     # --- the runtime's calls (stub.Handler; on the transport's reader thread) ------------------------------
 
+    def configured(self, request: api.ConfigureRequest) -> None:
+        version = nri_version(request.NRI_version)
+        self.memory_policy = version is not None and version >= MEMORY_POLICY_NRI
+        if not self.memory_policy and not self._said_no_memory_policy:
+            self._said_no_memory_policy = True
+            LOG.warning(
+                "the runtime's NRI cannot set a memory policy (it needs NRI 0.12): claimed containers' memory is "
+                "bound by cpuset.mems only",
+                extra={
+                    "runtime": request.runtime_name,
+                    "runtimeVersion": request.runtime_version,
+                    "nriVersion": request.NRI_version or "unknown (older than 0.12)",
+                },
+            )
+
     def synchronize(
         self, pods: Sequence[api.PodSandbox], containers: Sequence[api.Container]
     ) -> list[api.ContainerUpdate]:
@@ -189,14 +250,52 @@ class NriEnforcer:
         info = _info(request.container, request.pod)
         with self._lock:
             try:
-                decision = policy.decide(info, self._pools)
+                decision = policy.decide(info, self._pools, refuse_shared=True)
             except policy.NoSharedCpus as err:
                 LOG.error("refusing container: no shared CPU left", extra={"container": info.name, "pod": info.pod})
+                raise MethodError(FAILED_PRECONDITION, str(err)) from None
+            except policy.ClaimSharedAcrossPods as err:
+                self.counters.shared_claim_refused += 1
+                LOG.error(
+                    "refusing container: it uses a claim prepared for another pod",
+                    extra={"container": info.name, "pod": info.pod, "podUID": info.pod_uid, "reason": str(err)},
+                )
                 raise MethodError(FAILED_PRECONDITION, str(err)) from None
             self._containers[info.id] = _Tracked(info)
             self._applied[info.id] = decision.pin
             self._report(info, decision, "create")
-        return api.ContainerAdjustment(linux=api.LinuxContainerAdjustment(resources=_resources(decision.pin)))
+        return _adjustment(decision.pin, self.memory_policy)
+
+    def start_container(self, pod: api.PodSandbox, container: api.Container) -> None:
+        with self._lock:
+            pin = self._applied.get(container.id)
+        if pin is None or not pin.hugepage_limits or self.config.cgroup_root is None:
+            return
+        log = operation(LOG, "start", containerID=container.id, container=container.name, podUID=pod.uid)
+        try:
+            if self._hugetlb is None:
+                self._hugetlb = cgroups.find_hugetlb_hierarchy(self.config.cgroup_root)
+            if self._hugetlb is None:
+                raise cgroups.CgroupError(f"no hugetlb controller under {self.config.cgroup_root}")
+            cgroup = cgroups.container_cgroup(container.linux.cgroups_path)
+            result = cgroups.set_hugetlb_limits(self._hugetlb, cgroup, pin.hugepage_limits)
+        except cgroups.CgroupError as err:
+            with self._lock:
+                self.counters.hugetlb_unenforced += 1
+            log.warning(
+                "hugepage limits not set in the container's cgroup (the pod's own hugetlb limit still applies)",
+                extra={"reason": str(err)},
+            )
+            return
+        if result.no_reservation_limit:
+            log.warning(
+                "the kernel has no hugetlb reservation limit: only page faults are limited",
+                extra={"pageSizes": ",".join(result.no_reservation_limit)},
+            )
+        log.info(
+            "hugepage limits set",
+            extra={"limits": ",".join(f"{s}={b}" for s, b in pin.hugepage_limits), "written": ",".join(result.written)},
+        )
 
     def update_container(self, request: api.UpdateContainerRequest) -> list[api.ContainerUpdate]:
         info = _info(request.container, request.pod)

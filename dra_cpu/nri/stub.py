@@ -59,6 +59,10 @@ class Handler(Protocol):
         """The events to subscribe to (api.CREATE_CONTAINER, ...)."""
         ...
 
+    def configured(self, request: api.ConfigureRequest) -> None:
+        """The runtime introduced itself (name, version, NRI version where it sends one)."""
+        ...
+
     def synchronize(
         self, pods: Sequence[api.PodSandbox], containers: Sequence[api.Container]
     ) -> list[api.ContainerUpdate]:
@@ -70,6 +74,11 @@ class Handler(Protocol):
         ...
 
     def update_container(self, request: api.UpdateContainerRequest) -> list[api.ContainerUpdate]: ...
+
+    def start_container(self, pod: api.PodSandbox, container: api.Container) -> None:
+        """The runtime is about to start the container (NRI StartContainer): its cgroup exists (CRI CreateContainer
+        only records the container; the OCI runtime creates it at start), its own process has not run yet."""
+        ...
 
     def stop_container(self, request: api.StopContainerRequest) -> None: ...
 
@@ -180,9 +189,11 @@ class Stub:
             extra={
                 "runtime": request.runtime_name,
                 "runtimeVersion": request.runtime_version,
+                "nriVersion": request.NRI_version or "unknown",
                 "requestTimeoutMs": request.request_timeout,
             },
         )
+        self.handler.configured(request)
         return api.ConfigureResponse(events=event_mask(self.handler.events)).SerializeToString()
 
     def _synchronize(self, payload: bytes) -> bytes:
@@ -213,6 +224,8 @@ class Stub:
         event = api.StateChangeEvent.FromString(payload)
         if event.event == api.REMOVE_CONTAINER:
             self.handler.remove_container(event.container.id)
+        elif event.event == api.START_CONTAINER:
+            self.handler.start_container(event.pod, event.container)
         return api.Empty().SerializeToString()
 
     def _shutdown(self, payload: bytes) -> bytes:

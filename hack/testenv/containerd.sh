@@ -106,7 +106,7 @@ TOML
   cdi_spec_dirs = ['$dir/cdi']
   restrict_oom_score_adj = true
   tolerate_missing_hugetlb_controller = true
-  disable_hugetlb_controller = true
+  disable_hugetlb_controller = ${DRA_CPU_DISABLE_HUGETLB:-true}
 TOML
 )
   local runc_options="runtime_type = 'io.containerd.runc.v2'

@@ -5,10 +5,18 @@ from __future__ import annotations
 import pytest
 
 from dra_cpu.core.allocator import AllocationPolicy
-from dra_cpu.core.claims import ClaimError, ClaimRef, allocated_claim, allocation_result, parse_claim, parse_cpu_config
+from dra_cpu.core.claims import (
+    ClaimError,
+    ClaimRef,
+    ClaimRequest,
+    allocated_claim,
+    allocation_result,
+    parse_claim,
+    parse_cpu_config,
+)
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, device_index
-from dra_cpu.core.state import State, decide
+from dra_cpu.core.state import PreparedClaim, State, decide
 from dra_cpu.node.sysfs import read_topology
 from tests.support.paths import SYSFS
 
@@ -62,3 +70,27 @@ def test_socket_device_claims() -> None:
         _decide(state, "cpu-socket1", 5, "d", distributeAcrossNUMA=True)
     # The next plain claim avoids the split NUMA node 0 and fills node 1 from its free whole cores.
     assert _decide(state, "cpu-socket0", 4, "e")[1] == CPUSet.parse("12-15")
+
+
+def test_a_claim_reserved_for_several_pods_is_refused_at_first_prepare_and_kept_on_a_repeat() -> None:
+    devices = device_index(build_devices(BIG, DeviceConfig(node_name="n")))
+    results = [allocation_result("dra.cpu", "n", "cpu-numa0", consumed={"dra.cpu/cpu": "2"})]
+
+    def request(*pods: str) -> ClaimRequest:
+        obj = allocated_claim("default", "c", results, uid=REF.uid, pod_uids=pods)
+        return parse_claim(obj, REF, driver="dra.cpu", pool="n", default_policy=AllocationPolicy())
+
+    def prepare(state: State, claim: ClaimRequest) -> PreparedClaim:
+        return decide(state, claim, BIG, devices, cpu_capacity="dra.cpu/cpu", memory_capacity="dra.cpu/memory")
+
+    with pytest.raises(ClaimError) as refused:
+        prepare(State(), request("pod-b", "pod-a"))
+    assert str(refused.value) == (
+        "claim default/c is reserved for 2 pods (pod-a, pod-b); dra-cpu does not share a claim's CPUs across pods "
+        "(use one claim per pod, e.g. a ResourceClaimTemplate)"
+    )
+    # The kubelet does not prepare a claim again for a second pod once it is prepared; if it repeats the prepare
+    # anyway, the claim stays the first pod's and enforcement refuses the second pod's containers.
+    first = prepare(State(), request("pod-a"))
+    again = prepare(State().with_claim(first), request("pod-a", "pod-b"))
+    assert again == first and again.pod_uids == ("pod-a",)

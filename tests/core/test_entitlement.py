@@ -112,3 +112,31 @@ def test_no_shared_cpu_left_is_an_error_naming_the_container() -> None:
 def test_env_parsing_ignores_lookalikes() -> None:
     info = container(["DRA_CPUSET_=1", "DRA_CPUSET_x", "XDRA_CPUSET_y=1", "DRA_CPUSET_z=1=2"])
     assert info.env_claims == {"z": "1=2"}
+
+
+def test_a_claim_used_by_another_pod_is_refused_at_creation_naming_claim_and_pod() -> None:
+    # The env is exactly the claim's (the pod spec shares the claim, the CDI device was given): not a forgery.
+    other = container(["DRA_CPUSET_a=2-3"], pod_uid="second-pod")
+    with pytest.raises(policy.ClaimSharedAcrossPods) as refused:
+        policy.decide(other, POOLS, refuse_shared=True)
+    assert str(refused.value) == (
+        "claim ns/c-a is prepared for pod pod-uid-1; container app of pod ns/pod (second-pod) cannot use it: "
+        "dra-cpu does not share a claim's CPUs across pods (use one claim per pod, e.g. a ResourceClaimTemplate)"
+    )
+    # Running containers (synchronize, updates) are not refused: they get the shared pool, as before.
+    assert policy.decide(other, POOLS).pin == Pin(POOLS.shared, POOLS.shared_mems)
+
+
+@pytest.mark.parametrize(("env", "pod_uid"), [(["DRA_CPUSET_a=2"], "second-pod"), (["DRA_CPUSET_zzz=2-3"], POD)])
+def test_env_matching_no_prepared_claim_is_still_forged_at_creation(env: list[str], pod_uid: str) -> None:
+    decision = policy.decide(container(env, pod_uid), POOLS, refuse_shared=True)
+    assert decision.pin == Pin(POOLS.shared, POOLS.shared_mems)
+    assert len(decision.rejected) == 1
+
+
+def test_containers_of_the_claims_pod_share_its_cpus() -> None:
+    first, second = (
+        policy.decide(replace(container(["DRA_CPUSET_a=2-3"]), id=cid, name=cid), POOLS, refuse_shared=True).pin
+        for cid in ("app", "sidecar")
+    )
+    assert first == second == Pin(CPUSet.parse("2-3"), CPUSet.parse("0"), claims=("a",))

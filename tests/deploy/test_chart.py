@@ -138,7 +138,8 @@ def test_defaults(helm: Helm, tmp_path: Path) -> None:
     assert (config.node_name, config.driver_name, config.enforcement) == ("node-a", "dra.cpu", "nri")
     # Node-allocatable mappings are off while the gate is alpha; one device per NUMA node.
     assert (config.group_by, config.publish_node_allocatable_resources) == ("numanode", False)
-    # Every folder the daemon uses on the host is mounted at the same path; /sys read-only.
+    # Every folder the daemon uses on the host is mounted at the same path; /sys read-only but for the cgroups
+    # (NRI writes hugepage claims' hugetlb reservation limits).
     assert host_mounts(objects) == {
         "/var/lib/kubelet/plugins": ("/var/lib/kubelet/plugins", False),
         "/var/lib/kubelet/plugins_registry": ("/var/lib/kubelet/plugins_registry", False),
@@ -146,6 +147,7 @@ def test_defaults(helm: Helm, tmp_path: Path) -> None:
         str(Path(config.nri_socket).parent): (str(Path(config.nri_socket).parent), False),
         config.state_dir: (config.state_dir, False),
         "/sys": ("/sys", True),
+        "/sys/fs/cgroup": ("/sys/fs/cgroup", False),
     }
     assert config.kubelet_root_dir == "/var/lib/kubelet"
 

@@ -6,12 +6,13 @@ device through CRI the way kubelet passes it. The machine may have only 2 CPUs: 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import grpc
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
+from dra_cpu.node.cgroups import find_hugetlb_hierarchy
 from tests.support.nri_node import ONLINE, Node, nri_node
 from tests.support.testenv_containerd import SCRIPT, Containerd
 from tests.support.waiting import eventually
@@ -67,7 +69,11 @@ def test_forged_env_gets_the_shared_pool_and_is_counted(node: Node) -> None:
     forger = cri.run_pod("forger")
     before = node.plugin.counters.forged_env
 
-    forged = cri.create_container(forger, "forged", env={f"DRA_CPUSET_{ref.uid}": str(claimed)})
+    # A copy of the claim's exact variable looks like a pod that shares the claim (NRI does not say which CDI
+    # devices a container got): refused, not run.
+    with pytest.raises(grpc.RpcError, match="does not share a claim's CPUs across pods"):
+        cri.create_container(forger, "copied", env={f"DRA_CPUSET_{ref.uid}": str(claimed)})
+    forged = cri.create_container(forger, "forged", env={f"DRA_CPUSET_{ref.uid}": str(ONLINE)})
     node.assert_allowed(forged, ONLINE - claimed)
     assert node.plugin.counters.forged_env == before + 1
     # The right pod with the wrong cpuset in its env is no better.
@@ -165,3 +171,81 @@ def test_two_claims_never_overlap_and_an_empty_shared_pool_refuses_containers(
             cri.create_container(pods[0], "unclaimed")
     finally:
         next(nodes, None)
+
+
+def test_containers_of_one_pod_share_its_claim_and_another_pod_is_refused(node: Node) -> None:
+    cri = node.cri
+    pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
+    ref = node.claim([pod.uid])
+    claimed = node.cpus_of(ref)
+    # Both containers reference the claim: both run on its CPUs (one scheduling unit, like a VM and its helper).
+    for name in ("app", "helper"):
+        node.assert_allowed(node.claimed_container(pod, ref, name=name), claimed)
+    # A second pod whose spec names the same claim gets the claim's CDI device (the kubelet does not prepare the
+    # claim again for it), and is refused with the reason rather than silently put on the shared pool.
+    before = node.plugin.counters.forged_env
+    with pytest.raises(grpc.RpcError) as refused:
+        node.claimed_container(cri.run_pod("second", uid=str(uuid.uuid4())), ref)
+    assert f"claim {ref} is prepared for pod {pod.uid}" in str(refused.value)
+    assert "dra-cpu does not share a claim's CPUs across pods" in str(refused.value)
+    assert (node.plugin.counters.shared_claim_refused, node.plugin.counters.forged_env) == (1, before)
+
+
+HUGEPAGES_2MI = Path("/sys/devices/system/node/node0/hugepages/hugepages-2048kB/nr_hugepages")
+
+
+@contextlib.contextmanager
+def _reserved_2mi_pages(count: int) -> Iterator[None]:
+    before = HUGEPAGES_2MI.read_text().strip()
+    HUGEPAGES_2MI.write_text(str(int(before) + count))
+    try:
+        if int(HUGEPAGES_2MI.read_text()) < int(before) + count:
+            pytest.skip(f"the kernel did not reserve {count} more 2 MiB pages on node 0")
+        yield
+    finally:
+        HUGEPAGES_2MI.write_text(before)
+
+
+@contextlib.contextmanager
+def _hugetlb_enabled(root: Path, cgroup: PurePosixPath) -> Iterator[None]:
+    """Enable the v2 hugetlb controller on `cgroup`'s ancestors, as the kubelet does on pure v2 nodes; on a hybrid
+    layout nobody enables it on the "unified" hierarchy, which holds nothing but hugetlb."""
+    enabled = []
+    try:
+        for directory in [root, *(root / str(p) for p in reversed(cgroup.parents) if str(p) != ".")]:
+            control = directory / "cgroup.subtree_control"
+            if "hugetlb" not in control.read_text().split():
+                control.write_text("+hugetlb")
+                enabled.append(control)
+        yield
+    finally:
+        for control in reversed(enabled):
+            with contextlib.suppress(OSError):  # busy while another run's cgroups use it: it is harmless left on
+                control.write_text("-hugetlb")
+
+
+def test_hugepage_claim_limits_read_back_from_cgroupfs(containerd: Containerd, tmp_path: Path) -> None:
+    """containerd drops the adjustment's hugepage limits while `disable_hugetlb_controller` is true (its default, and
+    this test environment's), and runc 1.1.5 writes no reservation limit: the enforcer writes both itself."""
+    hierarchy = find_hugetlb_hierarchy(Path("/sys/fs/cgroup"))
+    if hierarchy is None or hierarchy.version != 2:
+        pytest.skip("no cgroup v2 hugetlb controller on this machine")
+    with _reserved_2mi_pages(2):
+        nodes = nri_node(containerd, tmp_path)
+        node = next(nodes)
+        try:
+            cri = node.cri
+            pod = cri.run_pod("hugepages", uid=str(uuid.uuid4()))
+            ref = node.claim([pod.uid], hugepages_2mi="4Mi")
+            container_cgroup = PurePosixPath(pod.cgroup_parent.lstrip("/")) / "c"
+            with _hugetlb_enabled(hierarchy.root, container_cgroup):
+                pinned = node.claimed_container(pod, ref)
+                node.assert_allowed(pinned, node.cpus_of(ref), mems=CPUSet.of([0]))
+                directory = hierarchy.root / pod.cgroup_parent.lstrip("/") / pinned.id
+                for name in ("hugetlb.2MB.max", "hugetlb.2MB.rsvd.max"):
+                    assert (directory / name).read_text().strip() == str(4 << 20), name
+                assert node.plugin.counters.hugetlb_unenforced == 0
+                cri.remove_pod(pod)
+            assert node.driver.unprepare([ref]) == {ref.uid: ""}
+        finally:
+            next(nodes, None)

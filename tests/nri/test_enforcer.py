@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import PreparedClaim, PreparedDevice, State
+from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.nri.enforcer import NriConfig, NriEnforcer
@@ -134,3 +134,154 @@ def test_runtime_going_away_clears_ready_and_the_plugin_comes_back(runtime: tupl
 def test_bad_config_is_refused_with_its_value() -> None:
     with pytest.raises(DraCpuError, match="'7'"):
         NriConfig(plugin_index="7")
+
+
+HUGE = PreparedClaim(
+    ClaimRef("ns", "huge", "uid-h"),
+    (
+        PreparedDevice(("cpus",), "node", "cpu-numa0", cpus=CPUSet.parse("1")),
+        PreparedDevice(("mem",), "node", "hugepages-2mi-numa0", hugepages=HugePageGrant(0, 2048, 4 << 20)),
+    ),
+    ("pod-1",),
+)
+CGROUP = "/kubepods/pod-1/huge-container"
+
+
+def fake_hugetlb_tree(root: Path, version: int, rsvd: bool = True) -> Path:
+    """A cgroup root with the container's hugetlb files as the kernel shows them before any limit is set."""
+    if version == 2:
+        base, suffix, unlimited = root, "max", "max"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "cgroup.controllers").write_text("cpuset cpu memory hugetlb pids\n")
+    else:
+        base, suffix, unlimited = root / "hugetlb", "limit_in_bytes", str(2**63 - 1)
+        base.mkdir(parents=True)
+        (base / "cgroup.procs").write_text("")
+    directory = base / CGROUP.lstrip("/")
+    directory.mkdir(parents=True)
+    for name in [f"hugetlb.2MB.{suffix}", *([f"hugetlb.2MB.rsvd.{suffix}"] if rsvd else [])]:
+        (directory / name).write_text(f"{unlimited}\n")
+    return directory
+
+
+def _connected(tmp_path: Path, state: State, nri_version: str) -> tuple[Runtime, NriEnforcer]:
+    fake = Runtime(tmp_path / "nri.sock")
+    config = NriConfig(socket=tmp_path / "nri.sock", plugin_index="07", backoff_max=0.2, cgroup_root=tmp_path / "cg")
+    plugin = NriEnforcer(config, TOPOLOGY, state)
+    plugin.start()
+    fake.accept(nri_version)
+    fake.call("Synchronize", api.SynchronizeRequest(), api.SynchronizeResponse)
+    return fake, plugin
+
+
+def _create(fake: Runtime, cid: str, env: tuple[str, ...], pod: api.PodSandbox = POD) -> api.CreateContainerResponse:
+    request = api.CreateContainerRequest(pod=pod, container=container(cid, env))
+    request.container.linux.cgroups_path = CGROUP
+    created = fake.call("CreateContainer", request, api.CreateContainerResponse)
+    assert isinstance(created, api.CreateContainerResponse), created
+    return created
+
+
+def _start(fake: Runtime, cid: str) -> None:
+    event = api.StateChangeEvent(event=api.START_CONTAINER, pod=POD, container=container(cid))
+    event.container.linux.cgroups_path = CGROUP
+    assert fake.call("StateChange", event, api.Empty) == api.Empty()
+
+
+@pytest.mark.parametrize(("version", "suffix"), [(2, "max"), (1, "limit_in_bytes")])
+def test_hugepage_claim_limits_land_in_both_hugetlb_files(tmp_path: Path, version: int, suffix: str) -> None:
+    directory = fake_hugetlb_tree(tmp_path / "cg", version)
+    fake, plugin = _connected(tmp_path, State({"uid-h": HUGE}), "v0.12.0")
+    try:
+        created = _create(fake, "huge", ("DRA_CPUSET_uid-h=1",))
+        # What the runtime gets: OCI hugepageLimits (runc >= 1.1.10 writes both files from it) and cpuset.mems ...
+        resources = created.adjust.linux.resources
+        assert [(h.page_size, h.limit) for h in resources.hugepage_limits] == [("2MB", 4 << 20)]
+        assert (resources.cpu.cpus, resources.cpu.mems) == ("1", "0")
+        # ... and, after creation, what the enforcer makes sure of itself: the fault and the reservation limit.
+        _start(fake, "huge")
+        assert (directory / f"hugetlb.2MB.{suffix}").read_text() == str(4 << 20)
+        assert (directory / f"hugetlb.2MB.rsvd.{suffix}").read_text() == str(4 << 20)
+        assert plugin.counters.hugetlb_unenforced == 0
+    finally:
+        plugin.stop()
+
+
+def test_hugetlb_without_reservation_files_or_controller_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = fake_hugetlb_tree(tmp_path / "cg", 2, rsvd=False)
+    fake, plugin = _connected(tmp_path, State({"uid-h": HUGE}), "")
+    try:
+        _create(fake, "huge", ("DRA_CPUSET_uid-h=1",))
+        _start(fake, "huge")
+        assert (directory / "hugetlb.2MB.max").read_text() == str(4 << 20)
+        assert "no hugetlb reservation limit" in caplog.text
+        (directory / "hugetlb.2MB.max").unlink()
+        _start(fake, "huge")
+        assert plugin.counters.hugetlb_unenforced == 1
+        reasons = [str(getattr(r, "reason", "")) for r in caplog.records]
+        assert any("the hugetlb controller is not enabled for the container's cgroup" in r for r in reasons)
+    finally:
+        plugin.stop()
+
+
+def test_memory_policy_binds_claimed_containers_where_the_runtime_has_nri_0_12(tmp_path: Path) -> None:
+    fake, plugin = _connected(tmp_path, State({"uid-1": CLAIM}), "v0.12.2")
+    try:
+        assert plugin.memory_policy
+        policy = _create(fake, "pinned", ("DRA_CPUSET_uid-1=1",)).adjust.linux.memory_policy
+        assert (policy.mode, policy.nodes) == (api.MPOL_BIND, "0")
+        assert not _create(fake, "plain", ()).adjust.linux.HasField("memory_policy")
+    finally:
+        plugin.stop()
+
+
+@pytest.mark.parametrize("version", ["", "v0.9.0", "0.11.3"])
+def test_older_runtimes_get_no_memory_policy_and_it_is_said_once(
+    tmp_path: Path, version: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, plugin = _connected(tmp_path, State({"uid-1": CLAIM}), version)
+    try:
+        assert not plugin.memory_policy
+        adjust = _create(fake, "pinned", ("DRA_CPUSET_uid-1=1",)).adjust
+        assert not adjust.linux.HasField("memory_policy") and adjust.linux.resources.cpu.mems == "0"
+        assert fake.peer is not None
+        fake.peer.sock.close()
+        fake.accept(version)
+        fake.call("Synchronize", api.SynchronizeRequest(), api.SynchronizeResponse)
+        assert caplog.text.count("cannot set a memory policy") == 1
+    finally:
+        plugin.stop()
+
+
+def test_a_container_of_another_pod_using_the_claim_is_refused_naming_claim_and_pod(
+    runtime: tuple[Runtime, NriEnforcer],
+) -> None:
+    fake, plugin = runtime
+    fake.call("Synchronize", api.SynchronizeRequest(), api.SynchronizeResponse)
+    second = api.PodSandbox(id="sandbox-2", uid="pod-2", name="second", namespace="ns")
+    request = api.CreateContainerRequest(pod=second, container=container("app", ("DRA_CPUSET_uid-1=1",)))
+    refused = fake.call("CreateContainer", request, api.CreateContainerResponse)
+    assert getattr(refused, "code", None) == FAILED_PRECONDITION
+    assert getattr(refused, "message", "") == (
+        "claim ns/c is prepared for pod pod-1; container app of pod ns/second (pod-2) cannot use it: dra-cpu does "
+        "not share a claim's CPUs across pods (use one claim per pod, e.g. a ResourceClaimTemplate)"
+    )
+    assert (plugin.counters.shared_claim_refused, plugin.counters.forged_env) == (1, 0)
+    # An env that matches no prepared claim is still a forgery: shared pool, counted.
+    forged = fake.call(
+        "CreateContainer",
+        api.CreateContainerRequest(pod=second, container=container("forged", ("DRA_CPUSET_uid-1=0",))),
+        api.CreateContainerResponse,
+    )
+    assert isinstance(forged, api.CreateContainerResponse) and forged.adjust.linux.resources.cpu.cpus == "0"
+    assert plugin.counters.forged_env == 1
+    # Two containers of the claim's own pod share its CPUs.
+    for name in ("app", "sidecar"):
+        mine = fake.call(
+            "CreateContainer",
+            api.CreateContainerRequest(pod=POD, container=container(name, ("DRA_CPUSET_uid-1=1",))),
+            api.CreateContainerResponse,
+        )
+        assert isinstance(mine, api.CreateContainerResponse) and mine.adjust.linux.resources.cpu.cpus == "1"

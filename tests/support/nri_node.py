@@ -57,11 +57,15 @@ class Node:
         self.plugin = plugin
         return plugin
 
-    def claim(self, pod_uids: list[str], cpus: int = 1) -> ClaimRef:
-        """Write an allocated claim reserved for `pod_uids` and prepare it."""
+    def claim(self, pod_uids: list[str], cpus: int = 1, hugepages_2mi: str = "") -> ClaimRef:
+        """Write an allocated claim reserved for `pod_uids` (with `hugepages_2mi` bytes of 2 MiB pages from NUMA
+        node 0, e.g. "4Mi") and prepare it."""
         ref = ClaimRef("default", f"claim-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()))
-        result = allocation_result("dra.cpu", NODE, "cpu-numa0", consumed={"dra.cpu/cpu": str(cpus)})
-        obj = allocated_claim(ref.namespace, ref.name, [result], uid=ref.uid, pod_uids=pod_uids)
+        results = [allocation_result("dra.cpu", NODE, "cpu-numa0", consumed={"dra.cpu/cpu": str(cpus)})]
+        if hugepages_2mi:
+            consumed = {"dra.cpu/memory": hugepages_2mi}
+            results.append(allocation_result("dra.cpu", NODE, "hugepages-2mi-numa0", request="mem", consumed=consumed))
+        obj = allocated_claim(ref.namespace, ref.name, results, uid=ref.uid, pod_uids=pod_uids)
         path = self.claims_dir / "resourceclaims" / ref.namespace / f"{ref.name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(obj))

@@ -68,12 +68,13 @@ class Runtime:
         self.peer: Peer | None = None
         self.stream = 1
 
-    def accept(self) -> Peer:
+    def accept(self, nri_version: str = "") -> Peer:
         self.peer = Peer(self.listener.accept()[0])
         register = self.peer.read()
         request = nri_ttrpc_pb2.Request.FromString(register.payload)
         assert api.RegisterPluginRequest.FromString(request.payload).plugin_idx == self.plugin_index
-        response = self.call("Configure", api.ConfigureRequest(runtime_name="fake"), api.ConfigureResponse)
+        configure = api.ConfigureRequest(runtime_name="fake", NRI_version=nri_version)
+        response = self.call("Configure", configure, api.ConfigureResponse)
         assert isinstance(response, api.ConfigureResponse), response
         assert response.events == event_mask(EVENTS)
         self.peer.respond(register.stream)

@@ -95,6 +95,50 @@ CONTAINER_RUNNING: ContainerState.ValueType  # 3
 CONTAINER_STOPPED: ContainerState.ValueType  # 4
 Global___ContainerState: _TypeAlias = ContainerState  # noqa: Y015
 
+class _MpolMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MpolModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MpolMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MPOL_DEFAULT: _MpolMode.ValueType  # 0
+    MPOL_PREFERRED: _MpolMode.ValueType  # 1
+    MPOL_BIND: _MpolMode.ValueType  # 2
+    MPOL_INTERLEAVE: _MpolMode.ValueType  # 3
+    MPOL_LOCAL: _MpolMode.ValueType  # 4
+    MPOL_PREFERRED_MANY: _MpolMode.ValueType  # 5
+    MPOL_WEIGHTED_INTERLEAVE: _MpolMode.ValueType  # 6
+
+class MpolMode(_MpolMode, metaclass=_MpolModeEnumTypeWrapper):
+    """NRI 0.12: set_mempolicy(2) modes."""
+
+MPOL_DEFAULT: MpolMode.ValueType  # 0
+MPOL_PREFERRED: MpolMode.ValueType  # 1
+MPOL_BIND: MpolMode.ValueType  # 2
+MPOL_INTERLEAVE: MpolMode.ValueType  # 3
+MPOL_LOCAL: MpolMode.ValueType  # 4
+MPOL_PREFERRED_MANY: MpolMode.ValueType  # 5
+MPOL_WEIGHTED_INTERLEAVE: MpolMode.ValueType  # 6
+Global___MpolMode: _TypeAlias = MpolMode  # noqa: Y015
+
+class _MpolFlag:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MpolFlagEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MpolFlag.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MPOL_F_STATIC_NODES: _MpolFlag.ValueType  # 0
+    MPOL_F_RELATIVE_NODES: _MpolFlag.ValueType  # 1
+    MPOL_F_NUMA_BALANCING: _MpolFlag.ValueType  # 2
+
+class MpolFlag(_MpolFlag, metaclass=_MpolFlagEnumTypeWrapper):
+    """NRI 0.12: set_mempolicy(2) mode flags."""
+
+MPOL_F_STATIC_NODES: MpolFlag.ValueType  # 0
+MPOL_F_RELATIVE_NODES: MpolFlag.ValueType  # 1
+MPOL_F_NUMA_BALANCING: MpolFlag.ValueType  # 2
+Global___MpolFlag: _TypeAlias = MpolFlag  # noqa: Y015
+
 @_typing.final
 class RegisterPluginRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -178,6 +222,7 @@ class ConfigureRequest(_message.Message):
     RUNTIME_VERSION_FIELD_NUMBER: _builtins.int
     REGISTRATION_TIMEOUT_FIELD_NUMBER: _builtins.int
     REQUEST_TIMEOUT_FIELD_NUMBER: _builtins.int
+    NRI_VERSION_FIELD_NUMBER: _builtins.int
     config: _builtins.str
     """Any plugin-specific data, if present among the NRI configuration."""
     runtime_name: _builtins.str
@@ -188,6 +233,8 @@ class ConfigureRequest(_message.Message):
     """Configured registration timeout in milliseconds."""
     request_timeout: _builtins.int
     """Configured request processing timeout in milliseconds."""
+    NRI_version: _builtins.str
+    """NRI 0.12: version of NRI used by the runtime (empty from runtimes that predate the field)."""
     def __init__(
         self,
         *,
@@ -196,10 +243,11 @@ class ConfigureRequest(_message.Message):
         runtime_version: _builtins.str = ...,
         registration_timeout: _builtins.int = ...,
         request_timeout: _builtins.int = ...,
+        NRI_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "registration_timeout", b"registration_timeout", "request_timeout", b"request_timeout", "runtime_name", b"runtime_name", "runtime_version", b"runtime_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["NRI_version", b"NRI_version", "config", b"config", "registration_timeout", b"registration_timeout", "request_timeout", b"request_timeout", "runtime_name", b"runtime_name", "runtime_version", b"runtime_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1335,6 +1383,7 @@ class LinuxContainerAdjustment(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     CGROUPS_PATH_FIELD_NUMBER: _builtins.int
     OOM_SCORE_ADJ_FIELD_NUMBER: _builtins.int
+    MEMORY_POLICY_FIELD_NUMBER: _builtins.int
     cgroups_path: _builtins.str
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinuxDevice]: ...
@@ -1342,6 +1391,10 @@ class LinuxContainerAdjustment(_message.Message):
     def resources(self) -> Global___LinuxResources: ...
     @_builtins.property
     def oom_score_adj(self) -> Global___OptionalInt: ...
+    @_builtins.property
+    def memory_policy(self) -> Global___LinuxMemoryPolicy:
+        """NRI 0.12 (fields 5 to 11 are not used by dra-cpu and left out)."""
+
     def __init__(
         self,
         *,
@@ -1349,14 +1402,43 @@ class LinuxContainerAdjustment(_message.Message):
         resources: Global___LinuxResources | None = ...,
         cgroups_path: _builtins.str = ...,
         oom_score_adj: Global___OptionalInt | None = ...,
+        memory_policy: Global___LinuxMemoryPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["oom_score_adj", b"oom_score_adj", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memory_policy", b"memory_policy", "oom_score_adj", b"oom_score_adj", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroups_path", b"cgroups_path", "devices", b"devices", "oom_score_adj", b"oom_score_adj", "resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroups_path", b"cgroups_path", "devices", b"devices", "memory_policy", b"memory_policy", "oom_score_adj", b"oom_score_adj", "resources", b"resources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LinuxContainerAdjustment: _TypeAlias = LinuxContainerAdjustment  # noqa: Y015
+
+@_typing.final
+class LinuxMemoryPolicy(_message.Message):
+    """NRI 0.12: the container's default memory policy (set_mempolicy(2)); nodes in the kernel's list format."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    mode: Global___MpolMode.ValueType
+    nodes: _builtins.str
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedScalarFieldContainer[Global___MpolFlag.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        mode: Global___MpolMode.ValueType = ...,
+        nodes: _builtins.str = ...,
+        flags: _abc.Iterable[Global___MpolFlag.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "mode", b"mode", "nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxMemoryPolicy: _TypeAlias = LinuxMemoryPolicy  # noqa: Y015
 
 @_typing.final
 class ContainerUpdate(_message.Message):
