@@ -74,6 +74,8 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
         assert 'dra_cpu_prepare_total{result="success"} 1.0' in metrics
         assert "dra_cpu_active_claims 1.0" in metrics
         assert 'dra_cpu_hugepages_allocatable_bytes{numa_node="0",page_size="2Mi"} 1.34217728e+08' in metrics
+        for counter in ("forged_env", "shared_claim_refused", "hugetlb_unenforced", "nri_update_failures"):
+            assert f"dra_cpu_{counter} 0.0" in metrics, counter
         kubelet.close()
     finally:
         proc.send_signal(signal.SIGTERM)
