@@ -239,7 +239,7 @@ def _stuck_prepare(root: Path) -> tuple[subprocess.Popen[str], Stderr, threading
 
     def prepare() -> None:
         with contextlib.suppress(grpc.RpcError):
-            kubelet.prepare([ClaimRef("default", "stuck", "uid-stuck")], timeout=60)
+            kubelet.prepare([ClaimRef("default", "stuck", "5d0c7a9e-0000-4000-8000-00000057c0c0")], timeout=60)
         kubelet.close()
 
     caller = threading.Thread(target=prepare, daemon=True)
