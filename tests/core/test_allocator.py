@@ -167,9 +167,10 @@ def test_properties(free: set[int], count: int, spread: bool) -> None:
         newly_split = [w for w in whole_free if (w & got) and (w & got) != w]
         assert len(newly_split) <= count % 2
     if not spread:
+        # Whole cores come before L3 locality: only a request one L3 group can give as whole cores must stay there.
         groups = BIG.l3_groups(available)
-        if any(len(g) >= count for g in groups.values()):
-            assert len(BIG.l3_groups(got)) == 1, "a request that fits one L3 group stays in one"
+        if count % 2 == 0 and any(_whole_cores_in(g) >= count for g in groups.values()):
+            assert len(BIG.l3_groups(got)) == 1, "a request one L3 group can give as whole cores stays in one"
         nodes = [available & node.cpus for node in BIG.numa_nodes]
         if count % 2 == 0 and any(_whole_cores_in(n) >= count for n in nodes):
             assert len(BIG.numa_nodes_of(got)) == 1, "a request one NUMA node can give as whole cores stays there"

@@ -5,6 +5,7 @@ pods stay bound and unstarted, and are deleted with a zero grace period."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dra_cpu.core.devices import DeviceConfig, build_devices, build_slices
+from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, build_slices
 from dra_cpu.core.quantity import parse_quantity
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.parse import parse_slices
@@ -92,10 +93,13 @@ def nodes(control_plane: ControlPlane, admin: Kube) -> Iterator[list[str]]:
         delete_node(admin.api, name)
 
 
-def make_node(control_plane: ControlPlane, admin: Kube, nodes: list[str], sysfs_root: Path) -> TestNode:
+def make_node(
+    control_plane: ControlPlane, admin: Kube, nodes: list[str], sysfs_root: Path, group_by: GroupBy = GroupBy.NUMA_NODE
+) -> TestNode:
     name = unique("node")
     nodes.append(name)
-    return publish_node(control_plane.kubeconfig, admin.api, name, sysfs_root)
+    config = DeviceConfig(node_name=name, group_by=group_by)
+    return publish_node(control_plane.kubeconfig, admin.api, name, sysfs_root, config)
 
 
 def isolated_copy(root: Path, name: str) -> Path:
@@ -176,22 +180,23 @@ def check_allocation(
 
 def node_for(
     path: Path, claims: list[dict[str, Any]], pod: Mapping[str, Any], classes_file: Path, tmp_path: Path
-) -> Path:
-    """The first sysfs capture on which explain predicts every claim of the example fits and which has the CPUs the
-    pod's containers request (the examples repeat the claim's CPUs in requests)."""
+) -> tuple[Path, GroupBy]:
+    """The first sysfs capture and device grouping (by NUMA node first) on which explain predicts every claim of the
+    example fits and which has the CPUs the pod's containers request (the examples repeat the claim's CPUs in
+    requests)."""
     wanted = sum(
         parse_quantity(c.get("resources", {}).get("requests", {}).get("cpu", "0")) for c in pod["spec"]["containers"]
     )
     candidates = [FIXTURES / n for n in sorted(p.name for p in FIXTURES.iterdir())]
     candidates.append(isolated_copy(tmp_path, "dual-socket-smt2"))
-    for root in candidates:
+    for group_by, root in itertools.product(GroupBy, candidates):
         topology = read_topology(root)
         if len(topology.online_cpus) < wanted:
             continue
-        config = DeviceConfig(node_name="probe")
+        config = DeviceConfig(node_name="probe", group_by=group_by)
         offline = build_slices(build_devices(topology, config), config)
         if all(explain(path, c["metadata"]["name"], classes_file, offline, tmp_path)["satisfiable"] for c in claims):
-            return root
+            return root, group_by
     raise AssertionError(f"{path.name}: no capture fits")
 
 
@@ -208,7 +213,7 @@ def test_example_pods_get_the_allocation_explain_predicts(
     docs = documents(path)
     claims = [d for d in docs if d["kind"] == "ResourceClaim"]
     [pod] = [d for d in docs if d["kind"] == "Pod"]
-    node = make_node(control_plane, admin, nodes, node_for(path, claims, pod, classes_file, tmp_path))
+    node = make_node(control_plane, admin, nodes, *node_for(path, claims, pod, classes_file, tmp_path))
     predicted = {
         c["metadata"]["name"]: explain(path, c["metadata"]["name"], classes_file, node.slices, tmp_path) for c in claims
     }

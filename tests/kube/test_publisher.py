@@ -22,6 +22,7 @@ from kubernetes import client
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceConfig, DeviceMode, build_devices
+from dra_cpu.kube.api import ClusterError
 from dra_cpu.kube.apiserver import GROUP, SLICES, VERSION, KubeAPI, connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
@@ -355,9 +356,9 @@ def test_a_conflict_is_resolved_by_reading_again(kube: KubeAPI, config: DeviceCo
 
 @pytest.fixture(scope="module")
 def gateless_apiserver(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    """A kube-apiserver of its own with the DRAConsumableCapacity gate off, which drops that feature's fields as any
-    server with the gate off does (the shared server keeps the gate on)."""
-    gates = {**FEATURE_GATES, "DRAConsumableCapacity": False}
+    """A kube-apiserver of its own with the DRAConsumableCapacity and DRANodeAllocatableResources gates off, which
+    drops those features' fields as any server with the gates off does (the shared server keeps them on)."""
+    gates = {**FEATURE_GATES, "DRAConsumableCapacity": False, "DRANodeAllocatableResources": False}
     with started(request, tmp_path_factory, APISERVER_ONLY, gates, name="gateless") as plane:
         yield plane.apiserver
 
@@ -389,24 +390,50 @@ def test_fields_the_server_drops_are_reported_once(
     kube.close()
 
 
-def test_node_allocatable_mappings_a_1_34_server_drops_name_their_gate(
+def test_node_allocatable_mappings_are_kept_by_a_server_with_the_gate(
     kube: KubeAPI, config: DeviceConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The shared test server has the 1.34 schema, which has no nodeAllocatableResources: it drops them as a
-    1.36/1.37 server with DRANodeAllocatableResources off does, and the warning names that gate."""
+    """The shared server has DRANodeAllocatableResources on: the mappings are stored as sent. Its admission
+    (NodeDeclaredFeatures) wants the slice's Node to declare the feature, as a kubelet with the gate on does; until
+    it does, the write is refused with the server's reason, which the publisher reports."""
     mapped = replace(config, node_allocatable=True)
     publisher = SlicePublisher(kube, mapped, LOG)
     devices = devices_of(FIXTURES / "dual-socket-smt2", mapped)
-    assert all(d.to_api()["nodeAllocatableResources"] for d in devices)
-    publisher.set_devices(devices)
+    create_node(kube.api_client, mapped.node_name, cpus=16, memory=8 << 30)
+    try:
+        publisher.set_devices(devices)
+        with pytest.raises(ClusterError, match="does not support DRANodeAllocatableResources feature"):
+            publisher.sync_once()
+        status = {"status": {"declaredFeatures": ["DRANodeAllocatableResources"]}}
+        client.CoreV1Api(kube.api_client).patch_node_status(mapped.node_name, status)
+        with caplog.at_level(logging.WARNING, logger=LOG.name):
+            assert publisher.sync_once() == 1
+            assert publisher.sync_once() == 0
+        assert [r for r in caplog.records if r.levelno == logging.WARNING] == []
+        [stored] = kube.list_slices(mapped.driver_name, mapped.node_name)
+        sent = {d.name: d.to_api()["nodeAllocatableResources"] for d in devices}
+        assert {d["name"]: d["nodeAllocatableResources"] for d in stored["spec"]["devices"]} == sent
+        assert sent["cpu-numa0"]["cpu"] == {"mapping": {"capacityKey": "dra.cpu/cpu", "capacityMultiplier": "1"}}
+    finally:
+        delete_node(kube.api_client, mapped.node_name)
+
+
+def test_node_allocatable_mappings_a_server_without_the_gate_drops_name_their_gate(
+    gateless_apiserver: ApiServer, config: DeviceConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube = connect(str(gateless_apiserver.kubeconfig))
+    mapped = replace(config, node_allocatable=True)
+    publisher = SlicePublisher(kube, mapped, LOG)
+    publisher.set_devices(devices_of(FIXTURES / "dual-socket-smt2", mapped))
     with caplog.at_level(logging.WARNING, logger=LOG.name):
         assert publisher.sync_once() == 1
         assert publisher.sync_once() == 0
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert warning.__dict__["droppedFields"] == "spec.devices[*].nodeAllocatableResources"
-    assert "is the DRANodeAllocatableResources feature gate off?" in warning.getMessage()
+    assert "spec.devices[*].nodeAllocatableResources" in warning.__dict__["droppedFields"].split(",")
+    assert "DRANodeAllocatableResources" in warning.getMessage()
     [stored] = kube.list_slices(mapped.driver_name, mapped.node_name)
     assert all("nodeAllocatableResources" not in d for d in stored["spec"]["devices"])
+    kube.close()
 
 
 class Outage:
