@@ -15,6 +15,7 @@ pytest_plugins: list[str] = [
     "testenv_apiserver",
     "kubelet_node",
     "testenv_helm",
+    "tests.support.guest",
 ]
 
 
