@@ -128,6 +128,9 @@ rootfs() {
   cp -p "$(busybox_image localhost/busybox:latest)" "$root$TESTENV_CACHE/images/"
   install -m 0755 "$here/guest/init" "$root/sbin/dra-guest-init"
   echo "dra-guest" >"$root/etc/hostname"
+  # Pods with the host network get copies of these; there is no network beyond loopback.
+  printf '127.0.0.1 localhost\n127.0.1.1 dra-guest\n::1 localhost\n' >"$root/etc/hosts"
+  : >"$root/etc/resolv.conf"
   echo "::respawn:/sbin/dra-guest-init agent" >"$root/etc/inittab"
   # Room for containerd's snapshots and state: the image is sparse and each boot writes to a throwaway overlay.
   rm -f "$out"
