@@ -15,7 +15,7 @@ pytest_plugins: list[str] = [
     "testenv_apiserver",
     "kubelet_node",
     "testenv_helm",
-    "tests.support.guest",
+    "tests.support.guest_node",
 ]
 
 

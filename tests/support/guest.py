@@ -188,7 +188,8 @@ class Guest:
         start = time.monotonic()
         request_id = self._send({"op": op, **fields})
         reply = self._receive(request_id, timeout + 30)
-        self.timings.append((f"{op} {fields.get('argv', fields.get('path', ''))}"[:160], time.monotonic() - start))
+        what = fields.get("argv") or fields.get("path") or fields.get("function") or fields.get("pid") or ""
+        self.timings.append((f"{op} {what}"[:160], time.monotonic() - start))
         if reply is None:
             raise GuestError(f"no answer to {op} within {timeout + 30:.0f} s:\n{self.console_tail()}")
         if "error" in reply:
@@ -230,6 +231,11 @@ class Guest:
         """Start a process in its own session, its output appended to `log`; returns its pid."""
         pid: int = self.request("spawn", argv=list(argv), log=log, env=dict(env or {}), cwd=str(ROOT))["pid"]
         return pid
+
+    def wait(self, pid: int, timeout: float) -> int | None:
+        """The exit status of a spawned process, once it has exited within `timeout`; None while it runs."""
+        rc: int | None = self.request("wait", timeout=timeout, pid=pid, seconds=timeout)["rc"]
+        return rc
 
     def read(self, path: str) -> str:
         text: str = self.request("read", path=path)["text"]

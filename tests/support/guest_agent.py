@@ -7,6 +7,8 @@ JSON request per line on the virtio-serial port named on its command line, answe
       -> {"id": N, "rc": RC, "stdout": TEXT, "stderr": TEXT, "seconds": S}   (rc -9 and "timedOut": true on timeout)
   {"id": N, "op": "spawn", "argv": [...], "log": FILE, "env": {...}?, "cwd": DIR?}   -> {"id": N, "pid": PID}
       a process in its own session, stdout and stderr to FILE; it outlives the request
+  {"id": N, "op": "wait", "pid": PID, "seconds": S}   -> {"id": N, "rc": RC or null while it runs}
+      for a spawned process (the agent reaps it: a zombie would still answer kill -0)
   {"id": N, "op": "read", "path": FILE}            -> {"id": N, "text": TEXT}
   {"id": N, "op": "write", "path": FILE, "text": TEXT}   -> {"id": N}
   {"id": N, "op": "call", "module": NAME, "function": F, "kwargs": {...}}   -> {"id": N, "result": VALUE}
@@ -31,6 +33,7 @@ from types import ModuleType
 from typing import Any
 
 _MODULES: dict[str, ModuleType] = {}
+_SPAWNED: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def _module(name: str) -> ModuleType:
@@ -43,6 +46,7 @@ def _module(name: str) -> ModuleType:
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot import {path}")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
         _MODULES[name] = module
     return _MODULES[name]
@@ -96,7 +100,13 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
                 cwd=request.get("cwd"),
                 start_new_session=True,
             )
+        _SPAWNED[process.pid] = process
         return {"pid": process.pid}
+    if op == "wait":
+        try:
+            return {"rc": _SPAWNED[request["pid"]].wait(request.get("seconds", 0))}
+        except subprocess.TimeoutExpired:
+            return {"rc": None}
     if op == "read":
         with open(request["path"], errors="replace") as f:
             return {"text": f.read()}
