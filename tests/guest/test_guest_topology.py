@@ -3,6 +3,8 @@ siblings, NUMA nodes with their distances, the memory-only node, hugepages reser
 
 from __future__ import annotations
 
+import json
+
 from tests.support.guest import SPEC, Guest
 from tests.support.guest_node import cpulist
 
@@ -60,3 +62,26 @@ def test_the_guest_kernel_itself_has_that_topology(guest: Guest) -> None:
     assert [m[1] for m in mounts if m[2] == "cgroup2"] == ["/sys/fs/cgroup"]
     assert not [m for m in mounts if m[2] == "cgroup"]
     assert {"cpuset", "cpu", "memory", "hugetlb"} <= set(guest.read("/sys/fs/cgroup/cgroup.subtree_control").split())
+
+
+def test_bench_numa_writes_the_node_matrix_with_placement_verified(guest: Guest) -> None:
+    """Every (CPU node, memory node) pair, the memory-only node among the memory nodes, with the pages found by the
+    kernel (numa_maps) on the node asked for. Figures are TCG's, not a NUMA machine's: only their presence counts."""
+    out = "/tmp/bench-numa"
+    report = guest.dra_cpu("bench", "numa", "--quick", "-o", "json", "--output-dir", out, timeout=600).json()
+    assert json.loads(guest.read(f"{out}/numa.json")) == report
+    assert set(guest.run(["ls", out]).stdout.split()) >= {"numa.json", "numa-copy.png", "numa-latency.png"}
+
+    cpu_nodes = [n.id for n in SPEC.nodes if n.cpus]
+    assert report["cpuNodes"] == cpu_nodes
+    assert report["memoryNodes"] == [n.id for n in SPEC.nodes]
+    pairs = {(r["cpuNode"], r["memoryNode"]): r for r in report["results"]}
+    assert set(pairs) == {(c, m) for c in cpu_nodes for m in report["memoryNodes"]}
+    for (cpu_node, memory_node), row in pairs.items():
+        assert row["valid"] is True, row
+        # The benchmark's threads run where a pod without claims may: the node's CPUs but the isolated one.
+        assert cpulist(row["cpus"]) == set(SPEC.nodes[cpu_node].cpus) - {SPEC.isolated_cpu}, row
+        placement = row["placement"]
+        assert placement["policy"] == f"bind:{memory_node}"
+        assert placement["pagesByNode"] == {str(memory_node): placement["expectedPages"]}, row
+        assert row["copyGBps"] > 0 and row["triadGBps"] > 0 and row["latencyNs"] > 0
