@@ -85,3 +85,14 @@ def test_bench_numa_writes_the_node_matrix_with_placement_verified(guest: Guest)
         assert placement["policy"] == f"bind:{memory_node}"
         assert placement["pagesByNode"] == {str(memory_node): placement["expectedPages"]}, row
         assert row["copyGBps"] > 0 and row["triadGBps"] > 0 and row["latencyNs"] > 0
+
+
+def test_demo_confines_a_process_with_a_cgroup_v2_cpuset(guest: Guest) -> None:
+    """`dra-cpu demo` walks a claim through the driver and confines a process with the cgroups module, which here
+    finds cpuset on cgroup2 at /sys/fs/cgroup (the hybrid test machines only ever show it v1)."""
+    out = guest.dra_cpu("demo", "--cpus", "2").stdout
+    assert "cpu-isolated-numa1" in out and "hugepages-2mi-numa2" in out, out
+    assert "confined by a cgroup-v2 cpuset reads Cpus_allowed_list: 0-1 " in out, out
+    assert "Demo succeeded" in out
+    # It leaves no cgroup behind.
+    assert guest.run("find /sys/fs/cgroup -mindepth 1 -type d -name 'dra-cpu-demo-*'").stdout == ""
