@@ -269,9 +269,12 @@ class Guest:
 
     def _check_alive(self, deadline: float) -> None:
         if self.process.poll() is not None:
-            raise GuestError(f"qemu exited ({self.process.returncode}) while booting:\n{self.console_tail()}")
+            status = self.process.returncode
+            raise GuestError(f"qemu exited ({status}) while booting (logs in {self.workdir}):\n{self.console_tail()}")
         if time.monotonic() > deadline:
-            raise GuestError(f"the guest did not answer within {BOOT_TIMEOUT:.0f} s:\n{self.console_tail()}")
+            raise GuestError(
+                f"the guest did not answer within {BOOT_TIMEOUT:.0f} s (logs in {self.workdir}):\n{self.console_tail()}"
+            )
 
     def poweroff(self) -> None:
         try:
