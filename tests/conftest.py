@@ -15,6 +15,7 @@ pytest_plugins: list[str] = [
     "tests.support.testenv_apiserver",
     "tests.support.kubelet_node",
     "tests.support.testenv_helm",
+    "tests.support.guest_node",
 ]
 
 
@@ -22,9 +23,3 @@ pytest_plugins: list[str] = [
 def sysfs_fixture(request: pytest.FixtureRequest) -> Path:
     """Each real-kernel sysfs capture under tests/fixtures/sysfs."""
     return SYSFS / str(request.param)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The cgroup v2 tests move the cpuset and cpu controllers, which the kernel releases only once no cgroup of
-    # theirs is left, dying ones included: containers that exited minutes earlier (the podman tests) still hold them.
-    items.sort(key=lambda item: item.path.name != "test_cgroupv2.py")

@@ -1,0 +1,115 @@
+"""The NRI enforcement scenarios of tests/test_nri_containerd.py on a pure cgroup v2 node, against containerd 2.1 and
+1.7 inside the test guest: only cgroup2 is mounted, on /sys/fs/cgroup, as on most production nodes. The driver is
+`dra-cpu run --enforcement nri`; what each container may use is read from the guest's /proc and its cgroup."""
+
+from __future__ import annotations
+
+import uuid
+
+from tests.support.guest import SPEC
+from tests.support.guest_node import GuestNode, cpulist, format_cpulist, result
+
+
+def test_claimed_container_pinned_and_shared_pool_follows_claims(guest_node: GuestNode) -> None:
+    node = guest_node
+    general = node.shared()
+    bystander = node.create_container(node.run_pod("bystander"), "plain")
+    node.assert_allowed(bystander, general)
+
+    pod = node.run_pod("claimant", uid=str(uuid.uuid4()))
+    claim = node.prepared([result("cpu-numa0", cpus=1)], [pod.uid])
+    claimed = node.granted(claim)
+    assert len(claimed) == 1
+    # Prepare shrinks the running bystander at once, before any container of the claim exists.
+    node.assert_allowed(bystander, general - claimed)
+
+    pinned = node.create_container(pod, "pinned", claims=[claim])
+    node.assert_allowed(pinned, claimed, mems={0})
+    env = node.exec(pinned, ["env"])["stdout"].splitlines()
+    assert f"DRA_CPUSET_{claim.uid}={format_cpulist(claimed)}" in env
+    # A container of the same pod without the claim's device is shared.
+    sidecar = node.create_container(pod, "sidecar")
+    node.assert_allowed(sidecar, general - claimed)
+
+    node.remove_pod(pod)
+    assert node.unprepare(claim) == ""
+    node.assert_allowed(bystander, general)
+
+
+def test_forged_env_gets_the_shared_pool_and_is_counted(guest_node: GuestNode) -> None:
+    node = guest_node
+    owner = node.run_pod("owner", uid=str(uuid.uuid4()))
+    claim = node.prepared([result("cpu-numa1", cpus=1)], [owner.uid])
+    claimed = node.granted(claim)
+    shared = node.shared()
+    before = node.metric("dra_cpu_forged_env")
+
+    env = f"DRA_CPUSET_{claim.uid}"
+    forged = node.create_container(node.run_pod("forger"), "forged", env={env: format_cpulist(claimed)})
+    node.assert_allowed(forged, shared)
+    assert node.metric("dra_cpu_forged_env") == before + 1
+    # The right pod with the wrong cpuset in its env is no better.
+    mismatched = node.create_container(owner, "mismatched", env={env: format_cpulist(shared)})
+    node.assert_allowed(mismatched, shared)
+    assert node.metric("dra_cpu_forged_env") == before + 2
+
+
+def test_someone_elses_update_does_not_unpin(guest_node: GuestNode) -> None:
+    node = guest_node
+    pod = node.run_pod("claimant", uid=str(uuid.uuid4()))
+    claim = node.prepared([result("cpu-numa0", cpus=2)], [pod.uid])
+    pinned = node.create_container(pod, "pinned", claims=[claim])
+    plain = node.create_container(pod, "plain")
+    node.assert_allowed(pinned, node.granted(claim))
+
+    everything = format_cpulist(node.online())
+    node.update_resources(pinned, cpuset_cpus=everything)
+    node.update_resources(plain, cpuset_cpus=everything)
+    node.assert_allowed(pinned, node.granted(claim))
+    node.assert_allowed(plain, node.shared())
+
+
+def test_plugin_restart_keeps_pins_and_reconciles(guest_node: GuestNode) -> None:
+    node = guest_node
+    pod = node.run_pod("claimant", uid=str(uuid.uuid4()))
+    claim = node.prepared([result("cpu-numa1", cpus=2)], [pod.uid])
+    claimed = node.granted(claim)
+    pinned = node.create_container(pod, "pinned", claims=[claim])
+    node.assert_allowed(pinned, claimed)
+
+    assert node.stop_driver() == 0
+    try:
+        # While no plugin is connected the runtime creates containers unpinned: the kernel gives them every CPU
+        # of the cgroup root, the isolated one too.
+        missed = node.create_container(node.run_pod("while-down"), "missed")
+        assert node.allowed(missed).cpus >= node.online() - {SPEC.isolated_cpu}
+        node.assert_allowed(pinned, claimed)
+    finally:
+        node.start_driver()
+    # Synchronize puts them on the shared pool; the pinned one stays pinned (the checkpoint kept the claim).
+    node.assert_allowed(missed, node.shared())
+    node.assert_allowed(pinned, claimed)
+
+
+def test_container_cgroup_is_a_v2_cgroup_under_the_pod_parent(guest_node: GuestNode) -> None:
+    node = guest_node
+    bystander = node.create_container(node.run_pod("bystander"), "plain")
+    pod = node.run_pod("claimant", uid=str(uuid.uuid4()))
+    claim = node.prepared([result("cpu-numa0", cpus=1)], [pod.uid])
+    claimed = node.granted(claim)
+    pinned = node.create_container(pod, "pinned", claims=[claim])
+    node.assert_allowed(pinned, claimed, mems={0})
+    node.assert_allowed(bystander, node.shared())
+
+    for container, cpus in ((pinned, claimed), (bystander, node.shared())):
+        # One line, "0::<path>": no v1 hierarchy holds the process.
+        [line] = node.guest.read(f"/proc/{node.pid(container)}/cgroup").splitlines()
+        path = line.removeprefix("0::")
+        assert path.startswith(f"{node.cgroup_parent}/pod{container.pod.uid}/") and path.endswith(container.id), path
+        directory = f"/sys/fs/cgroup{path}"
+        assert node.cgroup(container) == directory
+        # The cgroup itself is what enforces it: configured and effective sets, not only the task's affinity.
+        assert cpulist(node.guest.read(f"{directory}/cpuset.cpus")) == cpus
+        assert cpulist(node.guest.read(f"{directory}/cpuset.cpus.effective")) == cpus
+        assert {"cpuset", "cpu"} <= set(node.guest.read(f"{directory}/cgroup.controllers").split())
+    assert cpulist(node.cgroup_file(pinned, "cpuset.mems")) == {0}

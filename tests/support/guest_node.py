@@ -1,0 +1,476 @@
+"""A Kubernetes node inside the test guest, driven from the host: containerd (hack/testenv/containerd.sh, unchanged,
+in the guest) on pure cgroup v2, the driver as `python3 -m dra_cpu run --standalone DIR --enforcement nri`, and the
+kubelet's part played by tests/support/guest_runtime.py (CRI calls, plugin registration, NodePrepareResources).
+
+Everything a test asserts is read from the guest kernel: /proc/<pid>/status, /proc/<pid>/numa_maps, the container's
+cgroup files under /sys/fs/cgroup, sysfs.
+
+Fixture:
+  guest_node   a GuestNode per containerd version that `containerd.sh versions` names (2.1.x, 1.7.x), started for a
+               test module and shared by its tests; pods and claims a test made are removed after it. A module that
+               wants only the first (newest) version says so with `pytestmark = only_newest_containerd`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import yaml
+
+# The session's `guest` fixture and the summary hook are registered with pytest as part of this plugin.
+from tests.support.guest import ROOT, Guest, GuestError, guest_fixture, pytest_terminal_summary  # noqa: F401
+
+DRIVER = "dra.cpu"
+NODE = "dra-guest"
+CONTAINERD = ROOT / "hack" / "testenv" / "containerd.sh"
+VERSIONS = subprocess.run(
+    ["bash", str(CONTAINERD), "versions"], check=True, capture_output=True, text=True
+).stdout.split()
+"""The containerd versions the guest was built with (hack/testenv/guest.sh copies what containerd.sh installed)."""
+
+
+def cpulist(text: str) -> frozenset[int]:
+    """A kernel cpu list ("0-3,6") as a set."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return frozenset(cpus)
+
+
+def format_cpulist(cpus: Iterable[int]) -> str:
+    ordered = sorted(cpus)
+    runs: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        runs.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(runs)
+
+
+def eventually(check: Callable[[], object], what: str, timeout: float = 60.0, interval: float = 0.2) -> None:
+    """Until `check()` returns True; on timeout the failure names `what` and the last value seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = check()
+        if last is True:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still {last!r} after {timeout:.0f} s")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """What the kernel lets a task use: Cpus_allowed_list and Mems_allowed_list of /proc/<pid>/status."""
+
+    cpus: frozenset[int]
+    mems: frozenset[int]
+
+    @classmethod
+    def parse(cls, status: str) -> Allowed:
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        return cls(cpulist(fields["Cpus_allowed_list"]), cpulist(fields["Mems_allowed_list"]))
+
+
+@dataclass(frozen=True)
+class Pod:
+    id: str
+    uid: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Container:
+    id: str
+    name: str
+    pod: Pod
+
+
+@dataclass(frozen=True)
+class Claim:
+    namespace: str
+    name: str
+    uid: str
+
+    def ref(self) -> dict[str, str]:
+        return {"namespace": self.namespace, "name": self.name, "uid": self.uid}
+
+
+GUEST_USR = {"container_path": "/guest-usr", "host_path": "/usr", "readonly": True}
+"""Mount the guest's /usr into a busybox container, for `container_python`."""
+PYTHON_ENV = {"PYTHONHOME": "/guest-usr"}
+
+
+def container_python(code: str, *args: str) -> list[str]:
+    """A command running the guest's python3 inside a busybox container that has GUEST_USR mounted and PYTHON_ENV
+    set: the dynamic loader is called by path, since the container has no /lib64. The process stays the
+    container's, in its cgroup, under its cpuset and hugetlb limits."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"  # the guest's: the fixture checked they agree
+    lib = "/guest-usr/lib/x86_64-linux-gnu"
+    return [f"{lib}/ld-linux-x86-64.so.2", "--library-path", lib, f"/guest-usr/bin/python{version}", "-c", code, *args]
+
+
+def pages_by_node(numa_maps: str, huge: bool = False) -> dict[int, int]:
+    """Pages per NUMA node of a process's anonymous mappings (or, with `huge`, its hugetlb mappings), from
+    /proc/<pid>/numa_maps. File-backed pages are left out: the page cache is shared and lands where it was read."""
+    pages: dict[int, int] = {}
+    for line in numa_maps.splitlines():
+        words = line.split()
+        if huge != ("huge" in words):
+            continue
+        # An anonymous hugetlb mapping shows as file=/anon_hugepage (deleted); other files are the page cache.
+        if not huge and (any(w.startswith("file=") for w in words) or not any(w.startswith("anon=") for w in words)):
+            continue
+        for word in words:
+            if word.startswith("N") and "=" in word:
+                node, count = word[1:].split("=")
+                pages[int(node)] = pages.get(int(node), 0) + int(count)
+    return pages
+
+
+def result(device: str, request: str = "cpus", cpus: int | None = None, memory: str | None = None) -> dict[str, Any]:
+    """One allocation result as the scheduler writes it into a claim's status."""
+    consumed = {}
+    if cpus is not None:
+        consumed[f"{DRIVER}/cpu"] = str(cpus)
+    if memory is not None:
+        consumed[f"{DRIVER}/memory"] = memory
+    return {
+        "request": request,
+        "driver": DRIVER,
+        "pool": NODE,
+        "device": device,
+        "shareID": str(uuid.uuid4()),
+        **({"consumedCapacity": consumed} if consumed else {}),
+    }
+
+
+@dataclass
+class GuestNode:
+    guest: Guest
+    version: str
+    dir: str
+    """All of this node's state in the guest: containerd's (DIR/containerd), the driver's, the cluster folder."""
+    metrics_port: int = 9400
+    cgroup_parent: str = ""
+    driver_pid: int = 0
+    claims: list[Claim] = field(default_factory=list)
+    _pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def containerd_dir(self) -> str:
+        return f"{self.dir}/containerd"
+
+    @property
+    def cri_socket(self) -> str:
+        return f"{self.containerd_dir}/containerd.sock"
+
+    @property
+    def cdi_dir(self) -> str:
+        return f"{self.containerd_dir}/cdi"
+
+    @property
+    def cluster(self) -> str:
+        return f"{self.dir}/cluster"
+
+    @property
+    def registration(self) -> str:
+        return f"{self.dir}/kubelet/plugins_registry/{DRIVER}-reg.sock"
+
+    @property
+    def driver_log(self) -> str:
+        return f"{self.dir}/driver.log"
+
+    def call(self, function: str, **kwargs: Any) -> Any:
+        return self.guest.request("call", module="guest_runtime", function=function, kwargs=kwargs)["result"]
+
+    # containerd and the driver.
+    def start_containerd(self) -> None:
+        self.guest.run(["bash", str(CONTAINERD), "start", self.version, self.containerd_dir], timeout=120)
+        self.cgroup_parent = self.guest.read(f"{self.containerd_dir}/cgroup-parent").strip()
+        self.call("cri_version", socket=self.cri_socket)
+
+    def stop_containerd(self) -> None:
+        self.call("close", socket=self.cri_socket)
+        self.guest.run(["bash", str(CONTAINERD), "stop", self.version, self.containerd_dir], timeout=120)
+
+    def start_driver(self, *extra: str) -> None:
+        """`dra-cpu run` with NRI enforcement; returns once it has registered with the stand-in kubelet."""
+        argv = [
+            # faulthandler: a daemon that hangs is sent SIGABRT and its threads' stacks land in its log.
+            "python3", "-X", "faulthandler", "-m", "dra_cpu", "run",
+            "--standalone", self.cluster,
+            "--node-name", NODE,
+            "--enforcement", "nri",
+            "--nri-socket", f"{self.containerd_dir}/nri.sock",
+            "--kubelet-root-dir", f"{self.dir}/kubelet",
+            "--cdi-root", self.cdi_dir,
+            "--state-dir", f"{self.dir}/state",
+            "--metrics-address", f"127.0.0.1:{self.metrics_port}",
+            "--hugepage-poll-seconds", "1",
+            "--log-level", "debug",
+            *extra,
+        ]  # fmt: skip
+        self.guest.run(["mkdir", "-p", f"{self.dir}/state", self.cluster])
+        self.driver_pid = self.guest.spawn(argv, self.driver_log)
+        # The registration socket appears once NRI has synchronized with containerd.
+        waited = self.guest.run(
+            f"for i in $(seq 600); do [ -S {self.registration} ] && exit 0; kill -0 {self.driver_pid} || exit 3; "
+            "sleep 0.1; done; exit 4",
+            check=False,
+        )
+        if waited.rc != 0:
+            raise GuestError(f"dra-cpu run did not register ({waited.rc}):\n{self.log_tail()}")
+        self.call("register", registration=self.registration)
+
+    def stop_driver(self) -> int:
+        """SIGTERM, as the kubelet stops a pod; returns the exit status."""
+        if not self.driver_pid:
+            return 0
+        self.call("unregister", registration=self.registration)
+        pid, self.driver_pid = self.driver_pid, 0
+        self.guest.run(["kill", "-TERM", str(pid)])
+        rc = self.guest.wait(pid, 60)
+        if rc is None:
+            self.guest.run(["kill", "-ABRT", str(pid)])
+            self.guest.wait(pid, 30)
+            raise AssertionError(f"dra-cpu run (pid {pid}) did not stop on SIGTERM:\n{self.log_tail(150)}")
+        return rc
+
+    def log_tail(self, lines: int = 40) -> str:
+        return self.guest.run(["tail", f"-{lines}", self.driver_log], check=False).stdout
+
+    def metric(self, name: str) -> float:
+        text = self.call("http_get", url=f"http://127.0.0.1:{self.metrics_port}/metrics")
+        values = [float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name]
+        assert values, f"no metric {name}"
+        return sum(values)
+
+    # Pods and containers, through CRI as kubelet would.
+    def run_pod(self, name: str, uid: str = "") -> Pod:
+        pod = self.call("run_pod", socket=self.cri_socket, name=name, cgroup_parent=self.cgroup_parent, uid=uid)
+        return Pod(pod["id"], pod["uid"], pod["name"])
+
+    def create_container(
+        self,
+        pod: Pod,
+        name: str,
+        *,
+        claims: Sequence[Claim] = (),
+        command: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        mounts: Sequence[Mapping[str, Any]] = (),
+    ) -> Container:
+        """A container with the CDI devices of `claims` (as the kubelet passes the prepared claims' devices)."""
+        cdi = [device for claim in claims for device in self.cdi_ids(claim)]
+        container_id = self.call(
+            "create_container",
+            socket=self.cri_socket,
+            pod_id=pod.id,
+            name=name,
+            command=list(command),
+            env=dict(env or {}),
+            cdi_devices=cdi,
+            mounts=[dict(m) for m in mounts],
+        )
+        return Container(container_id, name, pod)
+
+    def exec(self, container: Container, cmd: Sequence[str], timeout: int = 60) -> dict[str, Any]:
+        reply: dict[str, Any] = self.call(
+            "exec_sync", socket=self.cri_socket, container_id=container.id, cmd=list(cmd), timeout=timeout
+        )
+        return reply
+
+    def remove_pod(self, pod: Pod) -> None:
+        self.call("remove_pod", socket=self.cri_socket, pod_id=pod.id)
+
+    def update_resources(self, container: Container, cpuset_cpus: str = "", cpuset_mems: str = "") -> None:
+        self.call(
+            "update_resources",
+            socket=self.cri_socket,
+            container_id=container.id,
+            cpuset_cpus=cpuset_cpus,
+            cpuset_mems=cpuset_mems,
+        )
+
+    def pid(self, container: Container) -> int:
+        """The guest pid of the container's first process (it keeps it while it runs)."""
+        if container.id not in self._pids:
+            self._pids[container.id] = self.call("container_pid", socket=self.cri_socket, container_id=container.id)
+        return self._pids[container.id]
+
+    # Claims, as the scheduler leaves them, and the kubelet's prepare.
+    def claim(self, results: list[dict[str, Any]], pod_uids: Sequence[str], name: str = "") -> Claim:
+        claim = Claim("default", name or f"claim-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()))
+        obj = {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceClaim",
+            "metadata": {"namespace": claim.namespace, "name": claim.name, "uid": claim.uid},
+            "spec": {"devices": {"requests": []}},
+            "status": {
+                "allocation": {"devices": {"results": results}},
+                "reservedFor": [{"resource": "pods", "name": "p", "uid": uid} for uid in pod_uids],
+            },
+        }
+        directory = f"{self.cluster}/resourceclaims/{claim.namespace}"
+        self.guest.run(["mkdir", "-p", directory])
+        self.guest.write(f"{directory}/{claim.name}.yaml", yaml.safe_dump(obj))
+        return claim
+
+    def prepare(self, claim: Claim) -> dict[str, Any]:
+        """NodePrepareResources for one claim; its response (error, devices)."""
+        response: dict[str, Any] = self.call("prepare", registration=self.registration, claims=[claim.ref()])[claim.uid]
+        if not response["error"]:
+            self.claims.append(claim)
+        return response
+
+    def prepared(self, results: list[dict[str, Any]], pod_uids: Sequence[str]) -> Claim:
+        """A claim written and prepared; fails if the driver refuses it."""
+        claim = self.claim(results, pod_uids)
+        response = self.prepare(claim)
+        assert not response["error"], response["error"]
+        return claim
+
+    def unprepare(self, claim: Claim) -> str:
+        error: str = self.call("unprepare", registration=self.registration, claims=[claim.ref()])[claim.uid]
+        if not error and claim in self.claims:
+            self.claims.remove(claim)
+        return error
+
+    def cdi_spec(self, claim: Claim) -> dict[str, Any]:
+        found = self.guest.run(["sh", "-c", f"ls {self.cdi_dir}/*{claim.uid}*.json"]).stdout.split()
+        assert len(found) == 1, f"CDI specs for {claim.uid}: {found}"
+        spec: dict[str, Any] = json.loads(self.guest.read(found[0]))
+        return spec
+
+    def cdi_ids(self, claim: Claim) -> list[str]:
+        spec = self.cdi_spec(claim)
+        return [f"{spec['kind']}={device['name']}" for device in spec["devices"]]
+
+    def env(self, claim: Claim) -> dict[str, str]:
+        """The environment the claim's CDI device gives its containers."""
+        spec = self.cdi_spec(claim)
+        return dict(e.split("=", 1) for d in spec["devices"] for e in d["containerEdits"].get("env", []))
+
+    def granted(self, claim: Claim) -> frozenset[int]:
+        return cpulist(self.env(claim)[f"DRA_CPUSET_{claim.uid}"])
+
+    # What the guest kernel says.
+    def online(self) -> frozenset[int]:
+        return cpulist(self.guest.read("/sys/devices/system/cpu/online"))
+
+    def isolated(self) -> frozenset[int]:
+        return cpulist(self.guest.read("/sys/devices/system/cpu/isolated"))
+
+    def shared(self) -> frozenset[int]:
+        """Where containers without claims run: online, not isolated, not claimed."""
+        claimed: set[int] = set()
+        for claim in self.claims:
+            claimed |= self.granted(claim) if f"DRA_CPUSET_{claim.uid}" in self.env(claim) else set()
+        return self.online() - self.isolated() - claimed
+
+    def allowed(self, container: Container) -> Allowed:
+        """Of the container's first process, from the guest's /proc."""
+        return Allowed.parse(self.guest.read(f"/proc/{self.pid(container)}/status"))
+
+    def allowed_inside(self, container: Container) -> Allowed:
+        """Of a new process in the container, as it sees itself."""
+        reply = self.exec(container, ["cat", "/proc/self/status"])
+        assert reply["rc"] == 0, reply
+        return Allowed.parse(reply["stdout"])
+
+    def cgroup(self, container: Container) -> str:
+        """The container's cgroup directory: cgroup2 alone is mounted on /sys/fs/cgroup in the guest."""
+        lines = self.guest.read(f"/proc/{self.pid(container)}/cgroup").splitlines()
+        assert lines and all(line.startswith("0::") for line in lines), f"not a pure cgroup v2 process: {lines}"
+        return "/sys/fs/cgroup" + lines[0].removeprefix("0::")
+
+    def cgroup_file(self, container: Container, name: str) -> str:
+        return self.guest.read(f"{self.cgroup(container)}/{name}").strip()
+
+    def assert_allowed(
+        self, container: Container, cpus: Iterable[int], mems: Iterable[int] | None = None, timeout: float = 60.0
+    ) -> None:
+        """Inside, on the guest's /proc and in the container's cgroup, eventually: exactly `cpus` (and `mems`)."""
+        want_cpus, want_mems = frozenset(cpus), None if mems is None else frozenset(mems)
+
+        def check() -> bool | tuple[Any, ...]:
+            inside, outside = self.allowed_inside(container), self.allowed(container)
+            cgroup_cpus = cpulist(self.cgroup_file(container, "cpuset.cpus.effective"))
+            ok = inside.cpus == outside.cpus == cgroup_cpus == want_cpus
+            if want_mems is not None:
+                cgroup_mems = cpulist(self.cgroup_file(container, "cpuset.mems"))
+                ok = ok and inside.mems == outside.mems == cgroup_mems == want_mems
+            return True if ok else (inside, outside, format_cpulist(cgroup_cpus))
+
+        eventually(check, f"{container.name} on CPUs {format_cpulist(want_cpus)}", timeout)
+
+    def clean(self) -> None:
+        """What a test left: its pods, then its claims (unprepared as the kubelet would after the pods)."""
+        self.call("remove_pods", socket=self.cri_socket)
+        self._pids.clear()
+        for claim in list(self.claims):
+            error = self.unprepare(claim)
+            assert not error, error
+        self.guest.run(["rm", "-rf", f"{self.cluster}/resourceclaims"])
+
+
+def start_node(guest: Guest, version: str, name: str, metrics_port: int = 9400) -> GuestNode:
+    node = GuestNode(guest, version, f"/var/lib/dra-guest/{name}", metrics_port)
+    node.start_containerd()
+    try:
+        node.start_driver()
+    except BaseException:
+        node.stop_containerd()
+        raise
+    return node
+
+
+def stop_node(node: GuestNode) -> None:
+    try:
+        rc = node.stop_driver()
+        assert rc == 0, f"dra-cpu run exited {rc} on SIGTERM:\n{node.log_tail()}"
+    finally:
+        node.stop_containerd()
+
+
+def containerd_versions(guest: Guest) -> list[str]:
+    return guest.run(["bash", str(CONTAINERD), "versions"]).stdout.split()
+
+
+@pytest.fixture(scope="module", params=VERSIONS, ids=[f"containerd-{v}" for v in VERSIONS])
+def _guest_node_module(request: pytest.FixtureRequest, guest: Guest) -> Iterator[GuestNode]:
+    version = str(request.param)
+    if version not in containerd_versions(guest):
+        pytest.skip(f"containerd {version} is not in the guest: rebuild it with hack/testenv/guest.sh install")
+    node = start_node(guest, version, f"node-{version}")
+    try:
+        yield node
+    finally:
+        stop_node(node)
+
+
+@pytest.fixture
+def guest_node(_guest_node_module: GuestNode) -> Iterator[GuestNode]:
+    yield _guest_node_module
+    _guest_node_module.clean()
+
+
+only_newest_containerd = pytest.mark.parametrize(
+    "_guest_node_module", VERSIONS[:1], indirect=True, ids=[f"containerd-{v}" for v in VERSIONS[:1]]
+)
+"""For tests about the driver rather than the runtime: containerd 2.1 only, which production nodes run."""
