@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import uuid
 
-from tests.support.guest import SPEC
+import pytest
+
+from tests.support.guest import SPEC, GuestError
 from tests.support.guest_node import GuestNode, cpulist, format_cpulist, result
 
 
@@ -45,7 +47,13 @@ def test_forged_env_gets_the_shared_pool_and_is_counted(guest_node: GuestNode) -
     before = node.metric("dra_cpu_forged_env")
 
     env = f"DRA_CPUSET_{claim.uid}"
-    forged = node.create_container(node.run_pod("forger"), "forged", env={env: format_cpulist(claimed)})
+    forger = node.run_pod("forger")
+    # A copy of the claim's exact variable looks like a pod that shares the claim (NRI does not say which CDI
+    # devices a container got): refused, not run.
+    with pytest.raises(GuestError, match="does not share a claim's CPUs across pods"):
+        node.create_container(forger, "copied", env={env: format_cpulist(claimed)})
+    assert node.metric("dra_cpu_shared_claim_refused") >= 1
+    forged = node.create_container(forger, "forged", env={env: format_cpulist(node.online())})
     node.assert_allowed(forged, shared)
     assert node.metric("dra_cpu_forged_env") == before + 1
     # The right pod with the wrong cpuset in its env is no better.
