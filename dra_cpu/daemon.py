@@ -324,15 +324,23 @@ class Daemon:
             self.refresh()
 
     def refresh(self) -> None:
+        health = self.plugin.health if self.plugin is not None else None
         try:
             topology = read_topology(Path(self.config.sysfs_root))
             if topology == self.driver.topology:
+                if health is not None:
+                    health.discovery_ok()
                 return
             devices = build_devices(topology, self.driver.config)
         except DraCpuError as err:
             LOG.error("re-discovery failed; keeping the previous topology", extra={"reason": str(err)})
+            if health is not None:
+                # The devices may or may not still be there: the kubelet is told so (Unknown), not "healthy".
+                health.discovery_failed(str(err))
             return
         self._set(topology, devices)
+        if health is not None:
+            health.discovery_ok()
 
     def _set(self, topology: Topology, devices: tuple[Device, ...]) -> None:
         LOG.info("topology changed", extra={"online": str(topology.online_cpus), "devices": len(devices)})

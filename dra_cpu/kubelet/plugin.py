@@ -1,5 +1,5 @@
-"""The kubelet side: the DRA socket (dra.py, health.py) and the registration socket (registration.py), served
-and re-made when the kubelet refuses a registration."""
+"""The kubelet side: the DRA socket (dra.py; health.py, v1 and v1alpha1) and the registration socket
+(registration.py), served and re-made when the kubelet refuses a registration."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from dra_cpu.driver import Driver
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kubelet.dra import DRAService
 from dra_cpu.kubelet.gen import (
+    dra_health_v1_pb2,
+    dra_health_v1_pb2_grpc,
+    dra_health_v1alpha1_pb2,
     dra_health_v1alpha1_pb2_grpc,
     dra_v1_pb2,
     dra_v1_pb2_grpc,
@@ -23,7 +26,7 @@ from dra_cpu.kubelet.gen import (
     dra_v1beta1_pb2_grpc,
     pluginregistration_v1_pb2_grpc,
 )
-from dra_cpu.kubelet.health import MAX_HEALTH_STREAMS, HealthService
+from dra_cpu.kubelet.health import MAX_HEALTH_STREAMS, HealthService, HealthServicer
 from dra_cpu.kubelet.registration import PluginPaths, RegistrationService
 
 LOG = logging.getLogger("dra_cpu.kubelet")
@@ -67,7 +70,12 @@ class KubeletPlugin:
                     lambda s: dra_v1beta1_pb2_grpc.add_DRAPluginServicer_to_server(
                         DRAService(self.driver, dra_v1beta1_pb2), s
                     ),
-                    lambda s: dra_health_v1alpha1_pb2_grpc.add_DRAResourceHealthServicer_to_server(self.health, s),
+                    lambda s: dra_health_v1_pb2_grpc.add_DRAResourceHealthServicer_to_server(
+                        HealthServicer(self.health, dra_health_v1_pb2), s
+                    ),
+                    lambda s: dra_health_v1alpha1_pb2_grpc.add_DRAResourceHealthServicer_to_server(
+                        HealthServicer(self.health, dra_health_v1alpha1_pb2), s
+                    ),
                 ),
             )
         )

@@ -26,7 +26,12 @@ def test_registration_answers_like_a_dra_plugin(node_factory: NodeFactory) -> No
         assert time.monotonic() - start < 1
     assert info.type == "DRAPlugin" and info.name == DRIVER
     assert info.endpoint == str(node.plugin.paths.dra_socket)
-    assert list(info.supported_versions) == ["v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha1.DRAResourceHealth"]
+    assert list(info.supported_versions) == [
+        "v1.DRAPlugin",
+        "v1beta1.DRAPlugin",
+        "v1.DRAResourceHealth",
+        "v1alpha1.DRAResourceHealth",
+    ]
     assert node.plugin.registered.is_set()
 
 
