@@ -41,6 +41,7 @@ from dra_cpu.nri.enforcer import NriConfig, NriCounters, NriEnforcer
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
 from dra_cpu.store.fileio import boot_id
+from dra_cpu.store.metadata_files import MetadataStore
 
 LOG = logging.getLogger("dra_cpu.daemon")
 
@@ -139,8 +140,13 @@ class Daemon:
         self.registry.register(observe.StateCollector(self._view))
         self.http = observe.serve(config.metrics_address, self.registry, self.not_ready)
         self._spawn("topology", self._watch_topology)
+        paths = PluginPaths(Path(config.kubelet_root_dir), config.driver_name)
         self.plugin = KubeletPlugin(
-            self.driver, PluginPaths(Path(config.kubelet_root_dir), config.driver_name), self.stop, self.registered
+            self.driver,
+            paths,
+            self.stop,
+            self.registered,
+            metadata=MetadataStore(paths.plugin_dir, cdi_root, config.driver_name, enabled=config.device_metadata),
         )
         if self.nri is None:
             self.plugin.start()

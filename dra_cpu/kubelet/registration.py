@@ -30,8 +30,13 @@ class PluginPaths:
         return self.kubelet_root / "plugins_registry" / f"{self.driver}-reg.sock"
 
     @property
+    def plugin_dir(self) -> Path:
+        """`<kubeletRoot>/plugins/<driver>`: the DRA socket, and the device metadata files (KEP-5304)."""
+        return self.kubelet_root / "plugins" / self.driver
+
+    @property
     def dra_socket(self) -> Path:
-        return self.kubelet_root / "plugins" / self.driver / "dra.sock"
+        return self.plugin_dir / "dra.sock"
 
 
 class RegistrationService(pluginregistration_v1_pb2_grpc.RegistrationServicer):

@@ -43,7 +43,8 @@ def test_prepare_writes_cdi_and_answers(node_factory: NodeFactory, service: str)
     assert not response.error
     [device] = response.devices
     assert (device.pool_name, device.device_name, list(device.request_names)) == (NODE, "cpu-numa1", ["cpus"])
-    assert list(device.cdi_device_ids) == [f"{DRIVER}/cpu=claim-{ref.uid}"]
+    # The claim's CPUs, then (device metadata, on by default) the mount of its request's metadata file.
+    assert list(device.cdi_device_ids) == [f"{DRIVER}/cpu=claim-{ref.uid}", f"{DRIVER}/metadata={ref.uid}_cpus"]
     assert device.HasField("share_id") if service.startswith("v1.") else not hasattr(device, "share_id")
     spec = json.loads(node.driver.cdi_store.path(ref.uid).read_text())
     assert spec["cdiVersion"] == "0.5.0" and spec["kind"] == f"{DRIVER}/cpu"

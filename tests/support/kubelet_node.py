@@ -28,6 +28,7 @@ from dra_cpu.kubelet.registration import PluginPaths
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
+from dra_cpu.store.metadata_files import MetadataStore
 from tests.support.paths import SYSFS
 
 FIXTURES = SYSFS
@@ -103,6 +104,7 @@ class Node:
         name: str | None = None,
         uid: str | None = None,
         status: dict[str, Any] | None = None,
+        annotations: dict[str, str] | None = None,
     ) -> ClaimRef:
         ref = ClaimRef(self.namespace, name or f"claim-{uuid.uuid4().hex[:8]}", uid or str(uuid.uuid4()))
         obj = allocated_claim(
@@ -110,6 +112,8 @@ class Node:
         )
         if status is not None:
             obj["status"] = status
+        if annotations:
+            obj["metadata"]["annotations"] = annotations
         self.claims.put(obj)
         # The API server assigns the uid: the claim as stored is what the kubelet would name.
         return ClaimRef(ref.namespace, ref.name, str(obj["metadata"]["uid"]))
@@ -148,6 +152,15 @@ def make_driver(
     )
 
 
+def start_plugin(driver: Driver, root: Path, metadata: bool = True) -> KubeletPlugin:
+    """The kubelet plugin of a node rooted at `root`, device metadata on (the default) or off, started."""
+    paths = PluginPaths(root / "kubelet", DRIVER)
+    store = MetadataStore(paths.plugin_dir, root / "cdi", DRIVER, enabled=metadata)
+    plugin = KubeletPlugin(driver, paths, threading.Event(), threading.Event(), metadata=store)
+    plugin.start()
+    return plugin
+
+
 class NodeFactory(Protocol):
     """The `node_factory` fixture: starts a Node on a sysfs fixture; the test's teardown stops every one."""
 
@@ -180,8 +193,7 @@ def node_factory() -> Iterator[NodeFactory]:
         (root / "state").mkdir(parents=True)
         driver = make_driver(root, fixture, mode, api, **config)
         driver.start()
-        plugin = KubeletPlugin(driver, PluginPaths(root / "kubelet", DRIVER), threading.Event(), threading.Event())
-        plugin.start()
+        plugin = start_plugin(driver, root)
         kubelet = KubeletClient.register(plugin.paths.registration_socket)
         node = Node(
             root,
