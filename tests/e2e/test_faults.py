@@ -48,6 +48,13 @@ from tests.support.waiting import eventually
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
 EXIT_BOUND = daemon.SHUTDOWN_SECONDS + 10
 DEVICES = ("cpu-numa0", "cpu-numa1")
+# Claim references must carry a UUID (core/claims.ref_problem).
+STUCK_UID = "00000000-0000-4000-8000-00000000057c"
+
+
+def uid(name: str) -> str:
+    """A fixed UUID per claim name, as the API server would have given it."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"dra-cpu-test/{name}"))
 
 
 @contextlib.contextmanager
@@ -140,7 +147,7 @@ def test_a_full_or_read_only_folder_fails_the_claim_and_applies_nothing(
     with tmpfs(root / "state"), tmpfs(root / "cdi"):
         node = start(root)
         try:
-            held = put_claim(root, "held", "uid-held", cpus=2)
+            held = put_claim(root, "held", uid("held"), cpus=2)
             assert node.prepare(held) == ""
             before = on_disk(root)
             filler: Path | None = None
@@ -149,7 +156,7 @@ def test_a_full_or_read_only_folder_fails_the_claim_and_applies_nothing(
             else:
                 remount(root / folder, "ro")
 
-            new = put_claim(root, "new", "uid-new", cpus=2)
+            new = put_claim(root, "new", uid("new"), cpus=2)
             error = node.prepare(new)
             assert message in error and ("checkpoint" if folder == "state" else "CDI spec") in error, error
             assert on_disk(root) == before, "the failed prepare left nothing behind"
@@ -169,19 +176,19 @@ def test_a_full_or_read_only_folder_fails_the_claim_and_applies_nothing(
             assert node.prepare(new) == ""
             assert node.unprepare(held) == ""
             after = on_disk(root)
-            assert set(after.checkpoint) == {"uid-new"}
+            assert set(after.checkpoint) == {uid("new")}
             assert_consistent(after)
         finally:
             node.stop()
         # What a restarted daemon finds is what the last one acknowledged.
         assert_consistent(on_disk(root))
-        assert set(on_disk(root).checkpoint) == {"uid-new"}
+        assert set(on_disk(root).checkpoint) == {uid("new")}
 
 
 def test_the_cluster_gone_or_silent_mid_request(root: Path) -> None:
     node = start(root, "--log-level", "debug")
     try:
-        held = put_claim(root, "held", "uid-held", cpus=2)
+        held = put_claim(root, "held", uid("held"), cpus=2)
         assert node.prepare(held) == ""
         before = on_disk(root)
 
@@ -189,7 +196,7 @@ def test_the_cluster_gone_or_silent_mid_request(root: Path) -> None:
         claims = root / "cluster/resourceclaims"
         claims.rename(root / "cluster/moved")
         claims.write_text("not a folder")
-        gone = ClaimRef("default", "held", "uid-other")
+        gone = ClaimRef("default", "held", uid("other"))
         error = node.prepare(gone)
         assert "cannot read" in error and "held.yaml" in error, error
         assert on_disk(root) == before
@@ -199,23 +206,23 @@ def test_the_cluster_gone_or_silent_mid_request(root: Path) -> None:
         # Silent: the request is accepted and never answered; the kubelet gives up, other claims go on.
         stuck_path = claims / "default/stuck.yaml"
         os.mkfifo(stuck_path)
-        stuck = ClaimRef("default", "stuck", "uid-stuck")
+        stuck = ClaimRef("default", "stuck", STUCK_UID)
         with pytest.raises(grpc.RpcError) as gave_up:
             node.prepare(stuck, timeout=2)
         assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        other = put_claim(root, "other", "uid-other", cpus=2)
+        other = put_claim(root, "other", uid("other"), cpus=2)
         assert node.prepare(other) == "", "a silent request holds no lock other claims need"
 
         # The cluster answers at last: the abandoned prepare completes, and the kubelet's retry gets the same CPUs.
-        answer = claim_yaml("stuck", "uid-stuck", cpus=2)
+        answer = claim_yaml("stuck", STUCK_UID, cpus=2)
         with stuck_path.open("w") as fifo:
             fifo.write(answer)
-        eventually(lambda: "uid-stuck" in on_disk(root).checkpoint, "the abandoned prepare to complete")
+        eventually(lambda: STUCK_UID in on_disk(root).checkpoint, "the abandoned prepare to complete")
         stuck_path.unlink()
         stuck_path.write_text(answer)
-        cpus = on_disk(root).checkpoint["uid-stuck"]
+        cpus = on_disk(root).checkpoint[STUCK_UID]
         assert node.prepare(stuck) == ""
-        assert on_disk(root).checkpoint["uid-stuck"] == cpus
+        assert on_disk(root).checkpoint[STUCK_UID] == cpus
         assert_consistent(on_disk(root))
     finally:
         node.stop()
@@ -240,7 +247,7 @@ def test_sigterm_at_random_moments_of_a_prepare_stream(root: Path) -> None:
                         if node.unprepare(refs[uid]) == "":
                             del acknowledged[uid]
                     else:
-                        uid = f"uid-{uuid.uuid4().hex[:8]}"
+                        uid = str(uuid.uuid4())
                         refs[uid] = put_claim(root, uid, uid, cpus=rng.choice((1, 2)), device=rng.choice(DEVICES))
                         if node.prepare(refs[uid]) == "":
                             acknowledged[uid] = on_disk(root).checkpoint[uid]
@@ -287,7 +294,7 @@ def test_nri_connection_closed_mid_call(tmp_path: Path) -> None:
         runtime.call("Synchronize", api.SynchronizeRequest(pods=[pod], containers=[plain]), api.SynchronizeResponse)
         assert enforcer.ready.is_set()
 
-        first = put_claim(tmp_path, "first", "uid-first", cpus=2)
+        first = put_claim(tmp_path, "first", uid("first"), cpus=2)
         assert driver.prepare([first])[first.uid].error == ""
         assert runtime.peer is not None
         call = runtime.peer.read()  # the updater's UpdateContainers for the shrunk shared pool...
@@ -296,13 +303,13 @@ def test_nri_connection_closed_mid_call(tmp_path: Path) -> None:
         runtime.peer.sock.close()  # ...and the runtime goes away before answering it
         eventually(lambda: not enforcer.ready.is_set(), "the plugin to notice the closed connection")
 
-        within = put_claim(tmp_path, "within", "uid-within", cpus=1)
+        within = put_claim(tmp_path, "within", uid("within"), cpus=1)
         assert driver.prepare([within])[within.uid].error == "", "a runtime restart within the grace period"
         time.sleep(1.1)  # past the grace period: the duration itself is what is tested
-        late = put_claim(tmp_path, "late", "uid-late", cpus=1)
+        late = put_claim(tmp_path, "late", uid("late"), cpus=1)
         error = driver.prepare([late])[late.uid].error
         assert "CPU pinning is not enforced" in error, error
-        assert "uid-late" not in driver.state.claims
+        assert uid("late") not in driver.state.claims
 
         runtime.accept()
         synced = runtime.call(
@@ -314,7 +321,7 @@ def test_nri_connection_closed_mid_call(tmp_path: Path) -> None:
         assert shared.isdisjoint(driver.state.allocated_cpus)
         disk = on_disk(tmp_path)
         assert_consistent(disk)
-        assert set(disk.checkpoint) == {"uid-first", "uid-within"}
+        assert set(disk.checkpoint) == {uid("first"), uid("within")}
     finally:
         enforcer.stop()
         runtime.listener.close()
