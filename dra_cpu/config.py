@@ -61,6 +61,10 @@ class Config:
         default=False,
         metadata=_opt("publish KEP-5517 nodeAllocatableResources (needs the DRANodeAllocatableResources gate)"),
     )
+    device_metadata: bool = field(
+        default=True,
+        metadata=_opt("KEP-5304: write each claim's device metadata file and mount it into its containers (CDI)"),
+    )
     reserved_cpus: str = field(default="", metadata=_opt("CPUs kept for system daemons, e.g. 0-1"))
     whole_cores: bool = field(default=False, metadata=_opt("hand out whole physical cores only"))
     strict_reserved: bool = field(default=False, metadata=_opt("keep containers without claims off reserved CPUs"))

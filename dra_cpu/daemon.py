@@ -41,6 +41,7 @@ from dra_cpu.nri.enforcer import NriConfig, NriCounters, NriEnforcer
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
 from dra_cpu.store.fileio import boot_id
+from dra_cpu.store.metadata_files import MetadataStore
 
 LOG = logging.getLogger("dra_cpu.daemon")
 
@@ -139,8 +140,13 @@ class Daemon:
         self.registry.register(observe.StateCollector(self._view))
         self.http = observe.serve(config.metrics_address, self.registry, self.not_ready)
         self._spawn("topology", self._watch_topology)
+        paths = PluginPaths(Path(config.kubelet_root_dir), config.driver_name)
         self.plugin = KubeletPlugin(
-            self.driver, PluginPaths(Path(config.kubelet_root_dir), config.driver_name), self.stop, self.registered
+            self.driver,
+            paths,
+            self.stop,
+            self.registered,
+            metadata=MetadataStore(paths.plugin_dir, cdi_root, config.driver_name, enabled=config.device_metadata),
         )
         if self.nri is None:
             self.plugin.start()
@@ -334,15 +340,23 @@ class Daemon:
             self.refresh()
 
     def refresh(self) -> None:
+        health = self.plugin.health if self.plugin is not None else None
         try:
             topology = read_topology(Path(self.config.sysfs_root))
             if topology == self.driver.topology:
+                if health is not None:
+                    health.discovery_ok()
                 return
             devices = build_devices(topology, self.driver.config)
         except DraCpuError as err:
             LOG.error("re-discovery failed; keeping the previous topology", extra={"reason": str(err)})
+            if health is not None:
+                # The devices may or may not still be there: the kubelet is told so (Unknown), not "healthy".
+                health.discovery_failed(str(err))
             return
         self._set(topology, devices)
+        if health is not None:
+            health.discovery_ok()
 
     def _set(self, topology: Topology, devices: tuple[Device, ...]) -> None:
         LOG.info("topology changed", extra={"online": str(topology.online_cpus), "devices": len(devices)})

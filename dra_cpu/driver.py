@@ -19,7 +19,7 @@ from typing import Protocol
 from dra_cpu.core import cdi_spec
 from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.cdi_spec import CDIError
-from dra_cpu.core.claims import ClaimRef, parse_claim
+from dra_cpu.core.claims import ClaimRef, ClaimRequest, parse_claim
 from dra_cpu.core.devices import Device, DeviceConfig, device_index
 from dra_cpu.core.state import PreparedClaim, State, decide, restore
 from dra_cpu.core.topology import Topology
@@ -56,6 +56,8 @@ class PreparedResult:
 
     claim: PreparedClaim | None = None
     error: str = ""
+    # The claim as read for this prepare (request names with subrequests, the pod's claim name): device metadata.
+    request: ClaimRequest | None = None
 
 
 @dataclass
@@ -186,10 +188,10 @@ class Driver:
                     # is there and right it is left alone, so a retry succeeds on a full or read-only CDI folder.
                     self._ensure_spec(claim)
                     log.info("already prepared", extra={"cpus": str(claim.cpus)})
-                    return PreparedResult(claim)
+                    return PreparedResult(claim, request=request)
                 self._apply(self.state.with_claim(claim), write=claim, log=log)
             log.info("prepared", extra={"cpus": str(claim.cpus), "mems": str(claim.mems(self.topology))})
-            return PreparedResult(claim)
+            return PreparedResult(claim, request=request)
         except NotFound:
             return self._failed(log, f"claim {ref} not found on the API server")
         except DraCpuError as err:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the Python code (messages, gRPC stubs and mypy stubs) from protos/ into
-#   dra_cpu/kubelet/gen/  kubelet plugin registration, DRA v1 and v1beta1, DRA health v1alpha1
+#   dra_cpu/kubelet/gen/  kubelet plugin registration, DRA v1 and v1beta1, DRA health v1 and v1alpha1
 #   dra_cpu/nri/gen/      NRI api and the ttrpc envelope (messages only: NRI speaks ttrpc, not gRPC)
 #   tests/support/gen/    CRI runtime.v1, for the test harness only
 # Usage: hack/update-protos.sh [OUTPUT_ROOT]   (default: this repository; tests/test_protos.py regenerates into a

@@ -18,6 +18,8 @@ from dra_cpu.errors import DraCpuError, shown
 
 CONFIG_API_VERSION = "dra.cpu/v1alpha1"
 CONFIG_KIND = "CPUConfig"
+# Set by the resource claim controller on the claims it makes from a pod's ResourceClaimTemplate.
+POD_CLAIM_NAME_ANNOTATION = "resource.kubernetes.io/pod-claim-name"
 _CONFIG_FIELDS = {
     "wholeCores": "whole_cores",
     "alignL3": "align_l3",
@@ -84,6 +86,13 @@ class ClaimRequest:
     ref: ClaimRef
     results: tuple[DeviceResult, ...]
     pod_uids: tuple[str, ...]
+    # The pod's name for a claim made from its ResourceClaimTemplate (annotation resource.kubernetes.io/pod-claim-name);
+    # None for a claim the pod names. Where containers find the claim's device metadata depends on it.
+    pod_claim_name: str | None = None
+
+    def request_names(self) -> dict[str, str]:
+        """Base request name -> the name the allocation gave (`<request>/<subrequest>` for firstAvailable)."""
+        return {r.base_request: r.request for r in self.results}
 
 
 def allocated_claim(
@@ -181,7 +190,14 @@ def parse_claim(
         for r in _list(status.get("reservedFor") or [], "status.reservedFor")
         if isinstance(r, Mapping) and r.get("resource") == "pods" and r.get("uid")
     )
-    return ClaimRequest(ref=ref, results=tuple(results), pod_uids=pods)
+    annotations = _at("metadata.annotations").mapping(metadata.get("annotations"))
+    pod_claim = annotations.get(POD_CLAIM_NAME_ANNOTATION)
+    return ClaimRequest(
+        ref=ref,
+        results=tuple(results),
+        pod_uids=pods,
+        pod_claim_name=pod_claim if isinstance(pod_claim, str) and pod_claim else None,
+    )
 
 
 def _policies(configs: Any, driver: str, default: AllocationPolicy, ref: ClaimRef) -> dict[str, AllocationPolicy]:

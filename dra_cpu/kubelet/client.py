@@ -15,6 +15,8 @@ import grpc
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kubelet.gen import (
+    dra_health_v1_pb2,
+    dra_health_v1_pb2_grpc,
     dra_health_v1alpha1_pb2,
     dra_health_v1alpha1_pb2_grpc,
     dra_v1_pb2,
@@ -28,6 +30,12 @@ from dra_cpu.kubelet.gen import (
 # What a 1.34+ kubelet knows, in its order of preference.
 KUBELET_SERVICES = ("v1.DRAPlugin", "v1beta1.DRAPlugin")
 _API = {"v1.DRAPlugin": (dra_v1_pb2, dra_v1_pb2_grpc), "v1beta1.DRAPlugin": (dra_v1beta1_pb2, dra_v1beta1_pb2_grpc)}
+# The health services a 1.37 kubelet knows, newest first: it takes the first one the plugin advertises.
+KUBELET_HEALTH_SERVICES = ("v1.DRAResourceHealth", "v1alpha1.DRAResourceHealth")
+_HEALTH_API = {
+    "v1.DRAResourceHealth": (dra_health_v1_pb2, dra_health_v1_pb2_grpc),
+    "v1alpha1.DRAResourceHealth": (dra_health_v1alpha1_pb2, dra_health_v1alpha1_pb2_grpc),
+}
 
 
 class KubeletError(DraCpuError):
@@ -41,6 +49,8 @@ class KubeletClient:
     info: Any
     channel: grpc.Channel
     service: str
+    # "" when the plugin advertises no health service this kubelet knows.
+    health_service: str = ""
 
     @classmethod
     def register(cls, registration_socket: Path, timeout: float = 1.0, accept: bool = True) -> KubeletClient:
@@ -63,7 +73,9 @@ class KubeletClient:
         if error:
             raise KubeletError(error)
         assert service is not None
-        return cls(info=info, channel=grpc.insecure_channel(f"unix://{info.endpoint}"), service=service)
+        health = next((s for s in KUBELET_HEALTH_SERVICES if s in info.supported_versions), "")
+        channel = grpc.insecure_channel(f"unix://{info.endpoint}")
+        return cls(info=info, channel=channel, service=service, health_service=health)
 
     def _api(self, service: str | None) -> tuple[ModuleType, Any]:
         pb2, grpc_mod = _API[service or self.service]
@@ -83,9 +95,14 @@ class KubeletClient:
         )
         return stub.NodeUnprepareResources(request, timeout=timeout)
 
-    def watch_health(self, timeout: float = 5) -> Any:
-        stub = dra_health_v1alpha1_pb2_grpc.DRAResourceHealthStub(self.channel)
-        return stub.NodeWatchResources(dra_health_v1alpha1_pb2.NodeWatchResourcesRequest(), timeout=timeout)
+    def watch_health(self, timeout: float = 5, service: str | None = None) -> Any:
+        """NodeWatchResources of the health service the kubelet chose at registration, or of `service`."""
+        chosen = service or self.health_service
+        if chosen not in _HEALTH_API:
+            raise KubeletError(f"no health service this kubelet knows: {list(self.info.supported_versions)}")
+        pb2, grpc_mod = _HEALTH_API[chosen]
+        stub = grpc_mod.DRAResourceHealthStub(self.channel)
+        return stub.NodeWatchResources(pb2.NodeWatchResourcesRequest(), timeout=timeout)
 
     def close(self) -> None:
         self.channel.close()

@@ -15,7 +15,9 @@ import grpc
 from dra_cpu.kubelet.gen import pluginregistration_v1_pb2, pluginregistration_v1_pb2_grpc
 
 LOG = logging.getLogger("dra_cpu.kubelet")
-SUPPORTED_SERVICES = ("v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha1.DRAResourceHealth")
+# The gRPC services on the DRA socket, "<proto package>.<service>". The kubelet takes the first DRAPlugin entry it
+# knows, in this order, and, independently, the newest health service it knows (1.37: v1, else v1alpha1).
+SUPPORTED_SERVICES = ("v1.DRAPlugin", "v1beta1.DRAPlugin", "v1.DRAResourceHealth", "v1alpha1.DRAResourceHealth")
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,13 @@ class PluginPaths:
         return self.kubelet_root / "plugins_registry" / f"{self.driver}-reg.sock"
 
     @property
+    def plugin_dir(self) -> Path:
+        """`<kubeletRoot>/plugins/<driver>`: the DRA socket, and the device metadata files (KEP-5304)."""
+        return self.kubelet_root / "plugins" / self.driver
+
+    @property
     def dra_socket(self) -> Path:
-        return self.kubelet_root / "plugins" / self.driver / "dra.sock"
+        return self.plugin_dir / "dra.sock"
 
 
 class RegistrationService(pluginregistration_v1_pb2_grpc.RegistrationServicer):

@@ -156,12 +156,22 @@ def soak(cycles: int) -> bool:
             specs = list((tmp / "cdi").glob("*.json"))
             state = json.loads((tmp / "state/checkpoint.json").read_text())
             stray = [p.name for p in (tmp / "state").iterdir() if p.name != "checkpoint.json"]
+            metadata_dir = tmp / "kubelet/plugins" / DRIVER / "dra-device-metadata"
+            metadata = sorted(p.name for p in metadata_dir.iterdir()) if metadata_dir.exists() else []
     growth = (rss1 - rss0) / 1024
     print(f"{cycles} prepare/unprepare cycles in {elapsed:.1f} s ({elapsed / cycles * 1000:.2f} ms per cycle)")
     print(f"  RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB (growth {growth:+.1f} MiB, goal <= 5; daemon goal <= 70)")
     print(f"  fds {fds0} -> {fds1}; CDI specs left {len(specs)}; claims in checkpoint {len(state['claims'])}")
-    print(f"  stray state files {stray}")
-    return growth <= 5 and rss1 / 1024 <= 70 and fds1 <= fds0 and not specs and not state["claims"] and not stray
+    print(f"  stray state files {stray}; device metadata folders left {metadata}")
+    return (
+        growth <= 5
+        and rss1 / 1024 <= 70
+        and fds1 <= fds0
+        and not specs
+        and not state["claims"]
+        and not stray
+        and not metadata
+    )
 
 
 def main() -> int:

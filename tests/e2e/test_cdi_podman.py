@@ -1,9 +1,12 @@
-"""The driver's CDI spec consumed by a real runtime: podman injects the claim's variables into the container."""
+"""The driver's CDI specs consumed by a real runtime: podman injects the claim's variables into the container, and
+mounts its device metadata file."""
 
 from __future__ import annotations
 
 import json
 
+from dra_cpu.core.device_metadata import CONTAINER_DIR
+from dra_cpu.store.metadata_files import decode
 from tests.support.kubelet_node import NodeFactory, result
 from tests.support.testenv_podman import Podman
 
@@ -15,8 +18,34 @@ def test_podman_injects_the_claims_env(node_factory: NodeFactory, podman: Podman
     assert not response.error
     spec = json.loads(node.driver.cdi_store.path(ref.uid).read_text())
     podman.write_cdi_spec(spec)
-    [cdi_id] = response.devices[0].cdi_device_ids
+    cdi_id = response.devices[0].cdi_device_ids[0]
     out = podman.run(["env"], devices=[cdi_id]).stdout
     cpus = node.env(ref.uid)[f"DRA_CPUSET_{ref.uid}"]
     assert f"DRA_CPUSET_{ref.uid}={cpus}" in out.splitlines()
     assert f"DRA_MEMS_{ref.uid}=0" in out.splitlines()
+
+
+def test_a_container_reads_its_claims_device_metadata_at_the_standard_path(
+    node_factory: NodeFactory, podman: Podman
+) -> None:
+    """KEP-5304: the metadata CDI device of the prepare answer bind-mounts the claim's file, read-only, where
+    k8s.io/dynamic-resource-allocation/devicemetadata looks for it."""
+    node = node_factory("kvm-2cpu")
+    ref = node.claim([result("cpu-numa0", cpus=1)])
+    response = node.prepare(ref)
+    assert not response.error
+    claim_id, metadata_id = response.devices[0].cdi_device_ids
+    podman.write_cdi_spec(json.loads(node.driver.cdi_store.path(ref.uid).read_text()))
+    podman.write_cdi_spec(
+        json.loads((node.driver.cdi_store.root / f"dra.cpu_metadata_{ref.uid}_cpus.json").read_text())
+    )
+    host = node.plugin.paths.plugin_dir / f"dra-device-metadata/default_{ref.name}/cpus/metadata.json"
+    inside = f"{CONTAINER_DIR}/resourceclaims/{ref.name}/cpus/dra.cpu-metadata.json"
+
+    out = podman.run(["cat", inside], devices=[claim_id, metadata_id]).stdout
+    assert out.encode() == host.read_bytes()
+    [device] = decode(out.encode())["requests"][0]["devices"]
+    cpus = node.env(ref.uid)[f"DRA_CPUSET_{ref.uid}"]
+    assert device["attributes"]["dra.cpu/allocatedCPUs"] == {"string": str(cpus)}
+    written = podman.run(["sh", "-c", f"echo x > {inside}"], devices=[claim_id, metadata_id], check=False)
+    assert written.returncode != 0 and "Read-only file system" in written.stderr

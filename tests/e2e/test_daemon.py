@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -24,9 +24,11 @@ import yaml
 
 from dra_cpu import daemon
 from dra_cpu.core.claims import ClaimRef
+from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
+from dra_cpu.kubelet.gen import dra_health_v1_pb2 as health_pb
 from tests.support.daemon_process import Stderr, exit_code, free_port, run_daemon
-from tests.support.kubelet_node import FIXTURES, result
+from tests.support.kubelet_node import FIXTURES, offline_cpus, result
 from tests.support.waiting import eventually
 
 UID = "00000000-0000-4000-8000-000000000001"
@@ -192,6 +194,42 @@ def test_hugepage_reservation_change_is_republished(root: Path) -> None:
         eventually(lambda: capacity() == "64Mi", "the first publish")
         nr.write_text("48\n")
         eventually(lambda: capacity() == "96Mi", "the new reservation on the slice")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+
+
+def test_health_follows_the_node_through_re_discovery(root: Path) -> None:
+    """The daemon's own re-discovery (the sysfs poll) drives the kubelet's v1 health stream: CPUs taken offline make
+    their device Unhealthy with the reason, a sysfs the daemon cannot read makes every device Unknown."""
+    sysfs = root / "sysfs"
+    shutil.copytree(FIXTURES / "dual-socket-smt2", sysfs)
+    proc = run_daemon(root, free_port(), "--hugepage-poll-seconds", "0.3", sysfs=sysfs)
+    registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
+    try:
+        eventually(registration.exists, "the registration socket")
+        kubelet = KubeletClient.register(registration)
+        assert kubelet.health_service == "v1.DRAResourceHealth"
+        stream = kubelet.watch_health(timeout=30)
+
+        def until(wanted: Callable[[dict[str, tuple[int, str]]], bool]) -> dict[str, tuple[int, str]]:
+            for response in stream:
+                health = {d.device.device_name: (d.health, d.message) for d in response.devices}
+                if wanted(health):
+                    return health
+            raise AssertionError("the stream ended")
+
+        until(lambda h: {s for s, _ in h.values()} == {health_pb.HEALTHY})
+        offline_cpus(CPUSet.parse("14-15"))(sysfs)
+        health = until(lambda h: h["cpu-numa1"][0] == health_pb.UNHEALTHY)
+        assert health["cpu-numa1"][1] == "CPUs 14-15 are offline"
+        assert health["cpu-numa0"] == (health_pb.HEALTHY, "")
+        (sysfs / "sys/devices/system/cpu/online").write_text("not a list\n")
+        health = until(lambda h: {s for s, _ in h.values()} == {health_pb.UNKNOWN})
+        assert all("re-discovery of the node's topology fails" in m for _, m in health.values())
+        stream.cancel()
+        kubelet.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)

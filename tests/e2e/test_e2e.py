@@ -18,6 +18,7 @@ import kubernetes
 from dra_cpu.core.claims import ClaimRef, allocated_claim
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
+from dra_cpu.store.metadata_files import decode
 from tests.support.kubelet_node import result
 from tests.support.testenv_apiserver import ApiServer, ServerClaims
 from tests.support.testenv_containerd import Containerd
@@ -75,7 +76,9 @@ def test_claimed_container_is_pinned_and_others_keep_off(
         eventually(published, "the node's ResourceSlices on the API server")
         response = kubelet.prepare([ref]).claims[uid]
         assert response.error == ""
-        [cdi_id] = response.devices[0].cdi_device_ids
+        # The claim's CPUs and its device metadata file (KEP-5304, on by default).
+        cdi_ids = list(response.devices[0].cdi_device_ids)
+        assert cdi_ids[1] == f"dra.cpu/metadata={uid}_cpus"
         spec = json.loads(next(fresh_containerd.cdi_dir.glob(f"*{uid}.json")).read_text())
         granted = CPUSet.parse(
             next(e for e in spec["devices"][0]["containerEdits"]["env"] if e.startswith("DRA_CPUSET_")).split("=")[1]
@@ -83,8 +86,12 @@ def test_claimed_container_is_pinned_and_others_keep_off(
         shared = ONLINE - granted
 
         pod = cri.run_pod("app", uid=pod_uid)
-        app = cri.create_container(pod, "app", cdi_devices=[cdi_id])
+        app = cri.create_container(pod, "app", cdi_devices=cdi_ids)
         assert cri.allowed_inside(app).cpus == granted
+        inside = "/var/run/kubernetes.io/dra-device-attributes/resourceclaims/pinned/cpus/dra.cpu-metadata.json"
+        metadata = decode(cri.exec_sync(app, ["cat", inside]).stdout.encode())
+        [device] = metadata["requests"][0]["devices"]
+        assert device["attributes"]["dra.cpu/allocatedCPUs"] == {"string": str(granted)}
         assert cri.allowed_on_host(app).cpus == granted
         eventually(lambda: cri.allowed_on_host(bystander).cpus == shared, "the bystander to shrink to the shared pool")
 

@@ -1,45 +1,126 @@
-"""The device-health stream: every published device, healthy while its CPUs are online."""
+"""The device-health stream, v1 and v1alpha1: every device ever published, Unhealthy with the reason when its CPUs
+or its NUMA node's memory went away, Unknown while discovery fails."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
+from typing import Any
 
 import grpc
 import pytest
 
-from dra_cpu.core.devices import build_devices
-from dra_cpu.kubelet.gen import dra_health_v1alpha1_pb2 as pb
-from dra_cpu.kubelet.gen import dra_health_v1alpha1_pb2_grpc
-from tests.support.kubelet_node import Node, NodeFactory, result
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.kubelet.gen import dra_health_v1_pb2 as pb
+from dra_cpu.kubelet.gen import dra_health_v1_pb2_grpc, dra_health_v1alpha1_pb2, dra_health_v1alpha1_pb2_grpc
+from dra_cpu.kubelet.health import bounded_message
+from tests.support.kubelet_node import Node, NodeFactory, offline_cpus, remove_memory, result
 from tests.support.waiting import eventually
 
 
-def _health(node: Node) -> dict[str, tuple[int, str]]:
-    stream = node.kubelet.watch_health(timeout=5)
+def _stream(node: Node, service: str | None = None) -> list[tuple[str, str, int, str, int]]:
+    """The first response of a fresh stream: (pool, device, health, message, timeout) per device."""
+    stream = node.kubelet.watch_health(timeout=5, service=service)
     first = next(stream)
     stream.cancel()
-    assert {d.device.pool_name for d in first.devices} == {"node-a"}
-    return {d.device.device_name: (d.health, d.message) for d in first.devices}
+    return [
+        (d.device.pool_name, d.device.device_name, d.health, d.message, d.health_check_timeout_seconds)
+        for d in first.devices
+    ]
 
 
-def test_devices_turn_unhealthy_when_their_cpus_go_offline(node_factory: NodeFactory) -> None:
+def _health(node: Node, service: str | None = None) -> dict[str, tuple[int, str]]:
+    devices = _stream(node, service)
+    assert {pool for pool, *_ in devices} == {"node-a"}
+    return {name: (health, message) for _, name, health, message, _ in devices}
+
+
+def test_getinfo_lists_both_health_versions_and_the_kubelet_takes_v1(node_factory: NodeFactory) -> None:
+    node = node_factory()
+    assert list(node.kubelet.info.supported_versions) == [
+        "v1.DRAPlugin",
+        "v1beta1.DRAPlugin",
+        "v1.DRAResourceHealth",
+        "v1alpha1.DRAResourceHealth",
+    ]
+    # As the 1.37 kubelet picks: the newest health service it knows that the plugin advertises.
+    assert node.kubelet.health_service == "v1.DRAResourceHealth"
+
+
+def test_v1_and_v1alpha1_streams_report_the_same_devices_and_states(node_factory: NodeFactory) -> None:
+    node = node_factory()
+    ref = node.claim([result("cpu-numa1", cpus=2)])
+    held = node.cpus_of(ref)
+    node.rediscover(offline_cpus(held))
+    v1 = _stream(node, "v1.DRAResourceHealth")
+    v1alpha1 = _stream(node, "v1alpha1.DRAResourceHealth")
+    assert v1 == v1alpha1
+    assert [name for _, name, *_ in v1] == ["cpu-numa0", "cpu-numa1", "hugepages-2mi-numa0", "hugepages-2mi-numa1"]
+    assert {health for _, _, health, _, _ in v1} == {pb.HEALTHY, pb.UNHEALTHY}
+    # Two resends of 10 s: one late resend does not turn devices Unknown; a wedged driver does within 20 s.
+    assert {timeout for *_, timeout in v1} == {20}
+
+
+def test_offline_cpus_make_their_device_unhealthy_with_a_message(node_factory: NodeFactory) -> None:
     node = node_factory()
     ref = node.claim([result("cpu-numa1", cpus=2)])
     cpus = node.cpus_of(ref)
     health = _health(node)
-    assert set(health) == {"cpu-numa0", "cpu-numa1", "hugepages-2mi-numa0", "hugepages-2mi-numa1"}
-    assert all(h == pb.HEALTHY for h, _ in health.values())
+    assert all(h == (pb.HEALTHY, "") for h in health.values())
 
-    # Offline every CPU of NUMA node 1, as a hotplug event followed by re-discovery would.
-    topo = node.driver.topology
-    offline = tuple(dataclasses.replace(c, online=False) if c.numa_node == 1 else c for c in topo.cpus)
-    changed = dataclasses.replace(topo, cpus=offline)
-    node.driver.set_topology(changed, build_devices(changed, node.driver.config))
+    # One CPU the claim holds, one it does not: both are the device's.
+    other = (CPUSet.parse("8-15") - cpus).first()
+    node.rediscover(offline_cpus(CPUSet.of([cpus.first(), other])))
     health = _health(node)
     assert health["cpu-numa0"] == (pb.HEALTHY, "")
     state, message = health["cpu-numa1"]
-    assert state == pb.UNHEALTHY and str(cpus) in message
+    assert state == pb.UNHEALTHY
+    assert message == (
+        f"CPUs {CPUSet.of([cpus.first(), other])} are offline (prepared claims hold {CPUSet.of([cpus.first()])})"
+    )
+
+    # Every CPU of node 1 offline: the device is no longer published, and still reported, with why.
+    node.rediscover(offline_cpus(CPUSet.parse("8-15")))
+    assert "cpu-numa1" not in {d.name for d in node.driver.devices}
+    state, message = _health(node)["cpu-numa1"]
+    assert state == pb.UNHEALTHY
+    assert message.startswith("CPUs 8-15 are offline") and "NUMA node 1 has no online CPU any more" in message
+
+
+def test_a_numa_node_that_loses_its_memory_makes_its_devices_unhealthy(node_factory: NodeFactory) -> None:
+    node = node_factory("cxl-memoryless")
+    before = _health(node)
+    assert all(h == (pb.HEALTHY, "") for h in before.values())
+    node.rediscover(remove_memory(0))
+    health = _health(node)
+    lost = {name for name, (state, _) in health.items() if state == pb.UNHEALTHY}
+    assert lost == {name for name in before if name.endswith("numa0")}
+    for name in lost:
+        assert "NUMA node 0 has no memory any more (MemTotal 0)" in health[name][1]
+
+
+def test_failing_discovery_makes_every_device_unknown(node_factory: NodeFactory) -> None:
+    node = node_factory()
+    node.plugin.health.discovery_failed("sysfs: cpu/online is not a CPU list")
+    health = _health(node)
+    assert {state for state, _ in health.values()} == {pb.UNKNOWN}
+    assert all("cpu/online is not a CPU list" in message for _, message in health.values())
+    node.plugin.health.discovery_ok()
+    assert {state for state, _ in _health(node).values()} == {pb.HEALTHY}
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("short", "short"),
+        ("x" * 1024, "x" * 1024),
+        ("x" * 1025, "x" * 1021 + "..."),
+        # 1024 bytes is the kubelet's limit: a 3-byte character that would straddle byte 1021 is left out whole.
+        ("x" * 1020 + "\u20ac" * 2, "x" * 1020 + "..."),
+    ],
+)
+def test_messages_fit_the_kubelets_1024_bytes(message: str, expected: str) -> None:
+    assert bounded_message(message) == expected
+    assert len(bounded_message(message).encode()) <= 1024
 
 
 def test_open_health_streams_never_starve_prepare(node_factory: NodeFactory) -> None:
@@ -52,8 +133,14 @@ def test_open_health_streams_never_starve_prepare(node_factory: NodeFactory) -> 
     started = time.monotonic()
     try:
         for i in range(3 * node.plugin.workers):
-            stub = dra_health_v1alpha1_pb2_grpc.DRAResourceHealthStub(channels[i % len(channels)])
-            streams.append(stub.NodeWatchResources(pb.NodeWatchResourcesRequest(), timeout=30))
+            # Both versions, alternately: they share one budget of streams.
+            channel = channels[i % len(channels)]
+            if i % 2:
+                stub: Any = dra_health_v1alpha1_pb2_grpc.DRAResourceHealthStub(channel)
+                request: Any = dra_health_v1alpha1_pb2.NodeWatchResourcesRequest()
+            else:
+                stub, request = dra_health_v1_pb2_grpc.DRAResourceHealthStub(channel), pb.NodeWatchResourcesRequest()
+            streams.append(stub.NodeWatchResources(request, timeout=30))
             # Each stream reaches the plugin before the next opens, as a reconnecting kubelet's would.
             assert next(streams[-1]).devices
         response = node.kubelet.prepare([ref], timeout=10).claims[ref.uid]

@@ -26,7 +26,12 @@ def test_registration_answers_like_a_dra_plugin(node_factory: NodeFactory) -> No
         assert time.monotonic() - start < 1
     assert info.type == "DRAPlugin" and info.name == DRIVER
     assert info.endpoint == str(node.plugin.paths.dra_socket)
-    assert list(info.supported_versions) == ["v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha1.DRAResourceHealth"]
+    assert list(info.supported_versions) == [
+        "v1.DRAPlugin",
+        "v1beta1.DRAPlugin",
+        "v1.DRAResourceHealth",
+        "v1alpha1.DRAResourceHealth",
+    ]
     assert node.plugin.registered.is_set()
 
 
@@ -38,7 +43,8 @@ def test_prepare_writes_cdi_and_answers(node_factory: NodeFactory, service: str)
     assert not response.error
     [device] = response.devices
     assert (device.pool_name, device.device_name, list(device.request_names)) == (NODE, "cpu-numa1", ["cpus"])
-    assert list(device.cdi_device_ids) == [f"{DRIVER}/cpu=claim-{ref.uid}"]
+    # The claim's CPUs, then (device metadata, on by default) the mount of its request's metadata file.
+    assert list(device.cdi_device_ids) == [f"{DRIVER}/cpu=claim-{ref.uid}", f"{DRIVER}/metadata={ref.uid}_cpus"]
     assert device.HasField("share_id") if service.startswith("v1.") else not hasattr(device, "share_id")
     spec = json.loads(node.driver.cdi_store.path(ref.uid).read_text())
     assert spec["cdiVersion"] == "0.5.0" and spec["kind"] == f"{DRIVER}/cpu"

@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from dra_cpu.kubelet.gen import (
+    dra_health_v1_pb2,
     dra_health_v1alpha1_pb2,
     dra_health_v1alpha1_pb2_grpc,
     dra_v1_pb2,
@@ -58,10 +59,10 @@ def test_committed_code_is_what_update_protos_generates(tmp_path: Path) -> None:
 
 
 def test_every_generated_module_loads_into_one_descriptor_pool() -> None:
-    assert len(GENERATED_MODULES) == 12
+    assert len(GENERATED_MODULES) == 14
     modules = [importlib.import_module(name) for name in GENERATED_MODULES]
     file_names = [m.DESCRIPTOR.name for m in modules if m.__name__.endswith("_pb2")]
-    assert len(file_names) == len(set(file_names)) == 7
+    assert len(file_names) == len(set(file_names)) == 8
     assert "api.proto" not in file_names
 
 
@@ -88,6 +89,12 @@ def field_numbers(message: type[Message]) -> dict[str, int]:
         ),
         (dra_v1beta1_pb2.Claim, {"namespace": 1, "uid": 2, "name": 3}),
         (dra_v1beta1_pb2.Device, {"request_names": 1, "pool_name": 2, "device_name": 3, "cdi_device_ids": 4}),
+        (dra_health_v1_pb2.NodeWatchResourcesResponse, {"devices": 1}),
+        (
+            dra_health_v1_pb2.DeviceHealth,
+            {"device": 1, "health": 2, "last_updated_time": 3, "health_check_timeout_seconds": 4, "message": 5},
+        ),
+        (dra_health_v1_pb2.DeviceIdentifier, {"pool_name": 1, "device_name": 2}),
         (dra_health_v1alpha1_pb2.NodeWatchResourcesResponse, {"devices": 1}),
         (
             dra_health_v1alpha1_pb2.DeviceHealth,
@@ -147,6 +154,9 @@ def test_service_and_method_paths_are_the_kubelets_and_runtimes() -> None:
             f"/k8s.io.kubelet.pkg.apis.dra.{version}.DRAPlugin/NodeUnprepareResources",
         ]
     assert methods(dra_health_v1alpha1_pb2, "DRAResourceHealth") == ["/v1alpha1.DRAResourceHealth/NodeWatchResources"]
+    assert methods(dra_health_v1_pb2, "DRAResourceHealth") == ["/v1.DRAResourceHealth/NodeWatchResources"]
+    for module in (dra_health_v1_pb2, dra_health_v1alpha1_pb2):
+        assert (module.UNKNOWN, module.HEALTHY, module.UNHEALTHY) == (0, 1, 2)
     assert methods(nri_v1alpha1_pb2, "Runtime") == [
         "/nri.pkg.api.v1alpha1.Runtime/RegisterPlugin",
         "/nri.pkg.api.v1alpha1.Runtime/UpdateContainers",
@@ -297,3 +307,19 @@ def test_unprepare_and_a_service_not_served(sockets: tuple[Path, Path, Registrat
             )
     assert list(unprepared.claims) == ["uid-1"] and unprepared.claims["uid-1"].error == ""
     assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_health_v1_and_v1alpha1_are_the_same_bytes() -> None:
+    """Only the package differs: one DeviceHealth serialises identically in both, field by field."""
+    encoded = set()
+    for pb in (dra_health_v1_pb2, dra_health_v1alpha1_pb2):
+        device = pb.DeviceHealth(
+            device=pb.DeviceIdentifier(pool_name="p", device_name="d"),
+            health=pb.UNHEALTHY,
+            last_updated_time=1,
+            health_check_timeout_seconds=20,
+            message="m",
+        )
+        encoded.add(device.SerializeToString().hex())
+    # device{1: pool "p", 2: name "d"}, health 2, last_updated_time 1, timeout 20, message "m".
+    assert encoded == {"0a060a01701201641002180120142a016d"}

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +28,7 @@ from dra_cpu.kubelet.registration import PluginPaths
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
+from dra_cpu.store.metadata_files import MetadataStore
 from tests.support.paths import SYSFS
 
 FIXTURES = SYSFS
@@ -83,6 +84,18 @@ class Node:
     claims: ClaimStore
     namespace: str = "default"
     pod_uid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    fixture: str = ""
+
+    def rediscover(self, edit: Callable[[Path], None]) -> None:
+        """Change this node's sysfs (a copy of its fixture) with `edit`, then re-discover as the daemon does on a
+        uevent: the driver gets the new topology and devices, and health streams are told."""
+        sysfs = self.root / "sysfs"
+        if not sysfs.exists():
+            shutil.copytree(FIXTURES / self.fixture, sysfs)
+        edit(sysfs)
+        topology = read_topology(sysfs)
+        self.driver.set_topology(topology, build_devices(topology, self.driver.config))
+        self.plugin.health.notify()
 
     def claim(
         self,
@@ -91,6 +104,7 @@ class Node:
         name: str | None = None,
         uid: str | None = None,
         status: dict[str, Any] | None = None,
+        annotations: dict[str, str] | None = None,
     ) -> ClaimRef:
         ref = ClaimRef(self.namespace, name or f"claim-{uuid.uuid4().hex[:8]}", uid or str(uuid.uuid4()))
         obj = allocated_claim(
@@ -98,6 +112,8 @@ class Node:
         )
         if status is not None:
             obj["status"] = status
+        if annotations:
+            obj["metadata"]["annotations"] = annotations
         self.claims.put(obj)
         # The API server assigns the uid: the claim as stored is what the kubelet would name.
         return ClaimRef(ref.namespace, ref.name, str(obj["metadata"]["uid"]))
@@ -136,6 +152,15 @@ def make_driver(
     )
 
 
+def start_plugin(driver: Driver, root: Path, metadata: bool = True) -> KubeletPlugin:
+    """The kubelet plugin of a node rooted at `root`, device metadata on (the default) or off, started."""
+    paths = PluginPaths(root / "kubelet", DRIVER)
+    store = MetadataStore(paths.plugin_dir, root / "cdi", DRIVER, enabled=metadata)
+    plugin = KubeletPlugin(driver, paths, threading.Event(), threading.Event(), metadata=store)
+    plugin.start()
+    return plugin
+
+
 class NodeFactory(Protocol):
     """The `node_factory` fixture: starts a Node on a sysfs fixture; the test's teardown stops every one."""
 
@@ -168,10 +193,17 @@ def node_factory() -> Iterator[NodeFactory]:
         (root / "state").mkdir(parents=True)
         driver = make_driver(root, fixture, mode, api, **config)
         driver.start()
-        plugin = KubeletPlugin(driver, PluginPaths(root / "kubelet", DRIVER), threading.Event(), threading.Event())
-        plugin.start()
+        plugin = start_plugin(driver, root)
         kubelet = KubeletClient.register(plugin.paths.registration_socket)
-        node = Node(root, driver, plugin, kubelet, claims or FolderClaims(root / "cluster/resourceclaims"), namespace)
+        node = Node(
+            root,
+            driver,
+            plugin,
+            kubelet,
+            claims or FolderClaims(root / "cluster/resourceclaims"),
+            namespace,
+            fixture=fixture,
+        )
         started.append(node)
         return node
 
@@ -180,3 +212,31 @@ def node_factory() -> Iterator[NodeFactory]:
         node.kubelet.close()
         node.plugin.stop()
     shutil.rmtree(base, ignore_errors=True)
+
+
+def offline_cpus(cpus: CPUSet) -> Callable[[Path], None]:
+    """A sysfs edit: the CPUs go offline as the kernel shows it (cpuN/online 0, cpu/online and cpu/offline, and out
+    of their node's cpulist)."""
+
+    def edit(sysfs: Path) -> None:
+        base = sysfs / "sys/devices/system/cpu"
+        online = CPUSet.parse((base / "online").read_text().strip())
+        offline = CPUSet.parse((base / "offline").read_text().strip()) if (base / "offline").exists() else CPUSet()
+        (base / "online").write_text(f"{online - cpus}\n")
+        (base / "offline").write_text(f"{offline | cpus}\n")
+        for cpu in cpus:
+            (base / f"cpu{cpu}/online").write_text("0\n")
+        for cpulist in (sysfs / "sys/devices/system/node").glob("node*/cpulist"):
+            cpulist.write_text(f"{CPUSet.parse(cpulist.read_text().strip()) - cpus}\n")
+
+    return edit
+
+
+def remove_memory(node: int) -> Callable[[Path], None]:
+    """A sysfs edit: all of the NUMA node's memory is hot-removed (MemTotal 0)."""
+
+    def edit(sysfs: Path) -> None:
+        meminfo = sysfs / f"sys/devices/system/node/node{node}/meminfo"
+        meminfo.write_text(f"Node {node} MemTotal:       0 kB\nNode {node} MemFree:        0 kB\n")
+
+    return edit

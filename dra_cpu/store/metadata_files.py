@@ -1,0 +1,231 @@
+"""The device metadata files of prepared claims and the CDI specs that mount them (core/device_metadata.py says
+what they hold and where they go): written at prepare, removed at unprepare, made to agree with the prepared
+claims at start.
+
+The metadata file is written durably: after a reboot it is what the mount's CDI spec (on a tmpfs, gone) is rebuilt
+from, since the checkpoint does not keep a claim's pod claim name or subrequest names.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dra_cpu.core import device_metadata as dm
+from dra_cpu.core.cdi_spec import CDI_VERSION
+from dra_cpu.core.claims import ClaimRef
+from dra_cpu.core.device_metadata import MetadataError, RequestMetadata
+from dra_cpu.core.state import PreparedClaim
+from dra_cpu.store.fileio import write_atomic
+from dra_cpu.store.leftovers import remove_temp_files
+
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+_UUID_LENGTH = 36
+
+
+def encode(request: RequestMetadata, versions: Iterable[str] = dm.VERSIONS) -> bytes:
+    """The file: one pretty-printed object per API version, newest first, each followed by a newline, as the
+    kubeletplugin helper writes it."""
+    return b"".join(json.dumps(dm.document(request, v), indent=2).encode() + b"\n" for v in versions)
+
+
+def decode(data: bytes, versions: Iterable[str] = dm.VERSIONS, validate: bool = True) -> dict[str, Any]:
+    """The first object of the stream whose apiVersion is one of `versions`, checked by the format's rules unless
+    `validate` is off, as k8s.io/dynamic-resource-allocation/devicemetadata decodes: objects of other versions of
+    the group are skipped; anything else is a MetadataError naming the problem."""
+    known = tuple(versions)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as err:
+        raise MetadataError(f"device metadata is not UTF-8: {err}") from None
+    decoder = json.JSONDecoder()
+    position, unknown = 0, []
+    while True:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position == len(text):
+            break
+        try:
+            obj, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as err:
+            raise MetadataError(f"device metadata stream: {err}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("apiVersion"), str):
+            raise MetadataError("device metadata stream: an object without apiVersion")
+        group, _, version = obj["apiVersion"].rpartition("/")
+        if group != dm.GROUP or obj.get("kind") != dm.KIND:
+            raise MetadataError(f"device metadata stream: {obj['apiVersion']} {obj.get('kind')} is not {dm.GROUP}")
+        if version not in known:
+            unknown.append(obj["apiVersion"])
+            continue
+        if validate:
+            dm.check(obj)
+        return obj
+    if not unknown:
+        raise MetadataError("no metadata objects found in stream")
+    raise MetadataError(f"no compatible metadata version found in stream (unknown versions: {', '.join(unknown)})")
+
+
+@dataclass(frozen=True)
+class MetadataStore:
+    """Our metadata files under `<plugin_dir>/dra-device-metadata` and our `<driver>_metadata_*` CDI specs.
+    `enabled` says whether prepares write them; removal and the start-up reconciliation run either way, so that
+    turning the feature off never strands files or breaks containers of claims prepared with it."""
+
+    plugin_dir: Path
+    cdi_root: Path
+    driver: str
+    enabled: bool = True
+
+    @property
+    def root(self) -> Path:
+        return self.plugin_dir / dm.HOST_SUBDIR
+
+    def host_file(self, ref: ClaimRef, request: str) -> Path:
+        return Path(dm.host_file(str(self.plugin_dir), ref.namespace, ref.name, request))
+
+    def spec_path(self, uid: str, request: str) -> Path:
+        return self.cdi_root / dm.cdi_spec_filename(self.driver, uid, request)
+
+    # --- prepare / unprepare --------------------------------------------------------------------------------
+
+    def write(self, requests: Iterable[RequestMetadata]) -> dict[str, str]:
+        """Write each request's file and CDI spec (only what differs from what is there); base request name -> the
+        CDI device id for the prepare answer."""
+        ids = {}
+        for request in requests:
+            path = self.host_file(request.ref, request.base_request)
+            self._write(path, encode(request), durable=True)
+            self._write_spec(request, path)
+            ids[request.base_request] = dm.cdi_device_id(self.driver, request.ref.uid, request.base_request)
+        return ids
+
+    def remove(self, ref: ClaimRef) -> None:
+        """Remove a claim's files and specs. Request folders holding another uid's file (the claim was deleted and
+        made again under the same name, and that one is prepared) are left alone."""
+        try:
+            for spec in self._specs(ref.uid):
+                spec.unlink(missing_ok=True)
+            claim_dir = self.root / dm.claim_dir_name(ref.namespace, ref.name)
+            if not claim_dir.is_dir():
+                return
+            for request_dir in sorted(claim_dir.iterdir()):
+                if self._uid_in(request_dir) in (ref.uid, None):
+                    _remove_path(request_dir)
+            _remove_if_empty(claim_dir)
+        except OSError as err:
+            raise MetadataError(
+                f"cannot remove device metadata of claim {ref}: {err.filename}: {err.strerror}"
+            ) from None
+
+    # --- start-up -------------------------------------------------------------------------------------------
+
+    def reconcile(self, claims: Mapping[str, PreparedClaim]) -> list[str]:
+        """Make the files agree with the prepared claims (by uid): files of claims not prepared are removed, the
+        CDI spec of each file kept is rewritten when missing or different (after a reboot), specs without a file
+        are removed, temp files of interrupted writes too. Returns what it did, one line each, for the log."""
+        done: list[str] = []
+        try:
+            done += [f"removed temp file {p}" for p in self._remove_leftovers()]
+            kept: set[tuple[str, str]] = set()
+            for claim_dir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+                for request_dir in sorted(claim_dir.iterdir()) if claim_dir.is_dir() else [claim_dir]:
+                    request = self._kept(request_dir, claims)
+                    if request is None:
+                        _remove_path(request_dir)
+                        done.append(f"removed {request_dir}: its claim is not prepared")
+                        continue
+                    kept.add((request.ref.uid, request.base_request))
+                    if self._write_spec(request, request_dir / dm.HOST_FILE):
+                        done.append(f"rewrote CDI spec {self.spec_path(request.ref.uid, request.base_request)}")
+                _remove_if_empty(claim_dir)
+            for spec in self._specs():
+                uid_request = self._spec_key(spec.name)
+                if uid_request not in kept:
+                    spec.unlink(missing_ok=True)
+                    done.append(f"removed CDI spec {spec}: no prepared claim's metadata file")
+        except OSError as err:
+            raise MetadataError(f"cannot reconcile device metadata: {err.filename}: {err.strerror}") from None
+        return done
+
+    def _kept(self, request_dir: Path, claims: Mapping[str, PreparedClaim]) -> RequestMetadata | None:
+        """The request's metadata when its file is ours, readable and of a prepared claim of that name; else None."""
+        try:
+            doc = decode((request_dir / dm.HOST_FILE).read_bytes())
+        except (OSError, MetadataError):
+            return None
+        meta = doc.get("metadata") or {}
+        claim = claims.get(str(meta.get("uid")))
+        if claim is None or request_dir.parent.name != dm.claim_dir_name(claim.ref.namespace, claim.ref.name):
+            return None
+        requests = doc.get("requests") or []
+        if len(requests) != 1 or str(requests[0]["name"]).split("/", 1)[0] != request_dir.name:
+            return None
+        return RequestMetadata(claim.ref, doc.get("podClaimName"), str(requests[0]["name"]), ())
+
+    # --- files ----------------------------------------------------------------------------------------------
+
+    def _write_spec(self, request: RequestMetadata, host_path: Path) -> bool:
+        spec = dm.cdi_spec(self.driver, request, str(host_path), CDI_VERSION)
+        data = json.dumps(spec, indent=1).encode() + b"\n"
+        # Not durable: the CDI folder is a tmpfs, and start-up rewrites the specs from the metadata files.
+        return self._write(self.spec_path(request.ref.uid, request.base_request), data, durable=False)
+
+    @staticmethod
+    def _write(path: Path, data: bytes, durable: bool) -> bool:
+        """Write `data` unless the file already holds exactly it (a kubelet retry on a full or read-only folder
+        then succeeds); True when written."""
+        try:
+            if path.read_bytes() == data:
+                return False
+        except OSError:
+            pass
+        try:
+            for parent in reversed(path.parents):
+                if not parent.exists():
+                    parent.mkdir(mode=DIR_MODE)
+            write_atomic(path, data, mode=FILE_MODE, durable=durable)
+        except OSError as err:
+            raise MetadataError(f"cannot write device metadata {path}: {err.strerror}") from None
+        return True
+
+    def _specs(self, uid: str = "") -> list[Path]:
+        prefix = dm.cdi_spec_prefix(self.driver, uid)
+        if not self.cdi_root.is_dir():
+            return []
+        return sorted(p for p in self.cdi_root.iterdir() if p.name.startswith(prefix) and p.name.endswith(".json"))
+
+    def _spec_key(self, name: str) -> tuple[str, str]:
+        rest = name[len(dm.cdi_spec_prefix(self.driver)) : -len(".json")]
+        return rest[:_UUID_LENGTH], rest[_UUID_LENGTH + 1 :]
+
+    @staticmethod
+    def _uid_in(request_dir: Path) -> str | None:
+        try:
+            uid = (decode((request_dir / dm.HOST_FILE).read_bytes()).get("metadata") or {}).get("uid")
+        except (OSError, MetadataError):
+            return None
+        return uid if isinstance(uid, str) and uid else None
+
+    def _remove_leftovers(self) -> list[Path]:
+        removed = remove_temp_files(self.cdi_root, f"{dm.cdi_spec_prefix(self.driver)}*.json")
+        if self.root.is_dir():
+            for request_dir in self.root.glob("*/*"):
+                removed += remove_temp_files(request_dir, dm.HOST_FILE)
+        return removed
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_if_empty(directory: Path) -> None:
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
