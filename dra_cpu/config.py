@@ -61,6 +61,13 @@ class Config:
         default=False,
         metadata=_opt("publish KEP-5517 nodeAllocatableResources (needs the DRANodeAllocatableResources gate)"),
     )
+    publish_pcie_roots: bool = field(
+        default=False,
+        metadata=_opt(
+            "list the PCIe roots local to each CPU device in resource.kubernetes.io/pcieRoot "
+            "(needs the DRAListTypeAttributes gate)"
+        ),
+    )
     reserved_cpus: str = field(default="", metadata=_opt("CPUs kept for system daemons, e.g. 0-1"))
     whole_cores: bool = field(default=False, metadata=_opt("hand out whole physical cores only"))
     strict_reserved: bool = field(default=False, metadata=_opt("keep containers without claims off reserved CPUs"))
@@ -80,6 +87,7 @@ class Config:
             whole_cores=self.whole_cores,
             group_by=GroupBy(self.group_by),
             node_allocatable=self.publish_node_allocatable_resources,
+            pcie_roots=self.publish_pcie_roots,
         )
 
     @property

@@ -109,7 +109,7 @@ class Daemon:
         if config.enforcement == "none":
             LOG.warning("enforcement is off: claims get CPUs on paper only (development mode)")
         device_config = config.device_config()
-        topology = read_topology(Path(config.sysfs_root))
+        topology = read_topology(Path(config.sysfs_root), pcie_roots=config.publish_pcie_roots)
         devices = build_devices(topology, device_config)
         api = connect_cluster(config)
         state_dir = writable_dir("stateDir", Path(config.state_dir))
@@ -335,7 +335,7 @@ class Daemon:
 
     def refresh(self) -> None:
         try:
-            topology = read_topology(Path(self.config.sysfs_root))
+            topology = read_topology(Path(self.config.sysfs_root), pcie_roots=self.config.publish_pcie_roots)
             if topology == self.driver.topology:
                 return
             devices = build_devices(topology, self.driver.config)
