@@ -65,6 +65,13 @@ class Config:
         default=True,
         metadata=_opt("KEP-5304: write each claim's device metadata file and mount it into its containers (CDI)"),
     )
+    publish_pcie_roots: bool = field(
+        default=False,
+        metadata=_opt(
+            "list the PCIe roots local to each CPU device in resource.kubernetes.io/pcieRoot "
+            "(needs the DRAListTypeAttributes gate)"
+        ),
+    )
     reserved_cpus: str = field(default="", metadata=_opt("CPUs kept for system daemons, e.g. 0-1"))
     whole_cores: bool = field(default=False, metadata=_opt("hand out whole physical cores only"))
     strict_reserved: bool = field(default=False, metadata=_opt("keep containers without claims off reserved CPUs"))
@@ -84,6 +91,7 @@ class Config:
             whole_cores=self.whole_cores,
             group_by=GroupBy(self.group_by),
             node_allocatable=self.publish_node_allocatable_resources,
+            pcie_roots=self.publish_pcie_roots,
         )
 
     @property

@@ -110,7 +110,7 @@ class Daemon:
         if config.enforcement == "none":
             LOG.warning("enforcement is off: claims get CPUs on paper only (development mode)")
         device_config = config.device_config()
-        topology = read_topology(Path(config.sysfs_root))
+        topology = read_topology(Path(config.sysfs_root), pcie_roots=config.publish_pcie_roots)
         devices = build_devices(topology, device_config)
         api = connect_cluster(config)
         state_dir = writable_dir("stateDir", Path(config.state_dir))
@@ -342,7 +342,7 @@ class Daemon:
     def refresh(self) -> None:
         health = self.plugin.health if self.plugin is not None else None
         try:
-            topology = read_topology(Path(self.config.sysfs_root))
+            topology = read_topology(Path(self.config.sysfs_root), pcie_roots=self.config.publish_pcie_roots)
             if topology == self.driver.topology:
                 if health is not None:
                     health.discovery_ok()

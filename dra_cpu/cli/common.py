@@ -42,6 +42,12 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="add KEP-5517 nodeAllocatableResources to every device (1.36+, gate DRANodeAllocatableResources)",
     )
+    parser.add_argument(
+        "--publish-pcie-roots",
+        action="store_true",
+        help="list the PCIe roots local to each CPU device in resource.kubernetes.io/pcieRoot "
+        "(1.36+, gate DRAListTypeAttributes)",
+    )
 
 
 def device_config(args: argparse.Namespace) -> DeviceConfig:
@@ -53,4 +59,5 @@ def device_config(args: argparse.Namespace) -> DeviceConfig:
         whole_cores=args.whole_cores,
         group_by=GroupBy(args.group_by),
         node_allocatable=args.publish_node_allocatable_resources,
+        pcie_roots=args.publish_pcie_roots,
     )

@@ -13,7 +13,7 @@ from dra_cpu.tools.render import dump, topology_table
 
 
 def add_parser(sub: Any) -> None:
-    discover = sub.add_parser("discover", help="show the CPUs, NUMA nodes and hugepages of this machine")
+    discover = sub.add_parser("discover", help="show the CPUs, NUMA nodes, hugepages and PCIe roots of this machine")
     add_sysfs_root(discover)
     discover.add_argument("--output", "-o", choices=["table", "json", "yaml"], default="table")
     discover.add_argument("--watch", action="store_true", help="print a fresh snapshot on every cpu/node/memory uevent")
@@ -26,11 +26,12 @@ def _render(topo: Topology, output: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     root = Path(args.sysfs_root)
-    print(_render(read_topology(root), args.output), end="", flush=True)
+    # The PCIe roots too: what the driver publishes with publishPcieRoots.
+    print(_render(read_topology(root, pcie_roots=True), args.output), end="", flush=True)
     if args.watch:
         # pyudev loads libudev: only --watch needs it, not every command that imports this module.
         from dra_cpu.node.watch import watch_topology
 
-        for topo in watch_topology(root):
+        for topo in watch_topology(root, pcie_roots=True):
             print(_render(topo, args.output), end="", flush=True)
     return 0

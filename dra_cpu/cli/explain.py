@@ -73,6 +73,16 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         class_objs = [("the chart's default DeviceClasses", o) for o in defaults]
+    elif not args.kubeconfig:
+        # Files for another driver's classes (a GPU's, beside ours): the chart's fill in the names they lack.
+        given = {(o.get("metadata") or {}).get("name") for _, o in class_objs}
+        defaults = [o for o in chart_device_classes() if o["metadata"]["name"] not in given]
+        if defaults:
+            names = ", ".join(o["metadata"]["name"] for o in defaults)
+            print(
+                f"explain: assuming the dra-cpu chart's DeviceClasses the --class files lack ({names})", file=sys.stderr
+            )
+            class_objs += [("the chart's default DeviceClasses", o) for o in defaults]
     if args.claims_in_use:
         in_use = of_kind(load_objects(Path(args.claims_in_use)), "ResourceClaim")
     classes = {c.name: c for c in (parse_class(o, source) for source, o in class_objs)}

@@ -23,6 +23,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = device_config(args)
-    slices = build_slices(build_devices(read_topology(Path(args.sysfs_root)), config), config)
+    topology = read_topology(Path(args.sysfs_root), pcie_roots=config.pcie_roots)
+    slices = build_slices(build_devices(topology, config), config)
     print(dump_objects(slices, args.output), end="")
     return 0

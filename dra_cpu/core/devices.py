@@ -4,7 +4,10 @@ Grouped mode (the default) publishes one consumable-capacity device (KEP-5075) p
 for the whole machine (`groupBy`): the scheduler counts CPUs, the driver picks the exact ones at prepare time.
 Isolated CPUs get devices of their own so that only a claim that asks for them on purpose lands there. Hugepages
 reserved on a node get one device per page size and NUMA node in every mode. With `node_allocatable` every device
-also says which node-allocatable resource its allocations stand for (KEP-5517, `nodeAllocatableResources`).
+also says which node-allocatable resource its allocations stand for (KEP-5517, `nodeAllocatableResources`). With
+`pcie_roots` every CPU device lists the PCIe root complexes local to its CPUs in the standard list attribute
+resource.kubernetes.io/pcieRoot (KEP-5491 list attributes), so that a claim can match it against the scalar pcieRoot
+of another driver's GPU or NIC.
 """
 
 from __future__ import annotations
@@ -26,12 +29,20 @@ API_VERSION = "resource.k8s.io/v1"
 STANDARD_NUMA_ATTRIBUTE = "resource.kubernetes.io/numaNode"
 # Claims written for the DRA network drivers select on this one; the upstream CPU driver's is <driver>/numaNodeID.
 NET_NUMA_ATTRIBUTE = "dra.net/numaNode"
+# The standard name GPU and NIC drivers publish their root complex under (k8s.io/dynamic-resource-allocation
+# deviceattribute): a string there, a list of strings on our CPU devices (gate DRAListTypeAttributes).
+PCIE_ROOT_ATTRIBUTE = "resource.kubernetes.io/pcieRoot"
 MAX_DEVICES_PER_SLICE = 128
+# A slice with a list attribute (or taints, or counters) holds at most 64 devices.
+MAX_DEVICES_PER_SLICE_WITH_LISTS = 64
+# Per device: every scalar attribute counts 1, every element of a list attribute 1.
+MAX_ATTRIBUTE_VALUES_PER_DEVICE = 48
 MAX_STRING_ATTRIBUTE = 64
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
-AttributeValue = bool | int | str
+# A tuple is a list attribute (`strings`): KEP-5491, 1.36+ with the DRAListTypeAttributes gate.
+AttributeValue = bool | int | str | tuple[str, ...]
 
 
 class DeviceMode(StrEnum):
@@ -67,6 +78,9 @@ class DeviceConfig:
     # KEP-5517: publish `nodeAllocatableResources` (cpu, hugepages-<size>) so that the scheduler and the kubelet
     # count what claims get against node allocatable. Needs the DRANodeAllocatableResources gate (1.36+).
     node_allocatable: bool = False
+    # KEP-5491: list the PCIe roots local to each CPU device in resource.kubernetes.io/pcieRoot. Needs the
+    # DRAListTypeAttributes gate (1.36+) and a Topology read with its PCIe roots.
+    pcie_roots: bool = False
 
     def __post_init__(self) -> None:
         _check_dns_subdomain("driver name", self.driver_name, 63)
@@ -147,7 +161,9 @@ def quantity(value: int, kind: DeviceType) -> str:
     return format_bytes(value) if kind is DeviceType.HUGEPAGES else str(value)
 
 
-def _attribute(value: AttributeValue) -> dict[str, AttributeValue]:
+def _attribute(value: AttributeValue) -> dict[str, Any]:
+    if isinstance(value, tuple):
+        return {"strings": [item[:MAX_STRING_ATTRIBUTE] for item in value]}
     if isinstance(value, bool):
         return {"bool": value}
     if isinstance(value, int):
@@ -184,7 +200,25 @@ def build_devices(topology: Topology, config: DeviceConfig) -> tuple[Device, ...
         cpu_devices = _individual_devices(topology, config, available)
     else:
         cpu_devices = _grouped_devices(topology, config, available)
-    return (*cpu_devices, *_hugepage_devices(topology, config))
+    devices = (*cpu_devices, *_hugepage_devices(topology, config))
+    for device in devices:
+        lists = [len(v) for _, v in device.attributes if isinstance(v, tuple)]
+        values = len(device.attributes) - len(lists) + sum(lists)
+        if values > MAX_ATTRIBUTE_VALUES_PER_DEVICE:
+            raise DeviceConfigError(
+                f"device {device.name} would carry {values} attribute values, above the "
+                f"{MAX_ATTRIBUTE_VALUES_PER_DEVICE} Kubernetes allows: too many PCIe roots ({sum(lists)}) for one "
+                "device; use smaller groups (groupBy numanode) or turn publishPcieRoots off"
+            )
+    return devices
+
+
+def _pcie_root_attributes(topology: Topology, config: DeviceConfig, nodes: CPUSet) -> list[tuple[str, AttributeValue]]:
+    """The roots local to a CPU device's NUMA nodes; none (no attribute: a list must not be empty) when none is."""
+    if not config.pcie_roots:
+        return []
+    roots = topology.pcie_roots_local_to(nodes)
+    return [(PCIE_ROOT_ATTRIBUTE, roots)] if roots else []
 
 
 def _numa_attributes(config: DeviceConfig, node: int) -> list[tuple[str, AttributeValue]]:
@@ -237,6 +271,7 @@ def _grouped_devices(topology: Topology, config: DeviceConfig, available: CPUSet
                 (f"{d}/l3Caches", len(topology.l3_groups(pool))),
                 (f"{d}/isolated", isolated),
                 (f"{d}/cpuModel", topology.cpu_model or "unknown"),
+                *_pcie_root_attributes(topology, config, nodes),
             ]
             devices.append(
                 Device(
@@ -273,6 +308,7 @@ def _individual_devices(topology: Topology, config: DeviceConfig, available: CPU
             (f"{d}/cacheL3ID", l3),
             (f"{d}/smtEnabled", topology.smt_active),
             (f"{d}/isolated", cpu.isolated),
+            *_pcie_root_attributes(topology, config, CPUSet.of([node])),
         ]
         devices.append(
             Device(
@@ -335,8 +371,11 @@ def slice_name(config: DeviceConfig, index: int) -> str:
 
 
 def build_slices(devices: tuple[Device, ...], config: DeviceConfig, generation: int = 1) -> list[dict[str, Any]]:
-    """The node's pool as ResourceSlice objects, at most 128 devices each (none of ours use taints or counters)."""
-    chunks = [devices[i : i + MAX_DEVICES_PER_SLICE] for i in range(0, len(devices), MAX_DEVICES_PER_SLICE)] or [()]
+    """The node's pool as ResourceSlice objects, at most 128 devices each (none of ours use taints or counters), or 64
+    where a device has a list attribute (pcieRoot)."""
+    lists = any(isinstance(value, tuple) for device in devices for _, value in device.attributes)
+    size = MAX_DEVICES_PER_SLICE_WITH_LISTS if lists else MAX_DEVICES_PER_SLICE
+    chunks = [devices[i : i + size] for i in range(0, len(devices), size)] or [()]
     return [
         {
             "apiVersion": API_VERSION,

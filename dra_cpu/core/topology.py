@@ -1,4 +1,5 @@
-"""What a node has: CPUs, caches, NUMA nodes and hugepages. Pure values, no I/O (sysfs.py builds them)."""
+"""What a node has: CPUs, caches, NUMA nodes, hugepages and PCIe root complexes. Pure values, no I/O (sysfs.py
+builds them)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,16 @@ class NumaNode:
         return dict(self.distances).get(node)
 
 
+@dataclass(frozen=True, slots=True)
+class PcieRoot:
+    """A PCIe root complex: `name` as the kernel's top folder under /sys/devices (`pci0000:00`, the value of the
+    standard attribute resource.kubernetes.io/pcieRoot that GPU and NIC drivers publish), and its NUMA node; None
+    where the firmware gives none (numa_node -1): the kernel then counts every CPU as local to it."""
+
+    name: str
+    numa_node: int | None
+
+
 @dataclass(frozen=True)
 class Topology:
     cpus: tuple[Cpu, ...]
@@ -84,6 +95,8 @@ class Topology:
     cpu_model: str = ""
     # L3 cache id -> size in bytes.
     l3_cache_bytes: tuple[tuple[int, int], ...] = ()
+    # Read only when asked (read_topology(pcie_roots=True)); () otherwise.
+    pcie_roots: tuple[PcieRoot, ...] = ()
     _by_id: Mapping[int, Cpu] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -143,6 +156,11 @@ class Topology:
     def numa_nodes_of(self, cpus: CPUSet) -> CPUSet:
         return CPUSet.of(self.cpu(i).numa_node for i in cpus if self.cpu(i).numa_node is not None)  # type: ignore[misc]
 
+    def pcie_roots_local_to(self, nodes: CPUSet) -> tuple[str, ...]:
+        """The names of the PCIe roots local to any of `nodes`, sorted: each root on one of them, and each root
+        without a NUMA node (local to every CPU, as the kernel's pci_bus cpulistaffinity says)."""
+        return tuple(sorted(r.name for r in self.pcie_roots if r.numa_node is None or r.numa_node in nodes))
+
     def _online_in(self, cpus: CPUSet | None) -> list[Cpu]:
         ids = cpus if cpus is not None else self.present_cpus
         return [self._by_id[i] for i in ids if i in self._by_id and self._by_id[i].online]
@@ -156,6 +174,7 @@ class Topology:
             "cpus": [_cpu_dict(c) for c in self.cpus],
             "numaNodes": [_node_dict(n) for n in self.numa_nodes],
             "hugepages": _hugepages_dict(self.hugepages),
+            "pcieRoots": [{"name": r.name, "numaNode": r.numa_node} for r in self.pcie_roots],
             "summary": {
                 "online": str(self.online_cpus),
                 "offline": str(self.offline_cpus),

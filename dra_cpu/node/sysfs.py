@@ -1,5 +1,11 @@
 """read_topology(root) -> Topology: the only module that reads /sys (and /proc/cpuinfo) for topology.
 
+With `pcie_roots=True` it also reads the PCIe root complexes: each top folder sys/devices/pciDDDD:BB (the name the
+standard attribute resource.kubernetes.io/pcieRoot carries, as k8s.io/dynamic-resource-allocation/deviceattribute
+derives it for GPUs and NICs) and its NUMA node: the `numa_node` of the PCI devices on the root bus (the kernel gives
+each the root bus's node; -1: the firmware named none). The bus's own pci_bus/DDDD:BB/cpulistaffinity says the same
+as a CPU list (the node's CPUs, every online CPU for -1) but cannot name a node without CPUs, so it is not read.
+
 Missing files are normal on real kernels (cpu0 without `online`, offline CPUs without `topology/`, nodes without
 hugepages, machines without an L3): they become None or empty. A file that exists but holds something the kernel
 would never write is an error naming the file and its content.
@@ -13,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dra_cpu.core.cpuset import CPUSet, CPUSetError
-from dra_cpu.core.topology import Cpu, HugePagePool, NumaNode, Topology
+from dra_cpu.core.topology import Cpu, HugePagePool, NumaNode, PcieRoot, Topology
 from dra_cpu.errors import DraCpuError, not_utf8, shown
 
 # The kernel reports cluster_id 65535 (and -1 on some architectures) when it knows no cluster.
@@ -21,6 +27,10 @@ _NO_ID = {-1, 65535, 0xFFFFFFFF}
 _HUGEPAGE_DIR = re.compile(r"^hugepages-(\d+)kB$")
 _NODE_DIR = re.compile(r"^node(\d+)$")
 _INDEX_DIR = re.compile(r"^index(\d+)$")
+# The kernel names a root complex's folder pci%04x:%02x (domain, bus) and a PCI device %04x:%02x:%02x.%d; domains
+# can be wider than 4 hex digits.
+_PCI_ROOT_DIR = re.compile(r"^pci([0-9a-f]{4,8}):([0-9a-f]{2})$")
+_PCI_DEVICE_DIR = re.compile(r"^([0-9a-f]{4,8}):([0-9a-f]{2}):[0-9a-f]{2}\.[0-7]$")
 # sysfs attributes fit a page; /proc/cpuinfo of a 16384-CPU machine is some 25 MB.
 MAX_FILE_BYTES = 64 << 20
 
@@ -78,7 +88,7 @@ class _Reader:
             return []
 
 
-def read_topology(root: str | Path = "/") -> Topology:
+def read_topology(root: str | Path = "/", *, pcie_roots: bool = False) -> Topology:
     reader = _Reader(Path(root))
     if not reader.path("sys/devices/system/cpu").is_dir():
         raise SysfsError(f"{reader.path('sys/devices/system/cpu')} does not exist: is --sysfs-root right?")
@@ -95,6 +105,7 @@ def read_topology(root: str | Path = "/") -> Topology:
         cpu_model=_cpu_model(reader),
         smt_active=bool(smt) if smt is not None else any(len(c.thread_siblings) > 1 for c in cpus),
         l3_cache_bytes=tuple(sorted(l3_sizes.items())),
+        pcie_roots=_read_pcie_roots(reader, nodes) if pcie_roots else (),
     )
     return topology
 
@@ -311,6 +322,57 @@ def _read_hugepages(reader: _Reader, rel: str, total_file: str) -> tuple[HugePag
         free = reader.int(f"{rel}/{name}/free_hugepages")
         pools.append(HugePagePool(size_kib=int(match.group(1)), total=total or 0, free=free or 0))
     return tuple(sorted(pools, key=lambda p: p.size_kib))
+
+
+def _read_pcie_roots(reader: _Reader, nodes: tuple[NumaNode, ...]) -> tuple[PcieRoot, ...]:
+    """Each root complex with a PCI device on its root bus (one without devices has nothing to be near), by name."""
+    roots = []
+    for name in sorted(reader.listdir("sys/devices")):
+        match = _PCI_ROOT_DIR.match(name)
+        if match is None:
+            continue
+        rel = f"sys/devices/{name}"
+        devices = _root_bus_devices(reader, rel, match.group(1), match.group(2))
+        if devices:
+            roots.append(PcieRoot(name=name, numa_node=_pcie_root_node(reader, rel, devices, nodes)))
+    return tuple(roots)
+
+
+def _root_bus_devices(reader: _Reader, rel: str, domain: str, bus: str) -> list[str]:
+    """The PCI devices directly under a root: those on its root bus (not pci_bus/, power/, firmware_node or
+    non-PCI children such as QEMU0002:00)."""
+    devices = []
+    for name in sorted(reader.listdir(rel)):
+        match = _PCI_DEVICE_DIR.match(name)
+        if match is None:
+            continue
+        if (match.group(1), match.group(2)) != (domain, bus):
+            raise SysfsError(f"sysfs: {reader.path(f'{rel}/{name}')} is not on the root bus {domain}:{bus} it is under")
+        devices.append(name)
+    return devices
+
+
+def _pcie_root_node(reader: _Reader, rel: str, devices: list[str], nodes: tuple[NumaNode, ...]) -> int | None:
+    """The NUMA node the root bus's devices agree on; None for -1, or where no device has a numa_node file (a
+    kernel without NUMA)."""
+    found: tuple[str, int] | None = None
+    for name in devices:
+        file = f"{rel}/{name}/numa_node"
+        node = reader.int(file)
+        if node is None:
+            continue
+        if node < -1:
+            raise SysfsError(f"{reader.path(file)}: expected a NUMA node or -1, found {node}")
+        if node >= 0 and all(n.id != node for n in nodes):
+            online = ",".join(str(n.id) for n in nodes) or "none"
+            raise SysfsError(f"{reader.path(file)}: NUMA node {node} is not online (online nodes: {online})")
+        if found is not None and found[1] != node:
+            raise SysfsError(
+                f"sysfs: devices on one PCIe root bus disagree on its NUMA node: {reader.path(found[0])} says "
+                f"{found[1]}, {reader.path(file)} says {node}"
+            )
+        found = (file, node)
+    return None if found is None or found[1] < 0 else found[1]
 
 
 def _cpu_model(reader: _Reader) -> str:

@@ -35,13 +35,13 @@ def topology_events(timeout: float | None = None) -> Iterator[bool]:
         yield True
 
 
-def watch_topology(root: Path, timeout: float | None = None) -> Iterator[Topology]:
+def watch_topology(root: Path, timeout: float | None = None, *, pcie_roots: bool = False) -> Iterator[Topology]:
     """A fresh Topology after every change; yields nothing while nothing changes."""
-    previous = read_topology(root)
+    previous = read_topology(root, pcie_roots=pcie_roots)
     for changed in topology_events(timeout):
         if not changed:
             continue
-        current = read_topology(root)
+        current = read_topology(root, pcie_roots=pcie_roots)
         if current != previous:
             previous = current
             yield current

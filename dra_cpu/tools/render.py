@@ -56,4 +56,10 @@ def topology_table(topo: Topology) -> str:
     if topo.hugepages:
         lines.append("")
         lines.append("Hugepages (machine): " + ", ".join(f"{p.quantity} {p.total}/{p.free}" for p in topo.hugepages))
+    if topo.pcie_roots:
+        lines.append("")
+        lines.append(
+            "PCIe roots:   "
+            + "  ".join(f"{r.name}:{'any' if r.numa_node is None else f'node{r.numa_node}'}" for r in topo.pcie_roots)
+        )
     return "\n".join(lines) + "\n"

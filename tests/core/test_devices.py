@@ -19,7 +19,7 @@ from dra_cpu.core.devices import (
 )
 from dra_cpu.node.sysfs import read_topology
 from tests.support.paths import SYSFS
-from tests.support.synthetic import SyntheticCpu, SyntheticNode, uniform_machine, write_tree
+from tests.support.synthetic import SyntheticCpu, SyntheticNode, uniform_machine, write_pcie_root, write_tree
 
 FIXTURES = SYSFS
 
@@ -61,6 +61,85 @@ def test_every_fixture_validates_strictly(
             for device in obj["spec"]["devices"]:
                 del device["nodeAllocatableResources"]
         kubernetes_validate.validate(obj, "1.34.0", strict=True)
+
+
+PCIE_ROOT = "resource.kubernetes.io/pcieRoot"
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_pcie_roots_validate_for_1_37_and_are_absent_without_the_option(
+    sysfs_fixture: Path, mode: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --publish-pcie-roots 1.37 accepts every slice strictly; 1.34 (which has no list attributes) refuses
+    exactly `strings`. Without the option no device has the attribute (1.34 slices, as before)."""
+    plain = _slices(sysfs_fixture, *MODES[mode], capsys=capsys)
+    assert not any(PCIE_ROOT in d["attributes"] for s in plain for d in s["spec"]["devices"])
+    for obj in _slices(sysfs_fixture, *MODES[mode], "--publish-pcie-roots", capsys=capsys):
+        devices = obj["spec"]["devices"]
+        lists = [d["attributes"][PCIE_ROOT] for d in devices if PCIE_ROOT in d["attributes"]]
+        assert len(devices) <= (64 if lists else 128)
+        kubernetes_validate.validate(obj, "1.37.0", strict=True)
+        assert all(set(value) == {"strings"} and value["strings"] for value in lists)
+        if lists:
+            with pytest.raises(kubernetes_validate.ValidationError, match="'strings' was unexpected"):
+                kubernetes_validate.validate(obj, "1.34.0", strict=True)
+
+
+def test_pcie_roots_of_the_expander_capture(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each CPU device lists the roots on its NUMA node and pci0000:00 (no NUMA node: local to every CPU); the root of
+    memory-only node 2 is on no CPU device; hugepage devices carry none."""
+    root = FIXTURES / "pcie-expander-3numa"
+    want = {
+        "numanode": {"cpu-numa0": ["pci0000:00", "pci0000:10"], "cpu-numa1": ["pci0000:00", "pci0000:20"]},
+        "socket": {"cpu-socket0": ["pci0000:00", "pci0000:10"], "cpu-socket1": ["pci0000:00", "pci0000:20"]},
+        "machine": {"cpu-machine": ["pci0000:00", "pci0000:10", "pci0000:20"]},
+        "individual": {f"cpu-{i}": ["pci0000:00", "pci0000:10" if i < 4 else "pci0000:20"] for i in range(8)},
+    }
+    for mode, expected in want.items():
+        devices = _devices(_slices(root, *MODES[mode], "--publish-pcie-roots", capsys=capsys))
+        got = {
+            name: d["attributes"][PCIE_ROOT]["strings"] for name, d in devices.items() if PCIE_ROOT in d["attributes"]
+        }
+        assert got == expected, mode
+        assert all(not name.startswith("hugepages") for name in got)
+
+
+def test_a_cpu_device_without_local_roots_has_no_attribute(tmp_path: Path) -> None:
+    """A list attribute must not be empty: node 1 here has no root of its own and none without a node."""
+    cpus, nodes = uniform_machine(sockets=2, nodes_per_socket=1, cores_per_node=2, threads=1)
+    write_tree(tmp_path, cpus, nodes)
+    write_pcie_root(tmp_path, "pci0000:00", {"0000:00:00.0": 0})
+    config = DeviceConfig(node_name="n", pcie_roots=True)
+    devices = {d.name: dict(d.attributes) for d in build_devices(read_topology(tmp_path, pcie_roots=True), config)}
+    assert devices["cpu-numa0"][PCIE_ROOT] == ("pci0000:00",)
+    assert PCIE_ROOT not in devices["cpu-numa1"]
+
+
+def test_too_many_roots_for_one_device_is_one_clear_error(tmp_path: Path) -> None:
+    """48 attribute values per device: the machine device of a machine with 40 roots cannot list them all."""
+    cpus, nodes = uniform_machine(sockets=2, nodes_per_socket=1, cores_per_node=2, threads=1)
+    write_tree(tmp_path, cpus, nodes)
+    for bus in range(40):
+        write_pcie_root(tmp_path, f"pci0000:{bus * 4:02x}", {f"0000:{bus * 4:02x}:00.0": bus % 2})
+    topology = read_topology(tmp_path, pcie_roots=True)
+    numa = build_devices(topology, DeviceConfig(node_name="n", pcie_roots=True))
+    roots = [value for d in numa for key, value in d.attributes if key == PCIE_ROOT]
+    assert [len(value) for value in roots if isinstance(value, tuple)] == [20, 20]
+    with pytest.raises(DeviceConfigError, match=r"^device cpu-machine would carry 49 attribute values, above the 48"):
+        build_devices(topology, DeviceConfig(node_name="n", pcie_roots=True, group_by=GroupBy.MACHINE))
+
+
+def test_list_attributes_cut_slices_to_64_devices(tmp_path: Path) -> None:
+    cpus, nodes = uniform_machine(sockets=1, nodes_per_socket=1, cores_per_node=100, threads=1)
+    write_tree(tmp_path, cpus, nodes)
+    write_pcie_root(tmp_path, "pci0000:00", {"0000:00:00.0": 0})
+    topology = read_topology(tmp_path, pcie_roots=True)
+    for pcie, sizes in ((False, [100]), (True, [64, 36])):
+        config = DeviceConfig(node_name="n", device_mode=DeviceMode.INDIVIDUAL, pcie_roots=pcie)
+        slices = build_slices(build_devices(topology, config), config)
+        assert [len(s["spec"]["devices"]) for s in slices] == sizes
+        for obj in slices:
+            kubernetes_validate.validate(obj, "1.37.0", strict=True)
 
 
 def test_grouped_dual_socket(capsys: pytest.CaptureFixture[str]) -> None:

@@ -49,6 +49,8 @@ CUSTOM = (
     "config.groupBy=socket",
     "--set",
     "config.publishNodeAllocatableResources=true",
+    "--set",
+    "config.publishPcieRoots=true",
     "--set-string",
     "config.reservedCpus=0-1",
     "--set",
@@ -137,7 +139,11 @@ def test_defaults(helm: Helm, tmp_path: Path) -> None:
     config = daemon_config(objects, tmp_path)
     assert (config.node_name, config.driver_name, config.enforcement) == ("node-a", "dra.cpu", "nri")
     # Node-allocatable mappings are off while the gate is alpha; one device per NUMA node.
-    assert (config.group_by, config.publish_node_allocatable_resources) == ("numanode", False)
+    assert (config.group_by, config.publish_node_allocatable_resources, config.publish_pcie_roots) == (
+        "numanode",
+        False,
+        False,
+    )
     # Every folder the daemon uses on the host is mounted at the same path; /sys read-only but for the cgroups
     # (NRI writes hugepage claims' hugetlb reservation limits).
     assert host_mounts(objects) == {
@@ -170,7 +176,11 @@ def test_custom_values(helm: Helm, tmp_path: Path) -> None:
     assert config.enforcement == "cdi-hook"
     assert config.whole_cores is True
     assert config.reserved_cpus == "0-1"
-    assert (config.group_by, config.publish_node_allocatable_resources) == ("socket", True)
+    assert (config.group_by, config.publish_node_allocatable_resources, config.publish_pcie_roots) == (
+        "socket",
+        True,
+        True,
+    )
     # What the node then publishes: socket devices whose consumed CPUs count against node allocatable cpu.
     device_config = dataclasses.replace(config.device_config(), driver_name="dra.cpu")
     slices = build_slices(build_devices(read_topology(SYSFS / "dual-socket-smt2"), device_config), device_config)
@@ -271,6 +281,7 @@ def test_node_slice_policy_binds_the_driver_to_its_node(helm: Helm) -> None:
         (("--set-string", "config.wholeCores=yes"), "wholeCores"),
         (("--set", "config.groupBy=numa"), "groupBy"),
         (("--set-string", "config.publishNodeAllocatableResources=true"), "publishNodeAllocatableResources"),
+        (("--set-string", "config.publishPcieRoots=true"), "publishPcieRoots"),
         (("--set", "config.reservedCPUs=0-1"), "reservedCPUs"),
         (("--set", "config.kubeletRootDir=/x"), "kubeletRootDir"),
         (("--set", "config.enforcement=none"), "enforcement"),
@@ -283,6 +294,7 @@ def test_node_slice_policy_binds_the_driver_to_its_node(helm: Helm) -> None:
         "wrong-type",
         "group-by",
         "mapping-type",
+        "pcie-roots-type",
         "unknown-key",
         "path-key-in-config",
         "dev-only-enforcement",

@@ -46,6 +46,7 @@ def refused(result: subprocess.CompletedProcess[str]) -> str:
         ("deviceMode: fancy\n", "deviceMode 'fancy': must be one of grouped, individual"),
         ("groupBy: numa\n", "groupBy 'numa': must be one of numanode, socket, machine"),
         ("publishNodeAllocatableResources: 1\n", "publishNodeAllocatableResources must be a bool"),
+        ("publishPcieRoots: yes please\n", "publishPcieRoots must be a bool"),
         ('reservedCpus: "0-x"\n', "reservedCpus '0-x'"),
         ("enforcement: none\n", "enforcement 'none' is for development: it needs --standalone"),
         ("minSharedCpus: 0\n", "minSharedCpus 0: at least 1 CPU must stay shared"),
@@ -63,6 +64,7 @@ def refused(result: subprocess.CompletedProcess[str]) -> str:
         "bad-choice",
         "bad-group-by",
         "wrong-type-mapping",
+        "wrong-type-pcie-roots",
         "bad-cpu-list",
         "dev-enforcement-outside-standalone",
         "no-shared-cpus",
@@ -155,6 +157,16 @@ def test_grouping_and_node_allocatable_reach_the_device_config(tmp_path: Path) -
     assert (Config().group_by, Config().publish_node_allocatable_resources) == ("numanode", False)
     flagged = load_args("--config", str(path), "--group-by", "machine", "--no-publish-node-allocatable-resources")
     assert (flagged.device_config().group_by, flagged.device_config().node_allocatable) == (GroupBy.MACHINE, False)
+
+
+def test_pcie_roots_are_off_by_default_and_reach_the_device_config(tmp_path: Path) -> None:
+    assert Config().publish_pcie_roots is False
+    assert Config(node_name="n").device_config().pcie_roots is False
+    path = tmp_path / "config.yaml"
+    path.write_text("publishPcieRoots: true\n")
+    assert load_args("--config", str(path)).device_config().pcie_roots is True
+    assert load_args("--config", str(path), "--no-publish-pcie-roots").device_config().pcie_roots is False
+    assert load_args("--publish-pcie-roots").device_config().pcie_roots is True
 
 
 def test_a_flag_cannot_make_the_file_valid_if_the_result_is_not(tmp_path: Path) -> None:

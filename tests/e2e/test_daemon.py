@@ -236,6 +236,31 @@ def test_health_follows_the_node_through_re_discovery(root: Path) -> None:
     assert proc.returncode == 0, stderr
 
 
+def test_pcie_roots_are_published_and_follow_sysfs(root: Path) -> None:
+    """--publish-pcie-roots: the daemon reads the roots (the expander capture) and republishes when they change."""
+    sysfs = root / "sysfs"
+    shutil.copytree(FIXTURES / "pcie-expander-3numa", sysfs)
+    proc = run_daemon(root, free_port(), "--publish-pcie-roots", "--hugepage-poll-seconds", "0.3", sysfs=sysfs)
+
+    def roots() -> dict[str, list[str]]:
+        return {
+            device["name"]: device["attributes"]["resource.kubernetes.io/pcieRoot"]["strings"]
+            for path in (root / "cluster/resourceslices").glob("*.yaml")
+            for device in yaml.safe_load(path.read_text())["spec"]["devices"]
+            if "resource.kubernetes.io/pcieRoot" in device["attributes"]
+        }
+
+    try:
+        first = {"cpu-numa0": ["pci0000:00", "pci0000:10"], "cpu-numa1": ["pci0000:00", "pci0000:20"]}
+        eventually(lambda: roots() == first, "the first publish with the roots")
+        shutil.rmtree(sysfs / "sys/devices/pci0000:20")
+        eventually(lambda: roots() == {**first, "cpu-numa1": ["pci0000:00"]}, "the root gone from cpu-numa1")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+
+
 def test_sigterm_at_any_moment_ends_the_daemon_cleanly_once(root: Path) -> None:
     """SIGTERM at random moments of start-up and service, and again while it shuts down: one shutdown, exit 0."""
     seed = random.randrange(1 << 32)

@@ -41,6 +41,9 @@ def test_discover_matches_the_emulated_machine(guest: Guest) -> None:
         assert 0.75 * want.memory_mib < node["memoryBytes"] / 2**20 <= want.memory_mib, node["memoryBytes"]
         assert node["hugepages"]["2Mi"] == {"total": want.hugepages_2m, "free": want.hugepages_2m}
     assert topology["hugepages"]["2Mi"]["total"] == sum(n.hugepages_2m for n in SPEC.nodes)
+    # qemu's one host bridge has no NUMA node (its devices' numa_node is -1); tests/fixtures/sysfs/pcie-expander-3numa
+    # is this guest with a PCIe expander bus per node.
+    assert topology["pcieRoots"] == [{"name": "pci0000:00", "numaNode": None}]
 
 
 def test_the_guest_kernel_itself_has_that_topology(guest: Guest) -> None:

@@ -42,7 +42,9 @@ from tests.support.paths import REPO
 from tests.support.testenv_helm import Helm
 
 EXAMPLES = REPO / "hack" / "examples"
-FILES = sorted(EXAMPLES.glob("*.yaml"))
+# Examples that pair our devices with another driver's have a test of their own (below).
+GPU_EXAMPLE = EXAMPLES / "claim-cpu-gpu-pcie-root.yaml"
+FILES = sorted(f for f in EXAMPLES.glob("*.yaml") if f != GPU_EXAMPLE)
 FIXTURES = REPO / "tests" / "fixtures" / "sysfs"
 DRIVER = "dra.cpu"
 
@@ -365,3 +367,64 @@ def test_a_claim_template_gets_a_claim_per_pod_released_with_the_pod(
     assert allocated_device("pod-4") == devices[0]
     for i in range(1, 5):
         admin.delete(f"{pods_path}/pod-{i}", force=True)
+
+
+def test_cpus_and_a_gpu_on_the_same_pcie_root(
+    control_plane: ControlPlane,
+    admin: Kube,
+    classes_file: Path,
+    namespace: str,
+    nodes: list[str],
+    tmp_path: Path,
+) -> None:
+    """hack/examples/claim-cpu-gpu-pcie-root.yaml with the real scheduler (DRAListTypeAttributes on): our slices of
+    the expander capture with publishPcieRoots (cpu-numa0 lists pci0000:00 and pci0000:10, cpu-numa1 pci0000:00 and
+    pci0000:20) beside the example GPU driver's slice (gpu-0 on pci0000:30, a node without CPUs; gpu-1 on
+    pci0000:20). The scheduler passes over gpu-0, first in its slice, and gives the pod gpu-1 with CPUs of
+    cpu-numa1, the allocation explain predicts."""
+    name = unique("node")
+    nodes.append(name)
+    config = DeviceConfig(node_name=name, pcie_roots=True)
+    node = publish_node(control_plane.kubeconfig, admin.api, name, FIXTURES / "pcie-expander-3numa", config)
+    roots = {
+        d["name"]: d["attributes"].get("resource.kubernetes.io/pcieRoot")
+        for s in node.slices
+        for d in s["spec"]["devices"]
+    }
+    assert roots["cpu-numa1"] == {"strings": ["pci0000:00", "pci0000:20"]}, "stored as sent: the gate is on"
+    gpu_docs = documents(EXAMPLES / "pcie-root" / "gpu-example-com.yaml")
+    gpu_class = [d for d in gpu_docs if d["kind"] == "DeviceClass"]
+    [gpu_slice] = [d for d in gpu_docs if d["kind"] == "ResourceSlice"]
+    gpu_slice = {
+        **gpu_slice,
+        "metadata": {"name": f"{name}-gpu.example.com"},
+        "spec": {**gpu_slice["spec"], "nodeName": name, "pool": {**gpu_slice["spec"]["pool"], "name": name}},
+    }
+    ensure(admin, gpu_class)
+    admin.create(gpu_slice)
+    try:
+        gpu_file = tmp_path / "gpu.yaml"
+        gpu_file.write_text(yaml.safe_dump_all([*gpu_class]))
+        both = tmp_path / "classes.yaml"
+        both.write_text(classes_file.read_text() + "\n---\n" + gpu_file.read_text())
+        predicted = explain(GPU_EXAMPLE, "claim-cpu-gpu-pcie-root", both, [*node.slices, gpu_slice], tmp_path)
+        assert predicted["satisfiable"], predicted["reason"]
+        assert [r["allocated"]["devices"] for r in predicted["requests"]] == [
+            [f"{name}/cpu-numa1"],
+            [f"{name}/gpu-1"],
+        ]
+        docs = documents(GPU_EXAMPLE)
+        [claim] = [d for d in docs if d["kind"] == "ResourceClaim"]
+        [pod] = [d for d in docs if d["kind"] == "Pod"]
+        admin.create(claim, namespace)
+        run_pod(admin, namespace, pod, name)
+        stored = allocated_claim(admin, namespace, claim["metadata"]["name"])
+        results = results_by_request(stored)
+        assert {r: (v["driver"], v["pool"], v["device"]) for r, v in results.items()} == {
+            "cpus": (DRIVER, name, "cpu-numa1"),
+            "gpu": ("gpu.example.com", name, "gpu-1"),
+        }
+        assert results["cpus"]["consumedCapacity"] == {f"{DRIVER}/cpu": "2"}
+        admin.delete(f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}", force=True)
+    finally:
+        admin.delete(f"/apis/resource.k8s.io/v1/resourceslices/{gpu_slice['metadata']['name']}")

@@ -356,9 +356,15 @@ def test_a_conflict_is_resolved_by_reading_again(kube: KubeAPI, config: DeviceCo
 
 @pytest.fixture(scope="module")
 def gateless_apiserver(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    """A kube-apiserver of its own with the DRAConsumableCapacity and DRANodeAllocatableResources gates off, which
-    drops those features' fields as any server with the gates off does (the shared server keeps them on)."""
-    gates = {**FEATURE_GATES, "DRAConsumableCapacity": False, "DRANodeAllocatableResources": False}
+    """A kube-apiserver of its own with the DRAConsumableCapacity, DRANodeAllocatableResources and
+    DRAListTypeAttributes gates off, which drops those features' fields as any server with the gates off does (the
+    shared server keeps them on)."""
+    gates = {
+        **FEATURE_GATES,
+        "DRAConsumableCapacity": False,
+        "DRANodeAllocatableResources": False,
+        "DRAListTypeAttributes": False,
+    }
     with started(request, tmp_path_factory, APISERVER_ONLY, gates, name="gateless") as plane:
         yield plane.apiserver
 
@@ -531,4 +537,22 @@ def test_the_publisher_rides_out_an_unreachable_server(
         assert reader.generations() == {2}
     finally:
         outage.close()
+        kube.close()
+
+
+def test_pcie_roots_without_the_list_gate_are_refused_with_the_servers_reason(
+    gateless_apiserver: ApiServer, config: DeviceConfig
+) -> None:
+    """publishPcieRoots against a server without DRAListTypeAttributes: it drops the list value, and the attribute
+    left without a value fails validation, so no slice is written (what docs/admin.md says)."""
+    kube = connect(str(gateless_apiserver.kubeconfig))
+    pcie = replace(config, node_name=f"{config.node_name}-pcie", pcie_roots=True)
+    publisher = SlicePublisher(kube, pcie, LOG)
+    topology = read_topology(FIXTURES / "pcie-expander-3numa", pcie_roots=True)
+    publisher.set_devices(build_devices(topology, pcie))
+    try:
+        with pytest.raises(ClusterError, match=r"pcieRoot]: Invalid value: \"\": must specify one of: `int`"):
+            publisher.sync_once()
+        assert kube.list_slices(pcie.driver_name, pcie.node_name) == []
+    finally:
         kube.close()

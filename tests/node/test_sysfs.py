@@ -12,8 +12,9 @@ import pytest
 from dra_cpu.cli import main
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.node.sysfs import SysfsError, read_topology
+from dra_cpu.tools.render import topology_table
 from tests.support.paths import SYSFS
-from tests.support.synthetic import SyntheticCpu, SyntheticNode, uniform_machine, write_tree
+from tests.support.synthetic import SyntheticCpu, SyntheticNode, uniform_machine, write_pcie_root, write_tree
 
 
 def test_fixture_matches_expected_field_by_field(sysfs_fixture: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -28,6 +29,8 @@ def test_fixture_matches_expected_field_by_field(sysfs_fixture: Path, capsys: py
     for want, have in zip(expected["numaNodes"], got["numaNodes"], strict=True):
         for key, value in want.items():
             assert have[key] == value, f"node {want['id']} {key}"
+    # Captures made before PCIe roots were read keep no PCI folders.
+    assert got["pcieRoots"] == expected.get("pcieRoots", [])
 
 
 def test_fixture_summary_agrees_with_raw_facts(sysfs_fixture: Path) -> None:
@@ -218,3 +221,71 @@ def test_large_generated_machine(tmp_path: Path) -> None:
     assert len(topo.cores()) == 512
     assert len(topo.l3_groups()) == 32
     assert str(topo.node(0).cpus) == "0-31,512-543"
+
+
+def test_pcie_roots_of_the_expander_capture_agree_with_the_kernels_cpulistaffinity() -> None:
+    """The capture's roots sit on nodes 0, 1 and 2 (memory-only) and pci0000:00 on none; the node read from the
+    root bus's devices gives the CPUs the kernel itself lists in pci_bus/<bus>/cpulistaffinity."""
+    root = SYSFS / "pcie-expander-3numa"
+    topo = read_topology(root, pcie_roots=True)
+    assert [(r.name, r.numa_node) for r in topo.pcie_roots] == [
+        ("pci0000:00", None),
+        ("pci0000:10", 0),
+        ("pci0000:20", 1),
+        ("pci0000:30", 2),
+    ]
+    for pcie_root in topo.pcie_roots:
+        affinity = root / "sys/devices" / pcie_root.name / "pci_bus" / pcie_root.name[3:] / "cpulistaffinity"
+        local = topo.online_cpus if pcie_root.numa_node is None else topo.node(pcie_root.numa_node).cpus
+        assert CPUSet.parse(affinity.read_text()) == local, pcie_root.name
+    assert read_topology(root).pcie_roots == (), "read only when asked"
+    assert "PCIe roots:   pci0000:00:any  pci0000:10:node0  pci0000:20:node1  pci0000:30:node2" in topology_table(topo)
+    # The devices behind the root ports carry their root's node too.
+    assert (root / "sys/devices/pci0000:20/0000:20:00.0/0000:21:00.0/numa_node").read_text().strip() == "1"
+
+
+def test_pcie_roots_without_devices_or_nodes(tmp_path: Path) -> None:
+    _two_node_tree(tmp_path)
+    write_pcie_root(tmp_path, "pci0000:00", {"0000:00:00.0": -1, "0000:00:01.0": -1})
+    write_pcie_root(tmp_path, "pci0000:40", {})  # a root bus without PCI devices: nothing can be near it
+    write_pcie_root(tmp_path, "pci10000:80", {"10000:80:00.0": 1, "10000:80:01.0": 1})  # a wide domain
+    write_pcie_root(tmp_path, "pci0001:00", {"0001:00:00.0": None})  # no numa_node file: a kernel without NUMA
+    (tmp_path / "sys/devices/pci0000:00/QEMU0002:00").mkdir()  # non-PCI children are not devices of the bus
+    (tmp_path / "sys/devices/pci_other").mkdir()  # not a root complex's name
+    topo = read_topology(tmp_path, pcie_roots=True)
+    assert [(r.name, r.numa_node) for r in topo.pcie_roots] == [
+        ("pci0000:00", None),
+        ("pci0001:00", None),
+        ("pci10000:80", 1),
+    ]
+    assert topo.pcie_roots_local_to(CPUSet.of([0])) == ("pci0000:00", "pci0001:00")
+    assert topo.pcie_roots_local_to(CPUSet.of([1])) == ("pci0000:00", "pci0001:00", "pci10000:80")
+
+
+@pytest.mark.parametrize(
+    ("devices", "message"),
+    [
+        ({"0000:10:00.0": "zero"}, r"0000:10:00\.0/numa_node: expected an integer, found 'zero'$"),
+        ({"0000:10:00.0": "-2"}, r"0000:10:00\.0/numa_node: expected a NUMA node or -1, found -2$"),
+        ({"0000:10:00.0": "5"}, r"0000:10:00\.0/numa_node: NUMA node 5 is not online \(online nodes: 0,1\)$"),
+        (
+            {"0000:10:00.0": "0", "0000:10:01.0": "1"},
+            r"^sysfs: devices on one PCIe root bus disagree on its NUMA node: \S+/0000:10:00\.0/numa_node says 0, "
+            r"\S+/0000:10:01\.0/numa_node says 1$",
+        ),
+        ({"0000:11:00.0": "0"}, r"^sysfs: \S+/pci0000:10/0000:11:00\.0 is not on the root bus 0000:10 it is under$"),
+    ],
+)
+def test_bad_pcie_root_is_one_clear_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], devices: dict[str, str], message: str
+) -> None:
+    _two_node_tree(tmp_path)
+    for bdf, content in devices.items():
+        path = tmp_path / "sys/devices/pci0000:10" / bdf / "numa_node"
+        path.parent.mkdir(parents=True)
+        path.write_text(content + "\n")
+    with pytest.raises(SysfsError, match=message):
+        read_topology(tmp_path, pcie_roots=True)
+    read_topology(tmp_path)  # without publishPcieRoots the PCI folders are not read at all
+    assert main(["discover", "--sysfs-root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

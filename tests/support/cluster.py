@@ -178,8 +178,8 @@ def publish_node(
 ) -> TestNode:
     """A Ready Node sized like the machine at `sysfs_root`, and the driver's ResourceSlices for it, published the way
     the daemon publishes them (SlicePublisher, connected with `kubeconfig`)."""
-    topology = read_topology(sysfs_root)
     config = config or DeviceConfig(node_name=name)
+    topology = read_topology(sysfs_root, pcie_roots=config.pcie_roots)
     cpus, memory, hugepages = node_resources(topology)
     create_node(api, name, cpus=cpus, memory=memory, hugepages=hugepages)
     kube = connect(str(kubeconfig))

@@ -110,6 +110,11 @@ class GuestSpec:
             args += ["-numa", f"dist,src={a},dst={b},val={value}"]
         return args
 
+    def device_args(self) -> list[str]:
+        """qemu arguments placed after the guest's own devices (a device without `bus=` goes on the newest bus, so
+        expander buses and their devices must come last)."""
+        return []
+
 
 SPEC = GuestSpec()
 
@@ -315,11 +320,15 @@ def boot(build: Path, spec: GuestSpec = SPEC) -> Guest:
         "-kernel", str(build / "vmlinuz"),
         "-initrd", str(build / "initrd.img"),
         "-append", " ".join(kernel_args),
-        "-drive", f"file={build / 'rootfs.ext4'},format=raw,if=virtio,snapshot=on",
+        # The disk as an explicit device (not `if=virtio`, which qemu places after every -device) so that it stays
+        # on the first bus when device_args() adds buses.
+        "-drive", f"file={build / 'rootfs.ext4'},format=raw,if=none,id=root,snapshot=on",
+        "-device", "virtio-blk-pci,drive=root",
         "-virtfs", f"local,path={ROOT},mount_tag=src,security_model=none,readonly=on",
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=agent,path={agent},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+        *spec.device_args(),
     ]  # fmt: skip
     (workdir / "qemu.cmd").write_text(shlex.join(argv) + "\n")
     # qemu writes the snapshot overlay of the disk under TMPDIR.

@@ -154,3 +154,16 @@ def _cache(cpu: SyntheticCpu, level: int) -> int | None:
 def _write(path: Path, content: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(content + ("\n" if content and not content.endswith("\n") else ""))
+
+
+def write_pcie_root(root: Path, name: str, devices: dict[str, int | None]) -> Path:
+    """A PCIe root complex sys/devices/<name> (`pci0000:10`) with PCI devices on its root bus: BDF -> numa_node
+    (None: no numa_node file, as on a kernel without NUMA), and its pci_bus folder as the kernel has it."""
+    d = root / "sys/devices" / name
+    _write(d / "pci_bus" / name[3:] / "uevent", "")
+    for bdf, node in devices.items():
+        if node is None:
+            _write(d / bdf / "vendor", "0x1af4")
+        else:
+            _write(d / bdf / "numa_node", str(node))
+    return d

@@ -94,3 +94,44 @@ def test_a_slip_inside_celpy_is_the_expression_runtime_error() -> None:
     # Found by hack/bench/fuzz.py: celpy's repr of `![]` raises IndexError while it reports the type error.
     verdict = compile_selector("(![] && ![])", "sel").evaluate(DEVICE)
     assert verdict.error and verdict.reason.startswith("sel: CEL runtime error")
+
+
+# KEP-5491 list attributes: a CPU device's pcieRoot is a list, a GPU's a string.
+CPU = CelDevice("dra.cpu", {"resource.kubernetes.io/pcieRoot": ("pci0000:00", "pci0000:10")}, {}, True)
+GPU = CelDevice("gpu.example.com", {"resource.kubernetes.io/pcieRoot": "pci0000:20"}, {}, False)
+ROOT = 'device.attributes["resource.kubernetes.io"].pcieRoot'
+
+
+@pytest.mark.parametrize(
+    ("expression", "cpu", "gpu"),
+    [
+        (f'"pci0000:10" in {ROOT}', True, "error"),
+        (f'{ROOT}.includes("pci0000:10")', True, False),
+        (f'{ROOT}.includes("pci0000:20")', False, True),
+        # Kubernetes cannot iterate a string here (a runtime error); celpy iterates its characters: not compared.
+        (f'{ROOT}.exists(r, r.startsWith("pci0000:1"))', True, None),
+        (f"size({ROOT}) == 2", True, False),
+        (f'{ROOT} == ["pci0000:00", "pci0000:10"]', True, "error"),
+        (f'{ROOT} == "pci0000:20"', "error", True),
+    ],
+)
+def test_list_attributes_as_the_kubernetes_cel_environment_has_them(
+    expression: str, cpu: bool | str, gpu: bool | str | None
+) -> None:
+    """`in`, size(), the macros and == work on lists (`in` has no string overload: a runtime error, as in
+    Kubernetes); includes() (DRAListTypeAttributes) accepts a list or a scalar alike."""
+    selector = compile_selector(expression, "sel")
+    for device, want in ((CPU, cpu), (GPU, gpu)):
+        if want is None:
+            continue
+        verdict = selector.evaluate(device)
+        assert verdict.error if want == "error" else verdict.matches == want, (device.driver, verdict)
+
+
+def test_a_false_selector_shows_the_list_it_read() -> None:
+    verdict = compile_selector(f'{ROOT}.includes("pci0000:20")', "sel").evaluate(CPU)
+    assert verdict.reason.endswith('(resource.kubernetes.io/pcieRoot is ["pci0000:00", "pci0000:10"])')
+    verdict = compile_selector(f'"pci0000:10" in {ROOT}', "sel").evaluate(GPU)
+    assert verdict.reason == (
+        "sel: CEL runtime error at line 1, column 1: found no matching overload for 'in' applied to '(string, string)'"
+    )

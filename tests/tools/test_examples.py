@@ -39,7 +39,10 @@ DRIVER = "dra.cpu"
 NODE_SETTINGS: dict[str, list[dict[str, Any]]] = {
     "claim-cpu-distribute-numa": [{"group_by": GroupBy.SOCKET}, {"group_by": GroupBy.MACHINE}],
     "claim-node-allocatable": [{"node_allocatable": True}],
+    "claim-cpu-gpu-pcie-root": [{"pcie_roots": True}],
 }
+# Another driver's DeviceClasses and ResourceSlices (on node "n") an example pairs our devices with.
+EXTRA_DRIVERS: dict[str, Path] = {"claim-cpu-gpu-pcie-root": EXAMPLES / "pcie-root" / "gpu-example-com.yaml"}
 
 
 def settings_of(path: Path) -> list[DeviceConfig]:
@@ -67,6 +70,15 @@ def test_the_examples_exist() -> None:
         "claim-cpu-distribute-numa",
     }
     assert set(NODE_SETTINGS) <= {f.stem for f in FILES}
+
+
+@pytest.mark.parametrize("stem", sorted(EXTRA_DRIVERS))
+def test_other_drivers_objects_validate(stem: str) -> None:
+    docs = documents(EXTRA_DRIVERS[stem])
+    assert {d["kind"] for d in docs} == {"DeviceClass", "ResourceSlice"}
+    for version in ("1.34.0", "1.37.0"):
+        for doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
@@ -123,7 +135,7 @@ def topologies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Topology]:
     """Every real-kernel capture, plus one with isolated CPUs (no capture has isolcpus set)."""
     trees = {name: FIXTURES / "sysfs" / name for name in SYSFS_FIXTURES}
     trees["dual-socket-smt2+isolcpus"] = _isolated_copy(tmp_path_factory.mktemp("isolated"), "dual-socket-smt2")
-    return {name: read_topology(tree) for name, tree in trees.items()}
+    return {name: read_topology(tree, pcie_roots=True) for name, tree in trees.items()}
 
 
 @pytest.fixture(scope="module")
@@ -184,14 +196,23 @@ def _fits(
 ) -> list[str]:
     """The topologies (with the setting) on which the scheduler model allocates the claim and the driver prepares it."""
     model = parse_claim(claim, path.name)
+    extra = documents(EXTRA_DRIVERS[path.stem]) if path.stem in EXTRA_DRIVERS else []
+    classes = {**classes, **{c.name: c for c in (parse_class(o, "extra") for o in extra if o["kind"] == "DeviceClass")}}
     fits = []
     for config in configs:
+        others = [_on_node(o, config.node_name) for o in extra if o["kind"] == "ResourceSlice"]
         for name, topology in topologies.items():
-            slices = build_slices(build_devices(topology, config), config)
+            slices = build_slices(build_devices(topology, config), config) + others
             explanation = explain(model, classes, parse_slices(slices, name), {})
             if explanation.satisfiable and _preparable(claim, topology, explanation, config):
                 fits.append(f"{name} {config.group_by}")
     return fits
+
+
+def _on_node(obj: dict[str, Any], node: str) -> dict[str, Any]:
+    """Another driver's slice moved to `node` (its pool named after it), as that driver would publish it there."""
+    spec = {**obj["spec"], "nodeName": node, "pool": {**obj["spec"]["pool"], "name": node}}
+    return {**obj, "spec": spec}
 
 
 def _claimed(pod: dict[str, Any], claims: dict[str, dict[str, Any]]) -> dict[str, Fraction]:
@@ -203,6 +224,8 @@ def _claimed(pod: dict[str, Any], claims: dict[str, dict[str, Any]]) -> dict[str
         for use in container["resources"].get("claims", []):
             for request in claims[refs[use["name"]]]["spec"]["devices"]["requests"]:
                 exact = request["exactly"]
+                if exact["deviceClassName"] not in (DRIVER, f"{DRIVER}.isolated", *pages):
+                    continue  # another driver's device (a GPU) is no node resource of ours
                 asked = exact.get("capacity", {}).get("requests", {})
                 resource = pages.get(exact["deviceClassName"], "cpu")
                 amount = asked.get(f"{DRIVER}/memory" if resource != "cpu" else f"{DRIVER}/cpu", exact.get("count", 1))
@@ -240,8 +263,14 @@ def test_claims_written_for_upstream_work_in_every_grouping(
         assert "big-8numa" in " ".join(_fits(claim, path, topologies, classes, [config])), stem
     pinned_path = EXAMPLES / "claim-cpu-numa-pinned.yaml"
     (pinned,) = claims_of(pinned_path)
-    # Sockets that are NUMA node 1 and nothing else: cxl-memoryless's and dual-socket-smt2's second socket.
-    one_node = ["cxl-memoryless socket", "dual-socket-smt2 socket", "dual-socket-smt2+isolcpus socket"]
+    # Sockets that are NUMA node 1 and nothing else: the second socket of cxl-memoryless, dual-socket-smt2 and
+    # pcie-expander-3numa.
+    one_node = [
+        "cxl-memoryless socket",
+        "dual-socket-smt2 socket",
+        "dual-socket-smt2+isolcpus socket",
+        "pcie-expander-3numa socket",
+    ]
     fits = _fits(pinned, pinned_path, topologies, classes, [config])
     assert sorted(fits) == (one_node if group_by is GroupBy.SOCKET else [])
     slices = build_slices(build_devices(topologies["big-8numa"], config), config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,25 @@ CLAIMS = {obj["metadata"]["name"]: obj for obj in load_objects(EXPLAIN / "claims
 MIB = 1 << 20
 
 
+# The example GPU driver's DeviceClass and ResourceSlice (node-a) that hack/examples/claim-cpu-gpu-pcie-root.yaml needs.
+GPU_EXAMPLE = load_objects(EXAMPLES / "pcie-root" / "gpu-example-com.yaml")
+GPU_CLASSES = [o for o in GPU_EXAMPLE if o["kind"] == "DeviceClass"]
+GPU_SLICES = [o for o in GPU_EXAMPLE if o["kind"] == "ResourceSlice"]
+
+
 def slices_of(root: Path, **config: Any) -> tuple[Topology, list[dict[str, Any]]]:
-    topology = read_topology(root)
+    topology = read_topology(root, pcie_roots=bool(config.get("pcie_roots")))
     device_config = DeviceConfig(node_name="node-a", **config)
     return topology, build_slices(build_devices(topology, device_config), device_config)
 
 
-def run(claim: dict[str, Any], slices: list[dict[str, Any]], in_use: Sequence[dict[str, Any]] = ()) -> Explanation:
-    classes = {c.name: c for c in (parse_class(o, "classes") for o in load_objects(CLASSES))}
+def run(
+    claim: dict[str, Any],
+    slices: list[dict[str, Any]],
+    in_use: Sequence[dict[str, Any]] = (),
+    extra_classes: Sequence[dict[str, Any]] = (),
+) -> Explanation:
+    classes = {c.name: c for c in (parse_class(o, "classes") for o in [*load_objects(CLASSES), *extra_classes])}
     parsed = parse_claim(claim, "claim")
     return explain(parsed, classes, parse_slices(slices, "slices"), parse_usage(in_use, "in-use"))
 
@@ -445,9 +457,15 @@ EXAMPLE_ORACLES: dict[str, Callable[[Topology], list[str]]] = {
 def test_every_example_claim_on_every_fixture(
     path: Path, obj: dict[str, Any], sysfs_fixture: Path, group_by: GroupBy
 ) -> None:
-    topology, slices = slices_of(sysfs_fixture, group_by=group_by)
-    result = run(obj, slices)
-    devices = {d["name"] for s in slices for d in s["spec"]["devices"]}
+    name = obj["metadata"]["name"]
+    gpu = name == "claim-cpu-gpu-pcie-root"
+    topology, slices = slices_of(sysfs_fixture, group_by=group_by, pcie_roots=gpu)
+    if gpu:
+        slices += GPU_SLICES
+    result = run(obj, slices, extra_classes=GPU_CLASSES if gpu else ())
+    # With a second driver's pool, explain names devices pool/device.
+    prefix = "node-a/" if gpu else ""
+    devices = {prefix + d["name"] for s in slices for d in s["spec"]["devices"]}
     for req in result.as_dict()["requests"]:
         # Every device is accounted for: a candidate, or a reason why not.
         assert set(req["candidates"]) | set(req["reasons"]) == devices
@@ -455,7 +473,20 @@ def test_every_example_claim_on_every_fixture(
             assert set(req["allocated"]["devices"]) <= set(req["candidates"])
     if not result.satisfiable:
         assert result.reason
-    name = obj["metadata"]["name"]
+    if gpu:
+        # Only the expander capture has a PCIe root beside a GPU's: the GPU on pci0000:20 (node 1) with the CPU device
+        # over node 1; the one on pci0000:30 (node 2, no CPUs) has no CPU device beside it.
+        if sysfs_fixture.name == "pcie-expander-3numa":
+            cpu = {"numanode": "cpu-numa1", "socket": "cpu-socket1", "machine": "cpu-machine"}[group_by.value]
+            assert [r["allocated"]["devices"] for r in result.as_dict()["requests"]] == [
+                [f"node-a/{cpu}"],
+                ["node-a/gpu-1"],
+            ]
+        else:
+            assert not result.satisfiable
+            assert "matchAttribute resource.kubernetes.io/pcieRoot over cpus, gpu: a device lacks the attribute" in (
+                result.reason
+            )
     oracle = EXAMPLE_ORACLES.get(name)
     if oracle is not None and group_by is GroupBy.NUMA_NODE:
         assert result.as_dict()["requests"][0]["candidates"] == oracle(topology)
@@ -477,3 +508,163 @@ def test_a_namespace_that_is_not_a_string_is_described_not_a_type_error() -> Non
     claim["metadata"]["namespace"] = 7
     assert describe(claim) == "ResourceClaim 7/c"
     assert describe({"kind": "ResourceClaim", "metadata": {"name": "n" * 10_000}}).endswith("...")
+
+
+def _pool(driver: str, devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A slice of `driver` on node-a whose devices carry the given attributes."""
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceSlice",
+        "metadata": {"name": f"node-a-{driver}"},
+        "spec": {
+            "driver": driver,
+            "nodeName": "node-a",
+            "pool": {"name": f"node-a-{driver}", "generation": 1, "resourceSliceCount": 1},
+            "devices": [{"name": name, "attributes": attributes} for name, attributes in devices.items()],
+        },
+    }
+
+
+def _class(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "DeviceClass",
+        "metadata": {"name": name},
+        "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{name}"'}}]},
+    }
+
+
+def _claim_over(drivers: Sequence[str], constraint: str = "matchAttribute") -> dict[str, Any]:
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": "c"},
+        "spec": {
+            "devices": {
+                "requests": [{"name": d.split(".")[0], "exactly": {"deviceClassName": d}} for d in drivers],
+                "constraints": [{constraint: "resource.kubernetes.io/pcieRoot"}],
+            }
+        },
+    }
+
+
+def _roots(*values: Any) -> dict[str, dict[str, Any]]:
+    """Devices dev-0, dev-1, ... with pcieRoot values: a tuple is a list attribute, an int an `int`."""
+    out = {}
+    for i, value in enumerate(values):
+        if isinstance(value, tuple):
+            attr: dict[str, Any] = {"strings": list(value)}
+        else:
+            attr = {"int": value} if isinstance(value, int) else {"string": value}
+        out[f"dev-{i}"] = {"resource.kubernetes.io/pcieRoot": attr}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("cpu", "gpu", "nic", "allocated"),
+    [
+        # A list matches a string it holds; the scheduler takes the first combination that fits.
+        (("pci0000:00", "pci0000:10"), "pci0000:10", "pci0000:10", ["dev-0", "dev-0", "dev-0"]),
+        # Every device must share one element: the GPU's root and the NIC's differ, though the CPU holds both.
+        (("pci0000:00", "pci0000:10"), "pci0000:00", "pci0000:10", None),
+        # Set semantics: order and duplicates do not matter.
+        (("pci0000:10", "pci0000:00", "pci0000:10"), "pci0000:00", ("pci0000:00",), ["dev-0", "dev-0", "dev-0"]),
+        # Values of different kinds never match, even when they print alike.
+        (("7",), 7, 7, None),
+    ],
+    ids=["common-root", "no-root-common-to-all", "set-semantics", "kinds-differ"],
+)
+def test_match_attribute_over_lists_needs_an_element_common_to_every_device(
+    cpu: Any, gpu: Any, nic: Any, allocated: list[str] | None
+) -> None:
+    """k8s.io/dynamic-resource-allocation@v0.37.2 structured/internal/experimental matchAttributeConstraint: each
+    value a set (a scalar one of one element), the running intersection over the devices must stay non-empty."""
+    slices = [_pool("cpu.example", _roots(cpu)), _pool("gpu.example", _roots(gpu)), _pool("nic.example", _roots(nic))]
+    classes = [_class(d) for d in ("cpu.example", "gpu.example", "nic.example")]
+    result = run(_claim_over(["cpu.example", "gpu.example", "nic.example"]), slices, extra_classes=classes)
+    if allocated is None:
+        assert not result.satisfiable
+        assert "matchAttribute resource.kubernetes.io/pcieRoot over all requests" in result.reason
+    else:
+        assert result.satisfiable, result.reason
+        got = [r["allocated"]["devices"][0].rsplit("/", 1)[1] for r in result.as_dict()["requests"]]
+        assert got == allocated
+
+
+def test_match_attribute_picks_the_gpu_that_shares_a_root_and_reports_the_lists() -> None:
+    slices = [
+        _pool("cpu.example", _roots(("pci0000:00", "pci0000:10"), ("pci0000:00", "pci0000:20"))),
+        _pool("gpu.example", _roots("pci0000:30", "pci0000:20")),
+    ]
+    classes = [_class("cpu.example"), _class("gpu.example")]
+    result = run(_claim_over(["cpu.example", "gpu.example"]), slices, extra_classes=classes)
+    assert [r["allocated"]["devices"] for r in result.as_dict()["requests"]] == [
+        ["node-a-cpu.example/dev-1"],
+        ["node-a-gpu.example/dev-1"],
+    ]
+    lone = [_pool("cpu.example", _roots(("pci0000:00", "pci0000:10"))), _pool("gpu.example", _roots("pci0000:30"))]
+    result = run(_claim_over(["cpu.example", "gpu.example"]), lone, extra_classes=classes)
+    assert not result.satisfiable
+    assert "cpu offers [pci0000:00, pci0000:10]; gpu offers pci0000:30" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "ok"),
+    [
+        (("pci0000:00", "pci0000:10"), ("pci0000:20",), True),
+        (("pci0000:00", "pci0000:10"), ("pci0000:10", "pci0000:20"), False),
+        (("pci0000:00", "pci0000:10"), "pci0000:00", False),
+        (("7",), 7, True),
+    ],
+    ids=["disjoint", "overlap", "list-and-scalar", "kinds-differ"],
+)
+def test_distinct_attribute_over_lists_needs_them_pairwise_disjoint(first: Any, second: Any, ok: bool) -> None:
+    """distinctAttributeConstraint: no element shared by two devices; values of different kinds are disjoint."""
+    slices = [_pool("cpu.example", _roots(first)), _pool("gpu.example", _roots(second))]
+    classes = [_class("cpu.example"), _class("gpu.example")]
+    result = run(_claim_over(["cpu.example", "gpu.example"], "distinctAttribute"), slices, extra_classes=classes)
+    assert result.satisfiable == ok, result.reason
+
+
+@pytest.mark.parametrize(
+    ("attribute", "message"),
+    [
+        ({"strings": []}, "attributes.resource.kubernetes.io/pcieRoot.strings must be a non-empty list, not []"),
+        ({"strings": ["a", 1]}, "attributes.resource.kubernetes.io/pcieRoot.strings[1] must be a string, not 1"),
+        ({"ints": [True]}, "pcieRoot.ints[0] must be a int, not True"),
+        ({"versions": ["1.x"]}, "pcieRoot.versions[0] must be a semver, not '1.x'"),
+        ({"string": "a", "strings": ["a"]}, "must hold exactly one of bool, int, string, version or a list"),
+    ],
+)
+def test_bad_list_attributes_are_one_clear_error(attribute: dict[str, Any], message: str) -> None:
+    obj = _pool("gpu.example", {"dev-0": {"resource.kubernetes.io/pcieRoot": attribute}})
+    with pytest.raises(ExplainInputError, match=re.escape(message)):
+        parse_slices([obj], "slices")
+
+
+def test_the_gpu_example_as_its_comment_runs_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dra-cpu slices --publish-pcie-roots` on the expander capture plus the GPU driver's slice and class: explain
+    pairs cpu-numa1 with gpu-1 (both on pci0000:20); the chart's classes fill in dra.cpu and say so."""
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    root = FIXTURES / "sysfs" / "pcie-expander-3numa"
+    argv = ["slices", "--node-name", "node-a", "--publish-pcie-roots", "--sysfs-root", str(root)]
+    assert main(argv) == 0
+    (folder / "cpu.yaml").write_text(capsys.readouterr().out)
+    gpu = EXAMPLES / "pcie-root" / "gpu-example-com.yaml"
+    (folder / "gpu.yaml").write_text(gpu.read_text())
+    claim = EXAMPLES / "claim-cpu-gpu-pcie-root.yaml"
+    assert main(["explain", "--claim", str(claim), "--slices", str(folder), "--class", str(gpu)]) == 0
+    captured = capsys.readouterr()
+    assert "  => cpus: node-a/cpu-numa1" in captured.out.splitlines()
+    assert "  => gpu: node-a/gpu-1" in captured.out.splitlines()
+    assert captured.err == (
+        "explain: assuming the dra-cpu chart's DeviceClasses the --class files lack "
+        "(dra.cpu, dra.cpu.isolated, dra.hugepages-2mi, dra.hugepages-1gi)\n"
+    )
+    # Without publishPcieRoots our CPU devices have no pcieRoot: the constraint cannot hold, and explain says why.
+    assert main(["slices", "--node-name", "node-a", "--sysfs-root", str(root)]) == 0
+    (folder / "cpu.yaml").write_text(capsys.readouterr().out)
+    assert main(["explain", "--claim", str(claim), "--slices", str(folder), "--class", str(gpu)]) == 1
+    out = capsys.readouterr().out
+    assert "matchAttribute resource.kubernetes.io/pcieRoot over cpus, gpu: a device lacks the attribute" in out

@@ -21,7 +21,7 @@ from typing import Any
 
 import celpy
 from celpy import celtypes
-from celpy.evaluation import Evaluator, base_functions
+from celpy.evaluation import Evaluator, base_functions, operator_in
 from lark import Token
 from lark import Tree as LarkTree
 
@@ -146,7 +146,10 @@ class Semver:
         return self.text
 
 
-AttributeValue = bool | int | str | Semver
+ScalarValue = bool | int | str | Semver
+# A list attribute (KEP-5491, `ints`/`bools`/`strings`/`versions`; gate DRAListTypeAttributes): a non-empty tuple of
+# one kind of scalar.
+AttributeValue = ScalarValue | tuple[ScalarValue, ...]
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,21 @@ def _split(text: Any, sep: Any) -> celtypes.ListType:
     return celtypes.ListType(celtypes.StringType(part) for part in str(text).split(str(sep)))
 
 
+def _in(item: Any, container: Any) -> Any:
+    """CEL's `in` has overloads for lists and maps only: on a scalar attribute (another driver's scalar pcieRoot,
+    say) it is a runtime error, which celpy would answer with false."""
+    if not isinstance(container, celtypes.ListType | celtypes.MapType):
+        raise TypeError(f"no such overload: in({type(item).__name__}, {type(container).__name__})")
+    return operator_in(item, container)
+
+
+def _includes(target: Any, element: Any) -> celtypes.BoolType:
+    """Kubernetes' `includes` (with DRAListTypeAttributes): a list holds the element, or a scalar equals it, so
+    that one expression serves an attribute that is a list on some devices and a scalar on others."""
+    items = target if isinstance(target, celtypes.ListType) else [target]
+    return celtypes.BoolType(any(type(item) is type(element) and item == element for item in items))
+
+
 # The Kubernetes CEL libraries a device selector may call, beyond celpy's standard ones.
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "quantity": _quantity,
@@ -241,6 +259,8 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "upperAscii": lambda s: celtypes.StringType(str(s).upper()),
     "trim": lambda s: celtypes.StringType(str(s).strip()),
     "split": _split,
+    "includes": _includes,
+    "_in_": _in,
 }
 KNOWN_FUNCTIONS = set(base_functions) | set(FUNCTIONS) | MACROS
 
@@ -253,6 +273,8 @@ class _Domains(celtypes.MapType):
 
 
 def _cel_value(value: AttributeValue) -> Any:
+    if isinstance(value, tuple):
+        return celtypes.ListType(_cel_value(item) for item in value)
     if isinstance(value, bool):
         return celtypes.BoolType(value)
     if isinstance(value, int):

@@ -188,6 +188,7 @@ def runtime_message(err: CELEvalError) -> str:
     `<class 'celpy.celtypes.IntType'>`."""
     text = first_line(err.args[0] if err.args else err)
     text = re.sub(r"Token\('RULE', '(\w+)'\)", lambda m: repr(RELATIONS.get(m[1], _OPERATORS.get(m[1], m[1]))), text)
+    text = text.replace("'relation_in'", "'in'")
     return re.sub(r"<class 'celpy\.celtypes\.(\w+?)Type'>", lambda m: m[1].lower(), text)
 
 
@@ -196,5 +197,8 @@ def show(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, celtypes.StringType):
         return f'"{value}"' if len(value) <= 80 else f'"{value[:60]}..." ({len(value)} characters)'
+    if isinstance(value, celtypes.ListType):
+        text = "[" + ", ".join(show(item) for item in value) + "]"
+        return text if len(text) <= 80 else f"{text[:60]}...] ({len(value)} items)"
     text = str(value)
     return text if len(text) <= 80 else shown(value)

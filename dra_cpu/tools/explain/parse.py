@@ -9,7 +9,7 @@ from typing import Any
 
 from dra_cpu.core.objects import At
 from dra_cpu.errors import shown
-from dra_cpu.tools.cel.library import AttributeValue, Semver
+from dra_cpu.tools.cel.library import AttributeValue, ScalarValue, Semver
 from dra_cpu.tools.cel.selector import Selector, compile_selector
 from dra_cpu.tools.explain.model import (
     Alternative,
@@ -200,17 +200,38 @@ def _device(at: At, raw: Any, driver: str, pool: str, node: str | None) -> Slice
     )
 
 
+_SCALARS = ("bool", "int", "string", "version")
+
+
 def _attribute(at: At, raw: Any) -> AttributeValue:
+    """Exactly one of bool, int, string, version, or (KEP-5491) a non-empty list: bools, ints, strings, versions."""
     value = at.mapping(raw, optional=False)
-    for kind, check in (("bool", bool), ("int", int), ("string", str)):
-        if kind in value and isinstance(value[kind], check):
-            return value[kind]  # type: ignore[no-any-return]
-    if isinstance(value.get("version"), str):
+    kinds = [k for k in _SCALARS if k in value] + [f"{k}s" for k in _SCALARS if f"{k}s" in value]
+    if len(kinds) != 1:
+        names = ", ".join(_SCALARS) + " or a list of one of them (bools, ints, strings, versions)"
+        raise at.fail(f"must hold exactly one of {names}, not {dict(value)!r}")
+    kind = kinds[0]
+    if kind.endswith("s"):
+        items = value[kind]
+        if not isinstance(items, list) or not items:
+            raise (at / kind).fail(f"must be a non-empty list, not {items!r}")
+        return tuple(_scalar(at / kind / i, kind[:-1], item) for i, item in enumerate(items))
+    return _scalar(at / kind, kind, value[kind])
+
+
+def _scalar(at: At, kind: str, raw: Any) -> ScalarValue:
+    if kind == "bool" and isinstance(raw, bool):
+        return raw
+    if kind == "int" and isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if kind == "string" and isinstance(raw, str):
+        return raw
+    if kind == "version" and isinstance(raw, str):
         try:
-            return Semver.parse(value["version"])
+            return Semver.parse(raw)
         except ValueError:
-            raise (at / "version").fail(f"must be a semver, not {value['version']!r}") from None
-    raise at.fail(f"must hold one of bool, int, string or version, not {dict(value)!r}")
+            raise at.fail(f"must be a semver, not {raw!r}") from None
+    raise at.fail(f"must be a {kind}, not {raw!r}")
 
 
 def _capacity(at: At, raw: Any) -> Capacity:

@@ -1,5 +1,11 @@
 """The search: a claim against DeviceClasses, devices and what allocated claims hold, on one node, as the
-scheduler's structured allocator does it. Pure."""
+scheduler's structured allocator does it. Pure.
+
+Constraints compare attributes as the 1.37 allocator does with DRAListTypeAttributes on (k8s.io/dynamic-resource-
+allocation structured/internal/experimental): every value is a set, a scalar a set of one, and values of different
+kinds (int, bool, string, version) never meet. matchAttribute needs an element common to every device's set (for
+scalars: one value); distinctAttribute needs the sets pairwise disjoint (for scalars: all different).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from dra_cpu.tools.cel.library import AttributeValue, Semver
 from dra_cpu.tools.explain.model import (
     Alternative,
     Claim,
@@ -150,10 +157,11 @@ class _Search:
             values = [
                 d.attributes.get(constraint.attribute) for a, ds in placed if constraint.covers(a.name) for d in ds
             ]
-            if any(v is None for v in values):
+            present = [v for v in values if v is not None]
+            if len(present) < len(values):
                 self._reject(f"{constraint}: a device lacks the attribute")
                 return None
-            ok = len(set(map(repr, values))) == len(values) if constraint.distinct else len(set(map(repr, values))) <= 1
+            ok = distinct(present) if constraint.distinct else match(present)
             if not ok:
                 self._reject(str(constraint))
                 return None
@@ -161,6 +169,32 @@ class _Search:
 
     def _reject(self, why: str) -> None:
         self.rejections[why] = self.rejections.get(why, 0) + 1
+
+
+def as_set(value: AttributeValue) -> tuple[str, frozenset[object]]:
+    """An attribute as the allocator compares it: its kind and its elements (a scalar is a set of one). Versions
+    compare as their text, as the allocator compares them (semver's minimal form makes that exact)."""
+    items = value if isinstance(value, tuple) else (value,)
+    kind = type(items[0]).__name__
+    return kind, frozenset(str(i) if isinstance(i, Semver) else i for i in items)
+
+
+def match(values: Sequence[AttributeValue]) -> bool:
+    """matchAttribute: one kind, and an element every device has."""
+    sets = [as_set(v) for v in values]
+    if len({kind for kind, _ in sets}) > 1:
+        return False
+    return not sets or bool(frozenset.intersection(*(items for _, items in sets)))
+
+
+def distinct(values: Sequence[AttributeValue]) -> bool:
+    """distinctAttribute: no two devices share an element (values of different kinds never do)."""
+    sets = [as_set(v) for v in values]
+    return all(a[0] != b[0] or not a[1] & b[1] for a, b in itertools.combinations(sets, 2))
+
+
+def show_value(value: AttributeValue) -> str:
+    return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, tuple) else str(value)
 
 
 def _labels(devices: Sequence[SliceDevice]) -> dict[tuple[str, str, str], str]:
@@ -285,7 +319,9 @@ def _constraint_values(claim: Claim, checked: Mapping[str, list[tuple[SliceDevic
         offers = []
         for name, pairs in checked.items():
             if constraint.covers(name):
-                values = sorted({str(d.attributes.get(constraint.attribute, "missing")) for d, c in pairs if c.fits})
+                values = sorted(
+                    {show_value(d.attributes.get(constraint.attribute, "missing")) for d, c in pairs if c.fits}
+                )
                 offers.append(f"{name} offers {', '.join(values) or 'nothing'}")
         parts.append(f"{constraint.attribute}: {'; '.join(offers)}")
     return f" ({' | '.join(parts)})" if parts else ""
