@@ -1,0 +1,105 @@
+"""KEP-5517 against the real kube-scheduler 1.37 (DRANodeAllocatableResources on): with the driver's
+nodeAllocatableResources mapping, a claim's CPUs count against the Node's allocatable CPUs although the pod does not
+repeat them in its requests, and such a claim cannot be shared across pods."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from dra_cpu.core.devices import DeviceConfig, build_devices
+from dra_cpu.kube.apiserver import connect
+from dra_cpu.kube.publisher import SlicePublisher
+from dra_cpu.node.sysfs import read_topology
+from dra_cpu.tools.explain.classes import chart_device_classes
+from tests.kube.test_kube_scheduling import cpu_claim, pod_using
+from tests.support.cluster import (
+    Kube,
+    allocated_claim,
+    ensure,
+    new_namespace,
+    pinned_pod,
+    pod_scheduled_condition,
+    scheduled,
+    wait_for,
+)
+from tests.support.control_plane import ControlPlane, close, create_node, delete_node
+from tests.support.paths import SYSFS
+
+LOG = logging.getLogger("test.node-allocatable")
+NODE_CPUS = 16  # dual-socket-smt2: two NUMA nodes of 8 CPUs
+
+
+@pytest.fixture
+def admin(control_plane: ControlPlane) -> Iterator[Kube]:
+    api = control_plane.admin()
+    try:
+        yield Kube(api)
+    finally:
+        close(api)
+
+
+@pytest.fixture
+def mapped_node(control_plane: ControlPlane, admin: Kube) -> Iterator[str]:
+    """A Node declaring DRANodeAllocatableResources (as a 1.37 kubelet with the gate does), with the driver's slices
+    published with the mapping on."""
+    ensure(admin, chart_device_classes())
+    name = f"mapped-{id(admin):x}"
+    topology = read_topology(SYSFS / "dual-socket-smt2")
+    create_node(admin.api, name, cpus=NODE_CPUS, memory=16 << 30)
+    client.CoreV1Api(admin.api).patch_node_status(
+        name, {"status": {"declaredFeatures": ["DRANodeAllocatableResources"]}}
+    )
+    config = DeviceConfig(node_name=name, node_allocatable=True)
+    kube = connect(str(control_plane.kubeconfig))
+    try:
+        publisher = SlicePublisher(kube, config, LOG)
+        publisher.set_devices(build_devices(topology, config))
+        assert publisher.sync_once() == 1
+    finally:
+        kube.close()
+    yield name
+    delete_node(admin.api, name)
+
+
+def cpu_pod(name: str, cpus: str) -> dict[str, Any]:
+    container = {"name": "app", "image": "busybox", "resources": {"requests": {"cpu": cpus}}}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {"containers": [container]}}
+
+
+def unschedulable(admin: Kube, namespace: str, pod: str) -> dict[str, Any]:
+    path = f"/api/v1/namespaces/{namespace}/pods/{pod}"
+
+    def given_up() -> dict[str, Any] | None:
+        condition = pod_scheduled_condition(admin.get(path))
+        return condition if condition and condition.get("reason") == "Unschedulable" else None
+
+    return wait_for(given_up, f"the scheduler to give up on {pod}")
+
+
+def test_a_claims_cpus_count_against_node_allocatable(admin: Kube, mapped_node: str) -> None:
+    namespace = new_namespace(admin)
+    admin.create(cpu_claim("two", "2"), namespace)
+    admin.create(pinned_pod(pod_using("claimant", claim="two"), mapped_node), namespace)
+    assert scheduled(admin, namespace, "claimant")["spec"]["nodeName"] == mapped_node
+    assert allocated_claim(admin, namespace, "two")["status"]["allocation"]["devices"]["results"][0]["device"]
+    # The claim's 2 CPUs are taken from the node's 16 although the claimant requests no cpu: 15 no longer fit.
+    admin.create(pinned_pod(cpu_pod("greedy", str(NODE_CPUS - 1)), mapped_node), namespace)
+    condition = unschedulable(admin, namespace, "greedy")
+    assert "Insufficient cpu" in condition["message"], condition["message"]
+    admin.create(pinned_pod(cpu_pod("fits", str(NODE_CPUS - 2)), mapped_node), namespace)
+    assert scheduled(admin, namespace, "fits")["spec"]["nodeName"] == mapped_node
+
+
+def test_a_mapped_claim_is_not_shared_across_pods(admin: Kube, mapped_node: str) -> None:
+    namespace = new_namespace(admin)
+    admin.create(cpu_claim("one", "1"), namespace)
+    admin.create(pinned_pod(pod_using("first", claim="one"), mapped_node), namespace)
+    scheduled(admin, namespace, "first")
+    admin.create(pinned_pod(pod_using("second", claim="one"), mapped_node), namespace)
+    condition = unschedulable(admin, namespace, "second")
+    assert "cannot be shared" in condition["message"], condition["message"]
