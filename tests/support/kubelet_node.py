@@ -152,6 +152,18 @@ def make_driver(
     )
 
 
+def write_claim(root: Path, uid: str, results: list[dict[str, Any]]) -> ClaimRef:
+    """A claim named after its uid, in namespace default, with an allocation of `results` and nothing more, in the
+    standalone folder of the driver make_driver(root, ...) made."""
+    FolderClaims(root / "cluster/resourceclaims").put(
+        {
+            "metadata": {"name": uid, "namespace": "default", "uid": uid},
+            "status": {"allocation": {"devices": {"results": results}}},
+        }
+    )
+    return ClaimRef("default", uid, uid)
+
+
 def start_plugin(driver: Driver, root: Path, metadata: bool = True) -> KubeletPlugin:
     """The kubelet plugin of a node rooted at `root`, device metadata on (the default) or off, started."""
     paths = PluginPaths(root / "kubelet", DRIVER)
