@@ -20,6 +20,7 @@ from dra_cpu.cli import main
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kube.api import ClusterError, Conflict, NotFound
 from dra_cpu.kube.apiserver import KubeAPI, KubeconfigError, connect
+from tests.support.cluster import resource_slice
 from tests.support.testenv_apiserver import ApiServer
 from tests.support.typed import present
 
@@ -29,17 +30,8 @@ def unique(prefix: str) -> str:
 
 
 def slice_obj(name: str, node: str, driver: str, devices: int = 1) -> dict[str, Any]:
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceSlice",
-        "metadata": {"name": name},
-        "spec": {
-            "driver": driver,
-            "nodeName": node,
-            "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
-            "devices": [{"name": f"cpu-{i}", "attributes": {"dra.cpu/cpuID": {"int": i}}} for i in range(devices)],
-        },
-    }
+    cpus = [{"name": f"cpu-{i}", "attributes": {"dra.cpu/cpuID": {"int": i}}} for i in range(devices)]
+    return resource_slice(name, node, driver, cpus)
 
 
 @pytest.fixture
