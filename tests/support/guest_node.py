@@ -374,6 +374,18 @@ class GuestNode:
 
         eventually(check, f"{container.name} on CPUs {want_cpus}", timeout=timeout)
 
+    def assert_sidecar_shared_then_released(
+        self, pod: Pod, claim: Claim, bystander: Container, general: frozenset[int]
+    ) -> None:
+        """The end of a claim's walk: a container of `pod` without the claim's device runs on `general` less the
+        claim's CPUs; once the pod is removed and the claim unprepared, `bystander` has all of `general` again."""
+        sidecar = self.create_container(pod, "sidecar")
+        self.assert_allowed(sidecar, general - self.granted(claim))
+
+        self.remove_pod(pod)
+        assert self.unprepare(claim) == ""
+        self.assert_allowed(bystander, general)
+
     def clean(self) -> None:
         """What a test left: its pods, then its claims (unprepared as the kubelet would after the pods)."""
         self.call("remove_pods", socket=self.cri_socket)
