@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,6 @@ def unique(prefix: str) -> str:
 def slice_obj(name: str, node: str, driver: str, devices: int = 1) -> dict[str, Any]:
     cpus = [{"name": f"cpu-{i}", "attributes": {"dra.cpu/cpuID": {"int": i}}} for i in range(devices)]
     return resource_slice(name, node, driver, cpus)
-
-
-@pytest.fixture
-def kube(apiserver: ApiServer) -> Iterator[KubeAPI]:
-    api = connect(str(apiserver.kubeconfig))
-    try:
-        yield api
-    finally:
-        api.close()
 
 
 def test_slices_round_trip_through_the_server(kube: KubeAPI, kube_api: client.ApiClient) -> None:

@@ -53,15 +53,6 @@ def until(what: str, condition: Callable[[], bool], timeout: float = DEADLINE_SE
 
 
 @pytest.fixture
-def kube(apiserver: ApiServer) -> Iterator[KubeAPI]:
-    api = connect(str(apiserver.kubeconfig))
-    try:
-        yield api
-    finally:
-        api.close()
-
-
-@pytest.fixture
 def config() -> DeviceConfig:
     return DeviceConfig(node_name=unique("node"))
 
