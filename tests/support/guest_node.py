@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 import yaml
 
+from dra_cpu.core.claims import allocated_claim
 from dra_cpu.core.cpuset import CPUSet
-from tests.support import waiting
+from tests.support import kubelet_node, waiting
 from tests.support.cri import Allowed, Container, Pod
 
 # The session's `guest` fixture and the summary hook are registered with pytest as part of this plugin.
@@ -97,21 +98,8 @@ def pages_by_node(numa_maps: str, huge: bool = False) -> dict[int, int]:
     return pages
 
 
-def result(device: str, request: str = "cpus", cpus: int | None = None, memory: str | None = None) -> dict[str, Any]:
-    """One allocation result as the scheduler writes it into a claim's status."""
-    consumed = {}
-    if cpus is not None:
-        consumed[f"{DRIVER}/cpu"] = str(cpus)
-    if memory is not None:
-        consumed[f"{DRIVER}/memory"] = memory
-    return {
-        "request": request,
-        "driver": DRIVER,
-        "pool": NODE,
-        "device": device,
-        "shareID": str(uuid.uuid4()),
-        **({"consumedCapacity": consumed} if consumed else {}),
-    }
+result = functools.partial(kubelet_node.result, pool=NODE)
+"""One allocation result for a device of the guest's node, as the scheduler writes it into a claim's status."""
 
 
 @dataclass
@@ -271,16 +259,7 @@ class GuestNode:
     # Claims, as the scheduler leaves them, and the kubelet's prepare.
     def claim(self, results: list[dict[str, Any]], pod_uids: Sequence[str], name: str = "") -> Claim:
         claim = Claim("default", name or f"claim-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()))
-        obj = {
-            "apiVersion": "resource.k8s.io/v1",
-            "kind": "ResourceClaim",
-            "metadata": {"namespace": claim.namespace, "name": claim.name, "uid": claim.uid},
-            "spec": {"devices": {"requests": []}},
-            "status": {
-                "allocation": {"devices": {"results": results}},
-                "reservedFor": [{"resource": "pods", "name": "p", "uid": uid} for uid in pod_uids],
-            },
-        }
+        obj = allocated_claim(claim.namespace, claim.name, results, uid=claim.uid, pod_uids=pod_uids)
         directory = f"{self.cluster}/resourceclaims/{claim.namespace}"
         self.guest.run(["mkdir", "-p", directory])
         self.guest.write(f"{directory}/{claim.name}.yaml", yaml.safe_dump(obj))

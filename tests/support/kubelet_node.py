@@ -37,17 +37,23 @@ DRIVER = "dra.cpu"
 
 
 def result(
-    device: str, request: str = "cpus", cpus: int | str | None = None, memory: str | None = None, **extra: Any
+    device: str,
+    request: str = "cpus",
+    cpus: int | str | None = None,
+    memory: str | None = None,
+    *,
+    pool: str = NODE,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """An allocation result for one of this node's devices. `cpus` (a count, or any quantity string, valid or not)
-    and `memory` become its consumedCapacity."""
+    """An allocation result for one of the devices of the node `pool` (this one's unless given). `cpus` (a count,
+    or any quantity string, valid or not) and `memory` become its consumedCapacity."""
     consumed = {}
     if cpus is not None:
         consumed[f"{DRIVER}/cpu"] = str(cpus)
     if memory is not None:
         consumed[f"{DRIVER}/memory"] = memory
     return (
-        allocation_result(DRIVER, NODE, device, request=request, consumed=consumed, share_id=str(uuid.uuid4())) | extra
+        allocation_result(DRIVER, pool, device, request=request, consumed=consumed, share_id=str(uuid.uuid4())) | extra
     )
 
 
