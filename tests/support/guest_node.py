@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dra_cpu.core.cdi_spec import spec_filename
 from dra_cpu.core.claims import allocated_claim
 from dra_cpu.core.cpuset import CPUSet
 from tests.support import kubelet_node, waiting
@@ -286,9 +287,8 @@ class GuestNode:
         return error
 
     def cdi_spec(self, claim: Claim) -> dict[str, Any]:
-        found = self.guest.run(["sh", "-c", f"ls {self.cdi_dir}/*{claim.uid}*.json"]).stdout.split()
-        assert len(found) == 1, f"CDI specs for {claim.uid}: {found}"
-        spec: dict[str, Any] = json.loads(self.guest.read(found[0]))
+        """The claim's own CDI spec (its device metadata has a spec of its own beside it)."""
+        spec: dict[str, Any] = json.loads(self.guest.read(f"{self.cdi_dir}/{spec_filename(DRIVER, claim.uid)}"))
         return spec
 
     def cdi_ids(self, claim: Claim) -> list[str]:
