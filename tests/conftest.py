@@ -12,6 +12,7 @@ pytest_plugins: list[str] = [
     "tests.support.testenv_containerd",
     "tests.support.testenv_podman",
     "tests.support.control_plane",
+    "tests.support.cluster",
     "tests.support.testenv_apiserver",
     "tests.support.kubelet_node",
     "tests.support.testenv_helm",

@@ -29,13 +29,7 @@ def test_claimed_container_pinned_and_shared_pool_follows_claims(guest_node: Gue
     node.assert_allowed(pinned, claimed, mems={0})
     env = node.exec(pinned, ["env"])["stdout"].splitlines()
     assert f"DRA_CPUSET_{claim.uid}={format_cpulist(claimed)}" in env
-    # A container of the same pod without the claim's device is shared.
-    sidecar = node.create_container(pod, "sidecar")
-    node.assert_allowed(sidecar, general - claimed)
-
-    node.remove_pod(pod)
-    assert node.unprepare(claim) == ""
-    node.assert_allowed(bystander, general)
+    node.assert_sidecar_shared_then_released(pod, claim, bystander, general)
 
 
 def test_forged_env_gets_the_shared_pool_and_is_counted(guest_node: GuestNode) -> None:
@@ -90,7 +84,7 @@ def test_plugin_restart_keeps_pins_and_reconciles(guest_node: GuestNode) -> None
         # While no plugin is connected the runtime creates containers unpinned: the kernel gives them every CPU
         # of the cgroup root, the isolated one too.
         missed = node.create_container(node.run_pod("while-down"), "missed")
-        assert node.allowed(missed).cpus >= node.online() - {SPEC.isolated_cpu}
+        assert node.allowed(missed).cpus.ids >= node.online() - {SPEC.isolated_cpu}
         node.assert_allowed(pinned, claimed)
     finally:
         node.start_driver()

@@ -98,13 +98,7 @@ def test_claim_split_over_both_nodes_pins_the_container_and_others_keep_off(gues
     eventually(touched, "the container to touch its memory")
     pages = pages_by_node(node.guest.read(f"/proc/{pid}/numa_maps"))
     assert set(pages) <= {0, 1}, pages
-    # A container of the same pod without the claim's device is shared.
-    sidecar = node.create_container(pod, "sidecar")
-    node.assert_allowed(sidecar, general - granted)
-
-    node.remove_pod(pod)
-    assert node.unprepare(claim) == ""
-    node.assert_allowed(bystander, general)
+    node.assert_sidecar_shared_then_released(pod, claim, bystander, general)
 
 
 def test_hugepages_claim_limits_the_container_to_its_pages_on_its_node(guest_node: GuestNode) -> None:

@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from dra_cpu.cli import main
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kube.api import ClusterError, Conflict, NotFound
 from dra_cpu.kube.apiserver import KubeAPI, KubeconfigError, connect
+from tests.support.cluster import resource_slice
 from tests.support.testenv_apiserver import ApiServer
 from tests.support.typed import present
 
@@ -29,26 +29,8 @@ def unique(prefix: str) -> str:
 
 
 def slice_obj(name: str, node: str, driver: str, devices: int = 1) -> dict[str, Any]:
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceSlice",
-        "metadata": {"name": name},
-        "spec": {
-            "driver": driver,
-            "nodeName": node,
-            "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
-            "devices": [{"name": f"cpu-{i}", "attributes": {"dra.cpu/cpuID": {"int": i}}} for i in range(devices)],
-        },
-    }
-
-
-@pytest.fixture
-def kube(apiserver: ApiServer) -> Iterator[KubeAPI]:
-    api = connect(str(apiserver.kubeconfig))
-    try:
-        yield api
-    finally:
-        api.close()
+    cpus = [{"name": f"cpu-{i}", "attributes": {"dra.cpu/cpuID": {"int": i}}} for i in range(devices)]
+    return resource_slice(name, node, driver, cpus)
 
 
 def test_slices_round_trip_through_the_server(kube: KubeAPI, kube_api: client.ApiClient) -> None:

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import yaml
@@ -57,15 +57,6 @@ def documents(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-@pytest.fixture
-def admin(control_plane: ControlPlane) -> Iterator[Kube]:
-    api = control_plane.admin()
-    try:
-        yield Kube(api)
-    finally:
-        close(api)
-
-
 @pytest.fixture(scope="module")
 def classes_file(control_plane: ControlPlane, helm: Helm, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The chart's DeviceClasses (default values) on the server, and in a file for `dra-cpu explain`."""
@@ -86,22 +77,26 @@ def namespace(admin: Kube) -> str:
     return new_namespace(admin)
 
 
+class NodeMaker(Protocol):
+    """The `make_node` fixture: a Node carrying the driver's slices for a sysfs capture."""
+
+    def __call__(self, sysfs_root: Path, group_by: GroupBy = ...) -> TestNode: ...
+
+
 @pytest.fixture
-def nodes(control_plane: ControlPlane, admin: Kube) -> Iterator[list[str]]:
-    """Names of Nodes a test made; deleted afterwards (the garbage collector then deletes their slices)."""
+def make_node(control_plane: ControlPlane, admin: Kube) -> Iterator[NodeMaker]:
+    """Makes Nodes for the test; deleted afterwards (the garbage collector then deletes their slices)."""
     made: list[str] = []
-    yield made
+
+    def make(sysfs_root: Path, group_by: GroupBy = GroupBy.NUMA_NODE) -> TestNode:
+        name = unique("node")
+        made.append(name)
+        config = DeviceConfig(node_name=name, group_by=group_by)
+        return publish_node(control_plane.kubeconfig, admin.api, name, sysfs_root, config)
+
+    yield make
     for name in made:
         delete_node(admin.api, name)
-
-
-def make_node(
-    control_plane: ControlPlane, admin: Kube, nodes: list[str], sysfs_root: Path, group_by: GroupBy = GroupBy.NUMA_NODE
-) -> TestNode:
-    name = unique("node")
-    nodes.append(name)
-    config = DeviceConfig(node_name=name, group_by=group_by)
-    return publish_node(control_plane.kubeconfig, admin.api, name, sysfs_root, config)
 
 
 def isolated_copy(root: Path, name: str) -> Path:
@@ -129,6 +124,14 @@ def explain(
     assert done.returncode in (0, 1), done.stderr
     found: dict[str, Any] = json.loads(done.stdout)
     return found
+
+
+def explain_claim(claim: Mapping[str, Any], classes_file: Path, node: TestNode, tmp_path: Path) -> dict[str, Any]:
+    """`explain` of a claim object against the node's slices (written to a file of its name first)."""
+    name = claim["metadata"]["name"]
+    claim_file = tmp_path / f"{name}.yaml"
+    claim_file.write_text(yaml.safe_dump(dict(claim)))
+    return explain(claim_file, name, classes_file, node.slices, tmp_path)
 
 
 def consumption(node: TestNode, device: str, request: Mapping[str, Any]) -> dict[str, Fraction]:
@@ -204,18 +207,12 @@ def node_for(
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
 def test_example_pods_get_the_allocation_explain_predicts(
-    path: Path,
-    control_plane: ControlPlane,
-    admin: Kube,
-    classes_file: Path,
-    namespace: str,
-    nodes: list[str],
-    tmp_path: Path,
+    path: Path, make_node: NodeMaker, admin: Kube, classes_file: Path, namespace: str, tmp_path: Path
 ) -> None:
     docs = documents(path)
     claims = [d for d in docs if d["kind"] == "ResourceClaim"]
     [pod] = [d for d in docs if d["kind"] == "Pod"]
-    node = make_node(control_plane, admin, nodes, *node_for(path, claims, pod, classes_file, tmp_path))
+    node = make_node(*node_for(path, claims, pod, classes_file, tmp_path))
     predicted = {
         c["metadata"]["name"]: explain(path, c["metadata"]["name"], classes_file, node.slices, tmp_path) for c in claims
     }
@@ -256,18 +253,11 @@ def pod_using(name: str, claim: str | None = None, template: str | None = None) 
 
 
 def test_half_a_cpu_takes_one_under_the_request_policy(
-    control_plane: ControlPlane,
-    admin: Kube,
-    classes_file: Path,
-    namespace: str,
-    nodes: list[str],
-    tmp_path: Path,
+    make_node: NodeMaker, admin: Kube, classes_file: Path, namespace: str, tmp_path: Path
 ) -> None:
-    node = make_node(control_plane, admin, nodes, FIXTURES / "dual-socket-smt2")
+    node = make_node(FIXTURES / "dual-socket-smt2")
     claim = cpu_claim("half", "500m")
-    claim_file = tmp_path / "half.yaml"
-    claim_file.write_text(yaml.safe_dump(claim))
-    predicted = explain(claim_file, "half", classes_file, node.slices, tmp_path)
+    predicted = explain_claim(claim, classes_file, node, tmp_path)
     admin.create(claim, namespace)
     bound = run_pod(admin, namespace, pod_using("half", claim="half"), node.name)
     stored = allocated_claim(admin, namespace, "half")
@@ -278,18 +268,11 @@ def test_half_a_cpu_takes_one_under_the_request_policy(
 
 
 def test_a_claim_that_fits_no_device_leaves_the_pod_pending_with_the_reason(
-    control_plane: ControlPlane,
-    admin: Kube,
-    classes_file: Path,
-    namespace: str,
-    nodes: list[str],
-    tmp_path: Path,
+    make_node: NodeMaker, admin: Kube, classes_file: Path, namespace: str, tmp_path: Path
 ) -> None:
-    node = make_node(control_plane, admin, nodes, FIXTURES / "multi-l3-per-node")  # 16 CPUs per NUMA node
+    node = make_node(FIXTURES / "multi-l3-per-node")  # 16 CPUs per NUMA node
     claim = cpu_claim("too-big", "17")
-    claim_file = tmp_path / "too-big.yaml"
-    claim_file.write_text(yaml.safe_dump(claim))
-    predicted = explain(claim_file, "too-big", classes_file, node.slices, tmp_path)
+    predicted = explain_claim(claim, classes_file, node, tmp_path)
     assert not predicted["satisfiable"]
     assert "above the requestPolicy (max 16)" in json.dumps(predicted)
     admin.create(claim, namespace)
@@ -308,10 +291,8 @@ def test_a_claim_that_fits_no_device_leaves_the_pod_pending_with_the_reason(
     assert "allocation" not in admin.get(claim_path(namespace, "too-big")).get("status", {})
 
 
-def test_twenty_cpus_over_two_numa_nodes_take_ten_of_each(
-    control_plane: ControlPlane, admin: Kube, namespace: str, nodes: list[str]
-) -> None:
-    node = make_node(control_plane, admin, nodes, FIXTURES / "multi-l3-per-node")  # 2 NUMA nodes of 16 CPUs
+def test_twenty_cpus_over_two_numa_nodes_take_ten_of_each(make_node: NodeMaker, admin: Kube, namespace: str) -> None:
+    node = make_node(FIXTURES / "multi-l3-per-node")  # 2 NUMA nodes of 16 CPUs
     docs = documents(EXAMPLES / "claim-cpu-capacity-20.yaml")
     [claim] = [d for d in docs if d["kind"] == "ResourceClaim"]
     [pod] = [d for d in docs if d["kind"] == "Pod"]
@@ -326,9 +307,9 @@ def test_twenty_cpus_over_two_numa_nodes_take_ten_of_each(
 
 
 def test_a_claim_template_gets_a_claim_per_pod_released_with_the_pod(
-    control_plane: ControlPlane, admin: Kube, classes_file: Path, namespace: str, nodes: list[str]
+    make_node: NodeMaker, admin: Kube, classes_file: Path, namespace: str
 ) -> None:
-    node = make_node(control_plane, admin, nodes, FIXTURES / "snc-4numa")  # 4 NUMA nodes of 4 CPUs
+    node = make_node(FIXTURES / "snc-4numa")  # 4 NUMA nodes of 4 CPUs
     [example] = [d for d in documents(EXAMPLES / "claim-cpu-capacity-4.yaml") if d["kind"] == "ResourceClaim"]
     template = {
         "apiVersion": "resource.k8s.io/v1",

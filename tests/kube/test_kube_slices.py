@@ -20,7 +20,7 @@ from dra_cpu.core.devices import DeviceConfig, DeviceMode, build_devices
 from dra_cpu.kube.apiserver import connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
-from tests.support.cluster import Kube, ensure, new_namespace, pinned_pod, scheduled, wait_for
+from tests.support.cluster import Kube, ensure, new_namespace, pinned_pod, resource_slice, scheduled, wait_for
 from tests.support.control_plane import ControlPlane, close, create_node, delete_node, new_client
 from tests.support.paths import SYSFS
 from tests.support.testenv_helm import CHART, Helm
@@ -37,15 +37,6 @@ def unique(prefix: str) -> str:
 def slices_of(kube: Kube, node: str, driver: str = "dra.cpu") -> list[dict[str, Any]]:
     found = kube.list(SLICES, field_selector=f"spec.nodeName={node},spec.driver={driver}")
     return sorted(found, key=lambda s: str(s["metadata"]["name"]))
-
-
-@pytest.fixture
-def admin(control_plane: ControlPlane) -> Iterator[Kube]:
-    api = control_plane.admin()
-    try:
-        yield Kube(api)
-    finally:
-        close(api)
 
 
 @pytest.mark.parametrize("mode", [DeviceMode.GROUPED, DeviceMode.INDIVIDUAL])
@@ -96,17 +87,7 @@ class Driver:
 
 
 def slice_for(node: str, name: str | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceSlice",
-        "metadata": {"name": name or unique(node)},
-        "spec": {
-            "driver": "dra.cpu",
-            "nodeName": node,
-            "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
-            "devices": [{"name": "cpu-numa0"}],
-        },
-    }
+    return resource_slice(name or unique(node), node, "dra.cpu", [{"name": "cpu-numa0"}])
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from dra_cpu.kube.api import ClusterError
 from dra_cpu.kube.apiserver import GROUP, SLICES, VERSION, KubeAPI, connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
+from tests.support.cluster import resource_slice
 from tests.support.control_plane import APISERVER_ONLY, FEATURE_GATES, create_node, delete_node, started
 from tests.support.kube import new_api_client
 from tests.support.paths import SYSFS
@@ -49,15 +50,6 @@ def until(what: str, condition: Callable[[], bool], timeout: float = DEADLINE_SE
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
-
-
-@pytest.fixture
-def kube(apiserver: ApiServer) -> Iterator[KubeAPI]:
-    api = connect(str(apiserver.kubeconfig))
-    try:
-        yield api
-    finally:
-        api.close()
 
 
 @pytest.fixture
@@ -255,17 +247,7 @@ def test_slices_of_other_nodes_drivers_and_pools_are_never_touched(
     node = config.node_name
 
     def foreign(name: str, node_name: str, driver: str, pool: str) -> dict[str, Any]:
-        return {
-            "apiVersion": "resource.k8s.io/v1",
-            "kind": "ResourceSlice",
-            "metadata": {"name": name},
-            "spec": {
-                "driver": driver,
-                "nodeName": node_name,
-                "pool": {"name": pool, "generation": 9, "resourceSliceCount": 1},
-                "devices": [{"name": "x"}],
-            },
-        }
+        return resource_slice(name, node_name, driver, [{"name": "x"}], pool=pool, generation=9)
 
     other_node = unique("node")
     others = {

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State
 from dra_cpu.driver import Driver, PreparedResult
 from dra_cpu.store.checkpoint import Checkpoint, CheckpointError, CheckpointFile, decode, encode
-from tests.support.kubelet_node import make_driver, result
+from tests.support.kubelet_node import make_driver, result, write_claim
 
 
 def _state() -> State:
@@ -51,19 +50,8 @@ def test_tampering_is_detected(mangle: Callable[[bytes], bytes], message: str) -
         decode(mangle(encode(Checkpoint(_state(), "b"))), "file")
 
 
-def _write_claim(root: Path, uid: str, results: list[dict[str, Any]]) -> ClaimRef:
-    path = root / "cluster/resourceclaims/default" / f"{uid}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {
-        "metadata": {"name": uid, "namespace": "default", "uid": uid},
-        "status": {"allocation": {"devices": {"results": results}}},
-    }
-    path.write_text(yaml.safe_dump(obj))
-    return ClaimRef("default", uid, uid)
-
-
 def _prepare_one(driver: Driver, root: Path, uid: str, results: list[dict[str, Any]]) -> PreparedResult:
-    return driver.prepare([_write_claim(root, uid, results)])[uid]
+    return driver.prepare([write_claim(root, uid, results)])[uid]
 
 
 def _prepare(root: Path, uid: str, cpus: int) -> CPUSet:

@@ -9,14 +9,13 @@ import logging
 from pathlib import Path
 
 import pytest
-import yaml
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State, Unrestorable
 from dra_cpu.driver import Driver
 from dra_cpu.store.checkpoint import Checkpoint, CheckpointFile
-from tests.support.kubelet_node import make_driver, result
+from tests.support.kubelet_node import make_driver, result, write_claim
 
 FIXTURE = "dual-socket-smt2"  # CPUs 0-15: node0 0-7, node1 8-15; 2Mi pages: 128Mi on node0, 64Mi on node1
 
@@ -39,17 +38,6 @@ def _start_with(root: Path, *claims: PreparedClaim, fixture: str = FIXTURE) -> D
     driver = make_driver(root, fixture)
     driver.start()
     return driver
-
-
-def _put_claim(root: Path, uid: str, results: list[dict[str, object]]) -> ClaimRef:
-    path = root / "cluster/resourceclaims/default" / f"{uid}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {
-        "metadata": {"name": uid, "namespace": "default", "uid": uid},
-        "status": {"allocation": {"devices": {"results": results}}},
-    }
-    path.write_text(yaml.safe_dump(obj))
-    return ClaimRef("default", uid, uid)
 
 
 def test_checkpoint_naming_vanished_cpus_starts_and_reports(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -77,8 +65,8 @@ def test_checkpoint_naming_vanished_cpus_starts_and_reports(tmp_path: Path, capl
     assert saved is not None and set(saved.state.unrestorable) == {"shrunk", "no-node", "no-pool"}
 
     # The kubelet's next prepare of a dropped claim gets a clear per-claim error; the others are unaffected.
-    ref = _put_claim(tmp_path, "shrunk", [result("cpu-numa1", cpus=4)])
-    kept = _put_claim(tmp_path, "kept", [result("cpu-numa0", cpus=2)])
+    ref = write_claim(tmp_path, "shrunk", [result("cpu-numa1", cpus=4)])
+    kept = write_claim(tmp_path, "kept", [result("cpu-numa0", cpus=2)])
     results = driver.prepare([ref, kept])
     assert results["shrunk"].claim is None
     assert results["shrunk"].error == (

@@ -3,6 +3,9 @@ chart's objects, pods pinned to a node, and polling until the scheduler or a con
 
 Objects are dicts with the server's own field names (as `kubectl get -o json` shows them), never typed models, so that
 a test compares what it sent with what it reads back field by field.
+
+Fixture (this module is a pytest plugin):
+  admin   a Kube with the control plane's admin credentials, closed after the test.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from kubernetes import client
 
 from dra_cpu.core.devices import DeviceConfig, build_devices
@@ -23,7 +27,7 @@ from dra_cpu.core.topology import Topology
 from dra_cpu.kube.apiserver import connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
-from tests.support.control_plane import close, create_namespace, create_node
+from tests.support.control_plane import ControlPlane, close, create_namespace, create_node
 
 LOG = logging.getLogger("test.cluster")
 MERGE_PATCH = "application/merge-patch+json"
@@ -196,6 +200,37 @@ def publish_node(
         field_selector=f"spec.nodeName={name},spec.driver={config.driver_name}",
     )
     return TestNode(name, topology, config, tuple(sorted(slices, key=lambda s: str(s["metadata"]["name"]))))
+
+
+@pytest.fixture
+def admin(control_plane: ControlPlane) -> Iterator[Kube]:
+    api = control_plane.admin()
+    try:
+        yield Kube(api)
+    finally:
+        close(api)
+
+
+def resource_slice(
+    name: str,
+    node: str,
+    driver: str,
+    devices: Sequence[Mapping[str, Any]],
+    pool: str | None = None,
+    generation: int = 1,
+) -> dict[str, Any]:
+    """A ResourceSlice as a test writes it directly: the only slice of pool `pool` (the node's name unless given)."""
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceSlice",
+        "metadata": {"name": name},
+        "spec": {
+            "driver": driver,
+            "nodeName": node,
+            "pool": {"name": pool or node, "generation": generation, "resourceSliceCount": 1},
+            "devices": [dict(d) for d in devices],
+        },
+    }
 
 
 def new_namespace(kube: Kube, prefix: str = "test") -> str:

@@ -541,21 +541,23 @@ def _status(response: Any) -> int:
 # Objects tests need before any kubelet runs.
 
 
-def node_object(
+def create_node(
+    api: client.ApiClient,
     name: str,
     cpus: int,
     memory: int,
     hugepages: Mapping[str, int] | None = None,
     labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A Node as a kubelet registers it, Ready: capacity and allocatable of `cpus` CPUs, `memory` bytes and
-    `hugepages` (page size such as "2Mi" -> bytes), which a kubelet takes out of the allocatable memory."""
+    """Creates a Node as a kubelet registers it, Ready, and returns it as stored: capacity and allocatable of `cpus`
+    CPUs, `memory` bytes and `hugepages` (page size such as "2Mi" -> bytes), which a kubelet takes out of the
+    allocatable memory. Nothing marks it NotReady later: the control plane runs no node lifecycle controller."""
     huge = {f"hugepages-{size}": str(amount) for size, amount in (hugepages or {}).items()}
     common = {"cpu": str(cpus), "pods": "110", "ephemeral-storage": str(100 << 30), **huge}
     capacity = {**common, "memory": str(memory)}
     allocatable = {**common, "memory": str(memory - sum((hugepages or {}).values()))}
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return {
+    obj: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {
@@ -583,19 +585,6 @@ def node_object(
             ],
         },
     }
-
-
-def create_node(
-    api: client.ApiClient,
-    name: str,
-    cpus: int,
-    memory: int,
-    hugepages: Mapping[str, int] | None = None,
-    labels: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """Creates a Ready Node (see node_object) and returns it as stored. Nothing marks it NotReady later: the control
-    plane runs no node lifecycle controller."""
-    obj = node_object(name, cpus, memory, hugepages, labels)
     core = client.CoreV1Api(api)
     node = client.V1Node.from_dict({k: v for k, v in obj.items() if k != "status"})
     assert node is not None

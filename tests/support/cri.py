@@ -34,7 +34,9 @@ class Pod:
     namespace: str
     uid: str
     cgroup_parent: str
-    config: pb.PodSandboxConfig = field(repr=False)
+    config: pb.PodSandboxConfig | None = field(default=None, repr=False)
+    """What CreateContainer sends again as the sandbox config; None where another client keeps it (the guest's
+    tests/support/guest_runtime.py)."""
 
 
 @dataclass(frozen=True)

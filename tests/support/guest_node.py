@@ -13,17 +13,23 @@ Fixture:
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import yaml
+
+from dra_cpu.core.cdi_spec import spec_filename
+from dra_cpu.core.claims import allocated_claim
+from dra_cpu.core.cpuset import CPUSet
+from tests.support import kubelet_node, waiting
+from tests.support.cri import Allowed, Container, Pod
 
 # The session's `guest` fixture and the summary hook are registered with pytest as part of this plugin.
 from tests.support.guest import ROOT, Guest, GuestError, guest_fixture, pytest_terminal_summary  # noqa: F401
@@ -38,66 +44,17 @@ VERSIONS = subprocess.run(
 
 
 def cpulist(text: str) -> frozenset[int]:
-    """A kernel cpu list ("0-3,6") as a set."""
-    cpus: set[int] = set()
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        first, _, last = part.partition("-")
-        cpus.update(range(int(first), int(last or first) + 1))
-    return frozenset(cpus)
+    """A kernel cpu list ("0-3,6") as a set of ints, to compare with set literals and SPEC's CPU lists."""
+    return CPUSet.parse(text).ids
 
 
 def format_cpulist(cpus: Iterable[int]) -> str:
-    ordered = sorted(cpus)
-    runs: list[str] = []
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        runs.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(runs)
+    """The kernel cpu list of `cpus`, as the driver writes DRA_CPUSET_*."""
+    return str(CPUSet.of(cpus))
 
 
-def eventually(check: Callable[[], object], what: str, timeout: float = 60.0, interval: float = 0.2) -> None:
-    """Until `check()` returns True; on timeout the failure names `what` and the last value seen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        last = check()
-        if last is True:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still {last!r} after {timeout:.0f} s")
-        time.sleep(interval)
-
-
-@dataclass(frozen=True)
-class Allowed:
-    """What the kernel lets a task use: Cpus_allowed_list and Mems_allowed_list of /proc/<pid>/status."""
-
-    cpus: frozenset[int]
-    mems: frozenset[int]
-
-    @classmethod
-    def parse(cls, status: str) -> Allowed:
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        return cls(cpulist(fields["Cpus_allowed_list"]), cpulist(fields["Mems_allowed_list"]))
-
-
-@dataclass(frozen=True)
-class Pod:
-    id: str
-    uid: str
-    name: str
-
-
-@dataclass(frozen=True)
-class Container:
-    id: str
-    name: str
-    pod: Pod
+eventually = functools.partial(waiting.eventually, timeout=60.0, interval=0.2)
+"""waiting.eventually at the guest's pace: each check is a round trip to the guest agent, and the guest is slower."""
 
 
 @dataclass(frozen=True)
@@ -142,21 +99,8 @@ def pages_by_node(numa_maps: str, huge: bool = False) -> dict[int, int]:
     return pages
 
 
-def result(device: str, request: str = "cpus", cpus: int | None = None, memory: str | None = None) -> dict[str, Any]:
-    """One allocation result as the scheduler writes it into a claim's status."""
-    consumed = {}
-    if cpus is not None:
-        consumed[f"{DRIVER}/cpu"] = str(cpus)
-    if memory is not None:
-        consumed[f"{DRIVER}/memory"] = memory
-    return {
-        "request": request,
-        "driver": DRIVER,
-        "pool": NODE,
-        "device": device,
-        "shareID": str(uuid.uuid4()),
-        **({"consumedCapacity": consumed} if consumed else {}),
-    }
+result = functools.partial(kubelet_node.result, pool=NODE)
+"""One allocation result for a device of the guest's node, as the scheduler writes it into a claim's status."""
 
 
 @dataclass
@@ -263,7 +207,7 @@ class GuestNode:
     # Pods and containers, through CRI as kubelet would.
     def run_pod(self, name: str, uid: str = "") -> Pod:
         pod = self.call("run_pod", socket=self.cri_socket, name=name, cgroup_parent=self.cgroup_parent, uid=uid)
-        return Pod(pod["id"], pod["uid"], pod["name"])
+        return Pod(**pod)
 
     def create_container(
         self,
@@ -316,16 +260,7 @@ class GuestNode:
     # Claims, as the scheduler leaves them, and the kubelet's prepare.
     def claim(self, results: list[dict[str, Any]], pod_uids: Sequence[str], name: str = "") -> Claim:
         claim = Claim("default", name or f"claim-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()))
-        obj = {
-            "apiVersion": "resource.k8s.io/v1",
-            "kind": "ResourceClaim",
-            "metadata": {"namespace": claim.namespace, "name": claim.name, "uid": claim.uid},
-            "spec": {"devices": {"requests": []}},
-            "status": {
-                "allocation": {"devices": {"results": results}},
-                "reservedFor": [{"resource": "pods", "name": "p", "uid": uid} for uid in pod_uids],
-            },
-        }
+        obj = allocated_claim(claim.namespace, claim.name, results, uid=claim.uid, pod_uids=pod_uids)
         directory = f"{self.cluster}/resourceclaims/{claim.namespace}"
         self.guest.run(["mkdir", "-p", directory])
         self.guest.write(f"{directory}/{claim.name}.yaml", yaml.safe_dump(obj))
@@ -352,9 +287,8 @@ class GuestNode:
         return error
 
     def cdi_spec(self, claim: Claim) -> dict[str, Any]:
-        found = self.guest.run(["sh", "-c", f"ls {self.cdi_dir}/*{claim.uid}*.json"]).stdout.split()
-        assert len(found) == 1, f"CDI specs for {claim.uid}: {found}"
-        spec: dict[str, Any] = json.loads(self.guest.read(found[0]))
+        """The claim's own CDI spec (its device metadata has a spec of its own beside it)."""
+        spec: dict[str, Any] = json.loads(self.guest.read(f"{self.cdi_dir}/{spec_filename(DRIVER, claim.uid)}"))
         return spec
 
     def cdi_ids(self, claim: Claim) -> list[str]:
@@ -406,18 +340,30 @@ class GuestNode:
         self, container: Container, cpus: Iterable[int], mems: Iterable[int] | None = None, timeout: float = 60.0
     ) -> None:
         """Inside, on the guest's /proc and in the container's cgroup, eventually: exactly `cpus` (and `mems`)."""
-        want_cpus, want_mems = frozenset(cpus), None if mems is None else frozenset(mems)
+        want_cpus, want_mems = CPUSet.of(cpus), None if mems is None else CPUSet.of(mems)
 
         def check() -> bool | tuple[Any, ...]:
             inside, outside = self.allowed_inside(container), self.allowed(container)
-            cgroup_cpus = cpulist(self.cgroup_file(container, "cpuset.cpus.effective"))
+            cgroup_cpus = CPUSet.parse(self.cgroup_file(container, "cpuset.cpus.effective"))
             ok = inside.cpus == outside.cpus == cgroup_cpus == want_cpus
             if want_mems is not None:
-                cgroup_mems = cpulist(self.cgroup_file(container, "cpuset.mems"))
+                cgroup_mems = CPUSet.parse(self.cgroup_file(container, "cpuset.mems"))
                 ok = ok and inside.mems == outside.mems == cgroup_mems == want_mems
-            return True if ok else (inside, outside, format_cpulist(cgroup_cpus))
+            return True if ok else (inside, outside, str(cgroup_cpus))
 
-        eventually(check, f"{container.name} on CPUs {format_cpulist(want_cpus)}", timeout)
+        eventually(check, f"{container.name} on CPUs {want_cpus}", timeout=timeout)
+
+    def assert_sidecar_shared_then_released(
+        self, pod: Pod, claim: Claim, bystander: Container, general: frozenset[int]
+    ) -> None:
+        """The end of a claim's walk: a container of `pod` without the claim's device runs on `general` less the
+        claim's CPUs; once the pod is removed and the claim unprepared, `bystander` has all of `general` again."""
+        sidecar = self.create_container(pod, "sidecar")
+        self.assert_allowed(sidecar, general - self.granted(claim))
+
+        self.remove_pod(pod)
+        assert self.unprepare(claim) == ""
+        self.assert_allowed(bystander, general)
 
     def clean(self) -> None:
         """What a test left: its pods, then its claims (unprepared as the kubelet would after the pods)."""

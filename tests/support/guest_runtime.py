@@ -79,17 +79,19 @@ def run_pod(socket: str, name: str, cgroup_parent: str, uid: str = "", namespace
     """RunPodSandbox with the host network, its cgroup at <cgroup_parent>/pod<uid> as kubelet's cgroupfs driver."""
     pb = stubs().cri
     uid = uid or str(uuid.uuid4())
+    pod_cgroup = f"{cgroup_parent}/pod{uid}"
     config = pb.PodSandboxConfig(
         metadata=pb.PodSandboxMetadata(name=name, uid=uid, namespace=namespace),
         linux=pb.LinuxPodSandboxConfig(
-            cgroup_parent=f"{cgroup_parent}/pod{uid}",
+            cgroup_parent=pod_cgroup,
             security_context=pb.LinuxSandboxSecurityContext(namespace_options=pb.NamespaceOption(network=pb.NODE)),
         ),
     )
     cri = _cri(socket)
     pod_id = cri.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=TIMEOUT).pod_sandbox_id
     cri.pods[pod_id] = config
-    return {"id": pod_id, "uid": uid, "name": name}
+    # The fields of tests/support/cri.py's Pod, which the host makes of it.
+    return {"id": pod_id, "name": name, "namespace": namespace, "uid": uid, "cgroup_parent": pod_cgroup}
 
 
 def create_container(

@@ -37,17 +37,23 @@ DRIVER = "dra.cpu"
 
 
 def result(
-    device: str, request: str = "cpus", cpus: int | str | None = None, memory: str | None = None, **extra: Any
+    device: str,
+    request: str = "cpus",
+    cpus: int | str | None = None,
+    memory: str | None = None,
+    *,
+    pool: str = NODE,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """An allocation result for one of this node's devices. `cpus` (a count, or any quantity string, valid or not)
-    and `memory` become its consumedCapacity."""
+    """An allocation result for one of the devices of the node `pool` (this one's unless given). `cpus` (a count,
+    or any quantity string, valid or not) and `memory` become its consumedCapacity."""
     consumed = {}
     if cpus is not None:
         consumed[f"{DRIVER}/cpu"] = str(cpus)
     if memory is not None:
         consumed[f"{DRIVER}/memory"] = memory
     return (
-        allocation_result(DRIVER, NODE, device, request=request, consumed=consumed, share_id=str(uuid.uuid4())) | extra
+        allocation_result(DRIVER, pool, device, request=request, consumed=consumed, share_id=str(uuid.uuid4())) | extra
     )
 
 
@@ -150,6 +156,18 @@ def make_driver(
         cdi_store=CDIStore(root / "cdi", DRIVER),
         boot_id="boot-1",
     )
+
+
+def write_claim(root: Path, uid: str, results: list[dict[str, Any]]) -> ClaimRef:
+    """A claim named after its uid, in namespace default, with an allocation of `results` and nothing more, in the
+    standalone folder of the driver make_driver(root, ...) made."""
+    FolderClaims(root / "cluster/resourceclaims").put(
+        {
+            "metadata": {"name": uid, "namespace": "default", "uid": uid},
+            "status": {"allocation": {"devices": {"results": results}}},
+        }
+    )
+    return ClaimRef("default", uid, uid)
 
 
 def start_plugin(driver: Driver, root: Path, metadata: bool = True) -> KubeletPlugin:

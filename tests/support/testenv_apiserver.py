@@ -22,10 +22,11 @@ from typing import Any
 import kubernetes
 import pytest
 
+from dra_cpu.kube.apiserver import KubeAPI, connect
 from tests.support.control_plane import APISERVER_ONLY, ApiServer, close, create_namespace, new_client, started
 from tests.support.typed import as_dict
 
-__all__ = ["ApiServer", "ServerClaims", "apiserver", "kube_api", "kube_namespace"]
+__all__ = ["ApiServer", "ServerClaims", "apiserver", "kube", "kube_api", "kube_namespace"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -50,6 +51,16 @@ def kube_api(apiserver: ApiServer) -> Iterator[kubernetes.client.ApiClient]:
         yield api
     finally:
         close(api)
+
+
+@pytest.fixture
+def kube(apiserver: ApiServer) -> Iterator[KubeAPI]:
+    """The driver's own client (dra_cpu.kube.apiserver.KubeAPI), connected to the test API server as cluster admin."""
+    api = connect(str(apiserver.kubeconfig))
+    try:
+        yield api
+    finally:
+        api.close()
 
 
 @pytest.fixture

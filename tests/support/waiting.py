@@ -6,8 +6,9 @@ import time
 from collections.abc import Callable
 
 
-def eventually(check: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    """Until `check()` returns True; on timeout the failure names `what` and the last value seen."""
+def eventually(check: Callable[[], object], what: str, timeout: float = 20.0, interval: float = 0.05) -> None:
+    """Until `check()` returns True, asking every `interval` seconds; on timeout the failure names `what` and the last
+    value seen."""
     deadline = time.monotonic() + timeout
     while True:
         last = check()
@@ -15,4 +16,4 @@ def eventually(check: Callable[[], object], what: str, timeout: float = 20.0) ->
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: still {last!r} after {timeout}s")
-        time.sleep(0.05)
+        time.sleep(interval)
