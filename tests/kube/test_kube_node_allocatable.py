@@ -27,20 +27,11 @@ from tests.support.cluster import (
     scheduled,
     wait_for,
 )
-from tests.support.control_plane import ControlPlane, close, create_node, delete_node
+from tests.support.control_plane import ControlPlane, create_node, delete_node
 from tests.support.paths import SYSFS
 
 LOG = logging.getLogger("test.node-allocatable")
 NODE_CPUS = 16  # dual-socket-smt2: two NUMA nodes of 8 CPUs
-
-
-@pytest.fixture
-def admin(control_plane: ControlPlane) -> Iterator[Kube]:
-    api = control_plane.admin()
-    try:
-        yield Kube(api)
-    finally:
-        close(api)
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def namespace(admin: Kube) -> str:
 class NodeMaker(Protocol):
     """The `make_node` fixture: a Node carrying the driver's slices for a sysfs capture."""
 
-    def __call__(self, sysfs_root: Path, group_by: GroupBy = ...) -> TestNode: ...
+    def __call__(self, sysfs_root: Path, group_by: GroupBy = ..., pcie_roots: bool = ...) -> TestNode: ...
 
 
 @pytest.fixture
@@ -88,10 +88,10 @@ def make_node(control_plane: ControlPlane, admin: Kube) -> Iterator[NodeMaker]:
     """Makes Nodes for the test; deleted afterwards (the garbage collector then deletes their slices)."""
     made: list[str] = []
 
-    def make(sysfs_root: Path, group_by: GroupBy = GroupBy.NUMA_NODE) -> TestNode:
+    def make(sysfs_root: Path, group_by: GroupBy = GroupBy.NUMA_NODE, pcie_roots: bool = False) -> TestNode:
         name = unique("node")
         made.append(name)
-        config = DeviceConfig(node_name=name, group_by=group_by)
+        config = DeviceConfig(node_name=name, group_by=group_by, pcie_roots=pcie_roots)
         return publish_node(control_plane.kubeconfig, admin.api, name, sysfs_root, config)
 
     yield make
@@ -351,11 +351,10 @@ def test_a_claim_template_gets_a_claim_per_pod_released_with_the_pod(
 
 
 def test_cpus_and_a_gpu_on_the_same_pcie_root(
-    control_plane: ControlPlane,
+    make_node: NodeMaker,
     admin: Kube,
     classes_file: Path,
     namespace: str,
-    nodes: list[str],
     tmp_path: Path,
 ) -> None:
     """hack/examples/claim-cpu-gpu-pcie-root.yaml with the real scheduler (DRAListTypeAttributes on): our slices of
@@ -363,10 +362,8 @@ def test_cpus_and_a_gpu_on_the_same_pcie_root(
     pci0000:20) beside the example GPU driver's slice (gpu-0 on pci0000:30, a node without CPUs; gpu-1 on
     pci0000:20). The scheduler passes over gpu-0, first in its slice, and gives the pod gpu-1 with CPUs of
     cpu-numa1, the allocation explain predicts."""
-    name = unique("node")
-    nodes.append(name)
-    config = DeviceConfig(node_name=name, pcie_roots=True)
-    node = publish_node(control_plane.kubeconfig, admin.api, name, FIXTURES / "pcie-expander-3numa", config)
+    node = make_node(FIXTURES / "pcie-expander-3numa", pcie_roots=True)
+    name = node.name
     roots = {
         d["name"]: d["attributes"].get("resource.kubernetes.io/pcieRoot")
         for s in node.slices
