@@ -15,6 +15,7 @@ pytest_plugins: list[str] = [
     "tests.support.testenv_apiserver",
     "tests.support.kubelet_node",
     "tests.support.testenv_helm",
+    "tests.support.real_node",
 ]
 
 

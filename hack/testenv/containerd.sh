@@ -3,7 +3,7 @@
 #   containerd.sh install            containerd 2.1.x (Debian sid) and 1.7.x (trixie) unpacked into $TESTENV_CACHE,
 #                                    runc, the busybox image
 #   containerd.sh versions           the versions the tests run against, one a line
-#   containerd.sh start VERSION DIR  run one with all its state under DIR (socket DIR/containerd.sock, NRI DIR/nri.sock,
+#   containerd.sh start VERSION DIR  run one with all its state under DIR (socket DIR/containerd.sock, NRI DIR/nri/nri.sock,
 #                                    CDI specs from DIR/cdi, pods under the cgroup parent named in DIR/cgroup-parent)
 #   containerd.sh stop VERSION DIR   stop it and remove every container, mount and cgroup it left
 set -euo pipefail
@@ -91,7 +91,7 @@ state = '$dir/state'
   path = '$dir/opt'
 [plugins.'io.containerd.nri.v1.nri']
   disable = false
-  socket_path = '$dir/nri.sock'
+  socket_path = '$dir/nri/nri.sock'
   plugin_path = '$dir/nri/plugins'
   plugin_config_path = '$dir/nri/conf'
   plugin_registration_timeout = '5s'

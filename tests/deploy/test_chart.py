@@ -42,6 +42,12 @@ CUSTOM = (
     "--set",
     "hostNetwork=true",
     "--set",
+    "metricsHost=127.0.0.1",
+    "--set",
+    "apiServer.host=10.1.2.3",
+    "--set",
+    "apiServer.port=6443",
+    "--set",
     "config.enforcement=cdi-hook",
     "--set",
     "config.wholeCores=true",
@@ -133,6 +139,8 @@ def test_defaults(helm: Helm, tmp_path: Path) -> None:
     config_volume = next(v for v in pod["volumes"] if v["name"] == config_mount["name"])
     assert config_volume["configMap"]["name"] == one(objects, "ConfigMap")["metadata"]["name"]
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in c["env"]
+    # No apiServer.host: the client finds the API server through the kubernetes Service, as every pod does.
+    assert [e["name"] for e in c["env"]] == ["NODE_NAME"]
 
     config = daemon_config(objects, tmp_path)
     assert (config.node_name, config.driver_name, config.enforcement) == ("node-a", "dra.cpu", "nri")
@@ -180,7 +188,10 @@ def test_custom_values(helm: Helm, tmp_path: Path) -> None:
     assert devices["hugepages-2mi-numa0"]["nodeAllocatableResources"] == {
         "hugepages-2Mi": {"mapping": {"capacityKey": "dra.cpu/memory", "capacityMultiplier": "1"}}
     }
-    assert config.metrics_address == ":9464"
+    assert config.metrics_address == "127.0.0.1:9464"
+    # The in-cluster client is pointed at the API server itself, not at the Service (no kube-proxy needed).
+    env = {e["name"]: e.get("value") for e in container(objects)["env"]}
+    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("10.1.2.3", "6443")
     assert config.kubelet_root_dir == "/var/lib/k0s/kubelet"
     # cdi-hook needs no NRI socket, so its folder is not mounted.
     assert host_mounts(objects) == {
@@ -275,6 +286,9 @@ def test_node_slice_policy_binds_the_driver_to_its_node(helm: Helm) -> None:
         (("--set-string", "metricsPort=http"), "metricsPort"),
         (("--set", "cdiRoot=relative/cdi"), "cdiRoot"),
         (("--set", "driverName=CPU_Driver"), "driverName"),
+        (("--set", "apiServer.port=0"), "apiServer"),
+        (("--set", "apiServer.host=https://x"), "apiServer"),
+        (("--set", "metricsHost=::1"), "metricsHost"),
         (("--set", "kubeletRootDir=/" + "k" * 80), "more than a unix socket path may have"),
     ],
     ids=[
@@ -287,6 +301,9 @@ def test_node_slice_policy_binds_the_driver_to_its_node(helm: Helm) -> None:
         "port-type",
         "relative-path",
         "driver-name",
+        "api-server-port",
+        "api-server-url",
+        "metrics-host",
         "socket-too-long",
     ],
 )
