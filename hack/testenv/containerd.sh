@@ -4,6 +4,7 @@
 #                                    runc, the busybox image
 #   containerd.sh versions           the versions the tests run against, one a line
 #   containerd.sh start VERSION DIR  run one with all its state under DIR (socket DIR/containerd.sock, NRI DIR/nri/nri.sock,
+#                                    or none with NRI=off in the environment;
 #                                    CDI specs from DIR/cdi, pods under the cgroup parent named in DIR/cgroup-parent)
 #   containerd.sh stop VERSION DIR   stop it and remove every container, mount and cgroup it left
 set -euo pipefail
@@ -90,7 +91,7 @@ state = '$dir/state'
 [plugins.'io.containerd.internal.v1.opt']
   path = '$dir/opt'
 [plugins.'io.containerd.nri.v1.nri']
-  disable = false
+  disable = $([[ "${NRI:-on}" == off ]] && echo true || echo false)
   socket_path = '$dir/nri/nri.sock'
   plugin_path = '$dir/nri/plugins'
   plugin_config_path = '$dir/nri/conf'

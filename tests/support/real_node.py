@@ -343,8 +343,9 @@ class RealNode:
         self.start_kubelet()
         self.wait_ready()
 
-    def restart_containerd(self) -> None:
-        """Stops containerd (its containers keep running under their shims) and starts it again on the same state."""
+    def restart_containerd(self, nri: bool = True) -> None:
+        """Stops containerd (its containers keep running under their shims) and starts it again on the same state;
+        `nri=False` starts it with NRI disabled (no NRI socket: dra-cpu cannot enforce)."""
         daemon = self.runtime
         pid = int((daemon.dir / "containerd.pid").read_text())
         os.kill(pid, signal.SIGTERM)
@@ -354,7 +355,12 @@ class RealNode:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         script = Path(__file__).resolve().parents[2] / "hack" / "testenv" / "containerd.sh"
-        subprocess.run(["bash", str(script), "start", daemon.version, str(daemon.dir)], check=True, capture_output=True)
+        subprocess.run(
+            ["bash", str(script), "start", daemon.version, str(daemon.dir)],
+            env={**os.environ, "NRI": "on" if nri else "off"},
+            check=True,
+            capture_output=True,
+        )
 
     def kubelet_log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log, lines)
@@ -533,12 +539,13 @@ class InstalledDriver:
             f"/api/v1/namespaces/{NAMESPACE}/pods", label_selector=f"app.kubernetes.io/instance={RELEASE}"
         )
 
-    def ready_pod(self, timeout: float = 120) -> dict[str, Any]:
-        """The driver's pod once Ready (registered with the kubelet, slices published)."""
+    def ready_pod(self, timeout: float = 120, other_than: str = "") -> dict[str, Any]:
+        """The driver's pod once Ready (registered with the kubelet, slices published); with `other_than`, a pod of
+        another name (the one the DaemonSet made in its place)."""
 
         def ready() -> dict[str, Any] | None:
             for pod in self.pods():
-                if pod["metadata"].get("deletionTimestamp"):
+                if pod["metadata"].get("deletionTimestamp") or pod["metadata"]["name"] == other_than:
                     continue
                 conditions = pod.get("status", {}).get("conditions", [])
                 if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
