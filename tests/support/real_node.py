@@ -87,6 +87,8 @@ class RealNode:
     name: str = NODE_NAME
     port: int = 0
     bridge: str = ""
+    vmodule: str = ""
+    """The kubelet's --vmodule (e.g. dra_plugin=4 logs each NodePrepareResources call with its time)."""
     _kubelet: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _api: Any = field(default=None, repr=False)
 
@@ -308,6 +310,7 @@ class RealNode:
                 f"--cert-dir={self.dir / 'pki'}",
                 f"--hostname-override={self.name}",
                 "--v=2",
+                *([f"--vmodule={self.vmodule}"] if self.vmodule else []),
             ]
         )
         return ["unshare", "--mount", "--propagation", "unchanged", "--", "/bin/sh", "-c", f"{fakes} && exec {kubelet}"]
@@ -437,14 +440,16 @@ def container_id(pod: Mapping[str, Any], name: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def running(plane: ControlPlane, feature_gates: Mapping[str, bool] | None = None) -> Iterator[RealNode]:
+def running(
+    plane: ControlPlane, feature_gates: Mapping[str, bool] | None = None, vmodule: str = ""
+) -> Iterator[RealNode]:
     """A started RealNode for the body of the `with`; raises NodeError (with the kubelet's log) when it does not
     start, and cleans up either way."""
     if os.geteuid() != 0:
         raise NodeError("a real node needs root")
     known = plane.known_gates("kubelet")
     gates = {k: v for k, v in (feature_gates or plane.gates).items() if k in known}
-    node = RealNode(plane, Path(tempfile.mkdtemp(prefix="dra-kl-", dir="/tmp")), gates)
+    node = RealNode(plane, Path(tempfile.mkdtemp(prefix="dra-kl-", dir="/tmp")), gates, vmodule=vmodule)
     try:
         node.start()
         yield node
@@ -590,33 +595,38 @@ def real_node(request: pytest.FixtureRequest, control_plane: ControlPlane) -> It
         pytest.fail(f"the real node did not start: {failure}", pytrace=False)
 
 
-@pytest.fixture(scope="session")
-def dra_cpu_node(real_node: RealNode, helm: Helm) -> Iterator[InstalledDriver]:
-    """dra-cpu on the real node as a user installs it: image built by podman and imported into containerd's k8s.io
-    namespace, `helm install` of charts/dra-cpu with `chart_values`; uninstalled (helm) at the end."""
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not installed: run hack/testenv/podman.sh install")
+@contextlib.contextmanager
+def installed(node: RealNode, helm: Path) -> Iterator[InstalledDriver]:
+    """dra-cpu on `node` as a user installs it: the image built by podman and imported into containerd's k8s.io
+    namespace, `helm install` of charts/dra-cpu with `chart_values`, its pod Ready; `helm uninstall` at the end.
+    Raises NodeError or AssertionError (with the driver's logs) when it does not get Ready."""
+    archive = build_image()
     try:
-        archive = build_image()
-    except NodeError as err:
-        pytest.fail(str(err), pytrace=False)
-    try:
-        real_node.ctr("images", "import", str(archive))
+        node.ctr("images", "import", str(archive))
     finally:
         shutil.rmtree(archive.parent, ignore_errors=True)
-    driver = InstalledDriver(real_node, helm.binary, chart_values(real_node, free_port()))
+    driver = InstalledDriver(node, helm, chart_values(node, free_port()))
     try:
-        failure = ""
-        try:
-            driver.install()
-            driver.ready_pod()
-        except (NodeError, AssertionError) as err:
-            failure = str(err)
-        if failure:
-            pytest.fail(failure, pytrace=False)
+        driver.install()
+        driver.ready_pod()
         yield driver
     finally:
         driver.uninstall()
+
+
+@pytest.fixture(scope="session")
+def dra_cpu_node(real_node: RealNode, helm: Helm) -> Iterator[InstalledDriver]:
+    """dra-cpu installed on the real node (`installed`), for the whole test run."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed: run hack/testenv/podman.sh install")
+    failure = ""
+    try:
+        with installed(real_node, helm.binary) as driver:
+            yield driver
+    except (NodeError, AssertionError) as err:
+        failure = str(err)
+    if failure:
+        pytest.fail(failure, pytrace=False)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
