@@ -15,13 +15,15 @@ from typing import Any
 import kubernetes
 import kubernetes_validate
 import pytest
+import yaml
 
 from dra_cpu.cli import build_parser
 from dra_cpu.config import Config, load
 from dra_cpu.core.devices import build_devices, build_slices
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.classes import chart_device_classes
-from tests.support.paths import SYSFS
+from tests.support.paths import REPO, SYSFS
+from tests.support.real_node import chart_values
 from tests.support.testenv_helm import CHART, Helm
 from tests.support.typed import as_dict
 
@@ -346,3 +348,19 @@ def test_device_classes_are_created_on_the_api_server(
             objects.delete_cluster_custom_object(
                 "resource.k8s.io", "v1", "deviceclasses", obj["metadata"]["name"], _preload_content=False
             )
+
+
+def test_admin_docs_show_the_values_the_real_node_tests_install_with() -> None:
+    """docs/admin.md's values.yaml for a node without kube-proxy is what tests/e2e/test_node_*.py install with."""
+    text = (REPO / "docs" / "admin.md").read_text()
+    block = text.split("# dra-cpu values: a node without kube-proxy and without a registry\n", 1)[1]
+    documented = yaml.safe_load(block.split("```", 1)[0])
+    assert documented == chart_values(
+        node_name="node-a",
+        api_server_port=6443,
+        metrics_port=8080,
+        kubelet_root_dir="/var/lib/kubelet",
+        cdi_root="/var/run/cdi",
+        nri_socket="/var/run/nri/nri.sock",
+        state_dir="/var/lib/dra-cpu",
+    )

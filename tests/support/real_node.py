@@ -161,6 +161,10 @@ class RealNode:
             if self.bridge:
                 subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
             if self._api is not None:
+                # No node lifecycle controller would ever mark it NotReady: without its Node (whose slices the
+                # garbage collector then deletes), the scheduler cannot place later pods on a node that is gone.
+                with contextlib.suppress(Exception):
+                    self.kube.delete(f"/api/v1/nodes/{self.name}")
                 close(self._api)
                 self._api = None
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -377,7 +381,8 @@ class RealNode:
                 code = None if self._kubelet is None else self._kubelet.returncode
                 raise NodeError(f"the kubelet exited ({code}); {self.log}:\n{self.kubelet_log_tail()}")
             node = kube.find(f"/api/v1/nodes/{self.name}")
-            if node is not None and _ready(node):
+            # The plugin watcher's folder, which the driver's DaemonSet mounts (type Directory), comes a moment later.
+            if node is not None and _ready(node) and (self.root / "plugins_registry").is_dir():
                 taints = node["spec"].get("taints") or []
                 kept = [t for t in taints if not t["key"].startswith("node.kubernetes.io/not-ready")]
                 if kept != taints:
@@ -484,21 +489,43 @@ def build_image() -> Path:
     return archive
 
 
-def chart_values(node: RealNode, metrics_port: int) -> dict[str, Any]:
-    """The values the test installs with (docs/admin.md shows the same for a node without kube-proxy)."""
-    port = int(node.plane.url.rsplit(":", 1)[1])
+def chart_values(
+    *,
+    node_name: str,
+    api_server_port: int,
+    metrics_port: int,
+    kubelet_root_dir: str,
+    cdi_root: str,
+    nri_socket: str,
+    state_dir: str,
+) -> dict[str, Any]:
+    """The values the tests install with: a node without kube-proxy, the API server on the node's loopback, the
+    image imported into containerd (no registry). docs/admin.md shows the same (tests/deploy/test_chart.py holds it
+    to this)."""
     return {
         "image": {"repository": IMAGE_REPOSITORY, "tag": IMAGE_TAG, "pullPolicy": "Never"},
-        "nodeSelector": {"kubernetes.io/hostname": node.name},
+        "nodeSelector": {"kubernetes.io/hostname": node_name},
         "hostNetwork": True,
-        "apiServer": {"host": "127.0.0.1", "port": port},
+        "apiServer": {"host": "127.0.0.1", "port": api_server_port},
         "metricsHost": "127.0.0.1",
         "metricsPort": metrics_port,
-        "kubeletRootDir": str(node.root),
-        "cdiRoot": str(node.cdi_dir),
-        "nriSocket": str(node.nri_socket),
-        "stateDir": str(node.dir / "dra-cpu-state"),
+        "kubeletRootDir": kubelet_root_dir,
+        "cdiRoot": cdi_root,
+        "nriSocket": nri_socket,
+        "stateDir": state_dir,
     }
+
+
+def node_chart_values(node: RealNode, metrics_port: int) -> dict[str, Any]:
+    return chart_values(
+        node_name=node.name,
+        api_server_port=int(node.plane.url.rsplit(":", 1)[1]),
+        metrics_port=metrics_port,
+        kubelet_root_dir=str(node.root),
+        cdi_root=str(node.cdi_dir),
+        nri_socket=str(node.nri_socket),
+        state_dir=str(node.dir / "dra-cpu-state"),
+    )
 
 
 @dataclass
@@ -516,16 +543,19 @@ class InstalledDriver:
         return f"http://127.0.0.1:{self.values['metricsPort']}"
 
     def helm_run(self, *args: str, values: Mapping[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
-        values_file = self.node.dir / "values.yaml"
-        values_file.write_text(json.dumps(values or self.values, indent=2) + "\n")
+        """helm ARGS against the node's cluster in the release's namespace; `values` (install, upgrade) go in a
+        values file."""
+        options = ["--namespace", NAMESPACE, "--kubeconfig", str(self.node.plane.kubeconfig)]
+        if values is not None:
+            values_file = self.node.dir / "values.yaml"
+            values_file.write_text(json.dumps(values, indent=2) + "\n")
+            options += ["-f", str(values_file)]
         return subprocess.run(
-            [str(self.helm), *args, "--namespace", NAMESPACE, "--kubeconfig", str(self.node.plane.kubeconfig),
-             "-f", str(values_file)],
-            capture_output=True, text=True, timeout=300, check=False,
-        )  # fmt: skip
+            [str(self.helm), *args, *options], capture_output=True, text=True, timeout=300, check=False
+        )
 
     def install(self) -> None:
-        done = self.helm_run("install", RELEASE, str(CHART), "--wait", "--timeout", "4m")
+        done = self.helm_run("install", RELEASE, str(CHART), "--wait", "--timeout", "4m", values=self.values)
         if done.returncode != 0:
             raise NodeError(f"helm install failed:\n{done.stderr}\n{self.describe()}")
 
@@ -537,7 +567,11 @@ class InstalledDriver:
             raise NodeError(f"helm upgrade failed:\n{done.stderr}\n{self.describe()}")
 
     def uninstall(self) -> None:
-        self.helm_run("uninstall", RELEASE, "--wait", "--timeout", "2m")
+        """helm uninstall, then until the driver's pods are gone (the kubelet unregisters the plugin)."""
+        done = self.helm_run("uninstall", RELEASE, "--wait", "--timeout", "2m")
+        if done.returncode != 0:
+            raise NodeError(f"helm uninstall failed:\n{done.stdout}\n{done.stderr}")
+        wait_for(lambda: not self.pods(), "the driver's pods to be gone after helm uninstall", 120)
 
     def pods(self) -> list[dict[str, Any]]:
         return self.node.kube.list(
@@ -574,9 +608,10 @@ class InstalledDriver:
         return "\n".join(lines)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def real_node(request: pytest.FixtureRequest, control_plane: ControlPlane) -> Iterator[RealNode]:
-    """The kubelet and containerd on this machine, joined to `control_plane` as node 127.0.0.1."""
+    """The kubelet and containerd on this machine, joined to `control_plane` as node 127.0.0.1, for the tests of a
+    module (so that the session's other tests never see a real node their unpinned pods could land on)."""
     if os.geteuid() != 0:
         pytest.skip("a real node needs root")
     if shutil.which("unshare") is None or not Path("/usr/lib/cni/bridge").exists():
@@ -596,16 +631,22 @@ def real_node(request: pytest.FixtureRequest, control_plane: ControlPlane) -> It
 
 
 @contextlib.contextmanager
-def installed(node: RealNode, helm: Path) -> Iterator[InstalledDriver]:
-    """dra-cpu on `node` as a user installs it: the image built by podman and imported into containerd's k8s.io
-    namespace, `helm install` of charts/dra-cpu with `chart_values`, its pod Ready; `helm uninstall` at the end.
-    Raises NodeError or AssertionError (with the driver's logs) when it does not get Ready."""
+def image_archive() -> Iterator[Path]:
+    """The image (`build_image`) as an OCI archive, removed at the end."""
     archive = build_image()
     try:
-        node.ctr("images", "import", str(archive))
+        yield archive
     finally:
         shutil.rmtree(archive.parent, ignore_errors=True)
-    driver = InstalledDriver(node, helm, chart_values(node, free_port()))
+
+
+@contextlib.contextmanager
+def installed(node: RealNode, helm: Path, archive: Path) -> Iterator[InstalledDriver]:
+    """dra-cpu on `node` as a user installs it: the image archive imported into containerd's k8s.io namespace,
+    `helm install` of charts/dra-cpu with `chart_values`, its pod Ready; `helm uninstall` at the end. Raises NodeError
+    or AssertionError (with the driver's logs) when it does not get Ready."""
+    node.ctr("images", "import", str(archive))
+    driver = InstalledDriver(node, helm, node_chart_values(node, free_port()))
     try:
         driver.install()
         driver.ready_pod()
@@ -615,13 +656,26 @@ def installed(node: RealNode, helm: Path) -> Iterator[InstalledDriver]:
 
 
 @pytest.fixture(scope="session")
-def dra_cpu_node(real_node: RealNode, helm: Helm) -> Iterator[InstalledDriver]:
-    """dra-cpu installed on the real node (`installed`), for the whole test run."""
+def dra_cpu_image() -> Iterator[Path]:
+    """The driver's image as an OCI archive, built once per test run."""
     if shutil.which("podman") is None:
         pytest.skip("podman is not installed: run hack/testenv/podman.sh install")
     failure = ""
     try:
-        with installed(real_node, helm.binary) as driver:
+        with image_archive() as archive:
+            yield archive
+    except NodeError as err:
+        failure = str(err)
+    if failure:
+        pytest.fail(failure, pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def dra_cpu_node(real_node: RealNode, helm: Helm, dra_cpu_image: Path) -> Iterator[InstalledDriver]:
+    """dra-cpu installed on the real node (`installed`), for the tests of a module."""
+    failure = ""
+    try:
+        with installed(real_node, helm.binary, dra_cpu_image) as driver:
             yield driver
     except (NodeError, AssertionError) as err:
         failure = str(err)
