@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # containerd with CRI, CDI and NRI, private to one test run.
 #   containerd.sh install            containerd 2.1.x (Debian sid) and 1.7.x (trixie) unpacked into $TESTENV_CACHE,
-#                                    runc, the busybox image
+#                                    runc, CNI plugins (Debian containernetworking-plugins), the busybox image
 #   containerd.sh versions           the versions the tests run against, one a line
 #   containerd.sh start VERSION DIR  run one with all its state under DIR (socket DIR/containerd.sock, NRI DIR/nri/nri.sock,
 #                                    or none with NRI=off in the environment;
@@ -58,7 +58,8 @@ fetch() {  # fetch SUITE VERSION: unpack the containerd .deb of that upstream ve
 }
 
 install() {
-  apt_install_missing runc
+  # CNI plugins (a bridge) for the real-node tests' kubelet; iproute2 to remove the bridge afterwards.
+  apt_install_missing runc containernetworking-plugins iproute2
   busybox_image localhost/busybox:latest >/dev/null
   local missing=() w
   for w in "${WANTED[@]}"; do installed_version "${w#*:}" >/dev/null || missing+=("$w"); done
