@@ -237,7 +237,7 @@ def _stuck_prepare(root: Path) -> tuple[subprocess.Popen[str], Stderr, threading
 
     def prepare() -> None:
         with contextlib.suppress(grpc.RpcError):
-            kubelet.prepare([ClaimRef("default", "stuck", "uid-stuck")], timeout=60)
+            kubelet.prepare([ClaimRef("default", "stuck", "00000000-0000-4000-8000-00000000a001")], timeout=60)
         kubelet.close()
 
     caller = threading.Thread(target=prepare, daemon=True)
