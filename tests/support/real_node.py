@@ -555,6 +555,14 @@ class InstalledDriver:
         )
 
     def install(self) -> None:
+        # Other tests of the session put the chart's DeviceClasses on the same control plane without helm (e.g.
+        # tests/kube's `classes_file`); helm refuses to adopt objects it did not make, so those go first.
+        kube = self.node.kube
+        for name in ("dra.cpu", "dra.cpu.isolated", "dra.hugepages-2mi", "dra.hugepages-1gi"):
+            path = f"/apis/resource.k8s.io/v1/deviceclasses/{name}"
+            found = kube.find(path)
+            if found is not None and "meta.helm.sh/release-name" not in found["metadata"].get("annotations", {}):
+                kube.delete(path)
         done = self.helm_run("install", RELEASE, str(CHART), "--wait", "--timeout", "4m", values=self.values)
         if done.returncode != 0:
             raise NodeError(f"helm install failed:\n{done.stderr}\n{self.describe()}")
