@@ -17,6 +17,7 @@ pytest_plugins: list[str] = [
     "tests.support.kubelet_node",
     "tests.support.testenv_helm",
     "tests.support.guest_node",
+    "tests.support.real_node",
 ]
 
 

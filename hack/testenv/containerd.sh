@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # containerd with CRI, CDI and NRI, private to one test run.
 #   containerd.sh install            containerd 2.1.x (Debian sid) and 1.7.x (trixie) unpacked into $TESTENV_CACHE,
-#                                    runc, the busybox image
+#                                    runc, CNI plugins (Debian containernetworking-plugins), the busybox image
 #   containerd.sh versions           the versions the tests run against, one a line
-#   containerd.sh start VERSION DIR  run one with all its state under DIR (socket DIR/containerd.sock, NRI DIR/nri.sock,
+#   containerd.sh start VERSION DIR  run one with all its state under DIR (socket DIR/containerd.sock, NRI DIR/nri/nri.sock,
+#                                    or none with NRI=off in the environment;
 #                                    CDI specs from DIR/cdi, pods under the cgroup parent named in DIR/cgroup-parent)
 #   containerd.sh stop VERSION DIR   stop it and remove every container, mount and cgroup it left
 set -euo pipefail
@@ -57,7 +58,8 @@ fetch() {  # fetch SUITE VERSION: unpack the containerd .deb of that upstream ve
 }
 
 install() {
-  apt_install_missing runc
+  # CNI plugins (a bridge) for the real-node tests' kubelet; iproute2 to remove the bridge afterwards.
+  apt_install_missing runc containernetworking-plugins iproute2
   busybox_image localhost/busybox:latest >/dev/null
   local missing=() w
   for w in "${WANTED[@]}"; do installed_version "${w#*:}" >/dev/null || missing+=("$w"); done
@@ -90,8 +92,8 @@ state = '$dir/state'
 [plugins.'io.containerd.internal.v1.opt']
   path = '$dir/opt'
 [plugins.'io.containerd.nri.v1.nri']
-  disable = false
-  socket_path = '$dir/nri.sock'
+  disable = $([[ "${NRI:-on}" == off ]] && echo true || echo false)
+  socket_path = '$dir/nri/nri.sock'
   plugin_path = '$dir/nri/plugins'
   plugin_config_path = '$dir/nri/conf'
   plugin_registration_timeout = '5s'

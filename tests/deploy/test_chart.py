@@ -15,13 +15,15 @@ from typing import Any
 import kubernetes
 import kubernetes_validate
 import pytest
+import yaml
 
 from dra_cpu.cli import build_parser
 from dra_cpu.config import Config, load
 from dra_cpu.core.devices import build_devices, build_slices
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.classes import chart_device_classes
-from tests.support.paths import SYSFS
+from tests.support.paths import REPO, SYSFS
+from tests.support.real_node import chart_values
 from tests.support.testenv_helm import CHART, Helm
 from tests.support.typed import as_dict
 
@@ -41,6 +43,12 @@ CUSTOM = (
     "metricsPort=9464",
     "--set",
     "hostNetwork=true",
+    "--set",
+    "metricsHost=127.0.0.1",
+    "--set",
+    "apiServer.host=10.1.2.3",
+    "--set",
+    "apiServer.port=6443",
     "--set",
     "config.enforcement=cdi-hook",
     "--set",
@@ -135,6 +143,8 @@ def test_defaults(helm: Helm, tmp_path: Path) -> None:
     config_volume = next(v for v in pod["volumes"] if v["name"] == config_mount["name"])
     assert config_volume["configMap"]["name"] == one(objects, "ConfigMap")["metadata"]["name"]
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in c["env"]
+    # No apiServer.host: the client finds the API server through the kubernetes Service, as every pod does.
+    assert [e["name"] for e in c["env"]] == ["NODE_NAME"]
 
     config = daemon_config(objects, tmp_path)
     assert (config.node_name, config.driver_name, config.enforcement) == ("node-a", "dra.cpu", "nri")
@@ -192,7 +202,10 @@ def test_custom_values(helm: Helm, tmp_path: Path) -> None:
     assert devices["hugepages-2mi-numa0"]["nodeAllocatableResources"] == {
         "hugepages-2Mi": {"mapping": {"capacityKey": "dra.cpu/memory", "capacityMultiplier": "1"}}
     }
-    assert config.metrics_address == ":9464"
+    assert config.metrics_address == "127.0.0.1:9464"
+    # The in-cluster client is pointed at the API server itself, not at the Service (no kube-proxy needed).
+    env = {e["name"]: e.get("value") for e in container(objects)["env"]}
+    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("10.1.2.3", "6443")
     assert config.kubelet_root_dir == "/var/lib/k0s/kubelet"
     # cdi-hook needs no NRI socket, so its folder is not mounted.
     assert host_mounts(objects) == {
@@ -288,6 +301,9 @@ def test_node_slice_policy_binds_the_driver_to_its_node(helm: Helm) -> None:
         (("--set-string", "metricsPort=http"), "metricsPort"),
         (("--set", "cdiRoot=relative/cdi"), "cdiRoot"),
         (("--set", "driverName=CPU_Driver"), "driverName"),
+        (("--set", "apiServer.port=0"), "apiServer"),
+        (("--set", "apiServer.host=https://x"), "apiServer"),
+        (("--set", "metricsHost=::1"), "metricsHost"),
         (("--set", "kubeletRootDir=/" + "k" * 80), "more than a unix socket path may have"),
     ],
     ids=[
@@ -301,6 +317,9 @@ def test_node_slice_policy_binds_the_driver_to_its_node(helm: Helm) -> None:
         "port-type",
         "relative-path",
         "driver-name",
+        "api-server-port",
+        "api-server-url",
+        "metrics-host",
         "socket-too-long",
     ],
 )
@@ -343,3 +362,19 @@ def test_device_classes_are_created_on_the_api_server(
             objects.delete_cluster_custom_object(
                 "resource.k8s.io", "v1", "deviceclasses", obj["metadata"]["name"], _preload_content=False
             )
+
+
+def test_admin_docs_show_the_values_the_real_node_tests_install_with() -> None:
+    """docs/admin.md's values.yaml for a node without kube-proxy is what tests/e2e/test_node_*.py install with."""
+    text = (REPO / "docs" / "admin.md").read_text()
+    block = text.split("# dra-cpu values: a node without kube-proxy and without a registry\n", 1)[1]
+    documented = yaml.safe_load(block.split("```", 1)[0])
+    assert documented == chart_values(
+        node_name="node-a",
+        api_server_port=6443,
+        metrics_port=8080,
+        kubelet_root_dir="/var/lib/kubelet",
+        cdi_root="/var/run/cdi",
+        nri_socket="/var/run/nri/nri.sock",
+        state_dir="/var/lib/dra-cpu",
+    )

@@ -43,7 +43,8 @@ class Containerd:
 
     @property
     def nri_socket(self) -> Path:
-        return self.dir / "nri.sock"
+        """In a folder of its own (DIR/nri), which a DaemonSet can mount without the rest of DIR."""
+        return self.dir / "nri" / "nri.sock"
 
     @property
     def cdi_dir(self) -> Path:

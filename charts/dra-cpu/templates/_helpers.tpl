@@ -40,7 +40,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   "cdiRoot" .Values.cdiRoot
   "stateDir" .Values.stateDir
   "nriSocket" .Values.nriSocket
-  "metricsAddress" (printf ":%d" (int .Values.metricsPort))
+  "metricsAddress" (printf "%s:%d" .Values.metricsHost (int .Values.metricsPort))
 -}}
 {{- merge $paths .Values.config | toYaml -}}
 {{- end -}}

@@ -1,0 +1,218 @@
+"""The whole claim flow on a real node: kube-scheduler allocates, the real kubelet 1.37 calls NodePrepareResources
+on dra-cpu (installed by `helm install` of charts/dra-cpu, image built by podman), containerd 2.1 applies the CDI
+spec and asks dra-cpu over NRI, and the container runs on the claim's CPUs. Everything is read back from the cluster,
+from the driver's files on the host and from inside the containers (CRI exec).
+
+The examples of hack/examples are applied unchanged when they fit this machine; on the 2-CPU, one-NUMA-node test
+machines none does (each asks 4 or more CPUs), so those that fit once scaled are applied with their CPU amounts cut to
+what a claim can get here (1 CPU: one stays shared) and NUMA node 1 replaced by node 0 (`node_claims.fit`), and the
+others (isolated CPUs, hugepages, two NUMA nodes) are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.topology import Topology
+from dra_cpu.node.sysfs import read_topology
+from tests.support.cluster import Kube, claim_path, new_namespace, wait_for
+from tests.support.node_claims import (
+    CPU_CAPACITY,
+    DoesNotFit,
+    busybox_pod,
+    cdi_spec_uids,
+    checkpoint_claims,
+    cpu_claim,
+    create_all,
+    delete_pod,
+    documents,
+    fit,
+    pinning,
+    running,
+    wait_cpus,
+)
+from tests.support.paths import EXAMPLES
+from tests.support.real_node import InstalledDriver
+
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def topology() -> Topology:
+    return read_topology(Path("/"))
+
+
+@pytest.fixture
+def namespace(dra_cpu_node: InstalledDriver) -> Iterator[str]:
+    """A namespace for the test's objects; its pods are deleted afterwards and their claims unprepared."""
+    kube = dra_cpu_node.node.kube
+    name = new_namespace(kube, "node")
+    yield name
+    for pod in kube.list(f"/api/v1/namespaces/{name}/pods"):
+        delete_pod(kube, name, pod["metadata"]["name"])
+    wait_for(lambda: not checkpoint_claims(dra_cpu_node.state_dir), "every claim to be unprepared", 60)
+    kube.delete(f"/api/v1/namespaces/{name}")
+
+
+def claim_uid(kube: Kube, namespace: str, name: str) -> str:
+    return str(kube.get(claim_path(namespace, name))["metadata"]["uid"])
+
+
+def allocated_cpus(claim: dict[str, Any]) -> int:
+    """CPUs the scheduler allocated to a claim: the dra.cpu/cpu capacity its results consumed."""
+    results = claim["status"]["allocation"]["devices"]["results"]
+    return sum(int(r.get("consumedCapacity", {}).get(CPU_CAPACITY, "0")) for r in results)
+
+
+def assert_pinned(driver: InstalledDriver, topology: Topology, pod: dict[str, Any], claims: dict[str, int]) -> CPUSet:
+    """The container runs on exactly its claims' CPUs, seen from its environment, from inside, from the host's /proc
+    and from its cgroup, and its memory on their NUMA nodes; `claims` is claim UID -> CPUs allocated. Returns the
+    CPUs."""
+    seen = pinning(driver.node, pod)
+    assert set(seen.claimed) == set(claims), seen
+    for uid, count in claims.items():
+        assert len(seen.claimed[uid]) == count, (uid, seen)
+        record = checkpoint_claims(driver.state_dir)[uid]
+        assert CPUSet.parse(",".join(d["cpus"] for d in record["devices"] if d["cpus"])) == seen.claimed[uid]
+    cpus = CPUSet.of(c for s in seen.claimed.values() for c in s)
+    mems = topology.numa_nodes_of(cpus)
+    assert seen.inside == (cpus, mems), seen
+    assert seen.init == (cpus, mems), seen
+    assert seen.cgroup == (cpus, mems), seen
+    assert set(seen.mems_env.values()) == {mems}, seen
+    return cpus
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=[p.stem for p in EXAMPLE_FILES])
+def test_example_runs_on_its_claims_cpus(
+    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology, path: Path
+) -> None:
+    try:
+        fitted = fit(documents(path), topology)
+    except DoesNotFit as err:
+        pytest.skip(f"{path.name}: {err}")
+    kube = dra_cpu_node.node.kube
+    create_all(kube, namespace, fitted.docs)
+    pods = [d for d in fitted.docs if d["kind"] == "Pod"]
+    for doc in pods:
+        pod = running(kube, namespace, doc["metadata"]["name"])
+        assert pod["spec"]["nodeName"] == dra_cpu_node.node.name
+        claims = {}
+        for ref in pod["spec"]["resourceClaims"]:
+            claim = kube.get(claim_path(namespace, ref["resourceClaimName"]))
+            assert {r["driver"] for r in claim["status"]["allocation"]["devices"]["results"]} == {"dra.cpu"}
+            claims[claim["metadata"]["uid"]] = allocated_cpus(claim)
+        cpus = assert_pinned(dra_cpu_node, topology, pod, claims)
+        assert set(claims) <= cdi_spec_uids(dra_cpu_node.node.cdi_dir)
+        # The example's own command prints what it got.
+        logs = dra_cpu_node.node.plane.kubectl("-n", namespace, "logs", doc["metadata"]["name"])
+        assert f"Cpus_allowed_list:\t{cpus}" in logs.stdout, logs
+    if fitted.changes:
+        print(f"{path.name}: fitted to this machine: {', '.join(fitted.changes)}")
+
+
+def test_containers_without_claims_shrink_to_the_shared_pool_and_regrow(
+    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+) -> None:
+    kube, node = dra_cpu_node.node.kube, dra_cpu_node.node
+    everything = topology.online_cpus
+    create_all(kube, namespace, [busybox_pod("shared")])
+    shared = running(kube, namespace, "shared")
+    wait_cpus(node, shared, everything, "a container without claims before any claim")
+    create_all(kube, namespace, [cpu_claim("one-cpu"), busybox_pod("pinned", {"cpus": "one-cpu"})])
+    pinned = running(kube, namespace, "pinned")
+    cpus = assert_pinned(dra_cpu_node, topology, pinned, {claim_uid(kube, namespace, "one-cpu"): 1})
+    wait_cpus(node, shared, everything - cpus, "the container without claims once a claim holds CPUs")
+    delete_pod(kube, namespace, "pinned")
+    wait_cpus(node, shared, everything, "the container without claims once the claim's pod is gone")
+
+
+def test_deleting_the_pod_unprepares_its_claim(
+    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+) -> None:
+    kube, node = dra_cpu_node.node.kube, dra_cpu_node.node
+    create_all(kube, namespace, [busybox_pod("shared"), cpu_claim("c"), busybox_pod("p", {"cpus": "c"})])
+    shared = running(kube, namespace, "shared")
+    pod = running(kube, namespace, "p")
+    uid = claim_uid(kube, namespace, "c")
+    assert uid in checkpoint_claims(dra_cpu_node.state_dir)
+    assert uid in cdi_spec_uids(node.cdi_dir)
+    cpus = assert_pinned(dra_cpu_node, topology, pod, {uid: 1})
+    wait_cpus(node, shared, topology.online_cpus - cpus, "shared pool with the claim prepared")
+    delete_pod(kube, namespace, "p")
+    # The pod object is gone only after the kubelet's NodeUnprepareResources returned.
+    assert uid not in checkpoint_claims(dra_cpu_node.state_dir)
+    assert uid not in cdi_spec_uids(node.cdi_dir)
+    wait_cpus(node, shared, topology.online_cpus, "shared pool after unprepare")
+
+    # The claim itself stays (the user made it), deallocated and reserved for nobody.
+    def released() -> bool:
+        return not kube.get(claim_path(namespace, "c")).get("status", {}).get("reservedFor")
+
+    wait_for(released, "the claim to be released")
+
+
+def test_a_template_claim_is_released_with_its_pod(
+    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+) -> None:
+    kube = dra_cpu_node.node.kube
+    create_all(kube, namespace, [cpu_claim("t", template=True), busybox_pod("p", {"cpus": "t"}, template=True)])
+    pod = running(kube, namespace, "p")
+    (status,) = pod["status"]["resourceClaimStatuses"]
+    generated = status["resourceClaimName"]
+    uid = claim_uid(kube, namespace, generated)
+    assert_pinned(dra_cpu_node, topology, pod, {uid: 1})
+    delete_pod(kube, namespace, "p")
+    assert uid not in checkpoint_claims(dra_cpu_node.state_dir)
+    assert uid not in cdi_spec_uids(dra_cpu_node.node.cdi_dir)
+    # The resourceclaim controller deletes the claim it made for the pod.
+    wait_for(lambda: kube.find(claim_path(namespace, generated)) is None, f"claim {generated} to be deleted")
+
+
+@pytest.mark.parametrize(
+    "selector",
+    [
+        "",
+        'device.attributes["resource.kubernetes.io"].numaNode == 0',
+        'device.attributes["dra.cpu"].numaNodeID == 0',
+    ],
+    ids=["capacity-only", "standard-numaNode", "dra.cpu-numaNodeID"],
+)
+def test_upstream_style_claims_work_unchanged(
+    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology, selector: str
+) -> None:
+    """Claims as written for kubernetes-sigs/dra-driver-cpu: class dra.cpu, capacity.requests {dra.cpu/cpu: N},
+    selectors on the standard NUMA attribute or on dra.cpu/numaNodeID."""
+    kube = dra_cpu_node.node.kube
+    name = f"upstream-{uuid.uuid4().hex[:6]}"
+    create_all(kube, namespace, [cpu_claim(name, 1, selector), busybox_pod("p", {"cpus": name})])
+    pod = running(kube, namespace, "p")
+    cpus = assert_pinned(dra_cpu_node, topology, pod, {claim_uid(kube, namespace, name): 1})
+    assert topology.numa_nodes_of(cpus) == CPUSet.of([0])
+
+
+def test_pod_status_shows_device_health(dra_cpu_node: InstalledDriver, namespace: str) -> None:
+    """With ResourceHealthStatus (beta in 1.37) the kubelet reads dra-cpu's health stream into each container's
+    allocatedResourcesStatus: resource `claim:<pod claim name>`, one entry per CDI device, Healthy."""
+    kube = dra_cpu_node.node.kube
+    if not dra_cpu_node.node.feature_gates.get("ResourceHealthStatus"):
+        pytest.skip("the kubelet has no ResourceHealthStatus gate")
+    create_all(kube, namespace, [cpu_claim("c"), busybox_pod("p", {"cpus": "c"})])
+    running(kube, namespace, "p")
+    uid = claim_uid(kube, namespace, "c")
+
+    def health() -> list[dict[str, Any]] | None:
+        pod = kube.get(f"/api/v1/namespaces/{namespace}/pods/p")
+        found: list[dict[str, Any]] = pod["status"]["containerStatuses"][0].get("allocatedResourcesStatus") or []
+        return found or None
+
+    statuses = wait_for(health, "allocatedResourcesStatus in the pod's status", 60)
+    assert statuses == [
+        {"name": "claim:cpus", "resources": [{"resourceID": f"dra.cpu/cpu=claim-{uid}", "health": "Healthy"}]}
+    ]
