@@ -12,7 +12,6 @@ others (isolated CPUs, hugepages, two NUMA nodes) are skipped with the reason.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,7 @@ import pytest
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
-from dra_cpu.node.sysfs import read_topology
-from tests.support.cluster import Kube, claim_path, new_namespace, wait_for
+from tests.support.cluster import Kube, claim_path, wait_for
 from tests.support.node_claims import (
     CPU_CAPACITY,
     DoesNotFit,
@@ -41,23 +39,6 @@ from tests.support.paths import EXAMPLES
 from tests.support.real_node import InstalledDriver
 
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def topology() -> Topology:
-    return read_topology(Path("/"))
-
-
-@pytest.fixture
-def namespace(dra_cpu_node: InstalledDriver) -> Iterator[str]:
-    """A namespace for the test's objects; its pods are deleted afterwards and their claims unprepared."""
-    kube = dra_cpu_node.node.kube
-    name = new_namespace(kube, "node")
-    yield name
-    for pod in kube.list(f"/api/v1/namespaces/{name}/pods"):
-        delete_pod(kube, name, pod["metadata"]["name"])
-    wait_for(lambda: not checkpoint_claims(dra_cpu_node.state_dir), "every claim to be unprepared", 60)
-    kube.delete(f"/api/v1/namespaces/{name}")
 
 
 def claim_uid(kube: Kube, namespace: str, name: str) -> str:

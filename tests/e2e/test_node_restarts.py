@@ -7,17 +7,12 @@ from __future__ import annotations
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
-from dra_cpu.node.sysfs import read_topology
 from dra_cpu.nri.enforcer import NriConfig
-from tests.support.cluster import Kube, claim_path, new_namespace, wait_for
+from tests.support.cluster import Kube, claim_path, wait_for
 from tests.support.node_claims import (
     busybox_pod,
     cdi_spec_uids,
@@ -33,22 +28,6 @@ from tests.support.node_claims import (
 from tests.support.real_node import NAMESPACE, InstalledDriver
 
 NRI_GRACE_SECONDS = NriConfig.grace_seconds
-
-
-@pytest.fixture(scope="module")
-def topology() -> Topology:
-    return read_topology(Path("/"))
-
-
-@pytest.fixture
-def namespace(dra_cpu_node: InstalledDriver) -> Iterator[str]:
-    kube = dra_cpu_node.node.kube
-    name = new_namespace(kube, "restart")
-    yield name
-    for pod in kube.list(f"/api/v1/namespaces/{name}/pods"):
-        delete_pod(kube, name, pod["metadata"]["name"])
-    wait_for(lambda: not checkpoint_claims(dra_cpu_node.state_dir), "every claim to be unprepared", 60)
-    kube.delete(f"/api/v1/namespaces/{name}")
 
 
 def pinned_and_shared(driver: InstalledDriver, namespace: str, topology: Topology) -> tuple[dict[str, Any], CPUSet]:
