@@ -160,7 +160,7 @@ class GuestNode:
             "--standalone", self.cluster,
             "--node-name", NODE,
             "--enforcement", "nri",
-            "--nri-socket", f"{self.containerd_dir}/nri.sock",
+            "--nri-socket", f"{self.containerd_dir}/nri/nri.sock",
             "--kubelet-root-dir", f"{self.dir}/kubelet",
             "--cdi-root", self.cdi_dir,
             "--state-dir", f"{self.dir}/state",

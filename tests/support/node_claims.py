@@ -54,7 +54,8 @@ def _requests(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
 def fit(docs: Sequence[Mapping[str, Any]], topology: Topology, min_shared_cpus: int = 1) -> Fitted:
     """The example's objects as this machine can run them: unchanged when they fit; otherwise CPU amounts scaled
     down to what claims may take (all CPUs but `min_shared_cpus`) and NUMA selectors moved to node 0. Raises
-    DoesNotFit for what no scaling gives (isolated CPUs, hugepages not reserved, more NUMA nodes)."""
+    DoesNotFit for what no scaling gives (isolated CPUs, hugepages not reserved, more NUMA nodes, another driver's
+    devices)."""
     out = [copy.deepcopy(dict(d)) for d in docs]
     nodes = [n.id for n in topology.numa_nodes if n.cpus]
     claimable = len(topology.online_cpus) - len(topology.isolated_cpus) - min_shared_cpus
@@ -65,6 +66,8 @@ def fit(docs: Sequence[Mapping[str, Any]], topology: Topology, min_shared_cpus: 
             continue
         for request in _requests(doc):
             cls = request.get("deviceClassName", "")
+            if not cls.startswith(("dra.cpu", "dra.hugepages-")):
+                raise DoesNotFit(f"needs a device of another driver (DeviceClass {cls}); this node has none")
             if cls == "dra.cpu.isolated" and not topology.isolated_cpus:
                 raise DoesNotFit("needs isolated CPUs (isolcpus=); this machine has none")
             if cls.startswith("dra.hugepages-"):
