@@ -14,12 +14,13 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from dra_cpu.core import cdi_spec
 from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.cdi_spec import CDIError
-from dra_cpu.core.claims import ClaimRef, ClaimRequest, parse_claim
+from dra_cpu.core.claims import ClaimRef, ClaimRequest, PodRef, parse_claim
+from dra_cpu.core.cpu_quota import ThrottledClaim, throttled
 from dra_cpu.core.devices import Device, DeviceConfig, device_index
 from dra_cpu.core.state import PreparedClaim, State, decide, restore
 from dra_cpu.core.topology import Topology
@@ -173,6 +174,7 @@ class Driver:
                 obj, ref, driver=self.config.driver_name, pool=self.config.node_name, default_policy=self.default_policy
             )
             log = log.bind(pods=",".join(request.pod_uids))
+            pods = self._reserving_pods(ref.namespace, request.pods, log)
             with self._lock:
                 claim = decide(
                     self.state,
@@ -183,6 +185,9 @@ class Driver:
                     memory_capacity=self.config.memory_capacity,
                     min_shared_cpus=self.min_shared_cpus,
                 )
+                problems = [p for pod in pods for p in throttled(pod, ref.name, len(claim.cpus))] if claim.cpus else []
+                if problems:
+                    raise ThrottledClaim("; ".join(problems))
                 if self.state.claims.get(claim.uid) == claim:
                     # A repeat (kubelet retry or restart): same CPUs. The spec may be gone after a reboot; when it
                     # is there and right it is left alone, so a retry succeeds on a full or read-only CDI folder.
@@ -196,6 +201,21 @@ class Driver:
             return self._failed(log, f"claim {ref} not found on the API server")
         except DraCpuError as err:
             return self._failed(log, str(err))
+
+    def _reserving_pods(self, namespace: str, refs: Iterable[PodRef], log: OperationLog) -> list[dict[str, Any]]:
+        """The pods the claim is reserved for, as the API server has them now: their CPU limits decide whether
+        the claim's CPUs can be used at all (core/cpu_quota). A pod gone or replaced has no container to check."""
+        pods = []
+        for pod in refs:
+            try:
+                obj = self.api.get_pod(namespace, pod.name) if pod.name else None
+            except NotFound:
+                obj = None
+            if obj is None or obj.get("metadata", {}).get("uid") != pod.uid:
+                log.debug("reserving pod not found: no limits to check", extra={"pod": f"{namespace}/{pod.name}"})
+                continue
+            pods.append(obj)
+        return pods
 
     def unprepare(self, refs: Iterable[ClaimRef]) -> dict[str, str]:
         """Claim uid -> error ("" when done). Unknown claims succeed: the kubelet may repeat an unprepare."""

@@ -82,13 +82,25 @@ class DeviceResult:
 
 
 @dataclass(frozen=True)
+class PodRef:
+    """A pod the claim is reserved for (status.reservedFor), in the claim's namespace."""
+
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
 class ClaimRequest:
     ref: ClaimRef
     results: tuple[DeviceResult, ...]
-    pod_uids: tuple[str, ...]
+    pods: tuple[PodRef, ...]
     # The pod's name for a claim made from its ResourceClaimTemplate (annotation resource.kubernetes.io/pod-claim-name);
     # None for a claim the pod names. Where containers find the claim's device metadata depends on it.
     pod_claim_name: str | None = None
+
+    @property
+    def pod_uids(self) -> tuple[str, ...]:
+        return tuple(p.uid for p in self.pods)
 
     def request_names(self) -> dict[str, str]:
         """Base request name -> the name the allocation gave (`<request>/<subrequest>` for firstAvailable)."""
@@ -186,7 +198,7 @@ def parse_claim(
     if not results:
         raise ClaimError(f"claim {ref}: no allocation result is for driver {driver!r}")
     pods = tuple(
-        str(r.get("uid"))
+        PodRef(str(r.get("name") or ""), str(r.get("uid")))
         for r in _list(status.get("reservedFor") or [], "status.reservedFor")
         if isinstance(r, Mapping) and r.get("resource") == "pods" and r.get("uid")
     )
@@ -195,7 +207,7 @@ def parse_claim(
     return ClaimRequest(
         ref=ref,
         results=tuple(results),
-        pod_uids=pods,
+        pods=pods,
         pod_claim_name=pod_claim if isinstance(pod_claim, str) and pod_claim else None,
     )
 

@@ -26,6 +26,10 @@ class ClusterAPI(Protocol):
         """The ResourceClaim as the API server returns it; NotFound when it does not exist."""
         ...
 
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        """The Pod as the API server returns it; NotFound when it does not exist."""
+        ...
+
     def get_node(self, name: str) -> dict[str, Any] | None:
         """The Node, or None when it cannot be read (no such node, no permission, a stand-in server)."""
         ...

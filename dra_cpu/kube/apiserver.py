@@ -91,6 +91,18 @@ class KubeAPI:
                 what,
             )
 
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        what = f"pod {namespace}/{name}"
+        with self._errors(what):
+            # Unparsed, as for the node: the typed model would rename fields and drop those this client lacks.
+            response: Any = client.CoreV1Api(self.api_client).read_namespaced_pod(
+                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            )
+        try:
+            return _dict(json.loads(response.data), what)
+        except ValueError:
+            raise ClusterError(f"{what}: the API server answered something that is not JSON") from None
+
     def get_node(self, name: str) -> dict[str, Any] | None:
         try:
             # Unparsed, so that the dict has the server's field names like every other object here.

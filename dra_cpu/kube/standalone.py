@@ -1,5 +1,6 @@
 """The cluster as a folder, for development and the demo: slices are written to DIR/resourceslices/<name>.yaml and
-claims are read from DIR/resourceclaims/<namespace>/<name>.yaml, in the same shape the API server returns."""
+claims are read from DIR/resourceclaims/<namespace>/<name>.yaml and pods from DIR/pods/<namespace>/<name>.yaml, in the
+same shape the API server returns."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ class StandaloneAPI:
 
     def get_claim(self, namespace: str, name: str) -> dict[str, Any]:
         return self._read(self.root / "resourceclaims" / namespace / f"{name}.yaml")
+
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        return self._read(self.root / "pods" / namespace / f"{name}.yaml")
 
     def get_node(self, name: str) -> dict[str, Any] | None:
         return None

@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Run as a script: the repository root (for tests/support) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
-from tests.support.cluster import Kube, new_namespace  # noqa: E402
+from tests.support.cluster import Kube, busybox_pod, cpu_claim, new_namespace  # noqa: E402
 from tests.support.control_plane import ALL, running  # noqa: E402
-from tests.support.node_claims import busybox_pod, cpu_claim, pod_path  # noqa: E402
+from tests.support.node_claims import pod_path  # noqa: E402
 from tests.support.real_node import InstalledDriver, RealNode, container_id, image_archive, installed  # noqa: E402
 from tests.support.real_node import running as node_running  # noqa: E402
 

@@ -19,14 +19,11 @@ import pytest
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
-from tests.support.cluster import Kube, claim_path, wait_for
+from tests.support.cluster import CPU_CAPACITY, Kube, busybox_pod, claim_path, cpu_claim, wait_for
 from tests.support.node_claims import (
-    CPU_CAPACITY,
     DoesNotFit,
-    busybox_pod,
     cdi_spec_uids,
     checkpoint_claims,
-    cpu_claim,
     create_all,
     delete_pod,
     documents,

@@ -12,12 +12,10 @@ from typing import Any
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
 from dra_cpu.nri.enforcer import NriConfig
-from tests.support.cluster import Kube, claim_path, wait_for
+from tests.support.cluster import Kube, busybox_pod, claim_path, cpu_claim, wait_for
 from tests.support.node_claims import (
-    busybox_pod,
     cdi_spec_uids,
     checkpoint_claims,
-    cpu_claim,
     create_all,
     delete_pod,
     events,

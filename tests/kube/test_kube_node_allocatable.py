@@ -16,10 +16,11 @@ from dra_cpu.kube.apiserver import connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.classes import chart_device_classes
-from tests.kube.test_kube_scheduling import cpu_claim, pod_using
 from tests.support.cluster import (
     Kube,
     allocated_claim,
+    busybox_pod,
+    cpu_claim,
     ensure,
     new_namespace,
     pinned_pod,
@@ -75,7 +76,7 @@ def unschedulable(admin: Kube, namespace: str, pod: str) -> dict[str, Any]:
 def test_a_claims_cpus_count_against_node_allocatable(admin: Kube, mapped_node: str) -> None:
     namespace = new_namespace(admin)
     admin.create(cpu_claim("two", "2"), namespace)
-    admin.create(pinned_pod(pod_using("claimant", claim="two"), mapped_node), namespace)
+    admin.create(pinned_pod(busybox_pod("claimant", {"cpus": "two"}), mapped_node), namespace)
     assert scheduled(admin, namespace, "claimant")["spec"]["nodeName"] == mapped_node
     assert allocated_claim(admin, namespace, "two")["status"]["allocation"]["devices"]["results"][0]["device"]
     # The claim's 2 CPUs are taken from the node's 16 although the claimant requests no cpu: 15 no longer fit.
@@ -89,8 +90,8 @@ def test_a_claims_cpus_count_against_node_allocatable(admin: Kube, mapped_node: 
 def test_a_mapped_claim_is_not_shared_across_pods(admin: Kube, mapped_node: str) -> None:
     namespace = new_namespace(admin)
     admin.create(cpu_claim("one", "1"), namespace)
-    admin.create(pinned_pod(pod_using("first", claim="one"), mapped_node), namespace)
+    admin.create(pinned_pod(busybox_pod("first", {"cpus": "one"}), mapped_node), namespace)
     scheduled(admin, namespace, "first")
-    admin.create(pinned_pod(pod_using("second", claim="one"), mapped_node), namespace)
+    admin.create(pinned_pod(busybox_pod("second", {"cpus": "one"}), mapped_node), namespace)
     condition = unschedulable(admin, namespace, "second")
     assert "cannot be shared" in condition["message"], condition["message"]

@@ -27,7 +27,9 @@ from tests.support.cluster import (
     Kube,
     TestNode,
     allocated_claim,
+    busybox_pod,
     claim_path,
+    cpu_claim,
     defaulted_from,
     ensure,
     new_namespace,
@@ -227,31 +229,6 @@ def test_example_pods_get_the_allocation_explain_predicts(
     admin.delete(f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}", force=True)
 
 
-def cpu_claim(name: str, cpus: str, selector: str | None = None) -> dict[str, Any]:
-    exactly: dict[str, Any] = {"deviceClassName": "dra.cpu", "capacity": {"requests": {f"{DRIVER}/cpu": cpus}}}
-    if selector:
-        exactly["selectors"] = [{"cel": {"expression": selector}}]
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceClaim",
-        "metadata": {"name": name},
-        "spec": {"devices": {"requests": [{"name": "cpus", "exactly": exactly}]}},
-    }
-
-
-def pod_using(name: str, claim: str | None = None, template: str | None = None) -> dict[str, Any]:
-    source = {"resourceClaimName": claim} if claim else {"resourceClaimTemplateName": template}
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
-            "resourceClaims": [{"name": "cpus", **source}],
-            "containers": [{"name": "app", "image": "busybox", "resources": {"claims": [{"name": "cpus"}]}}],
-        },
-    }
-
-
 def test_half_a_cpu_takes_one_under_the_request_policy(
     make_node: NodeMaker, admin: Kube, classes_file: Path, namespace: str, tmp_path: Path
 ) -> None:
@@ -259,7 +236,7 @@ def test_half_a_cpu_takes_one_under_the_request_policy(
     claim = cpu_claim("half", "500m")
     predicted = explain_claim(claim, classes_file, node, tmp_path)
     admin.create(claim, namespace)
-    bound = run_pod(admin, namespace, pod_using("half", claim="half"), node.name)
+    bound = run_pod(admin, namespace, busybox_pod("half", {"cpus": "half"}), node.name)
     stored = allocated_claim(admin, namespace, "half")
     check_allocation(stored, predicted, node, bound)
     # The scheduler rounded 500m up to the policy's step: one whole CPU, as explain says.
@@ -276,7 +253,7 @@ def test_a_claim_that_fits_no_device_leaves_the_pod_pending_with_the_reason(
     assert not predicted["satisfiable"]
     assert "above the requestPolicy (max 16)" in json.dumps(predicted)
     admin.create(claim, namespace)
-    admin.create(pinned_pod(pod_using("too-big", claim="too-big"), node.name), namespace)
+    admin.create(pinned_pod(busybox_pod("too-big", {"cpus": "too-big"}), node.name), namespace)
     path = f"/api/v1/namespaces/{namespace}/pods/too-big"
 
     def unschedulable() -> dict[str, Any] | None:
@@ -325,7 +302,7 @@ def test_a_claim_template_gets_a_claim_per_pod_released_with_the_pod(
         return next((s.get("resourceClaimName") for s in statuses if s["name"] == "cpus"), None)
 
     def allocated_device(pod: str) -> str:
-        bound = run_pod(admin, namespace, pod_using(pod, template="four-cpus"), node.name)
+        bound = run_pod(admin, namespace, busybox_pod(pod, {"cpus": "four-cpus"}, template=True), node.name)
         name = wait_for(lambda: generated_claim(pod), f"the claim of pod {pod}")
         claim = allocated_claim(admin, namespace, name)
         # Made by the resourceclaim controller for this pod, and owned by it.

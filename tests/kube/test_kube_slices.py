@@ -233,7 +233,7 @@ def test_slices_of_other_nodes_are_refused_by_the_policy(driver: Driver, admin: 
 
 
 # What dra_cpu.kube.apiserver.KubeAPI calls, and so the daemon: get_node, list_slices/watch_slices, create_slice,
-# update_slice, delete_slice, get_claim.
+# update_slice, delete_slice, get_claim, get_pod.
 DAEMON_CALLS = {
     ("get", "nodes"),
     ("list", "resourceslices.resource.k8s.io"),
@@ -242,6 +242,7 @@ DAEMON_CALLS = {
     ("update", "resourceslices.resource.k8s.io"),
     ("delete", "resourceslices.resource.k8s.io"),
     ("get", "resourceclaims.resource.k8s.io"),
+    ("get", "pods"),
 }
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
 RESOURCES = (

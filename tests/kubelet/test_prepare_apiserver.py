@@ -3,6 +3,7 @@ as the scheduler writes them, read back by the driver when the kubelet calls."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol
 
 import kubernetes
@@ -97,3 +98,68 @@ def test_deleted_and_recreated_claim_is_refused(
     assert "the claim was deleted and recreated" in node.kubelet.prepare([stale]).claims[stale.uid].error
     missing = ClaimRef(ref.namespace, "no-such-claim", "00000000-0000-4000-8000-00000000abce")
     assert node.prepare(missing).error == f"claim {ref.namespace}/no-such-claim not found on the API server"
+
+
+def _pod(
+    kube_api: kubernetes.client.ApiClient, node: Node, claim: str, limit: str, status: dict[str, Any] | None = None
+) -> None:
+    """Create on the server the pod the node's next claim is reserved for: one container using `claim` with
+    limits.cpu `limit`, its status (as the scheduler writes it) merged with `status`."""
+    core = kubernetes.client.CoreV1Api(kube_api)
+    name = f"pod-{claim}"
+    resources = {"claims": [{"name": "cpus"}], "limits": {"cpu": limit}}
+    # No controller manager runs against this server to make the namespace's default service account.
+    with contextlib.suppress(kubernetes.client.ApiException):
+        account = kubernetes.client.V1ServiceAccount.from_dict({"metadata": {"name": "default"}})
+        assert account is not None
+        core.create_namespaced_service_account(node.namespace, account)
+    body = {
+        "metadata": {"name": name},
+        "spec": {
+            "resourceClaims": [{"name": "cpus", "resourceClaimName": claim}],
+            "containers": [{"name": "app", "image": "busybox", "resources": resources}],
+        },
+    }
+    pod = kubernetes.client.V1Pod.from_dict(body)
+    assert pod is not None
+    core.create_namespaced_pod(node.namespace, pod)
+    if status:
+        core.patch_namespaced_pod_status(name, node.namespace, {"status": status})
+    # Read back with the driver's own client, as prepare reads it.
+    node.pod_name, node.pod_uid = name, node.driver.api.get_pod(node.namespace, name)["metadata"]["uid"]
+
+
+def test_a_pod_whose_cpu_limit_would_throttle_the_claim_is_refused(
+    server_node: ServerNodeFactory, kube_api: kubernetes.client.ApiClient
+) -> None:
+    node = server_node()
+    _pod(kube_api, node, "tight", "1500m")
+    ref = node.claim([result("cpu-numa1", cpus=2)], name="tight")
+    error = node.prepare(ref).error
+    assert error == (
+        f"pod {node.namespace}/pod-tight: container 'app' would be CFS-throttled to 1.5 CPUs "
+        "(spec.containers[0].resources.limits.cpu 1500m) on the 2 exclusive CPUs claim 'tight' pins it to; "
+        "raise that limit to at least 2, or remove it"
+    )
+    # Nothing was pinned: no checkpoint entry, no CDI spec.
+    assert ref.uid not in node.driver.checkpoint.load().state.claims  # type: ignore[union-attr]
+    assert not node.driver.cdi_store.path(ref.uid).exists()
+    _pod(kube_api, node, "roomy", "2")
+    roomy = node.claim([result("cpu-numa1", cpus=2)], name="roomy")
+    assert not node.prepare(roomy).error
+
+
+def test_cpus_mapped_to_node_allocatable_count_on_top_of_the_limit(
+    server_node: ServerNodeFactory, kube_api: kubernetes.client.ApiClient
+) -> None:
+    node = server_node()
+    mapped = {
+        "nodeAllocatableResourceClaimStatuses": [
+            {"resourceClaimName": "mapped", "containers": ["app"], "mapping": [{"name": "cpu", "quantity": "2"}]}
+        ]
+    }
+    _pod(kube_api, node, "mapped", "1m", mapped)
+    pod = node.driver.api.get_pod(node.namespace, "pod-mapped")
+    assert pod["status"]["nodeAllocatableResourceClaimStatuses"][0]["mapping"][0]["quantity"] == "2"
+    ref = node.claim([result("cpu-numa1", cpus=2)], name="mapped")
+    assert not node.prepare(ref).error

@@ -31,6 +31,8 @@ from tests.support.control_plane import ControlPlane, close, create_namespace, c
 
 LOG = logging.getLogger("test.cluster")
 MERGE_PATCH = "application/merge-patch+json"
+DRIVER = "dra.cpu"
+CPU_CAPACITY = f"{DRIVER}/cpu"
 T = TypeVar("T")
 
 # Kinds a test writes that are not namespaced.
@@ -304,3 +306,43 @@ def defaulted_from(stored: Any, sent: Any) -> bool:
     if isinstance(sent, list):
         return isinstance(stored, list) and len(stored) == len(sent) and all(map(defaulted_from, stored, sent))
     return bool(stored == sent)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objects as users write them.
+
+
+def cpu_claim(name: str, cpus: int | str = 1, selector: str = "", template: bool = False) -> dict[str, Any]:
+    """A claim as upstream dra-driver-cpu users write it: class dra.cpu, capacity dra.cpu/cpu, optional CEL."""
+    request: dict[str, Any] = {"deviceClassName": DRIVER, "capacity": {"requests": {CPU_CAPACITY: str(cpus)}}}
+    if selector:
+        request["selectors"] = [{"cel": {"expression": selector}}]
+    spec = {"devices": {"requests": [{"name": "cpus", "exactly": request}]}}
+    if template:
+        return {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceClaimTemplate",
+            "metadata": {"name": name},
+            "spec": {"spec": spec},
+        }
+    return {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim", "metadata": {"name": name}, "spec": spec}
+
+
+def busybox_pod(name: str, claims: Mapping[str, str] | None = None, template: bool = False) -> dict[str, Any]:
+    """A pod of the test busybox image (its command sleeps, and ends at once on SIGTERM) with `claims` (pod claim
+    name -> ResourceClaim name, or ResourceClaimTemplate name when `template`) for its one container."""
+    key = "resourceClaimTemplateName" if template else "resourceClaimName"
+    spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": 1,
+        "containers": [
+            {
+                "name": "app",
+                "image": "localhost/busybox:latest",
+                "imagePullPolicy": "Never",
+                "resources": {"claims": [{"name": c} for c in claims or {}]},
+            }
+        ],
+    }
+    if claims:
+        spec["resourceClaims"] = [{"name": c, key: target} for c, target in claims.items()]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}

@@ -91,6 +91,8 @@ class Node:
     namespace: str = "default"
     pod_uid: str = field(default_factory=lambda: str(uuid.uuid4()))
     fixture: str = ""
+    # The name of the pod claims are reserved for (status.reservedFor); such a pod exists only where a test made it.
+    pod_name: str = "pod-0"
 
     def rediscover(self, edit: Callable[[Path], None]) -> None:
         """Change this node's sysfs (a copy of its fixture) with `edit`, then re-discover as the daemon does on a
@@ -116,6 +118,7 @@ class Node:
         obj = allocated_claim(
             ref.namespace, ref.name, results, uid=ref.uid, pod_uids=[self.pod_uid], config=config or []
         )
+        obj["status"]["reservedFor"][0]["name"] = self.pod_name
         if status is not None:
             obj["status"] = status
         if annotations:

@@ -18,11 +18,9 @@ from kubernetes import client
 from dra_cpu.core.cdi_spec import ENV_CPUSET, ENV_MEMS
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
-from tests.support.cluster import Kube, wait_for
+from tests.support.cluster import CPU_CAPACITY, DRIVER, Kube, wait_for
 from tests.support.real_node import RealNode, container_id
 
-DRIVER = "dra.cpu"
-CPU_CAPACITY = f"{DRIVER}/cpu"
 NUMA_SELECTOR = re.compile(r'(numaNodeID|\["resource\.kubernetes\.io"\]\.numaNode)\s*==\s*(\d+)')
 NUMA_COUNT = re.compile(r"numaNodeCount\s*==\s*(\d+)")
 RUNNING_SECONDS = 120.0
@@ -159,42 +157,6 @@ def delete_pod(kube: Kube, namespace: str, name: str, timeout: float = 90.0) -> 
         if err.status != 404:
             raise
     wait_for(lambda: kube.find(pod_path(namespace, name)) is None, f"pod {namespace}/{name} to be gone", timeout)
-
-
-def busybox_pod(name: str, claims: Mapping[str, str] | None = None, template: bool = False) -> dict[str, Any]:
-    """A pod of the test busybox image (its command sleeps, and ends at once on SIGTERM) with `claims` (pod claim
-    name -> ResourceClaim name, or ResourceClaimTemplate name when `template`) for its one container."""
-    key = "resourceClaimTemplateName" if template else "resourceClaimName"
-    spec: dict[str, Any] = {
-        "terminationGracePeriodSeconds": 1,
-        "containers": [
-            {
-                "name": "app",
-                "image": "localhost/busybox:latest",
-                "imagePullPolicy": "Never",
-                "resources": {"claims": [{"name": c} for c in claims or {}]},
-            }
-        ],
-    }
-    if claims:
-        spec["resourceClaims"] = [{"name": c, key: target} for c, target in claims.items()]
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
-
-
-def cpu_claim(name: str, cpus: int = 1, selector: str = "", template: bool = False) -> dict[str, Any]:
-    """A claim as upstream dra-driver-cpu users write it: class dra.cpu, capacity dra.cpu/cpu, optional CEL."""
-    request: dict[str, Any] = {"deviceClassName": DRIVER, "capacity": {"requests": {CPU_CAPACITY: str(cpus)}}}
-    if selector:
-        request["selectors"] = [{"cel": {"expression": selector}}]
-    spec = {"devices": {"requests": [{"name": "cpus", "exactly": request}]}}
-    if template:
-        return {
-            "apiVersion": "resource.k8s.io/v1",
-            "kind": "ResourceClaimTemplate",
-            "metadata": {"name": name},
-            "spec": {"spec": spec},
-        }
-    return {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim", "metadata": {"name": name}, "spec": spec}
 
 
 # ----------------------------------------------------------------------------------------------------------------

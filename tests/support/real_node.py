@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -417,19 +418,44 @@ class RealNode:
         info: dict[str, Any] = json.loads(response.info["info"])
         return info
 
+    def host_cgroup(self, container_id: str, controller: str, pod: bool = False) -> Path:
+        """The folder of the container's cgroup (or, with `pod`, of its pod's) for `controller`, on the host: the
+        controller's v1 hierarchy here, the unified one on a cgroup v2 host."""
+        info = self.container_info(container_id)
+        path = Path(str(info["runtimeSpec"]["linux"]["cgroupsPath"]).lstrip("/"))
+        for base in (Path("/sys/fs/cgroup") / controller, Path("/sys/fs/cgroup")):
+            folder = base / path
+            if (folder / "cgroup.procs").exists() and any(folder.glob(f"{controller}.*")):
+                return folder.parent if pod else folder
+        raise CriError(f"no {controller} cgroup for {container_id[:12]} at {path}")
+
     def host_cpuset(self, container_id: str) -> tuple[str, str]:
         """cpuset.cpus and cpuset.mems of the container's cgroup, read on the host (cgroup v1 here, v2 elsewhere)."""
-        info = self.container_info(container_id)
-        path = str(info["runtimeSpec"]["linux"]["cgroupsPath"])
-        for base in (Path("/sys/fs/cgroup/cpuset"), Path("/sys/fs/cgroup")):
-            folder = base / path.lstrip("/")
-            if (folder / "cpuset.cpus").exists():
-                cpus = (folder / "cpuset.cpus").read_text().strip()
-                mems = (folder / "cpuset.mems").read_text().strip()
-                if base.name != "cpuset" and (folder / "cpuset.cpus.effective").exists():
-                    cpus = cpus or (folder / "cpuset.cpus.effective").read_text().strip()
-                return cpus, mems
-        raise CriError(f"no cpuset cgroup for {container_id[:12]} at {path}")
+        folder = self.host_cgroup(container_id, "cpuset")
+        cpus = (folder / "cpuset.cpus").read_text().strip()
+        mems = (folder / "cpuset.mems").read_text().strip()
+        if not cpus and (folder / "cpuset.cpus.effective").exists():  # v2: empty means the parent's
+            cpus = (folder / "cpuset.cpus.effective").read_text().strip()
+        return cpus, mems
+
+    def host_cpu_quota(self, container_id: str) -> Fraction | None:
+        """The container's CFS quota in CPUs as its cgroup has it (v1 cpu.cfs_quota_us / cpu.cfs_period_us, v2
+        cpu.max), None for none."""
+        folder = self.host_cgroup(container_id, "cpu")
+        if (folder / "cpu.max").exists():
+            quota, period = (folder / "cpu.max").read_text().split()
+        else:
+            quota, period = ((folder / f"cpu.cfs_{f}_us").read_text().strip() for f in ("quota", "period"))
+        return None if quota in ("max", "-1") else Fraction(int(quota), int(period))
+
+    def host_pod_cpu_shares(self, container_id: str) -> int:
+        """The CPU weight of the container's pod cgroup, as the kubelet's shares (v1 cpu.shares; v2 cpu.weight, which
+        the kubelet derives from the shares, converted back)."""
+        folder = self.host_cgroup(container_id, "cpu", pod=True)
+        if (folder / "cpu.weight").exists():
+            weight = int((folder / "cpu.weight").read_text())
+            return round(2 + (weight - 1) * 262142 / 9999)
+        return int((folder / "cpu.shares").read_text())
 
 
 def _ready(node: Mapping[str, Any]) -> bool:

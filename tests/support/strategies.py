@@ -12,7 +12,7 @@ from hypothesis import reject
 from hypothesis import strategies as st
 
 from dra_cpu.core.allocator import AllocationPolicy
-from dra_cpu.core.claims import ClaimRef, ClaimRequest, DeviceResult
+from dra_cpu.core.claims import ClaimRef, ClaimRequest, DeviceResult, PodRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceConfig, DeviceConfigError, DeviceMode, DeviceType, build_devices
 from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice
@@ -113,7 +113,7 @@ def device_results(draw: st.DrawFn, devices: tuple[Device, ...], index: int) -> 
 @st.composite
 def claim_requests(draw: st.DrawFn, devices: tuple[Device, ...], uid: str) -> ClaimRequest:
     results = [draw(device_results(devices, i)) for i in range(draw(st.integers(1, 3)))]
-    return ClaimRequest(ClaimRef("default", f"claim-{uid}", uid), tuple(results), (f"pod-{uid}",))
+    return ClaimRequest(ClaimRef("default", f"claim-{uid}", uid), tuple(results), (PodRef(f"pod-{uid}", f"pod-{uid}"),))
 
 
 @dataclass(frozen=True)
