@@ -43,6 +43,10 @@ def _number(value: Fraction) -> str:
     return str(value.numerator) if value.denominator == 1 else f"{float(value):g}"
 
 
+def _cpus(value: Fraction) -> str:
+    return f"{_number(value)} CPU{'' if value == 1 else 's'}"
+
+
 def _pod_claim_names(pod: Mapping[str, Any], at: At, claim: str) -> set[str]:
     """The pod's names (spec.resourceClaims[].name) for the ResourceClaim `claim`, named directly or made from a
     template (then the claim's name is in status.resourceClaimStatuses)."""
@@ -128,8 +132,8 @@ def throttled(pod: Mapping[str, Any], claim: str, cpus: int) -> list[str]:
             continue
         added = f" + {_number(quota.mapped)} node-allocatable" if quota.mapped else ""
         problems.append(
-            f"{at.source}: container {container.get('name')!r} would be CFS-throttled to {_number(quota.cpus)} "
-            f"CPUs ({quota.limit_field} {quota.limit}{added}) on the {cpus} exclusive CPUs claim {claim!r} pins "
-            f"it to; raise that limit to at least {_number(cpus - quota.mapped)}, or remove it"
+            f"{at.source}: container {container.get('name')!r} would be CFS-throttled to {_cpus(quota.cpus)} "
+            f"({quota.limit_field} {quota.limit}{added}) on the {_cpus(Fraction(cpus))} claim {claim!r} pins it "
+            f"to; raise that limit to at least {_number(cpus - quota.mapped)}, or remove it"
         )
     return problems

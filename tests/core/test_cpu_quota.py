@@ -54,7 +54,7 @@ def test_a_limit_below_the_claim_is_named_with_the_minimum() -> None:
     [message] = throttled(pod(container(limit="500m")), CLAIM, 2)
     assert message == (
         "pod ns/web: container 'app' would be CFS-throttled to 0.5 CPUs (spec.containers[0].resources.limits.cpu "
-        "500m) on the 2 exclusive CPUs claim 'web-cpus' pins it to; raise that limit to at least 2, or remove it"
+        "500m) on the 2 CPUs claim 'web-cpus' pins it to; raise that limit to at least 2, or remove it"
     )
 
 
@@ -87,7 +87,7 @@ def test_the_kubelet_adds_mapped_cpus_to_an_explicit_limit_only() -> None:
     assert throttled(pod(container(limit="1m"), status=mapped("4", "app")), CLAIM, 4) == []
     # The mapping counts for the containers it lists.
     [message] = throttled(pod(container(limit="1"), status=mapped("4", "other")), CLAIM, 4)
-    assert "to 1 CPUs" in message
+    assert "to 1 CPU (" in message
     # A pod-level limit gets nothing added: it must cover the claim by itself.
     [message] = throttled(pod(container(), pod_limit="2", status=mapped("4", "app")), CLAIM, 4)
     assert "(spec.resources.limits.cpu 2)" in message and "at least 4" in message

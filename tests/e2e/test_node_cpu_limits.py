@@ -60,7 +60,7 @@ def test_a_limit_below_the_claim_is_refused_at_prepare_and_nothing_is_pinned(
     create_all(kube, namespace, [cpu_claim("tight"), limited_pod("tight", "tight", "500m")])
     expected = (
         f"pod {namespace}/tight: container 'app' would be CFS-throttled to 0.5 CPUs "
-        "(spec.containers[0].resources.limits.cpu 500m) on the 1 exclusive CPUs claim 'tight' pins it to; "
+        "(spec.containers[0].resources.limits.cpu 500m) on the 1 CPU claim 'tight' pins it to; "
         "raise that limit to at least 1, or remove it"
     )
     seen = wait_for(

@@ -138,7 +138,7 @@ def test_a_pod_whose_cpu_limit_would_throttle_the_claim_is_refused(
     error = node.prepare(ref).error
     assert error == (
         f"pod {node.namespace}/pod-tight: container 'app' would be CFS-throttled to 1.5 CPUs "
-        "(spec.containers[0].resources.limits.cpu 1500m) on the 2 exclusive CPUs claim 'tight' pins it to; "
+        "(spec.containers[0].resources.limits.cpu 1500m) on the 2 CPUs claim 'tight' pins it to; "
         "raise that limit to at least 2, or remove it"
     )
     # Nothing was pinned: no checkpoint entry, no CDI spec.
