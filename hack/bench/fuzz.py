@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Runs every fuzz target of tests/support/fuzz_targets.py (quantity, cpulist, cel, claim, config, explain) for N
+"""Runs every fuzz target of tests/support/fuzz_targets.py (quantity, cpulist, cel, claim, pod, config, explain) for N
 generated inputs each, after replaying its corpus (tests/fuzz/corpus/<target>/), and prints per target the inputs
 tried, the crashes found (goal 0: an input that ends in anything but a value or a DraCpuError within the target's
 time bound) and the slowest input. Exit code 1 when any target crashed.

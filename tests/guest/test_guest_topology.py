@@ -71,7 +71,12 @@ def test_bench_numa_writes_the_node_matrix_with_placement_verified(guest: Guest)
     """Every (CPU node, memory node) pair, the memory-only node among the memory nodes, with the pages found by the
     kernel (numa_maps) on the node asked for. Figures are TCG's, not a NUMA machine's: only their presence counts."""
     out = "/tmp/bench-numa"
-    report = guest.dra_cpu("bench", "numa", "--quick", "-o", "json", "--output-dir", out, timeout=600).json()
+    # numpy's AVX2/AVX-512 kernels once killed python with SIGSEGV in this guest: QEMU 7.2 is the first release
+    # whose TCG emulates AVX2. numpy's SSE4.2 baseline moves the same bytes, and placement is what is checked here.
+    no_avx = {"NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"}
+    report = guest.dra_cpu(
+        "bench", "numa", "--quick", "-o", "json", "--output-dir", out, timeout=600, env=no_avx
+    ).json()
     assert json.loads(guest.read(f"{out}/numa.json")) == report
     assert set(guest.run(["ls", out]).stdout.split()) >= {"numa.json", "numa-copy.png", "numa-latency.png"}
 

@@ -1,6 +1,6 @@
 """Fuzz targets for the parsers of everything that comes from outside: quantities, CPU lists, CEL selectors, claims
-as the driver reads them, the config file, and the files `dra-cpu explain` reads. Shared by tests/fuzz (a CI-sized
-pass) and hack/bench/fuzz.py (as many examples as asked for).
+as the driver reads them, the pods they are reserved for, the config file, and the files `dra-cpu explain` reads.
+Shared by tests/fuzz (a CI-sized pass) and hack/bench/fuzz.py (as many examples as asked for).
 
 Each target takes one input and must end in a value or a DraCpuError subclass within its time bound: any other
 exception, or a slower answer, is a crash. `tests/fuzz/corpus/<target>/` holds the hostile inputs found by hand or
@@ -27,6 +27,7 @@ from dra_cpu.config import load
 from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
 from dra_cpu.core.claims import parse_claim as parse_driver_claim
+from dra_cpu.core.cpu_quota import throttled
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceConfig, build_devices, build_slices
 from dra_cpu.core.quantity import parse_quantity
@@ -230,6 +231,55 @@ def run_claim(obj: Any) -> object:
     return decide(State(), request, topology, devices, cpu_capacity="dra.cpu/cpu", memory_capacity="dra.cpu/memory")
 
 
+def _container() -> st.SearchStrategy[Any]:
+    resources = st.fixed_dictionaries(
+        {},
+        optional={
+            "claims": st.lists(st.fixed_dictionaries({"name": st.just("cpus") | JSON}) | JSON, max_size=2) | JSON,
+            "limits": st.fixed_dictionaries({}, optional={"cpu": QUANTITIES | JSON}) | JSON,
+        },
+    )
+    return st.fixed_dictionaries({"name": st.just("app") | JSON}, optional={"resources": resources | JSON}) | JSON
+
+
+PODS = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "metadata": st.just({"namespace": "default", "name": "p"}) | JSON,
+            "spec": st.fixed_dictionaries(
+                {
+                    "resourceClaims": st.lists(
+                        st.fixed_dictionaries(
+                            {"name": st.just("cpus") | JSON},
+                            optional={"resourceClaimName": st.just("c") | JSON, "resourceClaimTemplateName": JSON},
+                        )
+                        | JSON,
+                        max_size=2,
+                    )
+                    | JSON,
+                    "containers": st.lists(_container(), max_size=2) | JSON,
+                },
+                optional={"initContainers": st.lists(_container(), max_size=1) | JSON, "resources": JSON},
+            )
+            | JSON,
+        },
+        optional={
+            "status": st.fixed_dictionaries(
+                {},
+                optional={"resourceClaimStatuses": JSON, "nodeAllocatableResourceClaimStatuses": JSON},
+            )
+            | JSON
+        },
+    ),
+    JSON,
+)
+
+
+def run_pod(obj: Any) -> object:
+    """The CFS-quota check prepare runs on a pod the claim `c` (2 CPUs) is reserved for."""
+    return throttled(obj if isinstance(obj, dict) else {"spec": obj}, "c", 2)
+
+
 CONFIG_KEYS = [
     "hugepagePollSeconds",
     "minSharedCpus",
@@ -316,6 +366,7 @@ TARGETS = (
     Target("cpulist", CPU_LISTS, run_cpulist, 3.0, _text),
     Target("cel", CEL, run_cel, 15.0, _text),
     Target("claim", CLAIMS, run_claim, 5.0, _yaml),
+    Target("pod", PODS, run_pod, 5.0, _yaml),
     Target("config", CONFIGS, run_config, 5.0, bytes),
     Target("explain", EXPLAIN_FILES | st.sampled_from(_example_bytes()), run_explain, 15.0, bytes),
 )

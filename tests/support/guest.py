@@ -224,13 +224,22 @@ class Guest:
             )
         return result
 
-    def python(self, *args: str, check: bool = True, timeout: float = 300.0, input: str | None = None) -> Result:
+    def python(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 300.0,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Result:
         """The guest's python3 with this checkout and the host's site-packages importable."""
-        return self.run(["python3", *args], check=check, timeout=timeout, input=input, cwd=str(ROOT))
+        return self.run(["python3", *args], check=check, timeout=timeout, input=input, env=env, cwd=str(ROOT))
 
-    def dra_cpu(self, *args: str, check: bool = True, timeout: float = 300.0) -> Result:
+    def dra_cpu(
+        self, *args: str, check: bool = True, timeout: float = 300.0, env: Mapping[str, str] | None = None
+    ) -> Result:
         """The driver's command line, as `python3 -m dra_cpu` (the host's console script names the host's python)."""
-        return self.python("-m", "dra_cpu", *args, check=check, timeout=timeout)
+        return self.python("-m", "dra_cpu", *args, check=check, timeout=timeout, env=env)
 
     def spawn(self, argv: Sequence[str], log: str, env: Mapping[str, str] | None = None) -> int:
         """Start a process in its own session, its output appended to `log`; returns its pid."""
