@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ import pytest
 
 from tests.support.cri import CriClient
 from tests.support.paths import TESTENV
+from tests.support.waiting import eventually
 
 SCRIPT = TESTENV / "containerd.sh"
 CACHE = Path("/var/cache/dra-cpu-testenv")
@@ -62,6 +64,13 @@ class Containerd:
         tmp.write_text(json.dumps(spec))
         tmp.replace(path)
         return path
+
+    def restart(self) -> None:
+        """Stop the daemon (SIGTERM: containers and their shims go on running) and start it again on the same state."""
+        pid = int((self.dir / "containerd.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        eventually(lambda: not Path(f"/proc/{pid}").exists() or "running", f"containerd {self.version} should exit")
+        _script("start", self.version, str(self.dir), wrap=self.wrap)
 
     def clean(self) -> None:
         """Remove what tests left: pods (with their containers) and CDI specs."""
