@@ -18,16 +18,11 @@ import pytest
 from dra_cpu.bench.numa_maps import parse_numa_maps
 from tests.support.cri import Container
 from tests.support.nri_node import Node
+from tests.support.testenv_containerd import offers_memory_policy
 from tests.support.waiting import eventually
 
 NOT_OFFERED = "the runtime's NRI cannot set a memory policy"
 """The start of the enforcer's warning where the runtime's NRI is older than 0.12."""
-
-
-def offers_memory_policy(version: str) -> bool:
-    """containerd 2.3.0 is the first release whose go.mod requires github.com/containerd/nri v0.12.0."""
-    major, minor = (int(part) for part in version.split(".")[:2])
-    return (major, minor) >= (2, 3)
 
 
 def policies(numa_maps: str) -> set[str]:

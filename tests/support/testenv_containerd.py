@@ -1,6 +1,7 @@
 """pytest plugin: real containerd (CRI + CDI + NRI), started by hack/testenv/containerd.sh.
 
-Fixtures, each parametrized over the containerd versions that `containerd.sh versions` names (2.1.x and 1.7.x):
+Fixtures, each parametrized over the containerd versions that `containerd.sh versions` names (Debian's 2.1.x and
+1.7.x, and 2.4.x built from source):
   containerd        a daemon shared by the tests of a session; pods and CDI specs a test made are removed after it
   fresh_containerd  a daemon of the test's own, for tests that restart it or need it without state (NRI plugins
                     registering first, ...); stopped after the test
@@ -27,6 +28,13 @@ from tests.support.waiting import eventually
 SCRIPT = TESTENV / "containerd.sh"
 CACHE = Path("/var/cache/dra-cpu-testenv")
 VERSIONS = subprocess.run(["bash", str(SCRIPT), "versions"], check=True, capture_output=True, text=True).stdout.split()
+
+
+def offers_memory_policy(version: str) -> bool:
+    """Whether containerd `version`, with the runc containerd.sh gives it, applies an NRI memory policy adjustment:
+    2.3.0 is the first release that requires NRI 0.12, and the one built from source runs runc 1.4 or later."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return (major, minor) >= (2, 3)
 
 
 @dataclass
