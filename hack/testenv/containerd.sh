@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # containerd with CRI, CDI and NRI, private to one test run.
 #   containerd.sh install            containerd 2.1.x (Debian sid) and 1.7.x (trixie) unpacked into $TESTENV_CACHE,
+#                                    containerd $BUILT with its own runc built from the Go module proxy (see build),
 #                                    runc, CNI plugins (Debian containernetworking-plugins), the busybox image
-#   containerd.sh versions           the versions the tests run against, one a line
+#   containerd.sh build              only the build from source (a no-op once built)
+#   containerd.sh versions           the versions the tests run against, one a line (the built one last)
 #   containerd.sh start VERSION DIR  run one with all its state under DIR (socket DIR/containerd.sock, NRI DIR/nri/nri.sock,
 #                                    or none with NRI=off in the environment;
 #                                    CDI specs from DIR/cdi, pods under the cgroup parent named in DIR/cgroup-parent)
@@ -15,6 +17,20 @@ source "$here/images/busybox.sh"
 # suite:version. Bookworm's own containerd (1.6) has neither NRI nor CDI. Sid moves: when the version wanted is gone,
 # install says so and takes the suite's current one, and `versions` names what is really there.
 WANTED=(sid:2.1.9 trixie:1.7.24)
+# Debian has no containerd whose NRI applies a memory policy (NRI 0.12: containerd 2.3 and later) nor a runc that
+# sets OCI linux.memoryPolicy (runc 1.4 and later), so one release is built from the Go module proxy, with the runc
+# that release is tested with (its script/setup/runc-version), into $TESTENV_CACHE/containerd-$BUILT/usr/bin.
+BUILT=2.4.2
+# Measured on the 2-core test machine, Go 1.26.8: a cold build (empty module and build caches: 590 MB of modules
+# fetched, about 1,000 packages compiled, 600 MB of build cache) took 74 s (containerd 65 s, runc 9 s), and 131 s
+# while other tests loaded the machine; with kubernetes.sh's caches warm 79 s under load; a warm `build` or
+# `install` (binaries there) under 0.05 s. The four binaries take 84 MB.
+# Bump when the build recipe changes so that binaries built by an older recipe are rebuilt.
+BUILD_RECIPE=1
+# Only what the tests start: the daemon, its runc shim and ctr (which start imports the image with).
+BUILT_COMMANDS=(containerd containerd-shim-runc-v2 ctr)
+# Snapshotters that need cgo or are never used here, and the tracing plugin: fewer packages to compile.
+BUILD_TAGS="no_btrfs no_devmapper no_zfs no_tracing urfave_cli_no_docs"
 APT_DIR="$TESTENV_CACHE/apt-containerd"
 # apt with its own sources, lists and cache: the system's apt state is neither read nor changed.
 APT_OPTIONS=(-o Dir::Etc::SourceList="$APT_DIR/sources.list" -o Dir::Etc::SourceParts=/dev/null
@@ -57,10 +73,73 @@ fetch() {  # fetch SUITE VERSION: unpack the containerd .deb of that upstream ve
   rm -rf "$dest" && mv "$dest.tmp" "$dest" && rm -rf "$work"
 }
 
+built() {  # built VERSION: exit 0 when the build of VERSION by this recipe is in place
+  local dest c
+  dest=$(dir_of "$1")
+  [[ "$(cat "$dest/.recipe" 2>/dev/null)" == "$BUILD_RECIPE" && -x "$dest/usr/bin/runc" ]] || return 1
+  for c in "${BUILT_COMMANDS[@]}"; do [[ -x "$dest/usr/bin/$c" ]] || return 1; done
+}
+
+# go_install LOG LABEL ARGS...: `go install ARGS` with its output in LOG, saying every 30 s how far it is.
+go_install() {
+  local log=$1 label=$2 start=$SECONDS before
+  shift 2
+  before=$(grep -vc '^go: ' "$log" || true)
+  go install -v "$@" >>"$log" 2>&1 &
+  local pid=$! last=$SECONDS
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    ((SECONDS - last >= 30)) || continue
+    last=$SECONDS
+    # go install -v names each package as it compiles it; "go: downloading" lines are module fetches.
+    echo "containerd.sh: $label: $(($(grep -vc '^go: ' "$log" || true) - before)) packages compiled, $((SECONDS - start)) s" >&2
+  done
+  wait "$pid" || { tail -30 "$log" >&2; die "building $label failed (log: $log)"; }
+}
+
+build() {  # build VERSION: containerd VERSION and its runc from the Go module proxy
+  local version=$1 dest
+  dest=$(dir_of "$version")
+  built "$version" && return 0
+  mkdir -p "$TESTENV_CACHE"
+  # Other sessions share the cache: one build at a time, and the second finds the first's result.
+  exec 8>"$TESTENV_CACHE/.containerd-build.lock"
+  flock 8
+  built "$version" && return 0
+  # runc's nsenter is C (cgo), and seccomp is libseccomp's.
+  apt_install_missing gcc libc6-dev pkg-config libseccomp-dev
+  local go
+  go=$(bash "$here/kubernetes.sh" go) || die "no go command, and none could be fetched"
+  # The module and build caches are kubernetes.sh's: packages both build (grpc, protobuf, ...) are compiled once.
+  PATH="$(dirname "$go"):$PATH"
+  export PATH GOPATH="$TESTENV_CACHE/go" GOMODCACHE="$TESTENV_CACHE/go/mod" GOCACHE="$TESTENV_CACHE/go/build"
+  export GOFLAGS='' GOTOOLCHAIN="${GOTOOLCHAIN:-auto}"
+  local start=$SECONDS log="$dest.build.log" module=github.com/containerd/containerd/v2
+  rm -rf "$dest.tmp" && mkdir -p "$dest.tmp/usr/bin" && : >"$log"
+  echo "containerd.sh: building containerd $version and its runc with $(go version | cut -d' ' -f3) (log: $log)" >&2
+  local source runc
+  source=$(go mod download -json "$module@v$version" | python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])') ||
+    die "cannot download $module@v$version from the Go module proxy ($(go env GOPROXY))"
+  runc=$(cat "$source/script/setup/runc-version") || die "$module@v$version names no runc version"
+  local pkgs=() c
+  for c in "${BUILT_COMMANDS[@]}"; do pkgs+=("$module/cmd/$c@v$version"); done
+  # Static and without cgo, as containerd's release builds its shim; -trimpath as kubernetes.sh builds.
+  CGO_ENABLED=0 GOBIN="$dest.tmp/usr/bin" go_install "$log" "containerd $version" -trimpath -tags "$BUILD_TAGS" \
+    -ldflags "-s -w -X $module/version.Version=$version" "${pkgs[@]}"
+  echo "containerd.sh: containerd $version built after $((SECONDS - start)) s; building runc $runc" >&2
+  CGO_ENABLED=1 GOBIN="$dest.tmp/usr/bin" go_install "$log" "runc $runc" -trimpath -tags "seccomp urfave_cli_no_docs" \
+    -ldflags "-s -w" "github.com/opencontainers/runc@$runc"
+  "$dest.tmp/usr/bin/containerd" --version >&2 && "$dest.tmp/usr/bin/runc" --version >&2
+  echo "$BUILD_RECIPE" >"$dest.tmp/.recipe"
+  rm -rf "$dest" && mv "$dest.tmp" "$dest" && mv "$log" "$dest/build.log"
+  echo "containerd.sh: built containerd $version and runc $runc in $((SECONDS - start)) s into $dest" >&2
+}
+
 install() {
   # CNI plugins (a bridge) for the real-node tests' kubelet; iproute2 to remove the bridge afterwards.
   apt_install_missing runc containernetworking-plugins iproute2
   busybox_image localhost/busybox:latest >/dev/null
+  build "$BUILT"
   local missing=() w
   for w in "${WANTED[@]}"; do installed_version "${w#*:}" >/dev/null || missing+=("$w"); done
   ((${#missing[@]})) || return 0
@@ -76,6 +155,13 @@ install() {
 versions() {
   local w
   for w in "${WANTED[@]}"; do installed_version "${w#*:}" || echo "${w#*:}"; done
+  echo "$BUILT"
+}
+
+runc_of() {  # runc_of VERSION: the runc that containerd VERSION runs: its own where it was built with one
+  local own
+  own="$(dir_of "$1")/usr/bin/runc"
+  [[ -x "$own" ]] && echo "$own" || echo /usr/sbin/runc
 }
 
 write_config() {  # write_config VERSION DIR
@@ -109,17 +195,20 @@ TOML
     disable_hugetlb=false
   fi
   local cri_common
+  # containerd 2.4 always reads CDI specs and warns about the key.
   cri_common=$(cat <<TOML
-  enable_cdi = true
+$([[ "$version" == 1.* || "$version" == 2.[0-3].* ]] && echo "  enable_cdi = true")
   cdi_spec_dirs = ['$dir/cdi']
   restrict_oom_score_adj = true
   tolerate_missing_hugetlb_controller = true
   disable_hugetlb_controller = ${DRA_CPU_DISABLE_HUGETLB:-$disable_hugetlb}
 TOML
 )
-  local runc_options="runtime_type = 'io.containerd.runc.v2'
+  local runc runc_options
+  runc=$(runc_of "$version")
+  runc_options="runtime_type = 'io.containerd.runc.v2'
         [RUNC.options]
-          BinaryName = '/usr/sbin/runc'
+          BinaryName = '$runc'
           SystemdCgroup = false"
   if [[ "$version" == 1.* ]]; then
     local cri="plugins.'io.containerd.grpc.v1.cri'"
@@ -210,7 +299,7 @@ stop() {  # stop VERSION DIR
   local bundle proc
   for bundle in "$dir"/state/io.containerd.runtime.v2.task/*/*/; do
     [[ -d "$bundle" ]] || continue
-    /usr/sbin/runc --root "/run/containerd/runc/$(basename "$(dirname "$bundle")")" delete --force \
+    "$(runc_of "$version")" --root "/run/containerd/runc/$(basename "$(dirname "$bundle")")" delete --force \
       "$(basename "$bundle")" >/dev/null 2>&1 || true
   done
   for proc in /proc/[0-9]*; do
@@ -235,8 +324,9 @@ stop() {  # stop VERSION DIR
 
 case "${1:-}" in
   install) install ;;
+  build) build "$BUILT" ;;
   versions) versions ;;
   start) start "${2:?VERSION}" "${3:?DIR}" ;;
   stop) stop "${2:?VERSION}" "${3:?DIR}" ;;
-  *) echo "usage: $0 install | versions | start VERSION DIR | stop VERSION DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 install | build | versions | start VERSION DIR | stop VERSION DIR" >&2; exit 2 ;;
 esac

@@ -6,7 +6,8 @@
 #                        minbase with python3, runc, util-linux, procps, numactl, busybox; the containerd versions
 #                        of containerd.sh and its busybox image). The key covers this script, the kernel package
 #                        and the containerd versions; `current` points at the newest build.
-#   guest.sh installed   exit 0 and print the build directory when `install` is done for this script, else exit 1
+#   guest.sh installed   exit 0 and print the build directory when `install` is done for this script and the
+#                        containerd versions of containerd.sh, else exit 1
 # A cold build takes about 70 s here (debootstrap about 50 s of it) once qemu and containerd are installed; a warm
 # install only checks (0.2 s).
 set -euo pipefail
@@ -29,6 +30,8 @@ die() { echo "guest.sh: error: $*" >&2; exit 1; }
 
 installed() {
   [[ -f "$CURRENT/script.sha" && "$(cat "$CURRENT/script.sha")" == "$SCRIPT_SHA" ]] || return 1
+  # A containerd that containerd.sh gained since (a new build, a newer Debian one) is not in the image yet.
+  grep -qxF "containerd $(bash "$here/containerd.sh" versions | tr '\n' ' ')" "$CURRENT/info" || return 1
   local f
   for f in vmlinuz initrd.img rootfs.ext4 info; do [[ -s "$CURRENT/$f" ]] || return 1; done
   command -v qemu-system-x86_64 >/dev/null || return 1

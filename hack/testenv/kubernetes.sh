@@ -8,6 +8,7 @@
 #   kubernetes.sh bin-dir     prints the directory holding the binaries (exit 1 when not installed)
 #   kubernetes.sh etcd        prints the path of the etcd binary (exit 1 when not installed)
 #   kubernetes.sh version     prints the Kubernetes version this script builds
+#   kubernetes.sh go          prints the path of a go command, fetching Go as install does when there is none
 #
 # Starting the components is the test fixture's job (tests/support/control_plane.py): it needs per-run ports,
 # certificates and kubeconfigs, and must fail a test with the failing component's log.
@@ -181,5 +182,6 @@ case "${1:-}" in
   bin-dir) installed && echo "$bin_dir" ;;
   etcd) installed && etcd_bin ;;
   version) echo "$version" ;;
-  *) die "usage: $0 install | installed | bin-dir | etcd | version" ;;
+  go) { command -v go >/dev/null || install_go; } && command -v go ;;
+  *) die "usage: $0 install | installed | bin-dir | etcd | version | go" ;;
 esac

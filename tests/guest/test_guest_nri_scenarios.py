@@ -1,5 +1,5 @@
-"""The NRI enforcement scenarios of tests/test_nri_containerd.py on a pure cgroup v2 node, against containerd 2.1 and
-1.7 inside the test guest: only cgroup2 is mounted, on /sys/fs/cgroup, as on most production nodes. The driver is
+"""The NRI enforcement scenarios of tests/nri/test_containerd.py on a pure cgroup v2 node, against containerd 2.1, 1.7
+and 2.4 inside the test guest: only cgroup2 is mounted, on /sys/fs/cgroup, as on most production nodes. The driver is
 `dra-cpu run --enforcement nri`; what each container may use is read from the guest's /proc and its cgroup."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import uuid
 
 import pytest
 
+from dra_cpu.bench.numa_maps import parse_numa_maps
 from tests.support.guest import SPEC, GuestError
 from tests.support.guest_node import GuestNode, cpulist, format_cpulist, result
+from tests.support.testenv_containerd import offers_memory_policy
 
 
 def test_claimed_container_pinned_and_shared_pool_follows_claims(guest_node: GuestNode) -> None:
@@ -115,3 +117,22 @@ def test_container_cgroup_is_a_v2_cgroup_under_the_pod_parent(guest_node: GuestN
         assert cpulist(node.guest.read(f"{directory}/cpuset.cpus.effective")) == cpus
         assert {"cpuset", "cpu"} <= set(node.guest.read(f"{directory}/cgroup.controllers").split())
     assert cpulist(node.cgroup_file(pinned, "cpuset.mems")) == {0}
+
+
+def test_memory_policy_binds_a_claim_over_two_nodes_where_the_runtime_offers_it(guest_node: GuestNode) -> None:
+    """The NRI 0.12 LinuxMemoryPolicy on a multi-NUMA kernel: MPOL_BIND to nodes 0 and 1 shows in numa_maps as
+    "bind:0-1" (containerd 2.4 with its runc 1.5); the older runtimes leave the task's policy "default"."""
+    node = guest_node
+    pod = node.run_pod("claimant", uid=str(uuid.uuid4()))
+    claim = node.prepared([result("cpu-numa0", "numa0", cpus=1), result("cpu-numa1", "numa1", cpus=1)], [pod.uid])
+    pinned = node.create_container(pod, "pinned", claims=[claim])
+    node.assert_allowed(pinned, node.granted(claim), mems={0, 1})
+    plain = node.create_container(node.run_pod("plain"), "plain")
+
+    def policies(numa_maps: str) -> set[str]:
+        return {entry.policy for entry in parse_numa_maps(numa_maps)}
+
+    expected = "bind:0-1" if offers_memory_policy(node.version) else "default"
+    assert policies(node.guest.read(f"/proc/{node.pid(pinned)}/numa_maps")) == {expected}
+    assert policies(node.exec(pinned, ["cat", "/proc/self/numa_maps"])["stdout"]) == {expected}
+    assert policies(node.guest.read(f"/proc/{node.pid(plain)}/numa_maps")) == {"default"}

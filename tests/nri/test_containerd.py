@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -22,18 +21,8 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.cgroups import find_hugetlb_hierarchy
 from tests.support.nri_node import ONLINE, Node, nri_node
-from tests.support.testenv_containerd import SCRIPT, Containerd
+from tests.support.testenv_containerd import Containerd
 from tests.support.waiting import eventually
-
-
-@pytest.fixture
-def node(containerd: Containerd, tmp_path: Path) -> Iterator[Node]:
-    yield from nri_node(containerd, tmp_path)
-
-
-@pytest.fixture
-def fresh_node(fresh_containerd: Containerd, tmp_path: Path) -> Iterator[Node]:
-    yield from nri_node(fresh_containerd, tmp_path)
 
 
 def test_claimed_container_pinned_and_shared_pool_follows_claims(node: Node) -> None:
@@ -116,13 +105,6 @@ def test_plugin_restart_keeps_pins_and_reconciles(node: Node) -> None:
     node.assert_allowed(pinned, node.cpus_of(ref))
 
 
-def _restart_containerd(daemon: Containerd) -> None:
-    pid = int((daemon.dir / "containerd.pid").read_text())
-    os.kill(pid, signal.SIGTERM)
-    eventually(lambda: not Path(f"/proc/{pid}").exists() or "zombie", "containerd should exit")
-    subprocess.run(["bash", str(SCRIPT), "start", daemon.version, str(daemon.dir)], check=True, capture_output=True)
-
-
 def test_containerd_restart_reconnects_and_resynchronizes(fresh_node: Node) -> None:
     node = fresh_node
     cri = node.cri
@@ -132,7 +114,7 @@ def test_containerd_restart_reconnects_and_resynchronizes(fresh_node: Node) -> N
     plain = cri.create_container(cri.run_pod("plain"), "plain")
     node.assert_allowed(plain, ONLINE - node.cpus_of(first))
 
-    _restart_containerd(node.containerd)
+    node.containerd.restart()
     assert node.plugin.wait_ready(15), "the plugin did not reconnect to the restarted containerd"
     assert node.plugin.counters.connects == 2
     node.assert_allowed(pinned, node.cpus_of(first))

@@ -6,9 +6,10 @@ Everything a test asserts is read from the guest kernel: /proc/<pid>/status, /pr
 cgroup files under /sys/fs/cgroup, sysfs.
 
 Fixture:
-  guest_node   a GuestNode per containerd version that `containerd.sh versions` names (2.1.x, 1.7.x), started for a
-               test module and shared by its tests; pods and claims a test made are removed after it. A module that
-               wants only the first (newest) version says so with `pytestmark = only_newest_containerd`.
+  guest_node   a GuestNode per containerd version that `containerd.sh versions` names (2.1.x, 1.7.x, 2.4.x),
+               started for a test module and shared by its tests; pods and claims a test made are removed after it.
+               A module that wants only the first version (Debian's newest, 2.1) says so with
+               `pytestmark = only_newest_containerd`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """pytest plugin: real containerd (CRI + CDI + NRI), started by hack/testenv/containerd.sh.
 
-Fixtures, each parametrized over the containerd versions that `containerd.sh versions` names (2.1.x and 1.7.x):
+Fixtures, each parametrized over the containerd versions that `containerd.sh versions` names (Debian's 2.1.x and
+1.7.x, and 2.4.x built from source):
   containerd        a daemon shared by the tests of a session; pods and CDI specs a test made are removed after it
   fresh_containerd  a daemon of the test's own, for tests that restart it or need it without state (NRI plugins
                     registering first, ...); stopped after the test
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -21,10 +23,18 @@ import pytest
 
 from tests.support.cri import CriClient
 from tests.support.paths import TESTENV
+from tests.support.waiting import eventually
 
 SCRIPT = TESTENV / "containerd.sh"
 CACHE = Path("/var/cache/dra-cpu-testenv")
 VERSIONS = subprocess.run(["bash", str(SCRIPT), "versions"], check=True, capture_output=True, text=True).stdout.split()
+
+
+def offers_memory_policy(version: str) -> bool:
+    """Whether containerd `version`, with the runc containerd.sh gives it, applies an NRI memory policy adjustment:
+    2.3.0 is the first release that requires NRI 0.12, and the one built from source runs runc 1.4 or later."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return (major, minor) >= (2, 3)
 
 
 @dataclass
@@ -62,6 +72,13 @@ class Containerd:
         tmp.write_text(json.dumps(spec))
         tmp.replace(path)
         return path
+
+    def restart(self) -> None:
+        """Stop the daemon (SIGTERM: containers and their shims go on running) and start it again on the same state."""
+        pid = int((self.dir / "containerd.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        eventually(lambda: not Path(f"/proc/{pid}").exists() or "running", f"containerd {self.version} should exit")
+        _script("start", self.version, str(self.dir), wrap=self.wrap)
 
     def clean(self) -> None:
         """Remove what tests left: pods (with their containers) and CDI specs."""

@@ -1,0 +1,95 @@
+"""The NRI 0.12 memory policy adjustment against the real runtimes, read back from the kernel.
+
+containerd 2.3 and later vendor NRI 0.12, which passes a plugin's LinuxMemoryPolicy into the OCI spec
+(`linux.memoryPolicy`); runc 1.4 and later apply it with set_mempolicy(2) in the container's init and exec'd
+processes. hack/testenv/containerd.sh builds such a pair (containerd 2.4 with runc 1.5); Debian's containerd 2.1
+and 1.7 predate it. The policy shows in /proc/<pid>/numa_maps: a mapping without a policy of its own lists its
+task's ("bind:0" after MPOL_BIND to node 0, "default" without one).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dra_cpu.bench.numa_maps import parse_numa_maps
+from tests.support.cri import Container
+from tests.support.nri_node import Node
+from tests.support.testenv_containerd import offers_memory_policy
+from tests.support.waiting import eventually
+
+NOT_OFFERED = "the runtime's NRI cannot set a memory policy"
+"""The start of the enforcer's warning where the runtime's NRI is older than 0.12."""
+
+
+def policies(numa_maps: str) -> set[str]:
+    return {entry.policy for entry in parse_numa_maps(numa_maps)}
+
+
+def policies_on_host(node: Node, container: Container) -> set[str]:
+    return policies(Path(f"/proc/{node.cri.pid(container)}/numa_maps").read_text())
+
+
+def policies_inside(node: Node, container: Container) -> set[str]:
+    return policies(node.cri.exec_sync(container, ["cat", "/proc/self/numa_maps"]).stdout)
+
+
+def spec_memory_policy(node: Node, container: Container) -> object:
+    """`linux.memoryPolicy` of the OCI spec that the runtime handed runc, None where it has none."""
+    spec = node.cri.info(container)["runtimeSpec"]
+    assert isinstance(spec, dict)
+    linux = spec.get("linux")
+    assert isinstance(linux, dict)
+    return linux.get("memoryPolicy")
+
+
+def warnings_not_offered(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    # The plugin connects while the fixture is set up: its Configure is logged in the setup phase.
+    records = caplog.get_records("setup") + caplog.get_records("call")
+    return [r for r in records if r.name == "dra_cpu.nri" and r.getMessage().startswith(NOT_OFFERED)]
+
+
+def test_claimed_container_gets_mpol_bind_to_its_claims_nodes_where_the_runtime_offers_it(node: Node) -> None:
+    cri = node.cri
+    pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
+    ref = node.claim([pod.uid])
+    mems = node.driver.topology.numa_nodes_of(node.cpus_of(ref))
+    pinned = node.claimed_container(pod, ref)
+    plain = cri.create_container(cri.run_pod("plain"), "plain")
+    node.assert_allowed(pinned, node.cpus_of(ref), mems=mems)
+
+    offered = offers_memory_policy(node.containerd.version)
+    assert node.plugin.memory_policy == offered
+    if offered:
+        assert spec_memory_policy(node, pinned) == {"mode": "MPOL_BIND", "nodes": str(mems)}
+        # Both the container's init process and a process exec'd into it later run under the policy.
+        assert policies_on_host(node, pinned) == policies_inside(node, pinned) == {f"bind:{mems}"}
+    else:
+        # The older runtime drops the field: the memory is bound by cpuset.mems alone (asserted above).
+        assert spec_memory_policy(node, pinned) is None
+        assert policies_on_host(node, pinned) == policies_inside(node, pinned) == {"default"}
+    # A container without a claim gets no policy from the plugin on any runtime.
+    assert spec_memory_policy(node, plain) is None
+    assert policies_on_host(node, plain) == {"default"}
+
+
+def test_a_runtime_without_memory_policy_is_said_once_across_reconnects(
+    fresh_node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = fresh_node
+    daemon = node.containerd
+    daemon.restart()
+    # A second Configure, from the restarted runtime, has been answered.
+    eventually(lambda: node.plugin.counters.connects == 2 and node.plugin.ready.is_set(), "the plugin reconnects")
+
+    said = warnings_not_offered(caplog)
+    if offers_memory_policy(daemon.version):
+        assert node.plugin.memory_policy and said == []
+    else:
+        assert not node.plugin.memory_policy
+        assert len(said) == 1, [r.getMessage() for r in said]
+        assert getattr(said[0], "runtime", None) == "containerd"
+        assert getattr(said[0], "runtimeVersion", "").lstrip("v").startswith(daemon.version)
