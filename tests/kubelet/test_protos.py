@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -16,8 +17,10 @@ from types import ModuleType
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
+from grpc_tools import protoc  # type: ignore[import-untyped]
 
 from dra_cpu.kubelet.gen import (
     dra_health_v1_pb2,
@@ -33,6 +36,7 @@ from dra_cpu.kubelet.gen import (
 from dra_cpu.nri.gen import nri_ttrpc_pb2, nri_v1alpha1_pb2
 from tests.support.gen import cri_runtime_v1_pb2
 from tests.support.paths import REPO
+from tests.support.testenv_containerd import CACHE
 
 GENERATED_DIRS = ["dra_cpu/kubelet/gen", "dra_cpu/nri/gen", "tests/support/gen"]
 GENERATED_MODULES = [
@@ -101,12 +105,17 @@ def field_numbers(message: type[Message]) -> dict[str, int]:
             {"device": 1, "health": 2, "last_updated_time": 3, "health_check_timeout_seconds": 4, "message": 5},
         ),
         (dra_health_v1alpha1_pb2.DeviceIdentifier, {"pool_name": 1, "device_name": 2}),
-        (nri_v1alpha1_pb2.RegisterPluginRequest, {"plugin_name": 1, "plugin_idx": 2}),
+        (nri_v1alpha1_pb2.RegisterPluginRequest, {"plugin_name": 1, "plugin_idx": 2, "NRI_version": 3}),
         (nri_v1alpha1_pb2.ConfigureResponse, {"events": 2}),
         (nri_v1alpha1_pb2.SynchronizeRequest, {"pods": 1, "containers": 2, "more": 3}),
         (nri_v1alpha1_pb2.SynchronizeResponse, {"update": 1, "more": 2}),
         (nri_v1alpha1_pb2.CreateContainerRequest, {"pod": 1, "container": 2}),
         (nri_v1alpha1_pb2.CreateContainerResponse, {"adjust": 1, "update": 2, "evict": 3}),
+        (nri_v1alpha1_pb2.StartContainerRequest, {"pod": 1, "container": 2}),
+        (nri_v1alpha1_pb2.StartContainerResponse, {}),
+        (nri_v1alpha1_pb2.RemoveContainerRequest, {"pod": 1, "container": 2}),
+        (nri_v1alpha1_pb2.RemoveContainerResponse, {}),
+        (nri_v1alpha1_pb2.StateChangeEvent, {"event": 1, "pod": 2, "container": 3}),
         (nri_v1alpha1_pb2.ContainerUpdate, {"container_id": 1, "linux": 2, "ignore_failure": 3}),
         (nri_v1alpha1_pb2.LinuxContainerUpdate, {"resources": 1}),
         (nri_ttrpc_pb2.Request, {"service": 1, "method": 2, "payload": 3, "timeout_nano": 4, "metadata": 5}),
@@ -132,7 +141,7 @@ def test_nri_paths_to_cpuset_env_and_events() -> None:
     assert number(nri_v1alpha1_pb2.LinuxCPU, "mems") == 7
     assert number(cri_runtime_v1_pb2.ContainerConfig, "CDI_devices") == 17
     assert (nri_v1alpha1_pb2.CREATE_CONTAINER, nri_v1alpha1_pb2.STOP_CONTAINER) == (4, 10)
-    assert nri_v1alpha1_pb2.REMOVE_CONTAINER == 11
+    assert (nri_v1alpha1_pb2.START_CONTAINER, nri_v1alpha1_pb2.REMOVE_CONTAINER) == (6, 11)
     adjust = nri_v1alpha1_pb2.ContainerAdjustment()
     adjust.linux.resources.cpu.cpus = "2-3"
     # The bytes containerd decodes: adjust{6: linux{2: resources{2: cpu{6: "2-3"}}}}.
@@ -161,7 +170,34 @@ def test_service_and_method_paths_are_the_kubelets_and_runtimes() -> None:
         "/nri.pkg.api.v1alpha1.Runtime/RegisterPlugin",
         "/nri.pkg.api.v1alpha1.Runtime/UpdateContainers",
     ]
-    assert "/nri.pkg.api.v1alpha1.Plugin/CreateContainer" in methods(nri_v1alpha1_pb2, "Plugin")
+    plugin = methods(nri_v1alpha1_pb2, "Plugin")
+    for method in ("CreateContainer", "StartContainer", "RemoveContainer", "StateChange"):
+        assert f"/nri.pkg.api.v1alpha1.Plugin/{method}" in plugin
+
+
+NRI_UPSTREAM = CACHE / "go/mod/github.com/containerd/nri@v0.12.3/pkg/api/api.proto"
+
+
+def _descriptor(proto: Path) -> descriptor_pb2.FileDescriptorProto:
+    """`proto` compiled on its own, without its name, comments and source positions."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out = Path(tmp) / "api.proto", Path(tmp) / "api.pb"
+        source.write_text(proto.read_text())
+        assert protoc.main(["protoc", f"-I{tmp}", f"--descriptor_set_out={out}", str(source)]) == 0
+        (descriptor,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    descriptor.ClearField("source_code_info")
+    return descriptor
+
+
+def test_nri_proto_is_nri_0_12_3_on_the_wire() -> None:
+    """Ours is Debian's 0.8.0 file with everything 0.12.3 added written in by hand: compared with the real one
+    (fetched into the Go module cache by hack/testenv/containerd.sh) it must differ in comments only."""
+    if not NRI_UPSTREAM.is_file():
+        pytest.skip(f"{NRI_UPSTREAM} is not there: run hack/testenv/containerd.sh install")
+    ours, upstream = _descriptor(REPO / "protos/nri/nri_v1alpha1.proto"), _descriptor(NRI_UPSTREAM)
+    assert [m.name for m in ours.message_type] == [m.name for m in upstream.message_type]
+    assert [e.name for e in ours.enum_type] == [e.name for e in upstream.enum_type]
+    assert ours == upstream
 
 
 def test_device_wire_bytes_and_share_id_presence() -> None:

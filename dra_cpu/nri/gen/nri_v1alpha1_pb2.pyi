@@ -51,7 +51,11 @@ class _EventEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Event.ValueType
     POST_UPDATE_CONTAINER: _Event.ValueType  # 9
     STOP_CONTAINER: _Event.ValueType  # 10
     REMOVE_CONTAINER: _Event.ValueType  # 11
-    LAST: _Event.ValueType  # 12
+    UPDATE_POD_SANDBOX: _Event.ValueType  # 12
+    """NRI 0.12 (LAST was 12 before)."""
+    POST_UPDATE_POD_SANDBOX: _Event.ValueType  # 13
+    VALIDATE_CONTAINER_ADJUSTMENT: _Event.ValueType  # 14
+    LAST: _Event.ValueType  # 15
 
 class Event(_Event, metaclass=_EventEnumTypeWrapper):
     """Events that plugins can subscribe to in ConfigureResponse."""
@@ -68,7 +72,11 @@ UPDATE_CONTAINER: Event.ValueType  # 8
 POST_UPDATE_CONTAINER: Event.ValueType  # 9
 STOP_CONTAINER: Event.ValueType  # 10
 REMOVE_CONTAINER: Event.ValueType  # 11
-LAST: Event.ValueType  # 12
+UPDATE_POD_SANDBOX: Event.ValueType  # 12
+"""NRI 0.12 (LAST was 12 before)."""
+POST_UPDATE_POD_SANDBOX: Event.ValueType  # 13
+VALIDATE_CONTAINER_ADJUSTMENT: Event.ValueType  # 14
+LAST: Event.ValueType  # 15
 Global___Event: _TypeAlias = Event  # noqa: Y015
 
 class _ContainerState:
@@ -94,6 +102,80 @@ CONTAINER_PAUSED: ContainerState.ValueType  # 2
 CONTAINER_RUNNING: ContainerState.ValueType  # 3
 CONTAINER_STOPPED: ContainerState.ValueType  # 4
 Global___ContainerState: _TypeAlias = ContainerState  # noqa: Y015
+
+class _IOPrioClass:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IOPrioClassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IOPrioClass.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IOPRIO_CLASS_NONE: _IOPrioClass.ValueType  # 0
+    IOPRIO_CLASS_RT: _IOPrioClass.ValueType  # 1
+    IOPRIO_CLASS_BE: _IOPrioClass.ValueType  # 2
+    IOPRIO_CLASS_IDLE: _IOPrioClass.ValueType  # 3
+
+class IOPrioClass(_IOPrioClass, metaclass=_IOPrioClassEnumTypeWrapper):
+    """NRI 0.12."""
+
+IOPRIO_CLASS_NONE: IOPrioClass.ValueType  # 0
+IOPRIO_CLASS_RT: IOPrioClass.ValueType  # 1
+IOPRIO_CLASS_BE: IOPrioClass.ValueType  # 2
+IOPRIO_CLASS_IDLE: IOPrioClass.ValueType  # 3
+Global___IOPrioClass: _TypeAlias = IOPrioClass  # noqa: Y015
+
+class _LinuxSchedulerPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LinuxSchedulerPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LinuxSchedulerPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHED_NONE: _LinuxSchedulerPolicy.ValueType  # 0
+    SCHED_OTHER: _LinuxSchedulerPolicy.ValueType  # 1
+    SCHED_FIFO: _LinuxSchedulerPolicy.ValueType  # 2
+    SCHED_RR: _LinuxSchedulerPolicy.ValueType  # 3
+    SCHED_BATCH: _LinuxSchedulerPolicy.ValueType  # 4
+    SCHED_ISO: _LinuxSchedulerPolicy.ValueType  # 5
+    SCHED_IDLE: _LinuxSchedulerPolicy.ValueType  # 6
+    SCHED_DEADLINE: _LinuxSchedulerPolicy.ValueType  # 7
+
+class LinuxSchedulerPolicy(_LinuxSchedulerPolicy, metaclass=_LinuxSchedulerPolicyEnumTypeWrapper):
+    """NRI 0.12."""
+
+SCHED_NONE: LinuxSchedulerPolicy.ValueType  # 0
+SCHED_OTHER: LinuxSchedulerPolicy.ValueType  # 1
+SCHED_FIFO: LinuxSchedulerPolicy.ValueType  # 2
+SCHED_RR: LinuxSchedulerPolicy.ValueType  # 3
+SCHED_BATCH: LinuxSchedulerPolicy.ValueType  # 4
+SCHED_ISO: LinuxSchedulerPolicy.ValueType  # 5
+SCHED_IDLE: LinuxSchedulerPolicy.ValueType  # 6
+SCHED_DEADLINE: LinuxSchedulerPolicy.ValueType  # 7
+Global___LinuxSchedulerPolicy: _TypeAlias = LinuxSchedulerPolicy  # noqa: Y015
+
+class _LinuxSchedulerFlag:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LinuxSchedulerFlagEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LinuxSchedulerFlag.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHED_FLAG_RESET_ON_FORK: _LinuxSchedulerFlag.ValueType  # 0
+    SCHED_FLAG_RECLAIM: _LinuxSchedulerFlag.ValueType  # 1
+    SCHED_FLAG_DL_OVERRUN: _LinuxSchedulerFlag.ValueType  # 2
+    SCHED_FLAG_KEEP_POLICY: _LinuxSchedulerFlag.ValueType  # 3
+    SCHED_FLAG_KEEP_PARAMS: _LinuxSchedulerFlag.ValueType  # 4
+    SCHED_FLAG_UTIL_CLAMP_MIN: _LinuxSchedulerFlag.ValueType  # 5
+    SCHED_FLAG_UTIL_CLAMP_MAX: _LinuxSchedulerFlag.ValueType  # 6
+
+class LinuxSchedulerFlag(_LinuxSchedulerFlag, metaclass=_LinuxSchedulerFlagEnumTypeWrapper):
+    """NRI 0.12."""
+
+SCHED_FLAG_RESET_ON_FORK: LinuxSchedulerFlag.ValueType  # 0
+SCHED_FLAG_RECLAIM: LinuxSchedulerFlag.ValueType  # 1
+SCHED_FLAG_DL_OVERRUN: LinuxSchedulerFlag.ValueType  # 2
+SCHED_FLAG_KEEP_POLICY: LinuxSchedulerFlag.ValueType  # 3
+SCHED_FLAG_KEEP_PARAMS: LinuxSchedulerFlag.ValueType  # 4
+SCHED_FLAG_UTIL_CLAMP_MIN: LinuxSchedulerFlag.ValueType  # 5
+SCHED_FLAG_UTIL_CLAMP_MAX: LinuxSchedulerFlag.ValueType  # 6
+Global___LinuxSchedulerFlag: _TypeAlias = LinuxSchedulerFlag  # noqa: Y015
 
 class _MpolMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -139,25 +221,123 @@ MPOL_F_RELATIVE_NODES: MpolFlag.ValueType  # 1
 MPOL_F_NUMA_BALANCING: MpolFlag.ValueType  # 2
 Global___MpolFlag: _TypeAlias = MpolFlag  # noqa: Y015
 
+class _Field:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FieldEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Field.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    Annotations: _Field.ValueType  # 1
+    Mounts: _Field.ValueType  # 2
+    OciHooks: _Field.ValueType  # 3
+    Devices: _Field.ValueType  # 4
+    CdiDevices: _Field.ValueType  # 5
+    Env: _Field.ValueType  # 6
+    Args: _Field.ValueType  # 7
+    MemLimit: _Field.ValueType  # 8
+    MemReservation: _Field.ValueType  # 9
+    MemSwapLimit: _Field.ValueType  # 10
+    MemKernelLimit: _Field.ValueType  # 11
+    MemTCPLimit: _Field.ValueType  # 12
+    MemSwappiness: _Field.ValueType  # 13
+    MemDisableOomKiller: _Field.ValueType  # 14
+    MemUseHierarchy: _Field.ValueType  # 15
+    CPUShares: _Field.ValueType  # 16
+    CPUQuota: _Field.ValueType  # 17
+    CPUPeriod: _Field.ValueType  # 18
+    CPURealtimeRuntime: _Field.ValueType  # 19
+    CPURealtimePeriod: _Field.ValueType  # 20
+    CPUSetCPUs: _Field.ValueType  # 21
+    CPUSetMems: _Field.ValueType  # 22
+    PidsLimit: _Field.ValueType  # 23
+    HugepageLimits: _Field.ValueType  # 24
+    BlockioClass: _Field.ValueType  # 25
+    RdtClass: _Field.ValueType  # 26
+    CgroupsUnified: _Field.ValueType  # 27
+    CgroupsPath: _Field.ValueType  # 28
+    OomScoreAdj: _Field.ValueType  # 29
+    Rlimits: _Field.ValueType  # 30
+    IoPriority: _Field.ValueType  # 31
+    SeccompPolicy: _Field.ValueType  # 32
+    Namespace: _Field.ValueType  # 33
+    Sysctl: _Field.ValueType  # 34
+    LinuxNetDevices: _Field.ValueType  # 35
+    LinuxSched: _Field.ValueType  # 36
+    RdtClosID: _Field.ValueType  # 37
+    RdtSchemata: _Field.ValueType  # 38
+    RdtEnableMonitoring: _Field.ValueType  # 39
+    MemoryPolicy: _Field.ValueType  # 40
+
+class Field(_Field, metaclass=_FieldEnumTypeWrapper):
+    """NRI 0.12: the fields of a container that plugins can adjust (FieldOwners' keys). Enum values share the
+    package's scope with the messages, hence LinuxSched.
+    """
+
+Annotations: Field.ValueType  # 1
+Mounts: Field.ValueType  # 2
+OciHooks: Field.ValueType  # 3
+Devices: Field.ValueType  # 4
+CdiDevices: Field.ValueType  # 5
+Env: Field.ValueType  # 6
+Args: Field.ValueType  # 7
+MemLimit: Field.ValueType  # 8
+MemReservation: Field.ValueType  # 9
+MemSwapLimit: Field.ValueType  # 10
+MemKernelLimit: Field.ValueType  # 11
+MemTCPLimit: Field.ValueType  # 12
+MemSwappiness: Field.ValueType  # 13
+MemDisableOomKiller: Field.ValueType  # 14
+MemUseHierarchy: Field.ValueType  # 15
+CPUShares: Field.ValueType  # 16
+CPUQuota: Field.ValueType  # 17
+CPUPeriod: Field.ValueType  # 18
+CPURealtimeRuntime: Field.ValueType  # 19
+CPURealtimePeriod: Field.ValueType  # 20
+CPUSetCPUs: Field.ValueType  # 21
+CPUSetMems: Field.ValueType  # 22
+PidsLimit: Field.ValueType  # 23
+HugepageLimits: Field.ValueType  # 24
+BlockioClass: Field.ValueType  # 25
+RdtClass: Field.ValueType  # 26
+CgroupsUnified: Field.ValueType  # 27
+CgroupsPath: Field.ValueType  # 28
+OomScoreAdj: Field.ValueType  # 29
+Rlimits: Field.ValueType  # 30
+IoPriority: Field.ValueType  # 31
+SeccompPolicy: Field.ValueType  # 32
+Namespace: Field.ValueType  # 33
+Sysctl: Field.ValueType  # 34
+LinuxNetDevices: Field.ValueType  # 35
+LinuxSched: Field.ValueType  # 36
+RdtClosID: Field.ValueType  # 37
+RdtSchemata: Field.ValueType  # 38
+RdtEnableMonitoring: Field.ValueType  # 39
+MemoryPolicy: Field.ValueType  # 40
+Global___Field: _TypeAlias = Field  # noqa: Y015
+
 @_typing.final
 class RegisterPluginRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PLUGIN_NAME_FIELD_NUMBER: _builtins.int
     PLUGIN_IDX_FIELD_NUMBER: _builtins.int
+    NRI_VERSION_FIELD_NUMBER: _builtins.int
     plugin_name: _builtins.str
     """Name of the plugin to register."""
     plugin_idx: _builtins.str
     """Plugin invocation index. Plugins are called in ascending index order."""
+    NRI_version: _builtins.str
+    """NRI 0.12: the NRI API version the plugin speaks; the runtime only logs it."""
     def __init__(
         self,
         *,
         plugin_name: _builtins.str = ...,
         plugin_idx: _builtins.str = ...,
+        NRI_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["plugin_idx", b"plugin_idx", "plugin_name", b"plugin_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["NRI_version", b"NRI_version", "plugin_idx", b"plugin_idx", "plugin_name", b"plugin_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -212,6 +392,49 @@ class UpdateContainersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateContainersResponse: _TypeAlias = UpdateContainersResponse  # noqa: Y015
+
+@_typing.final
+class LogRequest(_message.Message):
+    """NRI 0.12: a WebAssembly plugin's log line."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Level:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _LevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[LogRequest._Level.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        LEVEL_UNSPECIFIED: LogRequest._Level.ValueType  # 0
+        LEVEL_DEBUG: LogRequest._Level.ValueType  # 1
+        LEVEL_INFO: LogRequest._Level.ValueType  # 2
+        LEVEL_WARN: LogRequest._Level.ValueType  # 3
+        LEVEL_ERROR: LogRequest._Level.ValueType  # 4
+
+    class Level(_Level, metaclass=_LevelEnumTypeWrapper): ...
+    LEVEL_UNSPECIFIED: LogRequest.Level.ValueType  # 0
+    LEVEL_DEBUG: LogRequest.Level.ValueType  # 1
+    LEVEL_INFO: LogRequest.Level.ValueType  # 2
+    LEVEL_WARN: LogRequest.Level.ValueType  # 3
+    LEVEL_ERROR: LogRequest.Level.ValueType  # 4
+
+    MSG_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    msg: _builtins.str
+    level: Global___LogRequest.Level.ValueType
+    def __init__(
+        self,
+        *,
+        msg: _builtins.str = ...,
+        level: Global___LogRequest.Level.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "msg", b"msg"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogRequest: _TypeAlias = LogRequest  # noqa: Y015
 
 @_typing.final
 class ConfigureRequest(_message.Message):
@@ -334,6 +557,193 @@ class SynchronizeResponse(_message.Message):
 Global___SynchronizeResponse: _TypeAlias = SynchronizeResponse  # noqa: Y015
 
 @_typing.final
+class RunPodSandboxRequest(_message.Message):
+    """NRI 0.12: requests and (empty) responses of the pod events' own RPCs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodSandbox: ...
+    def __init__(
+        self,
+        *,
+        pod: Global___PodSandbox | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunPodSandboxRequest: _TypeAlias = RunPodSandboxRequest  # noqa: Y015
+
+@_typing.final
+class RunPodSandboxResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunPodSandboxResponse: _TypeAlias = RunPodSandboxResponse  # noqa: Y015
+
+@_typing.final
+class UpdatePodSandboxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    OVERHEAD_LINUX_RESOURCES_FIELD_NUMBER: _builtins.int
+    LINUX_RESOURCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodSandbox: ...
+    @_builtins.property
+    def overhead_linux_resources(self) -> Global___LinuxResources:
+        """The pod's overhead and the sum of its containers' resources after the update."""
+
+    @_builtins.property
+    def linux_resources(self) -> Global___LinuxResources: ...
+    def __init__(
+        self,
+        *,
+        pod: Global___PodSandbox | None = ...,
+        overhead_linux_resources: Global___LinuxResources | None = ...,
+        linux_resources: Global___LinuxResources | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["linux_resources", b"linux_resources", "overhead_linux_resources", b"overhead_linux_resources", "pod", b"pod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["linux_resources", b"linux_resources", "overhead_linux_resources", b"overhead_linux_resources", "pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdatePodSandboxRequest: _TypeAlias = UpdatePodSandboxRequest  # noqa: Y015
+
+@_typing.final
+class UpdatePodSandboxResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdatePodSandboxResponse: _TypeAlias = UpdatePodSandboxResponse  # noqa: Y015
+
+@_typing.final
+class PostUpdatePodSandboxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodSandbox: ...
+    def __init__(
+        self,
+        *,
+        pod: Global___PodSandbox | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostUpdatePodSandboxRequest: _TypeAlias = PostUpdatePodSandboxRequest  # noqa: Y015
+
+@_typing.final
+class PostUpdatePodSandboxResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostUpdatePodSandboxResponse: _TypeAlias = PostUpdatePodSandboxResponse  # noqa: Y015
+
+@_typing.final
+class StopPodSandboxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodSandbox: ...
+    def __init__(
+        self,
+        *,
+        pod: Global___PodSandbox | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopPodSandboxRequest: _TypeAlias = StopPodSandboxRequest  # noqa: Y015
+
+@_typing.final
+class StopPodSandboxResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopPodSandboxResponse: _TypeAlias = StopPodSandboxResponse  # noqa: Y015
+
+@_typing.final
+class RemovePodSandboxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodSandbox: ...
+    def __init__(
+        self,
+        *,
+        pod: Global___PodSandbox | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePodSandboxRequest: _TypeAlias = RemovePodSandboxRequest  # noqa: Y015
+
+@_typing.final
+class RemovePodSandboxResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePodSandboxResponse: _TypeAlias = RemovePodSandboxResponse  # noqa: Y015
+
+@_typing.final
 class CreateContainerRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -394,6 +804,127 @@ class CreateContainerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateContainerResponse: _TypeAlias = CreateContainerResponse  # noqa: Y015
+
+@_typing.final
+class PostCreateContainerRequest(_message.Message):
+    """NRI 0.12: requests and (empty) responses of the container events' own RPCs; the pod and container as
+    StateChangeEvent carries them, at other field numbers.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodSandbox: ...
+    @_builtins.property
+    def container(self) -> Global___Container: ...
+    def __init__(
+        self,
+        *,
+        pod: Global___PodSandbox | None = ...,
+        container: Global___Container | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "pod", b"pod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostCreateContainerRequest: _TypeAlias = PostCreateContainerRequest  # noqa: Y015
+
+@_typing.final
+class PostCreateContainerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostCreateContainerResponse: _TypeAlias = PostCreateContainerResponse  # noqa: Y015
+
+@_typing.final
+class StartContainerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodSandbox: ...
+    @_builtins.property
+    def container(self) -> Global___Container: ...
+    def __init__(
+        self,
+        *,
+        pod: Global___PodSandbox | None = ...,
+        container: Global___Container | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "pod", b"pod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartContainerRequest: _TypeAlias = StartContainerRequest  # noqa: Y015
+
+@_typing.final
+class StartContainerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartContainerResponse: _TypeAlias = StartContainerResponse  # noqa: Y015
+
+@_typing.final
+class PostStartContainerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodSandbox: ...
+    @_builtins.property
+    def container(self) -> Global___Container: ...
+    def __init__(
+        self,
+        *,
+        pod: Global___PodSandbox | None = ...,
+        container: Global___Container | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "pod", b"pod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostStartContainerRequest: _TypeAlias = PostStartContainerRequest  # noqa: Y015
+
+@_typing.final
+class PostStartContainerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostStartContainerResponse: _TypeAlias = PostStartContainerResponse  # noqa: Y015
 
 @_typing.final
 class UpdateContainerRequest(_message.Message):
@@ -458,6 +989,47 @@ class UpdateContainerResponse(_message.Message):
 Global___UpdateContainerResponse: _TypeAlias = UpdateContainerResponse  # noqa: Y015
 
 @_typing.final
+class PostUpdateContainerRequest(_message.Message):
+    """NRI 0.12 (as PostCreateContainerRequest)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodSandbox: ...
+    @_builtins.property
+    def container(self) -> Global___Container: ...
+    def __init__(
+        self,
+        *,
+        pod: Global___PodSandbox | None = ...,
+        container: Global___Container | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "pod", b"pod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostUpdateContainerRequest: _TypeAlias = PostUpdateContainerRequest  # noqa: Y015
+
+@_typing.final
+class PostUpdateContainerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostUpdateContainerResponse: _TypeAlias = PostUpdateContainerResponse  # noqa: Y015
+
+@_typing.final
 class StopContainerRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -508,6 +1080,47 @@ class StopContainerResponse(_message.Message):
 Global___StopContainerResponse: _TypeAlias = StopContainerResponse  # noqa: Y015
 
 @_typing.final
+class RemoveContainerRequest(_message.Message):
+    """NRI 0.12 (as PostCreateContainerRequest)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodSandbox: ...
+    @_builtins.property
+    def container(self) -> Global___Container: ...
+    def __init__(
+        self,
+        *,
+        pod: Global___PodSandbox | None = ...,
+        container: Global___Container | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "pod", b"pod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveContainerRequest: _TypeAlias = RemoveContainerRequest  # noqa: Y015
+
+@_typing.final
+class RemoveContainerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveContainerResponse: _TypeAlias = RemoveContainerResponse  # noqa: Y015
+
+@_typing.final
 class StateChangeEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -542,6 +1155,96 @@ class StateChangeEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StateChangeEvent: _TypeAlias = StateChangeEvent  # noqa: Y015
+
+@_typing.final
+class ValidateContainerAdjustmentRequest(_message.Message):
+    """NRI 0.12: the container as created, what every plugin asked for it (and for others), and who asked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
+    ADJUST_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
+    OWNERS_FIELD_NUMBER: _builtins.int
+    PLUGINS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodSandbox: ...
+    @_builtins.property
+    def container(self) -> Global___Container: ...
+    @_builtins.property
+    def adjust(self) -> Global___ContainerAdjustment: ...
+    @_builtins.property
+    def update(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContainerUpdate]: ...
+    @_builtins.property
+    def owners(self) -> Global___OwningPlugins: ...
+    @_builtins.property
+    def plugins(self) -> _containers.RepeatedCompositeFieldContainer[Global___PluginInstance]: ...
+    def __init__(
+        self,
+        *,
+        pod: Global___PodSandbox | None = ...,
+        container: Global___Container | None = ...,
+        adjust: Global___ContainerAdjustment | None = ...,
+        update: _abc.Iterable[Global___ContainerUpdate] | None = ...,
+        owners: Global___OwningPlugins | None = ...,
+        plugins: _abc.Iterable[Global___PluginInstance] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust", b"adjust", "container", b"container", "owners", b"owners", "pod", b"pod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust", b"adjust", "container", b"container", "owners", b"owners", "plugins", b"plugins", "pod", b"pod", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidateContainerAdjustmentRequest: _TypeAlias = ValidateContainerAdjustmentRequest  # noqa: Y015
+
+@_typing.final
+class PluginInstance(_message.Message):
+    """NRI 0.12: a plugin as the runtime knows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    index: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        index: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginInstance: _TypeAlias = PluginInstance  # noqa: Y015
+
+@_typing.final
+class ValidateContainerAdjustmentResponse(_message.Message):
+    """NRI 0.12."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REJECT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reject: _builtins.bool
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        reject: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "reject", b"reject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidateContainerAdjustmentResponse: _TypeAlias = ValidateContainerAdjustmentResponse  # noqa: Y015
 
 @_typing.final
 class Empty(_message.Message):
@@ -757,12 +1460,28 @@ class Container(_message.Message):
     LINUX_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     RLIMITS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    STATUS_REASON_FIELD_NUMBER: _builtins.int
+    STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
+    CDI_DEVICES_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     pod_sandbox_id: _builtins.str
     name: _builtins.str
     state: Global___ContainerState.ValueType
     pid: _builtins.int
     """for NRI v1 emulation"""
+    created_at: _builtins.int
+    """NRI 0.12: timestamps in nanoseconds since the epoch, the exit, the CDI devices, the user and the image."""
+    started_at: _builtins.int
+    finished_at: _builtins.int
+    exit_code: _builtins.int
+    status_reason: _builtins.str
+    status_message: _builtins.str
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -779,6 +1498,12 @@ class Container(_message.Message):
     def linux(self) -> Global___LinuxContainer: ...
     @_builtins.property
     def rlimits(self) -> _containers.RepeatedCompositeFieldContainer[Global___POSIXRlimit]: ...
+    @_builtins.property
+    def CDI_devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___CDIDevice]: ...
+    @_builtins.property
+    def user(self) -> Global___User: ...
+    @_builtins.property
+    def image(self) -> Global___Image: ...
     def __init__(
         self,
         *,
@@ -795,14 +1520,50 @@ class Container(_message.Message):
         linux: Global___LinuxContainer | None = ...,
         pid: _builtins.int = ...,
         rlimits: _abc.Iterable[Global___POSIXRlimit] | None = ...,
+        created_at: _builtins.int = ...,
+        started_at: _builtins.int = ...,
+        finished_at: _builtins.int = ...,
+        exit_code: _builtins.int = ...,
+        status_reason: _builtins.str = ...,
+        status_message: _builtins.str = ...,
+        CDI_devices: _abc.Iterable[Global___CDIDevice] | None = ...,
+        user: Global___User | None = ...,
+        image: Global___Image | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hooks", b"hooks", "linux", b"linux"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hooks", b"hooks", "image", b"image", "linux", b"linux", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "args", b"args", "env", b"env", "hooks", b"hooks", "id", b"id", "labels", b"labels", "linux", b"linux", "mounts", b"mounts", "name", b"name", "pid", b"pid", "pod_sandbox_id", b"pod_sandbox_id", "rlimits", b"rlimits", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["CDI_devices", b"CDI_devices", "annotations", b"annotations", "args", b"args", "created_at", b"created_at", "env", b"env", "exit_code", b"exit_code", "finished_at", b"finished_at", "hooks", b"hooks", "id", b"id", "image", b"image", "labels", b"labels", "linux", b"linux", "mounts", b"mounts", "name", b"name", "pid", b"pid", "pod_sandbox_id", b"pod_sandbox_id", "rlimits", b"rlimits", "started_at", b"started_at", "state", b"state", "status_message", b"status_message", "status_reason", b"status_reason", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Container: _TypeAlias = Container  # noqa: Y015
+
+@_typing.final
+class Image(_message.Message):
+    """NRI 0.12: the container's image: its reference, its index or manifest digest and its config digest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    CONFIG_DIGEST_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    digest: _builtins.str
+    config_digest: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        config_digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_digest", b"config_digest", "digest", b"digest", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Image: _TypeAlias = Image  # noqa: Y015
 
 @_typing.final
 class Mount(_message.Message):
@@ -916,11 +1677,59 @@ class LinuxContainer(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SysctlEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class NetDevicesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___LinuxNetDevice: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___LinuxNetDevice | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAMESPACES_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     OOM_SCORE_ADJ_FIELD_NUMBER: _builtins.int
     CGROUPS_PATH_FIELD_NUMBER: _builtins.int
+    IO_PRIORITY_FIELD_NUMBER: _builtins.int
+    SECCOMP_PROFILE_FIELD_NUMBER: _builtins.int
+    SECCOMP_POLICY_FIELD_NUMBER: _builtins.int
+    SYSCTL_FIELD_NUMBER: _builtins.int
+    NET_DEVICES_FIELD_NUMBER: _builtins.int
+    SCHEDULER_FIELD_NUMBER: _builtins.int
+    RDT_FIELD_NUMBER: _builtins.int
     cgroups_path: _builtins.str
     @_builtins.property
     def namespaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinuxNamespace]: ...
@@ -930,6 +1739,22 @@ class LinuxContainer(_message.Message):
     def resources(self) -> Global___LinuxResources: ...
     @_builtins.property
     def oom_score_adj(self) -> Global___OptionalInt: ...
+    @_builtins.property
+    def io_priority(self) -> Global___LinuxIOPriority:
+        """NRI 0.12."""
+
+    @_builtins.property
+    def seccomp_profile(self) -> Global___SecurityProfile: ...
+    @_builtins.property
+    def seccomp_policy(self) -> Global___LinuxSeccomp: ...
+    @_builtins.property
+    def sysctl(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def net_devices(self) -> _containers.MessageMap[_builtins.str, Global___LinuxNetDevice]: ...
+    @_builtins.property
+    def scheduler(self) -> Global___LinuxScheduler: ...
+    @_builtins.property
+    def rdt(self) -> Global___LinuxRdt: ...
     def __init__(
         self,
         *,
@@ -938,10 +1763,17 @@ class LinuxContainer(_message.Message):
         resources: Global___LinuxResources | None = ...,
         oom_score_adj: Global___OptionalInt | None = ...,
         cgroups_path: _builtins.str = ...,
+        io_priority: Global___LinuxIOPriority | None = ...,
+        seccomp_profile: Global___SecurityProfile | None = ...,
+        seccomp_policy: Global___LinuxSeccomp | None = ...,
+        sysctl: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        net_devices: _abc.Mapping[_builtins.str, Global___LinuxNetDevice] | None = ...,
+        scheduler: Global___LinuxScheduler | None = ...,
+        rdt: Global___LinuxRdt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["oom_score_adj", b"oom_score_adj", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["io_priority", b"io_priority", "oom_score_adj", b"oom_score_adj", "rdt", b"rdt", "resources", b"resources", "scheduler", b"scheduler", "seccomp_policy", b"seccomp_policy", "seccomp_profile", b"seccomp_profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroups_path", b"cgroups_path", "devices", b"devices", "namespaces", b"namespaces", "oom_score_adj", b"oom_score_adj", "resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroups_path", b"cgroups_path", "devices", b"devices", "io_priority", b"io_priority", "namespaces", b"namespaces", "net_devices", b"net_devices", "oom_score_adj", b"oom_score_adj", "rdt", b"rdt", "resources", b"resources", "scheduler", b"scheduler", "seccomp_policy", b"seccomp_policy", "seccomp_profile", b"seccomp_profile", "sysctl", b"sysctl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1068,6 +1900,34 @@ class CDIDevice(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CDIDevice: _TypeAlias = CDIDevice  # noqa: Y015
+
+@_typing.final
+class User(_message.Message):
+    """NRI 0.12: the container process's uid, gid and supplementary gids."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UID_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
+    ADDITIONAL_GIDS_FIELD_NUMBER: _builtins.int
+    uid: _builtins.int
+    gid: _builtins.int
+    @_builtins.property
+    def additional_gids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        uid: _builtins.int = ...,
+        gid: _builtins.int = ...,
+        additional_gids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["additional_gids", b"additional_gids", "gid", b"gid", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___User: _TypeAlias = User  # noqa: Y015
 
 @_typing.final
 class LinuxResources(_message.Message):
@@ -1260,6 +2120,45 @@ class HugepageLimit(_message.Message):
 Global___HugepageLimit: _TypeAlias = HugepageLimit  # noqa: Y015
 
 @_typing.final
+class SecurityProfile(_message.Message):
+    """NRI 0.12: the container's seccomp profile as the CRI names it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _ProfileType:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ProfileTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[SecurityProfile._ProfileType.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        RUNTIME_DEFAULT: SecurityProfile._ProfileType.ValueType  # 0
+        UNCONFINED: SecurityProfile._ProfileType.ValueType  # 1
+        LOCALHOST: SecurityProfile._ProfileType.ValueType  # 2
+
+    class ProfileType(_ProfileType, metaclass=_ProfileTypeEnumTypeWrapper): ...
+    RUNTIME_DEFAULT: SecurityProfile.ProfileType.ValueType  # 0
+    UNCONFINED: SecurityProfile.ProfileType.ValueType  # 1
+    LOCALHOST: SecurityProfile.ProfileType.ValueType  # 2
+
+    PROFILE_TYPE_FIELD_NUMBER: _builtins.int
+    LOCALHOST_REF_FIELD_NUMBER: _builtins.int
+    profile_type: Global___SecurityProfile.ProfileType.ValueType
+    localhost_ref: _builtins.str
+    def __init__(
+        self,
+        *,
+        profile_type: Global___SecurityProfile.ProfileType.ValueType = ...,
+        localhost_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["localhost_ref", b"localhost_ref", "profile_type", b"profile_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecurityProfile: _TypeAlias = SecurityProfile  # noqa: Y015
+
+@_typing.final
 class POSIXRlimit(_message.Message):
     """Container rlimits"""
 
@@ -1308,6 +2207,89 @@ class LinuxPids(_message.Message):
 Global___LinuxPids: _TypeAlias = LinuxPids  # noqa: Y015
 
 @_typing.final
+class LinuxIOPriority(_message.Message):
+    """NRI 0.12: ioprio_set(2) class and level."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLASS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    priority: _builtins.int
+    def __init__(
+        self,
+        *,
+        priority: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class", b"class", "priority", b"priority"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxIOPriority: _TypeAlias = LinuxIOPriority  # noqa: Y015
+
+@_typing.final
+class LinuxNetDevice(_message.Message):
+    """NRI 0.12: a host network device moved into the container (keyed by its host name), with its name inside."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxNetDevice: _TypeAlias = LinuxNetDevice  # noqa: Y015
+
+@_typing.final
+class LinuxScheduler(_message.Message):
+    """NRI 0.12: sched_setattr(2) attributes of the container's process."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    NICE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    policy: Global___LinuxSchedulerPolicy.ValueType
+    nice: _builtins.int
+    priority: _builtins.int
+    runtime: _builtins.int
+    deadline: _builtins.int
+    period: _builtins.int
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedScalarFieldContainer[Global___LinuxSchedulerFlag.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___LinuxSchedulerPolicy.ValueType = ...,
+        nice: _builtins.int = ...,
+        priority: _builtins.int = ...,
+        flags: _abc.Iterable[Global___LinuxSchedulerFlag.ValueType] | None = ...,
+        runtime: _builtins.int = ...,
+        deadline: _builtins.int = ...,
+        period: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "flags", b"flags", "nice", b"nice", "period", b"period", "policy", b"policy", "priority", b"priority", "runtime", b"runtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxScheduler: _TypeAlias = LinuxScheduler  # noqa: Y015
+
+@_typing.final
 class ContainerAdjustment(_message.Message):
     """Requested adjustments to a container being created."""
 
@@ -1340,6 +2322,7 @@ class ContainerAdjustment(_message.Message):
     LINUX_FIELD_NUMBER: _builtins.int
     RLIMITS_FIELD_NUMBER: _builtins.int
     CDI_DEVICES_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def annotations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -1354,6 +2337,10 @@ class ContainerAdjustment(_message.Message):
     def rlimits(self) -> _containers.RepeatedCompositeFieldContainer[Global___POSIXRlimit]: ...
     @_builtins.property
     def CDI_devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___CDIDevice]: ...
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """NRI 0.12."""
+
     def __init__(
         self,
         *,
@@ -1364,10 +2351,11 @@ class ContainerAdjustment(_message.Message):
         linux: Global___LinuxContainerAdjustment | None = ...,
         rlimits: _abc.Iterable[Global___POSIXRlimit] | None = ...,
         CDI_devices: _abc.Iterable[Global___CDIDevice] | None = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hooks", b"hooks", "linux", b"linux"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["CDI_devices", b"CDI_devices", "annotations", b"annotations", "env", b"env", "hooks", b"hooks", "linux", b"linux", "mounts", b"mounts", "rlimits", b"rlimits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["CDI_devices", b"CDI_devices", "annotations", b"annotations", "args", b"args", "env", b"env", "hooks", b"hooks", "linux", b"linux", "mounts", b"mounts", "rlimits", b"rlimits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1379,10 +2367,58 @@ class LinuxContainerAdjustment(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SysctlEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class NetDevicesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___LinuxNetDevice: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___LinuxNetDevice | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     DEVICES_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     CGROUPS_PATH_FIELD_NUMBER: _builtins.int
     OOM_SCORE_ADJ_FIELD_NUMBER: _builtins.int
+    IO_PRIORITY_FIELD_NUMBER: _builtins.int
+    SECCOMP_POLICY_FIELD_NUMBER: _builtins.int
+    NAMESPACES_FIELD_NUMBER: _builtins.int
+    SYSCTL_FIELD_NUMBER: _builtins.int
+    NET_DEVICES_FIELD_NUMBER: _builtins.int
+    SCHEDULER_FIELD_NUMBER: _builtins.int
+    RDT_FIELD_NUMBER: _builtins.int
     MEMORY_POLICY_FIELD_NUMBER: _builtins.int
     cgroups_path: _builtins.str
     @_builtins.property
@@ -1392,9 +2428,23 @@ class LinuxContainerAdjustment(_message.Message):
     @_builtins.property
     def oom_score_adj(self) -> Global___OptionalInt: ...
     @_builtins.property
-    def memory_policy(self) -> Global___LinuxMemoryPolicy:
-        """NRI 0.12 (fields 5 to 11 are not used by dra-cpu and left out)."""
+    def io_priority(self) -> Global___LinuxIOPriority:
+        """NRI 0.12."""
 
+    @_builtins.property
+    def seccomp_policy(self) -> Global___LinuxSeccomp: ...
+    @_builtins.property
+    def namespaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinuxNamespace]: ...
+    @_builtins.property
+    def sysctl(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def net_devices(self) -> _containers.MessageMap[_builtins.str, Global___LinuxNetDevice]: ...
+    @_builtins.property
+    def scheduler(self) -> Global___LinuxScheduler: ...
+    @_builtins.property
+    def rdt(self) -> Global___LinuxRdt: ...
+    @_builtins.property
+    def memory_policy(self) -> Global___LinuxMemoryPolicy: ...
     def __init__(
         self,
         *,
@@ -1402,15 +2452,128 @@ class LinuxContainerAdjustment(_message.Message):
         resources: Global___LinuxResources | None = ...,
         cgroups_path: _builtins.str = ...,
         oom_score_adj: Global___OptionalInt | None = ...,
+        io_priority: Global___LinuxIOPriority | None = ...,
+        seccomp_policy: Global___LinuxSeccomp | None = ...,
+        namespaces: _abc.Iterable[Global___LinuxNamespace] | None = ...,
+        sysctl: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        net_devices: _abc.Mapping[_builtins.str, Global___LinuxNetDevice] | None = ...,
+        scheduler: Global___LinuxScheduler | None = ...,
+        rdt: Global___LinuxRdt | None = ...,
         memory_policy: Global___LinuxMemoryPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["memory_policy", b"memory_policy", "oom_score_adj", b"oom_score_adj", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["io_priority", b"io_priority", "memory_policy", b"memory_policy", "oom_score_adj", b"oom_score_adj", "rdt", b"rdt", "resources", b"resources", "scheduler", b"scheduler", "seccomp_policy", b"seccomp_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroups_path", b"cgroups_path", "devices", b"devices", "memory_policy", b"memory_policy", "oom_score_adj", b"oom_score_adj", "resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroups_path", b"cgroups_path", "devices", b"devices", "io_priority", b"io_priority", "memory_policy", b"memory_policy", "namespaces", b"namespaces", "net_devices", b"net_devices", "oom_score_adj", b"oom_score_adj", "rdt", b"rdt", "resources", b"resources", "scheduler", b"scheduler", "seccomp_policy", b"seccomp_policy", "sysctl", b"sysctl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LinuxContainerAdjustment: _TypeAlias = LinuxContainerAdjustment  # noqa: Y015
+
+@_typing.final
+class LinuxSeccomp(_message.Message):
+    """NRI 0.12: a seccomp policy in the OCI runtime spec's terms (linux.seccomp)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFAULT_ACTION_FIELD_NUMBER: _builtins.int
+    DEFAULT_ERRNO_FIELD_NUMBER: _builtins.int
+    ARCHITECTURES_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    LISTENER_PATH_FIELD_NUMBER: _builtins.int
+    LISTENER_METADATA_FIELD_NUMBER: _builtins.int
+    SYSCALLS_FIELD_NUMBER: _builtins.int
+    default_action: _builtins.str
+    listener_path: _builtins.str
+    listener_metadata: _builtins.str
+    @_builtins.property
+    def default_errno(self) -> Global___OptionalUInt32: ...
+    @_builtins.property
+    def architectures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def syscalls(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinuxSyscall]: ...
+    def __init__(
+        self,
+        *,
+        default_action: _builtins.str = ...,
+        default_errno: Global___OptionalUInt32 | None = ...,
+        architectures: _abc.Iterable[_builtins.str] | None = ...,
+        flags: _abc.Iterable[_builtins.str] | None = ...,
+        listener_path: _builtins.str = ...,
+        listener_metadata: _builtins.str = ...,
+        syscalls: _abc.Iterable[Global___LinuxSyscall] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_errno", b"default_errno"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architectures", b"architectures", "default_action", b"default_action", "default_errno", b"default_errno", "flags", b"flags", "listener_metadata", b"listener_metadata", "listener_path", b"listener_path", "syscalls", b"syscalls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxSeccomp: _TypeAlias = LinuxSeccomp  # noqa: Y015
+
+@_typing.final
+class LinuxSyscall(_message.Message):
+    """NRI 0.12: one seccomp rule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMES_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    ERRNO_RET_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def errno_ret(self) -> Global___OptionalUInt32: ...
+    @_builtins.property
+    def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinuxSeccompArg]: ...
+    def __init__(
+        self,
+        *,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        action: _builtins.str = ...,
+        errno_ret: Global___OptionalUInt32 | None = ...,
+        args: _abc.Iterable[Global___LinuxSeccompArg] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["errno_ret", b"errno_ret"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "args", b"args", "errno_ret", b"errno_ret", "names", b"names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxSyscall: _TypeAlias = LinuxSyscall  # noqa: Y015
+
+@_typing.final
+class LinuxSeccompArg(_message.Message):
+    """NRI 0.12: one seccomp argument comparison."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    VALUE_TWO_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    value: _builtins.int
+    value_two: _builtins.int
+    op: _builtins.str
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        value: _builtins.int = ...,
+        value_two: _builtins.int = ...,
+        op: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "op", b"op", "value", b"value", "value_two", b"value_two"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxSeccompArg: _TypeAlias = LinuxSeccompArg  # noqa: Y015
 
 @_typing.final
 class LinuxMemoryPolicy(_message.Message):
@@ -1517,6 +2680,39 @@ class ContainerEviction(_message.Message):
 Global___ContainerEviction: _TypeAlias = ContainerEviction  # noqa: Y015
 
 @_typing.final
+class LinuxRdt(_message.Message):
+    """NRI 0.12: resctrl (RDT) settings; `remove` asks for the container's RDT settings to be dropped."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLOS_ID_FIELD_NUMBER: _builtins.int
+    SCHEMATA_FIELD_NUMBER: _builtins.int
+    ENABLE_MONITORING_FIELD_NUMBER: _builtins.int
+    REMOVE_FIELD_NUMBER: _builtins.int
+    remove: _builtins.bool
+    @_builtins.property
+    def clos_id(self) -> Global___OptionalString: ...
+    @_builtins.property
+    def schemata(self) -> Global___OptionalRepeatedString: ...
+    @_builtins.property
+    def enable_monitoring(self) -> Global___OptionalBool: ...
+    def __init__(
+        self,
+        *,
+        clos_id: Global___OptionalString | None = ...,
+        schemata: Global___OptionalRepeatedString | None = ...,
+        enable_monitoring: Global___OptionalBool | None = ...,
+        remove: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clos_id", b"clos_id", "enable_monitoring", b"enable_monitoring", "schemata", b"schemata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clos_id", b"clos_id", "enable_monitoring", b"enable_monitoring", "remove", b"remove", "schemata", b"schemata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxRdt: _TypeAlias = LinuxRdt  # noqa: Y015
+
+@_typing.final
 class KeyValue(_message.Message):
     """KeyValue represents an environment variable."""
 
@@ -1560,6 +2756,28 @@ class OptionalString(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OptionalString: _TypeAlias = OptionalString  # noqa: Y015
+
+@_typing.final
+class OptionalRepeatedString(_message.Message):
+    """NRI 0.12: an optional list of strings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def value(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        value: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OptionalRepeatedString: _TypeAlias = OptionalRepeatedString  # noqa: Y015
 
 @_typing.final
 class OptionalInt(_message.Message):
@@ -1707,3 +2925,159 @@ class OptionalFileMode(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OptionalFileMode: _TypeAlias = OptionalFileMode  # noqa: Y015
+
+@_typing.final
+class CompoundFieldOwners(_message.Message):
+    """NRI 0.12: which plugin set each entry of a field that plugins adjust entry by entry (annotations, mounts,
+    devices, env, hugepage limits, ...), keyed by the entry (annotation key, mount destination, device path, ...).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OwnersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    OWNERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def owners(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        owners: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owners", b"owners"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompoundFieldOwners: _TypeAlias = CompoundFieldOwners  # noqa: Y015
+
+@_typing.final
+class FieldOwners(_message.Message):
+    """NRI 0.12: which plugin set each adjustable field of one container, keyed by the Field value: simple fields
+    name one plugin, compound ones one per entry.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SimpleEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class CompoundEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        @_builtins.property
+        def value(self) -> Global___CompoundFieldOwners: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: Global___CompoundFieldOwners | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SIMPLE_FIELD_NUMBER: _builtins.int
+    COMPOUND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def simple(self) -> _containers.ScalarMap[_builtins.int, _builtins.str]: ...
+    @_builtins.property
+    def compound(self) -> _containers.MessageMap[_builtins.int, Global___CompoundFieldOwners]: ...
+    def __init__(
+        self,
+        *,
+        simple: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
+        compound: _abc.Mapping[_builtins.int, Global___CompoundFieldOwners] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compound", b"compound", "simple", b"simple"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldOwners: _TypeAlias = FieldOwners  # noqa: Y015
+
+@_typing.final
+class OwningPlugins(_message.Message):
+    """NRI 0.12: FieldOwners per container id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OwnersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___FieldOwners: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___FieldOwners | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    OWNERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def owners(self) -> _containers.MessageMap[_builtins.str, Global___FieldOwners]: ...
+    def __init__(
+        self,
+        *,
+        owners: _abc.Mapping[_builtins.str, Global___FieldOwners] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owners", b"owners"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwningPlugins: _TypeAlias = OwningPlugins  # noqa: Y015
