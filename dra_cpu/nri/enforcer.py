@@ -314,12 +314,12 @@ class NriEnforcer:
                 self._containers[request.container.id] = _Tracked(tracked.info, running=False)
             self._applied.pop(request.container.id, None)
 
-    def remove_container(self, container_id: str) -> None:
+    def remove_container(self, pod: api.PodSandbox, container: api.Container) -> None:
         with self._lock:
-            known = self._containers.pop(container_id, None)
-            self._applied.pop(container_id, None)
+            known = self._containers.pop(container.id, None)
+            self._applied.pop(container.id, None)
         if known is None:
-            LOG.info("removal of a container never seen", extra={"containerID": container_id})
+            LOG.info("removal of a container never seen", extra={"containerID": container.id, "podUID": pod.uid})
 
     def disconnected(self, stopping: bool) -> None:
         with self._lock:

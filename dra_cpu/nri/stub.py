@@ -1,6 +1,11 @@
 """A generic NRI plugin connection (what containerd's Go `stub` package is to Go plugins): dial the runtime's
 socket, register, answer the runtime's calls through a handler, reconnect with backoff when the runtime restarts.
 
+The plugin speaks NRI 0.12.3's API (protos/nri), which older runtimes understand too: NRI 0.12 runtimes deliver
+StartContainer and RemoveContainer through RPCs of their own, older ones as StateChange events, and both forms
+reach the handler through one dispatch (`_container_event`). Both are served because a 0.12 runtime whose plugin
+answers an own RPC UNIMPLEMENTED falls back to StateChange at the cost of a round trip and a deprecation warning.
+
 Threads: the transport's reader answers the runtime's calls inline through the handler; the connector keeps a
 connection up. `ready` is set once the runtime has synchronized with the plugin and cleared when the connection
 drops. The handler must never call the runtime from inside one of its callbacks (the runtime waits for the
@@ -12,10 +17,13 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from google.protobuf.message import Message
 
 from dra_cpu.errors import DraCpuError
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
@@ -25,6 +33,8 @@ LOG = logging.getLogger("dra_cpu.nri")
 
 RUNTIME_SERVICE = "nri.pkg.api.v1alpha1.Runtime"
 PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"
+NRI_API_VERSION = "v0.12.3"
+"""The NRI release whose API protos/nri follows; sent at registration, where NRI 0.12 runtimes log it."""
 _INDEX = re.compile(r"^\d\d$")
 
 
@@ -82,11 +92,21 @@ class Handler(Protocol):
 
     def stop_container(self, request: api.StopContainerRequest) -> None: ...
 
-    def remove_container(self, container_id: str) -> None: ...
+    def remove_container(self, pod: api.PodSandbox, container: api.Container) -> None: ...
 
     def disconnected(self, stopping: bool) -> None:
         """The connection dropped (`stopping`: because the plugin stops); a Synchronize follows a reconnection."""
         ...
+
+
+class _PodAndContainer(Protocol):
+    """What StateChangeEvent and the container events' own requests have in common (at different numbers)."""
+
+    @property
+    def pod(self) -> api.PodSandbox: ...
+
+    @property
+    def container(self) -> api.Container: ...
 
 
 class Stub:
@@ -94,17 +114,30 @@ class Stub:
         self.config = config
         self.handler = handler
         self.ready = threading.Event()
+        self.calls: Counter[str] = Counter()
+        """How often the runtime called each plugin method: shows which events a runtime delivers through their own
+        RPCs (NRI 0.12) and which as StateChange. Written by the transport's reader only."""
         self._conn: Connection | None = None
         self._stop = threading.Event()
         self._sync_pods: list[api.PodSandbox] = []
         self._sync_containers: list[api.Container] = []
         self._thread = threading.Thread(target=self._connect_loop, name="nri-connect", daemon=True)
+        self._container_events: dict[int, Callable[[api.PodSandbox, api.Container], None]] = {
+            api.START_CONTAINER: handler.start_container,
+            api.REMOVE_CONTAINER: handler.remove_container,
+        }
         self._methods: dict[str, Callable[[bytes], bytes]] = {
             "Configure": self._configure,
             "Synchronize": self._synchronize,
             "CreateContainer": self._create_container,
             "UpdateContainer": self._update_container,
             "StopContainer": self._stop_container,
+            "StartContainer": self._event_rpc(
+                api.START_CONTAINER, api.StartContainerRequest.FromString, api.StartContainerResponse()
+            ),
+            "RemoveContainer": self._event_rpc(
+                api.REMOVE_CONTAINER, api.RemoveContainerRequest.FromString, api.RemoveContainerResponse()
+            ),
             "StateChange": self._state_change,
             "Shutdown": self._shutdown,
         }
@@ -166,7 +199,9 @@ class Stub:
             backoff = min(backoff * 2, self.config.backoff_max)
 
     def _register(self, conn: Connection) -> bool:
-        request = api.RegisterPluginRequest(plugin_name=self.config.plugin_name, plugin_idx=self.config.plugin_index)
+        request = api.RegisterPluginRequest(
+            plugin_name=self.config.plugin_name, plugin_idx=self.config.plugin_index, NRI_version=NRI_API_VERSION
+        )
         try:
             conn.call(RUNTIME_SERVICE, "RegisterPlugin", request.SerializeToString(), self.config.call_timeout)
         except TransportError as err:
@@ -180,6 +215,7 @@ class Stub:
         if service != PLUGIN_SERVICE or method not in self._methods:
             LOG.warning("unknown NRI method called", extra={"service": service, "method": method})
             raise MethodError(UNIMPLEMENTED, f"{service}/{method} is not implemented by {self.config.plugin_name}")
+        self.calls[method] += 1
         return self._methods[method](payload)
 
     def _configure(self, payload: bytes) -> bytes:
@@ -220,13 +256,28 @@ class Stub:
         self.handler.stop_container(api.StopContainerRequest.FromString(payload))
         return api.StopContainerResponse().SerializeToString()
 
+    def _event_rpc(
+        self, event: int, parse: Callable[[bytes], _PodAndContainer], answer: Message
+    ) -> Callable[[bytes], bytes]:
+        """An event's own RPC (NRI 0.12), served like its StateChange form."""
+        response = answer.SerializeToString()
+
+        def serve(payload: bytes) -> bytes:
+            request = parse(payload)
+            self._container_event(event, request.pod, request.container)
+            return response
+
+        return serve
+
     def _state_change(self, payload: bytes) -> bytes:
         event = api.StateChangeEvent.FromString(payload)
-        if event.event == api.REMOVE_CONTAINER:
-            self.handler.remove_container(event.container.id)
-        elif event.event == api.START_CONTAINER:
-            self.handler.start_container(event.pod, event.container)
+        self._container_event(event.event, event.pod, event.container)
         return api.Empty().SerializeToString()
+
+    def _container_event(self, event: int, pod: api.PodSandbox, container: api.Container) -> None:
+        callback = self._container_events.get(event)
+        if callback is not None:
+            callback(pod, container)
 
     def _shutdown(self, payload: bytes) -> bytes:
         LOG.warning("the runtime asked the plugin to shut down; it will reconnect")

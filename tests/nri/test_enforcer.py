@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +28,8 @@ CLAIM = PreparedClaim(
     ClaimRef("ns", "c", "uid-1"), (PreparedDevice(("r",), "node", "cpu-numa0", cpus=CPUSet.parse("1")),), ("pod-1",)
 )
 M = TypeVar("M", bound=Message)
+DELIVERY = pytest.mark.parametrize("own_rpc", [True, False], ids=["own-rpc", "state-change"])
+"""StartContainer and RemoveContainer as NRI 0.12 runtimes call them, and as StateChange events (NRI 0.8 to 0.11)."""
 
 
 def container(cid: str, env: tuple[str, ...] = ()) -> api.Container:
@@ -71,13 +74,18 @@ def test_synchronize_in_chunks_reconciles_every_container(runtime: tuple[Runtime
     plugin.check_ready()
 
 
-def test_events_for_containers_never_seen(runtime: tuple[Runtime, NriEnforcer]) -> None:
+@DELIVERY
+def test_events_for_containers_never_seen(
+    runtime: tuple[Runtime, NriEnforcer], own_rpc: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     fake, _plugin = runtime
+    caplog.set_level(logging.INFO, logger="dra_cpu.nri")
     fake.call("Synchronize", api.SynchronizeRequest(), api.SynchronizeResponse)
     stranger = container("stranger", ("DRA_CPUSET_uid-1=1",))
     assert fake.call("StopContainer", api.StopContainerRequest(pod=POD, container=stranger), api.StopContainerResponse)
-    event = api.StateChangeEvent(event=api.REMOVE_CONTAINER, pod=POD, container=stranger)
-    assert fake.call("StateChange", event, api.Empty) == api.Empty()
+    fake.container_event(api.START_CONTAINER, POD, stranger, own_rpc)
+    fake.container_event(api.REMOVE_CONTAINER, POD, stranger, own_rpc)
+    assert [getattr(r, "containerID", None) for r in caplog.records if "never seen" in r.getMessage()] == ["stranger"]
     update = fake.call(
         "UpdateContainer", api.UpdateContainerRequest(pod=POD, container=stranger), api.UpdateContainerResponse
     )
@@ -85,6 +93,39 @@ def test_events_for_containers_never_seen(runtime: tuple[Runtime, NriEnforcer]) 
     assert [(u.container_id, cpus_of(u)) for u in update.update] == [("stranger", "1")]
     status = fake.call("Frobnicate", api.Empty(), api.Empty)
     assert getattr(status, "code", None) == UNIMPLEMENTED
+
+
+@DELIVERY
+def test_start_and_remove_reach_the_container_table_by_either_delivery(
+    runtime: tuple[Runtime, NriEnforcer], own_rpc: bool
+) -> None:
+    fake, plugin = runtime
+    fake.call("Synchronize", api.SynchronizeRequest(), api.SynchronizeResponse)
+    for cid in ("kept", "gone"):
+        fake.call(
+            "CreateContainer",
+            api.CreateContainerRequest(pod=POD, container=container(cid)),
+            api.CreateContainerResponse,
+        )
+        fake.container_event(api.START_CONTAINER, POD, container(cid), own_rpc)
+    # No StopContainer first, so that only the removal can take "gone" out of the table: once it has, only "kept"
+    # follows the shared pool when it grows.
+    fake.container_event(api.REMOVE_CONTAINER, POD, container("gone"), own_rpc)
+    plugin.claims_changed(State())
+    assert fake.peer is not None
+    call = fake.peer.read()
+    request = api.UpdateContainersRequest.FromString(nri_ttrpc_pb2.Request.FromString(call.payload).payload)
+    assert [(u.container_id, cpus_of(u)) for u in request.update] == [("kept", "0-1")]
+    fake.peer.respond(call.stream, api.UpdateContainersResponse().SerializeToString())
+    delivered = {
+        m: n for m, n in plugin.stub.calls.items() if m in ("StartContainer", "RemoveContainer", "StateChange")
+    }
+    assert delivered == ({"StartContainer": 2, "RemoveContainer": 1} if own_rpc else {"StateChange": 3})
+
+
+def test_registration_names_the_nri_api_the_plugin_speaks(runtime: tuple[Runtime, NriEnforcer]) -> None:
+    fake, _plugin = runtime
+    assert (fake.registered.plugin_name, fake.registered.NRI_version) == ("dra-cpu", "v0.12.3")
 
 
 def test_claims_changed_pushes_updates_from_the_plugins_own_thread(runtime: tuple[Runtime, NriEnforcer]) -> None:
@@ -182,14 +223,17 @@ def _create(fake: Runtime, cid: str, env: tuple[str, ...], pod: api.PodSandbox =
     return created
 
 
-def _start(fake: Runtime, cid: str) -> None:
-    event = api.StateChangeEvent(event=api.START_CONTAINER, pod=POD, container=container(cid))
-    event.container.linux.cgroups_path = CGROUP
-    assert fake.call("StateChange", event, api.Empty) == api.Empty()
+def _start(fake: Runtime, cid: str, own_rpc: bool = True) -> None:
+    started = container(cid)
+    started.linux.cgroups_path = CGROUP
+    fake.container_event(api.START_CONTAINER, POD, started, own_rpc)
 
 
+@DELIVERY
 @pytest.mark.parametrize(("version", "suffix"), [(2, "max"), (1, "limit_in_bytes")])
-def test_hugepage_claim_limits_land_in_both_hugetlb_files(tmp_path: Path, version: int, suffix: str) -> None:
+def test_hugepage_claim_limits_land_in_both_hugetlb_files(
+    tmp_path: Path, version: int, suffix: str, own_rpc: bool
+) -> None:
     directory = fake_hugetlb_tree(tmp_path / "cg", version)
     fake, plugin = _connected(tmp_path, State({"uid-h": HUGE}), "v0.12.0")
     try:
@@ -199,7 +243,7 @@ def test_hugepage_claim_limits_land_in_both_hugetlb_files(tmp_path: Path, versio
         assert [(h.page_size, h.limit) for h in resources.hugepage_limits] == [("2MB", 4 << 20)]
         assert (resources.cpu.cpus, resources.cpu.mems) == ("1", "0")
         # ... and, after creation, what the enforcer makes sure of itself: the fault and the reservation limit.
-        _start(fake, "huge")
+        _start(fake, "huge", own_rpc)
         assert (directory / f"hugetlb.2MB.{suffix}").read_text() == str(4 << 20)
         assert (directory / f"hugetlb.2MB.rsvd.{suffix}").read_text() == str(4 << 20)
         assert plugin.counters.hugetlb_unenforced == 0

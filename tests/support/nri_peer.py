@@ -21,6 +21,14 @@ SERVICE = "nri.pkg.api.v1alpha1.Plugin"
 
 M = TypeVar("M", bound=ProtoMessage)
 
+OWN_RPCS: dict[
+    api.Event.ValueType, tuple[str, type[api.StartContainerRequest | api.RemoveContainerRequest], ProtoMessage]
+] = {
+    api.START_CONTAINER: ("StartContainer", api.StartContainerRequest, api.StartContainerResponse()),
+    api.REMOVE_CONTAINER: ("RemoveContainer", api.RemoveContainerRequest, api.RemoveContainerResponse()),
+}
+"""The container events an NRI 0.12 runtime delivers through RPCs of their own: method, request, expected answer."""
+
 
 class Peer:
     """The runtime's side: raw frames in and out."""
@@ -67,12 +75,14 @@ class Runtime:
         self.listener.settimeout(5)
         self.peer: Peer | None = None
         self.stream = 1
+        self.registered = api.RegisterPluginRequest()
 
     def accept(self, nri_version: str = "") -> Peer:
         self.peer = Peer(self.listener.accept()[0])
         register = self.peer.read()
         request = nri_ttrpc_pb2.Request.FromString(register.payload)
-        assert api.RegisterPluginRequest.FromString(request.payload).plugin_idx == self.plugin_index
+        self.registered = api.RegisterPluginRequest.FromString(request.payload)
+        assert self.registered.plugin_idx == self.plugin_index
         configure = api.ConfigureRequest(runtime_name="fake", NRI_version=nri_version)
         response = self.call("Configure", configure, api.ConfigureResponse)
         assert isinstance(response, api.ConfigureResponse), response
@@ -89,6 +99,21 @@ class Runtime:
         if response.status.code:
             return response.status
         return response_type.FromString(response.payload)
+
+    def container_event(
+        self, event: api.Event.ValueType, pod: api.PodSandbox, container: api.Container, own_rpc: bool
+    ) -> None:
+        """Deliver a container event as an NRI 0.12 runtime does (`own_rpc`) or as older ones do (StateChange), and
+        check the plugin answers with that call's (empty) response rather than an error."""
+        if own_rpc:
+            method, request_type, expected = OWN_RPCS[event]
+            answer = self.call(method, request_type(pod=pod, container=container), type(expected))
+        else:
+            expected = api.Empty()
+            answer = self.call(
+                "StateChange", api.StateChangeEvent(event=event, pod=pod, container=container), api.Empty
+            )
+        assert answer == expected, answer
 
 
 def _request(payload: bytes) -> nri_ttrpc_pb2.Request:
