@@ -1,4 +1,5 @@
-"""The NRI plugin against a real containerd (2.1 and 1.7): cpusets read back inside the containers and on the host.
+"""The NRI plugin against a real containerd (each of containerd.sh's versions): cpusets read back inside the
+containers and on the host.
 
 Prepares run in-process through the Driver with a claim folder (StandaloneAPI); containers get the claim's CDI
 device through CRI the way kubelet passes it. The machine may have only 2 CPUs: one claimed, one shared.
@@ -10,6 +11,7 @@ import contextlib
 import os
 import signal
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -21,7 +23,7 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.cgroups import find_hugetlb_hierarchy
 from tests.support.nri_node import ONLINE, Node, nri_node
-from tests.support.testenv_containerd import Containerd
+from tests.support.testenv_containerd import Containerd, speaks_nri_0_12
 from tests.support.waiting import eventually
 
 
@@ -48,6 +50,44 @@ def test_claimed_container_pinned_and_shared_pool_follows_claims(node: Node) -> 
     cri.remove_pod(pod)
     assert node.driver.unprepare([ref]) == {ref.uid: ""}
     node.assert_allowed(bystander, ONLINE)
+
+
+DEPRECATION_LINES = ("NRI plugin uses a deprecated interface", "uses deprecated StateChange")
+"""containerd's deprecation warning (with its recorder, 2.3+) and NRI's own wording (runtimes without one)."""
+EVENT_METHODS = ("StartContainer", "RemoveContainer", "StateChange")
+
+
+def _logged_since(log: Path, offset: int) -> list[str]:
+    with log.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace").splitlines()
+
+
+def test_container_events_come_by_their_own_rpcs_where_the_runtime_has_them(node: Node) -> None:
+    """containerd 2.3+ (NRI 0.12) calls StartContainer and RemoveContainer, and would fall back to StateChange, with a
+    deprecation warning in its log, had the plugin answered UNIMPLEMENTED; older ones send StateChange events."""
+    cri, log = node.cri, node.containerd.log
+    offset, before = log.stat().st_size, Counter(node.plugin.stub.calls)
+    bystander = cri.create_container(cri.run_pod("bystander"), "plain")
+    pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
+    ref = node.claim([pod.uid])
+    claimed = node.cpus_of(ref)
+    pinned = node.claimed_container(pod, ref)
+    sidecar = cri.create_container(pod, "sidecar")
+    node.assert_allowed(pinned, claimed)
+    node.assert_allowed(sidecar, ONLINE - claimed)
+    node.assert_allowed(bystander, ONLINE - claimed)
+
+    cri.remove_pod(pod)
+    assert node.driver.unprepare([ref]) == {ref.uid: ""}
+    node.assert_allowed(bystander, ONLINE)
+    delivered = {method: node.plugin.stub.calls[method] - before[method] for method in EVENT_METHODS}
+    if speaks_nri_0_12(node.containerd.version):
+        assert delivered == {"StartContainer": 3, "RemoveContainer": 2, "StateChange": 0}
+        assert any("(with NRI version v0.12.3)" in line for line in _logged_since(log, 0))
+    else:
+        assert delivered == {"StartContainer": 0, "RemoveContainer": 0, "StateChange": 5}
+    assert [line for line in _logged_since(log, offset) if any(d in line for d in DEPRECATION_LINES)] == []
 
 
 def test_forged_env_gets_the_shared_pool_and_is_counted(node: Node) -> None:

@@ -30,11 +30,16 @@ CACHE = Path("/var/cache/dra-cpu-testenv")
 VERSIONS = subprocess.run(["bash", str(SCRIPT), "versions"], check=True, capture_output=True, text=True).stdout.split()
 
 
-def offers_memory_policy(version: str) -> bool:
-    """Whether containerd `version`, with the runc containerd.sh gives it, applies an NRI memory policy adjustment:
-    2.3.0 is the first release that requires NRI 0.12, and the one built from source runs runc 1.4 or later."""
+def speaks_nri_0_12(version: str) -> bool:
+    """Whether containerd `version` runs NRI 0.12 or later: 2.3.0 is the first release that requires it."""
     major, minor = (int(part) for part in version.split(".")[:2])
     return (major, minor) >= (2, 3)
+
+
+def offers_memory_policy(version: str) -> bool:
+    """Whether containerd `version`, with the runc containerd.sh gives it, applies an NRI memory policy adjustment:
+    it needs NRI 0.12, and the containerd built from source runs runc 1.4 or later."""
+    return speaks_nri_0_12(version)
 
 
 @dataclass
