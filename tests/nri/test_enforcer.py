@@ -29,7 +29,7 @@ CLAIM = PreparedClaim(
 )
 M = TypeVar("M", bound=Message)
 DELIVERY = pytest.mark.parametrize("own_rpc", [True, False], ids=["own-rpc", "state-change"])
-"""StartContainer and RemoveContainer as NRI 0.12 runtimes call them, and as StateChange events (NRI 0.8 to 0.11)."""
+"""StartContainer and RemoveContainer as NRI 0.12 runtimes call them, and as older ones send them (StateChange)."""
 
 
 def container(cid: str, env: tuple[str, ...] = ()) -> api.Container:
