@@ -131,17 +131,16 @@ class Device:
         }
         key = self.capacity_key
         if key is not None and self.capacity:
+            valid_range = {"min": quantity(self.step, self.type), "max": quantity(self.capacity, self.type)}
+            # The API server refuses a step that does not fit above the minimum (min + step > value), which a device
+            # of one step is (a lone isolated CPU, one core with whole cores, a pool of one page): its one valid
+            # amount is min = max, and the whole slice would be refused with it.
+            if 2 * self.step <= self.capacity:
+                valid_range["step"] = quantity(self.step, self.type)
             device["capacity"] = {
                 key: {
                     "value": quantity(self.capacity, self.type),
-                    "requestPolicy": {
-                        "default": quantity(self.step, self.type),
-                        "validRange": {
-                            "min": quantity(self.step, self.type),
-                            "max": quantity(self.capacity, self.type),
-                            "step": quantity(self.step, self.type),
-                        },
-                    },
+                    "requestPolicy": {"default": quantity(self.step, self.type), "validRange": valid_range},
                 }
             }
             device["allowMultipleAllocations"] = True

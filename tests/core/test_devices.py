@@ -19,7 +19,15 @@ from dra_cpu.core.devices import (
 )
 from dra_cpu.node.sysfs import read_topology
 from tests.support.paths import SYSFS
-from tests.support.synthetic import SyntheticCpu, SyntheticNode, uniform_machine, write_pcie_root, write_tree
+from tests.support.synthetic import (
+    ONE_STEP_CASES,
+    SyntheticCpu,
+    SyntheticNode,
+    one_step_machine,
+    uniform_machine,
+    write_pcie_root,
+    write_tree,
+)
 
 FIXTURES = SYSFS
 
@@ -195,6 +203,27 @@ def test_isolated_cpus_get_their_own_devices(tmp_path: Path) -> None:
     assert str(devices["cpu-isolated-numa1"].cpus) == "6"
     assert dict(devices["cpu-isolated-numa1"].attributes)["dra.cpu/isolated"] is True
     assert str(devices["cpu-numa1"].cpus) == "4-5,7"
+
+
+@pytest.mark.parametrize("case", sorted(ONE_STEP_CASES))
+def test_a_device_of_one_step_has_no_step(tmp_path: Path, case: str) -> None:
+    """Kubernetes refuses a validRange whose min + step exceeds the capacity: such a device has one valid amount."""
+    isolated, whole_cores = ONE_STEP_CASES[case]
+    topology = read_topology(one_step_machine(tmp_path, isolated))
+    devices = {
+        d.name: d.to_api() for d in build_devices(topology, DeviceConfig(node_name="n", whole_cores=whole_cores))
+    }
+    one = "2" if whole_cores else "1"
+    assert devices["cpu-isolated-numa1"]["capacity"]["dra.cpu/cpu"] == {
+        "value": one,
+        "requestPolicy": {"default": one, "validRange": {"min": one, "max": one}},
+    }
+    assert devices["hugepages-1gi-numa0"]["capacity"]["dra.cpu/memory"]["requestPolicy"] == {
+        "default": "1Gi",
+        "validRange": {"min": "1Gi", "max": "1Gi"},
+    }
+    # Devices of more than one step keep theirs.
+    assert devices["cpu-numa0"]["capacity"]["dra.cpu/cpu"]["requestPolicy"]["validRange"]["step"] == one
 
 
 def test_memory_only_node_gets_hugepages_but_no_cpus(tmp_path: Path) -> None:

@@ -17,12 +17,23 @@ import yaml
 from kubernetes import client
 
 from dra_cpu.core.devices import DeviceConfig, DeviceMode, build_devices
+from dra_cpu.core.topology import Topology
 from dra_cpu.kube.apiserver import connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
-from tests.support.cluster import Kube, ensure, new_namespace, pinned_pod, resource_slice, scheduled, wait_for
+from tests.support.cluster import (
+    DRIVER_ACCESS_KINDS,
+    Kube,
+    ensure,
+    new_namespace,
+    pinned_pod,
+    resource_slice,
+    scheduled,
+    wait_for,
+)
 from tests.support.control_plane import ControlPlane, close, create_node, delete_node, new_client
 from tests.support.paths import SYSFS
+from tests.support.synthetic import ONE_STEP_CASES, one_step_machine
 from tests.support.testenv_helm import CHART, Helm
 
 LOG = logging.getLogger("test.kube.slices")
@@ -44,7 +55,23 @@ def test_every_topology_is_published_whole(
     control_plane: ControlPlane, admin: Kube, sysfs_fixture: Path, mode: DeviceMode
 ) -> None:
     device_config = DeviceConfig(node_name=unique("node"), device_mode=mode)
-    devices = build_devices(read_topology(sysfs_fixture), device_config)
+    assert_published_whole(control_plane, admin, device_config, read_topology(sysfs_fixture))
+
+
+@pytest.mark.parametrize("case", sorted(ONE_STEP_CASES))
+def test_devices_of_one_step_are_published(control_plane: ControlPlane, admin: Kube, tmp_path: Path, case: str) -> None:
+    """A lone isolated CPU, an isolated core with whole cores, a pool of one 1 GiB page: the server refuses a step
+    that does not fit above the minimum, and with it the node's whole slice (the test guest's isolcpus found it)."""
+    isolated, whole_cores = ONE_STEP_CASES[case]
+    device_config = DeviceConfig(node_name=unique("node"), whole_cores=whole_cores)
+    assert_published_whole(control_plane, admin, device_config, read_topology(one_step_machine(tmp_path, isolated)))
+
+
+def assert_published_whole(
+    control_plane: ControlPlane, admin: Kube, device_config: DeviceConfig, topology: Topology
+) -> None:
+    """The devices of `topology` published once by the daemon's publisher, and read back unchanged."""
+    devices = build_devices(topology, device_config)
     kube = connect(str(control_plane.kubeconfig))
     try:
         publisher = SlicePublisher(kube, device_config, LOG)
@@ -99,15 +126,8 @@ def driver(control_plane: ControlPlane, helm: Helm) -> Iterator[Driver]:
     namespace, release, node = new_namespace(kube, "driver"), unique("dra-cpu"), unique("node")
     rendered = helm.run("template", release, str(CHART), "--namespace", namespace)
     assert rendered.returncode == 0, rendered.stderr
-    wanted = {
-        "ServiceAccount",
-        "ClusterRole",
-        "ClusterRoleBinding",
-        "ValidatingAdmissionPolicy",
-        "ValidatingAdmissionPolicyBinding",
-    }
-    objs = [o for o in yaml.safe_load_all(rendered.stdout) if o and o["kind"] in wanted]
-    assert {o["kind"] for o in objs} == wanted
+    objs = [o for o in yaml.safe_load_all(rendered.stdout) if o and o["kind"] in DRIVER_ACCESS_KINDS]
+    assert {o["kind"] for o in objs} == DRIVER_ACCESS_KINDS
     ensure(kube, objs, namespace)
     [account] = [o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"]
     create_node(api, node, cpus=4, memory=8 << 30)

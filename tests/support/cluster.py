@@ -50,6 +50,19 @@ CLUSTER_SCOPED = frozenset(
 )
 
 
+DRIVER_ACCESS_KINDS = frozenset(
+    {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
+)
+"""The chart's objects that give the driver its access to the API server, and bound it: what a test applies from
+`helm template` when the driver does not run as the chart's DaemonSet."""
+
+
 def plural(kind: str) -> str:
     lower = kind.lower()
     if lower.endswith("y"):

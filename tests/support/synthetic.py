@@ -147,6 +147,19 @@ def uniform_machine(
     return cpus, nodes
 
 
+ONE_STEP_CASES = {"lone-isolated-cpu": ("7", False), "one-isolated-core": ("3,7", True)}
+"""Name -> (isolated CPUs, whole cores) of `one_step_machine`: a device whose capacity is its one step."""
+
+
+def one_step_machine(root: Path, isolated: str) -> Path:
+    """Two NUMA nodes of two 2-thread cores (node 1: cores 2 and 3, CPUs 2,6 and 3,7) with `isolated` CPUs, and one
+    1 GiB page reserved on node 0: devices whose capacity is a single step of their request policy, with
+    ONE_STEP_CASES (the isolated device; with whole cores, one core) and always (the pool of one page)."""
+    cpus, nodes = uniform_machine(sockets=1, nodes_per_socket=2, cores_per_node=2, threads=2)
+    nodes[0] = SyntheticNode(id=0, cpus=nodes[0].cpus, hugepages={2048: (0, 0), 1048576: (1, 1)})
+    return write_tree(root, cpus, nodes, isolated=CPUSet.parse(isolated))
+
+
 def _cache(cpu: SyntheticCpu, level: int) -> int | None:
     return cpu.l2 if level == 2 else cpu.l3
 
