@@ -5,6 +5,11 @@ plugin boots them with `qemu-system-x86_64 -accel tcg -cpu max,vendor=GenuineInt
 in the topology of `SPEC`: 2 sockets x 2 cores x 2 threads, NUMA nodes 0 and 1 with 4 CPUs each, a memory-only
 node 2, distances, 2 MiB hugepages reserved per node on the kernel command line, one CPU in `isolcpus=`, pure
 cgroup v2 and no network.
+A guest booted with `forwards` (tests/support/guest_kubelet.py) has a NIC on qemu's user-mode network with restrict=on:
+it reaches the given ports of the host's loopback at GUEST_HOST and nothing else, and nothing reaches it. Its driver,
+virtio_net, is a module of Debian's kernel that the initramfs does not load; it comes from the kernel package that
+guest.sh keeps in its cache, so that the build (and the guests of other checkouts sharing it) stays as it is. With
+`shares`, host folders are mounted read-only at their own paths too.
 The project checkout is shared read-only over 9p at the host's own path, with the host's .venv site-packages on the
 guest's PYTHONPATH (both pythons are Debian 12's 3.11), so the guest runs this very checkout: `python3 -m dra_cpu`.
 Tests drive the guest through `Guest`, which talks to tests/support/guest_agent.py over a virtio-serial port.
@@ -16,6 +21,7 @@ Fixture:
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -35,7 +41,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SCRIPT = ROOT / "hack" / "testenv" / "guest.sh"
+RELAY = Path(__file__).resolve().parent / "guest_relay.py"
 AGENT_PORT = "dra-agent"
+GUEST_HOST = "10.0.2.100"
+"""Where a guest booted with `forwards` reaches those ports of the host's loopback."""
+GUEST_ADDRESS, GUEST_GATEWAY = "10.0.2.15", "10.0.2.2"
+"""qemu's user-mode defaults (its first DHCP lease and its gateway), set by hand: the guest has no DHCP client."""
+NET_MODULES = ("virtio_net",)
+MODULE_FOLDERS = ("drivers/net", "drivers/virtio", "net/core")
+"""Where kernel_modules looks, below the package's kernel/ (top level only: a few MB to unpack, not the 400 MB of
+all modules)."""
 BOOT_TIMEOUT = 360.0
 """TCG on 2 busy host cores: the boot itself takes 15 to 40 s; the rest is headroom for a loaded machine."""
 
@@ -258,6 +273,41 @@ class Guest:
     def write(self, path: str, text: str) -> None:
         self.request("write", path=path, text=text)
 
+    def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """A binary file (the agent's `write` takes text), through base64 on stdin."""
+        self.run(["sh", "-c", f"base64 -d >{shlex.quote(path)} && chmod {mode:o} {shlex.quote(path)}"],
+                 input=base64.b64encode(data).decode())  # fmt: skip
+
+    def mount_shares(self, shares: Sequence[Path]) -> None:
+        """Mounts the host folders that boot() shared, read-only at their host paths."""
+        for index, path in enumerate(shares):
+            where = shlex.quote(str(path))
+            self.run(
+                f"mkdir -p {where} && mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose "
+                f"{_share_tag(index)} {where}"
+            )
+
+    def network_up(self, modules: Sequence[tuple[str, bytes]]) -> None:
+        """Loads the NIC's driver (`kernel_modules`) and gives the NIC qemu's user-mode address and route."""
+        self.run("mkdir -p /run/dra-guest-modules")
+        for name, data in modules:
+            if self.run(["test", "-d", f"/sys/module/{name}"], check=False).rc == 0:
+                continue
+            self.put(f"/run/dra-guest-modules/{name}.ko", data)
+            self.run(["insmod", f"/run/dra-guest-modules/{name}.ko"])
+        nic = self.run(
+            "for i in $(seq 100); do for n in /sys/class/net/*; do [ ${n##*/} = lo ] || { echo ${n##*/}; exit 0; };"
+            " done; sleep 0.1; done; exit 3",
+            check=False,
+        )
+        if nic.rc != 0:
+            raise GuestError(f"no network interface after loading {[n for n, _ in modules]}:\n{self.console_tail()}")
+        name = nic.stdout.strip()
+        self.run(
+            f"busybox ip addr add {GUEST_ADDRESS}/24 dev {name} && busybox ip link set {name} up && "
+            f"busybox ip route add default via {GUEST_GATEWAY}"
+        )
+
     def uptime(self) -> float:
         return float(self.request("ping", timeout=10)["uptime"])
 
@@ -272,10 +322,17 @@ class Guest:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(socket_path))
         self._socket = sock
+        request_id = -1
         # Pings sent before the agent opened its port may be lost: ask again until one is answered.
         while True:
             self._check_alive(deadline)
-            request_id = self._send({"op": "ping"})
+            try:
+                request_id = self._send({"op": "ping"})
+            except TimeoutError:
+                # qemu keeps what the guest has not read, and stops taking more: a slow boot (a loaded host) fills
+                # that up with pings. The agent answers them all once it reads; wait for the last one sent.
+                if request_id < 0:
+                    continue
             reply = self._receive(request_id, 3.0)
             if reply is not None:
                 self.boot_seconds = time.monotonic() - start
@@ -315,8 +372,67 @@ def built() -> tuple[Path | None, str]:
     return Path(done.stdout.strip()), ""
 
 
-def boot(build: Path, spec: GuestSpec = SPEC) -> Guest:
-    """Boot the guest and wait for its agent. The disk is a throwaway snapshot; the checkout is shared read-only."""
+def _share_tag(index: int) -> str:
+    return f"dra-share{index}"
+
+
+def network_args(forwards: Sequence[int]) -> list[str]:
+    """A user-mode NIC through which the guest reaches the host's loopback `forwards` ports at GUEST_HOST, and
+    nothing else (restrict=on). Each connection runs guest_relay.py: a chardev target would take one connection
+    only, for the life of qemu."""
+    # qemu reads a comma in an option's value as the next option unless doubled.
+    relays = ",".join(
+        f"guestfwd=tcp:{GUEST_HOST}:{port}-cmd:"
+        + shlex.join([sys.executable, "-I", "-S", str(RELAY), str(port)]).replace(",", ",,")
+        for port in forwards
+    )
+    return ["-netdev", f"user,id=net,restrict=on,{relays}", "-device", "virtio-net-pci,netdev=net"]
+
+
+def kernel_modules(build: Path, names: Sequence[str]) -> list[tuple[str, bytes]]:
+    """The modules `names` and those they depend on, in load order, from the kernel package of `build` (guest.sh
+    keeps it in its cache): (name, contents) each. Looked for in MODULE_FOLDERS, where the NIC drivers and what they
+    need are; some of them the initramfs has loaded already."""
+    words = (build / "info").read_text().split("\n", 1)[0].split()  # kernel NAME VERSION (RELEASE)
+    if len(words) < 3 or words[0] != "kernel":
+        raise GuestError(f"{build / 'info'} does not name the kernel package")
+    deb = build.parent / "debs" / f"{words[1]}_{words[2].replace(':', '%3a')}_amd64.deb"
+    if not deb.is_file():
+        raise GuestError(f"the guest's kernel package {deb} is not in the cache: run hack/testenv/guest.sh install")
+    with tempfile.TemporaryDirectory(prefix="dra-guest-modules-") as tmp:
+        patterns = " ".join(f"'./lib/modules/*/kernel/{folder}/*.ko'" for folder in MODULE_FOLDERS)
+        unpacked = subprocess.run(
+            f"dpkg-deb --fsys-tarfile {shlex.quote(str(deb))} | "
+            f"tar -x -C {shlex.quote(tmp)} --wildcards --no-wildcards-match-slash {patterns}",
+            shell=True, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if unpacked.returncode != 0:
+            raise GuestError(f"unpacking modules from {deb} failed: {unpacked.stderr[-2000:]}")
+        files = {p.stem.replace("-", "_"): p for p in Path(tmp).rglob("*.ko")}
+        order: list[str] = []
+
+        def add(name: str, wanted_by: str) -> None:
+            if name in order:
+                return
+            if name not in files:
+                raise GuestError(f"module {name} (for {wanted_by}) is not in {MODULE_FOLDERS} of {deb}")
+            depends = subprocess.run(
+                ["modinfo", "-F", "depends", str(files[name])], capture_output=True, text=True, check=True
+            ).stdout.strip()
+            for dependency in filter(None, depends.split(",")):
+                add(dependency.replace("-", "_"), name)
+            order.append(name)
+
+        for name in names:
+            add(name, name)
+        return [(name, files[name].read_bytes()) for name in order]
+
+
+def boot(build: Path, spec: GuestSpec = SPEC, *, forwards: Sequence[int] = (), shares: Sequence[Path] = ()) -> Guest:
+    """Boot the guest and wait for its agent. The disk is a throwaway snapshot; the checkout is shared read-only.
+    With `forwards`, the guest reaches those ports of the host's loopback at GUEST_HOST (and nothing else); `shares`
+    are host folders it gets read-only at their own paths."""
+    modules = kernel_modules(build, NET_MODULES) if forwards else []
     # Short: the agent's socket path must fit a unix socket address.
     workdir = Path(tempfile.mkdtemp(prefix="dra-guest-", dir="/tmp"))
     agent = workdir / "agent.sock"
@@ -324,7 +440,8 @@ def boot(build: Path, spec: GuestSpec = SPEC) -> Guest:
     argv = [
         "qemu-system-x86_64",
         *spec.qemu_args(),
-        "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none", "-nic", "none",
+        "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
+        *(network_args(forwards) if forwards else ["-nic", "none"]),
         "-serial", f"file:{workdir / 'console.log'}",
         "-kernel", str(build / "vmlinuz"),
         "-initrd", str(build / "initrd.img"),
@@ -337,6 +454,11 @@ def boot(build: Path, spec: GuestSpec = SPEC) -> Guest:
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=agent,path={agent},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+        *(
+            arg
+            for index, path in enumerate(shares)
+            for arg in ("-virtfs", f"local,path={path},mount_tag={_share_tag(index)},security_model=none,readonly=on")
+        ),
         *spec.device_args(),
     ]  # fmt: skip
     (workdir / "qemu.cmd").write_text(shlex.join(argv) + "\n")
@@ -347,6 +469,9 @@ def boot(build: Path, spec: GuestSpec = SPEC) -> Guest:
     guest = Guest(spec, process, workdir)
     try:
         guest.connect(agent, BOOT_TIMEOUT)
+        guest.mount_shares(shares)
+        if forwards:
+            guest.network_up(modules)
     except BaseException:
         guest.poweroff()
         raise
@@ -372,6 +497,14 @@ def guest_fixture(pytestconfig: pytest.Config) -> Iterator[Guest]:
 
 
 _BOOTED = pytest.StashKey[Guest]()
+GUEST_FIXTURES = {"guest", "guest_kubelet"}
+"""Fixtures that boot a guest: their tests are marked `guest`."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if GUEST_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.guest)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

@@ -32,8 +32,15 @@ from dra_cpu.core.cpuset import CPUSet
 from tests.support import kubelet_node, waiting
 from tests.support.cri import Allowed, Container, Pod
 
-# The session's `guest` fixture and the summary hook are registered with pytest as part of this plugin.
-from tests.support.guest import ROOT, Guest, GuestError, guest_fixture, pytest_terminal_summary  # noqa: F401
+# The session's `guest` fixture and the hooks are registered with pytest as part of this plugin.
+from tests.support.guest import (  # noqa: F401
+    ROOT,
+    Guest,
+    GuestError,
+    guest_fixture,
+    pytest_collection_modifyitems,
+    pytest_terminal_summary,
+)
 
 DRIVER = "dra.cpu"
 NODE = "dra-guest"
@@ -153,13 +160,15 @@ class GuestNode:
         self.call("close", socket=self.cri_socket)
         self.guest.run(["bash", str(CONTAINERD), "stop", self.version, self.containerd_dir], timeout=120)
 
-    def start_driver(self, *extra: str) -> None:
-        """`dra-cpu run` with NRI enforcement; returns once it has registered with the stand-in kubelet."""
+    def start_driver(self, *extra: str, kubeconfig: str = "", node_name: str = NODE) -> None:
+        """`dra-cpu run` with NRI enforcement; returns once it has registered with the stand-in kubelet. With
+        `kubeconfig`, against that API server instead of the stand-in folder, for a real kubelet (guest_kubelet.py):
+        returns once its registration socket is there for the kubelet to find."""
         argv = [
             # faulthandler: a daemon that hangs is sent SIGABRT and its threads' stacks land in its log.
             "python3", "-X", "faulthandler", "-m", "dra_cpu", "run",
-            "--standalone", self.cluster,
-            "--node-name", NODE,
+            *(["--kubeconfig", kubeconfig] if kubeconfig else ["--standalone", self.cluster]),
+            "--node-name", node_name,
             "--enforcement", "nri",
             "--nri-socket", f"{self.containerd_dir}/nri/nri.sock",
             "--kubelet-root-dir", f"{self.dir}/kubelet",
@@ -180,7 +189,8 @@ class GuestNode:
         )
         if waited.rc != 0:
             raise GuestError(f"dra-cpu run did not register ({waited.rc}):\n{self.log_tail()}")
-        self.call("register", registration=self.registration)
+        if not kubeconfig:
+            self.call("register", registration=self.registration)
 
     def stop_driver(self) -> int:
         """SIGTERM, as the kubelet stops a pod; returns the exit status."""
@@ -252,11 +262,13 @@ class GuestNode:
             cpuset_mems=cpuset_mems,
         )
 
-    def pid(self, container: Container) -> int:
-        """The guest pid of the container's first process (it keeps it while it runs)."""
-        if container.id not in self._pids:
-            self._pids[container.id] = self.call("container_pid", socket=self.cri_socket, container_id=container.id)
-        return self._pids[container.id]
+    def pid(self, container: Container | str) -> int:
+        """The guest pid of the container's first process (it keeps it while it runs); `container` may be the id of
+        one that another client made (the guest's real kubelet, guest_kubelet.py)."""
+        cid = container if isinstance(container, str) else container.id
+        if cid not in self._pids:
+            self._pids[cid] = self.call("container_pid", socket=self.cri_socket, container_id=cid)
+        return self._pids[cid]
 
     # Claims, as the scheduler leaves them, and the kubelet's prepare.
     def claim(self, results: list[dict[str, Any]], pod_uids: Sequence[str], name: str = "") -> Claim:
@@ -318,7 +330,7 @@ class GuestNode:
             claimed |= self.granted(claim) if f"DRA_CPUSET_{claim.uid}" in self.env(claim) else set()
         return self.online() - self.isolated() - claimed
 
-    def allowed(self, container: Container) -> Allowed:
+    def allowed(self, container: Container | str) -> Allowed:
         """Of the container's first process, from the guest's /proc."""
         return Allowed.parse(self.guest.read(f"/proc/{self.pid(container)}/status"))
 
@@ -328,13 +340,13 @@ class GuestNode:
         assert reply["rc"] == 0, reply
         return Allowed.parse(reply["stdout"])
 
-    def cgroup(self, container: Container) -> str:
+    def cgroup(self, container: Container | str) -> str:
         """The container's cgroup directory: cgroup2 alone is mounted on /sys/fs/cgroup in the guest."""
         lines = self.guest.read(f"/proc/{self.pid(container)}/cgroup").splitlines()
         assert lines and all(line.startswith("0::") for line in lines), f"not a pure cgroup v2 process: {lines}"
         return "/sys/fs/cgroup" + lines[0].removeprefix("0::")
 
-    def cgroup_file(self, container: Container, name: str) -> str:
+    def cgroup_file(self, container: Container | str, name: str) -> str:
         return self.guest.read(f"{self.cgroup(container)}/{name}").strip()
 
     def assert_allowed(
