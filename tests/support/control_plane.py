@@ -212,8 +212,9 @@ class Pki:
         _openssl("ec", "-in", f"{name}.key", "-pubout", "-out", f"{name}.pub", cwd=self.dir)
 
 
-def write_kubeconfig(path: Path, url: str, ca: Path, user: Mapping[str, str]) -> Path:
-    """A kubeconfig for `url` whose user is `user` (client-certificate/client-key, or token)."""
+def kubeconfig_text(url: str, ca: Path, user: Mapping[str, str]) -> str:
+    """A kubeconfig for `url` whose user is `user` (client-certificate/client-key, or token), as JSON (which is
+    YAML)."""
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -222,7 +223,11 @@ def write_kubeconfig(path: Path, url: str, ca: Path, user: Mapping[str, str]) ->
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user"}}],
         "current-context": "test",
     }
-    path.write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
+    return json.dumps(config, indent=2) + "\n"
+
+
+def write_kubeconfig(path: Path, url: str, ca: Path, user: Mapping[str, str]) -> Path:
+    path.write_text(kubeconfig_text(url, ca, user))
     return path
 
 

@@ -36,7 +36,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -239,50 +239,19 @@ class RealNode:
                     (path / name).write_text((hierarchy / name).read_text())
 
     def _credentials(self) -> None:
-        pki = self.plane.pki
-        cert = f"kubelet-{self.dir.name}"
-        pki.issue(cert, f"/O=system:nodes/CN=system:node:{self.name}")
-        write_kubeconfig(
-            self.dir / "kubelet.kubeconfig",
-            self.plane.url,
-            pki.ca,
-            {"client-certificate": str(pki.dir / f"{cert}.crt"), "client-key": str(pki.dir / f"{cert}.key")},
-        )
+        user = node_user(self.plane, self.name, f"kubelet-{self.dir.name}")
+        write_kubeconfig(self.dir / "kubelet.kubeconfig", self.plane.url, self.plane.pki.ca, user)
 
     def _config(self) -> None:
         self.port = free_port()
-        gates = self.feature_gates
-        config = {
-            "apiVersion": "kubelet.config.k8s.io/v1beta1",
-            "kind": "KubeletConfiguration",
-            "address": "127.0.0.1",
-            "port": self.port,
-            "readOnlyPort": 0,
-            "healthzPort": 0,
-            "containerRuntimeEndpoint": f"unix://{self.runtime.cri_socket}",
-            "cgroupDriver": "cgroupfs",
-            "cgroupRoot": self.cgroup_root,
-            "failCgroupV1": False,
-            "failSwapOn": False,
-            "oomScoreAdj": 0,
-            "cpuManagerPolicy": "none",
-            "podLogsDir": str(self.dir / "pod-logs"),
-            "authentication": {
-                "anonymous": {"enabled": False},
-                "webhook": {"enabled": False},
-                "x509": {"clientCAFile": str(self.plane.pki.ca)},
-            },
-            "authorization": {"mode": "AlwaysAllow"},
-            # A busy shared disk must not make the node evict the tests' pods or delete their images.
-            "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
-            "imageGCHighThresholdPercent": 100,
-            "imageGCLowThresholdPercent": 99,
-            "featureGates": dict(gates),
-            "serializeImagePulls": False,
-            "syncFrequency": "10s",
-            "nodeStatusUpdateFrequency": "5s",
-            "fileCheckFrequency": "5s",
-        }
+        config = kubelet_configuration(
+            self.plane,
+            port=self.port,
+            cri_socket=str(self.runtime.cri_socket),
+            cgroup_root=self.cgroup_root,
+            pod_logs_dir=str(self.dir / "pod-logs"),
+            feature_gates=self.feature_gates,
+        )
         (self.dir / "kubelet.yaml").write_text(json.dumps(config, indent=2) + "\n")
         for name, value in KERNEL_TUNABLES.items():
             (self.dir / "sysctl").mkdir(exist_ok=True)
@@ -308,13 +277,7 @@ class RealNode:
         )
         kubelet = shlex.join(
             [
-                str(binary),
-                f"--config={self.dir / 'kubelet.yaml'}",
-                f"--kubeconfig={self.dir / 'kubelet.kubeconfig'}",
-                f"--root-dir={self.root}",
-                f"--cert-dir={self.dir / 'pki'}",
-                f"--hostname-override={self.name}",
-                "--v=2",
+                *kubelet_argv(binary, self.dir, self.root, self.name),
                 *([f"--vmodule={self.vmodule}"] if self.vmodule else []),
             ]
         )
@@ -375,27 +338,21 @@ class RealNode:
 
     def wait_ready(self, timeout: float = START_SECONDS) -> dict[str, Any]:
         """The Node once Ready, without the not-ready taint; fails with the kubelet's log tail."""
-        kube = self.kube
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def exited() -> str:
             if self._kubelet is None or self._kubelet.poll() is not None:
-                code = None if self._kubelet is None else self._kubelet.returncode
-                raise NodeError(f"the kubelet exited ({code}); {self.log}:\n{self.kubelet_log_tail()}")
-            node = kube.find(f"/api/v1/nodes/{self.name}")
+                return f"the kubelet exited ({None if self._kubelet is None else self._kubelet.returncode})"
+            return ""
+
+        return wait_node_ready(
+            self.kube,
+            self.name,
+            timeout,
+            exited=exited,
             # The plugin watcher's folder, which the driver's DaemonSet mounts (type Directory), comes a moment later.
-            if node is not None and _ready(node) and (self.root / "plugins_registry").is_dir():
-                taints = node["spec"].get("taints") or []
-                kept = [t for t in taints if not t["key"].startswith("node.kubernetes.io/not-ready")]
-                if kept != taints:
-                    node = kube.patch(f"/api/v1/nodes/{self.name}", {"spec": {"taints": kept or None}})
-                return node
-            if time.monotonic() > deadline:
-                status = json.dumps((node or {}).get("status", {}).get("conditions"), indent=1)
-                raise NodeError(
-                    f"node {self.name} not Ready after {timeout:.0f} s (conditions {status}); {self.log}:\n"
-                    + self.kubelet_log_tail()
-                )
-            time.sleep(0.5)
+            also=lambda: (self.root / "plugins_registry").is_dir(),
+            log=lambda: f"{self.log}:\n{self.kubelet_log_tail()}",
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # Looking into containers.
@@ -462,6 +419,112 @@ def _ready(node: Mapping[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", []))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# What any kubelet joined to the test control plane needs (this node, and the test guest's: guest_kubelet.py).
+
+
+def node_user(plane: ControlPlane, name: str, cert: str) -> dict[str, str]:
+    """A kubeconfig user for the kubelet of node `name`: a client certificate (file `cert` in the plane's PKI) of
+    group system:nodes and user system:node:<name>, which the Node authorizer and NodeRestriction admit."""
+    pki = plane.pki
+    pki.issue(cert, f"/O=system:nodes/CN=system:node:{name}")
+    return {"client-certificate": str(pki.dir / f"{cert}.crt"), "client-key": str(pki.dir / f"{cert}.key")}
+
+
+def kubelet_gates(plane: ControlPlane, feature_gates: Mapping[str, bool] | None = None) -> dict[str, bool]:
+    """`feature_gates` (by default the control plane's) less those this kubelet does not know."""
+    known = plane.known_gates("kubelet")
+    return {k: v for k, v in (feature_gates or plane.gates).items() if k in known}
+
+
+def kubelet_configuration(
+    plane: ControlPlane,
+    *,
+    port: int,
+    cri_socket: str,
+    cgroup_root: str,
+    pod_logs_dir: str,
+    feature_gates: Mapping[str, bool],
+) -> dict[str, Any]:
+    """The KubeletConfiguration of a test node: the cgroupfs driver below containerd's cgroup parent, no CPU manager,
+    client certificates of the plane's CA only, and nothing that evicts the tests' pods or deletes their images."""
+    return {
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "address": "127.0.0.1",
+        "port": port,
+        "readOnlyPort": 0,
+        "healthzPort": 0,
+        "containerRuntimeEndpoint": f"unix://{cri_socket}",
+        "cgroupDriver": "cgroupfs",
+        "cgroupRoot": cgroup_root,
+        "failCgroupV1": False,
+        "failSwapOn": False,
+        "oomScoreAdj": 0,
+        "cpuManagerPolicy": "none",
+        "podLogsDir": pod_logs_dir,
+        "authentication": {
+            "anonymous": {"enabled": False},
+            "webhook": {"enabled": False},
+            "x509": {"clientCAFile": str(plane.pki.ca)},
+        },
+        "authorization": {"mode": "AlwaysAllow"},
+        # A busy shared disk must not make the node evict the tests' pods or delete their images.
+        "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+        "imageGCHighThresholdPercent": 100,
+        "imageGCLowThresholdPercent": 99,
+        "featureGates": dict(feature_gates),
+        "serializeImagePulls": False,
+        "syncFrequency": "10s",
+        "nodeStatusUpdateFrequency": "5s",
+        "fileCheckFrequency": "5s",
+    }
+
+
+def kubelet_argv(binary: Path, config_dir: Path, root: Path, name: str) -> list[str]:
+    """The kubelet's command line: kubelet.yaml and kubelet.kubeconfig in `config_dir`, its own serving certificate
+    in config_dir/pki, root folder `root`, node `name`."""
+    return [
+        str(binary),
+        f"--config={config_dir / 'kubelet.yaml'}",
+        f"--kubeconfig={config_dir / 'kubelet.kubeconfig'}",
+        f"--root-dir={root}",
+        f"--cert-dir={config_dir / 'pki'}",
+        f"--hostname-override={name}",
+        "--v=2",
+    ]
+
+
+def wait_node_ready(
+    kube: Kube,
+    name: str,
+    timeout: float,
+    *,
+    exited: Callable[[], str],
+    log: Callable[[], str],
+    also: Callable[[], bool] = lambda: True,
+) -> dict[str, Any]:
+    """Node `name` once Ready (and `also()`), with the not-ready taint taken off as the node lifecycle controller
+    would (the control plane runs none). Raises NodeError with `log()` (the kubelet's log tail) when `exited()` says
+    why the kubelet is gone, or on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gone = exited()
+        if gone:
+            raise NodeError(f"{gone}; {log()}")
+        node = kube.find(f"/api/v1/nodes/{name}")
+        if node is not None and _ready(node) and also():
+            taints = node["spec"].get("taints") or []
+            kept = [t for t in taints if not t["key"].startswith("node.kubernetes.io/not-ready")]
+            if kept != taints:
+                node = kube.patch(f"/api/v1/nodes/{name}", {"spec": {"taints": kept or None}})
+            return dict(node)
+        if time.monotonic() > deadline:
+            status = json.dumps((node or {}).get("status", {}).get("conditions"), indent=1)
+            raise NodeError(f"node {name} not Ready after {timeout:.0f} s (conditions {status}); {log()}")
+        time.sleep(0.5)
+
+
 def container_id(pod: Mapping[str, Any], name: str | None = None) -> str:
     """The runtime id of a pod's container (the first, or the one named `name`)."""
     for status in pod.get("status", {}).get("containerStatuses", []):
@@ -478,8 +541,7 @@ def running(
     start, and cleans up either way."""
     if os.geteuid() != 0:
         raise NodeError("a real node needs root")
-    known = plane.known_gates("kubelet")
-    gates = {k: v for k, v in (feature_gates or plane.gates).items() if k in known}
+    gates = kubelet_gates(plane, feature_gates)
     node = RealNode(plane, Path(tempfile.mkdtemp(prefix="dra-kl-", dir="/tmp")), gates, vmodule=vmodule)
     try:
         node.start()
