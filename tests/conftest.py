@@ -18,6 +18,8 @@ pytest_plugins: list[str] = [
     "tests.support.testenv_helm",
     "tests.support.guest_node",
     "tests.support.real_node",
+    # After real_node, which it imports: a plugin imported before its own registration is not assertion-rewritten.
+    "tests.support.guest_kubelet",
 ]
 
 
