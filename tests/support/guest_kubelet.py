@@ -56,6 +56,7 @@ from tests.support.guest_node import VERSIONS, GuestNode
 from tests.support.node_claims import running
 from tests.support.real_node import (
     NodeError,
+    drain,
     kubelet_argv,
     kubelet_configuration,
     kubelet_gates,
@@ -151,9 +152,6 @@ class GuestKubelet:
     def set_online(self, cpu: int, online: bool) -> None:
         self.guest.write(f"/sys/devices/system/cpu/cpu{cpu}/online", "1" if online else "0")
 
-    def online_cpus(self) -> CPUSet:
-        return CPUSet.parse(self.guest.read("/sys/devices/system/cpu/online").strip())
-
     # ------------------------------------------------------------------------------------------------------------
     # Starting and stopping.
 
@@ -248,7 +246,8 @@ class GuestKubelet:
         token = kube.request("POST", path, token_request)["status"]["token"]
         kubeconfig = f"{self.node.dir}/driver.kubeconfig"
         self.guest.write(kubeconfig, kubeconfig_text(server, self.plane.pki.ca, {"token": token}))
-        self.node.start_driver(kubeconfig=kubeconfig, node_name=self.name)
+        # Against an API server the daemon imports the Kubernetes client first: slower to start under TCG.
+        self.node.start_driver(kubeconfig=kubeconfig, node_name=self.name, register_seconds=int(START_SECONDS))
 
         def ready() -> bool:
             try:
@@ -273,7 +272,7 @@ class GuestKubelet:
         kube = self.kube
         try:
             if self.kubelet_pid and self.guest.wait(self.kubelet_pid, 0) is None:
-                self._drain()
+                drain(kube, self.name, timeout=120)
         finally:
             with contextlib.suppress(Exception):
                 self.node.stop_driver()
@@ -296,18 +295,6 @@ class GuestKubelet:
             if self.driver_namespace:
                 with contextlib.suppress(Exception):
                     kube.delete(f"/api/v1/namespaces/{self.driver_namespace}")
-
-    def _drain(self, timeout: float = 120.0) -> None:
-        kube = self.kube
-
-        def pods() -> list[dict[str, Any]]:
-            return kube.list("/api/v1/pods", field_selector=f"spec.nodeName={self.name}")
-
-        for pod in pods():
-            meta = pod["metadata"]
-            kube.delete(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}")
-        with contextlib.suppress(AssertionError):
-            wait_for(lambda: not pods(), "the guest node's pods to be gone", timeout, interval=1)
 
 
 @contextlib.contextmanager

@@ -160,10 +160,12 @@ class GuestNode:
         self.call("close", socket=self.cri_socket)
         self.guest.run(["bash", str(CONTAINERD), "stop", self.version, self.containerd_dir], timeout=120)
 
-    def start_driver(self, *extra: str, kubeconfig: str = "", node_name: str = NODE) -> None:
+    def start_driver(
+        self, *extra: str, kubeconfig: str = "", node_name: str = NODE, register_seconds: int = 60
+    ) -> None:
         """`dra-cpu run` with NRI enforcement; returns once it has registered with the stand-in kubelet. With
         `kubeconfig`, against that API server instead of the stand-in folder, for a real kubelet (guest_kubelet.py):
-        returns once its registration socket is there for the kubelet to find."""
+        returns once its registration socket is there for the kubelet to find. Fails after `register_seconds`."""
         argv = [
             # faulthandler: a daemon that hangs is sent SIGABRT and its threads' stacks land in its log.
             "python3", "-X", "faulthandler", "-m", "dra_cpu", "run",
@@ -183,9 +185,11 @@ class GuestNode:
         self.driver_pid = self.guest.spawn(argv, self.driver_log)
         # The registration socket appears once NRI has synchronized with containerd.
         waited = self.guest.run(
-            f"for i in $(seq 600); do [ -S {self.registration} ] && exit 0; kill -0 {self.driver_pid} || exit 3; "
+            f"for i in $(seq {register_seconds * 10}); do [ -S {self.registration} ] && exit 0; "
+            f"kill -0 {self.driver_pid} || exit 3; "
             "sleep 0.1; done; exit 4",
             check=False,
+            timeout=register_seconds * 2 + 60,  # the sleeps themselves run late on a loaded guest
         )
         if waited.rc != 0:
             raise GuestError(f"dra-cpu run did not register ({waited.rc}):\n{self.log_tail()}")

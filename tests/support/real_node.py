@@ -150,7 +150,7 @@ class RealNode:
         stops the kubelet and containerd, and removes every mount, cgroup, interface and file the node made."""
         try:
             if self._kubelet is not None and self._kubelet.poll() is None:
-                self._drain()
+                drain(self.kube, self.name)
         finally:
             self.stop_kubelet()
             if self.containerd is not None:
@@ -169,27 +169,6 @@ class RealNode:
                 close(self._api)
                 self._api = None
             shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _drain(self, timeout: float = 90.0) -> None:
-        """Deletes the node's pods and waits for those no DaemonSet brings back (uninstall DaemonSets first)."""
-        kube = self.kube
-
-        def pods() -> list[dict[str, Any]]:
-            return kube.list("/api/v1/pods", field_selector=f"spec.nodeName={self.name}")
-
-        def owned_by_daemonset(pod: Mapping[str, Any]) -> bool:
-            return any(o.get("kind") == "DaemonSet" for o in pod["metadata"].get("ownerReferences", []))
-
-        for pod in pods():
-            meta = pod["metadata"]
-            kube.delete(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}")
-        with contextlib.suppress(AssertionError):
-            wait_for(
-                lambda: not [p for p in pods() if not owned_by_daemonset(p)],
-                "the node's pods to be gone",
-                timeout,
-                interval=0.5,
-            )
 
     def _images(self) -> None:
         """hack/examples' image name for the test busybox image (containerd.sh imported it)."""
@@ -493,6 +472,28 @@ def kubelet_argv(binary: Path, config_dir: Path, root: Path, name: str) -> list[
         f"--hostname-override={name}",
         "--v=2",
     ]
+
+
+def drain(kube: Kube, name: str, timeout: float = 90.0) -> None:
+    """Deletes node `name`'s pods and waits for those no DaemonSet brings back (uninstall DaemonSets first), so that
+    its kubelet unmounts their volumes and unprepares their claims before it stops."""
+
+    def pods() -> list[dict[str, Any]]:
+        return kube.list("/api/v1/pods", field_selector=f"spec.nodeName={name}")
+
+    def owned_by_daemonset(pod: Mapping[str, Any]) -> bool:
+        return any(o.get("kind") == "DaemonSet" for o in pod["metadata"].get("ownerReferences", []))
+
+    for pod in pods():
+        meta = pod["metadata"]
+        kube.delete(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}")
+    with contextlib.suppress(AssertionError):
+        wait_for(
+            lambda: not [p for p in pods() if not owned_by_daemonset(p)],
+            f"the pods of node {name} to be gone",
+            timeout,
+            interval=0.5,
+        )
 
 
 def wait_node_ready(
