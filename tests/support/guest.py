@@ -389,16 +389,24 @@ def network_args(forwards: Sequence[int]) -> list[str]:
     return ["-netdev", f"user,id=net,restrict=on,{relays}", "-device", "virtio-net-pci,netdev=net"]
 
 
+def kernel_package(build: Path) -> tuple[Path | None, str]:
+    """The kernel's .deb that guest.sh keeps beside `build`, or None and why there is none."""
+    words = (build / "info").read_text().split("\n", 1)[0].split()  # kernel NAME VERSION (RELEASE)
+    if len(words) < 3 or words[0] != "kernel":
+        return None, f"{build / 'info'} does not name the kernel package"
+    deb = build.parent / "debs" / f"{words[1]}_{words[2].replace(':', '%3a')}_amd64.deb"
+    if not deb.is_file():
+        return None, f"the guest's kernel package {deb} is not in the cache: run hack/testenv/guest.sh install"
+    return deb, ""
+
+
 def kernel_modules(build: Path, names: Sequence[str]) -> list[tuple[str, bytes]]:
     """The modules `names` and those they depend on, in load order, from the kernel package of `build` (guest.sh
     keeps it in its cache): (name, contents) each. Looked for in MODULE_FOLDERS, where the NIC drivers and what they
     need are; some of them the initramfs has loaded already."""
-    words = (build / "info").read_text().split("\n", 1)[0].split()  # kernel NAME VERSION (RELEASE)
-    if len(words) < 3 or words[0] != "kernel":
-        raise GuestError(f"{build / 'info'} does not name the kernel package")
-    deb = build.parent / "debs" / f"{words[1]}_{words[2].replace(':', '%3a')}_amd64.deb"
-    if not deb.is_file():
-        raise GuestError(f"the guest's kernel package {deb} is not in the cache: run hack/testenv/guest.sh install")
+    deb, why = kernel_package(build)
+    if deb is None:
+        raise GuestError(why)
     with tempfile.TemporaryDirectory(prefix="dra-guest-modules-") as tmp:
         patterns = " ".join(f"'./lib/modules/*/kernel/{folder}/*.ko'" for folder in MODULE_FOLDERS)
         unpacked = subprocess.run(

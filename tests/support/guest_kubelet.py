@@ -329,6 +329,9 @@ def guest_kubelet(request: pytest.FixtureRequest, control_plane: ControlPlane, h
     build, why = guest_vm.built()
     if build is None:
         pytest.skip(why)
+    deb, why = guest_vm.kernel_package(build)
+    if deb is None:
+        pytest.skip(f"the guest's NIC driver cannot be loaded: {why}")
     failure = ""
     try:
         with joined(control_plane, helm, build) as node:
