@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from dra_cpu.core.claims import ClaimRef  # noqa: E402
 from dra_cpu.kubelet.client import KubeletClient  # noqa: E402
+from dra_cpu.store.checkpoint import FILENAME, SPARE  # noqa: E402
 from dra_cpu.tools.demo import claim_object  # noqa: E402
 from tests.support.control_plane import close, create_namespace, new_client, running  # noqa: E402
 from tests.support.typed import as_dict  # noqa: E402
@@ -154,8 +155,8 @@ def soak(cycles: int) -> bool:
             elapsed = time.perf_counter() - start
             rss1, fds1 = rss_kib(proc.pid), len(os.listdir(f"/proc/{proc.pid}/fd"))
             specs = list((tmp / "cdi").glob("*.json"))
-            state = json.loads((tmp / "state/checkpoint.json").read_text())
-            stray = [p.name for p in (tmp / "state").iterdir() if p.name != "checkpoint.json"]
+            state = json.loads((tmp / "state" / FILENAME).read_text())
+            stray = [p.name for p in (tmp / "state").iterdir() if p.name not in (FILENAME, SPARE)]
             metadata_dir = tmp / "kubelet/plugins" / DRIVER / "dra-device-metadata"
             metadata = sorted(p.name for p in metadata_dir.iterdir()) if metadata_dir.exists() else []
     growth = (rss1 - rss0) / 1024
