@@ -2,8 +2,13 @@
 what they hold and where they go): written at prepare, removed at unprepare, made to agree with the prepared
 claims at start.
 
-The metadata file is written durably: after a reboot it is what the mount's CDI spec (on a tmpfs, gone) is rebuilt
-from, since the checkpoint does not keep a claim's pod claim name or subrequest names.
+Neither the file nor its spec is written durably (no fsync of the file or its folders): a write is lost only by a
+power loss or kernel crash, that is a reboot, and after a reboot every pod gets a new sandbox, before which the
+kubelet prepares the pod's claims again (a claim it loads from its own checkpoint counts as not prepared), which
+rewrites the file and the spec from the claim on the API server. Before that, start-up makes what it finds agree
+with the durable checkpoint (reconcile): the file of a claim not prepared goes, a half-written one too, and a file
+kept gets its spec back. A durable write would cost each prepare an fdatasync and an fsync of the folder:
+milliseconds on a busy disk, for files the next prepare rewrites anyway.
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ class MetadataStore:
         ids = {}
         for request in requests:
             path = self.host_file(request.ref, request.base_request)
-            self._write(path, encode(request), durable=True)
+            self._write(path, encode(request))
             self._write_spec(request, path)
             ids[request.base_request] = dm.cdi_device_id(self.driver, request.ref.uid, request.base_request)
         return ids
@@ -172,11 +177,10 @@ class MetadataStore:
     def _write_spec(self, request: RequestMetadata, host_path: Path) -> bool:
         spec = dm.cdi_spec(self.driver, request, str(host_path), CDI_VERSION)
         data = json.dumps(spec, indent=1).encode() + b"\n"
-        # Not durable: the CDI folder is a tmpfs, and start-up rewrites the specs from the metadata files.
-        return self._write(self.spec_path(request.ref.uid, request.base_request), data, durable=False)
+        return self._write(self.spec_path(request.ref.uid, request.base_request), data)
 
     @staticmethod
-    def _write(path: Path, data: bytes, durable: bool) -> bool:
+    def _write(path: Path, data: bytes) -> bool:
         """Write `data` unless the file already holds exactly it (a kubelet retry on a full or read-only folder
         then succeeds); True when written."""
         try:
@@ -188,7 +192,8 @@ class MetadataStore:
             for parent in reversed(path.parents):
                 if not parent.exists():
                     parent.mkdir(mode=DIR_MODE)
-            write_atomic(path, data, mode=FILE_MODE, durable=durable)
+            # Not durable: see the module's docstring.
+            write_atomic(path, data, mode=FILE_MODE, durable=False)
         except OSError as err:
             raise MetadataError(f"cannot write device metadata {path}: {err.strerror}") from None
         return True

@@ -3,7 +3,9 @@
 
 latency  1000 claims through the kubelet socket of a real daemon reading them from the real API server
          (kube-apiserver from tests/support/control_plane.py): NodePrepareResources p50 (goal <= 3 ms) and
-         p99 (goal <= 10 ms).
+         p99 (goal <= 10 ms), and the load average when it ended. The state and kubelet folders are on the disk
+         of /tmp; the CDI folder is on the tmpfs /dev/shm, as /var/run/cdi is on a node (on the disk, with a
+         note, where /dev/shm is no tmpfs).
 soak     10,000 prepare/unprepare cycles against a standalone daemon: leaked files, fds or CPUs (goal none),
          RSS growth (goal <= 5 MB) and daemon RSS (goal <= 70 MB).
 """
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from dra_cpu.core.claims import ClaimRef  # noqa: E402
 from dra_cpu.kubelet.client import KubeletClient  # noqa: E402
+from dra_cpu.store.checkpoint import FILENAME, SPARE  # noqa: E402
 from dra_cpu.tools.demo import claim_object  # noqa: E402
 from tests.support.control_plane import close, create_namespace, new_client, running  # noqa: E402
 from tests.support.typed import as_dict  # noqa: E402
@@ -80,9 +83,19 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
+def tmpfs() -> Path | None:
+    """/dev/shm when it is a tmpfs: files there cost no disk writes, like those in a node's /var/run."""
+    mounts = Path("/proc/mounts").read_text().splitlines()
+    return Path("/dev/shm") if any(line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in mounts) else None
+
+
 def latency(claims: int) -> bool:
-    with tempfile.TemporaryDirectory(prefix="dc-") as tmp_text:
+    with tempfile.TemporaryDirectory(prefix="dc-") as tmp_text, contextlib.ExitStack() as stack:
         tmp = Path(tmp_text)
+        shm = tmpfs()
+        if shm is None:
+            print("note: /dev/shm is no tmpfs; the CDI folder is on the disk, which a node does not do", flush=True)
+        cdi = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dc-cdi-", dir=shm))) if shm else tmp / "cdi"
         with running(tmp / "api") as plane:
             kubeconfig = str(plane.kubeconfig)
             api_client = new_client(plane.kubeconfig)
@@ -103,7 +116,7 @@ def latency(claims: int) -> bool:
                 )
                 refs.append(ClaimRef("bench", f"c{i}", made["metadata"]["uid"]))
             close(api_client)
-            with daemon(tmp, kubeconfig=kubeconfig) as (_, kubelet, _):
+            with daemon(tmp, kubeconfig=kubeconfig, cdi_root=str(cdi)) as (_, kubelet, _):
                 times = []
                 for n, ref in enumerate(refs):
                     if n and n % 60 == 0:
@@ -115,7 +128,7 @@ def latency(claims: int) -> bool:
                     if response.error:
                         raise SystemExit(f"prepare failed: {response.error}")
     p50, p99 = statistics.median(times), percentile(times, 99)
-    print(f"NodePrepareResources over {claims} claims (real API server):")
+    print(f"NodePrepareResources over {claims} claims (real API server), load average {os.getloadavg()[0]:.2f}:")
     print(f"  p50 {p50:.2f} ms (goal <= 3), p99 {p99:.2f} ms (goal <= 10)")
     return p50 <= 3 and p99 <= 10
 
@@ -154,8 +167,8 @@ def soak(cycles: int) -> bool:
             elapsed = time.perf_counter() - start
             rss1, fds1 = rss_kib(proc.pid), len(os.listdir(f"/proc/{proc.pid}/fd"))
             specs = list((tmp / "cdi").glob("*.json"))
-            state = json.loads((tmp / "state/checkpoint.json").read_text())
-            stray = [p.name for p in (tmp / "state").iterdir() if p.name != "checkpoint.json"]
+            state = json.loads((tmp / "state" / FILENAME).read_text())
+            stray = [p.name for p in (tmp / "state").iterdir() if p.name not in (FILENAME, SPARE)]
             metadata_dir = tmp / "kubelet/plugins" / DRIVER / "dra-device-metadata"
             metadata = sorted(p.name for p in metadata_dir.iterdir()) if metadata_dir.exists() else []
     growth = (rss1 - rss0) / 1024

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -161,3 +162,87 @@ def test_state_folder_is_0700_and_checkpoint_0600(tmp_path: Path) -> None:
     _prepare(tmp_path, "uid-a", 1)
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "state/checkpoint.json").stat().st_mode & 0o777 == 0o600
+
+
+def _states(count: int) -> list[State]:
+    claims = [
+        PreparedClaim(
+            ClaimRef("ns", f"c{i}", f"uid-{i}"), (PreparedDevice(("cpus",), "n", "cpu-numa0", None, CPUSet.of([i])),)
+        )
+        for i in range(count)
+    ]
+    return [State({c.uid: c for c in claims[: n + 1]}) for n in range(count)]
+
+
+def _inode(path: Path) -> int:
+    return path.stat().st_ino
+
+
+def test_saves_after_the_first_reuse_the_spare_file(tmp_path: Path) -> None:
+    """Before: every save made a new temp file, whose inode cost more than the rest of the save on some disks."""
+    checkpoint = CheckpointFile(tmp_path / "state")
+    checkpoint.secure()
+    states = _states(5)
+    checkpoint.save(Checkpoint(states[0], "b"))
+    checkpoint.save(Checkpoint(states[1], "b"))
+    inodes = {_inode(checkpoint.path), _inode(checkpoint.spare)}
+    for state in states[2:]:
+        checkpoint.save(Checkpoint(state, "b"))
+        assert {_inode(checkpoint.path), _inode(checkpoint.spare)} == inodes
+        loaded = CheckpointFile(tmp_path / "state").load()
+        assert loaded is not None and loaded.state == state
+    # The spare holds the save before the last (the exchange), complete, in the checkpoint's mode.
+    assert decode(checkpoint.spare.read_bytes(), "spare").state == states[-2]
+    assert {p.name for p in (tmp_path / "state").iterdir()} == {"checkpoint.json", ".checkpoint.json.spare"}
+    assert checkpoint.path.stat().st_mode & 0o777 == checkpoint.spare.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_new_process_leaves_the_spare_alone_until_its_first_save_is_done(tmp_path: Path) -> None:
+    """An exchange of a killed process may not be on disk yet: the spare may still be what checkpoint.json names
+    after a power loss, so the first save of a process makes a new file."""
+    first = CheckpointFile(tmp_path / "state")
+    first.secure()
+    states = _states(3)
+    for state in states[:2]:
+        first.save(Checkpoint(state, "b"))
+    spare = first.spare.read_bytes()
+    second = CheckpointFile(tmp_path / "state")
+    second.save(Checkpoint(states[2], "b"))
+    assert first.spare.read_bytes() == spare
+    loaded = second.load()
+    assert loaded is not None and loaded.state == states[2]
+
+
+def test_saves_without_the_exchange_still_replace_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unsupported(a: Path, b: Path) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr("dra_cpu.store.checkpoint.exchange", unsupported)
+    checkpoint = CheckpointFile(tmp_path / "state")
+    checkpoint.secure()
+    for state in _states(4):
+        checkpoint.save(Checkpoint(state, "b"))
+        loaded = CheckpointFile(tmp_path / "state").load()
+        assert loaded is not None and loaded.state == state
+    assert [p.name for p in (tmp_path / "state").iterdir()] == ["checkpoint.json"]
+
+
+def test_a_failed_exchange_fails_the_save_and_the_next_one_makes_a_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = CheckpointFile(tmp_path / "state")
+    checkpoint.secure()
+    states = _states(3)
+    checkpoint.save(Checkpoint(states[0], "b"))
+
+    def broken(a: Path, b: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("dra_cpu.store.checkpoint.exchange", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        checkpoint.save(Checkpoint(states[1], "b"))
+    loaded = checkpoint.load()
+    assert loaded is not None and loaded.state == states[0]
+    checkpoint.save(Checkpoint(states[2], "b"))  # by a temp file: the exchange is not tried
+    loaded = checkpoint.load()
+    assert loaded is not None and loaded.state == states[2]

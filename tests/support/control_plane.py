@@ -494,16 +494,24 @@ class ControlPlane:
         ]
 
     def _healthz(self, name: str, args: Sequence[str]) -> None:
-        port = next(a.split("=", 1)[1] for a in args if a.startswith("--secure-port="))
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE  # a self-signed serving certificate the component made itself
+        port = _secure_port(args)
 
         def healthy() -> bool:
-            with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", timeout=5, context=context) as r:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", timeout=5, context=_context()) as r:
                 return bool(r.status == 200)
 
         self._wait(name, f"{name} /healthz", healthy)
+
+    def metrics(self, name: str) -> str:
+        """The Prometheus text of a running kube-scheduler's or kube-controller-manager's /metrics, read as the admin
+        (the component asks the API server whether the caller may)."""
+        context = _context()
+        context.load_cert_chain(self.pki.dir / "admin.crt", self.pki.dir / "admin.key")
+        args = self._processes[name].args
+        assert isinstance(args, list), args  # as _spawn passes them
+        url = f"https://127.0.0.1:{_secure_port(args)}/metrics"
+        with urllib.request.urlopen(url, timeout=30, context=context) as response:
+            return str(response.read().decode())
 
     def _start_scheduler(self) -> None:
         args = self._component_args(SCHEDULER)
@@ -535,6 +543,17 @@ class ControlPlane:
             )
         finally:
             close(api)
+
+
+def _secure_port(args: Sequence[Any]) -> str:
+    return next(str(a).split("=", 1)[1] for a in args if str(a).startswith("--secure-port="))
+
+
+def _context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # a self-signed serving certificate the component made itself
+    return context
 
 
 def _status(response: Any) -> int:
