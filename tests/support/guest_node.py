@@ -148,7 +148,18 @@ class GuestNode:
         return f"{self.dir}/driver.log"
 
     def call(self, function: str, **kwargs: Any) -> Any:
-        return self.guest.request("call", module="guest_runtime", function=function, kwargs=kwargs)["result"]
+        try:
+            return self.guest.request("call", module="guest_runtime", function=function, kwargs=kwargs)["result"]
+        except GuestError as err:
+            # A CRI call that times out says nothing of why: what containerd and the driver logged last does.
+            raise GuestError(f"{err}\n{self.log_tails()}") from None
+
+    def log_tails(self, lines: int = 30) -> str:
+        tails = []
+        for name, path in (("containerd", f"{self.containerd_dir}/containerd.log"), ("driver", self.driver_log)):
+            tail = self.guest.run(["tail", "-n", str(lines), path], check=False)
+            tails.append(f"--- {name} ({path}):\n{tail.stdout}{tail.stderr}")
+        return "\n".join(tails)
 
     # containerd and the driver.
     def start_containerd(self) -> None:
