@@ -13,6 +13,7 @@ a stuck disk): the checkpoint is built to survive an exit at any instant.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -153,6 +154,11 @@ class Daemon:
         else:
             # Fail closed: the kubelet sees the plugin only once enforcement is connected and synchronized.
             self._spawn("kubelet-plugin", self._register_when_enforced)
+        if self._owns_process:
+            # What start-up made (the kubernetes client's modules above all, some 100,000 objects) lives as long as
+            # the process: out of the collector's sight, a full collection takes well under a millisecond instead of
+            # stalling every thread, and the prepare in flight, for about 50 ms every few hundred prepares.
+            gc.freeze()
         self.stop.wait()
         self._arm_exit_deadline()
         self.shutdown()

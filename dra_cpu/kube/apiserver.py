@@ -6,6 +6,7 @@ typed models would drop fields this client version does not know, which is exact
 
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 from collections.abc import Iterator
@@ -271,6 +272,9 @@ def connect(kubeconfig: str | None) -> KubeAPI:
     else:
         _load_kubeconfig(Path(kubeconfig), configuration)
     api = KubeAPI(client.ApiClient(configuration))
+    # The client imports an API's module at first use; get_node's, the largest, is imported now, while the daemon
+    # starts, so that its objects are among those the daemon takes out of garbage collection (daemon.py).
+    importlib.import_module("kubernetes.client.api.core_v1_api")
     try:
         api._objects.list_cluster_custom_object(GROUP, VERSION, SLICES, limit=1, _request_timeout=REQUEST_TIMEOUT)
     except ApiException as err:
