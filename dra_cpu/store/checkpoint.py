@@ -1,19 +1,27 @@
-"""The prepared claims on disk: one JSON file, versioned and checksummed, replaced atomically.
+"""The prepared claims on disk: one JSON file, versioned and checksummed, with a spare that holds the save before.
 
-Loaded before anything is served. A file that fails its checksum or does not parse is moved aside (never deleted:
-a person may want it) and the caller rebuilds the state from the driver's own CDI specs.
+Loaded before anything is served. Every save carries a sequence number one above the last, and load takes the spare
+when it holds a newer intact save than checkpoint.json (see below). A checkpoint.json that fails its checksum or does
+not parse is moved aside (never deleted: a person may want it) and the caller rebuilds the state from the driver's
+own CDI specs.
 
-Every save is durable before it returns (fdatasync of the new content, fsync of the folder after the name moved).
-After the first save of a process, saves reuse a spare file instead of a new temp file: the new content is written
-into SPARE in place and synced, then SPARE and checkpoint.json swap names in one atomic step (renameat2
-RENAME_EXCHANGE), so that SPARE holds the previous checkpoint and is overwritten by the next save. Each save of a
-prepare or unprepare then allocates and frees no inode and, at a steady size, no block: on some disks a new inode
-alone costs more than the rest of the save. Where the exchange is unsupported, saves fall back to a temp file and
-a rename.
+Every save is durable before it returns, at the cost of one flush to the disk (the floor of a durable write). The
+first save of a process makes a new file: temp file, fdatasync, rename over checkpoint.json, fsync of the folder.
+Later saves write the new content into SPARE in place and fdatasync it, then swap SPARE and checkpoint.json (renameat2
+RENAME_EXCHANGE), so that checkpoint.json names the newest save and SPARE the one before, which the next save
+overwrites. The swap is not flushed: after a power loss the names may be those from before it, which the sequence
+numbers make harmless (load picks the newer file whatever its name; a save only ever overwrites the file that holds
+the older save, which no swap changes). A save so allocates and frees no inode and, at a steady size, no block (on
+some disks a new inode alone costs more than the rest of the save). Where the exchange is unsupported, saves fall back
+to a temp file, a rename and an fsync of the folder.
+
+Drivers before the sequence numbers read checkpoint.json alone, which is the newest save except after a power loss
+within the file system's commit interval of a save (seconds): downgrade only after a clean stop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,9 +53,12 @@ class Checkpoint:
 
     state: State
     boot_id: str
+    sequence: int = 0  # of the save that wrote it (0 before sequence numbers); save() gives its own
 
 
-def encode(checkpoint: Checkpoint, cache: dict[str, tuple[PreparedClaim, str]] | None = None) -> bytes:
+def encode(
+    checkpoint: Checkpoint, cache: dict[str, tuple[PreparedClaim, str]] | None = None, sequence: int = 0
+) -> bytes:
     """Compact JSON; the checksum covers the claims' exact bytes. `cache` keeps each claim's serialization between
     saves, so that a prepare costs one claim's encoding, not the whole node's."""
     parts = []
@@ -65,7 +76,9 @@ def encode(checkpoint: Checkpoint, cache: dict[str, tuple[PreparedClaim, str]] |
     lost = [u.to_dict() for _, u in sorted(checkpoint.state.unrestorable.items())]
     # Only when there are some: a file without them stays readable by drivers that predate the field.
     extra = _canonical(lost) if lost else ""
-    header = json.dumps({"version": VERSION, "bootID": checkpoint.boot_id, "checksum": _checksum(claims + extra)})
+    header = json.dumps(
+        {"version": VERSION, "bootID": checkpoint.boot_id, "checksum": _checksum(claims + extra), "sequence": sequence}
+    )
     tail = f', "unrestorable": {extra}' if lost else ""
     return f'{header[:-1]}, "claims": {claims}{tail}}}\n'.encode()
 
@@ -95,7 +108,8 @@ def decode(data: bytes, origin: str) -> Checkpoint:
         raise CheckpointError(f"{origin}: claim {twice[0]} is listed twice")
     # Listed order is kept: restore() keeps the first of two claims that overlap.
     state = State({c.uid: c for c in prepared}, {u.uid: u for u in reports})
-    return Checkpoint(state, str(doc.get("bootID", "")))
+    sequence = doc.get("sequence", 0)
+    return Checkpoint(state, str(doc.get("bootID", "")), sequence if isinstance(sequence, int) else 0)
 
 
 def _canonical(claims: list[Any]) -> str:
@@ -110,9 +124,10 @@ def _checksum(claims: str) -> str:
 class CheckpointFile:
     directory: Path
     _encoded: dict[str, tuple[PreparedClaim, str]] = field(default_factory=dict, repr=False)
-    # SPARE may be overwritten only after a save of this process was made durable: before, the names on disk may
-    # still be those from before an exchange that a killed process never synced, and SPARE would name what
-    # checkpoint.json names after a power loss. A failed save clears it for the same reason.
+    # The sequence number of this process's last save; None before its first.
+    _sequence: int | None = field(default=None, repr=False)
+    # SPARE may be overwritten in place only after a save of this process made checkpoint.json the newest file: before,
+    # SPARE may hold the newest save (a killed process's swap never reached the disk). A failed save clears it.
     _spare_free: bool = field(default=False, repr=False)
     _exchange_works: bool = field(default=True, repr=False)
 
@@ -120,18 +135,29 @@ class CheckpointFile:
     def path(self) -> Path:
         return self.directory / FILENAME
 
+    @property
+    def spare(self) -> Path:
+        return self.directory / SPARE
+
     def load(self) -> Checkpoint | None:
-        """None when there is no checkpoint yet; CheckpointError (after moving the file aside) when it is bad."""
+        """The newest save; None when there is no checkpoint yet; CheckpointError (after moving the file aside) when
+        checkpoint.json cannot be trusted. That file is never written in place, except through names that a power
+        loss reverted (the swap of the save before had not reached the disk): then the reboot took the CDI specs as
+        well, and the kubelet prepares every claim again, so that the caller's rebuild from them is right too."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return None
         try:
-            return decode(data, str(self.path))
+            current = decode(data, str(self.path))
         except CheckpointError as err:
             aside = self.path.with_name(f"{FILENAME}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             self.path.rename(aside)
             raise CheckpointError(f"{err}; moved aside to {aside}") from None
+        # Newer in the spare: the swap of its save had not reached the disk when the power went. A save cut short
+        # leaves the spare torn, which is no error: it is not read then.
+        spare = self._read(self.spare)
+        return spare if spare is not None and spare.sequence > current.sequence else current
 
     def secure(self) -> None:
         """The folder is the driver's alone (0700): the checkpoint names every claim's pods and CPUs."""
@@ -143,26 +169,43 @@ class CheckpointFile:
         `.checkpoint.json.<random>.tmp`); nothing else in the folder is touched."""
         return remove_temp_files(self.directory, FILENAME)
 
-    @property
-    def spare(self) -> Path:
-        return self.directory / SPARE
-
     def save(self, checkpoint: Checkpoint) -> None:
-        data = encode(checkpoint, self._encoded)
+        if self._sequence is None:
+            on_disk = [c.sequence for c in (self._read(self.path), self._read(self.spare)) if c is not None]
+            self._sequence = max(on_disk, default=0)
+        sequence = self._sequence + 1
+        data = encode(checkpoint, self._encoded, sequence)
         if not self._spare_free:
             write_atomic(self.path, data, mode=MODE)
-            self._spare_free = self._exchange_works
+            self._sequence, self._spare_free = sequence, self._exchange_works
             return
         self._spare_free = False
-        write_in_place(self.spare, data, MODE)
+        created = not self.spare.exists()
         try:
-            exchange(self.spare, self.path)
-        except OSError as err:
-            if err.errno not in EXCHANGE_UNSUPPORTED:
-                raise
-            # The spare holds the new content, synced: a rename over the checkpoint completes this save as a temp
-            # file's would, and the following saves make temp files.
-            self._exchange_works = False
-            os.replace(self.spare, self.path)
-        fsync_dir(self.directory)
-        self._spare_free = self._exchange_works
+            write_in_place(self.spare, data, MODE)
+            if created:
+                fsync_dir(self.directory)  # the name of a new file must last as long as its content
+            try:
+                exchange(self.spare, self.path)
+            except OSError as err:
+                if err.errno not in EXCHANGE_UNSUPPORTED:
+                    raise
+                # The spare holds the new content, synced: a rename over the checkpoint (made durable) completes
+                # this save as a temp file's would, and the following saves make temp files.
+                self._exchange_works = False
+                os.replace(self.spare, self.path)
+                fsync_dir(self.directory)
+        except OSError:
+            # The spare may hold this save, complete: a later load must not take a save that failed.
+            with contextlib.suppress(OSError):
+                os.truncate(self.spare, 0)
+            raise
+        self._sequence, self._spare_free = sequence, self._exchange_works
+
+    @staticmethod
+    def _read(path: Path) -> Checkpoint | None:
+        """The save in `path` when it is intact."""
+        try:
+            return decode(path.read_bytes(), str(path))
+        except (OSError, CheckpointError):
+            return None

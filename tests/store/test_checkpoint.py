@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,8 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State
 from dra_cpu.driver import Driver, PreparedResult
-from dra_cpu.store.checkpoint import Checkpoint, CheckpointError, CheckpointFile, decode, encode
+from dra_cpu.store.checkpoint import FILENAME, SPARE, Checkpoint, CheckpointError, CheckpointFile, decode, encode
+from dra_cpu.store.fileio import exchange
 from tests.support.kubelet_node import make_driver, result, write_claim
 
 
@@ -246,3 +248,92 @@ def test_a_failed_exchange_fails_the_save_and_the_next_one_makes_a_new_file(
     checkpoint.save(Checkpoint(states[2], "b"))  # by a temp file: the exchange is not tried
     loaded = checkpoint.load()
     assert loaded is not None and loaded.state == states[2]
+
+
+def _flushes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What each save flushes to the disk: 'data' (fdatasync) and 'folder' (fsync of the state folder)."""
+    calls: list[str] = []
+
+    def counted(name: str, real: Callable[[int], None]) -> Callable[[int], None]:
+        def flush(fd: int) -> None:
+            calls.append(name)
+            real(fd)
+
+        return flush
+
+    monkeypatch.setattr(os, "fdatasync", counted("data", os.fdatasync))
+    monkeypatch.setattr(os, "fsync", counted("folder", os.fsync))
+    return calls
+
+
+def test_a_save_after_the_first_flushes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: each save flushed the content and then the folder, two flushes where one durable write needs one."""
+    checkpoint = CheckpointFile(tmp_path / "state")
+    checkpoint.secure()
+    flushes = _flushes(monkeypatch)
+    states = _states(4)
+    checkpoint.save(Checkpoint(states[0], "b"))
+    assert flushes == ["data", "folder"]  # a new file: temp file and rename
+    flushes.clear()
+    checkpoint.save(Checkpoint(states[1], "b"))
+    assert flushes == ["data", "folder"]  # the spare is made: its name must last
+    for state in states[2:]:
+        flushes.clear()
+        checkpoint.save(Checkpoint(state, "b"))
+        assert flushes == ["data"]
+    loaded = checkpoint.load()
+    assert loaded is not None and (loaded.state, loaded.sequence) == (states[-1], 4)
+
+
+def test_the_newer_save_wins_when_a_power_loss_reverted_the_swap(tmp_path: Path) -> None:
+    """The swap after a save is not flushed: after a power loss the names may be those from before it, so that the
+    spare holds the newest save. Load takes it, and the next process's saves go on above it."""
+    checkpoint = CheckpointFile(tmp_path / "state")
+    checkpoint.secure()
+    states = _states(4)
+    for state in states[:3]:
+        checkpoint.save(Checkpoint(state, "b"))
+    exchange(checkpoint.spare, checkpoint.path)  # the names as the disk may still have them
+    assert decode(checkpoint.path.read_bytes(), "x").state == states[1]
+    after = CheckpointFile(tmp_path / "state")
+    loaded = after.load()
+    assert loaded is not None and (loaded.state, loaded.sequence) == (states[2], 3)
+    after.save(Checkpoint(states[3], "b"))
+    loaded = CheckpointFile(tmp_path / "state").load()
+    assert loaded is not None and (loaded.state, loaded.sequence) == (states[3], 4)
+    assert decode(after.path.read_bytes(), "x").state == states[3]
+
+
+def test_a_failed_write_of_the_spare_leaves_the_save_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint = CheckpointFile(tmp_path / "state")
+    checkpoint.secure()
+    states = _states(3)
+    checkpoint.save(Checkpoint(states[0], "b"))
+    checkpoint.save(Checkpoint(states[1], "b"))
+
+    def full(path: Path, data: bytes, mode: int) -> None:
+        path.write_bytes(data)  # all of it written, and then the flush fails
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("dra_cpu.store.checkpoint.write_in_place", full)
+    with pytest.raises(OSError, match="Input/output error"):
+        checkpoint.save(Checkpoint(states[2], "b"))
+    loaded = CheckpointFile(tmp_path / "state").load()
+    assert loaded is not None and loaded.state == states[1]
+
+
+def test_a_checkpoint_of_a_driver_before_sequence_numbers_loads(tmp_path: Path) -> None:
+    """Its spare (the save before) has no sequence number either: checkpoint.json, the newest, is taken."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    states = _states(2)
+    for name, state in ((SPARE, states[0]), (FILENAME, states[1])):
+        doc = json.loads(encode(Checkpoint(state, "b")))
+        del doc["sequence"]
+        (state_dir / name).write_text(json.dumps(doc))
+    checkpoint = CheckpointFile(state_dir)
+    loaded = checkpoint.load()
+    assert loaded is not None and (loaded.state, loaded.sequence) == (states[1], 0)
+    checkpoint.save(Checkpoint(states[0], "b"))
+    loaded = CheckpointFile(state_dir).load()
+    assert loaded is not None and (loaded.state, loaded.sequence) == (states[0], 1)
