@@ -35,8 +35,12 @@ _UUID_LENGTH = 36
 
 def encode(request: RequestMetadata, versions: Iterable[str] = dm.VERSIONS) -> bytes:
     """The file: one pretty-printed object per API version, newest first, each followed by a newline, as the
-    kubeletplugin helper writes it."""
-    return b"".join(json.dumps(dm.document(request, v), indent=2).encode() + b"\n" for v in versions)
+    kubeletplugin helper writes it. The objects differ in their apiVersion alone: the first is encoded (pretty
+    printing runs in Python, not in the json module's C code) and the others are copies with that line changed."""
+    first, *others = versions
+    text = json.dumps(dm.document(request, first), indent=2) + "\n"
+    line = f'"apiVersion": "{dm.GROUP}/{first}"'
+    return "".join([text, *(text.replace(line, f'"apiVersion": "{dm.GROUP}/{v}"', 1) for v in others)]).encode()
 
 
 def decode(data: bytes, versions: Iterable[str] = dm.VERSIONS, validate: bool = True) -> dict[str, Any]:
@@ -189,9 +193,13 @@ class MetadataStore:
         except OSError:
             pass
         try:
-            for parent in reversed(path.parents):
-                if not parent.exists():
-                    parent.mkdir(mode=DIR_MODE)
+            missing = []
+            parent = path.parent
+            while not parent.is_dir():
+                missing.append(parent)
+                parent = parent.parent
+            for folder in reversed(missing):
+                folder.mkdir(mode=DIR_MODE, exist_ok=True)
             # Not durable: see the module's docstring.
             write_atomic(path, data, mode=FILE_MODE, durable=False)
         except OSError as err:
@@ -211,7 +219,9 @@ class MetadataStore:
     @staticmethod
     def _uid_in(request_dir: Path) -> str | None:
         try:
-            uid = (decode((request_dir / dm.HOST_FILE).read_bytes()).get("metadata") or {}).get("uid")
+            # Only whose it is matters here, not whether a reader would accept it.
+            data = (request_dir / dm.HOST_FILE).read_bytes()
+            uid = (decode(data, validate=False).get("metadata") or {}).get("uid")
         except (OSError, MetadataError):
             return None
         return uid if isinstance(uid, str) and uid else None
