@@ -21,13 +21,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-
 from dra_cpu.core.devices import DeviceConfig, DeviceMode, GroupBy, build_devices, build_slices
 from dra_cpu.core.topology import Topology
 from dra_cpu.kube.apiserver import GROUP, SLICES, VERSION, KubeAPI, connect
 from dra_cpu.kube.publisher import SlicePublisher
+from dra_cpu.kube.rest import ApiError
 from dra_cpu.node.sysfs import read_topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,14 +67,13 @@ def idle_writes(api: KubeAPI, publisher: SlicePublisher, config: DeviceConfig, s
 def republish_ms(api: KubeAPI, config: DeviceConfig) -> float:
     """From the DELETE of another client until the slice can be read again."""
     [name] = versions(api, config)
-    objects = client.CustomObjectsApi(api.api_client)
     start = time.perf_counter()
     api.delete_slice(name)
     while True:
         try:
-            objects.get_cluster_custom_object(GROUP, VERSION, SLICES, name)
+            api.rest.request("GET", f"/apis/{GROUP}/{VERSION}/{SLICES}/{name}")
             return (time.perf_counter() - start) * 1000
-        except ApiException as err:  # 404 until the publisher has written it again
+        except ApiError as err:  # 404 until the publisher has written it again
             if err.status != 404:
                 raise
         time.sleep(0.002)

@@ -139,7 +139,7 @@ def kubeconfig_copy(apiserver: ApiServer, path: Path, server: str) -> Path:
         (None, "kubeconfig {path}: no such file"),
         ("clusters: [", "kubeconfig {path} is not valid YAML: "),
         ("just a string", "kubeconfig {path} does not hold a kubeconfig"),
-        ("apiVersion: v1\nkind: Config\n", "kubeconfig {path}: Invalid kube-config file. Expected key current-context"),
+        ("apiVersion: v1\nkind: Config\n", "kubeconfig {path}: no current-context"),
     ],
 )
 def test_connect_rejects_a_bad_kubeconfig_in_one_line(tmp_path: Path, content: str | None, message: str) -> None:

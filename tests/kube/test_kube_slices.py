@@ -79,7 +79,7 @@ def assert_published_whole(
         written = publisher.sync_once()
         assert (publisher.errors, publisher.dropped_field_warnings) == (0, 0)
     finally:
-        close(kube.api_client)
+        kube.close()
     stored = slices_of(admin, device_config.node_name)
     try:
         assert written == len(stored) >= 1
@@ -211,7 +211,7 @@ def test_the_driver_keeps_its_own_node_slices_with_its_service_account(driver: D
     finally:
         stop.set()
         thread.join(timeout=10)
-        close(kube.api_client)
+        kube.close()
     assert publisher.errors == 0
     # delete: what the publisher does with slices it no longer wants (a node that shrank to fewer slices).
     kube = connect(str(driver.kubeconfig))
@@ -219,7 +219,7 @@ def test_the_driver_keeps_its_own_node_slices_with_its_service_account(driver: D
         [left] = slices_of(admin, driver.node)
         kube.delete_slice(left["metadata"]["name"])
     finally:
-        close(kube.api_client)
+        kube.close()
     assert slices_of(admin, driver.node) == []
 
 

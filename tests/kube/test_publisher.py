@@ -24,11 +24,12 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceConfig, DeviceMode, build_devices
 from dra_cpu.kube.api import ClusterError
 from dra_cpu.kube.apiserver import GROUP, SLICES, VERSION, KubeAPI, connect
+from dra_cpu.kube.kubeconfig import from_kubeconfig
 from dra_cpu.kube.publisher import SlicePublisher
+from dra_cpu.kube.rest import RestClient
 from dra_cpu.node.sysfs import read_topology
 from tests.support.cluster import resource_slice
 from tests.support.control_plane import APISERVER_ONLY, FEATURE_GATES, create_node, delete_node, started
-from tests.support.kube import new_api_client
 from tests.support.paths import SYSFS
 from tests.support.synthetic import uniform_machine, write_tree
 from tests.support.testenv_apiserver import ApiServer
@@ -278,8 +279,10 @@ class NodeBlindAPI(KubeAPI):
         return None
 
 
-def test_slices_are_owned_by_the_node_when_it_can_be_read(kube: KubeAPI, config: DeviceConfig, reader: Reader) -> None:
-    node = create_node(kube.api_client, config.node_name, cpus=2, memory=4 << 30)
+def test_slices_are_owned_by_the_node_when_it_can_be_read(
+    kube: KubeAPI, kube_api: client.ApiClient, config: DeviceConfig, reader: Reader
+) -> None:
+    node = create_node(kube_api, config.node_name, cpus=2, memory=4 << 30)
     uid = node["metadata"]["uid"]
     devices = devices_of(FIXTURES / "kvm-2cpu", config)
     publisher = SlicePublisher(kube, config, LOG)
@@ -290,18 +293,18 @@ def test_slices_are_owned_by_the_node_when_it_can_be_read(kube: KubeAPI, config:
     assert stored["metadata"]["ownerReferences"] == [owner]
 
     # A restart that cannot read the Node leaves the owner in place and writes nothing.
-    blind = SlicePublisher(NodeBlindAPI(kube.api_client), config, LOG)
+    blind = SlicePublisher(NodeBlindAPI(kube.rest), config, LOG)
     blind.set_devices(devices)
     assert blind.sync_once() == 0
     # A re-created Node has a new uid: the slices follow it (or are made anew, if the garbage collector was quicker).
-    delete_node(kube.api_client, config.node_name)
-    create_node(kube.api_client, config.node_name, cpus=2, memory=4 << 30)
+    delete_node(kube_api, config.node_name)
+    create_node(kube_api, config.node_name, cpus=2, memory=4 << 30)
     recreated = SlicePublisher(kube, config, LOG)
     recreated.set_devices(devices)
     assert recreated.sync_once() == 1
     [stored] = reader.slices().values()
     assert stored["metadata"]["ownerReferences"][0]["uid"] != uid
-    delete_node(kube.api_client, config.node_name)
+    delete_node(kube_api, config.node_name)
 
 
 @dataclass(frozen=True)
@@ -325,7 +328,7 @@ def test_a_conflict_is_resolved_by_reading_again(kube: KubeAPI, config: DeviceCo
     first = SlicePublisher(kube, config, LOG)
     first.set_devices(devices_of(FIXTURES / "dual-socket-smt2", config))
     first.sync_once()
-    racing = RacingAPI(kube.api_client, reader=reader)
+    racing = RacingAPI(kube.rest, reader=reader)
     publisher = SlicePublisher(racing, config, LOG)
     devices = devices_of(FIXTURES / "big-8numa", config)
     publisher.set_devices(devices)
@@ -379,7 +382,7 @@ def test_fields_the_server_drops_are_reported_once(
 
 
 def test_node_allocatable_mappings_are_kept_by_a_server_with_the_gate(
-    kube: KubeAPI, config: DeviceConfig, caplog: pytest.LogCaptureFixture
+    kube: KubeAPI, kube_api: client.ApiClient, config: DeviceConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The shared server has DRANodeAllocatableResources on: the mappings are stored as sent. Its admission
     (NodeDeclaredFeatures) wants the slice's Node to declare the feature, as a kubelet with the gate on does; until
@@ -387,13 +390,13 @@ def test_node_allocatable_mappings_are_kept_by_a_server_with_the_gate(
     mapped = replace(config, node_allocatable=True)
     publisher = SlicePublisher(kube, mapped, LOG)
     devices = devices_of(FIXTURES / "dual-socket-smt2", mapped)
-    create_node(kube.api_client, mapped.node_name, cpus=16, memory=8 << 30)
+    create_node(kube_api, mapped.node_name, cpus=16, memory=8 << 30)
     try:
         publisher.set_devices(devices)
         with pytest.raises(ClusterError, match="does not support DRANodeAllocatableResources feature"):
             publisher.sync_once()
         status = {"status": {"declaredFeatures": ["DRANodeAllocatableResources"]}}
-        client.CoreV1Api(kube.api_client).patch_node_status(mapped.node_name, status)
+        client.CoreV1Api(kube_api).patch_node_status(mapped.node_name, status)
         with caplog.at_level(logging.WARNING, logger=LOG.name):
             assert publisher.sync_once() == 1
             assert publisher.sync_once() == 0
@@ -403,7 +406,7 @@ def test_node_allocatable_mappings_are_kept_by_a_server_with_the_gate(
         assert {d["name"]: d["nodeAllocatableResources"] for d in stored["spec"]["devices"]} == sent
         assert sent["cpu-numa0"]["cpu"] == {"mapping": {"capacityKey": "dra.cpu/cpu", "capacityMultiplier": "1"}}
     finally:
-        delete_node(kube.api_client, mapped.node_name)
+        delete_node(kube_api, mapped.node_name)
 
 
 def test_node_allocatable_mappings_a_server_without_the_gate_drops_name_their_gate(
@@ -497,7 +500,7 @@ def test_the_publisher_rides_out_an_unreachable_server(
     kubeconfig["clusters"][0]["cluster"]["server"] = outage.url
     (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
     # Not connect(): that refuses to start against a server that does not answer.
-    kube = KubeAPI(new_api_client(tmp_path / "kubeconfig"))
+    kube = KubeAPI(RestClient(from_kubeconfig(tmp_path / "kubeconfig")))
     publisher = SlicePublisher(kube, config, LOG, retry_seconds=(0.05, 0.5))
     devices = devices_of(FIXTURES / "xeon-16cpu", config)
     publisher.set_devices(devices)

@@ -209,7 +209,7 @@ def publish_node(
         if publisher.errors or publisher.dropped_field_warnings:
             raise AssertionError(f"publishing the slices of {name}: {publisher.errors} errors, fields dropped")
     finally:
-        close(kube.api_client)
+        kube.close()
     slices = Kube(api).list(
         "/apis/resource.k8s.io/v1/resourceslices",
         field_selector=f"spec.nodeName={name},spec.driver={config.driver_name}",
