@@ -56,10 +56,10 @@ SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def connect_cluster(config: Config) -> ClusterAPI:
     if config.standalone:
         return StandaloneAPI(Path(config.standalone))
-    # The kubernetes client takes about a second to import; a standalone node never needs it.
     from dra_cpu.kube.apiserver import connect
 
-    return connect(config.kubeconfig or None)
+    # With the node's name: the pods reserving a claim come from a watch of this node's pods (kube/pods.py).
+    return connect(config.kubeconfig or None, node_name=config.node_name)
 
 
 def _end_process(code: int) -> None:

@@ -208,7 +208,7 @@ class Driver:
         pods = []
         for pod in refs:
             try:
-                obj = self.api.get_pod(namespace, pod.name) if pod.name else None
+                obj = self.api.get_pod(namespace, pod.name, pod.uid) if pod.name else None
             except NotFound:
                 obj = None
             if obj is None or obj.get("metadata", {}).get("uid") != pod.uid:

@@ -26,8 +26,10 @@ class ClusterAPI(Protocol):
         """The ResourceClaim as the API server returns it; NotFound when it does not exist."""
         ...
 
-    def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
-        """The Pod as the API server returns it; NotFound when it does not exist."""
+    def get_pod(self, namespace: str, name: str, uid: str = "") -> dict[str, Any]:
+        """The Pod as the API server returns it; NotFound when it does not exist. With the `uid` the caller wants,
+        a copy of that pod the client already holds (a watch of the node's pods) may answer instead of a request;
+        the caller still compares the uid, since the server may hold another pod under the name."""
         ...
 
     def get_node(self, name: str) -> dict[str, Any] | None:

@@ -1,7 +1,8 @@
 """ClusterAPI over a real API server (kube/rest.py's client).
 
 Objects are plain dicts in the JSON shape the server stores: a typed model would drop fields the client does not
-know, which is exactly what the publisher must see.
+know, which is exactly what the publisher must see. The pods that reserve a claim come from a cache of this node's
+pods (kube/pods.py) when the daemon connects with its node name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from dra_cpu.kube.api import ClusterError, Conflict, NotFound
 from dra_cpu.kube.kubeconfig import KubeconfigError, from_kubeconfig, in_cluster
+from dra_cpu.kube.pods import PodCache
 from dra_cpu.kube.rest import TRANSPORT_ERRORS, ApiError, Changed, Listed, RestClient, Watch, segment
 
 __all__ = ["ClusterError", "DraObjects", "KubeAPI", "KubeconfigError", "connect"]
@@ -39,6 +41,8 @@ class DraObjects:
 @dataclass(frozen=True)
 class KubeAPI:
     rest: RestClient
+    # This node's pods, when connected with a node name: prepares read the pods that reserve a claim from it.
+    pods: PodCache | None = None
 
     @property
     def server(self) -> str:
@@ -55,6 +59,8 @@ class KubeAPI:
         )
 
     def close(self) -> None:
+        if self.pods is not None:
+            self.pods.close()
         self.rest.close()
 
     def get_claim(self, namespace: str, name: str) -> dict[str, Any]:
@@ -64,7 +70,11 @@ class KubeAPI:
             f"{_RESOURCE}/namespaces/{segment(namespace)}/{CLAIMS}/{segment(name)}",
         )
 
-    def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
+    def get_pod(self, namespace: str, name: str, uid: str = "") -> dict[str, Any]:
+        if uid and self.pods is not None:
+            cached = self.pods.get(namespace, name, uid)
+            if cached is not None:
+                return cached
         return self._request(
             f"pod {namespace}/{name}", "GET", f"/api/v1/namespaces/{segment(namespace)}/pods/{segment(name)}"
         )
@@ -154,9 +164,10 @@ def _reason(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def connect(kubeconfig: str | None) -> KubeAPI:
+def connect(kubeconfig: str | None, node_name: str = "") -> KubeAPI:
     """A KubeAPI from a kubeconfig file, or from the pod's service account when `kubeconfig` is None. Checks once
-    that the server answers and serves resource.k8s.io/v1 ResourceSlices, so that a wrong setting fails at start."""
+    that the server answers and serves resource.k8s.io/v1 ResourceSlices, so that a wrong setting fails at start.
+    With `node_name`, the pods of that node are watched from now on (kube/pods.py)."""
     endpoint = in_cluster() if kubeconfig is None else from_kubeconfig(Path(kubeconfig))
     rest = RestClient(endpoint)
     try:
@@ -172,4 +183,7 @@ def connect(kubeconfig: str | None) -> KubeAPI:
     except (ValueError, *TRANSPORT_ERRORS) as err:
         rest.close()
         raise ClusterError(f"cannot reach the API server at {rest.server}: {_reason(err)}") from None
-    return KubeAPI(rest)
+    pods = PodCache(rest, node_name) if node_name else None
+    if pods is not None:
+        pods.start()
+    return KubeAPI(rest, pods)

@@ -37,7 +37,7 @@ class StandaloneAPI:
     def get_claim(self, namespace: str, name: str) -> dict[str, Any]:
         return self._read(self.root / "resourceclaims" / namespace / f"{name}.yaml")
 
-    def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
+    def get_pod(self, namespace: str, name: str, uid: str = "") -> dict[str, Any]:
         return self._read(self.root / "pods" / namespace / f"{name}.yaml")
 
     def get_node(self, name: str) -> dict[str, Any] | None:

@@ -250,7 +250,7 @@ def test_rbac_is_only_what_the_daemon_calls(helm: Helm) -> None:
     }
     assert rules == {
         (("",), ("nodes",)): {"get"},
-        (("",), ("pods",)): {"get"},
+        (("",), ("pods",)): {"get", "list", "watch"},
         (("resource.k8s.io",), ("resourceslices",)): {"list", "watch", "create", "update", "delete"},
         (("resource.k8s.io",), ("resourceclaims",)): {"get"},
     }

@@ -182,7 +182,9 @@ def client_for(found: Driver) -> client.ApiClient:
 
 
 def test_the_driver_keeps_its_own_node_slices_with_its_service_account(driver: Driver, admin: Kube) -> None:
-    kube = connect(str(driver.kubeconfig))  # lists slices once: refused without `list resourceslices`
+    # Lists slices once (refused without `list resourceslices`) and watches the node's pods, as the daemon does.
+    kube = connect(str(driver.kubeconfig), node_name=driver.node)
+    assert kube.pods is not None and kube.pods.listed.wait(30), "the service account lists its node's pods"
     device_config = DeviceConfig(node_name=driver.node)
     devices = build_devices(read_topology(FIXTURES / "dual-socket-smt2"), device_config)
     publisher = SlicePublisher(kube, device_config, LOG)
@@ -253,7 +255,7 @@ def test_slices_of_other_nodes_are_refused_by_the_policy(driver: Driver, admin: 
 
 
 # What dra_cpu.kube.apiserver.KubeAPI calls, and so the daemon: get_node, list_slices/watch_slices, create_slice,
-# update_slice, delete_slice, get_claim, get_pod.
+# update_slice, delete_slice, get_claim, get_pod, and the list and watch of its node's pods (kube/pods.py).
 DAEMON_CALLS = {
     ("get", "nodes"),
     ("list", "resourceslices.resource.k8s.io"),
@@ -263,6 +265,8 @@ DAEMON_CALLS = {
     ("delete", "resourceslices.resource.k8s.io"),
     ("get", "resourceclaims.resource.k8s.io"),
     ("get", "pods"),
+    ("list", "pods"),
+    ("watch", "pods"),
 }
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
 RESOURCES = (

@@ -4,6 +4,7 @@ as the scheduler writes them, read back by the driver when the kubelet calls."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import kubernetes
@@ -11,28 +12,37 @@ import pytest
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceMode
-from dra_cpu.kube.apiserver import connect
-from tests.support.kubelet_node import Node, NodeFactory, cpu_config, result
+from dra_cpu.kube.apiserver import KubeAPI, connect
+from tests.support.cluster import Kube
+from tests.support.kubelet_node import NODE, Node, NodeFactory, cpu_config, result
 from tests.support.testenv_apiserver import ApiServer, ServerClaims
+from tests.support.waiting import eventually
 
 
 class ServerNodeFactory(Protocol):
-    """The `server_node` fixture: a Node whose driver reads its claims from the API server."""
+    """The `server_node` fixture: a Node whose driver reads its claims from the API server; `cached`: with the
+    daemon's cache of the node's pods (kube/pods.py)."""
 
-    def __call__(self, fixture: str = ..., mode: DeviceMode = ...) -> Node: ...
+    def __call__(self, fixture: str = ..., mode: DeviceMode = ..., cached: bool = ...) -> Node: ...
 
 
 @pytest.fixture
 def server_node(
     node_factory: NodeFactory, apiserver: ApiServer, kube_api: kubernetes.client.ApiClient, kube_namespace: str
-) -> ServerNodeFactory:
-    def start(fixture: str = "dual-socket-smt2", mode: DeviceMode = DeviceMode.GROUPED) -> Node:
-        claims = ServerClaims(kubernetes.client.CustomObjectsApi(kube_api))
-        return node_factory(
-            fixture, mode, api=connect(str(apiserver.kubeconfig)), claims=claims, namespace=kube_namespace
-        )
+) -> Iterator[ServerNodeFactory]:
+    clients: list[KubeAPI] = []
 
-    return start
+    def start(fixture: str = "dual-socket-smt2", mode: DeviceMode = DeviceMode.GROUPED, cached: bool = False) -> Node:
+        claims = ServerClaims(kubernetes.client.CustomObjectsApi(kube_api))
+        api = connect(str(apiserver.kubeconfig), node_name=NODE if cached else "")
+        clients.append(api)
+        if api.pods is not None:
+            assert api.pods.listed.wait(10), "the first list of the node's pods"
+        return node_factory(fixture, mode, api=api, claims=claims, namespace=kube_namespace)
+
+    yield start
+    for api in clients:
+        api.close()
 
 
 @pytest.mark.parametrize(
@@ -104,7 +114,8 @@ def _pod(
     kube_api: kubernetes.client.ApiClient, node: Node, claim: str, limit: str, status: dict[str, Any] | None = None
 ) -> None:
     """Create on the server the pod the node's next claim is reserved for: one container using `claim` with
-    limits.cpu `limit`, its status (as the scheduler writes it) merged with `status`."""
+    limits.cpu `limit`, its status merged with `status`, then bound to the node, in the scheduler's order (status in
+    PreBind, then the binding)."""
     core = kubernetes.client.CoreV1Api(kube_api)
     name = f"pod-{claim}"
     resources = {"claims": [{"name": "cpus"}], "limits": {"cpu": limit}}
@@ -125,14 +136,23 @@ def _pod(
     core.create_namespaced_pod(node.namespace, pod)
     if status:
         core.patch_namespaced_pod_status(name, node.namespace, {"status": status})
+    binding = {
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": {"name": name},
+        "target": {"kind": "Node", "name": NODE},
+    }
+    Kube(kube_api).request("POST", f"/api/v1/namespaces/{node.namespace}/pods/{name}/binding", binding)
     # Read back with the driver's own client, as prepare reads it.
     node.pod_name, node.pod_uid = name, node.driver.api.get_pod(node.namespace, name)["metadata"]["uid"]
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["pods-by-get", "pod-cache"])
 def test_a_pod_whose_cpu_limit_would_throttle_the_claim_is_refused(
-    server_node: ServerNodeFactory, kube_api: kubernetes.client.ApiClient
+    server_node: ServerNodeFactory, kube_api: kubernetes.client.ApiClient, cached: bool
 ) -> None:
-    node = server_node()
+    """The pod is created (and bound) just before the prepare: with the pod cache, the watch may not have it yet."""
+    node = server_node(cached=cached)
     _pod(kube_api, node, "tight", "1500m")
     ref = node.claim([result("cpu-numa1", cpus=2)], name="tight")
     error = node.prepare(ref).error
@@ -147,6 +167,24 @@ def test_a_pod_whose_cpu_limit_would_throttle_the_claim_is_refused(
     _pod(kube_api, node, "roomy", "2")
     roomy = node.claim([result("cpu-numa1", cpus=2)], name="roomy")
     assert not node.prepare(roomy).error
+
+
+def test_a_pod_replaced_under_the_same_name_is_checked_as_the_new_one(
+    server_node: ServerNodeFactory, kube_api: kubernetes.client.ApiClient
+) -> None:
+    """The cache holds the first pod (roomy) when the second (tight) takes its name: the new pod's limit counts."""
+    node = server_node(cached=True)
+    api = node.driver.api
+    assert isinstance(api, KubeAPI) and api.pods is not None
+    cache = api.pods
+    _pod(kube_api, node, "same", "2")
+    first = node.pod_uid
+    eventually(lambda: cache.get(node.namespace, "pod-same", first) is not None, "the watch to bring the first pod")
+    kubernetes.client.CoreV1Api(kube_api).delete_namespaced_pod("pod-same", node.namespace, grace_period_seconds=0)
+    _pod(kube_api, node, "same", "1")
+    assert node.pod_uid != first
+    ref = node.claim([result("cpu-numa1", cpus=2)], name="same")
+    assert "container 'app' would be CFS-throttled to 1 CPU" in node.prepare(ref).error
 
 
 def test_cpus_mapped_to_node_allocatable_count_on_top_of_the_limit(
