@@ -1,6 +1,7 @@
 """`dra-cpu bench numa` and `dra-cpu bench isolation`: arguments, progress on stderr, results on stdout and files.
 
-The measuring modules are imported inside the handlers, so `dra-cpu` starts (and `--help` works) without numpy.
+The measuring and reporting modules are imported inside the handlers, so `dra-cpu` starts (and `--help` works)
+without numpy, and `dra-cpu run`, the daemon, does not load them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dra_cpu.bench.report import isolation_report_dict, isolation_table, numa_report_dict, numa_table
 from dra_cpu.cli.common import add_sysfs_root
 from dra_cpu.core.cpuset import parse_field
 from dra_cpu.errors import DraCpuError
@@ -80,6 +80,7 @@ def _progress(message: str) -> None:
 def cmd_bench_numa(args: argparse.Namespace) -> int:
     # numpy is an optional extra: the measuring modules are imported only when a benchmark runs.
     from dra_cpu.bench.numa import NumaOptions, parse_size, run_numa_bench
+    from dra_cpu.bench.report import numa_report_dict, numa_table
 
     iterations = args.iterations if args.iterations is not None else QUICK_ITERATIONS if args.quick else 5
     steps = args.latency_steps if args.latency_steps is not None else QUICK_LATENCY_STEPS if args.quick else 1_000_000
@@ -101,6 +102,7 @@ def cmd_bench_numa(args: argparse.Namespace) -> int:
 def cmd_bench_isolation(args: argparse.Namespace) -> int:
     # As above: only when this benchmark runs.
     from dra_cpu.bench.isolation import IsolationOptions, run_isolation_bench
+    from dra_cpu.bench.report import isolation_report_dict, isolation_table
 
     seconds = args.seconds if args.seconds is not None else QUICK_SECONDS if args.quick else 10.0
     _at_least(seconds, 0.1, "--seconds")

@@ -8,13 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dra_cpu.cli.cluster import read_cluster
-from dra_cpu.tools.explain.classes import chart_device_classes
-from dra_cpu.tools.explain.inputs import load_objects, of_kind, pick_claim
-from dra_cpu.tools.explain.parse import describe, parse_claim, parse_class, parse_slices, parse_usage
-from dra_cpu.tools.explain.result import render_table
-from dra_cpu.tools.explain.search import explain
-
 # Exit code when the claim is not satisfiable; 2 (bad input) comes from the shared handler.
 EXIT_UNSATISFIABLE = 1
 
@@ -49,6 +42,15 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: the CEL library takes a tenth of a second and some MiB to import, which `dra-cpu run`,
+    # the daemon, would pay for nothing.
+    from dra_cpu.cli.cluster import read_cluster
+    from dra_cpu.tools.explain.classes import chart_device_classes
+    from dra_cpu.tools.explain.inputs import load_objects, of_kind, pick_claim
+    from dra_cpu.tools.explain.parse import describe, parse_claim, parse_class, parse_slices, parse_usage
+    from dra_cpu.tools.explain.result import render_table
+    from dra_cpu.tools.explain.search import explain
+
     claim_path = Path(args.claim)
     claim_obj = pick_claim(load_objects(claim_path), str(claim_path), args.claim_name)
     claim = parse_claim(claim_obj, str(claim_path))

@@ -6,10 +6,6 @@ import argparse
 import json
 from typing import Any
 
-from dra_cpu.cli.cluster import read_cluster
-from dra_cpu.tools.explain.parse import parse_slices, parse_usage
-from dra_cpu.tools.status import cluster_status, render_table
-
 
 def add_parser(sub: Any) -> None:
     status = sub.add_parser("status", help="CPUs and hugepages per node and NUMA node: total, allocated, by whom")
@@ -21,6 +17,11 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top, as in explain.py: the daemon's command does not need them.
+    from dra_cpu.cli.cluster import read_cluster
+    from dra_cpu.tools.explain.parse import parse_slices, parse_usage
+    from dra_cpu.tools.status import cluster_status, render_table
+
     cluster = read_cluster(args.kubeconfig)
     source = args.kubeconfig or "the cluster"
     rows = cluster_status(parse_slices(cluster.slices, source), parse_usage(cluster.claims, source), args.driver_name)
