@@ -44,7 +44,9 @@ class KubeletPlugin:
     paths: PluginPaths
     stop_event: threading.Event
     registered: threading.Event
-    workers: int = 16
+    # One pool serves both sockets, its threads made as calls come: prepares serialize on the driver's lock but for
+    # their API reads, so a few in parallel are all that helps, beside the open health streams.
+    workers: int = 2 * MAX_HEALTH_STREAMS
     # Health streams each hold a worker while open: they get a few, and prepares keep the rest (health.py).
     health_streams: int = MAX_HEALTH_STREAMS
     retry_seconds: tuple[float, float] = REGISTRATION_RETRY_SECONDS
@@ -55,6 +57,7 @@ class KubeletPlugin:
         if not 0 < self.health_streams <= self.workers // 2:
             raise ValueError(f"health_streams {self.health_streams}: must leave most of {self.workers} workers")
         self.health = HealthService(self.driver, self.stop_event, max_streams=self.health_streams)
+        self._pool = futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="grpc")
         self._servers: list[grpc.Server] = []
         self._registration: grpc.Server | None = None
         self._refusals = 0
@@ -136,7 +139,7 @@ class KubeletPlugin:
             socket.unlink(missing_ok=True)
         except OSError as err:
             raise DraCpuError(f"cannot prepare socket {socket}: {err.strerror}") from None
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="grpc"))
+        server = grpc.server(self._pool)
         for add in register:
             add(server)
         if not server.add_insecure_port(f"unix://{socket}"):
@@ -154,4 +157,5 @@ class KubeletPlugin:
             self._registration = None
         for server in reversed(servers):
             server.stop(grace=2).wait()
+        self._pool.shutdown(wait=False)
         self.paths.dra_socket.unlink(missing_ok=True)
