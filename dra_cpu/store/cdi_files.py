@@ -26,8 +26,9 @@ class CDIStore:
     def write(self, uid: str, spec: Mapping[str, Any]) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            # Not durable: the specs live on a tmpfs, and start-up rewrites them from the checkpoint.
-            write_atomic(self.path(uid), json.dumps(spec, indent=1).encode() + b"\n", durable=False)
+            # Not durable: the specs live on a tmpfs, and start-up rewrites them from the checkpoint. On one line:
+            # the json module indents in Python, ten times slower than its C encoder, on every prepare.
+            write_atomic(self.path(uid), json.dumps(spec).encode() + b"\n", durable=False)
         except OSError as err:
             raise CDIError(f"cannot write CDI spec {self.path(uid)}: {err.strerror}") from None
 

@@ -28,6 +28,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +132,12 @@ class CheckpointFile:
     _spare_free: bool = field(default=False, repr=False)
     _exchange_works: bool = field(default=True, repr=False)
 
-    @property
+    # Made once: building a Path is a good part of a save's own CPU time.
+    @cached_property
     def path(self) -> Path:
         return self.directory / FILENAME
 
-    @property
+    @cached_property
     def spare(self) -> Path:
         return self.directory / SPARE
 

@@ -180,7 +180,7 @@ class MetadataStore:
 
     def _write_spec(self, request: RequestMetadata, host_path: Path) -> bool:
         spec = dm.cdi_spec(self.driver, request, str(host_path), CDI_VERSION)
-        data = json.dumps(spec, indent=1).encode() + b"\n"
+        data = json.dumps(spec).encode() + b"\n"  # on one line, as the claim's CDI spec (cdi_files.py)
         return self._write(self.spec_path(request.ref.uid, request.base_request), data)
 
     @staticmethod
