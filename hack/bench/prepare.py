@@ -249,6 +249,8 @@ class Floor:
     file: int
     pid: int
     ping: Callable[[bytes], bytes] = field(init=False)
+    # Milliseconds of each part of each sample: the round trip, the GET, the write.
+    parts: tuple[list[float], list[float], list[float]] = field(default_factory=lambda: ([], [], []))
 
     def __post_init__(self) -> None:
         self.ping = self.channel.unary_unary("/floor.Floor/Ping")
@@ -257,10 +259,15 @@ class Floor:
         """Milliseconds of one round trip + one GET + one durable write."""
         start = time.perf_counter()
         self.ping(b"")
+        pinged = time.perf_counter()
         self.api.request("GET", f"{CLAIMS_API}/{self.claim}")
+        got = time.perf_counter()
         os.pwrite(self.file, b"x" * 4096, 0)
         os.fdatasync(self.file)
-        return (time.perf_counter() - start) * 1000
+        end = time.perf_counter()
+        for part, ms in zip(self.parts, (pinged - start, got - pinged, end - got), strict=True):
+            part.append(ms * 1000)
+        return (end - start) * 1000
 
 
 @contextlib.contextmanager
@@ -417,6 +424,11 @@ def footprint_run(tree: Path, tmp: Path, plane_kubeconfig: Path, refs: list[Clai
                     figures["threads after cycles"] = (status_value(pid, "Threads"), status_value(fl.pid, "Threads"))
                 finally:
                     kubelet.close()
+                floor_p50 = statistics.median(spaced[2] + back[2])  # the parts are of every sample too
+                for part, samples in zip(
+                    ("gRPC round trip", "GET of a claim", "fdatasync'd write"), fl.parts, strict=True
+                ):
+                    figures[f"floor part: {part} p50 (ms)"] = (statistics.median(samples), floor_p50)
                 for label, (prepares, unprepares, floors, _, _) in (("spaced", spaced), ("back to back", back)):
                     for p in (50, 99):
                         figures[f"prepare p{p}, {label} (ms)"] = (percentile(prepares, p), percentile(floors, p))
@@ -466,6 +478,8 @@ def footprint(args: argparse.Namespace) -> bool:
     for tree in trees:
         if not (tree / "dra_cpu" / "__main__.py").is_file():
             raise SystemExit(f"--tree {tree}: no dra_cpu package there")
+        # As an installed package is: start-up times then exclude compiling changed sources.
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "dra_cpu")], check=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="dc-") as tmp_text, running(Path(tmp_text) / "api") as plane:
         api = admin(plane.kubeconfig)
