@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 from math import comb
+from typing import NamedTuple
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
@@ -71,9 +72,10 @@ def choose_cpus(
 
 
 def _distribute(topology: Topology, free: CPUSet, count: int, policy: AllocationPolicy, device: CPUSet) -> CPUSet:
-    nodes: dict[int, list[int]] = {}
-    for cpu in device:
-        nodes.setdefault(_node_of(topology, cpu), []).append(cpu)
+    nodes = {node.id: node.cpus & device for node in topology.numa_nodes if not node.cpus.isdisjoint(device)}
+    without_node = device - CPUSet.union_all(nodes.values())
+    if without_node:
+        nodes[-1] = without_node
     if count % len(nodes):
         raise AllocationError(
             f"distributeAcrossNUMA: {count} CPUs do not divide into equal shares over the device's "
@@ -81,25 +83,25 @@ def _distribute(topology: Topology, free: CPUSet, count: int, policy: Allocation
         )
     share = count // len(nodes)
     inner = replace(policy, distribute_across_numa=False)
+    cores = _cores(topology, free & device)
     chosen: set[int] = set()
     for node, cpus in sorted(nodes.items()):
-        room = CPUSet.of(cpus) & free
+        room = cpus & free
         if len(room) < share:
             raise AllocationError(
                 f"distributeAcrossNUMA: NUMA node {node} has {len(room)} free CPU(s) ({room or 'none'}), "
                 f"its share is {share}"
             )
         try:
-            chosen |= _choose(_cores(topology, room), share, inner).ids
+            chosen |= _choose([core for core in cores if core.node == node], share, inner).ids
         except AllocationError as err:
             raise AllocationError(f"distributeAcrossNUMA: NUMA node {node}, share of {share}: {err}") from None
     return CPUSet(frozenset(chosen))
 
 
-@dataclass(frozen=True, slots=True)
-class _Core:
+class _Core(NamedTuple):
     """A physical core with at least one free thread: fresh when all its online threads are free (a whole free
-    core), a leftover otherwise (another claim holds the rest)."""
+    core), a leftover otherwise (another claim holds the rest). A NamedTuple: hundreds are made per choice."""
 
     free: tuple[int, ...]
     width: int
@@ -109,11 +111,6 @@ class _Core:
     @property
     def fresh(self) -> bool:
         return len(self.free) == self.width
-
-
-def _node_of(topology: Topology, cpu: int) -> int:
-    node = topology.cpu(cpu).numa_node
-    return -1 if node is None else node
 
 
 def _cores(topology: Topology, free: CPUSet) -> list[_Core]:
@@ -143,8 +140,7 @@ class _Cell:
     cores: list[_Core] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Room:
+class _Room(NamedTuple):
     """What a set of cells can give: free CPUs, leftover threads and the widths of its whole free cores."""
 
     cells: tuple[_Cell, ...]
