@@ -27,8 +27,9 @@ from prometheus_client import CollectorRegistry
 
 from dra_cpu import cdihook, observe
 from dra_cpu.config import Config
-from dra_cpu.core.devices import Device, allocatable_cpus, build_devices
-from dra_cpu.core.topology import Topology
+from dra_cpu.core.desired import pins
+from dra_cpu.core.devices import allocatable_cpus
+from dra_cpu.core.node_view import NodeView
 from dra_cpu.driver import Driver
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kube.api import ClusterAPI
@@ -39,6 +40,7 @@ from dra_cpu.kubelet.registration import PluginPaths
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.node.watch import topology_events
 from dra_cpu.nri.enforcer import NriConfig, NriCounters, NriEnforcer
+from dra_cpu.reconciler import Reconciler
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
 from dra_cpu.store.fileio import boot_id
@@ -110,9 +112,7 @@ class Daemon:
         LOG.info("starting", extra={"config": config.as_dict()})
         if config.enforcement == "none":
             LOG.warning("enforcement is off: claims get CPUs on paper only (development mode)")
-        device_config = config.device_config()
         topology = read_topology(Path(config.sysfs_root), pcie_roots=config.publish_pcie_roots)
-        devices = build_devices(topology, device_config)
         api = connect_cluster(config)
         state_dir = writable_dir("stateDir", Path(config.state_dir))
         cdi_root = writable_dir("cdiRoot", Path(config.cdi_root))
@@ -121,34 +121,24 @@ class Daemon:
             LOG.warning(cdihook.LIMITATION)
             # The runtime runs the hook on the host: this executable must exist there at the same path.
             hooks = (cdihook.hook(Path(sys.argv[0]).resolve(), cdi_dir=cdi_root, driver=config.driver_name),)
-        self.driver = Driver(
-            api=api,
-            config=device_config,
-            topology=topology,
-            devices=devices,
+        view = NodeView.of(topology, config.node_settings(hooks))
+        paths = PluginPaths(Path(config.kubelet_root_dir), config.driver_name)
+        reconciler = Reconciler(
             checkpoint=CheckpointFile(state_dir),
-            cdi_store=CDIStore(cdi_root, config.driver_name),
+            cdi=CDIStore(cdi_root, config.driver_name),
+            metadata=MetadataStore(paths.plugin_dir, cdi_root, config.driver_name),
             boot_id=boot_id(),
-            min_shared_cpus=config.min_shared_cpus,
-            recorder=self.metrics,
-            cdi_hooks=hooks,
         )
+        self.driver = Driver(api, view, reconciler, recorder=self.metrics)
         self.driver.start()
         self.nri = self._start_enforcement(config)
-        self.publisher = SlicePublisher(api, device_config, LOG)
-        self.publisher.set_devices(devices)
+        self.publisher = SlicePublisher(api, view.settings.devices, LOG)
+        self.publisher.set_devices(view.devices)
         self._spawn("publisher", self.publisher.run, self.stop)
         self.registry.register(observe.StateCollector(self._view))
         self.http = observe.serve(config.metrics_address, self.registry, self.not_ready)
         self._spawn("topology", self._watch_topology)
-        paths = PluginPaths(Path(config.kubelet_root_dir), config.driver_name)
-        self.plugin = KubeletPlugin(
-            self.driver,
-            paths,
-            self.stop,
-            self.registered,
-            metadata=MetadataStore(paths.plugin_dir, cdi_root, config.driver_name, enabled=config.device_metadata),
-        )
+        self.plugin = KubeletPlugin(self.driver, paths, self.stop, self.registered)
         if self.nri is None:
             self.plugin.start()
         else:
@@ -170,17 +160,12 @@ class Daemon:
     def _start_enforcement(self, config: Config) -> NriEnforcer | None:
         if config.enforcement != "nri":
             return None
+        now = self.driver.snapshot()
         nri = NriEnforcer(
-            NriConfig(
-                socket=Path(config.nri_socket),
-                plugin_index=config.nri_plugin_index,
-                reserved_cpus=config.reserved_cpu_set,
-                strict_reserved=config.strict_reserved,
-            ),
-            self.driver.topology,
-            self.driver.state,
+            NriConfig(socket=Path(config.nri_socket), plugin_index=config.nri_plugin_index),
+            pins(now.ledger, now.view),
         )
-        self.driver.enforcer = nri
+        self.driver.enforce_with(nri)
         nri.start()
         return nri
 
@@ -284,21 +269,21 @@ class Daemon:
         return reasons
 
     def _view(self) -> observe.View:
-        driver = self.driver
-        state, topology = driver.state, driver.topology
+        now = self.driver.snapshot()
+        ledger, topology = now.ledger, now.view.topology
         nri = self.nri.counters if self.nri is not None else NriCounters()
         return observe.View(
             topology=topology,
-            claims=tuple(state.claims.values()),
-            allocatable=allocatable_cpus(topology, driver.config),
-            allocated=state.allocated_cpus,
-            shared=state.shared_cpus(topology),
+            claims=tuple(ledger.claims.values()),
+            allocatable=allocatable_cpus(topology, now.view.settings.devices),
+            allocated=ledger.allocated_cpus,
+            shared=ledger.shared_cpus(topology),
             nri_connected=float(self.nri is not None and self.nri.ready.is_set()),
             counters=(
                 (
                     "dra_cpu_claims_unrestorable",
                     "claims prepared before a restart that this node can no longer honour (the log names each)",
-                    float(len(state.unrestorable)),
+                    float(len(ledger.unrestorable)),
                 ),
                 (
                     "dra_cpu_forged_env",
@@ -349,26 +334,19 @@ class Daemon:
         health = self.plugin.health if self.plugin is not None else None
         try:
             topology = read_topology(Path(self.config.sysfs_root), pcie_roots=self.config.publish_pcie_roots)
-            if topology == self.driver.topology:
+            if topology == self.driver.snapshot().view.topology:
                 if health is not None:
                     health.discovery_ok()
                 return
-            devices = build_devices(topology, self.driver.config)
+            view = self.driver.set_topology(topology)
         except DraCpuError as err:
             LOG.error("re-discovery failed; keeping the previous topology", extra={"reason": str(err)})
             if health is not None:
                 # The devices may or may not still be there: the kubelet is told so (Unknown), not "healthy".
                 health.discovery_failed(str(err))
             return
-        self._set(topology, devices)
+        LOG.info("topology changed", extra={"online": str(topology.online_cpus), "devices": len(view.devices)})
+        self.publisher.set_devices(view.devices)
         if health is not None:
+            health.notify()
             health.discovery_ok()
-
-    def _set(self, topology: Topology, devices: tuple[Device, ...]) -> None:
-        LOG.info("topology changed", extra={"online": str(topology.online_cpus), "devices": len(devices)})
-        self.driver.set_topology(topology, devices)
-        if self.nri is not None:
-            self.nri.set_topology(topology)
-        self.publisher.set_devices(devices)
-        if self.plugin is not None:
-            self.plugin.health.notify()

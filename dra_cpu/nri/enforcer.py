@@ -24,13 +24,11 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from dra_cpu.core import entitlement as policy
+from dra_cpu.core import entitlement
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import State
-from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
 from dra_cpu.logs import operation
 from dra_cpu.node import cgroups
@@ -66,8 +64,6 @@ class NriConfig:
     socket: Path = DEFAULT_SOCKET
     plugin_name: str = "dra-cpu"
     plugin_index: str = "00"
-    reserved_cpus: CPUSet = field(default_factory=CPUSet)
-    strict_reserved: bool = False
     grace_seconds: float = 10.0
     """How long enforcement may be down (the runtime restarting) before prepares fail."""
     call_timeout: float = 5.0
@@ -103,32 +99,32 @@ class NriCounters:
 
 @dataclass(frozen=True)
 class _Tracked:
-    info: policy.ContainerInfo
+    info: entitlement.ContainerInfo
     running: bool = True
 
 
-def _adjustment(pin: policy.Pin, memory_policy: bool) -> api.ContainerAdjustment:
+def _adjustment(pin: entitlement.Pin, memory_policy: bool) -> api.ContainerAdjustment:
     linux = api.LinuxContainerAdjustment(resources=_resources(pin))
     if memory_policy and pin.claims and pin.mems:
         linux.memory_policy.CopyFrom(api.LinuxMemoryPolicy(mode=MEMORY_POLICY_MODE, nodes=str(pin.mems)))
     return api.ContainerAdjustment(linux=linux)
 
 
-def _resources(pin: policy.Pin) -> api.LinuxResources:
+def _resources(pin: entitlement.Pin) -> api.LinuxResources:
     resources = api.LinuxResources(cpu=api.LinuxCPU(cpus=str(pin.cpus), mems=str(pin.mems) if pin.mems else ""))
     resources.hugepage_limits.extend(api.HugepageLimit(page_size=s, limit=b) for s, b in pin.hugepage_limits)
     return resources
 
 
-def _update(container_id: str, pin: policy.Pin) -> api.ContainerUpdate:
+def _update(container_id: str, pin: entitlement.Pin) -> api.ContainerUpdate:
     # A container may exit between our decision and the runtime's update: that must not fail the others.
     return api.ContainerUpdate(
         container_id=container_id, linux=api.LinuxContainerUpdate(resources=_resources(pin)), ignore_failure=True
     )
 
 
-def _info(container: api.Container, pod: api.PodSandbox | None) -> policy.ContainerInfo:
-    return policy.container_info(
+def _info(container: api.Container, pod: api.PodSandbox | None) -> entitlement.ContainerInfo:
+    return entitlement.container_info(
         container.id,
         container.name,
         pod.uid if pod is not None else "",
@@ -142,16 +138,15 @@ class NriEnforcer:
 
     events = EVENTS
 
-    def __init__(self, config: NriConfig, topology: Topology, state: State) -> None:
+    def __init__(self, config: NriConfig, pools: entitlement.Pools) -> None:
         self.config = config
         self.counters = NriCounters()
         self.stub = Stub(config.stub, self)
         self.updater = SharedPoolUpdater(self.stub, self)
         self._lock = threading.Lock()
-        self._topology = topology
-        self._pools = self._compute_pools(state, topology)
+        self._pools = pools
         self._containers: dict[str, _Tracked] = {}
-        self._applied: dict[str, policy.Pin] = {}
+        self._applied: dict[str, entitlement.Pin] = {}
         self._connected = False
         self._down_since = time.monotonic()
         self._synchronized_once = False
@@ -180,7 +175,7 @@ class NriEnforcer:
         self.updater.stop()
         self.stub.stop()
 
-    # --- Enforcer (driver.py) ------------------------------------------------------------------------------
+    # --- Enforcer (reconciler.py) ------------------------------------------------------------------------------
 
     def check_ready(self) -> None:
         if self.ready.is_set():
@@ -192,19 +187,10 @@ class NriEnforcer:
                 f"for {down:.0f}s; retry later (is NRI enabled in the runtime?)"
             )
 
-    def claims_changed(self, state: State) -> None:
+    def set_pools(self, pools: entitlement.Pools) -> None:
         with self._lock:
-            self._pools = self._compute_pools(state, self._topology)
+            self._pools = pools
         self.updater.poke()
-
-    def set_topology(self, topology: Topology) -> None:
-        with self._lock:
-            self._topology = topology
-            self._pools = self._compute_pools(self._pools.state, topology)
-        self.updater.poke()
-
-    def _compute_pools(self, state: State, topology: Topology) -> policy.Pools:
-        return policy.pools(state, topology, self.config.reserved_cpus, self.config.strict_reserved)
 
     # --- the runtime's calls (stub.Handler; on the transport's reader thread) ------------------------------
 
@@ -236,7 +222,7 @@ class NriEnforcer:
                     continue
                 info = _info(container, by_id.get(container.pod_sandbox_id))
                 self._containers[info.id] = _Tracked(info)
-                pin = self._decide(info, "synchronize")
+                pin = self._pin(info, "synchronize")
                 if pin is not None:
                     self._applied[info.id] = pin
                     updates.append(_update(info.id, pin))
@@ -250,11 +236,11 @@ class NriEnforcer:
         info = _info(request.container, request.pod)
         with self._lock:
             try:
-                decision = policy.decide(info, self._pools, refuse_shared=True)
-            except policy.NoSharedCpus as err:
+                decision = entitlement.pin_for(info, self._pools, refuse_shared=True)
+            except entitlement.NoSharedCpus as err:
                 LOG.error("refusing container: no shared CPU left", extra={"container": info.name, "pod": info.pod})
                 raise MethodError(FAILED_PRECONDITION, str(err)) from None
-            except policy.ClaimSharedAcrossPods as err:
+            except entitlement.ClaimSharedAcrossPods as err:
                 self.counters.shared_claim_refused += 1
                 LOG.error(
                     "refusing container: it uses a claim prepared for another pod",
@@ -301,7 +287,7 @@ class NriEnforcer:
         info = _info(request.container, request.pod)
         with self._lock:
             self._containers.setdefault(info.id, _Tracked(info))
-            pin = self._decide(info, "update")
+            pin = self._pin(info, "update")
             if pin is None:
                 return []
             self._applied[info.id] = pin
@@ -338,7 +324,7 @@ class NriEnforcer:
             for cid, tracked in self._containers.items():
                 if not tracked.running:
                     continue
-                pin = self._decide(tracked.info, "")
+                pin = self._pin(tracked.info, "")
                 if pin is not None and self._applied.get(cid) != pin:
                     self._applied[cid] = pin
                     updates.append(_update(cid, pin))
@@ -352,19 +338,19 @@ class NriEnforcer:
 
     # --- decisions (under the lock) ------------------------------------------------------------------------
 
-    def _decide(self, info: policy.ContainerInfo, why: str) -> policy.Pin | None:
+    def _pin(self, info: entitlement.ContainerInfo, why: str) -> entitlement.Pin | None:
         """The pin, or None (logged) when the shared pool is empty and nothing can be right. `why` names the
         event for the log; empty for the updater's recomputations, which would only repeat it."""
         try:
-            decision = policy.decide(info, self._pools)
-        except policy.NoSharedCpus as err:
+            decision = entitlement.pin_for(info, self._pools)
+        except entitlement.NoSharedCpus as err:
             LOG.error("container left as it is", extra={"container": info.name, "pod": info.pod, "reason": str(err)})
             return None
         if why:
             self._report(info, decision, why)
         return decision.pin
 
-    def _report(self, info: policy.ContainerInfo, decision: policy.Decision, why: str) -> None:
+    def _report(self, info: entitlement.ContainerInfo, decision: entitlement.Decision, why: str) -> None:
         log = operation(LOG, why, containerID=info.id, container=info.name, pod=info.pod, podUID=info.pod_uid)
         for rejection in decision.rejected:
             if why == "create":

@@ -91,7 +91,7 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
 def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
     """Before: a checkpoint naming CPU 40 on this 16-CPU node made start-up raise KeyError and exit 1, every time."""
     from dra_cpu.core.cpuset import CPUSet
-    from dra_cpu.core.state import PreparedClaim, PreparedDevice, State
+    from dra_cpu.core.ledger import Ledger, PreparedClaim, PreparedDevice
     from dra_cpu.store.checkpoint import Checkpoint, CheckpointFile
 
     big_uid, small_uid = "6f1a2b3c-0000-4000-8000-000000000b16", "6f1a2b3c-0000-4000-8000-0000000005aa"
@@ -101,7 +101,7 @@ def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
         return PreparedClaim(ClaimRef("default", name, uid), (device,))
 
     (root / "state").mkdir(mode=0o755)
-    state = State({big_uid: claim("big", big_uid, "38-41"), small_uid: claim("small", small_uid, "2")})
+    state = Ledger({big_uid: claim("big", big_uid, "38-41"), small_uid: claim("small", small_uid, "2")})
     CheckpointFile(root / "state").save(Checkpoint(state, "boot-0"))
     port = free_port()
     proc = run_daemon(root, port, "--log-format", "json")

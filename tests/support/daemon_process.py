@@ -15,7 +15,7 @@ import yaml
 from dra_cpu.core import cdi_spec
 from dra_cpu.core.claims import ClaimRef, allocated_claim
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import State
+from dra_cpu.core.ledger import Ledger
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
 from tests.support.kubelet_node import DRIVER, FIXTURES, result
@@ -105,7 +105,7 @@ class OnDisk:
 
 def on_disk(root: Path) -> OnDisk:
     loaded = CheckpointFile(root / "state").load()
-    state = loaded.state if loaded is not None else State()
+    state = loaded.ledger if loaded is not None else Ledger()
     store = CDIStore(root / "cdi", DRIVER)
     specs = {}
     for uid in store.uids():
