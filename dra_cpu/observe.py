@@ -109,8 +109,8 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             "dra_cpu_nri_connected", "1 while NRI is connected and synchronized", value=view.nri_connected
         )
-        for name, help_text, value in view.counters:
-            yield GaugeMetricFamily(name, help_text, value=value)
+        for field_name, (name, help_text) in COUNTS.items():
+            yield GaugeMetricFamily(name, help_text, value=float(getattr(view.counts, field_name)))
 
     def _busy_by_cpu(self) -> dict[int, float]:
         """Busy fraction per CPU since the previous scrape (psutil's cumulative times, differenced)."""
@@ -126,6 +126,46 @@ class StateCollector(Collector):
 
 
 @dataclass(frozen=True)
+class Counts:
+    """The daemon's counters, read at scrape time from the driver, the NRI plugin and the slice publisher; each is
+    exported as the gauge COUNTS names."""
+
+    claims_unrestorable: int = 0
+    forged_env: int = 0
+    nri_update_failures: int = 0
+    shared_claim_refused: int = 0
+    hugetlb_unenforced: int = 0
+    slice_writes: int = 0
+    slice_publish_errors: int = 0
+    slice_dropped_field_warnings: int = 0
+
+
+COUNTS: dict[str, tuple[str, str]] = {
+    "claims_unrestorable": (
+        "dra_cpu_claims_unrestorable",
+        "claims prepared before a restart that this node can no longer honour (the log names each)",
+    ),
+    "forged_env": ("dra_cpu_forged_env", "containers whose claim env was not theirs"),
+    "nri_update_failures": ("dra_cpu_nri_update_failures", "failed NRI container updates"),
+    "shared_claim_refused": (
+        "dra_cpu_shared_claim_refused",
+        "containers refused for using a claim prepared for another pod",
+    ),
+    "hugetlb_unenforced": (
+        "dra_cpu_hugetlb_unenforced",
+        "hugepage claims' containers whose cgroup hugetlb limits could not be set",
+    ),
+    "slice_writes": ("dra_cpu_slice_writes", "ResourceSlice writes"),
+    "slice_publish_errors": ("dra_cpu_slice_publish_errors", "failed ResourceSlice writes"),
+    "slice_dropped_field_warnings": (
+        "dra_cpu_slice_dropped_field_warnings",
+        "slices the API server stored without some of our fields",
+    ),
+}
+"""The catalogue of the counters' gauges: Counts field -> (metric name, help)."""
+
+
+@dataclass(frozen=True)
 class View:
     """What the collector reads: the daemon fills it from the driver, the publisher and the NRI plugin."""
 
@@ -135,7 +175,7 @@ class View:
     allocated: CPUSet
     shared: CPUSet
     nri_connected: float
-    counters: tuple[tuple[str, str, float], ...] = ()
+    counts: Counts = field(default_factory=Counts)
 
 
 ReadinessCheck = Callable[[], list[str]]

@@ -28,6 +28,8 @@ ALLOWED = {
     "nri": {"core", "errors", "logs", "node"},
     "reconciler": {"core", "store", "errors", "logs"},
     "driver": {"core", "kube", "reconciler", "errors", "logs"},
+    "rediscovery": {"core", "node", "driver", "errors"},
+    "process": set(),
     "kubelet": {"core", "driver", "errors"},
     "cdihook": {"core", "node", "store", "errors"},
 }

@@ -22,7 +22,7 @@ import grpc
 import pytest
 import yaml
 
-from dra_cpu import daemon
+from dra_cpu import process
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
@@ -277,7 +277,7 @@ def test_sigterm_at_any_moment_ends_the_daemon_cleanly_once(root: Path) -> None:
             time.sleep(rng.uniform(0, 0.5))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-            code = exit_code(proc, daemon.SHUTDOWN_SECONDS + 10)
+            code = exit_code(proc, process.SHUTDOWN_SECONDS + 10)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -315,7 +315,7 @@ def test_a_hung_request_does_not_hold_the_exit(root: Path) -> None:
     proc, stderr, caller = _stuck_prepare(root)
     try:
         proc.send_signal(signal.SIGTERM)
-        code = exit_code(proc, daemon.SHUTDOWN_SECONDS + 10)
+        code = exit_code(proc, process.SHUTDOWN_SECONDS + 10)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -342,8 +342,8 @@ def test_a_third_signal_or_sigint_during_the_shutdown_exits_at_once(
                 stderr.wait_for("SIGTERM received: shutting down")
             elif sent < len(signals) - 1:
                 stderr.wait_for("already shutting down")
-        assert exit_code(proc, daemon.SHUTDOWN_SECONDS + 10) == code, stderr.text()
-        assert time.monotonic() - started < daemon.SHUTDOWN_SECONDS, "before the shutdown's own deadline"
+        assert exit_code(proc, process.SHUTDOWN_SECONDS + 10) == code, stderr.text()
+        assert time.monotonic() - started < process.SHUTDOWN_SECONDS, "before the shutdown's own deadline"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -362,7 +362,7 @@ def test_the_signal_handler_takes_no_lock() -> None:
         from dra_cpu.daemon import Daemon
 
         d = Daemon(Config(node_name="n"))
-        d._install_signals()
+        d.process.install_signals()
         with d.stop._cond:
             os.kill(os.getpid(), signal.SIGTERM)
             for _ in range(1000):

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dra_cpu import daemon
+from dra_cpu import process
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.desired import pins
@@ -48,7 +48,7 @@ from tests.support.nri_peer import Runtime
 from tests.support.waiting import eventually
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
-EXIT_BOUND = daemon.SHUTDOWN_SECONDS + 10
+EXIT_BOUND = process.SHUTDOWN_SECONDS + 10
 DEVICES = ("cpu-numa0", "cpu-numa1")
 
 
