@@ -121,7 +121,9 @@ def containerd_figures(version: str, count: int) -> list[tuple[str, str]]:
 
         trips = []
         first = containers[0]
-        tracked = node.plugin._containers[first.id].info
+        known = node.plugin.containers.get(first.id)
+        assert known is not None
+        tracked = known.info
         for i in range(20):
             pool = CPUSet.of([online.sorted()[i % 2]]) if len(online) > 1 else online
             update = api.ContainerUpdate(

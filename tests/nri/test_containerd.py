@@ -21,7 +21,7 @@ import pytest
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
-from dra_cpu.node.cgroups import find_hugetlb_hierarchy
+from dra_cpu.node.hugetlb import find_hugetlb_hierarchy
 from tests.support.nri_node import ONLINE, Node, nri_node
 from tests.support.testenv_containerd import Containerd, speaks_nri_0_12
 from tests.support.waiting import eventually
