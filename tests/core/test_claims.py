@@ -9,7 +9,7 @@ from dra_cpu.core.claims import (
     ClaimError,
     ClaimRef,
     ClaimRequest,
-    allocated_claim,
+    allocated_claim_object,
     allocation_result,
     parse_claim,
     parse_cpu_config,
@@ -45,7 +45,7 @@ def test_distribute_across_numa_is_a_cpu_config_key() -> None:
 def _decide(state: Ledger, device: str, cpus: int, uid: str, **config: object) -> tuple[Ledger, CPUSet]:
     view = NodeView.of(BIG, NodeSettings(DeviceConfig(node_name="n", group_by=GroupBy.SOCKET)))
     entries = [{"opaque": {"driver": "dra.cpu", "parameters": params(**config)}, "requests": []}] if config else []
-    obj = allocated_claim(
+    obj = allocated_claim_object(
         "default",
         uid,
         [allocation_result("dra.cpu", "n", device, consumed={"dra.cpu/cpu": str(cpus)})],
@@ -79,7 +79,7 @@ def test_a_claim_reserved_for_several_pods_is_refused_at_first_prepare_and_kept_
     results = [allocation_result("dra.cpu", "n", "cpu-numa0", consumed={"dra.cpu/cpu": "2"})]
 
     def request(*pods: str) -> ClaimRequest:
-        obj = allocated_claim("default", "c", results, uid=REF.uid, pod_uids=pods)
+        obj = allocated_claim_object("default", "c", results, uid=REF.uid, pod_uids=pods)
         return parse_claim(obj, REF, driver="dra.cpu", pool="n", default_policy=AllocationPolicy())
 
     def prepare(state: Ledger, claim: ClaimRequest) -> PreparedClaim:

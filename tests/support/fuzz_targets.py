@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from dra_cpu.cli import build_parser
 from dra_cpu.config import load
 from dra_cpu.core.allocator import AllocationPolicy
-from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
+from dra_cpu.core.claims import ClaimRef, allocated_claim_object, allocation_result
 from dra_cpu.core.claims import parse_claim as parse_driver_claim
 from dra_cpu.core.cpu_quota import throttled
 from dra_cpu.core.cpuset import CPUSet
@@ -203,7 +203,9 @@ def _result() -> st.SearchStrategy[dict[str, Any]]:
 
 CLAIMS = st.one_of(
     st.builds(
-        lambda results, config, uid, extra: allocated_claim("default", "c", results, uid=uid, config=config) | extra,
+        lambda results, config, uid, extra: (
+            allocated_claim_object("default", "c", results, uid=uid, config=config) | extra
+        ),
         st.lists(_result(), max_size=3),
         st.lists(
             st.builds(

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import pytest
 import yaml
 
-from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
+from dra_cpu.core.claims import ClaimRef, allocated_claim_object, allocation_result
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig, DeviceMode
 from dra_cpu.core.node_view import NodeSettings, NodeView
@@ -117,7 +117,7 @@ class Node:
         annotations: dict[str, str] | None = None,
     ) -> ClaimRef:
         ref = ClaimRef(self.namespace, name or f"claim-{uuid.uuid4().hex[:8]}", uid or str(uuid.uuid4()))
-        obj = allocated_claim(
+        obj = allocated_claim_object(
             ref.namespace, ref.name, results, uid=ref.uid, pod_uids=[self.pod_uid], config=config or []
         )
         obj["status"]["reservedFor"][0]["name"] = self.pod_name

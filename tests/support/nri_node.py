@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from dra_cpu.core import cdi_spec
-from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
+from dra_cpu.core.claims import ClaimRef, allocated_claim_object, allocation_result
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.desired import pins
 from dra_cpu.core.devices import DeviceConfig
@@ -69,7 +69,7 @@ class Node:
         if hugepages_2mi:
             consumed = {"dra.cpu/memory": hugepages_2mi}
             results.append(allocation_result("dra.cpu", NODE, "hugepages-2mi-numa0", request="mem", consumed=consumed))
-        obj = allocated_claim(ref.namespace, ref.name, results, uid=ref.uid, pod_uids=pod_uids)
+        obj = allocated_claim_object(ref.namespace, ref.name, results, uid=ref.uid, pod_uids=pod_uids)
         path = self.claims_dir / "resourceclaims" / ref.namespace / f"{ref.name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(obj))
