@@ -15,19 +15,10 @@ import grpc
 
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kubelet.dra import DRAService, Preparer
-from dra_cpu.kubelet.gen import (
-    dra_health_v1_pb2,
-    dra_health_v1_pb2_grpc,
-    dra_health_v1alpha1_pb2,
-    dra_health_v1alpha1_pb2_grpc,
-    dra_v1_pb2,
-    dra_v1_pb2_grpc,
-    dra_v1beta1_pb2,
-    dra_v1beta1_pb2_grpc,
-    pluginregistration_v1_pb2_grpc,
-)
+from dra_cpu.kubelet.gen import pluginregistration_v1_pb2_grpc
 from dra_cpu.kubelet.health import MAX_HEALTH_STREAMS, HealthService, HealthServicer, Snapshots
 from dra_cpu.kubelet.registration import PluginPaths, RegistrationService
+from dra_cpu.kubelet.services import DRA_SERVICES, HEALTH_SERVICES
 
 LOG = logging.getLogger("dra_cpu.kubelet")
 # AF_UNIX paths are limited to 108 bytes including the terminating NUL.
@@ -70,15 +61,13 @@ class KubeletPlugin:
             self._serve(
                 self.paths.dra_socket,
                 (
-                    lambda s: dra_v1_pb2_grpc.add_DRAPluginServicer_to_server(DRAService(self.driver, dra_v1_pb2), s),
-                    lambda s: dra_v1beta1_pb2_grpc.add_DRAPluginServicer_to_server(
-                        DRAService(self.driver, dra_v1beta1_pb2), s
+                    *(
+                        _adder(grpc_mod.add_DRAPluginServicer_to_server, DRAService(self.driver, pb2))
+                        for pb2, grpc_mod in DRA_SERVICES.values()
                     ),
-                    lambda s: dra_health_v1_pb2_grpc.add_DRAResourceHealthServicer_to_server(
-                        HealthServicer(self.health, dra_health_v1_pb2), s
-                    ),
-                    lambda s: dra_health_v1alpha1_pb2_grpc.add_DRAResourceHealthServicer_to_server(
-                        HealthServicer(self.health, dra_health_v1alpha1_pb2), s
+                    *(
+                        _adder(grpc_mod.add_DRAResourceHealthServicer_to_server, HealthServicer(self.health, pb2))
+                        for pb2, grpc_mod in HEALTH_SERVICES.values()
                     ),
                 ),
             )
@@ -143,3 +132,8 @@ class KubeletPlugin:
         for server in reversed(servers):
             server.stop(grace=2).wait()
         self.paths.dra_socket.unlink(missing_ok=True)
+
+
+def _adder(add: Callable[[object, grpc.Server], None], servicer: object) -> Callable[[grpc.Server], None]:
+    """What adds `servicer` to a server, by the generated `add_<Service>Servicer_to_server`."""
+    return lambda server: add(servicer, server)
