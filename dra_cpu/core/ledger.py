@@ -24,6 +24,8 @@ SHARING_ADVICE = (
 
 @dataclass(frozen=True)
 class HugePageGrant:
+    """Hugepages granted to one device of a claim: `bytes` of `page_size_kib` pages on NUMA node `numa_node`."""
+
     numa_node: int
     page_size_kib: int
     bytes: int
