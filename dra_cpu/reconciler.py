@@ -69,11 +69,12 @@ class Reconciler:
             self.enforcer.check_ready()
 
     def reconcile(self, old: Ledger, new: Ledger, view: NodeView, ref: ClaimRef, log: OperationLog) -> dict[str, str]:
-        """Make the part of the node that belongs to the claim `ref` match `new`, the ledger having been `old`;
-        DraCpuError, with everything undone, when it cannot. Returns the claim's metadata CDI ids in place, by base
-        request name."""
+        """Make the part of the node that belongs to the claim `ref` match `new`, the ledger having been `old` (the
+        two differ in that claim's entries only); DraCpuError, with everything undone, when it cannot. Returns the
+        claim's metadata CDI ids in place, by base request name."""
         before, after = old.claims.get(ref.uid), new.claims.get(ref.uid)
-        changed = new != old
+        # Compared by this claim's entries alone: a prepare must not cost a comparison of the whole node's.
+        changed = before != after or old.unrestorable.get(ref.uid) != new.unrestorable.get(ref.uid)
         if after is None:
             self._remove(ref, before, view, log)
             if changed:
