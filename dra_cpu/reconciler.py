@@ -87,6 +87,7 @@ class Reconciler:
             return {}
         if changed:
             self._save(new)
+        # Nothing of a claim that stays prepared is removed: once recorded, its metadata requests never change.
         files = claim_files(after, view)
         try:
             self.cdi.ensure(after.uid, files.cdi_spec)
