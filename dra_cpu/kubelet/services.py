@@ -4,26 +4,21 @@ first the plugin advertises of those it knows."""
 
 from __future__ import annotations
 
+from importlib import import_module
 from types import ModuleType
 
-from dra_cpu.kubelet.gen import (
-    dra_health_v1_pb2,
-    dra_health_v1_pb2_grpc,
-    dra_health_v1alpha1_pb2,
-    dra_health_v1alpha1_pb2_grpc,
-    dra_v1_pb2,
-    dra_v1_pb2_grpc,
-    dra_v1beta1_pb2,
-    dra_v1beta1_pb2_grpc,
-)
+from dra_cpu.kubelet import gen
+
+
+def _generated(proto: str) -> tuple[ModuleType, ModuleType]:
+    """The messages and the service stubs generated from protos/kubelet/<proto>.proto."""
+    return import_module(f"{gen.__name__}.{proto}_pb2"), import_module(f"{gen.__name__}.{proto}_pb2_grpc")
+
 
 # What a 1.34+ kubelet knows, in its order of preference.
-DRA_SERVICES: dict[str, tuple[ModuleType, ModuleType]] = {
-    "v1.DRAPlugin": (dra_v1_pb2, dra_v1_pb2_grpc),
-    "v1beta1.DRAPlugin": (dra_v1beta1_pb2, dra_v1beta1_pb2_grpc),
-}
+DRA_SERVICES = {"v1.DRAPlugin": _generated("dra_v1"), "v1beta1.DRAPlugin": _generated("dra_v1beta1")}
 # The health services a 1.37 kubelet knows, newest first: it takes the first one the plugin advertises.
-HEALTH_SERVICES: dict[str, tuple[ModuleType, ModuleType]] = {
-    "v1.DRAResourceHealth": (dra_health_v1_pb2, dra_health_v1_pb2_grpc),
-    "v1alpha1.DRAResourceHealth": (dra_health_v1alpha1_pb2, dra_health_v1alpha1_pb2_grpc),
+HEALTH_SERVICES = {
+    "v1.DRAResourceHealth": _generated("dra_health_v1"),
+    "v1alpha1.DRAResourceHealth": _generated("dra_health_v1alpha1"),
 }
