@@ -16,6 +16,7 @@ from typing import Any
 
 from dra_cpu.core.cpuset import MAX_CPUS, CPUSet, parse_field
 from dra_cpu.core.devices import DeviceConfig, DeviceMode, GroupBy
+from dra_cpu.core.node_view import NodeSettings
 from dra_cpu.errors import DraCpuError, shown
 from dra_cpu.store.fileio import read_yaml
 
@@ -92,6 +93,15 @@ class Config:
             group_by=GroupBy(self.group_by),
             node_allocatable=self.publish_node_allocatable_resources,
             pcie_roots=self.publish_pcie_roots,
+        )
+
+    def node_settings(self, cdi_hooks: tuple[dict[str, object], ...] = ()) -> NodeSettings:
+        return NodeSettings(
+            devices=self.device_config(),
+            min_shared_cpus=self.min_shared_cpus,
+            device_metadata=self.device_metadata,
+            strict_reserved=self.strict_reserved,
+            cdi_hooks=cdi_hooks,
         )
 
     @property

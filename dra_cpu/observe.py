@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -109,8 +109,9 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             "dra_cpu_nri_connected", "1 while NRI is connected and synchronized", value=view.nri_connected
         )
-        for name, help_text, value in view.counters:
-            yield GaugeMetricFamily(name, help_text, value=value)
+        for counter in fields(Counts):
+            value = float(getattr(view.counts, counter.name))
+            yield GaugeMetricFamily(counter.metadata["name"], counter.metadata["help"], value=value)
 
     def _busy_by_cpu(self) -> dict[int, float]:
         """Busy fraction per CPU since the previous scrape (psutil's cumulative times, differenced)."""
@@ -125,6 +126,35 @@ class StateCollector(Collector):
         return busy
 
 
+def _gauge(name: str, help_text: str) -> Any:
+    """A Counts field, exported as the gauge `name`."""
+    return field(default=0, metadata={"name": name, "help": help_text})
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The daemon's counters, read at scrape time from the driver, the NRI plugin and the slice publisher: the
+    catalogue of their gauges, one field each."""
+
+    claims_unrestorable: int = _gauge(
+        "dra_cpu_claims_unrestorable",
+        "claims prepared before a restart that this node can no longer honour (the log names each)",
+    )
+    forged_env: int = _gauge("dra_cpu_forged_env", "containers whose claim env was not theirs")
+    nri_update_failures: int = _gauge("dra_cpu_nri_update_failures", "failed NRI container updates")
+    shared_claim_refused: int = _gauge(
+        "dra_cpu_shared_claim_refused", "containers refused for using a claim prepared for another pod"
+    )
+    hugetlb_unenforced: int = _gauge(
+        "dra_cpu_hugetlb_unenforced", "hugepage claims' containers whose cgroup hugetlb limits could not be set"
+    )
+    slice_writes: int = _gauge("dra_cpu_slice_writes", "ResourceSlice writes")
+    slice_publish_errors: int = _gauge("dra_cpu_slice_publish_errors", "failed ResourceSlice writes")
+    slice_dropped_field_warnings: int = _gauge(
+        "dra_cpu_slice_dropped_field_warnings", "slices the API server stored without some of our fields"
+    )
+
+
 @dataclass(frozen=True)
 class View:
     """What the collector reads: the daemon fills it from the driver, the publisher and the NRI plugin."""
@@ -135,7 +165,7 @@ class View:
     allocated: CPUSet
     shared: CPUSet
     nri_connected: float
-    counters: tuple[tuple[str, str, float], ...] = ()
+    counts: Counts = field(default_factory=Counts)
 
 
 ReadinessCheck = Callable[[], list[str]]

@@ -26,7 +26,10 @@ ALLOWED = {
     "store": {"core", "errors"},
     "kube": {"core", "store", "errors"},
     "nri": {"core", "errors", "logs", "node"},
-    "driver": {"core", "store", "kube", "errors", "logs"},
+    "reconciler": {"core", "store", "errors", "logs"},
+    "driver": {"core", "kube", "reconciler", "errors", "logs"},
+    "rediscovery": {"core", "node", "driver", "errors"},
+    "process": set(),
     "kubelet": {"core", "driver", "errors"},
     "cdihook": {"core", "node", "store", "errors"},
 }

@@ -14,7 +14,7 @@ from typing import Any
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice
+from dra_cpu.core.ledger import HugePageGrant, PreparedClaim, PreparedDevice
 from dra_cpu.errors import DraCpuError
 
 CDI_VERSION = "0.5.0"

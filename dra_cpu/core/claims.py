@@ -107,7 +107,7 @@ class ClaimRequest:
         return {r.base_request: r.request for r in self.results}
 
 
-def allocated_claim(
+def allocated_claim_object(
     namespace: str,
     name: str,
     results: Sequence[Mapping[str, Any]],

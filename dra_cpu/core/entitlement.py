@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from dra_cpu.core import cdi_spec
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import SHARING_ADVICE, HugePageGrant, State
+from dra_cpu.core.ledger import SHARING_ADVICE, HugePageGrant, Ledger
 from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
 
@@ -74,19 +74,19 @@ class ClaimSharedAcrossPods(DraCpuError):
 
 @dataclass(frozen=True)
 class Pools:
-    """The node-wide facts every decision needs, computed once per state change."""
+    """The node-wide facts every container's pin needs, computed once per change of the ledger or the topology."""
 
-    state: State
+    ledger: Ledger
     topology: Topology
     shared: CPUSet
     shared_mems: CPUSet
 
 
-def pools(state: State, topology: Topology, reserved: CPUSet | None = None, strict_reserved: bool = False) -> Pools:
+def pools(ledger: Ledger, topology: Topology, reserved: CPUSet | None = None, strict_reserved: bool = False) -> Pools:
     """The shared pool: online CPUs minus claimed, isolated and (with strict_reserved) reserved CPUs."""
-    shared = state.shared_cpus(topology) - (reserved if strict_reserved and reserved else CPUSet())
+    shared = ledger.shared_cpus(topology) - (reserved if strict_reserved and reserved else CPUSet())
     memory_nodes = CPUSet.of(n.id for n in topology.numa_nodes if n.memory_bytes > 0)
-    return Pools(state, topology, shared, memory_nodes)
+    return Pools(ledger, topology, shared, memory_nodes)
 
 
 def oci_page_size(size_kib: int) -> str:
@@ -107,7 +107,7 @@ def _hugepage_limits(grants: Iterable[HugePageGrant]) -> tuple[tuple[str, int], 
 
 @dataclass(frozen=True)
 class Entitlement:
-    """What the driver prepared for one claim, as far as enforcement needs it: from its state (NRI) or from its
+    """What the driver prepared for one claim, as far as enforcement needs it: from its ledger (NRI) or from its
     CDI spec (the createRuntime hook)."""
 
     cpus: CPUSet
@@ -134,7 +134,7 @@ def refusal(value: str, pod_uid: str, prepared: Entitlement | None) -> str:
 
 
 def _check(container: ContainerInfo, uid: str, value: str, pools: Pools, refuse_shared: bool) -> str:
-    claim = pools.state.claims.get(uid)
+    claim = pools.ledger.claims.get(uid)
     prepared = None if claim is None else Entitlement(claim.cpus, claim.mems(pools.topology), claim.pod_uids)
     reason = refusal(value, container.pod_uid, prepared)
     if reason and refuse_shared and claim is not None and _same_cpuset(value, claim.cpus) and container.pod_uid:
@@ -153,7 +153,7 @@ def _same_cpuset(value: str, cpus: CPUSet) -> bool:
         return False
 
 
-def decide(container: ContainerInfo, pools: Pools, refuse_shared: bool = False) -> Decision:
+def pin_for(container: ContainerInfo, pools: Pools, refuse_shared: bool = False) -> Decision:
     """The pin for one container. NoSharedCpus when it should run on the shared pool and the pool is empty;
     with `refuse_shared` (a container being created), ClaimSharedAcrossPods when it uses a claim prepared for
     another pod. Without it (containers already running) that claim is rejected like a forged one."""
@@ -163,7 +163,7 @@ def decide(container: ContainerInfo, pools: Pools, refuse_shared: bool = False) 
         if reason:
             rejected.append(Rejection(uid, reason))
         else:
-            granted.append(pools.state.claims[uid])
+            granted.append(pools.ledger.claims[uid])
     if granted:
         cpus = CPUSet.union_all(c.cpus for c in granted)
         mems = CPUSet.union_all(c.mems(pools.topology) for c in granted)

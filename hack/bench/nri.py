@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 from dra_cpu import logs  # noqa: E402
 from dra_cpu.core.claims import ClaimRef  # noqa: E402
 from dra_cpu.core.cpuset import CPUSet  # noqa: E402
-from dra_cpu.core.state import PreparedClaim, PreparedDevice, State  # noqa: E402
+from dra_cpu.core.desired import pins  # noqa: E402
+from dra_cpu.core.entitlement import pools  # noqa: E402
+from dra_cpu.core.ledger import Ledger, PreparedClaim, PreparedDevice  # noqa: E402
 from dra_cpu.node.sysfs import read_topology  # noqa: E402
 from dra_cpu.nri.enforcer import NriConfig, NriEnforcer  # noqa: E402
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api  # noqa: E402
@@ -59,7 +61,7 @@ def create_container_latency(calls: int = 5000) -> tuple[float, float]:
         )
         for i in range(20)
     }
-    plugin = NriEnforcer(NriConfig(socket=Path("/nonexistent")), topology, State(claims))
+    plugin = NriEnforcer(NriConfig(socket=Path("/nonexistent")), pools(Ledger(claims), topology))
     ours, theirs = socket.socketpair()
     conn = Connection(ours, plugin.stub._handle, name="bench")
     conn.start()
@@ -114,12 +116,14 @@ def containerd_figures(version: str, count: int) -> list[tuple[str, str]]:
         pods = [cri.run_pod(f"bench-{i}") for i in range(max(1, count // 10))]
         containers = [cri.create_container(pods[i % len(pods)], f"c{i}") for i in range(count)]
         pids = [cri.pid(c) for c in containers]
-        online = node.driver.topology.online_cpus
+        online = node.driver.snapshot().view.topology.online_cpus
         wait_all(pids, online)
 
         trips = []
         first = containers[0]
-        tracked = node.plugin._containers[first.id].info
+        known = node.plugin.containers.get(first.id)
+        assert known is not None
+        tracked = known.info
         for i in range(20):
             pool = CPUSet.of([online.sorted()[i % 2]]) if len(online) > 1 else online
             update = api.ContainerUpdate(
@@ -129,7 +133,8 @@ def containerd_figures(version: str, count: int) -> list[tuple[str, str]]:
             start = time.perf_counter()
             node.plugin.stub.update_containers([update])
             trips.append((time.perf_counter() - start) * 1000)
-        node.plugin.claims_changed(node.driver.state)
+        now = node.driver.snapshot()
+        node.plugin.set_pools(pins(now.ledger, now.view))
 
         owner = cri.run_pod("owner", uid=str(uuid.uuid4()))
         start = time.perf_counter()

@@ -11,7 +11,7 @@ from dra_cpu.core import device_metadata as dm
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig, build_devices
-from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice
+from dra_cpu.core.ledger import HugePageGrant, PreparedClaim, PreparedDevice
 from dra_cpu.node.sysfs import read_topology
 from tests.support.paths import SYSFS
 

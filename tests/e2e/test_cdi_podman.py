@@ -16,7 +16,7 @@ def test_podman_injects_the_claims_env(node_factory: NodeFactory, podman: Podman
     ref = node.claim([result("cpu-numa0", cpus=1)])
     response = node.prepare(ref)
     assert not response.error
-    spec = json.loads(node.driver.cdi_store.path(ref.uid).read_text())
+    spec = json.loads(node.driver.reconciler.cdi.path(ref.uid).read_text())
     podman.write_cdi_spec(spec)
     cdi_id = response.devices[0].cdi_device_ids[0]
     out = podman.run(["env"], devices=[cdi_id]).stdout
@@ -35,9 +35,9 @@ def test_a_container_reads_its_claims_device_metadata_at_the_standard_path(
     response = node.prepare(ref)
     assert not response.error
     claim_id, metadata_id = response.devices[0].cdi_device_ids
-    podman.write_cdi_spec(json.loads(node.driver.cdi_store.path(ref.uid).read_text()))
+    podman.write_cdi_spec(json.loads(node.driver.reconciler.cdi.path(ref.uid).read_text()))
     podman.write_cdi_spec(
-        json.loads((node.driver.cdi_store.root / f"dra.cpu_metadata_{ref.uid}_cpus.json").read_text())
+        json.loads((node.driver.reconciler.cdi.root / f"dra.cpu_metadata_{ref.uid}_cpus.json").read_text())
     )
     host = node.plugin.paths.plugin_dir / f"dra-device-metadata/default_{ref.name}/cpus/metadata.json"
     inside = f"{CONTAINER_DIR}/resourceclaims/{ref.name}/cpus/dra.cpu-metadata.json"

@@ -22,7 +22,7 @@ import grpc
 import pytest
 import yaml
 
-from dra_cpu import daemon
+from dra_cpu import process
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
@@ -91,7 +91,7 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
 def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
     """Before: a checkpoint naming CPU 40 on this 16-CPU node made start-up raise KeyError and exit 1, every time."""
     from dra_cpu.core.cpuset import CPUSet
-    from dra_cpu.core.state import PreparedClaim, PreparedDevice, State
+    from dra_cpu.core.ledger import Ledger, PreparedClaim, PreparedDevice
     from dra_cpu.store.checkpoint import Checkpoint, CheckpointFile
 
     big_uid, small_uid = "6f1a2b3c-0000-4000-8000-000000000b16", "6f1a2b3c-0000-4000-8000-0000000005aa"
@@ -101,7 +101,7 @@ def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
         return PreparedClaim(ClaimRef("default", name, uid), (device,))
 
     (root / "state").mkdir(mode=0o755)
-    state = State({big_uid: claim("big", big_uid, "38-41"), small_uid: claim("small", small_uid, "2")})
+    state = Ledger({big_uid: claim("big", big_uid, "38-41"), small_uid: claim("small", small_uid, "2")})
     CheckpointFile(root / "state").save(Checkpoint(state, "boot-0"))
     port = free_port()
     proc = run_daemon(root, port, "--log-format", "json")
@@ -277,7 +277,7 @@ def test_sigterm_at_any_moment_ends_the_daemon_cleanly_once(root: Path) -> None:
             time.sleep(rng.uniform(0, 0.5))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-            code = exit_code(proc, daemon.SHUTDOWN_SECONDS + 10)
+            code = exit_code(proc, process.SHUTDOWN_SECONDS + 10)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -315,7 +315,7 @@ def test_a_hung_request_does_not_hold_the_exit(root: Path) -> None:
     proc, stderr, caller = _stuck_prepare(root)
     try:
         proc.send_signal(signal.SIGTERM)
-        code = exit_code(proc, daemon.SHUTDOWN_SECONDS + 10)
+        code = exit_code(proc, process.SHUTDOWN_SECONDS + 10)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -342,8 +342,8 @@ def test_a_third_signal_or_sigint_during_the_shutdown_exits_at_once(
                 stderr.wait_for("SIGTERM received: shutting down")
             elif sent < len(signals) - 1:
                 stderr.wait_for("already shutting down")
-        assert exit_code(proc, daemon.SHUTDOWN_SECONDS + 10) == code, stderr.text()
-        assert time.monotonic() - started < daemon.SHUTDOWN_SECONDS, "before the shutdown's own deadline"
+        assert exit_code(proc, process.SHUTDOWN_SECONDS + 10) == code, stderr.text()
+        assert time.monotonic() - started < process.SHUTDOWN_SECONDS, "before the shutdown's own deadline"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -362,7 +362,7 @@ def test_the_signal_handler_takes_no_lock() -> None:
         from dra_cpu.daemon import Daemon
 
         d = Daemon(Config(node_name="n"))
-        d._install_signals()
+        d.process.install_signals()
         with d.stop._cond:
             os.kill(os.getpid(), signal.SIGTERM)
             for _ in range(1000):

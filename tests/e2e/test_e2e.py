@@ -15,7 +15,7 @@ from pathlib import Path
 
 import kubernetes
 
-from dra_cpu.core.claims import ClaimRef, allocated_claim
+from dra_cpu.core.claims import ClaimRef, allocated_claim_object
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.store.metadata_files import decode
@@ -58,7 +58,7 @@ def test_claimed_container_is_pinned_and_others_keep_off(
         kubelet = KubeletClient.register(registration)
         pod_uid = str(uuid.uuid4())
         claim_cpus = 1 if len(ONLINE) <= 2 else 2
-        obj = allocated_claim(
+        obj = allocated_claim_object(
             kube_namespace, "pinned", [result("cpu-numa0", cpus=claim_cpus) | {"pool": NODE}], pod_uids=[pod_uid]
         )
         ServerClaims(kubernetes.client.CustomObjectsApi(kube_api)).put(obj)

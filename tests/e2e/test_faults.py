@@ -23,9 +23,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dra_cpu import daemon
+from dra_cpu import process
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.desired import pins
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.nri.enforcer import NriConfig, NriEnforcer
 from dra_cpu.nri.gen import nri_ttrpc_pb2
@@ -47,7 +48,7 @@ from tests.support.nri_peer import Runtime
 from tests.support.waiting import eventually
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
-EXIT_BOUND = daemon.SHUTDOWN_SECONDS + 10
+EXIT_BOUND = process.SHUTDOWN_SECONDS + 10
 DEVICES = ("cpu-numa0", "cpu-numa1")
 
 
@@ -285,10 +286,9 @@ def test_nri_connection_closed_mid_call(tmp_path: Path) -> None:
     runtime = Runtime(tmp_path / "nri.sock")
     enforcer = NriEnforcer(
         NriConfig(socket=tmp_path / "nri.sock", plugin_index="07", backoff_max=0.2, grace_seconds=1.0),
-        driver.topology,
-        driver.state,
+        pins(driver.snapshot().ledger, driver.snapshot().view),
     )
-    driver.enforcer = enforcer
+    driver.enforce_with(enforcer)
     enforcer.start()
     pod = api.PodSandbox(id="sandbox-1", uid="pod-1", name="p", namespace="ns")
     plain = api.Container(id="plain", pod_sandbox_id=pod.id, name="plain", state=api.CONTAINER_RUNNING)
@@ -312,16 +312,16 @@ def test_nri_connection_closed_mid_call(tmp_path: Path) -> None:
         late = put_claim(tmp_path, "late", uid_of("late"), cpus=1)
         error = driver.prepare([late])[late.uid].error
         assert "CPU pinning is not enforced" in error, error
-        assert uid_of("late") not in driver.state.claims
+        assert uid_of("late") not in driver.snapshot().ledger.claims
 
         runtime.accept()
         synced = runtime.call(
             "Synchronize", api.SynchronizeRequest(pods=[pod], containers=[plain]), api.SynchronizeResponse
         )
         assert isinstance(synced, api.SynchronizeResponse)
-        shared = driver.state.shared_cpus(driver.topology)
+        shared = driver.snapshot().ledger.shared_cpus(driver.snapshot().view.topology)
         assert {u.container_id: u.linux.resources.cpu.cpus for u in synced.update} == {"plain": str(shared)}
-        assert shared.isdisjoint(driver.state.allocated_cpus)
+        assert shared.isdisjoint(driver.snapshot().ledger.allocated_cpus)
         disk = on_disk(tmp_path)
         assert_consistent(disk)
         assert set(disk.checkpoint) == {uid_of("first"), uid_of("within")}

@@ -80,7 +80,7 @@ def test_offline_cpus_make_their_device_unhealthy_with_a_message(node_factory: N
 
     # Every CPU of node 1 offline: the device is no longer published, and still reported, with why.
     node.rediscover(offline_cpus(CPUSet.parse("8-15")))
-    assert "cpu-numa1" not in {d.name for d in node.driver.devices}
+    assert "cpu-numa1" not in {d.name for d in node.driver.snapshot().view.devices}
     state, message = _health(node)["cpu-numa1"]
     assert state == pb.UNHEALTHY
     assert message.startswith("CPUs 8-15 are offline") and "NUMA node 1 has no online CPU any more" in message

@@ -46,7 +46,7 @@ def test_prepare_writes_cdi_and_answers(node_factory: NodeFactory, service: str)
     # The claim's CPUs, then (device metadata, on by default) the mount of its request's metadata file.
     assert list(device.cdi_device_ids) == [f"{DRIVER}/cpu=claim-{ref.uid}", f"{DRIVER}/metadata={ref.uid}_cpus"]
     assert device.HasField("share_id") if service.startswith("v1.") else not hasattr(device, "share_id")
-    spec = json.loads(node.driver.cdi_store.path(ref.uid).read_text())
+    spec = json.loads(node.driver.reconciler.cdi.path(ref.uid).read_text())
     assert spec["cdiVersion"] == "0.5.0" and spec["kind"] == f"{DRIVER}/cpu"
     assert spec["devices"][0]["name"] == f"claim-{ref.uid}"
     env = node.env(ref.uid)
@@ -75,7 +75,7 @@ def test_claims_never_share_a_cpu_and_unprepare_frees(node_factory: NodeFactory)
     a, b = node.cpus_of(first), node.cpus_of(second)
     assert a.isdisjoint(b) and len(a) == 3 and len(b) == 4
     assert node.kubelet.unprepare([first]).claims[first.uid].error == ""
-    assert not node.driver.cdi_store.path(first.uid).exists()
+    assert not node.driver.reconciler.cdi.path(first.uid).exists()
     third = node.claim([result("cpu-numa0", cpus=3)])
     assert node.cpus_of(third) == a, "freed CPUs are reused, whole cores first"
 
@@ -84,9 +84,9 @@ def test_prepare_is_idempotent_and_unknown_unprepare_succeeds(node_factory: Node
     node = node_factory()
     ref = node.claim([result("cpu-numa0", cpus=2)])
     first = node.cpus_of(ref)
-    node.driver.cdi_store.path(ref.uid).unlink()  # as after a reboot: /var/run is gone
+    node.driver.reconciler.cdi.path(ref.uid).unlink()  # as after a reboot: /var/run is gone
     assert node.cpus_of(ref) == first
-    assert node.driver.cdi_store.path(ref.uid).exists()
+    assert node.driver.reconciler.cdi.path(ref.uid).exists()
     other = node.claim([result("cpu-numa0", cpus=1)])
     assert node.kubelet.unprepare([other]).claims[other.uid].error == ""
 
@@ -250,8 +250,8 @@ def test_bad_claims_fail_per_claim_with_the_value(
     response = node.kubelet.prepare([good, bad])
     assert response.claims[good.uid].error == ""
     assert message in response.claims[bad.uid].error
-    assert not node.driver.cdi_store.path(bad.uid).exists()
-    assert set(node.driver.state.claims) == {good.uid}, "nothing half-applied"
+    assert not node.driver.reconciler.cdi.path(bad.uid).exists()
+    assert set(node.driver.snapshot().ledger.claims) == {good.uid}, "nothing half-applied"
 
 
 def test_claim_not_found_and_uid_mismatch(node_factory: NodeFactory) -> None:
@@ -269,12 +269,12 @@ def test_unwritable_cdi_folder_rolls_back(node_factory: NodeFactory) -> None:
     node = node_factory()
     ref = node.claim([result("cpu-numa0", cpus=2)])
     # A file where the CDI folder should be: root ignores permission bits, but not this.
-    node.driver.cdi_store.root.write_text("not a folder")
+    node.driver.reconciler.cdi.root.write_text("not a folder")
     error = node.prepare(ref).error
     assert "cannot write CDI spec" in error
-    assert node.driver.state.claims == {}
-    checkpoint = node.driver.checkpoint.load()
-    assert checkpoint is not None and checkpoint.state.claims == {}
+    assert node.driver.snapshot().ledger.claims == {}
+    checkpoint = node.driver.reconciler.checkpoint.load()
+    assert checkpoint is not None and checkpoint.ledger.claims == {}
 
 
 def test_min_shared_cpus(node_factory: NodeFactory) -> None:

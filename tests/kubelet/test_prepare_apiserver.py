@@ -142,8 +142,8 @@ def test_a_pod_whose_cpu_limit_would_throttle_the_claim_is_refused(
         "raise that limit to at least 2, or remove it"
     )
     # Nothing was pinned: no checkpoint entry, no CDI spec.
-    assert ref.uid not in node.driver.checkpoint.load().state.claims  # type: ignore[union-attr]
-    assert not node.driver.cdi_store.path(ref.uid).exists()
+    assert ref.uid not in node.driver.reconciler.checkpoint.load().ledger.claims  # type: ignore[union-attr]
+    assert not node.driver.reconciler.cdi.path(ref.uid).exists()
     _pod(kube_api, node, "roomy", "2")
     roomy = node.claim([result("cpu-numa1", cpus=2)], name="roomy")
     assert not node.prepare(roomy).error

@@ -21,7 +21,7 @@ import pytest
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
-from dra_cpu.node.cgroups import find_hugetlb_hierarchy
+from dra_cpu.node.hugetlb import find_hugetlb_hierarchy
 from tests.support.nri_node import ONLINE, Node, nri_node
 from tests.support.testenv_containerd import Containerd, speaks_nri_0_12
 from tests.support.waiting import eventually
@@ -40,7 +40,7 @@ def test_claimed_container_pinned_and_shared_pool_follows_claims(node: Node) -> 
     node.assert_allowed(bystander, ONLINE - claimed)
 
     pinned = node.claimed_container(pod, ref)
-    node.assert_allowed(pinned, claimed, mems=node.driver.topology.numa_nodes_of(claimed))
+    node.assert_allowed(pinned, claimed, mems=node.driver.snapshot().view.topology.numa_nodes_of(claimed))
     env = cri.exec_sync(pinned, ["env"]).stdout.splitlines()
     assert f"DRA_CPUSET_{ref.uid}={claimed}" in env
     # A container of the same pod without the claim's device is shared.

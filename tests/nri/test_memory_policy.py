@@ -56,7 +56,7 @@ def test_claimed_container_gets_mpol_bind_to_its_claims_nodes_where_the_runtime_
     cri = node.cri
     pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
     ref = node.claim([pod.uid])
-    mems = node.driver.topology.numa_nodes_of(node.cpus_of(ref))
+    mems = node.driver.snapshot().view.topology.numa_nodes_of(node.cpus_of(ref))
     pinned = node.claimed_container(pod, ref)
     plain = cri.create_container(cri.run_pod("plain"), "plain")
     node.assert_allowed(pinned, node.cpus_of(ref), mems=mems)

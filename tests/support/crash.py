@@ -29,11 +29,11 @@ import yaml
 
 from dra_cpu.core.cdi_spec import env_of_spec
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import PreparedClaim
+from dra_cpu.core.ledger import PreparedClaim
 from dra_cpu.core.topology import Topology
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.store.cdi_files import CDIStore
-from dra_cpu.store.checkpoint import CheckpointFile
+from dra_cpu.store.checkpoint import CheckpointFile, claim_from_record
 from tests.support.kubelet_node import DRIVER, result
 from tests.support.paths import REPO, SYSFS
 from tests.support.synthetic import SyntheticNode, uniform_machine, write_tree
@@ -134,7 +134,7 @@ def _check(
 ) -> None:
     checkpoint = CheckpointFile(root / "state").load()
     assert checkpoint is not None, "the worker saved a checkpoint before saying ready"
-    claims, lost = checkpoint.state.claims, checkpoint.state.unrestorable
+    claims, lost = checkpoint.ledger.claims, checkpoint.ledger.unrestorable
     seen: set[int] = set()
     for claim in claims.values():
         if not seen.isdisjoint(claim.cpus.ids):
@@ -205,7 +205,7 @@ def run_stream(root: Path, stream: Stream, kills: int, seed: int = 1234, max_del
         _check(root, read_topology(machine), figures, acked, leaving)
         recovered = CheckpointFile(root / "state").load()
         assert recovered is not None
-        acked.update({u: g for u, g in leaving.items() if u in recovered.state.claims})
+        acked.update({u: g for u, g in leaving.items() if u in recovered.ledger.claims})
         leaving.clear()
         proc.stdin.write("go\n")
         proc.stdin.flush()
@@ -214,7 +214,7 @@ def run_stream(root: Path, stream: Stream, kills: int, seed: int = 1234, max_del
         for line in proc.stdout.read().splitlines():
             op, uid, rest = [*line.split(" ", 2), ""][:3]
             if op == "prepared":
-                acked[uid] = grant_of(PreparedClaim.from_dict(json.loads(rest)))
+                acked[uid] = grant_of(claim_from_record(json.loads(rest)))
                 figures.acknowledged += 1
             elif op == "unpreparing" and uid in acked:
                 leaving[uid] = acked.pop(uid)
@@ -236,7 +236,7 @@ def run_stream(root: Path, stream: Stream, kills: int, seed: int = 1234, max_del
         again = reprepared.get(uid)
         if again is None and _justified(grant, topology):
             figures.reported += 1
-        elif again is None or grant_of(PreparedClaim.from_dict(again)) != grant:
+        elif again is None or grant_of(claim_from_record(again)) != grant:
             figures.fail("lost", f"re-prepare of acknowledged claim {uid} gave {again}, not {grant[0]}")
     return figures
 
@@ -245,10 +245,11 @@ _REPREPARE = """
 import json, sys
 from pathlib import Path
 from dra_cpu.core.claims import ClaimRef
+from dra_cpu.store.checkpoint import claim_record
 from tests.support.kubelet_node import make_driver
 driver = make_driver(Path(sys.argv[1]), sys.argv[2])
 driver.start()
-refs = [ClaimRef("default", c.ref.name, uid) for uid, c in driver.state.claims.items()]
-out = {r.uid: res.claim.to_dict() for r, res in zip(refs, driver.prepare(refs).values()) if res.claim}
+refs = [ClaimRef("default", c.ref.name, uid) for uid, c in driver.snapshot().ledger.claims.items()]
+out = {r.uid: claim_record(res.claim) for r, res in zip(refs, driver.prepare(refs).values()) if res.claim}
 print(json.dumps(out))
 """

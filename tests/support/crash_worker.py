@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from dra_cpu.core.claims import ClaimRef
+from dra_cpu.store.checkpoint import claim_record
 from tests.support.kubelet_node import make_driver
 
 
@@ -28,7 +29,8 @@ def main(root: Path, claims: int, seed: int, machine: str) -> None:
     refs = [ClaimRef("default", f"c{i}", f"uid-{i}") for i in range(claims)]
     while True:
         ref = rng.choice(refs)
-        if ref.uid in driver.state.claims or ref.uid in driver.state.unrestorable:
+        ledger = driver.snapshot().ledger
+        if ref.uid in ledger.claims or ref.uid in ledger.unrestorable:
             # From here the claim may be gone even if the kill comes before the acknowledgement.
             print(f"unpreparing {ref.uid}", flush=True)
             error = driver.unprepare([ref])[ref.uid]
@@ -36,7 +38,7 @@ def main(root: Path, claims: int, seed: int, machine: str) -> None:
         else:
             result = driver.prepare([ref])[ref.uid]
             if result.claim is not None:
-                print(f"prepared {ref.uid} {json.dumps(result.claim.to_dict())}", flush=True)
+                print(f"prepared {ref.uid} {json.dumps(claim_record(result.claim))}", flush=True)
             else:
                 print(f"failed {ref.uid} {result.error}", flush=True)
 

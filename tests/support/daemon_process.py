@@ -13,9 +13,9 @@ from pathlib import Path
 import yaml
 
 from dra_cpu.core import cdi_spec
-from dra_cpu.core.claims import ClaimRef, allocated_claim
+from dra_cpu.core.claims import ClaimRef, allocated_claim_object
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import State
+from dra_cpu.core.ledger import Ledger
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
 from tests.support.kubelet_node import DRIVER, FIXTURES, result
@@ -92,7 +92,7 @@ def put_claim(root: Path, name: str, uid: str, cpus: int, device: str = "cpu-num
 
 
 def claim_yaml(name: str, uid: str, cpus: int, device: str = "cpu-numa0") -> str:
-    return yaml.safe_dump(allocated_claim("default", name, [result(device, cpus=cpus)], uid=uid))
+    return yaml.safe_dump(allocated_claim_object("default", name, [result(device, cpus=cpus)], uid=uid))
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class OnDisk:
 
 def on_disk(root: Path) -> OnDisk:
     loaded = CheckpointFile(root / "state").load()
-    state = loaded.state if loaded is not None else State()
+    state = loaded.ledger if loaded is not None else Ledger()
     store = CDIStore(root / "cdi", DRIVER)
     specs = {}
     for uid in store.uids():

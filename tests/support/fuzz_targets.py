@@ -25,13 +25,15 @@ from hypothesis import strategies as st
 from dra_cpu.cli import build_parser
 from dra_cpu.config import load
 from dra_cpu.core.allocator import AllocationPolicy
-from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
+from dra_cpu.core.claims import ClaimRef, allocated_claim_object, allocation_result
 from dra_cpu.core.claims import parse_claim as parse_driver_claim
 from dra_cpu.core.cpu_quota import throttled
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceConfig, build_devices, build_slices
+from dra_cpu.core.grant import grant
+from dra_cpu.core.ledger import Ledger
+from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.core.quantity import parse_quantity
-from dra_cpu.core.state import State, decide
 from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.sysfs import read_topology
@@ -201,7 +203,9 @@ def _result() -> st.SearchStrategy[dict[str, Any]]:
 
 CLAIMS = st.one_of(
     st.builds(
-        lambda results, config, uid, extra: allocated_claim("default", "c", results, uid=uid, config=config) | extra,
+        lambda results, config, uid, extra: (
+            allocated_claim_object("default", "c", results, uid=uid, config=config) | extra
+        ),
         st.lists(_result(), max_size=3),
         st.lists(
             st.builds(
@@ -228,7 +232,8 @@ def run_claim(obj: Any) -> object:
     ref = ClaimRef("default", "c", UID)
     request = parse_driver_claim(obj, ref, driver=DRIVER, pool=NODE, default_policy=AllocationPolicy())
     topology, devices, _ = _node()
-    return decide(State(), request, topology, devices, cpu_capacity="dra.cpu/cpu", memory_capacity="dra.cpu/memory")
+    view = NodeView(topology, tuple(devices.values()), NodeSettings(DeviceConfig(node_name=NODE, driver_name=DRIVER)))
+    return grant(Ledger(), request, view)
 
 
 def _container() -> st.SearchStrategy[Any]:

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from dra_cpu.core.cdi_spec import spec_filename
-from dra_cpu.core.claims import allocated_claim
+from dra_cpu.core.claims import allocated_claim_object
 from dra_cpu.core.cpuset import CPUSet
 from tests.support import kubelet_node, waiting
 from tests.support.cri import Allowed, Container, Pod
@@ -288,7 +288,7 @@ class GuestNode:
     # Claims, as the scheduler leaves them, and the kubelet's prepare.
     def claim(self, results: list[dict[str, Any]], pod_uids: Sequence[str], name: str = "") -> Claim:
         claim = Claim("default", name or f"claim-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()))
-        obj = allocated_claim(claim.namespace, claim.name, results, uid=claim.uid, pod_uids=pod_uids)
+        obj = allocated_claim_object(claim.namespace, claim.name, results, uid=claim.uid, pod_uids=pod_uids)
         directory = f"{self.cluster}/resourceclaims/{claim.namespace}"
         self.guest.run(["mkdir", "-p", directory])
         self.guest.write(f"{directory}/{claim.name}.yaml", yaml.safe_dump(obj))

@@ -16,9 +16,10 @@ from typing import Any, Protocol
 import pytest
 import yaml
 
-from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
+from dra_cpu.core.claims import ClaimRef, allocated_claim_object, allocation_result
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.devices import DeviceConfig, DeviceMode, build_devices
+from dra_cpu.core.devices import DeviceConfig, DeviceMode
+from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.driver import Driver
 from dra_cpu.kube.api import ClusterAPI
 from dra_cpu.kube.standalone import StandaloneAPI
@@ -26,6 +27,7 @@ from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.kubelet.plugin import KubeletPlugin
 from dra_cpu.kubelet.registration import PluginPaths
 from dra_cpu.node.sysfs import read_topology
+from dra_cpu.reconciler import Reconciler
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
 from dra_cpu.store.metadata_files import MetadataStore
@@ -102,7 +104,7 @@ class Node:
             shutil.copytree(FIXTURES / self.fixture, sysfs)
         edit(sysfs)
         topology = read_topology(sysfs)
-        self.driver.set_topology(topology, build_devices(topology, self.driver.config))
+        self.driver.set_topology(topology)
         self.plugin.health.notify()
 
     def claim(
@@ -115,7 +117,7 @@ class Node:
         annotations: dict[str, str] | None = None,
     ) -> ClaimRef:
         ref = ClaimRef(self.namespace, name or f"claim-{uuid.uuid4().hex[:8]}", uid or str(uuid.uuid4()))
-        obj = allocated_claim(
+        obj = allocated_claim_object(
             ref.namespace, ref.name, results, uid=ref.uid, pod_uids=[self.pod_uid], config=config or []
         )
         obj["status"]["reservedFor"][0]["name"] = self.pod_name
@@ -140,25 +142,30 @@ class Node:
     def env(self, uid: str) -> dict[str, Any]:
         """The environment the claim's CDI spec gives containers: DRA_CPUSET_* and DRA_MEMS_* as CPUSets, the
         rest as strings."""
-        spec = json.loads(self.driver.cdi_store.path(uid).read_text())
+        spec = json.loads(self.driver.reconciler.cdi.path(uid).read_text())
         env = dict(e.split("=", 1) for e in spec["devices"][0]["containerEdits"]["env"])
         return {k: CPUSet.parse(v) if k.startswith(("DRA_CPUSET_", "DRA_MEMS_")) else v for k, v in env.items()}
 
 
 def make_driver(
-    root: Path, fixture: str, mode: DeviceMode = DeviceMode.GROUPED, api: ClusterAPI | None = None, **config: Any
+    root: Path,
+    fixture: str,
+    mode: DeviceMode = DeviceMode.GROUPED,
+    api: ClusterAPI | None = None,
+    metadata: bool = True,
+    **config: Any,
 ) -> Driver:
-    topology = read_topology(FIXTURES / fixture)
+    """A driver rooted at `root`, device metadata on (the default) or off."""
     device_config = DeviceConfig(node_name=NODE, driver_name=DRIVER, device_mode=mode, **config)
-    return Driver(
-        api=api or StandaloneAPI(root / "cluster"),
-        config=device_config,
-        topology=topology,
-        devices=build_devices(topology, device_config),
-        checkpoint=CheckpointFile(root / "state"),
-        cdi_store=CDIStore(root / "cdi", DRIVER),
+    view = NodeView.of(read_topology(FIXTURES / fixture), NodeSettings(device_config, device_metadata=metadata))
+    plugin_dir = PluginPaths(root / "kubelet", DRIVER).plugin_dir
+    files = Reconciler(
+        CheckpointFile(root / "state"),
+        CDIStore(root / "cdi", DRIVER),
+        MetadataStore(plugin_dir, root / "cdi", DRIVER),
         boot_id="boot-1",
     )
+    return Driver(api or StandaloneAPI(root / "cluster"), view, files)
 
 
 def write_claim(root: Path, uid: str, results: list[dict[str, Any]]) -> ClaimRef:
@@ -173,11 +180,10 @@ def write_claim(root: Path, uid: str, results: list[dict[str, Any]]) -> ClaimRef
     return ClaimRef("default", uid, uid)
 
 
-def start_plugin(driver: Driver, root: Path, metadata: bool = True) -> KubeletPlugin:
-    """The kubelet plugin of a node rooted at `root`, device metadata on (the default) or off, started."""
+def start_plugin(driver: Driver, root: Path) -> KubeletPlugin:
+    """The kubelet plugin of a node rooted at `root`, started."""
     paths = PluginPaths(root / "kubelet", DRIVER)
-    store = MetadataStore(paths.plugin_dir, root / "cdi", DRIVER, enabled=metadata)
-    plugin = KubeletPlugin(driver, paths, threading.Event(), threading.Event(), metadata=store)
+    plugin = KubeletPlugin(driver, paths, threading.Event(), threading.Event())
     plugin.start()
     return plugin
 

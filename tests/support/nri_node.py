@@ -15,15 +15,19 @@ import pytest
 import yaml
 
 from dra_cpu.core import cdi_spec
-from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
+from dra_cpu.core.claims import ClaimRef, allocated_claim_object, allocation_result
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.devices import DeviceConfig, build_devices
+from dra_cpu.core.desired import pins
+from dra_cpu.core.devices import DeviceConfig
+from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.driver import Driver
 from dra_cpu.kube.standalone import StandaloneAPI
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.nri.enforcer import NriConfig, NriEnforcer
+from dra_cpu.reconciler import Reconciler
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
+from dra_cpu.store.metadata_files import MetadataStore
 from tests.support.cri import Container, CriClient, Pod
 from tests.support.testenv_containerd import Containerd
 from tests.support.waiting import eventually
@@ -46,12 +50,12 @@ class Node:
         return self.containerd.cri
 
     def new_plugin(self, grace_seconds: float = 10.0) -> NriEnforcer:
+        now = self.driver.snapshot()
         plugin = NriEnforcer(
             NriConfig(socket=self.containerd.nri_socket, backoff_max=0.3, grace_seconds=grace_seconds),
-            self.driver.topology,
-            self.driver.state,
+            pins(now.ledger, now.view),
         )
-        self.driver.enforcer = plugin
+        self.driver.enforce_with(plugin)
         plugin.start()
         assert plugin.wait_ready(10), "the plugin never synchronized with containerd"
         self.plugin = plugin
@@ -65,7 +69,7 @@ class Node:
         if hugepages_2mi:
             consumed = {"dra.cpu/memory": hugepages_2mi}
             results.append(allocation_result("dra.cpu", NODE, "hugepages-2mi-numa0", request="mem", consumed=consumed))
-        obj = allocated_claim(ref.namespace, ref.name, results, uid=ref.uid, pod_uids=pod_uids)
+        obj = allocated_claim_object(ref.namespace, ref.name, results, uid=ref.uid, pod_uids=pod_uids)
         path = self.claims_dir / "resourceclaims" / ref.namespace / f"{ref.name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(obj))
@@ -74,13 +78,14 @@ class Node:
         return ref
 
     def cpus_of(self, ref: ClaimRef) -> CPUSet:
-        return self.driver.state.claims[ref.uid].cpus
+        return self.driver.snapshot().ledger.claims[ref.uid].cpus
 
     def claimed_container(self, pod: Pod, ref: ClaimRef, name: str = "pinned") -> Container:
         return self.cri.create_container(pod, name, cdi_devices=[cdi_spec.device_id("dra.cpu", ref.uid)])
 
     def shared(self) -> CPUSet:
-        return self.driver.state.shared_cpus(self.driver.topology)
+        now = self.driver.snapshot()
+        return now.ledger.shared_cpus(now.view.topology)
 
     def assert_allowed(self, container: Container, cpus: CPUSet, mems: CPUSet | None = None) -> None:
         """Inside (a new process in the container) and on the host (its init process) agree on cpus (and mems)."""
@@ -97,18 +102,14 @@ class Node:
 def nri_node(containerd: Containerd, tmp_path: Path, min_shared_cpus: int = 1) -> Iterator[Node]:
     if len(ONLINE) < 2:
         pytest.skip("needs at least 2 online CPUs: one to claim, one to share")
-    topology = read_topology("/")
-    config = DeviceConfig(node_name=NODE)
-    driver = Driver(
-        api=StandaloneAPI(tmp_path / "cluster"),
-        config=config,
-        topology=topology,
-        devices=build_devices(topology, config),
-        checkpoint=CheckpointFile(tmp_path / "checkpoint"),
-        cdi_store=CDIStore(containerd.cdi_dir, config.driver_name),
+    settings = NodeSettings(DeviceConfig(node_name=NODE), min_shared_cpus=min_shared_cpus)
+    files = Reconciler(
+        CheckpointFile(tmp_path / "checkpoint"),
+        CDIStore(containerd.cdi_dir, settings.driver_name),
+        MetadataStore(tmp_path / "plugin", containerd.cdi_dir, settings.driver_name),
         boot_id="test-boot",
-        min_shared_cpus=min_shared_cpus,
     )
+    driver = Driver(StandaloneAPI(tmp_path / "cluster"), NodeView.of(read_topology("/"), settings), files)
     (tmp_path / "checkpoint").mkdir(parents=True)
     driver.start()
     node = Node(containerd, driver, tmp_path / "cluster")

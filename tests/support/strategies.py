@@ -15,7 +15,7 @@ from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.claims import ClaimRef, ClaimRequest, DeviceResult, PodRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceConfig, DeviceConfigError, DeviceMode, DeviceType, build_devices
-from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice
+from dra_cpu.core.ledger import HugePageGrant, PreparedClaim, PreparedDevice
 from dra_cpu.core.topology import Cpu, HugePagePool, NumaNode, Topology
 
 DRIVER = "dra.cpu"

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dra_cpu.cli import main
-from dra_cpu.core.claims import allocated_claim, allocation_result
+from dra_cpu.core.claims import allocated_claim_object, allocation_result
 from dra_cpu.core.devices import DeviceConfig, GroupBy, allocatable_cpus, build_devices, build_slices
 from dra_cpu.core.topology import Topology
 from dra_cpu.node.sysfs import read_topology
@@ -206,7 +206,9 @@ def test_whole_cores_round_a_request_up_to_the_step() -> None:
 
 
 def allocated(name: str, device: str, amount: str, key: str = "dra.cpu/cpu") -> dict[str, Any]:
-    return allocated_claim("team", name, [allocation_result("dra.cpu", "node-a", device, consumed={key: amount})])
+    return allocated_claim_object(
+        "team", name, [allocation_result("dra.cpu", "node-a", device, consumed={key: amount})]
+    )
 
 
 def test_claims_in_use_leave_less_room() -> None:
