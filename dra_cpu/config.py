@@ -92,6 +92,8 @@ class Config:
             group_by=GroupBy(self.group_by),
             node_allocatable=self.publish_node_allocatable_resources,
             pcie_roots=self.publish_pcie_roots,
+            min_shared_cpus=self.min_shared_cpus,
+            strict_reserved=self.strict_reserved,
         )
 
     @property

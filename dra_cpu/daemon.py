@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from dra_cpu import cdihook, observe
 from dra_cpu.config import Config
+from dra_cpu.core.capacity import check_settings
 from dra_cpu.core.devices import Device, allocatable_cpus, build_devices
 from dra_cpu.core.topology import Topology
 from dra_cpu.driver import Driver
@@ -112,6 +113,7 @@ class Daemon:
             LOG.warning("enforcement is off: claims get CPUs on paper only (development mode)")
         device_config = config.device_config()
         topology = read_topology(Path(config.sysfs_root), pcie_roots=config.publish_pcie_roots)
+        check_settings(topology, device_config)
         devices = build_devices(topology, device_config)
         api = connect_cluster(config)
         state_dir = writable_dir("stateDir", Path(config.state_dir))
@@ -129,7 +131,6 @@ class Daemon:
             checkpoint=CheckpointFile(state_dir),
             cdi_store=CDIStore(cdi_root, config.driver_name),
             boot_id=boot_id(),
-            min_shared_cpus=config.min_shared_cpus,
             recorder=self.metrics,
             cdi_hooks=hooks,
         )

@@ -71,7 +71,6 @@ class Driver:
     cdi_store: CDIStore
     boot_id: str
     default_policy: AllocationPolicy = field(default_factory=AllocationPolicy)
-    min_shared_cpus: int = 1
     enforcer: Enforcer | None = None
     cdi_hooks: tuple[dict[str, object], ...] = ()
     recorder: Recorder | None = None
@@ -183,7 +182,7 @@ class Driver:
                     device_index(self.devices),
                     cpu_capacity=self.config.cpu_capacity,
                     memory_capacity=self.config.memory_capacity,
-                    min_shared_cpus=self.min_shared_cpus,
+                    floor=self.config.shared_floor,
                 )
                 problems = [p for pod in pods for p in throttled(pod, ref.name, len(claim.cpus))] if claim.cpus else []
                 if problems:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dra_cpu.core.allocator import AllocationError, choose_cpus
+from dra_cpu.core.capacity import DEFAULT_FLOOR, SharedFloor
 from dra_cpu.core.claims import ClaimError, ClaimRef, ClaimRequest, DeviceResult
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceType
@@ -232,7 +233,7 @@ def decide(
     *,
     cpu_capacity: str,
     memory_capacity: str,
-    min_shared_cpus: int = 1,
+    floor: SharedFloor = DEFAULT_FLOOR,
 ) -> PreparedClaim:
     """The grant for `request`, or ClaimError with a reason a person can act on. Idempotent per claim uid."""
     lost = state.unrestorable.get(request.ref.uid)
@@ -271,11 +272,13 @@ def decide(
         taken |= cpus
         prepared.append(replace(base, cpus=cpus))
     claim = PreparedClaim(ref=request.ref, devices=tuple(prepared), pod_uids=request.pod_uids)
-    shared = state.with_claim(claim).shared_cpus(topology)
-    if claim.cpus and len(shared) < min_shared_cpus:
+    # The devices leave the floor's CPUs out (core/capacity.py): this refuses only what they could not foresee, a
+    # claim prepared before the settings or the node changed that holds some of them.
+    shared = floor.pool(topology, taken)
+    if claim.cpus - topology.isolated_cpus and len(shared) < floor.minimum:
         raise ClaimError(
             f"claim {request.ref}: taking CPUs {claim.cpus} would leave {len(shared)} shared CPU(s) "
-            f"({shared or 'none'}); at least {min_shared_cpus} must stay for containers without claims"
+            f"({shared or 'none'}); at least {floor.minimum} must stay for containers without claims"
         )
     return claim
 
@@ -331,6 +334,13 @@ def _cpus(
         )
     try:
         count = whole_quantity(raw, f"consumedCapacity[{cpu_capacity!r}]")
+        if count % device.step:
+            # The device's requestPolicy has the scheduler round up to whole cores: an allocation that did not was
+            # made against other slices (or by hand), and would split a core.
+            raise AllocationError(
+                f"{count} CPUs is not a whole number of cores of {device.step} threads, as the device's "
+                "requestPolicy asks (wholeCores)"
+            )
         return choose_cpus(topology, device.cpus - taken, count, result.policy, device.cpus)
     except (QuantityError, AllocationError) as err:
         raise ClaimError(f"claim {ref}: request {result.request!r} on {device.name}: {err}") from None

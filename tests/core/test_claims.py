@@ -41,7 +41,9 @@ def test_distribute_across_numa_is_a_cpu_config_key() -> None:
 
 
 def _decide(state: State, device: str, cpus: int, uid: str, **config: object) -> tuple[State, CPUSet]:
-    devices = device_index(build_devices(BIG, DeviceConfig(node_name="n", group_by=GroupBy.SOCKET)))
+    # Nothing held back for the shared pool, which the other sockets hold anyway: socket 0 is whole.
+    node = DeviceConfig(node_name="n", group_by=GroupBy.SOCKET, min_shared_cpus=0)
+    devices = device_index(build_devices(BIG, node))
     entries = [{"opaque": {"driver": "dra.cpu", "parameters": params(**config)}, "requests": []}] if config else []
     obj = allocated_claim(
         "default",

@@ -51,7 +51,7 @@ def _run(s: Scenario) -> tuple[State, list[Outcome]]:
                     index,
                     cpu_capacity=f"{DRIVER}/cpu",
                     memory_capacity=f"{DRIVER}/memory",
-                    min_shared_cpus=s.min_shared_cpus,
+                    floor=s.config.shared_floor,
                 )
             except ClaimError as err:
                 outcomes.append(str(err))
@@ -94,8 +94,9 @@ def _check_invariants(state: State, s: Scenario, index: Mapping[str, Device]) ->
     capacity = {(d.numa_node, d.page_size_kib): d.capacity for d in index.values() if d.type is DeviceType.HUGEPAGES}
     for key, held in _hugepages_held(claims).items():
         assert held <= capacity[key], f"hugepages {key}: {held} bytes granted of {capacity[key]}"
-    if state.allocated_cpus:
-        assert len(state.shared_cpus(s.topology)) >= s.min_shared_cpus
+    if state.allocated_cpus - s.topology.isolated_cpus:
+        floor = s.config.shared_floor
+        assert len(floor.pool(s.topology, state.allocated_cpus)) >= floor.minimum
     # What enters the process from disk is the same state again.
     assert restore(claims, s.topology) == State(state.claims)
 

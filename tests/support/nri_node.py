@@ -98,7 +98,7 @@ def nri_node(containerd: Containerd, tmp_path: Path, min_shared_cpus: int = 1) -
     if len(ONLINE) < 2:
         pytest.skip("needs at least 2 online CPUs: one to claim, one to share")
     topology = read_topology("/")
-    config = DeviceConfig(node_name=NODE)
+    config = DeviceConfig(node_name=NODE, min_shared_cpus=min_shared_cpus)
     driver = Driver(
         api=StandaloneAPI(tmp_path / "cluster"),
         config=config,
@@ -107,7 +107,6 @@ def nri_node(containerd: Containerd, tmp_path: Path, min_shared_cpus: int = 1) -
         checkpoint=CheckpointFile(tmp_path / "checkpoint"),
         cdi_store=CDIStore(containerd.cdi_dir, config.driver_name),
         boot_id="test-boot",
-        min_shared_cpus=min_shared_cpus,
     )
     (tmp_path / "checkpoint").mkdir(parents=True)
     driver.start()
