@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from dra_cpu import cdihook, observe
 from dra_cpu.config import Config
-from dra_cpu.core.capacity import check_settings
+from dra_cpu.core.capacity import check_settings, settings_problems
 from dra_cpu.core.devices import Device, allocatable_cpus, build_devices
 from dra_cpu.core.topology import Topology
 from dra_cpu.driver import Driver
@@ -361,6 +361,8 @@ class Daemon:
                 # The devices may or may not still be there: the kubelet is told so (Unknown), not "healthy".
                 health.discovery_failed(str(err))
             return
+        for problem in settings_problems(topology, self.driver.config):
+            LOG.error("the settings contradict the node as re-discovered", extra={"reason": problem})
         self._set(topology, devices)
         if health is not None:
             health.discovery_ok()
