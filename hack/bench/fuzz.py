@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Runs every fuzz target of tests/support/fuzz_targets.py (quantity, cpulist, cel, claim, pod, config, explain) for N
-generated inputs each, after replaying its corpus (tests/fuzz/corpus/<target>/), and prints per target the inputs
-tried, the crashes found (goal 0: an input that ends in anything but a value or a DraCpuError within the target's
-time bound) and the slowest input. Exit code 1 when any target crashed.
+"""Runs every fuzz target of tests/support/fuzz_targets.py (quantity, cpulist, cel, claim, prepare, pod, config,
+explain) for N generated inputs each, after replaying its corpus (tests/fuzz/corpus/<target>/), and prints per target
+the inputs tried, the crashes found (goal 0: an input that ends in anything but a value or a DraCpuError within the
+target's time bound) and the slowest input. Exit code 1 when any target crashed.
 
     .venv/bin/python hack/bench/fuzz.py [--examples N] [--target NAME ...]
 

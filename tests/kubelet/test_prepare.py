@@ -181,6 +181,10 @@ def test_individual_mode(node_factory: NodeFactory) -> None:
     assert f"CPU 41 of device cpu-41 is already prepared for claim default/{ref.name}" in node.prepare(again).error
 
 
+def _allocated() -> dict[str, Any]:
+    return {"devices": {"results": [result("cpu-numa0", cpus=1)]}}
+
+
 def _status(**allocation: Any) -> dict[str, Any]:
     return {"allocation": {"devices": allocation}} if allocation else {}
 
@@ -239,6 +243,55 @@ def _status(**allocation: Any) -> dict[str, Any]:
             "spread and alignL3 contradict each other",
         ),
         ([result("hugepages-2mi-numa0", memory="3Mi")], None, None, "3Mi is not a whole number of 2048 KiB pages"),
+        # A field of the wrong JSON type: one clear error for that claim, naming the field and the value.
+        (
+            [result("cpu-numa0", cpus=1) | {"shareID": {"x": 1}}],
+            None,
+            None,
+            "status.allocation.devices.results[0].shareID must be a non-empty string, not {'x': 1}",
+        ),
+        (
+            [result("cpu-numa0") | {"consumedCapacity": {"dra.cpu/cpu": [1]}}],
+            None,
+            None,
+            "status.allocation.devices.results[0].consumedCapacity['dra.cpu/cpu'] must be a quantity, not [1]",
+        ),
+        (
+            [result("cpu-numa0") | {"consumedCapacity": {"dra.cpu/cpu": True}}],
+            None,
+            None,
+            "consumedCapacity['dra.cpu/cpu'] must be a quantity, not True",
+        ),
+        (
+            [result("cpu-numa0", cpus=1) | {"request": ["cpus"]}],
+            None,
+            None,
+            "status.allocation.devices.results[0].request must be a non-empty string, not ['cpus']",
+        ),
+        (
+            [result("cpu-numa0", cpus=1)],
+            None,
+            {"allocation": _allocated(), "reservedFor": [{"resource": "pods", "name": "p", "uid": {"u": 1}}]},
+            "status.reservedFor[0].uid must be a non-empty string, not {'u': 1}",
+        ),
+        (
+            [result("cpu-numa0", cpus=1)],
+            None,
+            {"allocation": _allocated(), "reservedFor": [{"resource": "pods", "name": 7, "uid": "u"}]},
+            "status.reservedFor[0].name must be a string, not 7",
+        ),
+        (
+            [result("cpu-numa0", cpus=1)],
+            [cpu_config(wholeCores=True) | {"requests": [7]}],
+            None,
+            "status.allocation.devices.config[0].requests[0] must be a non-empty string, not 7",
+        ),
+        (
+            [result("cpu-numa0", cpus=1)],
+            [{"source": "FromClaim", "opaque": {"driver": DRIVER, "parameters": []}}],
+            None,
+            "config[0].opaque.parameters must be an object, not []",
+        ),
     ],
 )
 def test_bad_claims_fail_per_claim_with_the_value(
