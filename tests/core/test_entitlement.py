@@ -140,3 +140,25 @@ def test_containers_of_the_claims_pod_share_its_cpus() -> None:
         for cid in ("app", "sidecar")
     )
     assert first == second == Pin(CPUSet.parse("2-3"), CPUSet.parse("0"), claims=("a",))
+
+
+UID = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
+
+
+def test_the_shell_twins_of_a_claims_variables_carry_the_same_values_and_entitle_nothing() -> None:
+    """Each variable of a claim's CDI spec is there twice: the upstream name with the UID's dashes, and the same
+    value under the UID with underscores, which POSIX shells keep. Enforcement reads only the first."""
+    from dra_cpu.core.cdi_spec import env_for
+
+    prepared = replace(claim(UID, "2-3"), ref=ClaimRef("ns", "web", UID))
+    env = env_for(prepared, CPUSet.parse("0"))
+    twin = UID.replace("-", "_")
+    values = dict(item.split("=", 1) for item in env)
+    for prefix, value in (("CPUSET", "2-3"), ("MEMS", "0"), ("CLAIM", "ns/web"), ("PODS", POD)):
+        assert values[f"DRA_{prefix}_{UID}"] == values[f"DRA_{prefix}_{twin}"] == value
+    pools = policy.pools(State({UID: prepared}), TOPOLOGY)
+    decision = policy.decide(container(env), pools)
+    assert decision.pin.claims == (UID,) and decision.rejected == ()
+    # A twin written into a pod spec by hand is no claim: the shared pool, and nothing to report.
+    forged = policy.decide(container([f"DRA_CPUSET_{twin}=2-3"]), pools)
+    assert forged.pin == Pin(pools.shared, pools.shared_mems) and forged.rejected == ()
