@@ -319,6 +319,12 @@ def test_cli_json_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert reasons["cpu-numa0"] == "dra.cpu/cpu: requests 4, only 0 of 7 free (team/big hold 7)"
     assert reasons["cpu-numa1"] == "dra.cpu/cpu: requests 4, only 1 of 8 free (team/b hold 7)"
 
+    # As docs/user.md writes it: the claim file as the first argument.
+    assert main(["explain", str(claims), "--claim-name", "numa0-cpus", *args[1:]]) == 0
+    assert json.loads(capsys.readouterr().out)["satisfiable"] is True
+    assert main([*args]) == 2
+    assert "give one claim file: dra-cpu explain CLAIM.yaml --slices FILE" in capsys.readouterr().err
+
     typo = write(tmp_path / "typo.yaml", cpus_claim("1", 'device.attributes["dra.cpu"].numaNodeID === 0'))
     assert main([*args, "--claim", str(typo)]) == 2
     err = capsys.readouterr().err
