@@ -101,7 +101,7 @@ def test_a_claim_reserved_for_several_pods_is_refused_at_first_prepare_and_kept_
 def _configured(entries: list[dict[str, object]], written: list[dict[str, object]]) -> dict[str, object]:
     """A claim as the scheduler leaves it: spec.devices.config as the user wrote it, status.allocation.devices.config
     as the allocator copies it (class entries first, then the claim's own)."""
-    requests = [
+    requests: list[dict[str, object]] = [
         {"name": "cpus", "exactly": {"deviceClassName": "dra.cpu"}},
         {"name": "pick", "firstAvailable": [{"name": "big", "deviceClassName": "dra.cpu.big"}]},
     ]
