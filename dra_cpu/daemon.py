@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry
 
 from dra_cpu import cdihook, observe
 from dra_cpu.config import Config
-from dra_cpu.core.capacity import check_settings, settings_problems
-from dra_cpu.core.devices import Device, allocatable_cpus, build_devices
+from dra_cpu.core.capacity import check_settings, settings_problems, split_cpus
+from dra_cpu.core.devices import Device, build_devices
 from dra_cpu.core.topology import Topology
 from dra_cpu.driver import Driver
 from dra_cpu.errors import DraCpuError
@@ -288,10 +288,12 @@ class Daemon:
         driver = self.driver
         state, topology = driver.state, driver.topology
         nri = self.nri.counters if self.nri is not None else NriCounters()
+        split = split_cpus(topology, driver.config)
         return observe.View(
             topology=topology,
             claims=tuple(state.claims.values()),
-            allocatable=allocatable_cpus(topology, driver.config),
+            allocatable=split.claimable,
+            reserved=split.reserved,
             allocated=state.allocated_cpus,
             shared=state.shared_cpus(topology),
             nri_connected=float(self.nri is not None and self.nri.ready.is_set()),

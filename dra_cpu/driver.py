@@ -50,6 +50,8 @@ class Recorder(Protocol):
 
     def record_unprepare(self, ok: bool) -> None: ...
 
+    def record_new_claim(self, cpus: int) -> None: ...
+
 
 @dataclass(frozen=True)
 class PreparedResult:
@@ -194,6 +196,8 @@ class Driver:
                     log.info("already prepared", extra={"cpus": str(claim.cpus)})
                     return PreparedResult(claim, request=request)
                 self._apply(self.state.with_claim(claim), write=claim, log=log)
+            if self.recorder is not None:
+                self.recorder.record_new_claim(len(claim.cpus))
             log.info("prepared", extra={"cpus": str(claim.cpus), "mems": str(claim.mems(self.topology))})
             return PreparedResult(claim, request=request)
         except NotFound:

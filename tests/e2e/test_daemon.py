@@ -80,6 +80,24 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
         assert 'dra_cpu_hugepages_allocatable_bytes{numa_node="0",page_size="2Mi"} 1.34217728e+08' in metrics
         for counter in ("forged_env", "shared_claim_refused", "hugetlb_unenforced", "nri_update_failures"):
             assert f"dra_cpu_{counter} 0.0" in metrics, counter
+        # The upstream driver's names: 15 published CPUs (CPU 0 stays shared), 3 claimed.
+        for upstream in (
+            "dra_cpu_allocated_cpus 3.0",
+            "dra_cpu_available_cpus 12.0",
+            "dra_cpu_reserved_cpus 0.0",
+            "dra_cpu_resource_claims_active 1.0",
+            'dra_cpu_prepare_claims_total{result="success"} 1.0',
+            'dra_cpu_prepare_claims_total{result="unknown"} 0.0',
+            "dra_cpu_prepare_claim_duration_seconds_count 1.0",
+            'dra_cpu_claim_allocated_cpus_bucket{le="4.0"} 1.0',
+            'dra_cpu_claim_allocated_cpus_bucket{le="2.0"} 0.0',
+        ):
+            assert upstream in metrics, upstream
+        # Every metric served is in docs/admin.md's one table.
+        admin = (Path(__file__).parents[2] / "docs/admin.md").read_text()
+        served = {line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE ")}
+        undocumented = [n for n in served if not n.endswith("_created") and f"`{n}`" not in admin]
+        assert not undocumented, undocumented
         kubelet.close()
     finally:
         proc.send_signal(signal.SIGTERM)
