@@ -83,7 +83,7 @@ def split_cpus(topology: Topology, config: DeviceConfig) -> CpuSplit:
         )
     general = candidates - isolated
     lacking = floor.minimum - len(floor.pool(topology, candidates))
-    kept = _kept_shared(topology, general, lacking, config.whole_cores) if lacking > 0 else CPUSet()
+    kept = _kept_shared(topology, candidates, lacking, config.whole_cores) if lacking > 0 else CPUSet()
     return CpuSplit(
         claimable=candidates - kept,
         reserved=online & reserved,
@@ -94,15 +94,17 @@ def split_cpus(topology: Topology, config: DeviceConfig) -> CpuSplit:
     )
 
 
-def _kept_shared(topology: Topology, general: CPUSet, count: int, whole_cores: bool) -> CPUSet:
-    """`count` CPUs of `general` (whole cores with `whole_cores`, so possibly a few more), deterministically."""
+def _kept_shared(topology: Topology, candidates: CPUSet, count: int, whole_cores: bool) -> CPUSet:
+    """`count` CPUs of the claimable CPUs outside isolcpus (whole cores with `whole_cores`, so possibly a few more),
+    deterministically."""
 
     def order(core: CPUSet) -> tuple[bool, int]:
-        # A core with a thread outside claims already (reserved, cut, isolated) first, then by first CPU.
-        return core == topology.cpu(core.first()).thread_siblings, core.first()
+        # A core with a thread that no claim can get (reserved, cut) first, then by first CPU. A thread on isolcpus
+        # does not count: it is claimable, and a poller there wants no shared neighbour.
+        return not topology.cpu(core.first()).thread_siblings - candidates, core.first()
 
     kept: list[int] = []
-    for core in sorted(topology.cores(general), key=order):
+    for core in sorted(topology.cores(candidates - topology.isolated_cpus), key=order):
         for cpu in core if whole_cores else core.sorted()[: count - len(kept)]:
             kept.append(cpu)
         if len(kept) >= count:
