@@ -295,7 +295,7 @@ class Daemon:
             allocatable=split.claimable,
             reserved=split.reserved,
             allocated=state.allocated_cpus,
-            shared=state.shared_cpus(topology),
+            shared=split.floor.pool(topology, state.allocated_cpus),
             nri_connected=float(self.nri is not None and self.nri.ready.is_set()),
             counters=(
                 (
