@@ -162,3 +162,18 @@ def test_the_shell_twins_of_a_claims_variables_carry_the_same_values_and_entitle
     # A twin written into a pod spec by hand is no claim: the shared pool, and nothing to report.
     forged = policy.decide(container([f"DRA_CPUSET_{twin}=2-3"]), pools)
     assert forged.pin == Pin(pools.shared, pools.shared_mems) and forged.rejected == ()
+
+
+def test_every_variable_a_claim_gives_its_containers_is_documented() -> None:
+    """docs/user.md names each DRA_*_<uid> variable the CDI spec writes, and the shell-readable form beside it."""
+    from dra_cpu.core.cdi_spec import env_for
+    from tests.support.paths import REPO
+
+    user = (REPO / "docs" / "user.md").read_text()
+    prepared = claim(UID, "2-3", hugepages=HugePageGrant(0, 2048, 2 << 20))
+    names = [item.split("=", 1)[0] for item in env_for(prepared, CPUSet.parse("0"))]
+    prefixes = {name.removesuffix(UID) for name in names if name.endswith(UID)}
+    assert prefixes == {"DRA_CPUSET_", "DRA_MEMS_", "DRA_HUGEPAGES_", "DRA_CLAIM_", "DRA_PODS_"}
+    undocumented = [p for p in sorted(prefixes) if f"`{p}<uid>`" not in user]
+    assert not undocumented, f"docs/user.md does not describe {undocumented}"
+    assert "the UID with `_` for `-`" in user
