@@ -43,7 +43,8 @@ def test_distribute_across_numa_is_a_cpu_config_key() -> None:
 
 
 def _decide(state: Ledger, device: str, cpus: int, uid: str, **config: object) -> tuple[Ledger, CPUSet]:
-    view = NodeView.of(BIG, NodeSettings(DeviceConfig(node_name="n", group_by=GroupBy.SOCKET)))
+    # Nothing held back for the shared pool, which the other sockets hold anyway: socket 0 is whole.
+    view = NodeView.of(BIG, NodeSettings(DeviceConfig(node_name="n", group_by=GroupBy.SOCKET, min_shared_cpus=0)))
     entries = [{"opaque": {"driver": "dra.cpu", "parameters": params(**config)}, "requests": []}] if config else []
     obj = allocated_claim_object(
         "default",
@@ -96,3 +97,72 @@ def test_a_claim_reserved_for_several_pods_is_refused_at_first_prepare_and_kept_
     first = prepare(Ledger(), request("pod-a"))
     again = prepare(Ledger().with_claim(first), request("pod-a", "pod-b"))
     assert again == first and again.pod_uids == ("pod-a",)
+
+
+def _configured(entries: list[dict[str, object]], written: list[dict[str, object]]) -> dict[str, object]:
+    """A claim as the scheduler leaves it: spec.devices.config as the user wrote it, status.allocation.devices.config
+    as the allocator copies it (class entries first, then the claim's own)."""
+    requests: list[dict[str, object]] = [
+        {"name": "cpus", "exactly": {"deviceClassName": "dra.cpu"}},
+        {"name": "pick", "firstAvailable": [{"name": "big", "deviceClassName": "dra.cpu.big"}]},
+    ]
+    obj = allocated_claim_object(
+        "default",
+        "c",
+        [allocation_result("dra.cpu", "n", "cpu-numa0", consumed={"dra.cpu/cpu": "2"})],
+        uid=REF.uid,
+        config=entries,
+        requests=requests,
+    )
+    obj["spec"]["devices"]["config"] = written
+    return obj
+
+
+def _opaque(**fields: object) -> dict[str, object]:
+    return {"driver": "dra.cpu", "parameters": params(**fields)}
+
+
+@pytest.mark.parametrize(
+    ("entries", "written", "message"),
+    [
+        (
+            # The user's second config entry: named as spec.devices.config[1], where they wrote it.
+            [
+                {"source": "FromClass", "requests": ["cpus"], "opaque": _opaque(spread=True)},
+                {"source": "FromClaim", "requests": ["cpus"], "opaque": _opaque(wholeCores=True)},
+                {"source": "FromClaim", "requests": [], "opaque": _opaque(wholeCore=True)},
+            ],
+            [
+                {"requests": ["cpus"], "opaque": _opaque(wholeCores=True)},
+                {"opaque": _opaque(wholeCore=True)},
+            ],
+            "claim default/c: spec.devices.config[1].opaque.parameters.wholeCore is not a known field",
+        ),
+        (
+            [
+                {"source": "FromClass", "requests": ["cpus"], "opaque": _opaque(spread=True)},
+                {"source": "FromClass", "requests": ["pick/big"], "opaque": _opaque(alignL3="yes")},
+            ],
+            [],
+            "claim default/c: DeviceClass dra.cpu.big spec.config[0].opaque.parameters.alignL3 must be true or "
+            "false, not 'yes'",
+        ),
+        (
+            [{"source": "FromClaim", "requests": [], "opaque": {"driver": "dra.cpu", "parameters": "x"}}],
+            [{"opaque": {"driver": "dra.cpu", "parameters": "x"}}],
+            "claim default/c: spec.devices.config[0].opaque.parameters must be an object, not 'x'",
+        ),
+        (
+            # No spec to find it in: the copy's place.
+            [{"source": "FromClaim", "requests": [], "opaque": _opaque(wholeCore=True)}],
+            [],
+            "claim default/c: status.allocation.devices.config[0].opaque.parameters.wholeCore is not a known field",
+        ),
+    ],
+)
+def test_config_errors_name_where_the_user_wrote_it(
+    entries: list[dict[str, object]], written: list[dict[str, object]], message: str
+) -> None:
+    with pytest.raises(ClaimError) as err:
+        parse_claim(_configured(entries, written), REF, driver="dra.cpu", pool="n", default_policy=AllocationPolicy())
+    assert str(err.value).startswith(message)

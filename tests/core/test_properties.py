@@ -39,7 +39,7 @@ def _run(s: Scenario) -> tuple[Ledger, list[Outcome]]:
     """Feed the scenario's prepares and unprepares to grant(), checking the invariants after each step."""
     state, outcomes = Ledger(), list[Outcome]()
     index = device_index(s.devices)
-    view = NodeView(s.topology, s.devices, NodeSettings(s.config, min_shared_cpus=s.min_shared_cpus))
+    view = NodeView(s.topology, s.devices, NodeSettings(s.config))
     for op, i in s.ops:
         request = s.claims[i]
         if op == "unprepare":
@@ -89,8 +89,9 @@ def _check_invariants(state: Ledger, s: Scenario, index: Mapping[str, Device]) -
     capacity = {(d.numa_node, d.page_size_kib): d.capacity for d in index.values() if d.type is DeviceType.HUGEPAGES}
     for key, held in _hugepages_held(claims).items():
         assert held <= capacity[key], f"hugepages {key}: {held} bytes granted of {capacity[key]}"
-    if state.allocated_cpus:
-        assert len(state.shared_cpus(s.topology)) >= s.min_shared_cpus
+    if state.allocated_cpus - s.topology.isolated_cpus:
+        floor = s.config.shared_floor
+        assert len(floor.pool(s.topology, state.allocated_cpus)) >= floor.minimum
     # What enters the process from disk is the same state again.
     assert restore(claims, s.topology) == Ledger(state.claims)
 

@@ -72,12 +72,32 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
         assert kubelet.prepare([ClaimRef("default", "c1", UID)]).claims[UID].error == ""
         metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
         assert 'dra_cpu_cpus_allocated{numa_node="0"} 3.0' in metrics
+        # CPU 0 is held back for containers without claims: what the slices publish, the metric counts.
+        assert 'dra_cpu_cpus_allocatable{numa_node="0"} 7.0' in metrics
         assert 'dra_cpu_cpus_allocatable{numa_node="1"} 8.0' in metrics
         assert 'dra_cpu_prepare_total{result="success"} 1.0' in metrics
         assert "dra_cpu_active_claims 1.0" in metrics
         assert 'dra_cpu_hugepages_allocatable_bytes{numa_node="0",page_size="2Mi"} 1.34217728e+08' in metrics
         for counter in ("forged_env", "shared_claim_refused", "hugetlb_unenforced", "nri_update_failures"):
             assert f"dra_cpu_{counter} 0.0" in metrics, counter
+        # The upstream driver's names: 15 published CPUs (CPU 0 stays shared), 3 claimed.
+        for upstream in (
+            "dra_cpu_allocated_cpus 3.0",
+            "dra_cpu_available_cpus 12.0",
+            "dra_cpu_reserved_cpus 0.0",
+            "dra_cpu_resource_claims_active 1.0",
+            'dra_cpu_prepare_claims_total{result="success"} 1.0',
+            'dra_cpu_prepare_claims_total{result="unknown"} 0.0',
+            "dra_cpu_prepare_claim_duration_seconds_count 1.0",
+            'dra_cpu_claim_allocated_cpus_bucket{le="4.0"} 1.0',
+            'dra_cpu_claim_allocated_cpus_bucket{le="2.0"} 0.0',
+        ):
+            assert upstream in metrics, upstream
+        # Every metric served is in docs/admin.md's one table.
+        admin = (Path(__file__).parents[2] / "docs/admin.md").read_text()
+        served = {line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE ")}
+        undocumented = [n for n in served if not n.endswith("_created") and f"`{n}`" not in admin]
+        assert not undocumented, undocumented
         kubelet.close()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -135,7 +155,12 @@ def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--reserved-cpus", "0-99"], "--reserved-cpus"),
+        (["--reserved-cpus", "0-99"], "reservedCpus 0-99: CPU(s) 16-99 do not exist on this node (present: 0-15)"),
+        (
+            ["--min-shared-cpus", "17"],
+            "minSharedCpus 17: this node has 16 CPU(s) to share (online 0-15, isolated none, reservedCpus none); "
+            "keeping 17 for containers without claims leaves no CPU outside isolcpus for claims",
+        ),
         (["--nri-plugin-index", "7"], "nriPluginIndex '7': must be two digits"),
         (["--min-shared-cpus", "0"], "minSharedCpus 0: at least 1 CPU must stay shared"),
         (["--sysfs-root", "/nonexistent"], "is --sysfs-root right?"),
@@ -234,6 +259,37 @@ def test_health_follows_the_node_through_re_discovery(root: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
+
+
+def test_a_node_shrunk_below_the_settings_is_reported_not_fatal(root: Path) -> None:
+    """minSharedCpus 4 on 16 CPUs: fine at start. 12 CPUs go offline: the re-discovery logs one line naming the
+    setting and the node's numbers, the daemon goes on and publishes no CPU device, and the CPUs come back."""
+    sysfs = root / "sysfs"
+    shutil.copytree(FIXTURES / "dual-socket-smt2", sysfs)
+    proc = run_daemon(root, free_port(), "--hugepage-poll-seconds", "0.3", "--min-shared-cpus", "4", sysfs=sysfs)
+    stderr = Stderr(proc)
+
+    def cpu_devices() -> list[str]:
+        slices = [yaml.safe_load(p.read_text()) for p in (root / "cluster/resourceslices").glob("*.yaml")]
+        return sorted(d["name"] for s in slices for d in s["spec"]["devices"] if d["name"].startswith("cpu-"))
+
+    try:
+        eventually(lambda: bool(cpu_devices()), "the first publish")
+        published = cpu_devices()
+        before = root / "sysfs-before"
+        shutil.copytree(sysfs, before)
+        offline_cpus(CPUSet.parse("4-15"))(sysfs)
+        stderr.wait_for("minSharedCpus 4: this node has 4 CPU(s) to share (online 0-3, isolated none")
+        eventually(lambda: cpu_devices() == [], "the CPU devices withdrawn")
+        assert proc.poll() is None, "the daemon goes on"
+        shutil.copytree(before, sysfs, dirs_exist_ok=True)
+        (sysfs / "sys/devices/system/cpu/offline").unlink()
+        eventually(lambda: cpu_devices() == published, "the CPU devices back")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    assert exit_code(proc, 30) == 0, stderr.text()
+    reports = [line for line in stderr.text().splitlines() if "contradict the node as re-discovered" in line]
+    assert len(reports) == 1, reports
 
 
 def test_pcie_roots_are_published_and_follow_sysfs(root: Path) -> None:

@@ -319,9 +319,10 @@ def test_nri_connection_closed_mid_call(tmp_path: Path) -> None:
             "Synchronize", api.SynchronizeRequest(pods=[pod], containers=[plain]), api.SynchronizeResponse
         )
         assert isinstance(synced, api.SynchronizeResponse)
-        shared = driver.snapshot().ledger.shared_cpus(driver.snapshot().view.topology)
+        now = driver.snapshot()
+        shared = pins(now.ledger, now.view).shared
         assert {u.container_id: u.linux.resources.cpu.cpus for u in synced.update} == {"plain": str(shared)}
-        assert shared.isdisjoint(driver.snapshot().ledger.allocated_cpus)
+        assert shared.isdisjoint(now.ledger.allocated_cpus)
         disk = on_disk(tmp_path)
         assert_consistent(disk)
         assert set(disk.checkpoint) == {uid_of("first"), uid_of("within")}

@@ -19,7 +19,15 @@ import pytest
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
-from tests.support.cluster import CPU_CAPACITY, Kube, busybox_pod, claim_path, cpu_claim, wait_for
+from tests.support.cluster import (
+    CPU_CAPACITY,
+    Kube,
+    busybox_pod,
+    claim_path,
+    cpu_claim,
+    pod_scheduled_condition,
+    wait_for,
+)
 from tests.support.node_claims import (
     DoesNotFit,
     cdi_spec_uids,
@@ -27,8 +35,10 @@ from tests.support.node_claims import (
     create_all,
     delete_pod,
     documents,
+    events,
     fit,
     pinning,
+    pod_path,
     running,
     wait_cpus,
 )
@@ -194,3 +204,42 @@ def test_pod_status_shows_device_health(dra_cpu_node: InstalledDriver, namespace
     assert statuses == [
         {"name": "claim:cpus", "resources": [{"resourceID": f"dra.cpu/cpu=claim-{uid}", "health": "Healthy"}]}
     ]
+
+
+def unschedulable(kube: Kube, namespace: str, name: str) -> str:
+    """The scheduler's message once it gave up on the pod for now (PodScheduled False, Unschedulable)."""
+
+    def condition() -> str | None:
+        found = pod_scheduled_condition(kube.get(pod_path(namespace, name))) or {}
+        return str(found.get("message")) if found.get("reason") == "Unschedulable" else None
+
+    return wait_for(condition, f"pod {namespace}/{name} to be found unschedulable", 90)
+
+
+def test_what_the_node_cannot_grant_stays_pending_with_the_schedulers_reason(
+    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+) -> None:
+    """Issue 21: the node publishes its CPUs but the one kept for containers without claims (minSharedCpus 1), so a
+    claim it could not prepare is never allocated: the pod stays Pending with the scheduler's reason instead of
+    being bound and stuck in ContainerCreating on a prepare error. On the 2-CPU test node: pod A holds a 1-CPU claim,
+    the next 1-CPU claim waits; a 2-CPU claim waits on the empty node too. Once A is gone the waiting pod runs."""
+    kube = dra_cpu_node.node.kube
+    claimable = len(topology.online_cpus - topology.isolated_cpus) - 1
+    create_all(kube, namespace, [cpu_claim("whole", claimable + 1), busybox_pod("too-big", {"cpus": "whole"})])
+    message = unschedulable(kube, namespace, "too-big")
+    assert "cannot allocate all claims" in message, message
+    delete_pod(kube, namespace, "too-big")
+
+    create_all(kube, namespace, [cpu_claim("a", claimable), busybox_pod("a", {"cpus": "a"})])
+    running(kube, namespace, "a")
+    create_all(kube, namespace, [cpu_claim("b", 1), busybox_pod("b", {"cpus": "b"})])
+    message = unschedulable(kube, namespace, "b")
+    assert "cannot allocate all claims" in message, message
+    pod = kube.get(pod_path(namespace, "b"))
+    assert not pod["spec"].get("nodeName"), "never bound to the node"
+    assert not kube.get(claim_path(namespace, "b")).get("status", {}).get("allocation"), "never allocated"
+    assert not any("FailedPrepareDynamicResources" in e for e in events(kube, namespace, "b"))
+
+    delete_pod(kube, namespace, "a")
+    pod = running(kube, namespace, "b")
+    assert_pinned(dra_cpu_node, topology, pod, {claim_uid(kube, namespace, "b"): 1})

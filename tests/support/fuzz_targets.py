@@ -1,5 +1,6 @@
 """Fuzz targets for the parsers of everything that comes from outside: quantities, CPU lists, CEL selectors, claims
-as the driver reads them, the pods they are reserved for, the config file, and the files `dra-cpu explain` reads.
+as the driver reads them (alone, and several in one NodePrepareResources call through the real servicer), the pods
+they are reserved for, the config file, and the files `dra-cpu explain` reads.
 Shared by tests/fuzz (a CI-sized pass) and hack/bench/fuzz.py (as many examples as asked for).
 
 Each target takes one input and must end in a value or a DraCpuError subclass within its time bound: any other
@@ -36,12 +37,15 @@ from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.core.quantity import parse_quantity
 from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
+from dra_cpu.kubelet.dra import DRAService
+from dra_cpu.kubelet.gen import dra_v1_pb2
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.cel.library import CelDevice, environment
 from dra_cpu.tools.cel.selector import compile_selector
 from dra_cpu.tools.explain.inputs import load_objects, of_kind
 from dra_cpu.tools.explain.parse import parse_claim, parse_class, parse_slices, parse_usage
 from dra_cpu.tools.explain.search import explain
+from tests.support.kubelet_node import make_driver, write_claim
 from tests.support.paths import EXAMPLES, FIXTURES, REPO
 
 CORPUS = REPO / "tests" / "fuzz" / "corpus"
@@ -49,6 +53,7 @@ CORPUS = REPO / "tests" / "fuzz" / "corpus"
 environment()
 DRIVER, NODE = "dra.cpu", "node-a"
 UID = "4f6c1a2e-9b1d-4c5e-8f00-0123456789ab"
+PREPARE_UID = "4f6c1a2e-9b1d-4c5e-8f00-00000000900d"
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,49 @@ def run_claim(obj: Any) -> object:
     return grant(Ledger(), request, view)
 
 
+@cache
+def _prepare_node() -> tuple[DRAService, Path]:
+    """The real servicer over the real Driver on dual-socket-smt2, with a standalone folder for the cluster; one per
+    process (each input unprepares what it prepared)."""
+    root = Path(tempfile.mkdtemp(prefix="dra-cpu-fuzz-prepare-"))
+    (root / "state").mkdir()
+    driver = make_driver(root, "dual-socket-smt2", metadata=True)
+    driver.start()
+    return DRAService(driver, dra_v1_pb2), root
+
+
+def _claims_request(pb2: Any, refs: list[ClaimRef]) -> list[Any]:
+    return [pb2.Claim(namespace=r.namespace, name=r.name, uid=r.uid) for r in refs]
+
+
+def run_prepare(claims: Any) -> object:
+    """NodePrepareResources through the real servicer, in one request: a good claim, then the fuzzed ones. The call
+    never fails as a whole (that would be status UNKNOWN for every claim): each claim ends prepared or with an error
+    of its own, and the good claim is prepared."""
+    service, root = _prepare_node()
+    good = write_claim(root, PREPARE_UID, [allocation_result(DRIVER, NODE, "cpu-numa1", consumed={"dra.cpu/cpu": "1"})])
+    refs = [good]
+    for i, obj in enumerate(claims if isinstance(claims, list) else [claims]):
+        ref = ClaimRef("default", f"fuzzed-{i}", f"4f6c1a2e-9b1d-4c5e-8f00-{i:012d}")
+        metadata = obj.get("metadata") if isinstance(obj, dict) else None
+        if isinstance(metadata, dict) and metadata.get("uid") == UID:
+            metadata["uid"] = ref.uid  # as the API server would: the claim the kubelet names
+        path = root / "cluster/resourceclaims/default" / f"{ref.name}.yaml"
+        path.write_text(yaml.safe_dump(obj))
+        refs.append(ref)
+    try:
+        response = service.NodePrepareResources(
+            dra_v1_pb2.NodePrepareResourcesRequest(claims=_claims_request(dra_v1_pb2, refs)), None
+        )
+    finally:
+        service.NodeUnprepareResources(
+            dra_v1_pb2.NodeUnprepareResourcesRequest(claims=_claims_request(dra_v1_pb2, refs)), None
+        )
+    assert set(response.claims) == {r.uid for r in refs}, "every claim has its own answer"
+    assert response.claims[good.uid].error == "", response.claims[good.uid].error
+    return response
+
+
 def _container() -> st.SearchStrategy[Any]:
     resources = st.fixed_dictionaries(
         {},
@@ -371,6 +419,7 @@ TARGETS = (
     Target("cpulist", CPU_LISTS, run_cpulist, 3.0, _text),
     Target("cel", CEL, run_cel, 15.0, _text),
     Target("claim", CLAIMS, run_claim, 5.0, _yaml),
+    Target("prepare", st.lists(CLAIMS, min_size=1, max_size=2), run_prepare, 10.0, _yaml),
     Target("pod", PODS, run_pod, 5.0, _yaml),
     Target("config", CONFIGS, run_config, 5.0, bytes),
     Target("explain", EXPLAIN_FILES | st.sampled_from(_example_bytes()), run_explain, 15.0, bytes),

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from kubernetes import client
 
-from dra_cpu.core.cdi_spec import ENV_CPUSET, ENV_MEMS
+from dra_cpu.core.cdi_spec import ENV_CPUSET, ENV_MEMS, claimed_cpusets, shell_uid
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
 from tests.support.cluster import CPU_CAPACITY, DRIVER, Kube, wait_for
@@ -191,9 +191,14 @@ class Pinning:
 
 def pinning(node: RealNode, pod: Mapping[str, Any], container: str | None = None) -> Pinning:
     cid = container_id(pod, container)
-    env = dict(line.split("=", 1) for line in node.exec(cid, ["env"]).splitlines() if "=" in line)
-    claimed = {k.removeprefix(ENV_CPUSET): CPUSet.parse(v) for k, v in env.items() if k.startswith(ENV_CPUSET)}
-    mems = {k.removeprefix(ENV_MEMS): CPUSet.parse(v) for k, v in env.items() if k.startswith(ENV_MEMS)}
+    lines = [line for line in node.exec(cid, ["env"]).splitlines() if "=" in line]
+    env = dict(line.split("=", 1) for line in lines)
+    # The claims by the variables enforcement reads; each has its shell twin, with the same values.
+    claimed = {uid: CPUSet.parse(value) for uid, value in claimed_cpusets(lines).items()}
+    mems = {uid: CPUSet.parse(env[f"{ENV_MEMS}{uid}"]) for uid in claimed if f"{ENV_MEMS}{uid}" in env}
+    for uid in claimed:
+        for prefix in (ENV_CPUSET, ENV_MEMS):
+            assert env.get(f"{prefix}{shell_uid(uid)}") == env.get(f"{prefix}{uid}"), (prefix, uid, env)
     inside = node.allowed_inside(cid)
     pid = int(node.container_info(cid)["pid"])
     status = Path(f"/proc/{pid}/status").read_text()

@@ -85,7 +85,7 @@ class Node:
 
     def shared(self) -> CPUSet:
         now = self.driver.snapshot()
-        return now.ledger.shared_cpus(now.view.topology)
+        return pins(now.ledger, now.view).shared
 
     def assert_allowed(self, container: Container, cpus: CPUSet, mems: CPUSet | None = None) -> None:
         """Inside (a new process in the container) and on the host (its init process) agree on cpus (and mems)."""
@@ -102,7 +102,7 @@ class Node:
 def nri_node(containerd: Containerd, tmp_path: Path, min_shared_cpus: int = 1) -> Iterator[Node]:
     if len(ONLINE) < 2:
         pytest.skip("needs at least 2 online CPUs: one to claim, one to share")
-    settings = NodeSettings(DeviceConfig(node_name=NODE), min_shared_cpus=min_shared_cpus)
+    settings = NodeSettings(DeviceConfig(node_name=NODE, min_shared_cpus=min_shared_cpus))
     files = Reconciler(
         CheckpointFile(tmp_path / "checkpoint"),
         CDIStore(containerd.cdi_dir, settings.driver_name),

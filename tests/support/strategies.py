@@ -12,9 +12,10 @@ from hypothesis import reject
 from hypothesis import strategies as st
 
 from dra_cpu.core.allocator import AllocationPolicy
+from dra_cpu.core.capacity import settings_problems
 from dra_cpu.core.claims import ClaimRef, ClaimRequest, DeviceResult, PodRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.devices import Device, DeviceConfig, DeviceConfigError, DeviceMode, DeviceType, build_devices
+from dra_cpu.core.devices import Device, DeviceConfig, DeviceMode, DeviceType, GroupBy, build_devices
 from dra_cpu.core.ledger import HugePageGrant, PreparedClaim, PreparedDevice
 from dra_cpu.core.topology import Cpu, HugePagePool, NumaNode, Topology
 
@@ -84,6 +85,9 @@ def device_configs(draw: st.DrawFn, topology: Topology) -> DeviceConfig:
         reserved_cpus=CPUSet.of(reserved),
         device_mode=draw(st.sampled_from(list(DeviceMode))),
         whole_cores=draw(st.booleans()),
+        group_by=draw(st.sampled_from(list(GroupBy))),
+        min_shared_cpus=draw(st.integers(1, 3)),
+        strict_reserved=draw(st.booleans()),
     )
 
 
@@ -126,17 +130,15 @@ class Scenario:
     claims: tuple[ClaimRequest, ...]
     # ("prepare" | "unprepare", index into claims)
     ops: tuple[tuple[str, int], ...]
-    min_shared_cpus: int
 
 
 @st.composite
 def scenarios(draw: st.DrawFn, max_claims: int = 8, max_ops: int = 24) -> Scenario:
     topology = draw(topologies())
     config = draw(device_configs(topology))
-    try:
-        devices = build_devices(topology, config)
-    except DeviceConfigError:
-        reject()  # no allocatable CPU left (whole cores cut by offline or reserved CPUs)
+    if settings_problems(topology, config):
+        reject()  # no CPU left to claims (reserved, cut by offline or reserved CPUs, or kept shared)
+    devices = build_devices(topology, config)
     claims = tuple(draw(claim_requests(devices, f"u{i}")) for i in range(draw(st.integers(1, max_claims))))
     ops = draw(
         st.lists(
@@ -145,7 +147,7 @@ def scenarios(draw: st.DrawFn, max_claims: int = 8, max_ops: int = 24) -> Scenar
             max_size=max_ops,
         )
     )
-    return Scenario(topology, config, devices, claims, tuple(ops), draw(st.integers(1, 2)))
+    return Scenario(topology, config, devices, claims, tuple(ops))
 
 
 @st.composite
