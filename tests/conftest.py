@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.paths import SYSFS, SYSFS_FIXTURES
+from tests.harness.paths import SYSFS, SYSFS_FIXTURES
 
 pytest_plugins: list[str] = [
     "tests.support.testenv_containerd",

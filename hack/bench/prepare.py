@@ -36,8 +36,8 @@ from dra_cpu.core.claims import ClaimRef  # noqa: E402
 from dra_cpu.kubelet.client import KubeletClient  # noqa: E402
 from dra_cpu.store.checkpoint import FILENAME, SPARE  # noqa: E402
 from dra_cpu.tools.demo import claim_object  # noqa: E402
+from tests.harness.typed import as_dict  # noqa: E402
 from tests.support.control_plane import close, create_namespace, new_client, running  # noqa: E402
-from tests.support.typed import as_dict  # noqa: E402
 
 NODE, DRIVER = "bench-node", "dra.cpu"
 DAEMON = """

@@ -67,15 +67,8 @@ sys.path.insert(0, str(ROOT))
 from dra_cpu.core.devices import DeviceConfig, build_devices, build_slices  # noqa: E402
 from dra_cpu.node.sysfs import read_topology  # noqa: E402
 from dra_cpu.tools.explain.classes import chart_device_classes  # noqa: E402
-from tests.support.cluster import (  # noqa: E402
-    Kube,
-    claim_path,
-    ensure,
-    new_namespace,
-    node_resources,
-    pod_scheduled_condition,
-    wait_for,
-)
+from tests.harness.poll import wait_until  # noqa: E402
+from tests.support.cluster import Kube, claim_path, ensure, new_namespace, node_resources, pod_scheduled_condition  # noqa: E402
 from tests.support.control_plane import ALL, SCHEDULER, ControlPlane, create_node, delete_node, running  # noqa: E402
 
 SYSFS = ROOT / "tests/fixtures/sysfs/big-8numa"
@@ -262,7 +255,7 @@ def clean_up(kube: Kube, namespace: str, nodes: Sequence[str]) -> None:
         kube.delete(f"/api/v1/namespaces/{namespace}/pods/{obj['metadata']['name']}", force=True)
     for obj in kube.list(f"/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims"):
         kube.delete(claim_path(namespace, obj["metadata"]["name"]))
-    wait_for(
+    wait_until(
         lambda: not kube.list(f"/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims"),
         f"the claims of namespace {namespace} to be deleted",
         timeout=120,

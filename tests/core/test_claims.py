@@ -18,7 +18,7 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, device_index
 from dra_cpu.core.state import PreparedClaim, State, decide
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 REF = ClaimRef("default", "c", "uid-1")
 BIG = read_topology(SYSFS / "big-8numa")  # 4 sockets x 2 NUMA nodes x 8 CPUs; siblings (2k, 2k+1)

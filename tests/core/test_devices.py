@@ -18,7 +18,7 @@ from dra_cpu.core.devices import (
     build_slices,
 )
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 from tests.support.synthetic import (
     ONE_STEP_CASES,
     SyntheticCpu,

@@ -12,7 +12,7 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.entitlement import ContainerInfo, NoSharedCpus, Pin
 from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 TOPOLOGY = read_topology(SYSFS / "dual-socket-smt2")
 POD = "pod-uid-1"

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from tests.support.paths import FIXTURES, REPO
+from tests.harness.paths import FIXTURES, REPO
 from tests.support.testenv_podman import Podman
 
 BENCH = REPO / "hack" / "bench" / "image.sh"

@@ -9,7 +9,8 @@ import pytest
 
 from dra_cpu.core.topology import Topology
 from dra_cpu.node.sysfs import read_topology
-from tests.support.cluster import new_namespace, wait_for
+from tests.harness.poll import wait_until
+from tests.support.cluster import new_namespace
 from tests.support.node_claims import checkpoint_claims, delete_pod
 from tests.support.real_node import InstalledDriver
 
@@ -28,5 +29,5 @@ def namespace(dra_cpu_node: InstalledDriver, request: pytest.FixtureRequest) -> 
     yield name
     for pod in kube.list(f"/api/v1/namespaces/{name}/pods"):
         delete_pod(kube, name, pod["metadata"]["name"])
-    wait_for(lambda: not checkpoint_claims(dra_cpu_node.state_dir), "every claim to be unprepared", 60)
+    wait_until(lambda: not checkpoint_claims(dra_cpu_node.state_dir), "every claim to be unprepared", 60)
     kube.delete(f"/api/v1/namespaces/{name}")

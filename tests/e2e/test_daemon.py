@@ -27,9 +27,9 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.kubelet.gen import dra_health_v1_pb2 as health_pb
+from tests.harness.poll import wait_until
 from tests.support.daemon_process import Stderr, exit_code, free_port, run_daemon
 from tests.support.kubelet_node import FIXTURES, offline_cpus, result
-from tests.support.waiting import eventually
 
 UID = "00000000-0000-4000-8000-000000000001"
 
@@ -54,12 +54,12 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
     proc = run_daemon(root, port, "--log-format", "json")
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     try:
-        eventually(registration.exists, "the registration socket")
-        eventually(lambda: any((root / "cluster/resourceslices").glob("*.yaml")), "the slices")
+        wait_until(registration.exists, "the registration socket")
+        wait_until(lambda: any((root / "cluster/resourceslices").glob("*.yaml")), "the slices")
         status, body = _get(f"http://127.0.0.1:{port}/readyz")
         assert status == 503 and "not registered with the kubelet" in body
         kubelet = KubeletClient.register(registration)
-        eventually(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, "readiness")
+        wait_until(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, "readiness")
         assert _get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
 
         claim = {
@@ -107,7 +107,7 @@ def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
     proc = run_daemon(root, port, "--log-format", "json")
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     try:
-        eventually(registration.exists, "the registration socket")
+        wait_until(registration.exists, "the registration socket")
         kubelet = KubeletClient.register(registration)
         metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
         assert "dra_cpu_claims_unrestorable 1.0" in metrics and "dra_cpu_active_claims 1.0" in metrics
@@ -191,9 +191,9 @@ def test_hugepage_reservation_change_is_republished(root: Path) -> None:
         return None
 
     try:
-        eventually(lambda: capacity() == "64Mi", "the first publish")
+        wait_until(lambda: capacity() == "64Mi", "the first publish")
         nr.write_text("48\n")
-        eventually(lambda: capacity() == "96Mi", "the new reservation on the slice")
+        wait_until(lambda: capacity() == "96Mi", "the new reservation on the slice")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
@@ -208,7 +208,7 @@ def test_health_follows_the_node_through_re_discovery(root: Path) -> None:
     proc = run_daemon(root, free_port(), "--hugepage-poll-seconds", "0.3", sysfs=sysfs)
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     try:
-        eventually(registration.exists, "the registration socket")
+        wait_until(registration.exists, "the registration socket")
         kubelet = KubeletClient.register(registration)
         assert kubelet.health_service == "v1.DRAResourceHealth"
         stream = kubelet.watch_health(timeout=30)
@@ -252,9 +252,9 @@ def test_pcie_roots_are_published_and_follow_sysfs(root: Path) -> None:
 
     try:
         first = {"cpu-numa0": ["pci0000:00", "pci0000:10"], "cpu-numa1": ["pci0000:00", "pci0000:20"]}
-        eventually(lambda: roots() == first, "the first publish with the roots")
+        wait_until(lambda: roots() == first, "the first publish with the roots")
         shutil.rmtree(sysfs / "sys/devices/pci0000:20")
-        eventually(lambda: roots() == {**first, "cpu-numa1": ["pci0000:00"]}, "the root gone from cpu-numa1")
+        wait_until(lambda: roots() == {**first, "cpu-numa1": ["pci0000:00"]}, "the root gone from cpu-numa1")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
@@ -271,7 +271,7 @@ def test_sigterm_at_any_moment_ends_the_daemon_cleanly_once(root: Path) -> None:
         stderr = Stderr(proc)
         try:
             # The handlers are in place before the first log line; before it the interpreter is still starting.
-            stderr.wait_for("starting")
+            stderr.wait_for_line("starting")
             time.sleep(rng.uniform(0, 2.5))  # the random moment, not a synchronisation
             proc.send_signal(signal.SIGTERM)
             time.sleep(rng.uniform(0, 0.5))
@@ -297,7 +297,7 @@ def _stuck_prepare(root: Path) -> tuple[subprocess.Popen[str], Stderr, threading
     proc = run_daemon(root, free_port(), "--log-level", "debug")
     stderr = Stderr(proc)
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
-    eventually(registration.exists, "the registration socket")
+    wait_until(registration.exists, "the registration socket")
     kubelet = KubeletClient.register(registration)
 
     def prepare() -> None:
@@ -307,7 +307,7 @@ def _stuck_prepare(root: Path) -> tuple[subprocess.Popen[str], Stderr, threading
 
     caller = threading.Thread(target=prepare, daemon=True)
     caller.start()
-    stderr.wait_for("reading the claim")
+    stderr.wait_for_line("reading the claim")
     return proc, stderr, caller
 
 
@@ -339,9 +339,9 @@ def test_a_third_signal_or_sigint_during_the_shutdown_exits_at_once(
         for sent, sig in enumerate(signals):
             proc.send_signal(sig)
             if sent == 0:
-                stderr.wait_for("SIGTERM received: shutting down")
+                stderr.wait_for_line("SIGTERM received: shutting down")
             elif sent < len(signals) - 1:
-                stderr.wait_for("already shutting down")
+                stderr.wait_for_line("already shutting down")
         assert exit_code(proc, daemon.SHUTDOWN_SECONDS + 10) == code, stderr.text()
         assert time.monotonic() - started < daemon.SHUTDOWN_SECONDS, "before the shutdown's own deadline"
     finally:

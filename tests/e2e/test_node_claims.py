@@ -19,7 +19,9 @@ import pytest
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
-from tests.support.cluster import CPU_CAPACITY, Kube, busybox_pod, claim_path, cpu_claim, wait_for
+from tests.harness.paths import EXAMPLES
+from tests.harness.poll import wait_until
+from tests.support.cluster import CPU_CAPACITY, Kube, busybox_pod, claim_path, cpu_claim
 from tests.support.node_claims import (
     DoesNotFit,
     cdi_spec_uids,
@@ -32,7 +34,6 @@ from tests.support.node_claims import (
     running,
     wait_cpus,
 )
-from tests.support.paths import EXAMPLES
 from tests.support.real_node import InstalledDriver
 
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
@@ -133,7 +134,7 @@ def test_deleting_the_pod_unprepares_its_claim(
     def released() -> bool:
         return not kube.get(claim_path(namespace, "c")).get("status", {}).get("reservedFor")
 
-    wait_for(released, "the claim to be released")
+    wait_until(released, "the claim to be released")
 
 
 def test_a_template_claim_is_released_with_its_pod(
@@ -150,7 +151,7 @@ def test_a_template_claim_is_released_with_its_pod(
     assert uid not in checkpoint_claims(dra_cpu_node.state_dir)
     assert uid not in cdi_spec_uids(dra_cpu_node.node.cdi_dir)
     # The resourceclaim controller deletes the claim it made for the pod.
-    wait_for(lambda: kube.find(claim_path(namespace, generated)) is None, f"claim {generated} to be deleted")
+    wait_until(lambda: kube.find(claim_path(namespace, generated)) is None, f"claim {generated} to be deleted")
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def test_pod_status_shows_device_health(dra_cpu_node: InstalledDriver, namespace
         found: list[dict[str, Any]] = pod["status"]["containerStatuses"][0].get("allocatedResourcesStatus") or []
         return found or None
 
-    statuses = wait_for(health, "allocatedResourcesStatus in the pod's status", 60)
+    statuses = wait_until(health, "allocatedResourcesStatus in the pod's status", 60)
     assert statuses == [
         {"name": "claim:cpus", "resources": [{"resourceID": f"dra.cpu/cpu=claim-{uid}", "health": "Healthy"}]}
     ]

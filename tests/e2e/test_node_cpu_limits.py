@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import busybox_pod, claim_path, cpu_claim, wait_for
+from tests.harness.poll import wait_until
+from tests.support.cluster import busybox_pod, claim_path, cpu_claim
 from tests.support.node_claims import (
     cdi_spec_uids,
     checkpoint_claims,
@@ -63,7 +64,7 @@ def test_a_limit_below_the_claim_is_refused_at_prepare_and_nothing_is_pinned(
         "(spec.containers[0].resources.limits.cpu 500m) on the 1 CPU claim 'tight' pins it to; "
         "raise that limit to at least 1, or remove it"
     )
-    seen = wait_for(
+    seen = wait_until(
         lambda: [e for e in events(kube, namespace, "tight") if expected in e] or None,
         "the driver's refusal in the pod's events",
         90,
@@ -91,7 +92,7 @@ def mapped_node(dra_cpu_node: InstalledDriver) -> Iterator[InstalledDriver]:
         old = dra_cpu_node.ready_pod()["metadata"]["name"]
         dra_cpu_node.upgrade(values)
         dra_cpu_node.ready_pod(other_than=old)
-        wait_for(lambda: mapping_published(on), f"slices {'with' if on else 'without'} the mapping", 120)
+        wait_until(lambda: mapping_published(on), f"slices {'with' if on else 'without'} the mapping", 120)
 
     switch(True)
     try:

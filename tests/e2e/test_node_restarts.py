@@ -12,7 +12,8 @@ from typing import Any
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
 from dra_cpu.nri.enforcer import NriConfig
-from tests.support.cluster import Kube, busybox_pod, claim_path, cpu_claim, wait_for
+from tests.harness.poll import wait_until
+from tests.support.cluster import Kube, busybox_pod, claim_path, cpu_claim
 from tests.support.node_claims import (
     cdi_spec_uids,
     checkpoint_claims,
@@ -98,14 +99,14 @@ def test_kubelet_restart_keeps_slices_and_prepared_claims(
     log_size = node.log.stat().st_size
     node.restart_kubelet()
     # A starting kubelet deletes its node's slices; the driver sees it and publishes them again.
-    wait_for(
+    wait_until(
         lambda: (now := {s["metadata"]["uid"] for s in slices(kube, node.name)}) and now != before,
         "the driver's slices to be published again after the kubelet's restart",
         90,
     )
     # The plugin registered again with the new kubelet, which connected to it.
     connected = re.compile(r'"Connection changed".*driverName="dra\.cpu".*connected=true')
-    wait_for(
+    wait_until(
         lambda: connected.search(node.log.read_bytes()[log_size:].decode(errors="replace")),
         "the plugin to register with the restarted kubelet",
         90,
@@ -120,7 +121,7 @@ def test_containerd_restart_restores_pins(dra_cpu_node: InstalledDriver, namespa
     node.restart_containerd()
     node.wait_ready()
     # The driver reconnects to the new NRI socket; its Synchronize brings every container to the state's pins.
-    wait_for(lambda: metric(dra_cpu_node, "dra_cpu_nri_connected") == 1.0, "the NRI connection to be back", 90)
+    wait_until(lambda: metric(dra_cpu_node, "dra_cpu_nri_connected") == 1.0, "the NRI connection to be back", 90)
     still_pinned(dra_cpu_node, namespace, topology, cpus, "after containerd restarted")
     node_still_prepares(dra_cpu_node, namespace, topology, cpus)
 
@@ -135,7 +136,7 @@ def test_a_claim_that_cannot_be_prepared_shows_the_drivers_error_and_starts_late
     try:
         node.restart_containerd(nri=False)
         node.wait_ready()
-        wait_for(lambda: metric(dra_cpu_node, "dra_cpu_nri_connected") == 0.0, "the NRI connection to be lost", 60)
+        wait_until(lambda: metric(dra_cpu_node, "dra_cpu_nri_connected") == 0.0, "the NRI connection to be lost", 60)
         # Within its grace period the driver still prepares (a runtime restart is short); past it, it refuses. The
         # grace is not visible from outside, so wait it out.
         time.sleep(NRI_GRACE_SECONDS + 2)
@@ -145,14 +146,14 @@ def test_a_claim_that_cannot_be_prepared_shows_the_drivers_error_and_starts_late
             found = [e for e in events(kube, namespace, "p") if "not enforced" in e]
             return found or None
 
-        (first, *_) = wait_for(refused, "the driver's refusal in the pod's events", 120)
+        (first, *_) = wait_until(refused, "the driver's refusal in the pod's events", 120)
         assert first.startswith("FailedPrepareDynamicResources: "), first
         assert "CPU pinning is not enforced: no NRI connection to the container runtime" in first, first
         assert kube.get(pod_path(namespace, "p"))["status"]["phase"] == "Pending"
     finally:
         node.restart_containerd(nri=True)
         node.wait_ready()
-    wait_for(lambda: metric(dra_cpu_node, "dra_cpu_nri_connected") == 1.0, "the NRI connection to be back", 90)
+    wait_until(lambda: metric(dra_cpu_node, "dra_cpu_nri_connected") == 1.0, "the NRI connection to be back", 90)
     pod = running(kube, namespace, "p", timeout=180)
     uid = kube.get(claim_path(namespace, "c"))["metadata"]["uid"]
     cpus = CPUSet.parse(checkpoint_claims(dra_cpu_node.state_dir)[uid]["devices"][0]["cpus"])

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from dra_cpu.core.cpuset import CPUSet
-from tests.support.cluster import CPU_CAPACITY, busybox_pod, claim_path, new_namespace, pinned_pod, wait_for
+from tests.harness.poll import wait_until
+from tests.support.cluster import CPU_CAPACITY, busybox_pod, claim_path, new_namespace, pinned_pod
 from tests.support.cri import Allowed
 from tests.support.guest import SPEC
 from tests.support.guest_kubelet import GuestKubelet
@@ -121,7 +122,7 @@ def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
         "app": {"claim:cpus/numa0": [healthy], "claim:cpus/numa1": [healthy]},
         "whole": {"claim:cpus": [healthy]},
     }
-    wait_for(lambda: health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app")) == all_healthy,
+    wait_until(lambda: health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app")) == all_healthy,
              "both devices Healthy in the pod's allocatedResourcesStatus", HEALTH_SECONDS, 1)  # fmt: skip
 
     # A CPU of the numa1 device goes offline (never CPU 0, which x86 cannot take offline).
@@ -134,14 +135,14 @@ def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
     }
     node.set_online(victim, False)
     try:
-        wait_for(lambda: node.allowed(container).cpus == cpus - gone, "the kernel to take the CPU from the container")
+        wait_until(lambda: node.allowed(container).cpus == cpus - gone, "the kernel to take the CPU from the container")
         # `whole` shows the claim's first device (numa0's) only: the outage is not in its status (docs/limits.md).
         want = {
             "app": {"claim:cpus/numa0": [healthy], "claim:cpus/numa1": [unhealthy]},
             "whole": {"claim:cpus": [healthy]},
         }
         try:
-            wait_for(lambda: health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app")) == want,
+            wait_until(lambda: health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app")) == want,
                      f"the numa1 device Unhealthy with CPU {victim} offline", HEALTH_SECONDS, 1)  # fmt: skip
         except AssertionError as err:
             seen = health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app"))
@@ -149,6 +150,6 @@ def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
     finally:
         node.set_online(victim, True)
     # Back online: Healthy again, and the container has the CPU back (cgroup v2 restores it to its cpuset's tasks).
-    wait_for(lambda: health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app")) == all_healthy,
+    wait_until(lambda: health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app")) == all_healthy,
              "both devices Healthy again", HEALTH_SECONDS, 1)  # fmt: skip
-    wait_for(lambda: node.allowed(container).cpus == cpus, "the container to get the CPU back")
+    wait_until(lambda: node.allowed(container).cpus == cpus, "the container to get the CPU back")

@@ -9,14 +9,15 @@ import uuid
 
 import yaml
 
+from tests.harness.poll import NotYet, wait_until
 from tests.support.guest import SPEC
 from tests.support.guest_node import (
+    GUEST_INTERVAL,
     GUEST_USR,
     PYTHON_ENV,
     GuestNode,
     container_python,
     cpulist,
-    eventually,
     only_newest_containerd,
     pages_by_node,
     result,
@@ -91,11 +92,11 @@ def test_claim_split_over_both_nodes_pins_the_container_and_others_keep_off(gues
     # The memory it touched is on its nodes, none on the memory-only node 2.
     pid = node.pid(app)
 
-    def touched() -> bool | dict[int, int]:
+    def touched() -> bool | NotYet:
         pages = pages_by_node(node.guest.read(f"/proc/{pid}/numa_maps"))
-        return True if sum(pages.values()) >= TOUCH_MIB * 256 else pages
+        return True if sum(pages.values()) >= TOUCH_MIB * 256 else NotYet(pages)
 
-    eventually(touched, "the container to touch its memory")
+    wait_until(touched, "the container to touch its memory", interval=GUEST_INTERVAL)
     pages = pages_by_node(node.guest.read(f"/proc/{pid}/numa_maps"))
     assert set(pages) <= {0, 1}, pages
     node.assert_sidecar_shared_then_released(pod, claim, bystander, general)
@@ -131,12 +132,12 @@ def test_hugepages_claim_limits_the_container_to_its_pages_on_its_node(guest_nod
     # Its pages come from node 1's pool, and its anonymous memory from node 1.
     pid = node.pid(app)
 
-    def held() -> bool | str:
+    def held() -> bool | NotYet:
         maps = node.guest.read(f"/proc/{pid}/numa_maps")
         done = pages_by_node(maps, huge=True) == {1: pages} and sum(pages_by_node(maps).values()) >= TOUCH_MIB * 256
-        return True if done else maps
+        return True if done else NotYet(maps)
 
-    eventually(held, "the container to hold its hugepages and memory")
+    wait_until(held, "the container to hold its hugepages and memory", interval=GUEST_INTERVAL)
     assert set(pages_by_node(node.guest.read(f"/proc/{pid}/numa_maps"))) == {1}
     free_now = {n.id: int(node.guest.read(sysfs.format(n.id))) for n in SPEC.nodes}
     assert free_now == {**free_before, 1: free_before[1] - pages}
@@ -184,12 +185,20 @@ def test_cpu_hotplug_republishes_the_slices(guest_node: GuestNode) -> None:
     try:
         node.guest.write(f"/sys/devices/system/cpu/cpu{cpu}/online", "0")
         assert cpu not in node.online()
-        eventually(lambda: _num_cpus(node, "cpu-numa1") == before - 1, f"cpu-numa1 republished without CPU {cpu}")
+        wait_until(
+            lambda: _num_cpus(node, "cpu-numa1") == before - 1,
+            f"cpu-numa1 republished without CPU {cpu}",
+            interval=GUEST_INTERVAL,
+        )
         capacity = _cpu_device(node, "cpu-numa1")["capacity"]
         assert isinstance(capacity, dict) and capacity["dra.cpu/cpu"]["value"] == str(before - 1)
         node.assert_allowed(bystander, general - {cpu})
     finally:
         node.guest.write(f"/sys/devices/system/cpu/cpu{cpu}/online", "1")
     assert cpu in node.online()
-    eventually(lambda: _num_cpus(node, "cpu-numa1") == before, f"cpu-numa1 republished with CPU {cpu} again")
+    wait_until(
+        lambda: _num_cpus(node, "cpu-numa1") == before,
+        f"cpu-numa1 republished with CPU {cpu} again",
+        interval=GUEST_INTERVAL,
+    )
     node.assert_allowed(bystander, general)

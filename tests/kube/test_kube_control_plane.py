@@ -8,7 +8,8 @@ import uuid
 from fractions import Fraction
 
 from dra_cpu.core.quantity import parse_quantity
-from tests.support.cluster import Kube, new_namespace, pinned_pod, scheduled, wait_for
+from tests.harness.poll import wait_until
+from tests.support.cluster import Kube, new_namespace, pinned_pod, scheduled
 from tests.support.control_plane import (
     FEATURE_GATES,
     SCRIPT,
@@ -51,7 +52,7 @@ def test_a_pod_is_scheduled_onto_a_created_node_and_the_node_stays_ready(control
         assert (allocatable["cpu"], allocatable["hugepages-2Mi"]) == (Fraction(4), Fraction(64 << 20))
         assert allocatable["memory"] == (8 << 30) - (64 << 20)
         create_namespace(api, namespace)
-        wait_for(lambda: kube.find(f"/api/v1/namespaces/{namespace}/serviceaccounts/default"), "default SA")
+        wait_until(lambda: kube.find(f"/api/v1/namespaces/{namespace}/serviceaccounts/default"), "default SA")
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -84,8 +85,8 @@ def test_the_controllers_give_namespaces_service_accounts_and_token_secrets(cont
             namespace,
         )
         secret = f"/api/v1/namespaces/{namespace}/secrets/token"
-        token = wait_for(lambda: kube.get(secret).get("data", {}).get("token"), "the token controller")
+        token = wait_until(lambda: kube.get(secret).get("data", {}).get("token"), "the token controller")
         assert len(token) > 100
-        wait_for(lambda: kube.find(f"/api/v1/namespaces/{namespace}/configmaps/kube-root-ca.crt"), "kube-root-ca.crt")
+        wait_until(lambda: kube.find(f"/api/v1/namespaces/{namespace}/configmaps/kube-root-ca.crt"), "kube-root-ca.crt")
     finally:
         close(api)

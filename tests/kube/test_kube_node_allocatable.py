@@ -16,6 +16,8 @@ from dra_cpu.kube.apiserver import connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.classes import chart_device_classes
+from tests.harness.paths import SYSFS
+from tests.harness.poll import wait_until
 from tests.support.cluster import (
     Kube,
     allocated_claim,
@@ -26,10 +28,8 @@ from tests.support.cluster import (
     pinned_pod,
     pod_scheduled_condition,
     scheduled,
-    wait_for,
 )
 from tests.support.control_plane import ControlPlane, create_node, delete_node
-from tests.support.paths import SYSFS
 
 LOG = logging.getLogger("test.node-allocatable")
 NODE_CPUS = 16  # dual-socket-smt2: two NUMA nodes of 8 CPUs
@@ -70,7 +70,7 @@ def unschedulable(admin: Kube, namespace: str, pod: str) -> dict[str, Any]:
         condition = pod_scheduled_condition(admin.get(path))
         return condition if condition and condition.get("reason") == "Unschedulable" else None
 
-    return wait_for(given_up, f"the scheduler to give up on {pod}")
+    return wait_until(given_up, f"the scheduler to give up on {pod}")
 
 
 def test_a_claims_cpus_count_against_node_allocatable(admin: Kube, mapped_node: str) -> None:

@@ -23,6 +23,8 @@ from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, build_sli
 from dra_cpu.core.quantity import parse_quantity
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.parse import parse_slices
+from tests.harness.paths import REPO
+from tests.harness.poll import wait_until
 from tests.support.cluster import (
     Kube,
     TestNode,
@@ -37,10 +39,8 @@ from tests.support.cluster import (
     pod_scheduled_condition,
     publish_node,
     scheduled,
-    wait_for,
 )
 from tests.support.control_plane import ControlPlane, close, delete_node
-from tests.support.paths import REPO
 from tests.support.testenv_helm import Helm
 
 EXAMPLES = REPO / "hack" / "examples"
@@ -260,7 +260,7 @@ def test_a_claim_that_fits_no_device_leaves_the_pod_pending_with_the_reason(
         condition = pod_scheduled_condition(admin.get(path))
         return condition if condition and condition.get("reason") == "Unschedulable" else None
 
-    condition = wait_for(unschedulable, "the scheduler to give up on the pod")
+    condition = wait_until(unschedulable, "the scheduler to give up on the pod")
     assert condition["status"] == "False"
     # One node matches the pod's node selector, and the DRA plugin cannot allocate the claim there.
     assert "cannot allocate all claims" in condition["message"], condition["message"]
@@ -303,7 +303,7 @@ def test_a_claim_template_gets_a_claim_per_pod_released_with_the_pod(
 
     def allocated_device(pod: str) -> str:
         bound = run_pod(admin, namespace, busybox_pod(pod, {"cpus": "four-cpus"}, template=True), node.name)
-        name = wait_for(lambda: generated_claim(pod), f"the claim of pod {pod}")
+        name = wait_until(lambda: generated_claim(pod), f"the claim of pod {pod}")
         claim = allocated_claim(admin, namespace, name)
         # Made by the resourceclaim controller for this pod, and owned by it.
         assert claim["metadata"]["annotations"]["resource.kubernetes.io/pod-claim-name"] == "cpus"
@@ -320,7 +320,7 @@ def test_a_claim_template_gets_a_claim_per_pod_released_with_the_pod(
     first_claim = generated_claim("pod-0")
     assert first_claim
     admin.delete(f"{pods_path}/pod-0", force=True)
-    wait_for(lambda: admin.find(claim_path(namespace, first_claim)) is None, "the first pod's claim to be deleted")
+    wait_until(lambda: admin.find(claim_path(namespace, first_claim)) is None, "the first pod's claim to be deleted")
     # Its CPUs are free again, and only those: the next pod gets the first one's device.
     assert allocated_device("pod-4") == devices[0]
     for i in range(1, 5):

@@ -21,6 +21,8 @@ from dra_cpu.core.topology import Topology
 from dra_cpu.kube.apiserver import connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
+from tests.harness.paths import SYSFS
+from tests.harness.poll import wait_until
 from tests.support.cluster import (
     DRIVER_ACCESS_KINDS,
     Kube,
@@ -29,10 +31,8 @@ from tests.support.cluster import (
     pinned_pod,
     resource_slice,
     scheduled,
-    wait_for,
 )
 from tests.support.control_plane import ControlPlane, close, create_node, delete_node, new_client
-from tests.support.paths import SYSFS
 from tests.support.synthetic import ONE_STEP_CASES, one_step_machine
 from tests.support.testenv_helm import CHART, Helm
 
@@ -166,7 +166,7 @@ def driver(control_plane: ControlPlane, helm: Helm) -> Iterator[Driver]:
             kube.delete(f"{SLICES}/{created['metadata']['name']}")
             return False
 
-        wait_for(refused, "the ValidatingAdmissionPolicy to refuse writes for other nodes")
+        wait_until(refused, "the ValidatingAdmissionPolicy to refuse writes for other nodes")
     finally:
         close(as_driver)
     try:
@@ -191,17 +191,17 @@ def test_the_driver_keeps_its_own_node_slices_with_its_service_account(driver: D
     thread = threading.Thread(target=publisher.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        [first] = wait_for(lambda: slices_of(admin, driver.node) or None, "the first publish")
+        [first] = wait_until(lambda: slices_of(admin, driver.node) or None, "the first publish")
         # get nodes: the slice is owned by the Node.
         node_uid = admin.get(f"/api/v1/nodes/{driver.node}")["metadata"]["uid"]
         assert [o["uid"] for o in first["metadata"]["ownerReferences"]] == [node_uid]
         assert first["spec"]["devices"] == [d.to_api() for d in devices]
         # list + watch: a slice deleted by someone else comes back (create), an edit is undone (update).
         admin.delete(f"{SLICES}/{first['metadata']['name']}")
-        wait_for(lambda: slices_of(admin, driver.node) or None, "the slice to come back")
+        wait_until(lambda: slices_of(admin, driver.node) or None, "the slice to come back")
         [back] = slices_of(admin, driver.node)
         edited = admin.patch(f"{SLICES}/{back['metadata']['name']}", {"spec": {"devices": [{"name": "x"}]}})
-        wait_for(
+        wait_until(
             lambda: (
                 slices_of(admin, driver.node)[0]["metadata"]["resourceVersion"] != edited["metadata"]["resourceVersion"]
             ),

@@ -14,8 +14,8 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.device_metadata import CONTAINER_DIR, MetadataError
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.store.metadata_files import decode
+from tests.harness.poll import wait_until
 from tests.support.kubelet_node import DRIVER, NODE, Node, NodeFactory, make_driver, result, start_plugin
-from tests.support.waiting import eventually
 
 # Where the 1.37.2 kubeletplugin helper's own compatibility fixture lives, when the Go module cache is installed.
 UPSTREAM_FIXTURE = Path(
@@ -209,7 +209,7 @@ def test_metadata_that_cannot_be_written_leaves_the_claim_prepared_without_it(no
     assert not response.error
     assert list(response.devices[0].cdi_device_ids) == [f"{DRIVER}/cpu=claim-{ref.uid}"]
     assert not metadata_spec(node, ref).exists()
-    eventually(lambda: node.driver.state.claims.get(ref.uid) is not None, "the claim stays prepared")
+    wait_until(lambda: node.driver.state.claims.get(ref.uid) is not None, "the claim stays prepared")
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.gen import dra_health_v1_pb2 as pb
 from dra_cpu.kubelet.gen import dra_health_v1_pb2_grpc, dra_health_v1alpha1_pb2, dra_health_v1alpha1_pb2_grpc
 from dra_cpu.kubelet.health import bounded_message
+from tests.harness.poll import wait_until
 from tests.support.kubelet_node import Node, NodeFactory, offline_cpus, remove_memory, result
-from tests.support.waiting import eventually
 
 
 def _stream(node: Node, service: str | None = None) -> list[tuple[str, str, int, str, int]]:
@@ -156,7 +156,7 @@ def test_open_health_streams_never_starve_prepare(node_factory: NodeFactory) -> 
             assert "newer health stream" in (ended.value.details() or "")
         for stream in newest:
             stream.cancel()
-        eventually(lambda: node.plugin.health.open_streams == 0, "the workers of cancelled streams are given back")
+        wait_until(lambda: node.plugin.health.open_streams == 0, "the workers of cancelled streams are given back")
     finally:
         for channel in channels:
             channel.close()

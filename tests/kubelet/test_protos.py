@@ -34,8 +34,8 @@ from dra_cpu.kubelet.gen import (
     pluginregistration_v1_pb2_grpc,
 )
 from dra_cpu.nri.gen import nri_ttrpc_pb2, nri_v1alpha1_pb2
+from tests.harness.paths import REPO
 from tests.support.gen import cri_runtime_v1_pb2
-from tests.support.paths import REPO
 from tests.support.testenv_containerd import CACHE
 
 GENERATED_DIRS = ["dra_cpu/kubelet/gen", "dra_cpu/nri/gen", "tests/support/gen"]

@@ -22,9 +22,9 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.cgroups import find_hugetlb_hierarchy
+from tests.harness.poll import wait_until
 from tests.support.nri_node import ONLINE, Node, nri_node
 from tests.support.testenv_containerd import Containerd, speaks_nri_0_12
-from tests.support.waiting import eventually
 
 
 def test_claimed_container_pinned_and_shared_pool_follows_claims(node: Node) -> None:
@@ -169,7 +169,7 @@ def test_enforcement_down_fails_prepares_after_the_grace_period(fresh_node: Node
     node.plugin.stop()
     node.new_plugin(grace_seconds=0.0)
     os.kill(int((node.containerd.dir / "containerd.pid").read_text()), signal.SIGKILL)
-    eventually(lambda: not node.plugin.ready.is_set(), "the plugin should notice the runtime is gone")
+    wait_until(lambda: not node.plugin.ready.is_set(), "the plugin should notice the runtime is gone")
     with pytest.raises(DraCpuError, match="not enforced"):
         node.plugin.check_ready()
     ref = ClaimRef("default", "late", str(uuid.uuid4()))

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from dra_cpu.bench.numa_maps import parse_numa_maps
+from tests.harness.poll import wait_until
 from tests.support.cri import Container
 from tests.support.nri_node import Node
 from tests.support.testenv_containerd import offers_memory_policy
-from tests.support.waiting import eventually
 
 NOT_OFFERED = "the runtime's NRI cannot set a memory policy"
 """The start of the enforcer's warning where the runtime's NRI is older than 0.12."""
@@ -83,7 +83,7 @@ def test_a_runtime_without_memory_policy_is_said_once_across_reconnects(
     daemon = node.containerd
     daemon.restart()
     # A second Configure, from the restarted runtime, has been answered.
-    eventually(lambda: node.plugin.counters.connects == 2 and node.plugin.ready.is_set(), "the plugin reconnects")
+    wait_until(lambda: node.plugin.counters.connects == 2 and node.plugin.ready.is_set(), "the plugin reconnects")
 
     said = warnings_not_offered(caplog)
     if offers_memory_policy(daemon.version):

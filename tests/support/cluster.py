@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +26,7 @@ from dra_cpu.core.topology import Topology
 from dra_cpu.kube.apiserver import connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
+from tests.harness.poll import wait_until
 from tests.support.control_plane import ControlPlane, close, create_namespace, create_node
 
 LOG = logging.getLogger("test.cluster")
@@ -83,19 +83,6 @@ def object_path(obj: Mapping[str, Any], namespace: str | None = None) -> str:
     meta = obj["metadata"]
     path = collection_path(obj["apiVersion"], obj["kind"], meta.get("namespace") or namespace)
     return f"{path}/{meta['name']}"
-
-
-def wait_for(check: Callable[[], T | None], what: str, timeout: float = 60.0, interval: float = 0.2) -> T:
-    """Polls `check()` until it returns something other than None or False, and returns that; on timeout fails
-    naming `what` (the scheduler and controllers act in their own time, slower on a busy machine)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass(frozen=True)
@@ -252,7 +239,7 @@ def new_namespace(kube: Kube, prefix: str = "test") -> str:
     """A new namespace, once the serviceaccount controller gave it the `default` ServiceAccount pods need."""
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"
     create_namespace(kube.api, name)
-    wait_for(
+    wait_until(
         lambda: kube.find(f"/api/v1/namespaces/{name}/serviceaccounts/default"), f"the ServiceAccount {name}/default"
     )
     return name
@@ -284,7 +271,7 @@ def scheduled(kube: Kube, namespace: str, pod: str, timeout: float = 90.0) -> di
         return obj if obj["spec"].get("nodeName") else None
 
     try:
-        return wait_for(bound, f"pod {namespace}/{pod} to be scheduled", timeout)
+        return wait_until(bound, f"pod {namespace}/{pod} to be scheduled", timeout)
     except AssertionError as err:
         raise AssertionError(f"{err}; PodScheduled: {pod_scheduled_condition(kube.get(path))}") from None
 
@@ -306,7 +293,7 @@ def allocated_claim(kube: Kube, namespace: str, name: str, timeout: float = 60.0
         claim: dict[str, Any] = kube.get(claim_path(namespace, name))
         return claim if claim.get("status", {}).get("allocation") else None
 
-    return wait_for(allocated, f"claim {namespace}/{name} to be allocated", timeout)
+    return wait_until(allocated, f"claim {namespace}/{name} to be allocated", timeout)
 
 
 def defaulted_from(stored: Any, sent: Any) -> bool:

@@ -39,7 +39,7 @@ import kubernetes
 import pytest
 from kubernetes import client
 
-from tests.support.paths import REPO
+from tests.harness.paths import REPO
 
 SCRIPT = REPO / "hack" / "testenv" / "kubernetes.sh"
 

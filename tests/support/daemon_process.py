@@ -18,8 +18,8 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.state import State
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
+from tests.harness.poll import wait_until
 from tests.support.kubelet_node import DRIVER, FIXTURES, result
-from tests.support.waiting import eventually
 
 
 def free_port() -> int:
@@ -65,8 +65,8 @@ class Stderr:
         for line in self._stream:
             self.lines.append(line)
 
-    def wait_for(self, text: str) -> None:
-        eventually(lambda: any(text in line for line in self.lines), f"a log line with {text!r}")
+    def wait_for_line(self, text: str) -> None:
+        wait_until(lambda: any(text in line for line in self.lines), f"a log line with {text!r}")
 
     def text(self) -> str:
         self._thread.join(timeout=10)

@@ -40,7 +40,7 @@ from dra_cpu.tools.cel.selector import compile_selector
 from dra_cpu.tools.explain.inputs import load_objects, of_kind
 from dra_cpu.tools.explain.parse import parse_claim, parse_class, parse_slices, parse_usage
 from dra_cpu.tools.explain.search import explain
-from tests.support.paths import EXAMPLES, FIXTURES, REPO
+from tests.harness.paths import EXAMPLES, FIXTURES, REPO
 
 CORPUS = REPO / "tests" / "fuzz" / "corpus"
 # celpy raises the recursion limit when its environment is built: now, rather than in the middle of a test.

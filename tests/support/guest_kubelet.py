@@ -47,8 +47,9 @@ import pytest
 import yaml
 
 from dra_cpu.core.cpuset import CPUSet
+from tests.harness.poll import wait_until
 from tests.support import guest as guest_vm
-from tests.support.cluster import DRIVER, DRIVER_ACCESS_KINDS, Kube, ensure, new_namespace, object_path, wait_for
+from tests.support.cluster import DRIVER, DRIVER_ACCESS_KINDS, Kube, ensure, new_namespace, object_path
 from tests.support.control_plane import ControlPlane, close, kubeconfig_text
 from tests.support.cri import Allowed
 from tests.support.guest import GUEST_ADDRESS, GUEST_HOST, Guest, GuestError
@@ -260,9 +261,9 @@ class GuestKubelet:
             return bool(kube.list(SLICES, field_selector=f"spec.nodeName={self.name},spec.driver={DRIVER}"))
 
         try:
-            wait_for(ready, "dra-cpu in the guest to be ready (NRI, registered)", START_SECONDS, 2)
+            wait_until(ready, "dra-cpu in the guest to be ready (NRI, registered)", START_SECONDS, 2)
             # Ready comes before the first write of the slices, and stays so while writes fail.
-            wait_for(published, f"ResourceSlices of {self.name}", START_SECONDS, 1)
+            wait_until(published, f"ResourceSlices of {self.name}", START_SECONDS, 1)
         except AssertionError as err:
             raise NodeError(f"{err}\n{self.describe()}") from None
 

@@ -29,7 +29,8 @@ import yaml
 from dra_cpu.core.cdi_spec import spec_filename
 from dra_cpu.core.claims import allocated_claim
 from dra_cpu.core.cpuset import CPUSet
-from tests.support import kubelet_node, waiting
+from tests.harness.poll import NotYet, wait_until
+from tests.support import kubelet_node
 from tests.support.cri import Allowed, Container, Pod
 
 # The session's `guest` fixture and the hooks are registered with pytest as part of this plugin.
@@ -49,6 +50,8 @@ VERSIONS = subprocess.run(
     ["bash", str(CONTAINERD), "versions"], check=True, capture_output=True, text=True
 ).stdout.split()
 """The containerd versions the guest was built with (hack/testenv/guest.sh copies what containerd.sh installed)."""
+GUEST_INTERVAL = 0.2
+"""How often a wait polls the guest: each check is a round trip to the guest agent, and the guest is slower."""
 
 
 def cpulist(text: str) -> frozenset[int]:
@@ -59,10 +62,6 @@ def cpulist(text: str) -> frozenset[int]:
 def format_cpulist(cpus: Iterable[int]) -> str:
     """The kernel cpu list of `cpus`, as the driver writes DRA_CPUSET_*."""
     return str(CPUSet.of(cpus))
-
-
-eventually = functools.partial(waiting.eventually, timeout=60.0, interval=0.2)
-"""waiting.eventually at the guest's pace: each check is a round trip to the guest agent, and the guest is slower."""
 
 
 @dataclass(frozen=True)
@@ -370,16 +369,16 @@ class GuestNode:
         """Inside, on the guest's /proc and in the container's cgroup, eventually: exactly `cpus` (and `mems`)."""
         want_cpus, want_mems = CPUSet.of(cpus), None if mems is None else CPUSet.of(mems)
 
-        def check() -> bool | tuple[Any, ...]:
+        def check() -> bool | NotYet:
             inside, outside = self.allowed_inside(container), self.allowed(container)
             cgroup_cpus = CPUSet.parse(self.cgroup_file(container, "cpuset.cpus.effective"))
             ok = inside.cpus == outside.cpus == cgroup_cpus == want_cpus
             if want_mems is not None:
                 cgroup_mems = CPUSet.parse(self.cgroup_file(container, "cpuset.mems"))
                 ok = ok and inside.mems == outside.mems == cgroup_mems == want_mems
-            return True if ok else (inside, outside, str(cgroup_cpus))
+            return True if ok else NotYet((inside, outside, str(cgroup_cpus)))
 
-        eventually(check, f"{container.name} on CPUs {want_cpus}", timeout=timeout)
+        wait_until(check, f"{container.name} on CPUs {want_cpus}", timeout, GUEST_INTERVAL)
 
     def assert_sidecar_shared_then_released(
         self, pod: Pod, claim: Claim, bystander: Container, general: frozenset[int]

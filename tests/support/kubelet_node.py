@@ -29,7 +29,7 @@ from dra_cpu.node.sysfs import read_topology
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
 from dra_cpu.store.metadata_files import MetadataStore
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 FIXTURES = SYSFS
 NODE = "node-a"

@@ -18,7 +18,8 @@ from kubernetes import client
 from dra_cpu.core.cdi_spec import ENV_CPUSET, ENV_MEMS
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
-from tests.support.cluster import CPU_CAPACITY, DRIVER, Kube, wait_for
+from tests.harness.poll import wait_until
+from tests.support.cluster import CPU_CAPACITY, DRIVER, Kube
 from tests.support.real_node import RealNode, container_id
 
 NUMA_SELECTOR = re.compile(r'(numaNodeID|\["resource\.kubernetes\.io"\]\.numaNode)\s*==\s*(\d+)')
@@ -140,7 +141,7 @@ def running(kube: Kube, namespace: str, name: str, timeout: float = RUNNING_SECO
         return pod if pod.get("status", {}).get("phase") == "Running" and started else None
 
     try:
-        return wait_for(check, f"pod {namespace}/{name} to run", timeout, interval=0.3)
+        return wait_until(check, f"pod {namespace}/{name} to run", timeout, interval=0.3)
     except AssertionError as err:
         pod = kube.find(pod_path(namespace, name)) or {}
         status = json.dumps(pod.get("status", {}), indent=1)[:3000]
@@ -156,7 +157,7 @@ def delete_pod(kube: Kube, namespace: str, name: str, timeout: float = 90.0) -> 
     except client.ApiException as err:
         if err.status != 404:
             raise
-    wait_for(lambda: kube.find(pod_path(namespace, name)) is None, f"pod {namespace}/{name} to be gone", timeout)
+    wait_until(lambda: kube.find(pod_path(namespace, name)) is None, f"pod {namespace}/{name} to be gone", timeout)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from dra_cpu.node.sysfs import read_topology
 from dra_cpu.nri.enforcer import NriConfig, NriEnforcer
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
+from tests.harness.poll import NotYet, wait_until
 from tests.support.cri import Container, CriClient, Pod
 from tests.support.testenv_containerd import Containerd
-from tests.support.waiting import eventually
 
 NODE = "node-nri"
 ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
@@ -85,13 +85,13 @@ class Node:
     def assert_allowed(self, container: Container, cpus: CPUSet, mems: CPUSet | None = None) -> None:
         """Inside (a new process in the container) and on the host (its init process) agree on cpus (and mems)."""
 
-        def check() -> object:
+        def check() -> bool | NotYet:
             inside, host = self.cri.allowed_inside(container), self.cri.allowed_on_host(container)
             if inside.cpus == host.cpus == cpus and (mems is None or inside.mems == host.mems == mems):
                 return True
-            return (inside, host)
+            return NotYet((inside, host))
 
-        eventually(check, f"{container.name} should run on {cpus}")
+        wait_until(check, f"{container.name} should run on {cpus}")
 
 
 def nri_node(containerd: Containerd, tmp_path: Path, min_shared_cpus: int = 1) -> Iterator[Node]:

@@ -44,11 +44,12 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import Kube, wait_for
+from tests.harness.paths import REPO
+from tests.harness.poll import wait_until
+from tests.support.cluster import Kube
 from tests.support.control_plane import ControlPlane, close, free_port, log_tail, write_kubeconfig
 from tests.support.cri import Allowed, CriError
 from tests.support.gen import cri_runtime_v1_pb2 as pb
-from tests.support.paths import REPO
 from tests.support.testenv_containerd import VERSIONS, Containerd, _start, _stop
 from tests.support.testenv_helm import CHART, Helm
 
@@ -488,7 +489,7 @@ def drain(kube: Kube, name: str, timeout: float = 90.0) -> None:
         meta = pod["metadata"]
         kube.delete(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}")
     with contextlib.suppress(AssertionError):
-        wait_for(
+        wait_until(
             lambda: not [p for p in pods() if not owned_by_daemonset(p)],
             f"the pods of node {name} to be gone",
             timeout,
@@ -668,7 +669,7 @@ class InstalledDriver:
         done = self.helm_run("uninstall", RELEASE, "--wait", "--timeout", "2m")
         if done.returncode != 0:
             raise NodeError(f"helm uninstall failed:\n{done.stdout}\n{done.stderr}")
-        wait_for(lambda: not self.pods(), "the driver's pods to be gone after helm uninstall", 120)
+        wait_until(lambda: not self.pods(), "the driver's pods to be gone after helm uninstall", 120)
 
     def pods(self) -> list[dict[str, Any]]:
         return self.node.kube.list(
@@ -689,7 +690,7 @@ class InstalledDriver:
             return None
 
         try:
-            return wait_for(ready, "the dra-cpu pod to be Ready", timeout, interval=0.5)
+            return wait_until(ready, "the dra-cpu pod to be Ready", timeout, interval=0.5)
         except AssertionError as err:
             raise AssertionError(f"{err}\n{self.describe()}") from None
 

@@ -23,8 +23,8 @@ import kubernetes
 import pytest
 
 from dra_cpu.kube.apiserver import KubeAPI, connect
+from tests.harness.typed import as_dict
 from tests.support.control_plane import APISERVER_ONLY, ApiServer, close, create_namespace, new_client, started
-from tests.support.typed import as_dict
 
 __all__ = ["ApiServer", "ServerClaims", "apiserver", "kube", "kube_api", "kube_namespace"]
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.paths import TESTENV
+from tests.harness.poll import wait_until
 from tests.support.cri import CriClient
-from tests.support.paths import TESTENV
-from tests.support.waiting import eventually
 
 SCRIPT = TESTENV / "containerd.sh"
 CACHE = Path("/var/cache/dra-cpu-testenv")
@@ -82,7 +82,7 @@ class Containerd:
         """Stop the daemon (SIGTERM: containers and their shims go on running) and start it again on the same state."""
         pid = int((self.dir / "containerd.pid").read_text())
         os.kill(pid, signal.SIGTERM)
-        eventually(lambda: not Path(f"/proc/{pid}").exists() or "running", f"containerd {self.version} should exit")
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), f"containerd {self.version} to exit")
         _script("start", self.version, str(self.dir), wrap=self.wrap)
 
     def clean(self) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.paths import REPO, TESTENV
-from tests.support.typed import as_dict
+from tests.harness.paths import REPO, TESTENV
+from tests.harness.typed import as_dict
 
 SCRIPT = TESTENV / "helm.sh"
 CHART = REPO / "charts" / "dra-cpu"
