@@ -9,8 +9,7 @@ import pytest
 from tests.harness.paths import SYSFS, SYSFS_FIXTURES
 
 pytest_plugins: list[str] = [
-    "tests.support.testenv_containerd",
-    "tests.support.testenv_podman",
+    "tests.harness.runtimes.fixtures",
     "tests.support.control_plane",
     "tests.support.cluster",
     "tests.support.testenv_apiserver",

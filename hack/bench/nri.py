@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,11 +34,11 @@ from dra_cpu.node.sysfs import read_topology  # noqa: E402
 from dra_cpu.nri.enforcer import NriConfig, NriEnforcer  # noqa: E402
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api  # noqa: E402
 from dra_cpu.nri.transport import Connection  # noqa: E402
-from tests.support.cri import Allowed, CriClient  # noqa: E402
+from tests.harness.runtimes.containerd import VERSIONS, Containerd  # noqa: E402
+from tests.harness.runtimes.cri import Allowed  # noqa: E402
+from tests.harness.runtimes.nri_peer import Peer  # noqa: E402
 from tests.support.nri_node import NODE, Node, nri_node  # noqa: E402
-from tests.support.nri_peer import Peer  # noqa: E402
 from tests.support.synthetic import uniform_machine, write_tree  # noqa: E402
-from tests.support.testenv_containerd import SCRIPT, VERSIONS, Containerd  # noqa: E402
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -103,11 +102,9 @@ def wait_all(pids: list[int], cpus: CPUSet, timeout: float = 60.0) -> None:
 
 
 def containerd_figures(version: str, count: int) -> list[tuple[str, str]]:
-    directory = Path(tempfile.mkdtemp(prefix="dra-cpu-bench-nri-"))
-    subprocess.run(["bash", str(SCRIPT), "start", version, str(directory)], check=True)
-    parent = (directory / "cgroup-parent").read_text().strip()
-    daemon = Containerd(version, directory, parent, CriClient(directory / "containerd.sock", parent))
-    nodes = nri_node(daemon, directory / "driver")
+    daemon = Containerd(version)
+    daemon.start()
+    nodes = nri_node(daemon, daemon.dir / "driver")
     try:
         node: Node = next(nodes)
         cri = node.cri
@@ -150,15 +147,7 @@ def containerd_figures(version: str, count: int) -> list[tuple[str, str]]:
         ]
     finally:
         next(nodes, None)
-        cri_cleanup(daemon)
-        subprocess.run(["bash", str(SCRIPT), "stop", version, str(directory)], check=False)
-
-
-def cri_cleanup(daemon: Containerd) -> None:
-    try:
-        daemon.cri.cleanup()
-    finally:
-        daemon.cri.close()
+        daemon.stop()
 
 
 def main() -> int:

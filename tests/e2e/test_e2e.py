@@ -20,10 +20,10 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.store.metadata_files import decode
 from tests.harness.poll import wait_until
+from tests.harness.runtimes.containerd import Containerd
 from tests.harness.typed import as_dict
 from tests.support.kubelet_node import result
 from tests.support.testenv_apiserver import ApiServer, ServerClaims
-from tests.support.testenv_containerd import Containerd
 
 ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
 NODE = "node-e2e"

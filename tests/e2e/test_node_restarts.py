@@ -118,7 +118,7 @@ def test_kubelet_restart_keeps_slices_and_prepared_claims(
 def test_containerd_restart_restores_pins(dra_cpu_node: InstalledDriver, namespace: str, topology: Topology) -> None:
     node = dra_cpu_node.node
     _, cpus = pinned_and_shared(dra_cpu_node, namespace, topology)
-    node.restart_containerd()
+    node.runtime.restart()
     node.wait_ready()
     # The driver reconnects to the new NRI socket; its Synchronize brings every container to the state's pins.
     wait_until(lambda: metric(dra_cpu_node, "dra_cpu_nri_connected") == 1.0, "the NRI connection to be back", 90)
@@ -134,7 +134,7 @@ def test_a_claim_that_cannot_be_prepared_shows_the_drivers_error_and_starts_late
     pod's events and retries; once containerd has NRI again the driver reconnects and the pod starts, pinned."""
     node, kube = dra_cpu_node.node, dra_cpu_node.node.kube
     try:
-        node.restart_containerd(nri=False)
+        node.runtime.restart(nri=False)
         node.wait_ready()
         wait_until(lambda: metric(dra_cpu_node, "dra_cpu_nri_connected") == 0.0, "the NRI connection to be lost", 60)
         # Within its grace period the driver still prepares (a runtime restart is short); past it, it refuses. The
@@ -151,7 +151,7 @@ def test_a_claim_that_cannot_be_prepared_shows_the_drivers_error_and_starts_late
         assert "CPU pinning is not enforced: no NRI connection to the container runtime" in first, first
         assert kube.get(pod_path(namespace, "p"))["status"]["phase"] == "Pending"
     finally:
-        node.restart_containerd(nri=True)
+        node.runtime.restart(nri=True)
         node.wait_ready()
     wait_until(lambda: metric(dra_cpu_node, "dra_cpu_nri_connected") == 1.0, "the NRI connection to be back", 90)
     pod = running(kube, namespace, "p", timeout=180)

@@ -18,8 +18,8 @@ import pytest
 
 from dra_cpu.core.cpuset import CPUSet
 from tests.harness.poll import wait_until
+from tests.harness.runtimes.cri import Allowed
 from tests.support.cluster import CPU_CAPACITY, busybox_pod, claim_path, new_namespace, pinned_pod
-from tests.support.cri import Allowed
 from tests.support.guest import SPEC
 from tests.support.guest_kubelet import GuestKubelet
 from tests.support.node_claims import create_all, delete_pod

@@ -9,9 +9,9 @@ import uuid
 import pytest
 
 from dra_cpu.bench.numa_maps import parse_numa_maps
+from tests.harness.runtimes.containerd import offers_memory_policy
 from tests.support.guest import SPEC, GuestError
 from tests.support.guest_node import GuestNode, cpulist, format_cpulist, result
-from tests.support.testenv_containerd import offers_memory_policy
 
 
 def test_claimed_container_pinned_and_shared_pool_follows_claims(guest_node: GuestNode) -> None:

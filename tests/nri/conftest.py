@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.runtimes.containerd import Containerd
 from tests.support.nri_node import Node, nri_node
-from tests.support.testenv_containerd import Containerd
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.cgroups import find_hugetlb_hierarchy
 from tests.harness.poll import wait_until
+from tests.harness.runtimes.containerd import Containerd, speaks_nri_0_12
 from tests.support.nri_node import ONLINE, Node, nri_node
-from tests.support.testenv_containerd import Containerd, speaks_nri_0_12
 
 
 def test_claimed_container_pinned_and_shared_pool_follows_claims(node: Node) -> None:

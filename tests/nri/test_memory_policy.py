@@ -17,9 +17,9 @@ import pytest
 
 from dra_cpu.bench.numa_maps import parse_numa_maps
 from tests.harness.poll import wait_until
-from tests.support.cri import Container
+from tests.harness.runtimes.containerd import offers_memory_policy
+from tests.harness.runtimes.cri import Container
 from tests.support.nri_node import Node
-from tests.support.testenv_containerd import offers_memory_policy
 
 NOT_OFFERED = "the runtime's NRI cannot set a memory policy"
 """The start of the enforcer's warning where the runtime's NRI is older than 0.12."""

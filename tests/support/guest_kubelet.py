@@ -48,10 +48,10 @@ import yaml
 
 from dra_cpu.core.cpuset import CPUSet
 from tests.harness.poll import wait_until
+from tests.harness.runtimes.cri import Allowed
 from tests.support import guest as guest_vm
 from tests.support.cluster import DRIVER, DRIVER_ACCESS_KINDS, Kube, ensure, new_namespace, object_path
 from tests.support.control_plane import ControlPlane, close, kubeconfig_text
-from tests.support.cri import Allowed
 from tests.support.guest import GUEST_ADDRESS, GUEST_HOST, Guest, GuestError
 from tests.support.guest_node import VERSIONS, GuestNode
 from tests.support.node_claims import running

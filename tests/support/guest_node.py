@@ -30,8 +30,8 @@ from dra_cpu.core.cdi_spec import spec_filename
 from dra_cpu.core.claims import allocated_claim
 from dra_cpu.core.cpuset import CPUSet
 from tests.harness.poll import NotYet, wait_until
+from tests.harness.runtimes.cri import Allowed, Container, Pod
 from tests.support import kubelet_node
-from tests.support.cri import Allowed, Container, Pod
 
 # The session's `guest` fixture and the hooks are registered with pytest as part of this plugin.
 from tests.support.guest import (  # noqa: F401

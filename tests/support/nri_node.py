@@ -25,8 +25,8 @@ from dra_cpu.nri.enforcer import NriConfig, NriEnforcer
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
 from tests.harness.poll import NotYet, wait_until
-from tests.support.cri import Container, CriClient, Pod
-from tests.support.testenv_containerd import Containerd
+from tests.harness.runtimes.containerd import Containerd
+from tests.harness.runtimes.cri import Container, CriClient, Pod
 
 NODE = "node-nri"
 ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())

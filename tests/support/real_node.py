@@ -46,11 +46,11 @@ import pytest
 
 from tests.harness.paths import REPO
 from tests.harness.poll import wait_until
+from tests.harness.runtimes.containerd import Containerd, newest_2x
+from tests.harness.runtimes.cri import Allowed, CriError
+from tests.harness.runtimes.gen import cri_runtime_v1_pb2 as pb
 from tests.support.cluster import Kube
 from tests.support.control_plane import ControlPlane, close, free_port, log_tail, write_kubeconfig
-from tests.support.cri import Allowed, CriError
-from tests.support.gen import cri_runtime_v1_pb2 as pb
-from tests.support.testenv_containerd import VERSIONS, Containerd, _start, _stop
 from tests.support.testenv_helm import CHART, Helm
 
 NODE_NAME = "127.0.0.1"
@@ -72,11 +72,6 @@ KUBELET_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 class NodeError(Exception):
     """The kubelet did not start or the node did not get Ready; the message carries the kubelet's log tail."""
-
-
-def containerd_version() -> str:
-    """The containerd 2.x the test environment has."""
-    return next(v for v in VERSIONS if v.startswith("2."))
 
 
 @dataclass
@@ -136,7 +131,8 @@ class RealNode:
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(exist_ok=True)
-        self.containerd = _start(containerd_version())
+        self.containerd = Containerd(newest_2x())
+        self.containerd.start()
         self._images()
         self._cni()
         self._cgroup_root()
@@ -155,9 +151,7 @@ class RealNode:
         finally:
             self.stop_kubelet()
             if self.containerd is not None:
-                with contextlib.suppress(Exception):
-                    self.containerd.cri.cleanup()
-                _stop(self.containerd)
+                self.containerd.stop()
                 self.containerd = None
             self._unmount_all()
             if self.bridge:
@@ -173,15 +167,7 @@ class RealNode:
 
     def _images(self) -> None:
         """hack/examples' image name for the test busybox image (containerd.sh imported it)."""
-        self.ctr("images", "tag", "--force", "localhost/busybox:latest", EXAMPLE_IMAGE)
-
-    def ctr(self, *args: str, stdin: bytes | None = None, timeout: float = 600) -> subprocess.CompletedProcess[bytes]:
-        """`ctr -n k8s.io ARGS` against the node's containerd."""
-        bin_dir = Path("/var/cache/dra-cpu-testenv") / f"containerd-{self.runtime.version}" / "usr" / "bin"
-        return subprocess.run(
-            [str(bin_dir / "ctr"), "-a", str(self.runtime.cri_socket), "-n", "k8s.io", *args],
-            input=stdin, capture_output=True, check=True, timeout=timeout,
-        )  # fmt: skip
+        self.runtime.ctr("images", "tag", "--force", "localhost/busybox:latest", EXAMPLE_IMAGE)
 
     def _cni(self) -> None:
         """A bridge without gateway, masquerade or routes: pods reach each other and nothing else."""
@@ -293,25 +279,6 @@ class RealNode:
         self.stop_kubelet()
         self.start_kubelet()
         self.wait_ready()
-
-    def restart_containerd(self, nri: bool = True) -> None:
-        """Stops containerd (its containers keep running under their shims) and starts it again on the same state;
-        `nri=False` starts it with NRI disabled (no NRI socket: dra-cpu cannot enforce)."""
-        daemon = self.runtime
-        pid = int((daemon.dir / "containerd.pid").read_text())
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        script = Path(__file__).resolve().parents[2] / "hack" / "testenv" / "containerd.sh"
-        subprocess.run(
-            ["bash", str(script), "start", daemon.version, str(daemon.dir)],
-            env={**os.environ, "NRI": "on" if nri else "off"},
-            check=True,
-            capture_output=True,
-        )
 
     def kubelet_log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log, lines)
@@ -743,7 +710,7 @@ def installed(node: RealNode, helm: Path, archive: Path) -> Iterator[InstalledDr
     """dra-cpu on `node` as a user installs it: the image archive imported into containerd's k8s.io namespace,
     `helm install` of charts/dra-cpu with `chart_values`, its pod Ready; `helm uninstall` at the end. Raises NodeError
     or AssertionError (with the driver's logs) when it does not get Ready."""
-    node.ctr("images", "import", str(archive))
+    node.runtime.ctr("images", "import", str(archive))
     driver = InstalledDriver(node, helm, node_chart_values(node, free_port()))
     try:
         driver.install()

@@ -1,8 +1,8 @@
 """A small CRI client for tests: what kubelet asks of a container runtime, reduced to what dra-cpu's tests need.
 
-It speaks runtime.v1 over gRPC to a real runtime (containerd) with the stubs in tests/support/gen, and remembers the
-pods it started so that one `cleanup()` removes them all. Pods run with the host network (no CNI) under a cgroup
-parent the caller picks: containerd cannot move it, so each run must use its own.
+It speaks runtime.v1 over gRPC to a real runtime (containerd) with the stubs in gen/ beside it, and remembers the pods
+it started so that one `cleanup()` removes them all. Pods run with the host network (no CNI) under a cgroup parent
+the caller picks: containerd cannot move it, so each run must use its own.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import grpc
 
 from dra_cpu.core.cpuset import CPUSet
-from tests.support.gen import cri_runtime_v1_pb2 as pb
-from tests.support.gen import cri_runtime_v1_pb2_grpc as pb_grpc
+from tests.harness.runtimes.gen import cri_runtime_v1_pb2 as pb
+from tests.harness.runtimes.gen import cri_runtime_v1_pb2_grpc as pb_grpc
 
 BUSYBOX_IMAGE = "localhost/busybox:latest"
 """The image that hack/testenv/containerd.sh imports; its default command sleeps until SIGTERM."""
