@@ -42,9 +42,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # Run as a script: the repository root (for tests/support) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
-from tests.support.cluster import Kube, busybox_pod, cpu_claim, new_namespace  # noqa: E402
-from tests.support.control_plane import ALL, running  # noqa: E402
-from tests.support.node_claims import pod_path  # noqa: E402
+from tests.harness.cluster.client import Kube  # noqa: E402
+from tests.harness.cluster.control_plane import ALL, ControlPlane  # noqa: E402
+from tests.harness.cluster.objects import busybox_pod, cpu_claim, new_namespace  # noqa: E402
+from tests.harness.cluster.pods import pod_path  # noqa: E402
 from tests.support.real_node import InstalledDriver, RealNode, container_id, image_archive, installed  # noqa: E402
 from tests.support.real_node import running as node_running  # noqa: E402
 
@@ -184,7 +185,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dra-cpu-bench-pods-") as tmp:
         t0 = time.monotonic()
         with (
-            running(Path(tmp) / "control-plane", ALL) as plane,
+            ControlPlane(Path(tmp) / "control-plane", ALL) as plane,
             image_archive() as archive,
             node_running(plane, vmodule="dra_plugin=4") as node,
             installed(node, helm_binary(), archive) as driver,

@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests/fixtures/sysfs/big-8numa"
 sys.path.insert(0, str(ROOT))  # for tests.support
 
-from tests.support.control_plane import ControlPlaneError, running  # noqa: E402
+from tests.harness.cluster.control_plane import APISERVER_ONLY, ControlPlane, ControlPlaneError  # noqa: E402
+from tests.harness.component import Unavailable  # noqa: E402
 
 
 def median_ms(action: Callable[[], object], runs: int) -> float:
@@ -111,8 +112,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     with tempfile.TemporaryDirectory() as state, contextlib.ExitStack() as stack:
         try:
-            plane = stack.enter_context(running(Path(state)))
-        except ControlPlaneError as err:
+            plane = stack.enter_context(ControlPlane(Path(state), APISERVER_ONLY))
+        except (ControlPlaneError, Unavailable) as err:
             print(f"cannot start the test API server: {err}", file=sys.stderr)
             return 2
         api = connect(str(plane.kubeconfig))

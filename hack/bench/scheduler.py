@@ -67,9 +67,12 @@ sys.path.insert(0, str(ROOT))
 from dra_cpu.core.devices import DeviceConfig, build_devices, build_slices  # noqa: E402
 from dra_cpu.node.sysfs import read_topology  # noqa: E402
 from dra_cpu.tools.explain.classes import chart_device_classes  # noqa: E402
+from tests.harness.cluster.client import Kube  # noqa: E402
+from tests.harness.cluster.control_plane import ALL, SCHEDULER, ControlPlane  # noqa: E402
+from tests.harness.cluster.objects import claim_path, create_node, delete_node, ensure, new_namespace  # noqa: E402  # noqa: E402
+from tests.harness.cluster.pods import pod_scheduled_condition  # noqa: E402
+from tests.harness.nodes.published import node_resources  # noqa: E402
 from tests.harness.poll import wait_until  # noqa: E402
-from tests.support.cluster import Kube, claim_path, ensure, new_namespace, node_resources, pod_scheduled_condition  # noqa: E402
-from tests.support.control_plane import ALL, SCHEDULER, ControlPlane, create_node, delete_node, running  # noqa: E402
 
 SYSFS = ROOT / "tests/fixtures/sysfs/big-8numa"
 DRIVER, CLASS, CPUS = "dra.cpu", "dra.cpu", "2"
@@ -317,7 +320,7 @@ def main() -> int:
     args = parser.parse_args()
     nodes, pods, rounds = (3, 6, 1) if args.quick else (args.nodes, args.pods, args.rounds)
     cases = {case: Case() for case in CASES}
-    with tempfile.TemporaryDirectory(prefix="dc-sched-") as tmp, running(Path(tmp), ALL) as plane:
+    with tempfile.TemporaryDirectory(prefix="dc-sched-") as tmp, ControlPlane(Path(tmp), ALL) as plane:
         api = plane.admin()
         try:
             kube = Kube(api)

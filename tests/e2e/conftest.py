@@ -9,9 +9,10 @@ import pytest
 
 from dra_cpu.core.topology import Topology
 from dra_cpu.node.sysfs import read_topology
+from tests.harness.cluster.objects import new_namespace
+from tests.harness.cluster.pods import delete_pod
 from tests.harness.poll import wait_until
-from tests.support.cluster import new_namespace
-from tests.support.node_claims import checkpoint_claims, delete_pod
+from tests.support.node_claims import checkpoint_claims
 from tests.support.real_node import InstalledDriver
 
 

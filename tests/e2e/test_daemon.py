@@ -27,9 +27,10 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.kubelet.gen import dra_health_v1_pb2 as health_pb
+from tests.harness.claims import result
 from tests.harness.poll import wait_until
 from tests.support.daemon_process import Stderr, exit_code, free_port, run_daemon
-from tests.support.kubelet_node import FIXTURES, offline_cpus, result
+from tests.support.kubelet_node import FIXTURES, offline_cpus
 
 UID = "00000000-0000-4000-8000-000000000001"
 

@@ -19,11 +19,11 @@ from dra_cpu.core.claims import ClaimRef, allocated_claim
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.store.metadata_files import decode
+from tests.harness.claims import ServerClaims, result
+from tests.harness.cluster.control_plane import ApiServer
 from tests.harness.poll import wait_until
 from tests.harness.runtimes.containerd import Containerd
 from tests.harness.typed import as_dict
-from tests.support.kubelet_node import result
-from tests.support.testenv_apiserver import ApiServer, ServerClaims
 
 ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
 NODE = "node-e2e"

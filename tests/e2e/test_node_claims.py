@@ -19,21 +19,12 @@ import pytest
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
+from tests.harness.cluster.client import Kube
+from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, cpu_claim
+from tests.harness.cluster.pods import create_all, delete_pod, wait_running
 from tests.harness.paths import EXAMPLES
 from tests.harness.poll import wait_until
-from tests.support.cluster import CPU_CAPACITY, Kube, busybox_pod, claim_path, cpu_claim
-from tests.support.node_claims import (
-    DoesNotFit,
-    cdi_spec_uids,
-    checkpoint_claims,
-    create_all,
-    delete_pod,
-    documents,
-    fit,
-    pinning,
-    running,
-    wait_cpus,
-)
+from tests.support.node_claims import DoesNotFit, cdi_spec_uids, checkpoint_claims, documents, fit, pinning, wait_cpus
 from tests.support.real_node import InstalledDriver
 
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
@@ -80,7 +71,7 @@ def test_example_runs_on_its_claims_cpus(
     create_all(kube, namespace, fitted.docs)
     pods = [d for d in fitted.docs if d["kind"] == "Pod"]
     for doc in pods:
-        pod = running(kube, namespace, doc["metadata"]["name"])
+        pod = wait_running(kube, namespace, doc["metadata"]["name"])
         assert pod["spec"]["nodeName"] == dra_cpu_node.node.name
         claims = {}
         for ref in pod["spec"]["resourceClaims"]:
@@ -102,10 +93,10 @@ def test_containers_without_claims_shrink_to_the_shared_pool_and_regrow(
     kube, node = dra_cpu_node.node.kube, dra_cpu_node.node
     everything = topology.online_cpus
     create_all(kube, namespace, [busybox_pod("shared")])
-    shared = running(kube, namespace, "shared")
+    shared = wait_running(kube, namespace, "shared")
     wait_cpus(node, shared, everything, "a container without claims before any claim")
     create_all(kube, namespace, [cpu_claim("one-cpu"), busybox_pod("pinned", {"cpus": "one-cpu"})])
-    pinned = running(kube, namespace, "pinned")
+    pinned = wait_running(kube, namespace, "pinned")
     cpus = assert_pinned(dra_cpu_node, topology, pinned, {claim_uid(kube, namespace, "one-cpu"): 1})
     wait_cpus(node, shared, everything - cpus, "the container without claims once a claim holds CPUs")
     delete_pod(kube, namespace, "pinned")
@@ -117,8 +108,8 @@ def test_deleting_the_pod_unprepares_its_claim(
 ) -> None:
     kube, node = dra_cpu_node.node.kube, dra_cpu_node.node
     create_all(kube, namespace, [busybox_pod("shared"), cpu_claim("c"), busybox_pod("p", {"cpus": "c"})])
-    shared = running(kube, namespace, "shared")
-    pod = running(kube, namespace, "p")
+    shared = wait_running(kube, namespace, "shared")
+    pod = wait_running(kube, namespace, "p")
     uid = claim_uid(kube, namespace, "c")
     assert uid in checkpoint_claims(dra_cpu_node.state_dir)
     assert uid in cdi_spec_uids(node.cdi_dir)
@@ -142,7 +133,7 @@ def test_a_template_claim_is_released_with_its_pod(
 ) -> None:
     kube = dra_cpu_node.node.kube
     create_all(kube, namespace, [cpu_claim("t", template=True), busybox_pod("p", {"cpus": "t"}, template=True)])
-    pod = running(kube, namespace, "p")
+    pod = wait_running(kube, namespace, "p")
     (status,) = pod["status"]["resourceClaimStatuses"]
     generated = status["resourceClaimName"]
     uid = claim_uid(kube, namespace, generated)
@@ -171,7 +162,7 @@ def test_upstream_style_claims_work_unchanged(
     kube = dra_cpu_node.node.kube
     name = f"upstream-{uuid.uuid4().hex[:6]}"
     create_all(kube, namespace, [cpu_claim(name, 1, selector), busybox_pod("p", {"cpus": name})])
-    pod = running(kube, namespace, "p")
+    pod = wait_running(kube, namespace, "p")
     cpus = assert_pinned(dra_cpu_node, topology, pod, {claim_uid(kube, namespace, name): 1})
     assert topology.numa_nodes_of(cpus) == CPUSet.of([0])
 
@@ -183,7 +174,7 @@ def test_pod_status_shows_device_health(dra_cpu_node: InstalledDriver, namespace
     if not dra_cpu_node.node.feature_gates.get("ResourceHealthStatus"):
         pytest.skip("the kubelet has no ResourceHealthStatus gate")
     create_all(kube, namespace, [cpu_claim("c"), busybox_pod("p", {"cpus": "c"})])
-    running(kube, namespace, "p")
+    wait_running(kube, namespace, "p")
     uid = claim_uid(kube, namespace, "c")
 
     def health() -> list[dict[str, Any]] | None:

@@ -11,17 +11,10 @@ from typing import Any
 
 import pytest
 
+from tests.harness.cluster.objects import busybox_pod, claim_path, cpu_claim
+from tests.harness.cluster.pods import create_all, delete_pod, events, pod_path, wait_running
 from tests.harness.poll import wait_until
-from tests.support.cluster import busybox_pod, claim_path, cpu_claim
-from tests.support.node_claims import (
-    cdi_spec_uids,
-    checkpoint_claims,
-    create_all,
-    delete_pod,
-    events,
-    pod_path,
-    running,
-)
+from tests.support.node_claims import cdi_spec_uids, checkpoint_claims
 from tests.support.real_node import InstalledDriver, container_id
 
 
@@ -36,7 +29,7 @@ def limited_pod(name: str, claim: str, cpu: str | None) -> dict[str, Any]:
 def run_claimed(driver: InstalledDriver, namespace: str, name: str, cpu: str | None) -> tuple[dict[str, Any], str]:
     """A 1-CPU claim and a pod using it, once Running: the pod and its container's runtime id."""
     create_all(driver.node.kube, namespace, [cpu_claim(name), limited_pod(name, name, cpu)])
-    pod = running(driver.node.kube, namespace, name)
+    pod = wait_running(driver.node.kube, namespace, name)
     return pod, container_id(pod)
 
 

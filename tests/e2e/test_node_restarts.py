@@ -12,18 +12,11 @@ from typing import Any
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
 from dra_cpu.nri.enforcer import NriConfig
+from tests.harness.cluster.client import Kube
+from tests.harness.cluster.objects import busybox_pod, claim_path, cpu_claim
+from tests.harness.cluster.pods import create_all, delete_pod, events, pod_path, wait_running
 from tests.harness.poll import wait_until
-from tests.support.cluster import Kube, busybox_pod, claim_path, cpu_claim
-from tests.support.node_claims import (
-    cdi_spec_uids,
-    checkpoint_claims,
-    create_all,
-    delete_pod,
-    events,
-    pod_path,
-    running,
-    wait_cpus,
-)
+from tests.support.node_claims import cdi_spec_uids, checkpoint_claims, wait_cpus
 from tests.support.real_node import NAMESPACE, InstalledDriver
 
 NRI_GRACE_SECONDS = NriConfig.grace_seconds
@@ -34,8 +27,8 @@ def pinned_and_shared(driver: InstalledDriver, namespace: str, topology: Topolog
     CPUs."""
     kube, node = driver.node.kube, driver.node
     create_all(kube, namespace, [busybox_pod("shared"), cpu_claim("c"), busybox_pod("pinned", {"cpus": "c"})])
-    shared = running(kube, namespace, "shared")
-    pinned = running(kube, namespace, "pinned")
+    shared = wait_running(kube, namespace, "shared")
+    pinned = wait_running(kube, namespace, "pinned")
     uid = kube.get(claim_path(namespace, "c"))["metadata"]["uid"]
     cpus = CPUSet.parse(checkpoint_claims(driver.state_dir)[uid]["devices"][0]["cpus"])
     wait_cpus(node, pinned, cpus, "the pinned pod")
@@ -54,13 +47,15 @@ def node_still_prepares(driver: InstalledDriver, namespace: str, topology: Topol
     claim's pod runs on a CPU."""
     kube, node = driver.node.kube, driver.node
     create_all(kube, namespace, [busybox_pod("new-shared")])
-    wait_cpus(node, running(kube, namespace, "new-shared"), topology.online_cpus - cpus, "a new pod without claims")
+    wait_cpus(
+        node, wait_running(kube, namespace, "new-shared"), topology.online_cpus - cpus, "a new pod without claims"
+    )
     uid = kube.get(claim_path(namespace, "c"))["metadata"]["uid"]
     delete_pod(kube, namespace, "pinned")
     assert uid not in checkpoint_claims(driver.state_dir)
     assert uid not in cdi_spec_uids(node.cdi_dir)
     create_all(kube, namespace, [cpu_claim("c2"), busybox_pod("pinned2", {"cpus": "c2"})])
-    pod = running(kube, namespace, "pinned2")
+    pod = wait_running(kube, namespace, "pinned2")
     uid2 = kube.get(claim_path(namespace, "c2"))["metadata"]["uid"]
     wait_cpus(node, pod, CPUSet.parse(checkpoint_claims(driver.state_dir)[uid2]["devices"][0]["cpus"]), "a new claim")
 
@@ -154,7 +149,7 @@ def test_a_claim_that_cannot_be_prepared_shows_the_drivers_error_and_starts_late
         node.runtime.restart(nri=True)
         node.wait_ready()
     wait_until(lambda: metric(dra_cpu_node, "dra_cpu_nri_connected") == 1.0, "the NRI connection to be back", 90)
-    pod = running(kube, namespace, "p", timeout=180)
+    pod = wait_running(kube, namespace, "p", timeout=180)
     uid = kube.get(claim_path(namespace, "c"))["metadata"]["uid"]
     cpus = CPUSet.parse(checkpoint_claims(dra_cpu_node.state_dir)[uid]["devices"][0]["cpus"])
     wait_cpus(node, pod, cpus, "the pod started once enforcement was back")

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from dra_cpu.core.cpuset import CPUSet
+from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, new_namespace, pinned_pod
+from tests.harness.cluster.pods import create_all, delete_pod, wait_running
 from tests.harness.poll import wait_until
 from tests.harness.runtimes.cri import Allowed
-from tests.support.cluster import CPU_CAPACITY, busybox_pod, claim_path, new_namespace, pinned_pod
 from tests.support.guest import SPEC
 from tests.support.guest_kubelet import GuestKubelet
-from tests.support.node_claims import create_all, delete_pod
 from tests.support.real_node import container_id
 
 CPUS_PER_NODE = 2
@@ -86,7 +86,7 @@ def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
     app["resources"]["claims"] = [{"name": "cpus", "request": "numa0"}, {"name": "cpus", "request": "numa1"}]
     pod["spec"]["containers"].append({**app, "name": "whole", "resources": {"claims": [{"name": "cpus"}]}})
     create_all(kube, namespace, [claim, pod])
-    bound = node.running(namespace, "app", RUNNING_SECONDS)
+    bound = wait_running(node.kube, namespace, "app", RUNNING_SECONDS, details=node.describe)
     assert bound["spec"]["nodeName"] == node.name
 
     # The scheduler's allocation: each request on its node's device, with the CPUs it asked for.

@@ -8,17 +8,11 @@ import uuid
 from fractions import Fraction
 
 from dra_cpu.core.quantity import parse_quantity
+from tests.harness.cluster.client import Kube, close_api_client
+from tests.harness.cluster.control_plane import FEATURE_GATES, SCRIPT, ControlPlane
+from tests.harness.cluster.objects import create_namespace, create_node, delete_node, new_namespace, pinned_pod
+from tests.harness.cluster.pods import wait_scheduled
 from tests.harness.poll import wait_until
-from tests.support.cluster import Kube, new_namespace, pinned_pod, scheduled
-from tests.support.control_plane import (
-    FEATURE_GATES,
-    SCRIPT,
-    ControlPlane,
-    close,
-    create_namespace,
-    create_node,
-    delete_node,
-)
 
 
 def test_components_are_the_version_built_and_run_with_the_dra_gates(control_plane: ControlPlane) -> None:
@@ -27,7 +21,7 @@ def test_components_are_the_version_built_and_run_with_the_dra_gates(control_pla
     try:
         served = Kube(api).get("/version")
     finally:
-        close(api)
+        close_api_client(api)
     assert served["gitVersion"] == version.strip()
     for name in ("kube-apiserver", "kube-scheduler", "kube-controller-manager", "kubelet", "kubectl"):
         args = ["version", "--client"] if name == "kubectl" else ["--version"]
@@ -60,14 +54,14 @@ def test_a_pod_is_scheduled_onto_a_created_node_and_the_node_stays_ready(control
             "spec": {"containers": [{"name": "c", "image": "busybox", "resources": {"requests": {"cpu": "3"}}}]},
         }
         kube.create(pinned_pod(pod, node), namespace)
-        assert scheduled(kube, namespace, "p")["spec"]["nodeName"] == node
+        assert wait_scheduled(kube, namespace, "p")["spec"]["nodeName"] == node
         conditions = {c["type"]: c["status"] for c in kube.get(f"/api/v1/nodes/{node}")["status"]["conditions"]}
         assert conditions == {"Ready": "True"}
         assert "taints" not in kube.get(f"/api/v1/nodes/{node}")["spec"]
         kube.delete(f"/api/v1/namespaces/{namespace}/pods/p", force=True)
     finally:
         delete_node(api, node)
-        close(api)
+        close_api_client(api)
 
 
 def test_the_controllers_give_namespaces_service_accounts_and_token_secrets(control_plane: ControlPlane) -> None:
@@ -89,4 +83,4 @@ def test_the_controllers_give_namespaces_service_accounts_and_token_secrets(cont
         assert len(token) > 100
         wait_until(lambda: kube.find(f"/api/v1/namespaces/{namespace}/configmaps/kube-root-ca.crt"), "kube-root-ca.crt")
     finally:
-        close(api)
+        close_api_client(api)

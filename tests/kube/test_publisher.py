@@ -26,14 +26,14 @@ from dra_cpu.kube.api import ClusterError
 from dra_cpu.kube.apiserver import GROUP, SLICES, VERSION, KubeAPI, connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
+from tests.harness.cluster.client import new_api_client
+from tests.harness.cluster.control_plane import APISERVER_ONLY, FEATURE_GATES, ApiServer
+from tests.harness.cluster.fixtures import started_plane
+from tests.harness.cluster.objects import create_node, delete_node, resource_slice
 from tests.harness.paths import SYSFS
 from tests.harness.poll import wait_until
 from tests.harness.typed import as_dict
-from tests.support.cluster import resource_slice
-from tests.support.control_plane import APISERVER_ONLY, FEATURE_GATES, create_node, delete_node, started
-from tests.support.kube import new_api_client
 from tests.support.synthetic import uniform_machine, write_tree
-from tests.support.testenv_apiserver import ApiServer
 
 FIXTURES = SYSFS
 LOG = logging.getLogger("test.publisher")
@@ -340,7 +340,7 @@ def gateless_apiserver(request: pytest.FixtureRequest, tmp_path_factory: pytest.
         "DRANodeAllocatableResources": False,
         "DRAListTypeAttributes": False,
     }
-    with started(request, tmp_path_factory, APISERVER_ONLY, gates, name="gateless") as plane:
+    with started_plane(request, tmp_path_factory, APISERVER_ONLY, gates, name="gateless") as plane:
         yield plane.apiserver
 
 

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from tests.harness.cluster.control_plane import Binaries
 from tests.harness.paths import REPO
-from tests.support.control_plane import Binaries
 
 
 @pytest.mark.apiserver

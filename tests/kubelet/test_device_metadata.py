@@ -14,8 +14,9 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.device_metadata import CONTAINER_DIR, MetadataError
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.store.metadata_files import decode
+from tests.harness.claims import DRIVER, NODE, result
 from tests.harness.poll import wait_until
-from tests.support.kubelet_node import DRIVER, NODE, Node, NodeFactory, make_driver, result, start_plugin
+from tests.support.kubelet_node import Node, NodeFactory, make_driver, start_plugin
 
 # Where the 1.37.2 kubeletplugin helper's own compatibility fixture lives, when the Go module cache is installed.
 UPSTREAM_FIXTURE = Path(

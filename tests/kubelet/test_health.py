@@ -13,8 +13,9 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.gen import dra_health_v1_pb2 as pb
 from dra_cpu.kubelet.gen import dra_health_v1_pb2_grpc, dra_health_v1alpha1_pb2, dra_health_v1alpha1_pb2_grpc
 from dra_cpu.kubelet.health import bounded_message
+from tests.harness.claims import result
 from tests.harness.poll import wait_until
-from tests.support.kubelet_node import Node, NodeFactory, offline_cpus, remove_memory, result
+from tests.support.kubelet_node import Node, NodeFactory, offline_cpus, remove_memory
 
 
 def _stream(node: Node, service: str | None = None) -> list[tuple[str, str, int, str, int]]:

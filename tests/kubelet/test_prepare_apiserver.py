@@ -12,8 +12,9 @@ import pytest
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceMode
 from dra_cpu.kube.apiserver import connect
-from tests.support.kubelet_node import Node, NodeFactory, cpu_config, result
-from tests.support.testenv_apiserver import ApiServer, ServerClaims
+from tests.harness.claims import ServerClaims, cpu_config, result
+from tests.harness.cluster.control_plane import ApiServer
+from tests.support.kubelet_node import Node, NodeFactory
 
 
 class ServerNodeFactory(Protocol):

@@ -15,7 +15,8 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State, Unrestorable
 from dra_cpu.driver import Driver
 from dra_cpu.store.checkpoint import Checkpoint, CheckpointFile
-from tests.support.kubelet_node import make_driver, result, write_claim
+from tests.harness.claims import result
+from tests.support.kubelet_node import make_driver, write_claim
 
 FIXTURE = "dual-socket-smt2"  # CPUs 0-15: node0 0-7, node1 8-15; 2Mi pages: 128Mi on node0, 64Mi on node1
 

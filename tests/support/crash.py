@@ -34,8 +34,8 @@ from dra_cpu.core.topology import Topology
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
+from tests.harness.claims import DRIVER, result
 from tests.harness.paths import REPO, SYSFS
-from tests.support.kubelet_node import DRIVER, result
 from tests.support.synthetic import SyntheticNode, uniform_machine, write_tree
 
 # What an acknowledged prepare granted: the CPUs and the (node, page KiB, bytes) hugepage grants.

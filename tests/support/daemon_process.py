@@ -18,8 +18,9 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.state import State
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
+from tests.harness.claims import DRIVER, result
 from tests.harness.poll import wait_until
-from tests.support.kubelet_node import DRIVER, FIXTURES, result
+from tests.support.kubelet_node import FIXTURES
 
 
 def free_port() -> int:

@@ -47,14 +47,16 @@ import pytest
 import yaml
 
 from dra_cpu.core.cpuset import CPUSet
+from tests.harness.cluster.client import Kube, close_api_client, object_path
+from tests.harness.cluster.control_plane import ControlPlane
+from tests.harness.cluster.helm import CHART, Helm
+from tests.harness.cluster.objects import DRIVER, DRIVER_ACCESS_KINDS, ensure, new_namespace
+from tests.harness.cluster.pki import kubeconfig_text
 from tests.harness.poll import wait_until
 from tests.harness.runtimes.cri import Allowed
 from tests.support import guest as guest_vm
-from tests.support.cluster import DRIVER, DRIVER_ACCESS_KINDS, Kube, ensure, new_namespace, object_path
-from tests.support.control_plane import ControlPlane, close, kubeconfig_text
 from tests.support.guest import GUEST_ADDRESS, GUEST_HOST, Guest, GuestError
 from tests.support.guest_node import VERSIONS, GuestNode
-from tests.support.node_claims import running
 from tests.support.real_node import (
     NodeError,
     drain,
@@ -64,7 +66,6 @@ from tests.support.real_node import (
     node_user,
     wait_node_ready,
 )
-from tests.support.testenv_helm import CHART, Helm
 
 NODE_NAME = "numa-guest"
 RELEASE = "dra-cpu-guest"
@@ -122,13 +123,6 @@ class GuestKubelet:
             (keep / Path(path).name).write_text(found.stdout if found.rc == 0 else found.stderr)
         shutil.copy(self.guest.console, keep / "console.log")
         return keep
-
-    def running(self, namespace: str, name: str, timeout: float) -> dict[str, Any]:
-        """node_claims.running, failing with the guest kubelet's and the driver's log tails too."""
-        try:
-            return running(self.kube, namespace, name, timeout)
-        except AssertionError as err:
-            raise AssertionError(f"{err}\n{self.describe()}") from None
 
     # ------------------------------------------------------------------------------------------------------------
     # What the guest kernel and the driver's files say.
@@ -317,7 +311,7 @@ def joined(plane: ControlPlane, helm: Helm, build: Path) -> Iterator[GuestKubele
         try:
             node.stop()
         finally:
-            close(api)
+            close_api_client(api)
             guest.poweroff()
             shutil.rmtree(guest.workdir, ignore_errors=True)
 

@@ -29,9 +29,9 @@ import yaml
 from dra_cpu.core.cdi_spec import spec_filename
 from dra_cpu.core.claims import allocated_claim
 from dra_cpu.core.cpuset import CPUSet
+from tests.harness import claims
 from tests.harness.poll import NotYet, wait_until
 from tests.harness.runtimes.cri import Allowed, Container, Pod
-from tests.support import kubelet_node
 
 # The session's `guest` fixture and the hooks are registered with pytest as part of this plugin.
 from tests.support.guest import (  # noqa: F401
@@ -106,7 +106,7 @@ def pages_by_node(numa_maps: str, huge: bool = False) -> dict[int, int]:
     return pages
 
 
-result = functools.partial(kubelet_node.result, pool=NODE)
+result = functools.partial(claims.result, pool=NODE)
 """One allocation result for a device of the guest's node, as the scheduler writes it into a claim's status."""
 
 

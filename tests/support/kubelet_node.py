@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-import yaml
 
-from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
+from dra_cpu.core.claims import ClaimRef, allocated_claim
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig, DeviceMode, build_devices
 from dra_cpu.driver import Driver
@@ -29,56 +28,10 @@ from dra_cpu.node.sysfs import read_topology
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
 from dra_cpu.store.metadata_files import MetadataStore
+from tests.harness.claims import DRIVER, NODE, ClaimStore, FolderClaims
 from tests.harness.paths import SYSFS
 
 FIXTURES = SYSFS
-NODE = "node-a"
-DRIVER = "dra.cpu"
-
-
-def result(
-    device: str,
-    request: str = "cpus",
-    cpus: int | str | None = None,
-    memory: str | None = None,
-    *,
-    pool: str = NODE,
-    **extra: Any,
-) -> dict[str, Any]:
-    """An allocation result for one of the devices of the node `pool` (this one's unless given). `cpus` (a count,
-    or any quantity string, valid or not) and `memory` become its consumedCapacity."""
-    consumed = {}
-    if cpus is not None:
-        consumed[f"{DRIVER}/cpu"] = str(cpus)
-    if memory is not None:
-        consumed[f"{DRIVER}/memory"] = memory
-    return (
-        allocation_result(DRIVER, pool, device, request=request, consumed=consumed, share_id=str(uuid.uuid4())) | extra
-    )
-
-
-def cpu_config(requests: list[str] | None = None, source: str = "FromClaim", **params: Any) -> dict[str, Any]:
-    return {
-        "source": source,
-        "requests": requests or [],
-        "opaque": {"driver": DRIVER, "parameters": {"apiVersion": "dra.cpu/v1alpha1", "kind": "CPUConfig", **params}},
-    }
-
-
-class ClaimStore(Protocol):
-    """Where tests put allocated claims: a standalone folder, or the API server (through the status subresource)."""
-
-    def put(self, obj: dict[str, Any]) -> None: ...
-
-
-@dataclass(frozen=True)
-class FolderClaims:
-    root: Path
-
-    def put(self, obj: dict[str, Any]) -> None:
-        path = self.root / obj["metadata"]["namespace"] / f"{obj['metadata']['name']}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(obj))
 
 
 @dataclass

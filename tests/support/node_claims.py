@@ -7,19 +7,17 @@ import copy
 import json
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes import client
 
 from dra_cpu.core.cdi_spec import ENV_CPUSET, ENV_MEMS
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
-from tests.harness.poll import wait_until
-from tests.support.cluster import CPU_CAPACITY, DRIVER, Kube
+from tests.harness.cluster.objects import CPU_CAPACITY, DRIVER
 from tests.support.real_node import RealNode, container_id
 
 NUMA_SELECTOR = re.compile(r'(numaNodeID|\["resource\.kubernetes\.io"\]\.numaNode)\s*==\s*(\d+)')
@@ -109,55 +107,6 @@ def fit(docs: Sequence[Mapping[str, Any]], topology: Topology, min_shared_cpus: 
                             container["resources"][part]["cpu"] = total
         changes.append(f"{wanted} CPUs -> {total}")
     return Fitted(out, tuple(changes))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pods.
-
-
-def create_all(kube: Kube, namespace: str, docs: Iterable[Mapping[str, Any]]) -> None:
-    for doc in docs:
-        kube.create(doc, namespace)
-
-
-def pod_path(namespace: str, name: str) -> str:
-    return f"/api/v1/namespaces/{namespace}/pods/{name}"
-
-
-def events(kube: Kube, namespace: str, name: str) -> list[str]:
-    """`reason: message` of the pod's events, oldest first."""
-    listed = kube.list(f"/api/v1/namespaces/{namespace}/events", field_selector=f"involvedObject.name={name}")
-    listed.sort(key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
-    return [f"{e.get('reason')}: {e.get('message')}" for e in listed]
-
-
-def running(kube: Kube, namespace: str, name: str, timeout: float = RUNNING_SECONDS) -> dict[str, Any]:
-    """The pod once Running with every container started; on timeout the failure shows its phase and events."""
-
-    def check() -> dict[str, Any] | None:
-        pod: dict[str, Any] = kube.get(pod_path(namespace, name))
-        statuses = pod.get("status", {}).get("containerStatuses", [])
-        started = statuses and all(s.get("state", {}).get("running") for s in statuses)
-        return pod if pod.get("status", {}).get("phase") == "Running" and started else None
-
-    try:
-        return wait_until(check, f"pod {namespace}/{name} to run", timeout, interval=0.3)
-    except AssertionError as err:
-        pod = kube.find(pod_path(namespace, name)) or {}
-        status = json.dumps(pod.get("status", {}), indent=1)[:3000]
-        raise AssertionError(f"{err}\nstatus: {status}\nevents: {events(kube, namespace, name)}") from None
-
-
-def delete_pod(kube: Kube, namespace: str, name: str, timeout: float = 90.0) -> None:
-    """Deletes with a 1 s grace period and waits until the kubelet has finished with it (the object is gone only
-    after its containers stopped and its claims were unprepared)."""
-    body = {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 1}
-    try:
-        kube.request("DELETE", pod_path(namespace, name), body)
-    except client.ApiException as err:
-        if err.status != 404:
-            raise
-    wait_until(lambda: kube.find(pod_path(namespace, name)) is None, f"pod {namespace}/{name} to be gone", timeout)
 
 
 # ----------------------------------------------------------------------------------------------------------------

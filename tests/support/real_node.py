@@ -44,14 +44,16 @@ from typing import Any
 
 import pytest
 
+from tests.harness.cluster.client import Kube, close_api_client
+from tests.harness.cluster.control_plane import ControlPlane
+from tests.harness.cluster.helm import CHART, Helm
+from tests.harness.cluster.pki import write_kubeconfig
 from tests.harness.paths import REPO
 from tests.harness.poll import wait_until
+from tests.harness.processes import free_port, log_tail
 from tests.harness.runtimes.containerd import Containerd, newest_2x
 from tests.harness.runtimes.cri import Allowed, CriError
 from tests.harness.runtimes.gen import cri_runtime_v1_pb2 as pb
-from tests.support.cluster import Kube
-from tests.support.control_plane import ControlPlane, close, free_port, log_tail, write_kubeconfig
-from tests.support.testenv_helm import CHART, Helm
 
 NODE_NAME = "127.0.0.1"
 EXAMPLE_IMAGE = "docker.io/library/busybox:1.36"
@@ -161,7 +163,7 @@ class RealNode:
                 # garbage collector then deletes), the scheduler cannot place later pods on a node that is gone.
                 with contextlib.suppress(Exception):
                     self.kube.delete(f"/api/v1/nodes/{self.name}")
-                close(self._api)
+                close_api_client(self._api)
                 self._api = None
             shutil.rmtree(self.dir, ignore_errors=True)
 

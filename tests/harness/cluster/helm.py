@@ -1,7 +1,5 @@
-"""pytest plugin: helm v4 (hack/testenv/helm.sh), for rendering and linting charts/dra-cpu.
-
-Fixture `helm` gives a `Helm` whose `template`/`lint` run the real binary; it skips when helm is not installed.
-"""
+"""helm v4 (hack/testenv/helm.sh) and the project's chart, charts/dra-cpu: rendering and linting it, and running helm
+against a cluster (tests/harness/cluster/chart.py installs the driver with it)."""
 
 from __future__ import annotations
 
@@ -11,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
+from tests.harness.component import Unavailable
 from tests.harness.paths import REPO, TESTENV
 from tests.harness.typed import as_dict
 
@@ -25,8 +23,16 @@ CHART = REPO / "charts" / "dra-cpu"
 class Helm:
     binary: Path
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.binary), *args], capture_output=True, text=True, timeout=60, check=False)
+    @classmethod
+    def installed(cls) -> Helm:
+        """The helm hack/testenv/helm.sh installed; Unavailable when it was not run."""
+        found = subprocess.run(["bash", str(SCRIPT), "path"], capture_output=True, text=True, check=False)
+        if found.returncode != 0:
+            raise Unavailable("helm is not installed: run hack/testenv/helm.sh install")
+        return cls(Path(found.stdout.strip()))
+
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.binary), *args], capture_output=True, text=True, timeout=timeout, check=False)
 
     def template(self, *options: str, chart: Path = CHART, namespace: str = "kube-system") -> list[dict[str, Any]]:
         """`helm template` of the chart with OPTIONS (e.g. --set k=v), as the list of rendered objects."""
@@ -37,11 +43,3 @@ class Helm:
 
     def lint(self, options: Sequence[str] = (), chart: Path = CHART) -> subprocess.CompletedProcess[str]:
         return self.run("lint", "--strict", str(chart), *options)
-
-
-@pytest.fixture(scope="session")
-def helm() -> Helm:
-    found = subprocess.run(["bash", str(SCRIPT), "path"], capture_output=True, text=True, check=False)
-    if found.returncode != 0:
-        pytest.skip("helm is not installed: run hack/testenv/helm.sh install")
-    return Helm(Path(found.stdout.strip()))
