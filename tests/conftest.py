@@ -14,11 +14,8 @@ from tests.harness.paths import SYSFS, SYSFS_FIXTURES  # noqa: E402
 pytest_plugins: list[str] = [
     "tests.harness.runtimes.fixtures",
     "tests.harness.cluster.fixtures",
-    "tests.support.kubelet_node",
-    "tests.support.guest_node",
-    "tests.support.real_node",
-    # After real_node, which it imports: a plugin imported before its own registration is not assertion-rewritten.
-    "tests.support.guest_kubelet",
+    "tests.support.guest",
+    "tests.harness.nodes.fixtures",
 ]
 
 

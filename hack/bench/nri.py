@@ -34,10 +34,11 @@ from dra_cpu.node.sysfs import read_topology  # noqa: E402
 from dra_cpu.nri.enforcer import NriConfig, NriEnforcer  # noqa: E402
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api  # noqa: E402
 from dra_cpu.nri.transport import Connection  # noqa: E402
+from tests.harness.nodes.nri import NODE, NriNode  # noqa: E402
+from tests.harness.poll import wait_until  # noqa: E402
 from tests.harness.runtimes.containerd import VERSIONS, Containerd  # noqa: E402
 from tests.harness.runtimes.cri import Allowed  # noqa: E402
 from tests.harness.runtimes.nri_peer import Peer  # noqa: E402
-from tests.support.nri_node import NODE, Node, nri_node  # noqa: E402
 from tests.support.synthetic import uniform_machine, write_tree  # noqa: E402
 
 
@@ -92,21 +93,16 @@ def create_container_latency(calls: int = 5000) -> tuple[float, float]:
 
 
 def wait_all(pids: list[int], cpus: CPUSet, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    pending = list(pids)
-    while pending:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{len(pending)} containers never got cpus {cpus}")
-        time.sleep(0.005)
-        pending = [p for p in pending if Allowed.of_pid(p).cpus != cpus]
+    wait_until(
+        lambda: all(Allowed.of_pid(p).cpus == cpus for p in pids),
+        f"{len(pids)} containers on cpus {cpus}",
+        timeout,
+        0.005,
+    )
 
 
 def containerd_figures(version: str, count: int) -> list[tuple[str, str]]:
-    daemon = Containerd(version)
-    daemon.start()
-    nodes = nri_node(daemon, daemon.dir / "driver")
-    try:
-        node: Node = next(nodes)
+    with Containerd(version) as daemon, NriNode(daemon, daemon.dir / "driver") as node:
         cri = node.cri
         pods = [cri.run_pod(f"bench-{i}") for i in range(max(1, count // 10))]
         containers = [cri.create_container(pods[i % len(pods)], f"c{i}") for i in range(count)]
@@ -145,9 +141,6 @@ def containerd_figures(version: str, count: int) -> list[tuple[str, str]]:
             (f"shrink shared pool of {count} running containers (containerd {version})", f"{shrink * 1000:.0f} ms"),
             (f"regrow shared pool of {count} running containers (containerd {version})", f"{regrow * 1000:.0f} ms"),
         ]
-    finally:
-        next(nodes, None)
-        daemon.stop()
 
 
 def main() -> int:

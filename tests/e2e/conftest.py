@@ -9,11 +9,12 @@ import pytest
 
 from dra_cpu.core.topology import Topology
 from dra_cpu.node.sysfs import read_topology
+from tests.harness.cluster.chart import InstalledDriver
 from tests.harness.cluster.objects import new_namespace
 from tests.harness.cluster.pods import delete_pod
+from tests.harness.driver_files import checkpoint_claims
+from tests.harness.nodes.real import RealNode
 from tests.harness.poll import wait_until
-from tests.support.node_claims import checkpoint_claims
-from tests.support.real_node import InstalledDriver
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def topology() -> Topology:
 
 
 @pytest.fixture
-def namespace(dra_cpu_node: InstalledDriver, request: pytest.FixtureRequest) -> Iterator[str]:
+def namespace(dra_cpu_node: InstalledDriver[RealNode], request: pytest.FixtureRequest) -> Iterator[str]:
     """A namespace for the test's objects; its pods are deleted afterwards and their claims unprepared."""
     kube = dra_cpu_node.node.kube
     name = new_namespace(kube, request.module.__name__.rsplit("_", 1)[-1])

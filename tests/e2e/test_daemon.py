@@ -28,9 +28,11 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.kubelet.gen import dra_health_v1_pb2 as health_pb
 from tests.harness.claims import result
+from tests.harness.nodes.daemon_process import Stderr, exit_code, run_daemon
+from tests.harness.nodes.standin import offline_cpus
+from tests.harness.paths import SYSFS
 from tests.harness.poll import wait_until
-from tests.support.daemon_process import Stderr, exit_code, free_port, run_daemon
-from tests.support.kubelet_node import FIXTURES, offline_cpus
+from tests.harness.processes import free_port
 
 UID = "00000000-0000-4000-8000-000000000001"
 
@@ -165,7 +167,7 @@ def test_wrong_kubeconfig_is_one_clear_line(root: Path) -> None:
 def test_hugepage_reservation_change_is_republished(root: Path) -> None:
     """Hugepage reservations send no uevent: the daemon's poll re-reads sysfs and republishes."""
     sysfs = root / "sysfs"
-    shutil.copytree(FIXTURES / "dual-socket-smt2", sysfs)
+    shutil.copytree(SYSFS / "dual-socket-smt2", sysfs)
     nr = sysfs / "sys/devices/system/node/node1/hugepages/hugepages-2048kB/nr_hugepages"
     proc = subprocess.Popen(
         [
@@ -205,7 +207,7 @@ def test_health_follows_the_node_through_re_discovery(root: Path) -> None:
     """The daemon's own re-discovery (the sysfs poll) drives the kubelet's v1 health stream: CPUs taken offline make
     their device Unhealthy with the reason, a sysfs the daemon cannot read makes every device Unknown."""
     sysfs = root / "sysfs"
-    shutil.copytree(FIXTURES / "dual-socket-smt2", sysfs)
+    shutil.copytree(SYSFS / "dual-socket-smt2", sysfs)
     proc = run_daemon(root, free_port(), "--hugepage-poll-seconds", "0.3", sysfs=sysfs)
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     try:
@@ -240,7 +242,7 @@ def test_health_follows_the_node_through_re_discovery(root: Path) -> None:
 def test_pcie_roots_are_published_and_follow_sysfs(root: Path) -> None:
     """--publish-pcie-roots: the daemon reads the roots (the expander capture) and republishes when they change."""
     sysfs = root / "sysfs"
-    shutil.copytree(FIXTURES / "pcie-expander-3numa", sysfs)
+    shutil.copytree(SYSFS / "pcie-expander-3numa", sysfs)
     proc = run_daemon(root, free_port(), "--publish-pcie-roots", "--hugepage-poll-seconds", "0.3", sysfs=sysfs)
 
     def roots() -> dict[str, list[str]]:

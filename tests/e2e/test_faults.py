@@ -31,20 +31,20 @@ from dra_cpu.nri.enforcer import NriConfig, NriEnforcer
 from dra_cpu.nri.gen import nri_ttrpc_pb2
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
 from dra_cpu.store.checkpoint import SPARE
-from tests.harness.poll import wait_until
-from tests.harness.runtimes.nri_peer import Runtime
-from tests.support.daemon_process import (
+from tests.harness.nodes.daemon_process import (
     Stderr,
     assert_consistent,
     claim_yaml,
     exit_code,
-    free_port,
     on_disk,
     put_claim,
     registration_socket,
     run_daemon,
 )
-from tests.support.kubelet_node import make_driver
+from tests.harness.nodes.standin import make_driver
+from tests.harness.poll import wait_until
+from tests.harness.processes import free_port
+from tests.harness.runtimes.nri_peer import Runtime
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
 EXIT_BOUND = daemon.SHUTDOWN_SECONDS + 10

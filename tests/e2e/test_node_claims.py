@@ -19,13 +19,15 @@ import pytest
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
+from tests.harness.cluster.chart import InstalledDriver
 from tests.harness.cluster.client import Kube
 from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, cpu_claim
 from tests.harness.cluster.pods import create_all, delete_pod, wait_running
+from tests.harness.driver_files import cdi_spec_uids, checkpoint_claims
+from tests.harness.examples import DoesNotFit, documents, fit
+from tests.harness.nodes.real import RealNode
 from tests.harness.paths import EXAMPLES
 from tests.harness.poll import wait_until
-from tests.support.node_claims import DoesNotFit, cdi_spec_uids, checkpoint_claims, documents, fit, pinning, wait_cpus
-from tests.support.real_node import InstalledDriver
 
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 
@@ -40,11 +42,13 @@ def allocated_cpus(claim: dict[str, Any]) -> int:
     return sum(int(r.get("consumedCapacity", {}).get(CPU_CAPACITY, "0")) for r in results)
 
 
-def assert_pinned(driver: InstalledDriver, topology: Topology, pod: dict[str, Any], claims: dict[str, int]) -> CPUSet:
+def assert_pinned(
+    driver: InstalledDriver[RealNode], topology: Topology, pod: dict[str, Any], claims: dict[str, int]
+) -> CPUSet:
     """The container runs on exactly its claims' CPUs, seen from its environment, from inside, from the host's /proc
     and from its cgroup, and its memory on their NUMA nodes; `claims` is claim UID -> CPUs allocated. Returns the
     CPUs."""
-    seen = pinning(driver.node, pod)
+    seen = driver.node.pinning(pod)
     assert set(seen.claimed) == set(claims), seen
     for uid, count in claims.items():
         assert len(seen.claimed[uid]) == count, (uid, seen)
@@ -61,7 +65,7 @@ def assert_pinned(driver: InstalledDriver, topology: Topology, pod: dict[str, An
 
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=[p.stem for p in EXAMPLE_FILES])
 def test_example_runs_on_its_claims_cpus(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology, path: Path
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology, path: Path
 ) -> None:
     try:
         fitted = fit(documents(path), topology)
@@ -88,23 +92,23 @@ def test_example_runs_on_its_claims_cpus(
 
 
 def test_containers_without_claims_shrink_to_the_shared_pool_and_regrow(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
 ) -> None:
     kube, node = dra_cpu_node.node.kube, dra_cpu_node.node
     everything = topology.online_cpus
     create_all(kube, namespace, [busybox_pod("shared")])
     shared = wait_running(kube, namespace, "shared")
-    wait_cpus(node, shared, everything, "a container without claims before any claim")
+    node.wait_cpus(shared, everything, "a container without claims before any claim")
     create_all(kube, namespace, [cpu_claim("one-cpu"), busybox_pod("pinned", {"cpus": "one-cpu"})])
     pinned = wait_running(kube, namespace, "pinned")
     cpus = assert_pinned(dra_cpu_node, topology, pinned, {claim_uid(kube, namespace, "one-cpu"): 1})
-    wait_cpus(node, shared, everything - cpus, "the container without claims once a claim holds CPUs")
+    node.wait_cpus(shared, everything - cpus, "the container without claims once a claim holds CPUs")
     delete_pod(kube, namespace, "pinned")
-    wait_cpus(node, shared, everything, "the container without claims once the claim's pod is gone")
+    node.wait_cpus(shared, everything, "the container without claims once the claim's pod is gone")
 
 
 def test_deleting_the_pod_unprepares_its_claim(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
 ) -> None:
     kube, node = dra_cpu_node.node.kube, dra_cpu_node.node
     create_all(kube, namespace, [busybox_pod("shared"), cpu_claim("c"), busybox_pod("p", {"cpus": "c"})])
@@ -114,12 +118,12 @@ def test_deleting_the_pod_unprepares_its_claim(
     assert uid in checkpoint_claims(dra_cpu_node.state_dir)
     assert uid in cdi_spec_uids(node.cdi_dir)
     cpus = assert_pinned(dra_cpu_node, topology, pod, {uid: 1})
-    wait_cpus(node, shared, topology.online_cpus - cpus, "shared pool with the claim prepared")
+    node.wait_cpus(shared, topology.online_cpus - cpus, "shared pool with the claim prepared")
     delete_pod(kube, namespace, "p")
     # The pod object is gone only after the kubelet's NodeUnprepareResources returned.
     assert uid not in checkpoint_claims(dra_cpu_node.state_dir)
     assert uid not in cdi_spec_uids(node.cdi_dir)
-    wait_cpus(node, shared, topology.online_cpus, "shared pool after unprepare")
+    node.wait_cpus(shared, topology.online_cpus, "shared pool after unprepare")
 
     # The claim itself stays (the user made it), deallocated and reserved for nobody.
     def released() -> bool:
@@ -129,7 +133,7 @@ def test_deleting_the_pod_unprepares_its_claim(
 
 
 def test_a_template_claim_is_released_with_its_pod(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
 ) -> None:
     kube = dra_cpu_node.node.kube
     create_all(kube, namespace, [cpu_claim("t", template=True), busybox_pod("p", {"cpus": "t"}, template=True)])
@@ -155,7 +159,7 @@ def test_a_template_claim_is_released_with_its_pod(
     ids=["capacity-only", "standard-numaNode", "dra.cpu-numaNodeID"],
 )
 def test_upstream_style_claims_work_unchanged(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology, selector: str
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology, selector: str
 ) -> None:
     """Claims as written for kubernetes-sigs/dra-driver-cpu: class dra.cpu, capacity.requests {dra.cpu/cpu: N},
     selectors on the standard NUMA attribute or on dra.cpu/numaNodeID."""
@@ -167,7 +171,7 @@ def test_upstream_style_claims_work_unchanged(
     assert topology.numa_nodes_of(cpus) == CPUSet.of([0])
 
 
-def test_pod_status_shows_device_health(dra_cpu_node: InstalledDriver, namespace: str) -> None:
+def test_pod_status_shows_device_health(dra_cpu_node: InstalledDriver[RealNode], namespace: str) -> None:
     """With ResourceHealthStatus (beta in 1.37) the kubelet reads dra-cpu's health stream into each container's
     allocatedResourcesStatus: resource `claim:<pod claim name>`, one entry per CDI device, Healthy."""
     kube = dra_cpu_node.node.kube

@@ -12,17 +12,20 @@ from typing import Any
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
 from dra_cpu.nri.enforcer import NriConfig
+from tests.harness.cluster.chart import NAMESPACE, InstalledDriver
 from tests.harness.cluster.client import Kube
 from tests.harness.cluster.objects import busybox_pod, claim_path, cpu_claim
 from tests.harness.cluster.pods import create_all, delete_pod, events, pod_path, wait_running
+from tests.harness.driver_files import cdi_spec_uids, checkpoint_claims
+from tests.harness.nodes.real import RealNode
 from tests.harness.poll import wait_until
-from tests.support.node_claims import cdi_spec_uids, checkpoint_claims, wait_cpus
-from tests.support.real_node import NAMESPACE, InstalledDriver
 
 NRI_GRACE_SECONDS = NriConfig.grace_seconds
 
 
-def pinned_and_shared(driver: InstalledDriver, namespace: str, topology: Topology) -> tuple[dict[str, Any], CPUSet]:
+def pinned_and_shared(
+    driver: InstalledDriver[RealNode], namespace: str, topology: Topology
+) -> tuple[dict[str, Any], CPUSet]:
     """A pod holding a 1-CPU claim and a pod without claims, both running; returns the shared one and the claim's
     CPUs."""
     kube, node = driver.node.kube, driver.node
@@ -31,25 +34,25 @@ def pinned_and_shared(driver: InstalledDriver, namespace: str, topology: Topolog
     pinned = wait_running(kube, namespace, "pinned")
     uid = kube.get(claim_path(namespace, "c"))["metadata"]["uid"]
     cpus = CPUSet.parse(checkpoint_claims(driver.state_dir)[uid]["devices"][0]["cpus"])
-    wait_cpus(node, pinned, cpus, "the pinned pod")
-    wait_cpus(node, shared, topology.online_cpus - cpus, "the pod without claims")
+    node.wait_cpus(pinned, cpus, "the pinned pod")
+    node.wait_cpus(shared, topology.online_cpus - cpus, "the pod without claims")
     return shared, cpus
 
 
-def still_pinned(driver: InstalledDriver, namespace: str, topology: Topology, cpus: CPUSet, when: str) -> None:
+def still_pinned(
+    driver: InstalledDriver[RealNode], namespace: str, topology: Topology, cpus: CPUSet, when: str
+) -> None:
     kube, node = driver.node.kube, driver.node
-    wait_cpus(node, kube.get(pod_path(namespace, "pinned")), cpus, f"the pinned pod {when}")
-    wait_cpus(node, kube.get(pod_path(namespace, "shared")), topology.online_cpus - cpus, f"the shared pod {when}")
+    node.wait_cpus(kube.get(pod_path(namespace, "pinned")), cpus, f"the pinned pod {when}")
+    node.wait_cpus(kube.get(pod_path(namespace, "shared")), topology.online_cpus - cpus, f"the shared pod {when}")
 
 
-def node_still_prepares(driver: InstalledDriver, namespace: str, topology: Topology, cpus: CPUSet) -> None:
+def node_still_prepares(driver: InstalledDriver[RealNode], namespace: str, topology: Topology, cpus: CPUSet) -> None:
     """A new pod without claims gets the shared pool; once the pinned pod is gone (its claim unprepared), a new
     claim's pod runs on a CPU."""
     kube, node = driver.node.kube, driver.node
     create_all(kube, namespace, [busybox_pod("new-shared")])
-    wait_cpus(
-        node, wait_running(kube, namespace, "new-shared"), topology.online_cpus - cpus, "a new pod without claims"
-    )
+    node.wait_cpus(wait_running(kube, namespace, "new-shared"), topology.online_cpus - cpus, "a new pod without claims")
     uid = kube.get(claim_path(namespace, "c"))["metadata"]["uid"]
     delete_pod(kube, namespace, "pinned")
     assert uid not in checkpoint_claims(driver.state_dir)
@@ -57,14 +60,14 @@ def node_still_prepares(driver: InstalledDriver, namespace: str, topology: Topol
     create_all(kube, namespace, [cpu_claim("c2"), busybox_pod("pinned2", {"cpus": "c2"})])
     pod = wait_running(kube, namespace, "pinned2")
     uid2 = kube.get(claim_path(namespace, "c2"))["metadata"]["uid"]
-    wait_cpus(node, pod, CPUSet.parse(checkpoint_claims(driver.state_dir)[uid2]["devices"][0]["cpus"]), "a new claim")
+    node.wait_cpus(pod, CPUSet.parse(checkpoint_claims(driver.state_dir)[uid2]["devices"][0]["cpus"]), "a new claim")
 
 
 def slices(kube: Kube, node: str) -> list[dict[str, Any]]:
     return kube.list("/apis/resource.k8s.io/v1/resourceslices", field_selector=f"spec.nodeName={node}")
 
 
-def metric(driver: InstalledDriver, name: str) -> float | None:
+def metric(driver: InstalledDriver[RealNode], name: str) -> float | None:
     with urllib.request.urlopen(f"{driver.metrics_url}/metrics", timeout=5) as reply:
         for line in reply.read().decode().splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -73,7 +76,7 @@ def metric(driver: InstalledDriver, name: str) -> float | None:
 
 
 def test_deleting_the_driver_pod_keeps_pinned_pods(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
 ) -> None:
     kube = dra_cpu_node.node.kube
     _, cpus = pinned_and_shared(dra_cpu_node, namespace, topology)
@@ -85,7 +88,7 @@ def test_deleting_the_driver_pod_keeps_pinned_pods(
 
 
 def test_kubelet_restart_keeps_slices_and_prepared_claims(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
 ) -> None:
     node, kube = dra_cpu_node.node, dra_cpu_node.node.kube
     _, cpus = pinned_and_shared(dra_cpu_node, namespace, topology)
@@ -110,7 +113,9 @@ def test_kubelet_restart_keeps_slices_and_prepared_claims(
     node_still_prepares(dra_cpu_node, namespace, topology, cpus)
 
 
-def test_containerd_restart_restores_pins(dra_cpu_node: InstalledDriver, namespace: str, topology: Topology) -> None:
+def test_containerd_restart_restores_pins(
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
+) -> None:
     node = dra_cpu_node.node
     _, cpus = pinned_and_shared(dra_cpu_node, namespace, topology)
     node.runtime.restart()
@@ -122,7 +127,7 @@ def test_containerd_restart_restores_pins(dra_cpu_node: InstalledDriver, namespa
 
 
 def test_a_claim_that_cannot_be_prepared_shows_the_drivers_error_and_starts_later(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
 ) -> None:
     """Enforcement down: containerd restarted without NRI, so dra-cpu loses its NRI connection and, after its grace
     period, refuses to prepare rather than hand out CPUs it cannot pin. The kubelet shows the driver's reason in the
@@ -152,4 +157,4 @@ def test_a_claim_that_cannot_be_prepared_shows_the_drivers_error_and_starts_late
     pod = wait_running(kube, namespace, "p", timeout=180)
     uid = kube.get(claim_path(namespace, "c"))["metadata"]["uid"]
     cpus = CPUSet.parse(checkpoint_claims(dra_cpu_node.state_dir)[uid]["devices"][0]["cpus"])
-    wait_cpus(node, pod, cpus, "the pod started once enforcement was back")
+    node.wait_cpus(pod, cpus, "the pod started once enforcement was back")

@@ -19,11 +19,11 @@ import pytest
 from dra_cpu.core.cpuset import CPUSet
 from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, new_namespace, pinned_pod
 from tests.harness.cluster.pods import create_all, delete_pod, wait_running
+from tests.harness.nodes.guest_kubelet import GuestKubeletNode
+from tests.harness.nodes.kubelet import container_id
 from tests.harness.poll import wait_until
 from tests.harness.runtimes.cri import Allowed
 from tests.support.guest import SPEC
-from tests.support.guest_kubelet import GuestKubelet
-from tests.support.real_node import container_id
 
 CPUS_PER_NODE = 2
 """Of each NUMA node's four CPUs (one of node 1's is isolated): a whole core each, and two left shared."""
@@ -34,7 +34,7 @@ HEALTH_SECONDS = 120.0
 
 
 @pytest.fixture
-def namespace(guest_kubelet: GuestKubelet) -> Iterator[str]:
+def namespace(guest_kubelet: GuestKubeletNode) -> Iterator[str]:
     kube = guest_kubelet.kube
     name = new_namespace(kube, "guest-node")
     yield name
@@ -68,7 +68,7 @@ def health(pod: dict[str, Any]) -> dict[str, dict[str, list[dict[str, Any]]]]:
 
 
 def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
-    guest_kubelet: GuestKubelet, namespace: str
+    guest_kubelet: GuestKubeletNode, namespace: str
 ) -> None:
     node, kube = guest_kubelet, guest_kubelet.kube
     # The shape of hack/examples/claim-cpu-capacity-20.yaml (one request per NUMA node), on the guest's scale.

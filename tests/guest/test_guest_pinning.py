@@ -9,19 +9,19 @@ import uuid
 
 import yaml
 
-from tests.harness.poll import NotYet, wait_until
-from tests.support.guest import SPEC
-from tests.support.guest_node import (
+from tests.harness.nodes.fixtures import only_newest_containerd
+from tests.harness.nodes.guest_standin import (
     GUEST_INTERVAL,
     GUEST_USR,
     PYTHON_ENV,
-    GuestNode,
+    GuestStandinNode,
     container_python,
     cpulist,
-    only_newest_containerd,
     pages_by_node,
     result,
 )
+from tests.harness.poll import NotYet, wait_until
+from tests.support.guest import SPEC
 
 pytestmark = only_newest_containerd
 
@@ -61,7 +61,7 @@ def node_cpus(node: int) -> frozenset[int]:
     return frozenset(next(n.cpus for n in SPEC.nodes if n.id == node))
 
 
-def test_claim_split_over_both_nodes_pins_the_container_and_others_keep_off(guest_node: GuestNode) -> None:
+def test_claim_split_over_both_nodes_pins_the_container_and_others_keep_off(guest_node: GuestStandinNode) -> None:
     node = guest_node
     general = node.online() - {SPEC.isolated_cpu}
     bystander = node.create_container(node.run_pod("bystander"), "app")
@@ -102,7 +102,7 @@ def test_claim_split_over_both_nodes_pins_the_container_and_others_keep_off(gues
     node.assert_sidecar_shared_then_released(pod, claim, bystander, general)
 
 
-def test_hugepages_claim_limits_the_container_to_its_pages_on_its_node(guest_node: GuestNode) -> None:
+def test_hugepages_claim_limits_the_container_to_its_pages_on_its_node(guest_node: GuestStandinNode) -> None:
     """hack/examples/claim-cpu-hugepages-2mi.yaml's shape on node 1: 2 CPUs and 16 MiB of 2 MiB pages."""
     node = guest_node
     pages, sysfs = 8, "/sys/devices/system/node/node{}/hugepages/hugepages-2048kB/free_hugepages"
@@ -149,7 +149,7 @@ def test_hugepages_claim_limits_the_container_to_its_pages_on_its_node(guest_nod
     assert int(node.cgroup_file(app, "hugetlb.2MB.current")) == limit
 
 
-def test_isolated_cpu_claim_gets_the_isolated_cpu(guest_node: GuestNode) -> None:
+def test_isolated_cpu_claim_gets_the_isolated_cpu(guest_node: GuestStandinNode) -> None:
     node = guest_node
     general = node.online() - {SPEC.isolated_cpu}
     bystander = node.create_container(node.run_pod("bystander"), "app")
@@ -162,20 +162,20 @@ def test_isolated_cpu_claim_gets_the_isolated_cpu(guest_node: GuestNode) -> None
     node.assert_allowed(bystander, general)
 
 
-def _cpu_device(node: GuestNode, name: str) -> dict[str, object]:
+def _cpu_device(node: GuestStandinNode, name: str) -> dict[str, object]:
     listing = node.guest.run(["sh", "-c", f"cat {node.cluster}/resourceslices/*.yaml"]).stdout
     devices = {d["name"]: d for s in yaml.safe_load_all(listing) if s for d in s["spec"]["devices"]}
     device: dict[str, object] = devices[name]
     return device
 
 
-def _num_cpus(node: GuestNode, name: str) -> int:
+def _num_cpus(node: GuestStandinNode, name: str) -> int:
     attributes = _cpu_device(node, name)["attributes"]
     assert isinstance(attributes, dict)
     return int(attributes["dra.cpu/numCPUs"]["int"])
 
 
-def test_cpu_hotplug_republishes_the_slices(guest_node: GuestNode) -> None:
+def test_cpu_hotplug_republishes_the_slices(guest_node: GuestStandinNode) -> None:
     node = guest_node
     cpu = 5
     before = _num_cpus(node, "cpu-numa1")

@@ -15,8 +15,8 @@ from dra_cpu.core.device_metadata import CONTAINER_DIR, MetadataError
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.store.metadata_files import decode
 from tests.harness.claims import DRIVER, NODE, result
+from tests.harness.nodes.standin import NodeFactory, StandinNode, make_driver, start_plugin
 from tests.harness.poll import wait_until
-from tests.support.kubelet_node import Node, NodeFactory, make_driver, start_plugin
 
 # Where the 1.37.2 kubeletplugin helper's own compatibility fixture lives, when the Go module cache is installed.
 UPSTREAM_FIXTURE = Path(
@@ -25,13 +25,13 @@ UPSTREAM_FIXTURE = Path(
 )
 
 
-def host_file(node: Node, ref: ClaimRef, request: str = "cpus") -> Path:
+def host_file(node: StandinNode, ref: ClaimRef, request: str = "cpus") -> Path:
     return (
         node.plugin.paths.plugin_dir / "dra-device-metadata" / f"{ref.namespace}_{ref.name}" / request / "metadata.json"
     )
 
 
-def metadata_spec(node: Node, ref: ClaimRef, request: str = "cpus") -> Path:
+def metadata_spec(node: StandinNode, ref: ClaimRef, request: str = "cpus") -> Path:
     return node.driver.cdi_store.root / f"{DRIVER}_metadata_{ref.uid}_{request}.json"
 
 
@@ -46,7 +46,7 @@ def objects(data: bytes) -> list[dict[str, Any]]:
     return out
 
 
-def published(node: Node, name: str) -> dict[str, Any]:
+def published(node: StandinNode, name: str) -> dict[str, Any]:
     [device] = [d for d in node.driver.devices if d.name == name]
     attributes: dict[str, Any] = device.to_api()["attributes"]
     return attributes

@@ -14,11 +14,11 @@ from dra_cpu.kubelet.gen import dra_health_v1_pb2 as pb
 from dra_cpu.kubelet.gen import dra_health_v1_pb2_grpc, dra_health_v1alpha1_pb2, dra_health_v1alpha1_pb2_grpc
 from dra_cpu.kubelet.health import bounded_message
 from tests.harness.claims import result
+from tests.harness.nodes.standin import NodeFactory, StandinNode, offline_cpus, remove_memory
 from tests.harness.poll import wait_until
-from tests.support.kubelet_node import Node, NodeFactory, offline_cpus, remove_memory
 
 
-def _stream(node: Node, service: str | None = None) -> list[tuple[str, str, int, str, int]]:
+def _stream(node: StandinNode, service: str | None = None) -> list[tuple[str, str, int, str, int]]:
     """The first response of a fresh stream: (pool, device, health, message, timeout) per device."""
     stream = node.kubelet.watch_health(timeout=5, service=service)
     first = next(stream)
@@ -29,7 +29,7 @@ def _stream(node: Node, service: str | None = None) -> list[tuple[str, str, int,
     ]
 
 
-def _health(node: Node, service: str | None = None) -> dict[str, tuple[int, str]]:
+def _health(node: StandinNode, service: str | None = None) -> dict[str, tuple[int, str]]:
     devices = _stream(node, service)
     assert {pool for pool, *_ in devices} == {"node-a"}
     return {name: (health, message) for _, name, health, message, _ in devices}

@@ -14,8 +14,8 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceMode, GroupBy
 from dra_cpu.kubelet.gen import pluginregistration_v1_pb2, pluginregistration_v1_pb2_grpc
 from tests.harness.claims import DRIVER, NODE, cpu_config, result
+from tests.harness.nodes.standin import NodeFactory
 from tests.harness.poll import wait_until
-from tests.support.kubelet_node import NodeFactory
 
 
 def test_registration_answers_like_a_dra_plugin(node_factory: NodeFactory) -> None:

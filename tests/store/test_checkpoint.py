@@ -18,7 +18,7 @@ from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, Sta
 from dra_cpu.driver import Driver, PreparedResult
 from dra_cpu.store.checkpoint import Checkpoint, CheckpointError, CheckpointFile, decode, encode
 from tests.harness.claims import result
-from tests.support.kubelet_node import make_driver, write_claim
+from tests.harness.nodes.standin import make_driver, write_claim
 
 
 def _state() -> State:

@@ -16,7 +16,7 @@ from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, Sta
 from dra_cpu.driver import Driver
 from dra_cpu.store.checkpoint import Checkpoint, CheckpointFile
 from tests.harness.claims import result
-from tests.support.kubelet_node import make_driver, write_claim
+from tests.harness.nodes.standin import make_driver, write_claim
 
 FIXTURE = "dual-socket-smt2"  # CPUs 0-15: node0 0-7, node1 8-15; 2Mi pages: 128Mi on node0, 64Mi on node1
 

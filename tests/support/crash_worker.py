@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from dra_cpu.core.claims import ClaimRef
-from tests.support.kubelet_node import make_driver
+from tests.harness.nodes.standin import make_driver
 
 
 def main(root: Path, claims: int, seed: int, machine: str) -> None:

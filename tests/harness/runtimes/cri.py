@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -160,13 +161,15 @@ class CriClient:
         request = pb.UpdateContainerResourcesRequest(container_id=container.id, linux=resources)
         self.runtime.UpdateContainerResources(request, timeout=self.timeout)
 
-    def exec_sync(self, container: Container, cmd: Sequence[str], *, check: bool = True) -> ExecResult:
-        """Run `cmd` in the container and wait for it; `check` makes a non-zero exit a CriError."""
-        request = pb.ExecSyncRequest(container_id=container.id, cmd=list(cmd), timeout=int(self.timeout))
+    def exec_sync(self, container: Container | str, cmd: Sequence[str], *, check: bool = True) -> ExecResult:
+        """Run `cmd` in the container (or the one of that id, which another client made: a kubelet) and wait for it;
+        `check` makes a non-zero exit a CriError."""
+        cid, name = _id_and_name(container)
+        request = pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=int(self.timeout))
         response = self.runtime.ExecSync(request, timeout=self.timeout + 5)
         result = ExecResult(response.exit_code, response.stdout.decode(), response.stderr.decode())
         if check and result.exit_code != 0:
-            raise CriError(f"{list(cmd)} in {container.name} exited {result.exit_code}: {result.stderr.strip()}")
+            raise CriError(f"{list(cmd)} in {name} exited {result.exit_code}: {result.stderr.strip()}")
         return result
 
     def status(self, container: Container) -> pb.ContainerStatus:
@@ -174,10 +177,10 @@ class CriClient:
         response: pb.ContainerStatusResponse = self.runtime.ContainerStatus(request, timeout=self.timeout)
         return response.status
 
-    def info(self, container: Container) -> dict[str, object]:
+    def info(self, container: Container | str) -> dict[str, Any]:
         """The runtime's verbose container info (containerd: pid, the OCI runtime spec, ...)."""
-        request = pb.ContainerStatusRequest(container_id=container.id, verbose=True)
-        info: dict[str, object] = json.loads(self.runtime.ContainerStatus(request, timeout=self.timeout).info["info"])
+        request = pb.ContainerStatusRequest(container_id=_id_and_name(container)[0], verbose=True)
+        info: dict[str, Any] = json.loads(self.runtime.ContainerStatus(request, timeout=self.timeout).info["info"])
         return info
 
     def pid(self, container: Container) -> int:
@@ -187,7 +190,7 @@ class CriClient:
             raise CriError(f"container {container.name} has no running process (pid {pid!r})")
         return pid
 
-    def allowed_inside(self, container: Container) -> Allowed:
+    def allowed_inside(self, container: Container | str) -> Allowed:
         """The cpus and mems a new process in the container gets, as it sees them itself."""
         return Allowed.parse(self.exec_sync(container, ["cat", "/proc/self/status"]).stdout)
 
@@ -214,3 +217,8 @@ class CriClient:
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _id_and_name(container: Container | str) -> tuple[str, str]:
+    """A container's id, and how failure messages name it."""
+    return (container, container[:12]) if isinstance(container, str) else (container.id, container.name)

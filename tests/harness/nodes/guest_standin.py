@@ -1,15 +1,14 @@
-"""A Kubernetes node inside the test guest, driven from the host: containerd (hack/testenv/containerd.sh, unchanged,
-in the guest) on pure cgroup v2, the driver as `python3 -m dra_cpu run --standalone DIR --enforcement nri`, and the
-kubelet's part played by tests/support/guest_runtime.py (CRI calls, plugin registration, NodePrepareResources).
+"""The guest stand-in node: a Kubernetes node inside the multi-NUMA guest (tests/harness/guest), driven from the
+host. containerd (hack/testenv/containerd.sh, unchanged, in the guest) on pure cgroup v2, the driver as
+`python3 -m dra_cpu run --standalone DIR --enforcement nri`, and the kubelet's part played by the guest's agent
+(tests/harness/guest/inside/kubelet_calls.py: CRI calls, plugin registration, NodePrepareResources).
+
+    node = GuestStandinNode(guest, VERSIONS[0], "/var/lib/dra-guest/node")
+    with node:
+        pod = node.run_pod("p")
 
 Everything a test asserts is read from the guest kernel: /proc/<pid>/status, /proc/<pid>/numa_maps, the container's
-cgroup files under /sys/fs/cgroup, sysfs.
-
-Fixture:
-  guest_node   a GuestNode per containerd version that `containerd.sh versions` names (2.1.x, 1.7.x, 2.4.x),
-               started for a test module and shared by its tests; pods and claims a test made are removed after it.
-               A module that wants only the first version (Debian's newest, 2.1) says so with
-               `pytestmark = only_newest_containerd`.
+cgroup files under /sys/fs/cgroup, sysfs. Starting one takes 5 to 20 s in a booted guest.
 """
 
 from __future__ import annotations
@@ -19,29 +18,20 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 import yaml
 
 from dra_cpu.core.cdi_spec import spec_filename
 from dra_cpu.core.claims import allocated_claim
 from dra_cpu.core.cpuset import CPUSet
-from tests.harness import claims
+from tests.harness.claims import result as claim_result
+from tests.harness.component import Component
 from tests.harness.poll import NotYet, wait_until
 from tests.harness.runtimes.cri import Allowed, Container, Pod
-
-# The session's `guest` fixture and the hooks are registered with pytest as part of this plugin.
-from tests.support.guest import (  # noqa: F401
-    ROOT,
-    Guest,
-    GuestError,
-    guest_fixture,
-    pytest_collection_modifyitems,
-    pytest_terminal_summary,
-)
+from tests.support.guest import ROOT, Guest, GuestError
 
 DRIVER = "dra.cpu"
 NODE = "dra-guest"
@@ -106,12 +96,12 @@ def pages_by_node(numa_maps: str, huge: bool = False) -> dict[int, int]:
     return pages
 
 
-result = functools.partial(claims.result, pool=NODE)
+result = functools.partial(claim_result, pool=NODE)
 """One allocation result for a device of the guest's node, as the scheduler writes it into a claim's status."""
 
 
 @dataclass
-class GuestNode:
+class GuestStandinNode(Component):
     guest: Guest
     version: str
     dir: str
@@ -161,6 +151,20 @@ class GuestNode:
         return "\n".join(tails)
 
     # containerd and the driver.
+    def start(self) -> None:
+        """containerd, then the driver against the stand-in folder, registered with the stand-in kubelet."""
+        self.start_containerd()
+        self.start_driver()
+
+    def stop(self) -> None:
+        """The driver (which must exit 0 on SIGTERM), then containerd."""
+        try:
+            rc = self.stop_driver()
+            assert rc == 0, f"dra-cpu run exited {rc} on SIGTERM:\n{self.log_tail()}"
+        finally:
+            if self.cgroup_parent:
+                self.stop_containerd()
+
     def start_containerd(self) -> None:
         self.guest.run(["bash", str(CONTAINERD), "start", self.version, self.containerd_dir], timeout=120)
         self.cgroup_parent = self.guest.read(f"{self.containerd_dir}/cgroup-parent").strip()
@@ -402,48 +406,5 @@ class GuestNode:
         self.guest.run(["rm", "-rf", f"{self.cluster}/resourceclaims"])
 
 
-def start_node(guest: Guest, version: str, name: str, metrics_port: int = 9400) -> GuestNode:
-    node = GuestNode(guest, version, f"/var/lib/dra-guest/{name}", metrics_port)
-    node.start_containerd()
-    try:
-        node.start_driver()
-    except BaseException:
-        node.stop_containerd()
-        raise
-    return node
-
-
-def stop_node(node: GuestNode) -> None:
-    try:
-        rc = node.stop_driver()
-        assert rc == 0, f"dra-cpu run exited {rc} on SIGTERM:\n{node.log_tail()}"
-    finally:
-        node.stop_containerd()
-
-
 def containerd_versions(guest: Guest) -> list[str]:
     return guest.run(["bash", str(CONTAINERD), "versions"]).stdout.split()
-
-
-@pytest.fixture(scope="module", params=VERSIONS, ids=[f"containerd-{v}" for v in VERSIONS])
-def _guest_node_module(request: pytest.FixtureRequest, guest: Guest) -> Iterator[GuestNode]:
-    version = str(request.param)
-    if version not in containerd_versions(guest):
-        pytest.skip(f"containerd {version} is not in the guest: rebuild it with hack/testenv/guest.sh install")
-    node = start_node(guest, version, f"node-{version}")
-    try:
-        yield node
-    finally:
-        stop_node(node)
-
-
-@pytest.fixture
-def guest_node(_guest_node_module: GuestNode) -> Iterator[GuestNode]:
-    yield _guest_node_module
-    _guest_node_module.clean()
-
-
-only_newest_containerd = pytest.mark.parametrize(
-    "_guest_node_module", VERSIONS[:1], indirect=True, ids=[f"containerd-{v}" for v in VERSIONS[:1]]
-)
-"""For tests about the driver rather than the runtime: containerd 2.1 only, which production nodes run."""

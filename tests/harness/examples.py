@@ -1,12 +1,10 @@
-"""What the real-node tests (tests/e2e/test_node_*.py) share: hack/examples fitted to the machine, pods run to
-Running or to their end, and what a claim looks like from the cluster, the driver's files and inside containers."""
+"""hack/examples fitted to a machine: an example's objects unchanged where they fit, scaled down where they do not
+(fewer CPUs, NUMA node 0), and refused where no scaling makes them fit (isolated CPUs, hugepages, NUMA nodes)."""
 
 from __future__ import annotations
 
 import copy
-import json
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +12,8 @@ from typing import Any
 
 import yaml
 
-from dra_cpu.core.cdi_spec import ENV_CPUSET, ENV_MEMS
-from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
-from tests.harness.cluster.objects import CPU_CAPACITY, DRIVER
-from tests.support.real_node import RealNode, container_id
+from tests.harness.cluster.objects import CPU_CAPACITY
 
 NUMA_SELECTOR = re.compile(r'(numaNodeID|\["resource\.kubernetes\.io"\]\.numaNode)\s*==\s*(\d+)')
 NUMA_COUNT = re.compile(r"numaNodeCount\s*==\s*(\d+)")
@@ -107,64 +102,3 @@ def fit(docs: Sequence[Mapping[str, Any]], topology: Topology, min_shared_cpus: 
                             container["resources"][part]["cpu"] = total
         changes.append(f"{wanted} CPUs -> {total}")
     return Fitted(out, tuple(changes))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# A claim seen from the driver's files and from inside containers.
-
-
-def checkpoint_claims(state_dir: Path) -> dict[str, dict[str, Any]]:
-    """Claim UID -> record, from the driver's checkpoint on the host."""
-    path = state_dir / "checkpoint.json"
-    if not path.exists():
-        return {}
-    doc = json.loads(path.read_text())
-    return {str(c["uid"]): c for c in doc.get("claims", [])}
-
-
-def cdi_spec_uids(cdi_dir: Path) -> set[str]:
-    """Claim UIDs of the driver's CDI specs on the host."""
-    prefix = f"{DRIVER}-cpu_claim-"
-    return {p.name.removeprefix(prefix).removesuffix(".json") for p in cdi_dir.glob(f"{prefix}*.json")}
-
-
-@dataclass(frozen=True)
-class Pinning:
-    """One container's CPUs and memory nodes, every way they can be seen."""
-
-    claimed: dict[str, CPUSet]  # claim UID -> DRA_CPUSET_<uid> in the container's environment
-    mems_env: dict[str, CPUSet]  # claim UID -> DRA_MEMS_<uid>
-    inside: tuple[CPUSet, CPUSet]  # Cpus_allowed_list, Mems_allowed_list of a new process in the container
-    init: tuple[CPUSet, CPUSet]  # the same of the container's first process, from the host's /proc
-    cgroup: tuple[CPUSet, CPUSet]  # cpuset.cpus, cpuset.mems of its cgroup on the host
-
-
-def pinning(node: RealNode, pod: Mapping[str, Any], container: str | None = None) -> Pinning:
-    cid = container_id(pod, container)
-    env = dict(line.split("=", 1) for line in node.exec(cid, ["env"]).splitlines() if "=" in line)
-    claimed = {k.removeprefix(ENV_CPUSET): CPUSet.parse(v) for k, v in env.items() if k.startswith(ENV_CPUSET)}
-    mems = {k.removeprefix(ENV_MEMS): CPUSet.parse(v) for k, v in env.items() if k.startswith(ENV_MEMS)}
-    inside = node.allowed_inside(cid)
-    pid = int(node.container_info(cid)["pid"])
-    status = Path(f"/proc/{pid}/status").read_text()
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    cpus, mems_text = node.host_cpuset(cid)
-    return Pinning(
-        claimed,
-        mems,
-        (inside.cpus, inside.mems),
-        (CPUSet.parse(fields["Cpus_allowed_list"].strip()), CPUSet.parse(fields["Mems_allowed_list"].strip())),
-        (CPUSet.parse(cpus), CPUSet.parse(mems_text)),
-    )
-
-
-def wait_cpus(node: RealNode, pod: Mapping[str, Any], want: CPUSet, what: str, timeout: float = 30.0) -> Pinning:
-    """The container's pinning once a new process in it, its first process and its cgroup all have `want`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = pinning(node, pod)
-        if seen.inside[0] == want and seen.init[0] == want and seen.cgroup[0] == want:
-            return seen
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: CPUs {want} expected, seen {seen}")
-        time.sleep(0.3)

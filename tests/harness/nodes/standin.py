@@ -1,5 +1,13 @@
-"""A node for prepare tests: the real Driver behind the real kubelet sockets, a standalone folder for the cluster,
-and a kubelet stand-in that registers and calls it. Claims are written the way the scheduler leaves them."""
+"""The kubelet stand-in node, for prepare tests: the real Driver in the test's process behind the real kubelet
+sockets (registration, DRA, health), a standalone folder for the cluster (or the API server), and the test playing the
+kubelet through dra_cpu.kubelet.client. Claims are written the way the scheduler leaves them (tests/harness/claims.py).
+The node's machine is one of the sysfs captures of tests/fixtures/sysfs; a node starts in well under a second.
+
+    nodes = StandinNodes()
+    node = nodes.start("dual-socket-smt2")
+    cpus = node.cpus_of(node.claim([result("cpu-numa0", cpus=2)]))
+    nodes.stop()
+"""
 
 from __future__ import annotations
 
@@ -8,12 +16,10 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-
-import pytest
 
 from dra_cpu.core.claims import ClaimRef, allocated_claim
 from dra_cpu.core.cpuset import CPUSet
@@ -31,11 +37,9 @@ from dra_cpu.store.metadata_files import MetadataStore
 from tests.harness.claims import DRIVER, NODE, ClaimStore, FolderClaims
 from tests.harness.paths import SYSFS
 
-FIXTURES = SYSFS
-
 
 @dataclass
-class Node:
+class StandinNode:
     root: Path
     driver: Driver
     plugin: KubeletPlugin
@@ -52,7 +56,7 @@ class Node:
         uevent: the driver gets the new topology and devices, and health streams are told."""
         sysfs = self.root / "sysfs"
         if not sysfs.exists():
-            shutil.copytree(FIXTURES / self.fixture, sysfs)
+            shutil.copytree(SYSFS / self.fixture, sysfs)
         edit(sysfs)
         topology = read_topology(sysfs)
         self.driver.set_topology(topology, build_devices(topology, self.driver.config))
@@ -101,7 +105,7 @@ class Node:
 def make_driver(
     root: Path, fixture: str, mode: DeviceMode = DeviceMode.GROUPED, api: ClusterAPI | None = None, **config: Any
 ) -> Driver:
-    topology = read_topology(FIXTURES / fixture)
+    topology = read_topology(SYSFS / fixture)
     device_config = DeviceConfig(node_name=NODE, driver_name=DRIVER, device_mode=mode, **config)
     return Driver(
         api=api or StandaloneAPI(root / "cluster"),
@@ -136,7 +140,7 @@ def start_plugin(driver: Driver, root: Path, metadata: bool = True) -> KubeletPl
 
 
 class NodeFactory(Protocol):
-    """The `node_factory` fixture: starts a Node on a sysfs fixture; the test's teardown stops every one."""
+    """`StandinNodes.start`: a node on a sysfs fixture (the `node_factory` fixture; the test's teardown stops it)."""
 
     def __call__(
         self,
@@ -146,46 +150,43 @@ class NodeFactory(Protocol):
         claims: ClaimStore | None = ...,
         namespace: str = ...,
         **config: Any,
-    ) -> Node: ...
+    ) -> StandinNode: ...
 
 
-@pytest.fixture
-def node_factory() -> Iterator[NodeFactory]:
-    started: list[Node] = []
+@dataclass
+class StandinNodes:
+    """Stand-in nodes under one folder, stopped together."""
+
     # Unix socket paths are limited to 107 bytes: pytest's tmp_path is too deep.
-    base = Path(tempfile.mkdtemp(prefix="dc-", dir="/tmp"))
+    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dc-", dir="/tmp")))
+    started: list[StandinNode] = field(default_factory=list)
 
     def start(
+        self,
         fixture: str = "dual-socket-smt2",
         mode: DeviceMode = DeviceMode.GROUPED,
         api: ClusterAPI | None = None,
         claims: ClaimStore | None = None,
         namespace: str = "default",
         **config: Any,
-    ) -> Node:
-        root = base / f"n{len(started)}"
+    ) -> StandinNode:
+        root = self.base / f"n{len(self.started)}"
         (root / "state").mkdir(parents=True)
         driver = make_driver(root, fixture, mode, api, **config)
         driver.start()
         plugin = start_plugin(driver, root)
         kubelet = KubeletClient.register(plugin.paths.registration_socket)
-        node = Node(
-            root,
-            driver,
-            plugin,
-            kubelet,
-            claims or FolderClaims(root / "cluster/resourceclaims"),
-            namespace,
-            fixture=fixture,
-        )
-        started.append(node)
+        claims = claims or FolderClaims(root / "cluster/resourceclaims")
+        node = StandinNode(root, driver, plugin, kubelet, claims, namespace, fixture=fixture)
+        self.started.append(node)
         return node
 
-    yield start
-    for node in started:
-        node.kubelet.close()
-        node.plugin.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    def stop(self) -> None:
+        for node in self.started:
+            node.kubelet.close()
+            node.plugin.stop()
+        self.started.clear()
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 def offline_cpus(cpus: CPUSet) -> Callable[[Path], None]:

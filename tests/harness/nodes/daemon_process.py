@@ -1,14 +1,15 @@
-"""`dra-cpu run --standalone` as a child process, for the daemon and fault tests: start it, read its log as it
-comes, wait for its exit with a bound, and read back what it left on disk."""
+"""The daemon process: `dra-cpu run --standalone` as a child process of the test, on a sysfs fixture, with the test
+playing the kubelet over its sockets (the stand-in node's kind, with the driver as users run it), for the daemon and
+fault tests: start it, read its log as it comes, wait for its exit with a bound, and read back what it left on disk."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -18,25 +19,19 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.state import State
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
-from tests.harness.claims import DRIVER, result
+from tests.harness.claims import DRIVER, NODE, FolderClaims, result
+from tests.harness.paths import SYSFS
 from tests.harness.poll import wait_until
-from tests.support.kubelet_node import FIXTURES
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_daemon(root: Path, port: int, *extra: str, sysfs: Path | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable, "-m", "dra_cpu", "run",
-            "--node-name", "node-a",
+            "--node-name", NODE,
             "--standalone", str(root / "cluster"),
             "--enforcement", "none",
-            "--sysfs-root", str(sysfs or FIXTURES / "dual-socket-smt2"),
+            "--sysfs-root", str(sysfs or SYSFS / "dual-socket-smt2"),
             "--kubelet-root-dir", str(root / "kubelet"),
             "--cdi-root", str(root / "cdi"),
             "--state-dir", str(root / "state"),
@@ -86,14 +81,16 @@ def exit_code(proc: subprocess.Popen[str], within: float) -> int:
 
 def put_claim(root: Path, name: str, uid: str, cpus: int, device: str = "cpu-numa0") -> ClaimRef:
     """An allocated claim in the standalone folder, as the scheduler leaves it."""
-    path = root / "cluster/resourceclaims/default" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(claim_yaml(name, uid, cpus, device))
+    FolderClaims(root / "cluster/resourceclaims").put(_claim(name, uid, cpus, device))
     return ClaimRef("default", name, uid)
 
 
 def claim_yaml(name: str, uid: str, cpus: int, device: str = "cpu-numa0") -> str:
-    return yaml.safe_dump(allocated_claim("default", name, [result(device, cpus=cpus)], uid=uid))
+    return yaml.safe_dump(_claim(name, uid, cpus, device))
+
+
+def _claim(name: str, uid: str, cpus: int, device: str) -> dict[str, Any]:
+    return allocated_claim("default", name, [result(device, cpus=cpus)], uid=uid)
 
 
 @dataclass(frozen=True)

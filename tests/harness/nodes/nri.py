@@ -1,18 +1,17 @@
-"""A driver with its NRI enforcer connected to a real containerd, for NRI tests and hack/bench/nri.py.
+"""The NRI node: the driver in the test's process with its NRI enforcer connected to a real containerd on this
+machine, and no kubelet: prepares run in-process through the Driver with a claim folder (StandaloneAPI), and
+containers get the claim's CDI device through CRI the way the kubelet passes it. For the NRI tests and
+hack/bench/nri.py; the machine's own CPUs are the node's (it needs two online).
 
-Prepares run in-process through the Driver with a claim folder (StandaloneAPI); containers get the claim's CDI
-device through CRI the way kubelet passes it.
+    with Containerd(newest_2x()) as daemon, NriNode(daemon, work_dir) as node:
+        ref = node.claim([pod.uid])
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
-import yaml
 
 from dra_cpu.core import cdi_spec
 from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
@@ -24,6 +23,8 @@ from dra_cpu.node.sysfs import read_topology
 from dra_cpu.nri.enforcer import NriConfig, NriEnforcer
 from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
+from tests.harness.claims import FolderClaims
+from tests.harness.component import Component, Unavailable
 from tests.harness.poll import NotYet, wait_until
 from tests.harness.runtimes.containerd import Containerd
 from tests.harness.runtimes.cri import Container, CriClient, Pod
@@ -33,19 +34,55 @@ ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
 
 
 @dataclass
-class Node:
-    """A driver with its NRI plugin, connected to a containerd."""
+class NriNode(Component):
+    """A driver with its NRI plugin, connected to `containerd`; its state and claim folder in `dir`."""
 
     containerd: Containerd
-    driver: Driver
-    claims_dir: Path
-    plugin: NriEnforcer = field(init=False)  # set by new_plugin()
+    dir: Path
+    min_shared_cpus: int = 1
+    _driver: Driver | None = field(default=None, repr=False)
+    _plugin: NriEnforcer | None = field(default=None, repr=False)
+
+    @property
+    def driver(self) -> Driver:
+        assert self._driver is not None, "the node is not started"
+        return self._driver
+
+    @property
+    def plugin(self) -> NriEnforcer:
+        assert self._plugin is not None, "the node is not started"
+        return self._plugin
 
     @property
     def cri(self) -> CriClient:
         return self.containerd.cri
 
+    def start(self) -> None:
+        if len(ONLINE) < 2:
+            raise Unavailable("needs at least 2 online CPUs: one to claim, one to share")
+        topology = read_topology("/")
+        config = DeviceConfig(node_name=NODE)
+        self._driver = Driver(
+            api=StandaloneAPI(self.dir / "cluster"),
+            config=config,
+            topology=topology,
+            devices=build_devices(topology, config),
+            checkpoint=CheckpointFile(self.dir / "checkpoint"),
+            cdi_store=CDIStore(self.containerd.cdi_dir, config.driver_name),
+            boot_id="test-boot",
+            min_shared_cpus=self.min_shared_cpus,
+        )
+        (self.dir / "checkpoint").mkdir(parents=True)
+        self.driver.start()
+        self.new_plugin()
+
+    def stop(self) -> None:
+        if self._plugin is not None:
+            self._plugin.stop()
+            self._plugin = None
+
     def new_plugin(self, grace_seconds: float = 10.0) -> NriEnforcer:
+        """A new NRI plugin in the driver's place (the old one stopped by the caller), connected and synchronized."""
         plugin = NriEnforcer(
             NriConfig(socket=self.containerd.nri_socket, backoff_max=0.3, grace_seconds=grace_seconds),
             self.driver.topology,
@@ -54,7 +91,7 @@ class Node:
         self.driver.enforcer = plugin
         plugin.start()
         assert plugin.wait_ready(10), "the plugin never synchronized with containerd"
-        self.plugin = plugin
+        self._plugin = plugin
         return plugin
 
     def claim(self, pod_uids: list[str], cpus: int = 1, hugepages_2mi: str = "") -> ClaimRef:
@@ -65,10 +102,9 @@ class Node:
         if hugepages_2mi:
             consumed = {"dra.cpu/memory": hugepages_2mi}
             results.append(allocation_result("dra.cpu", NODE, "hugepages-2mi-numa0", request="mem", consumed=consumed))
-        obj = allocated_claim(ref.namespace, ref.name, results, uid=ref.uid, pod_uids=pod_uids)
-        path = self.claims_dir / "resourceclaims" / ref.namespace / f"{ref.name}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(obj))
+        FolderClaims(self.dir / "cluster" / "resourceclaims").put(
+            allocated_claim(ref.namespace, ref.name, results, uid=ref.uid, pod_uids=pod_uids)
+        )
         prepared = self.driver.prepare([ref])[ref.uid]
         assert prepared.claim is not None, prepared.error
         return ref
@@ -92,26 +128,3 @@ class Node:
             return NotYet((inside, host))
 
         wait_until(check, f"{container.name} should run on {cpus}")
-
-
-def nri_node(containerd: Containerd, tmp_path: Path, min_shared_cpus: int = 1) -> Iterator[Node]:
-    if len(ONLINE) < 2:
-        pytest.skip("needs at least 2 online CPUs: one to claim, one to share")
-    topology = read_topology("/")
-    config = DeviceConfig(node_name=NODE)
-    driver = Driver(
-        api=StandaloneAPI(tmp_path / "cluster"),
-        config=config,
-        topology=topology,
-        devices=build_devices(topology, config),
-        checkpoint=CheckpointFile(tmp_path / "checkpoint"),
-        cdi_store=CDIStore(containerd.cdi_dir, config.driver_name),
-        boot_id="test-boot",
-        min_shared_cpus=min_shared_cpus,
-    )
-    (tmp_path / "checkpoint").mkdir(parents=True)
-    driver.start()
-    node = Node(containerd, driver, tmp_path / "cluster")
-    node.new_plugin()
-    yield node
-    node.plugin.stop()
