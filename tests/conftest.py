@@ -14,7 +14,7 @@ from tests.harness.paths import SYSFS, SYSFS_FIXTURES  # noqa: E402
 pytest_plugins: list[str] = [
     "tests.harness.runtimes.fixtures",
     "tests.harness.cluster.fixtures",
-    "tests.support.guest",
+    "tests.harness.guest.fixtures",
     "tests.harness.nodes.fixtures",
 ]
 

@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.guest import GuestSpec, boot, built  # noqa: E402
+from tests.harness.guest.vm import GuestSpec, boot, built  # noqa: E402
 
 NAME = "pcie-expander-3numa"
 # (expander bus number, NUMA node): bus_nr 0x10 names the root pci0000:10.

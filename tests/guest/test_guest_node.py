@@ -19,11 +19,11 @@ import pytest
 from dra_cpu.core.cpuset import CPUSet
 from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, new_namespace, pinned_pod
 from tests.harness.cluster.pods import create_all, delete_pod, wait_running
+from tests.harness.guest.vm import SPEC
 from tests.harness.nodes.guest_kubelet import GuestKubeletNode
 from tests.harness.nodes.kubelet import container_id
 from tests.harness.poll import wait_until
 from tests.harness.runtimes.cri import Allowed
-from tests.support.guest import SPEC
 
 CPUS_PER_NODE = 2
 """Of each NUMA node's four CPUs (one of node 1's is isolated): a whole core each, and two left shared."""

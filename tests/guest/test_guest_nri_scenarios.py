@@ -9,9 +9,9 @@ import uuid
 import pytest
 
 from dra_cpu.bench.numa_maps import parse_numa_maps
+from tests.harness.guest.vm import SPEC, GuestError
 from tests.harness.nodes.guest_standin import GuestStandinNode, cpulist, format_cpulist, result
 from tests.harness.runtimes.containerd import offers_memory_policy
-from tests.support.guest import SPEC, GuestError
 
 
 def test_claimed_container_pinned_and_shared_pool_follows_claims(guest_node: GuestStandinNode) -> None:

@@ -9,6 +9,7 @@ import uuid
 
 import yaml
 
+from tests.harness.guest.vm import SPEC
 from tests.harness.nodes.fixtures import only_newest_containerd
 from tests.harness.nodes.guest_standin import (
     GUEST_INTERVAL,
@@ -21,7 +22,6 @@ from tests.harness.nodes.guest_standin import (
     result,
 )
 from tests.harness.poll import NotYet, wait_until
-from tests.support.guest import SPEC
 
 pytestmark = only_newest_containerd
 

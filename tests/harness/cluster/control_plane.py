@@ -70,6 +70,8 @@ CONTROLLERS = (
     "serviceaccount-controller",
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",
+    # The rules of the aggregated ClusterRoles admin, edit and view, which users are given.
+    "clusterrole-aggregation-controller",
 )
 """kube-controller-manager --controllers. Left out: the node lifecycle controller (Nodes made without a kubelet
 would go NotReady and their pods evicted), pod garbage collection, endpoints and services (no kube-proxy here),

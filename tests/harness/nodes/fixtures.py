@@ -18,13 +18,13 @@ from tests.harness.cluster.chart import ChartError, DriverImage, InstalledDriver
 from tests.harness.cluster.control_plane import ControlPlane
 from tests.harness.cluster.helm import Helm
 from tests.harness.fixtures import mark_users, started
+from tests.harness.guest.vm import Guest, GuestError
 from tests.harness.nodes.guest_kubelet import GuestKubeletNode
 from tests.harness.nodes.guest_standin import VERSIONS, GuestStandinNode, containerd_versions
 from tests.harness.nodes.kubelet import NodeError
 from tests.harness.nodes.real import RealNode
 from tests.harness.nodes.standin import NodeFactory, StandinNodes
 from tests.harness.poll import WaitTimeout
-from tests.support.guest import Guest, GuestError
 
 
 @pytest.fixture

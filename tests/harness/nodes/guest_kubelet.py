@@ -51,12 +51,11 @@ from tests.harness.cluster.objects import DRIVER, DRIVER_ACCESS_KINDS, ensure, n
 from tests.harness.cluster.pki import kubeconfig_text
 from tests.harness.component import Unavailable
 from tests.harness.driver_files import checkpoint_records
+from tests.harness.guest.vm import GUEST_ADDRESS, GUEST_HOST, Guest, GuestError, boot, kernel_package, require_built
 from tests.harness.nodes.guest_standin import VERSIONS, GuestStandinNode
 from tests.harness.nodes.kubelet import KubeletNode, NodeError, kubelet_argv, kubelet_configuration, kubelet_gates
 from tests.harness.poll import wait_until
 from tests.harness.runtimes.cri import Allowed
-from tests.support import guest as guest_vm
-from tests.support.guest import GUEST_ADDRESS, GUEST_HOST, Guest, GuestError
 
 NODE_NAME = "numa-guest"
 RELEASE = "dra-cpu-guest"
@@ -162,15 +161,13 @@ class GuestKubeletNode(KubeletNode):
     def start(self) -> None:
         if os.geteuid() != 0:
             raise Unavailable("the guest's node needs root (qemu's 9p shares of root-owned folders)")
-        build, why = guest_vm.built()
-        if build is None:
-            raise Unavailable(why)
-        deb, why = guest_vm.kernel_package(build)
+        build = require_built()
+        deb, why = kernel_package(build)
         if deb is None:
             raise Unavailable(f"the guest's NIC driver cannot be loaded: {why}")
         start = time.monotonic()
         shares = [self.plane.binaries.path("kubelet").parent, self.plane.pki.dir]
-        self._guest = guest_vm.boot(build, forwards=[self.plane.port], shares=shares)
+        self._guest = boot(build, forwards=[self.plane.port], shares=shares)
         self._node = GuestStandinNode(self.guest, VERSIONS[0], f"/var/lib/dra-guest/{self.name}")
         self.timings["guest booted"] = time.monotonic() - start
         start = time.monotonic()
@@ -294,6 +291,5 @@ class GuestKubeletNode(KubeletNode):
                     self.kube.delete(f"/api/v1/namespaces/{self.driver_namespace}")
         finally:
             if self._guest is not None:
-                self._guest.poweroff()
-                shutil.rmtree(self._guest.workdir, ignore_errors=True)
+                self._guest.shutdown()
                 self._guest = None

@@ -29,9 +29,9 @@ from dra_cpu.core.claims import allocated_claim
 from dra_cpu.core.cpuset import CPUSet
 from tests.harness.claims import result as claim_result
 from tests.harness.component import Component
+from tests.harness.guest.vm import ROOT, Guest, GuestError
 from tests.harness.poll import NotYet, wait_until
 from tests.harness.runtimes.cri import Allowed, Container, Pod
-from tests.support.guest import ROOT, Guest, GuestError
 
 DRIVER = "dra.cpu"
 NODE = "dra-guest"
@@ -138,7 +138,7 @@ class GuestStandinNode(Component):
 
     def call(self, function: str, **kwargs: Any) -> Any:
         try:
-            return self.guest.request("call", module="guest_runtime", function=function, kwargs=kwargs)["result"]
+            return self.guest.request("call", module="kubelet_calls", function=function, kwargs=kwargs)["result"]
         except GuestError as err:
             # A CRI call that times out says nothing of why: what containerd and the driver logged last does.
             raise GuestError(f"{err}\n{self.log_tails()}") from None

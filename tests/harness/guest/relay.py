@@ -1,4 +1,4 @@
-"""One TCP connection from the test guest to a port on the host's loopback (tests/support/guest.py, `forwards`).
+"""One TCP connection from the test guest to a port on the host's loopback (vm.py beside this file, `forwards`).
 
 qemu's user-mode network (restrict=on, `guestfwd=...-cmd:`) starts this program for each connection the guest opens to
 the forwarded address, with that connection as its stdin, stdout and stderr: it connects to 127.0.0.1:PORT and copies

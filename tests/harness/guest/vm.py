@@ -1,22 +1,24 @@
-"""pytest plugin: a multi-NUMA test node that a real kernel enforces, booted once per session with qemu.
+"""The multi-NUMA test guest: a throwaway virtual machine, booted with qemu, whose real kernel has the NUMA nodes,
+SMT siblings, hugepages and isolated CPU this machine lacks.
 
-hack/testenv/guest.sh builds Debian's own kernel, an initramfs and a Debian rootfs (python3, runc, containerd); this
-plugin boots them with `qemu-system-x86_64 -accel tcg -cpu max,vendor=GenuineIntel` (KVM hangs on the test machines)
+    with boot(require_built()) as guest:
+        print(guest.run(["numactl", "--hardware"]).stdout)
+
+hack/testenv/guest.sh builds Debian's own kernel, an initramfs and a Debian rootfs (python3, runc, containerd); `boot`
+starts them with `qemu-system-x86_64 -accel tcg -cpu max,vendor=GenuineIntel` (KVM hangs on the test machines)
 in the topology of `SPEC`: 2 sockets x 2 cores x 2 threads, NUMA nodes 0 and 1 with 4 CPUs each, a memory-only
 node 2, distances, 2 MiB hugepages reserved per node on the kernel command line, one CPU in `isolcpus=`, pure
-cgroup v2 and no network.
-A guest booted with `forwards` (tests/support/guest_kubelet.py) has a NIC on qemu's user-mode network with restrict=on:
-it reaches the given ports of the host's loopback at GUEST_HOST and nothing else, and nothing reaches it. Its driver,
-virtio_net, is a module of Debian's kernel that the initramfs does not load; it comes from the kernel package that
-guest.sh keeps in its cache, so that the build (and the guests of other checkouts sharing it) stays as it is. With
-`shares`, host folders are mounted read-only at their own paths too.
+cgroup v2 and no network. It boots in 10 to 40 s on two busy cores.
+A guest booted with `forwards` (the guest kubelet node, tests/harness/nodes/guest_kubelet.py) has a NIC on qemu's
+user-mode network with restrict=on: it reaches the given ports of the host's loopback at GUEST_HOST and nothing
+else, and nothing reaches it (each connection is relayed by relay.py, a process on the host). Its driver, virtio_net,
+is a module of Debian's kernel that the initramfs does not load; it comes from the kernel package that guest.sh keeps
+in its cache, so that the build (and the guests of other checkouts sharing it) stays as it is. With `shares`, host
+folders are mounted read-only at their own paths too.
 The project checkout is shared read-only over 9p at the host's own path, with the host's .venv site-packages on the
 guest's PYTHONPATH (both pythons are Debian 12's 3.11), so the guest runs this very checkout: `python3 -m dra_cpu`.
-Tests drive the guest through `Guest`, which talks to tests/support/guest_agent.py over a virtio-serial port.
-
-Fixture:
-  guest   the booted `Guest`, shared by the session; powered off at its end. Skips, saying why, only where the
-          guest cannot run at all (no qemu, nothing built: run hack/testenv/guest.sh install).
+The host drives the guest through `Guest`, which talks to the agent inside it (inside/agent.py) over a virtio-serial
+port.
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-import pytest
+from tests.harness.component import Unavailable
+from tests.harness.paths import REPO
+from tests.harness.poll import wait_until
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = REPO
 SCRIPT = ROOT / "hack" / "testenv" / "guest.sh"
-RELAY = Path(__file__).resolve().parent / "guest_relay.py"
+RELAY = Path(__file__).resolve().parent / "relay.py"
 AGENT_PORT = "dra-agent"
 GUEST_HOST = "10.0.2.100"
 """Where a guest booted with `forwards` reaches those ports of the host's loopback."""
@@ -315,37 +319,47 @@ class Guest:
     def connect(self, socket_path: Path, timeout: float) -> None:
         """Connect to qemu's end of the agent's port and wait until the agent answers a ping."""
         start = time.monotonic()
-        deadline = start + timeout
-        while not socket_path.exists():
-            self._check_alive(deadline)
-            time.sleep(0.05)
+
+        def qemu_exited() -> str:
+            return "" if self.process.poll() is None else f"qemu exited ({self.process.returncode}) while booting"
+
+        def logs() -> str:
+            return f"logs in {self.workdir}:\n{self.console_tail()}"
+
+        wait_until(
+            socket_path.exists, "qemu's end of the agent's port", timeout, 0.05, abort=qemu_exited, error=GuestError
+        )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(socket_path))
         self._socket = sock
-        request_id = -1
+        sent = -1
+
         # Pings sent before the agent opened its port may be lost: ask again until one is answered.
-        while True:
-            self._check_alive(deadline)
+        def answered() -> bool:
+            nonlocal sent
             try:
-                request_id = self._send({"op": "ping"})
+                sent = self._send({"op": "ping"})
             except TimeoutError:
                 # qemu keeps what the guest has not read, and stops taking more: a slow boot (a loaded host) fills
                 # that up with pings. The agent answers them all once it reads; wait for the last one sent.
-                if request_id < 0:
-                    continue
-            reply = self._receive(request_id, 3.0)
-            if reply is not None:
-                self.boot_seconds = time.monotonic() - start
-                return
+                if sent < 0:
+                    return False
+            return self._receive(sent, 3.0) is not None
 
-    def _check_alive(self, deadline: float) -> None:
-        if self.process.poll() is not None:
-            status = self.process.returncode
-            raise GuestError(f"qemu exited ({status}) while booting (logs in {self.workdir}):\n{self.console_tail()}")
-        if time.monotonic() > deadline:
-            raise GuestError(
-                f"the guest did not answer within {BOOT_TIMEOUT:.0f} s (logs in {self.workdir}):\n{self.console_tail()}"
-            )
+        left = timeout - (time.monotonic() - start)
+        wait_until(answered, "the guest's agent to answer", left, 0, abort=qemu_exited, details=logs, error=GuestError)
+        self.boot_seconds = time.monotonic() - start
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Powers the guest off and removes its folder (its disk's overlay, console and logs)."""
+        self.poweroff()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def poweroff(self) -> None:
         try:
@@ -360,6 +374,14 @@ class Guest:
                 self.process.wait()
             if self._socket is not None:
                 self._socket.close()
+
+
+def require_built() -> Path:
+    """The directory of hack/testenv/guest.sh's build; Unavailable when there is none (or no qemu)."""
+    build, why = built()
+    if build is None:
+        raise Unavailable(why)
+    return build
 
 
 def built() -> tuple[Path | None, str]:
@@ -378,7 +400,7 @@ def _share_tag(index: int) -> str:
 
 def network_args(forwards: Sequence[int]) -> list[str]:
     """A user-mode NIC through which the guest reaches the host's loopback `forwards` ports at GUEST_HOST, and
-    nothing else (restrict=on). Each connection runs guest_relay.py: a chardev target would take one connection
+    nothing else (restrict=on). Each connection runs relay.py: a chardev target would take one connection
     only, for the life of qemu."""
     # qemu reads a comma in an option's value as the next option unless doubled.
     relays = ",".join(
@@ -484,46 +506,3 @@ def boot(build: Path, spec: GuestSpec = SPEC, *, forwards: Sequence[int] = (), s
         guest.poweroff()
         raise
     return guest
-
-
-@pytest.fixture(scope="session", name="guest")
-def guest_fixture(pytestconfig: pytest.Config) -> Iterator[Guest]:
-    build, why = built()
-    if build is None:
-        pytest.skip(why)
-    the_guest = boot(build)
-    pytestconfig.stash[_BOOTED] = the_guest
-    try:
-        host = f"{sys.version_info.major}.{sys.version_info.minor}"
-        inside = the_guest.run(["python3", "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"])
-        if inside.stdout.strip() != host:
-            pytest.skip(f"the guest's python is {inside.stdout.strip()}, the host's .venv {host}: it cannot be shared")
-        yield the_guest
-    finally:
-        the_guest.poweroff()
-        shutil.rmtree(the_guest.workdir, ignore_errors=True)
-
-
-_BOOTED = pytest.StashKey[Guest]()
-GUEST_FIXTURES = {"guest", "guest_kubelet"}
-"""Fixtures that boot a guest: their tests are marked `guest`."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if GUEST_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.guest)
-
-
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    booted = config.stash.get(_BOOTED, None)
-    if booted is None:
-        return
-    total = sum(seconds for _, seconds in booted.timings)
-    slowest = sorted(booted.timings, key=lambda t: -t[1])[:5]
-    terminalreporter.write_sep("-", "test guest")
-    terminalreporter.write_line(
-        f"booted in {booted.boot_seconds:.1f} s; {len(booted.timings)} requests took {total:.1f} s in the guest"
-    )
-    for what, seconds in slowest:
-        terminalreporter.write_line(f"  {seconds:7.1f} s  {what}")

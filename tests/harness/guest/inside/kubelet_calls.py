@@ -1,5 +1,5 @@
-"""Guest-side helpers that tests/support/guest_agent.py imports for its "call" op: what kubelet asks of containerd
-(CRI) and of the driver (plugin registration, NodePrepareResources), run inside the test guest.
+"""What the kubelet asks of containerd (CRI) and of the driver (plugin registration, NodePrepareResources), made
+inside the test guest: the agent (agent.py beside it) imports this module for its "call" op.
 
 Every function takes and returns JSON values. The gRPC stubs are compiled at first use from the checkout's protos/
 (grpc_tools from the host's .venv), so that this module depends on neither the driver's package layout nor on
@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parents[4]
 BUSYBOX_IMAGE = "localhost/busybox:latest"
 """The image hack/testenv/containerd.sh imports; its default command sleeps until SIGTERM."""
 TIMEOUT = 60.0
@@ -90,7 +90,7 @@ def run_pod(socket: str, name: str, cgroup_parent: str, uid: str = "", namespace
     cri = _cri(socket)
     pod_id = cri.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=TIMEOUT).pod_sandbox_id
     cri.pods[pod_id] = config
-    # The fields of tests/support/cri.py's Pod, which the host makes of it.
+    # The fields of tests/harness/runtimes/cri.py's Pod, which the host makes of it.
     return {"id": pod_id, "name": name, "namespace": namespace, "uid": uid, "cgroup_parent": pod_cgroup}
 
 
