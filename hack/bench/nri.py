@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# Run as a script: the repository root (for tests/support) is not on the path by itself.
+# Run as a script: the repository root (for tests/harness) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
 from dra_cpu import logs  # noqa: E402
@@ -39,7 +39,7 @@ from tests.harness.poll import wait_until  # noqa: E402
 from tests.harness.runtimes.containerd import VERSIONS, Containerd  # noqa: E402
 from tests.harness.runtimes.cri import Allowed  # noqa: E402
 from tests.harness.runtimes.nri_peer import Peer  # noqa: E402
-from tests.support.synthetic import uniform_machine, write_tree  # noqa: E402
+from tests.harness.synthetic_sysfs import uniform_machine, write_tree  # noqa: E402
 
 
 def percentile(values: list[float], p: float) -> float:

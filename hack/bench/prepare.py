@@ -2,7 +2,7 @@
 """Prepare figures, printed (run with .venv/bin/python):
 
 latency  1000 claims through the kubelet socket of a real daemon reading them from the real API server
-         (kube-apiserver from tests/support/control_plane.py): NodePrepareResources p50 (goal <= 3 ms) and
+         (kube-apiserver from tests/harness/cluster/control_plane.py): NodePrepareResources p50 (goal <= 3 ms) and
          p99 (goal <= 10 ms), and the load average when it ended. The state and kubelet folders are on the disk
          of /tmp; the CDI folder is on the tmpfs /dev/shm, as /var/run/cdi is on a node (on the disk, with a
          note, where /dev/shm is no tmpfs).
@@ -29,7 +29,7 @@ import kubernetes
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-# Run as a script: the repository root (for tests/support) is not on the path by itself.
+# Run as a script: the repository root (for tests/harness) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
 from dra_cpu.core.claims import ClaimRef  # noqa: E402

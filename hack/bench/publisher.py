@@ -2,7 +2,7 @@
 """Prints what publishing ResourceSlices costs: building the slices of the 64-CPU fixture in every device mode,
 grouping and node-allocatable setting (goal <= 20 ms each, median of 20), API writes by a running publisher while
 nothing changes (goal 0), and how long a slice deleted by another client stays away (goal <= 1 s, median of 20).
-Starts its own kube-apiserver (tests/support/control_plane.py; run `hack/testenv/kubernetes.sh install` once);
+Starts its own kube-apiserver (tests/harness/cluster/control_plane.py; run `hack/testenv/kubernetes.sh install` once);
 with --build-only it needs none. Run with .venv/bin/python hack/bench/publisher.py [--idle-seconds N] [--build-only]."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dra_cpu.node.sysfs import read_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests/fixtures/sysfs/big-8numa"
-sys.path.insert(0, str(ROOT))  # for tests.support
+sys.path.insert(0, str(ROOT))  # for tests.harness
 
 from tests.harness.cluster.control_plane import APISERVER_ONLY, ControlPlane, ControlPlaneError  # noqa: E402
 from tests.harness.component import Unavailable  # noqa: E402

@@ -6,7 +6,7 @@ repository root:
     .venv/bin/python hack/bench/scheduler.py [--nodes 100] [--pods 200] [--rounds 2] [--quick] [--json]
 
 It starts etcd, kube-apiserver, kube-scheduler and kube-controller-manager on loopback
-(tests/support/control_plane.py), the chart's DeviceClasses, and then, for each round, two cases, their order
+(tests/harness/cluster/control_plane.py), the chart's DeviceClasses, and then, for each round, two cases, their order
 alternating between rounds:
 
   with       --nodes Ready Nodes sized like tests/fixtures/sysfs/big-8numa (64 CPUs, 8 NUMA nodes), each with the
@@ -61,7 +61,7 @@ from kubernetes import client, watch
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
-# Run as a script: the repository root (for tests/support) is not on the path by itself.
+# Run as a script: the repository root (for tests/harness) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
 from dra_cpu.core.devices import DeviceConfig, build_devices, build_slices  # noqa: E402

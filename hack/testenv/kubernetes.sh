@@ -10,7 +10,7 @@
 #   kubernetes.sh version     prints the Kubernetes version this script builds
 #   kubernetes.sh go          prints the path of a go command, fetching Go as install does when there is none
 #
-# Starting the components is the test fixture's job (tests/support/control_plane.py): it needs per-run ports,
+# Starting the components is the test fixture's job (tests/harness/cluster/control_plane.py): it needs per-run ports,
 # certificates and kubeconfigs, and must fail a test with the failing component's log.
 #
 # How: the module download of k8s.io/kubernetes lacks ./staging, which its go.mod `replace`s every k8s.io/* staging

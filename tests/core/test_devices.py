@@ -19,7 +19,7 @@ from dra_cpu.core.devices import (
 )
 from dra_cpu.node.sysfs import read_topology
 from tests.harness.paths import SYSFS
-from tests.support.synthetic import (
+from tests.harness.synthetic_sysfs import (
     ONE_STEP_CASES,
     SyntheticCpu,
     SyntheticNode,

@@ -1,5 +1,5 @@
 """A claim across both NUMA nodes, end to end with the real components on a kernel that has the NUMA nodes: the test
-guest joined to the test control plane as node numa-guest (tests/support/guest_kubelet.py), kube-scheduler 1.37
+guest joined to the test control plane as node numa-guest (tests/harness/nodes/guest_kubelet.py), kube-scheduler 1.37
 allocating the claim there, the guest's kubelet 1.37 preparing it with dra-cpu (a process in the guest, NRI
 enforcement) and containerd 2.1 starting the container on the claim's CPUs. Then one of those CPUs goes offline,
 and the kubelet shows the device Unhealthy, with the driver's reason, in the pod's status.
@@ -79,7 +79,7 @@ def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
         "spec": {"devices": {"requests": [numa_request("numa0", 0), numa_request("numa1", 1)]}},
     }
     pod = pinned_pod(busybox_pod("app", {"cpus": "two-nodes"}), node.name)
-    pod["spec"]["hostNetwork"] = True  # the guest's node has no pod network (tests/support/guest_kubelet.py)
+    pod["spec"]["hostNetwork"] = True  # the guest's node has no pod network (tests/harness/nodes/guest_kubelet.py)
     [app] = pod["spec"]["containers"]
     # `app` names each request, `whole` the whole claim: the kubelet keys device health by CDI device, and dra-cpu
     # gives a claim one CDI device for all its devices, so `whole` sees one device's health for both.

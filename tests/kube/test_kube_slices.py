@@ -36,7 +36,7 @@ from tests.harness.cluster.objects import (
 from tests.harness.cluster.pods import wait_scheduled
 from tests.harness.paths import SYSFS
 from tests.harness.poll import wait_until
-from tests.support.synthetic import ONE_STEP_CASES, one_step_machine
+from tests.harness.synthetic_sysfs import ONE_STEP_CASES, one_step_machine
 
 LOG = logging.getLogger("test.kube.slices")
 SLICES = "/apis/resource.k8s.io/v1/resourceslices"

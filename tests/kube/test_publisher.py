@@ -32,8 +32,8 @@ from tests.harness.cluster.fixtures import started_plane
 from tests.harness.cluster.objects import create_node, delete_node, resource_slice
 from tests.harness.paths import SYSFS
 from tests.harness.poll import wait_until
+from tests.harness.synthetic_sysfs import uniform_machine, write_tree
 from tests.harness.typed import as_dict
-from tests.support.synthetic import uniform_machine, write_tree
 
 FIXTURES = SYSFS
 LOG = logging.getLogger("test.publisher")

@@ -14,7 +14,7 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.node.sysfs import SysfsError, read_topology
 from dra_cpu.tools.render import topology_table
 from tests.harness.paths import SYSFS
-from tests.support.synthetic import SyntheticCpu, SyntheticNode, uniform_machine, write_pcie_root, write_tree
+from tests.harness.synthetic_sysfs import SyntheticCpu, SyntheticNode, uniform_machine, write_pcie_root, write_tree
 
 
 def test_fixture_matches_expected_field_by_field(sysfs_fixture: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -88,7 +88,7 @@ def test_checkpoint_naming_vanished_cpus_starts_and_reports(tmp_path: Path, capl
 
 
 def test_smt_turned_off_drops_only_claims_on_the_lost_siblings(tmp_path: Path) -> None:
-    from tests.support.synthetic import uniform_machine, write_tree
+    from tests.harness.synthetic_sysfs import uniform_machine, write_tree
 
     cpus, nodes = uniform_machine(sockets=2, nodes_per_socket=1, cores_per_node=4, threads=2)
     smt_on = write_tree(tmp_path / "smt-on", cpus, nodes)

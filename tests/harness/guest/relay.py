@@ -5,7 +5,7 @@ the forwarded address, with that connection as its stdin, stdout and stderr: it 
 bytes both ways until both sides have closed. Standard library only, started with -I -S for a quick start (the
 kubelet and the driver open several connections); it writes nothing of its own, since stderr is the guest's stream.
 
-    python3 -I -S guest_relay.py PORT
+    python3 -I -S relay.py PORT
 """
 
 from __future__ import annotations

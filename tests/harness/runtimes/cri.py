@@ -37,7 +37,7 @@ class Pod:
     cgroup_parent: str
     config: pb.PodSandboxConfig | None = field(default=None, repr=False)
     """What CreateContainer sends again as the sandbox config; None where another client keeps it (the guest's
-    tests/support/guest_runtime.py)."""
+    tests/harness/guest/inside/kubelet_calls.py)."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 (which asserts the figures) and hack/bench/crash.py (which prints them).
 
 A stream is a machine (one sysfs tree, or two that the restarts alternate between: a node that shrinks and grows
-back across reboots) and a set of allocated claims. Each round starts tests/support/crash_worker.py on the round's
+back across reboots) and a set of allocated claims. Each round starts tests/harness/crash_worker.py on the round's
 machine, checks what it recovered against everything acknowledged so far, lets it prepare and unprepare at random,
 and kills it with SIGKILL at a random instant. Counted, never assumed:
 
@@ -36,7 +36,7 @@ from dra_cpu.store.cdi_files import CDIStore
 from dra_cpu.store.checkpoint import CheckpointFile
 from tests.harness.claims import DRIVER, result
 from tests.harness.paths import REPO, SYSFS
-from tests.support.synthetic import SyntheticNode, uniform_machine, write_tree
+from tests.harness.synthetic_sysfs import SyntheticNode, uniform_machine, write_tree
 
 # What an acknowledged prepare granted: the CPUs and the (node, page KiB, bytes) hugepage grants.
 Grant = tuple[CPUSet, tuple[tuple[int, int, int], ...]]
@@ -182,7 +182,7 @@ def run_stream(root: Path, stream: Stream, kills: int, seed: int = 1234, max_del
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for kill in range(kills):
         machine = stream.machine(kill)
-        worker = ["-m", "tests.support.crash_worker", str(root), str(len(stream.claims)), str(kill), str(machine)]
+        worker = ["-m", "tests.harness.crash_worker", str(root), str(len(stream.claims)), str(kill), str(machine)]
         with (root / "worker.log").open("a") as log:
             proc = subprocess.Popen(
                 [sys.executable, *worker],
@@ -245,7 +245,7 @@ _REPREPARE = """
 import json, sys
 from pathlib import Path
 from dra_cpu.core.claims import ClaimRef
-from tests.support.kubelet_node import make_driver
+from tests.harness.nodes.standin import make_driver
 driver = make_driver(Path(sys.argv[1]), sys.argv[2])
 driver.start()
 refs = [ClaimRef("default", c.ref.name, uid) for uid, c in driver.state.claims.items()]

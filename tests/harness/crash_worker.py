@@ -1,7 +1,7 @@
 """A driver process for the crash test: recover, say ready, then prepare and unprepare claims at random, printing
 each acknowledged result (what the kubelet would have been told) before moving on. The test kills it with -9.
 
-    python -m tests.support.crash_worker ROOT CLAIMS SEED [SYSFS_ROOT]
+    python -m tests.harness.crash_worker ROOT CLAIMS SEED [SYSFS_ROOT]
 
 Output lines: `prepared <uid> <claim as JSON>`, `failed <uid> <error>`, `unpreparing <uid>`, `unprepared <uid>
 [<error>]`. A claim the driver reports as unrestorable is unprepared, as the kubelet does once its pod is deleted.
