@@ -5,8 +5,8 @@ from the driver's files on the host and from inside the containers (CRI exec).
 
 The examples of hack/examples are applied unchanged when they fit this machine; on the 2-CPU, one-NUMA-node test
 machines none does (each asks 4 or more CPUs), so those that fit once scaled are applied with their CPU amounts cut to
-what a claim can get here (1 CPU: one stays shared) and NUMA node 1 replaced by node 0 (`node_claims.fit`), and the
-others (isolated CPUs, hugepages, two NUMA nodes) are skipped with the reason.
+what a claim can get here (1 CPU: one stays shared) and NUMA node 1 replaced by node 0 (tests/harness/examples.py),
+and the others (isolated CPUs, hugepages, two NUMA nodes) are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
 from tests.harness.cluster.chart import InstalledDriver
 from tests.harness.cluster.client import Kube
-from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, cpu_claim
+from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, cpu_claim, deployment
 from tests.harness.cluster.pods import create_all, delete_pod, wait_running
 from tests.harness.driver_files import cdi_spec_uids, checkpoint_claims
 from tests.harness.examples import DoesNotFit, documents, fit
@@ -147,6 +147,25 @@ def test_a_template_claim_is_released_with_its_pod(
     assert uid not in cdi_spec_uids(dra_cpu_node.node.cdi_dir)
     # The resourceclaim controller deletes the claim it made for the pod.
     wait_until(lambda: kube.find(claim_path(namespace, generated)) is None, f"claim {generated} to be deleted")
+
+
+def test_a_deployments_pod_runs_on_the_cpus_of_its_template_claim(
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
+) -> None:
+    """A Deployment as users write it: the deployment and replicaset controllers make its pod, the resourceclaim
+    controller the pod's claim from its template, and the pod runs on that claim's CPUs."""
+    kube = dra_cpu_node.node.kube
+    pod = busybox_pod("app", {"cpus": "one-cpu"}, template=True)
+    create_all(kube, namespace, [cpu_claim("one-cpu", template=True), deployment("app", pod)])
+    pods_path = f"/api/v1/namespaces/{namespace}/pods"
+    [made] = wait_until(lambda: kube.list(pods_path, label_selector="app=app"), "the Deployment's pod")
+    assert [o["kind"] for o in made["metadata"]["ownerReferences"]] == ["ReplicaSet"]
+    running = wait_running(kube, namespace, made["metadata"]["name"])
+    (status,) = running["status"]["resourceClaimStatuses"]
+    assert_pinned(dra_cpu_node, topology, running, {claim_uid(kube, namespace, status["resourceClaimName"]): 1})
+    # Else the ReplicaSet makes the pod again as the namespace's clean-up deletes it.
+    kube.delete(f"/apis/apps/v1/namespaces/{namespace}/deployments/app")
+    wait_until(lambda: not kube.list(pods_path, label_selector="app=app"), "the Deployment's pod to be deleted", 120)
 
 
 @pytest.mark.parametrize(

@@ -213,3 +213,22 @@ def busybox_pod(name: str, claims: Mapping[str, str] | None = None, template: bo
     if claims:
         spec["resourceClaims"] = [{"name": c, key: target} for c, target in claims.items()]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+
+
+def deployment(name: str, pod: Mapping[str, Any], replicas: int = 1) -> dict[str, Any]:
+    """A Deployment of `replicas` copies of `pod` (its spec; labelled app=<name>)."""
+    labels = {"app": name}
+    template = {"metadata": {"labels": labels}, "spec": json.loads(json.dumps(pod["spec"]))}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": labels}, "template": template},
+    }
+
+
+def job(name: str, pod: Mapping[str, Any]) -> dict[str, Any]:
+    """A Job that runs `pod` (its spec) once, never restarted (labelled app=<name>)."""
+    spec = {**json.loads(json.dumps(pod["spec"])), "restartPolicy": "Never"}
+    template = {"metadata": {"labels": {"app": name}}, "spec": spec}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}, "spec": {"template": template}}
