@@ -56,6 +56,8 @@ class Stream:
 
 @dataclass
 class Figures:
+    """What one stream counted: its restarts, the failures of each kind, and the first few failures' messages."""
+
     stream: str
     restarts: int = 0
     double_bookings: int = 0

@@ -13,6 +13,8 @@ from dra_cpu.core.cpuset import CPUSet
 
 @dataclass(frozen=True)
 class SyntheticCpu:
+    """One CPU of a synthetic machine: where it sits (socket, die, core, NUMA node), its siblings and caches."""
+
     id: int
     socket: int = 0
     die: int = 0

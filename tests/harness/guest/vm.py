@@ -61,6 +61,8 @@ BOOT_TIMEOUT = 360.0
 
 @dataclass(frozen=True)
 class NodeSpec:
+    """One NUMA node of the guest: its CPUs (none for a memory-only node), memory and 2 MiB pages reserved."""
+
     id: int
     cpus: tuple[int, ...]
     memory_mib: int

@@ -56,6 +56,7 @@ from tests.harness.nodes.guest_standin import VERSIONS, GuestStandinNode
 from tests.harness.nodes.kubelet import KubeletNode, NodeError, kubelet_argv, kubelet_configuration, kubelet_gates
 from tests.harness.poll import wait_until
 from tests.harness.runtimes.cri import Allowed
+from tests.harness.typed import present
 
 NODE_NAME = "numa-guest"
 RELEASE = "dra-cpu-guest"
@@ -80,28 +81,22 @@ class GuestKubeletNode(KubeletNode):
     _guest: Guest | None = field(default=None, repr=False)
     _node: GuestStandinNode | None = field(default=None, repr=False)
 
+    dir: str = f"/var/lib/dra-guest/{NODE_NAME}"
+    """All of the node's state in the guest: containerd's, the driver's and the kubelet's root folder (laid out by
+    `node`), and the kubelet's log."""
+
     @property
     def guest(self) -> Guest:
-        assert self._guest is not None, "the guest is not booted"
-        return self._guest
+        return present(self._guest, "the guest (not booted)")
 
     @property
     def node(self) -> GuestStandinNode:
-        """containerd and the driver in the guest; the kubelet's root folder is <node.dir>/kubelet."""
-        assert self._node is not None, "the guest is not booted"
-        return self._node
-
-    @property
-    def root(self) -> str:
-        return f"{self.node.dir}/kubelet"
+        """containerd and the driver in the guest."""
+        return present(self._node, "the guest's containerd and driver (not started)")
 
     @property
     def kubelet_log(self) -> str:
-        return f"{self.node.dir}/kubelet.log"
-
-    @property
-    def state_dir(self) -> str:
-        return f"{self.node.dir}/state"
+        return f"{self.dir}/kubelet.log"
 
     def kubelet_log_tail(self, lines: int = 40) -> str:
         return self.guest.run(["tail", f"-{lines}", self.kubelet_log], check=False).stdout
@@ -116,7 +111,7 @@ class GuestKubeletNode(KubeletNode):
         return "" if rc is None else f"the guest's kubelet exited ({rc})"
 
     def plugin_watcher_ready(self) -> bool:
-        return self.guest.run(["test", "-d", f"{self.root}/plugins_registry"], check=False).rc == 0
+        return self.guest.run(["test", "-d", f"{self.node.kubelet_dir}/plugins_registry"], check=False).rc == 0
 
     def describe(self) -> str:
         """The guest kubelet's and the driver's log tails, for failure messages."""
@@ -149,7 +144,7 @@ class GuestKubeletNode(KubeletNode):
 
     def checkpoint_claims(self) -> dict[str, dict[str, Any]]:
         """Claim UID -> record, from the driver's checkpoint in the guest."""
-        found = self.guest.run(["cat", f"{self.state_dir}/checkpoint.json"], check=False)
+        found = self.guest.run(["cat", f"{self.node.state_dir}/checkpoint.json"], check=False)
         return checkpoint_records(found.stdout) if found.rc == 0 else {}
 
     def set_online(self, cpu: int, online: bool) -> None:
@@ -168,7 +163,7 @@ class GuestKubeletNode(KubeletNode):
         start = time.monotonic()
         shares = [self.plane.binaries.path("kubelet").parent, self.plane.pki.dir]
         self._guest = boot(build, forwards=[self.plane.port], shares=shares)
-        self._node = GuestStandinNode(self.guest, VERSIONS[0], f"/var/lib/dra-guest/{self.name}")
+        self._node = GuestStandinNode(self.guest, VERSIONS[0], self.dir)
         self.timings["guest booted"] = time.monotonic() - start
         start = time.monotonic()
         server = f"https://{API_NAME}:{self.plane.port}"
@@ -201,8 +196,8 @@ class GuestKubeletNode(KubeletNode):
         self.node.start_containerd()
 
     def _start_kubelet(self, server: str) -> None:
-        directory = self.node.dir
-        self.guest.run(["mkdir", "-p", self.root, f"/sys/fs/cgroup{self.node.cgroup_parent}"])
+        directory = self.dir
+        self.guest.run(["mkdir", "-p", self.node.kubelet_dir, f"/sys/fs/cgroup{self.node.cgroup_parent}"])
         user = self.plane.pki.node_user(self.name, f"kubelet-{self.name}-{uuid.uuid4().hex[:8]}")
         self.guest.write(f"{directory}/kubelet.kubeconfig", kubeconfig_text(server, self.plane.pki.ca, user))
         config = kubelet_configuration(
@@ -215,7 +210,7 @@ class GuestKubeletNode(KubeletNode):
         )
         self.guest.write(f"{directory}/kubelet.yaml", json.dumps(config, indent=2))
         argv = [
-            *kubelet_argv(self.plane.binaries.path("kubelet"), Path(directory), Path(self.root), self.name),
+            *kubelet_argv(self.plane.binaries.path("kubelet"), Path(directory), Path(self.node.kubelet_dir), self.name),
             # Else the kubelet looks the node's name up, which nothing in the guest resolves.
             f"--node-ip={GUEST_ADDRESS}",
         ]
@@ -244,7 +239,7 @@ class GuestKubeletNode(KubeletNode):
         }
         path = f"/api/v1/namespaces/{self.driver_namespace}/serviceaccounts/{account}/token"
         token = kube.request("POST", path, token_request)["status"]["token"]
-        kubeconfig = f"{self.node.dir}/driver.kubeconfig"
+        kubeconfig = f"{self.dir}/driver.kubeconfig"
         self.guest.write(kubeconfig, kubeconfig_text(server, self.plane.pki.ca, {"token": token}))
         # Against an API server the daemon imports the Kubernetes client first: slower to start under TCG.
         self.node.start_driver(kubeconfig=kubeconfig, node_name=self.name, register_seconds=int(START_SECONDS))

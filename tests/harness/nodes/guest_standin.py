@@ -111,30 +111,27 @@ class GuestStandinNode(Component):
     driver_pid: int = 0
     claims: list[Claim] = field(default_factory=list)
     _pids: dict[str, int] = field(default_factory=dict)
+    # Below `dir`: containerd's state, sockets and CDI specs; the stand-in cluster folder; the kubelet's root folder
+    # (a real kubelet's, or where the driver puts its sockets for the stand-in), with the driver's registration socket
+    # where a kubelet's plugin watcher looks; the driver's state (its checkpoint) and log.
+    containerd_dir: str = field(init=False)
+    cri_socket: str = field(init=False)
+    cdi_dir: str = field(init=False)
+    cluster: str = field(init=False)
+    kubelet_dir: str = field(init=False)
+    registration: str = field(init=False)
+    state_dir: str = field(init=False)
+    driver_log: str = field(init=False)
 
-    @property
-    def containerd_dir(self) -> str:
-        return f"{self.dir}/containerd"
-
-    @property
-    def cri_socket(self) -> str:
-        return f"{self.containerd_dir}/containerd.sock"
-
-    @property
-    def cdi_dir(self) -> str:
-        return f"{self.containerd_dir}/cdi"
-
-    @property
-    def cluster(self) -> str:
-        return f"{self.dir}/cluster"
-
-    @property
-    def registration(self) -> str:
-        return f"{self.dir}/kubelet/plugins_registry/{DRIVER}-reg.sock"
-
-    @property
-    def driver_log(self) -> str:
-        return f"{self.dir}/driver.log"
+    def __post_init__(self) -> None:
+        self.containerd_dir = f"{self.dir}/containerd"
+        self.cri_socket = f"{self.containerd_dir}/containerd.sock"
+        self.cdi_dir = f"{self.containerd_dir}/cdi"
+        self.cluster = f"{self.dir}/cluster"
+        self.kubelet_dir = f"{self.dir}/kubelet"
+        self.registration = f"{self.kubelet_dir}/plugins_registry/{DRIVER}-reg.sock"
+        self.state_dir = f"{self.dir}/state"
+        self.driver_log = f"{self.dir}/driver.log"
 
     def call(self, function: str, **kwargs: Any) -> Any:
         try:
@@ -187,15 +184,15 @@ class GuestStandinNode(Component):
             "--node-name", node_name,
             "--enforcement", "nri",
             "--nri-socket", f"{self.containerd_dir}/nri/nri.sock",
-            "--kubelet-root-dir", f"{self.dir}/kubelet",
+            "--kubelet-root-dir", self.kubelet_dir,
             "--cdi-root", self.cdi_dir,
-            "--state-dir", f"{self.dir}/state",
+            "--state-dir", self.state_dir,
             "--metrics-address", f"127.0.0.1:{self.metrics_port}",
             "--hugepage-poll-seconds", "1",
             "--log-level", "debug",
             *extra,
         ]  # fmt: skip
-        self.guest.run(["mkdir", "-p", f"{self.dir}/state", self.cluster])
+        self.guest.run(["mkdir", "-p", self.state_dir, self.cluster])
         self.driver_pid = self.guest.spawn(argv, self.driver_log)
         # The registration socket appears once NRI has synchronized with containerd.
         waited = self.guest.run(

@@ -28,6 +28,7 @@ from tests.harness.component import Component, Unavailable
 from tests.harness.poll import NotYet, wait_until
 from tests.harness.runtimes.containerd import Containerd
 from tests.harness.runtimes.cri import Container, CriClient, Pod
+from tests.harness.typed import present
 
 NODE = "node-nri"
 ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
@@ -40,29 +41,14 @@ class NriNode(Component):
     containerd: Containerd
     dir: Path
     min_shared_cpus: int = 1
-    _driver: Driver | None = field(default=None, repr=False)
+    driver: Driver = field(init=False)
+    """On this machine's topology, its claims in a folder below `dir`, its CDI specs where containerd reads them."""
     _plugin: NriEnforcer | None = field(default=None, repr=False)
 
-    @property
-    def driver(self) -> Driver:
-        assert self._driver is not None, "the node is not started"
-        return self._driver
-
-    @property
-    def plugin(self) -> NriEnforcer:
-        assert self._plugin is not None, "the node is not started"
-        return self._plugin
-
-    @property
-    def cri(self) -> CriClient:
-        return self.containerd.cri
-
-    def start(self) -> None:
-        if len(ONLINE) < 2:
-            raise Unavailable("needs at least 2 online CPUs: one to claim, one to share")
+    def __post_init__(self) -> None:
         topology = read_topology("/")
         config = DeviceConfig(node_name=NODE)
-        self._driver = Driver(
+        self.driver = Driver(
             api=StandaloneAPI(self.dir / "cluster"),
             config=config,
             topology=topology,
@@ -72,6 +58,18 @@ class NriNode(Component):
             boot_id="test-boot",
             min_shared_cpus=self.min_shared_cpus,
         )
+
+    @property
+    def plugin(self) -> NriEnforcer:
+        return present(self._plugin, "the NRI node's plugin (not started)")
+
+    @property
+    def cri(self) -> CriClient:
+        return self.containerd.cri
+
+    def start(self) -> None:
+        if len(ONLINE) < 2:
+            raise Unavailable("needs at least 2 online CPUs: one to claim, one to share")
         (self.dir / "checkpoint").mkdir(parents=True)
         self.driver.start()
         self.new_plugin()

@@ -95,44 +95,26 @@ class RealNode(KubeletNode):
     name: str = NODE_NAME
     vmodule: str = ""
     """The kubelet's --vmodule (e.g. dra_plugin=4 logs each NodePrepareResources call with its time)."""
-    containerd: Containerd | None = None
     port: int = 0
     bridge: str = ""
     _kubelet: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
+    runtime: Containerd = field(init=False)
+    """The node's containerd; its cgroup parent is the kubelet's cgroupRoot (pods are below <it>/kubepods)."""
+    root: Path = field(init=False)
+    """The kubelet's --root-dir (the chart's kubeletRootDir)."""
+    log: Path = field(init=False)
+
     def __post_init__(self) -> None:
         if self.dir == Path():
             self.dir = Path(tempfile.mkdtemp(prefix="dra-kl-", dir="/tmp"))
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Where things are.
-
-    @property
-    def root(self) -> Path:
-        """The kubelet's --root-dir (the chart's kubeletRootDir)."""
-        return self.dir / "root"
-
-    @property
-    def log(self) -> Path:
-        return self.dir / "kubelet.log"
-
-    @property
-    def runtime(self) -> Containerd:
-        assert self.containerd is not None, "the node is not started"
-        return self.containerd
+        self.runtime = Containerd(newest_2x())
+        self.root = self.dir / "root"
+        self.log = self.dir / "kubelet.log"
 
     @property
     def cdi_dir(self) -> Path:
         return self.runtime.cdi_dir
-
-    @property
-    def nri_socket(self) -> Path:
-        return self.runtime.nri_socket
-
-    @property
-    def cgroup_root(self) -> str:
-        """The kubelet's cgroupRoot: pods are below <this>/kubepods."""
-        return self.runtime.cgroup_parent
 
     # ------------------------------------------------------------------------------------------------------------
     # Starting and stopping.
@@ -146,8 +128,7 @@ class RealNode(KubeletNode):
             self.feature_gates = kubelet_gates(self.plane)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(exist_ok=True)
-        self.containerd = Containerd(newest_2x())
-        self.containerd.start()
+        self.runtime.start()
         # hack/examples' image name for the test busybox image (containerd.sh imported it).
         self.runtime.ctr("images", "tag", "--force", "localhost/busybox:latest", EXAMPLE_IMAGE)
         self._cni()
@@ -161,9 +142,7 @@ class RealNode(KubeletNode):
         """Stops the kubelet and containerd, and removes every mount, cgroup, interface and file the node made."""
         try:
             self.stop_kubelet()
-            if self.containerd is not None:
-                self.containerd.stop()
-                self.containerd = None
+            self.runtime.stop()
         finally:
             self._unmount_all()
             if self.bridge:
@@ -199,7 +178,7 @@ class RealNode(KubeletNode):
         for hierarchy in Path("/sys/fs/cgroup").iterdir():
             if not (hierarchy / "cgroup.procs").exists():
                 continue
-            path = hierarchy / self.cgroup_root.lstrip("/")
+            path = hierarchy / self.runtime.cgroup_parent.lstrip("/")
             path.mkdir(exist_ok=True)
             for name in ("cpuset.cpus", "cpuset.mems"):
                 if (path / name).exists() and not (path / name).read_text().strip():
@@ -214,7 +193,7 @@ class RealNode(KubeletNode):
             self.plane,
             port=self.port,
             cri_socket=str(self.runtime.cri_socket),
-            cgroup_root=self.cgroup_root,
+            cgroup_root=self.runtime.cgroup_parent,
             pod_logs_dir=str(self.dir / "pod-logs"),
             feature_gates=self.feature_gates,
         )
@@ -292,7 +271,7 @@ class RealNode(KubeletNode):
             metrics_port=metrics_port,
             kubelet_root_dir=str(self.root),
             cdi_root=str(self.cdi_dir),
-            nri_socket=str(self.nri_socket),
+            nri_socket=str(self.runtime.nri_socket),
             state_dir=str(self.dir / "dra-cpu-state"),
         )
 

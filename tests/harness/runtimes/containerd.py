@@ -22,6 +22,7 @@ from tests.harness.paths import TESTENV, TESTENV_CACHE
 from tests.harness.poll import WaitTimeout, wait_until
 from tests.harness.runtimes.cdi import write_spec
 from tests.harness.runtimes.cri import CriClient
+from tests.harness.typed import present
 
 SCRIPT = TESTENV / "containerd.sh"
 CACHE = TESTENV_CACHE
@@ -63,8 +64,7 @@ class Containerd(Component):
     @property
     def cri(self) -> CriClient:
         """A CRI client of this daemon that remembers the pods it made (`clean()` removes them)."""
-        assert self._cri is not None, f"containerd {self.version} is not started"
-        return self._cri
+        return present(self._cri, f"the CRI client of containerd {self.version} (not started)")
 
     @property
     def cri_socket(self) -> Path:

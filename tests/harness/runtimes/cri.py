@@ -30,6 +30,8 @@ class CriError(RuntimeError):
 
 @dataclass(frozen=True)
 class Pod:
+    """A pod sandbox, as RunPodSandbox made it."""
+
     id: str
     name: str
     namespace: str
@@ -42,6 +44,8 @@ class Pod:
 
 @dataclass(frozen=True)
 class Container:
+    """A container of `pod`, as CreateContainer made it."""
+
     id: str
     name: str
     pod: Pod
@@ -49,6 +53,8 @@ class Container:
 
 @dataclass(frozen=True)
 class ExecResult:
+    """What ExecSync answered."""
+
     exit_code: int
     stdout: str
     stderr: str

@@ -114,7 +114,3 @@ class Runtime:
                 "StateChange", api.StateChangeEvent(event=event, pod=pod, container=container), api.Empty
             )
         assert answer == expected, answer
-
-
-def _request(payload: bytes) -> nri_ttrpc_pb2.Request:
-    return nri_ttrpc_pb2.Request.FromString(payload)

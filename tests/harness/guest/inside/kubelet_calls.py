@@ -140,13 +140,6 @@ def container_pid(socket: str, container_id: str) -> int:
     return pid
 
 
-def container_state(socket: str, container_id: str) -> dict[str, Any]:
-    pb = stubs().cri
-    request = pb.ContainerStatusRequest(container_id=container_id)
-    status = _cri(socket).runtime.ContainerStatus(request, timeout=TIMEOUT).status
-    return {"state": pb.ContainerState.Name(status.state), "exitCode": status.exit_code, "reason": status.reason}
-
-
 def update_resources(socket: str, container_id: str, cpuset_cpus: str = "", cpuset_mems: str = "") -> None:
     """UpdateContainerResources, as kubelet's CPU manager does; empty means unchanged."""
     pb = stubs().cri
