@@ -22,12 +22,12 @@ from dra_cpu.core.topology import Topology
 from tests.harness.cluster.chart import InstalledDriver
 from tests.harness.cluster.client import Kube
 from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, cpu_claim, deployment
-from tests.harness.cluster.pods import create_all, delete_pod, wait_running
+from tests.harness.cluster.pods import RUNNING_SECONDS, create_all, delete_pod, wait_running
 from tests.harness.driver_files import cdi_spec_uids, checkpoint_claims
 from tests.harness.examples import DoesNotFit, documents, fit
 from tests.harness.nodes.real import RealNode
 from tests.harness.paths import EXAMPLES
-from tests.harness.poll import wait_until
+from tests.harness.poll import NotYet, wait_until
 
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 
@@ -158,14 +158,26 @@ def test_a_deployments_pod_runs_on_the_cpus_of_its_template_claim(
     pod = busybox_pod("app", {"cpus": "one-cpu"}, template=True)
     create_all(kube, namespace, [cpu_claim("one-cpu", template=True), deployment("app", pod)])
     pods_path = f"/api/v1/namespaces/{namespace}/pods"
-    [made] = wait_until(lambda: kube.list(pods_path, label_selector="app=app"), "the Deployment's pod")
-    assert [o["kind"] for o in made["metadata"]["ownerReferences"]] == ["ReplicaSet"]
-    running = wait_running(kube, namespace, made["metadata"]["name"])
-    (status,) = running["status"]["resourceClaimStatuses"]
-    assert_pinned(dra_cpu_node, topology, running, {claim_uid(kube, namespace, status["resourceClaimName"]): 1})
-    # Else the ReplicaSet makes the pod again as the namespace's clean-up deletes it.
-    kube.delete(f"/apis/apps/v1/namespaces/{namespace}/deployments/app")
-    wait_until(lambda: not kube.list(pods_path, label_selector="app=app"), "the Deployment's pod to be deleted", 120)
+    try:
+        # Any of the Deployment's pods: the ReplicaSet may replace the first one it makes.
+        def one_running() -> dict[str, Any] | NotYet:
+            pods = kube.list(pods_path, label_selector="app=app")
+            running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+            live = [p for p in running if not p["metadata"].get("deletionTimestamp")]
+            return (
+                live[0] if live else NotYet([(p["metadata"]["name"], p.get("status", {}).get("phase")) for p in pods])
+            )
+
+        running = wait_until(one_running, "a running pod of the Deployment", RUNNING_SECONDS)
+        assert [o["kind"] for o in running["metadata"]["ownerReferences"]] == ["ReplicaSet"]
+        (status,) = running["status"]["resourceClaimStatuses"]
+        assert_pinned(dra_cpu_node, topology, running, {claim_uid(kube, namespace, status["resourceClaimName"]): 1})
+    finally:
+        # Else the ReplicaSet makes the pod again as the namespace's clean-up deletes it.
+        kube.delete(f"/apis/apps/v1/namespaces/{namespace}/deployments/app")
+        wait_until(
+            lambda: not kube.list(pods_path, label_selector="app=app"), "the Deployment's pod to be deleted", 120
+        )
 
 
 @pytest.mark.parametrize(
