@@ -8,7 +8,7 @@ host. containerd (hack/testenv/containerd.sh, unchanged, in the guest) on pure c
         pod = node.run_pod("p")
 
 Everything a test asserts is read from the guest kernel: /proc/<pid>/status, /proc/<pid>/numa_maps, the container's
-cgroup files under /sys/fs/cgroup, sysfs. Starting one takes 5 to 20 s in a booted guest.
+cgroup files under /sys/fs/cgroup, sysfs. Starting one takes about 35 s in a booted guest (TCG).
 """
 
 from __future__ import annotations
