@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Runs every fuzz target of tests/support/fuzz_targets.py (quantity, cpulist, cel, claim, prepare, pod, config,
+"""Runs every fuzz target of tests/harness/fuzz_targets.py (quantity, cpulist, cel, claim, prepare, pod, config,
 explain) for N generated inputs each, after replaying its corpus (tests/fuzz/corpus/<target>/), and prints per target
 the inputs tried, the crashes found (goal 0: an input that ends in anything but a value or a DraCpuError within the
 target's time bound) and the slowest input. Exit code 1 when any target crashed.
@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-# Run as a script: the repository root (for tests/support) is not on the path by itself.
+# Run as a script: the repository root (for tests/harness) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tests.support.fuzz_targets import TARGETS, Target, crash  # noqa: E402
+from tests.harness.fuzz_targets import TARGETS, Target, crash  # noqa: E402
 
 
 def fuzz(target: Target, examples: int) -> tuple[int, list[tuple[str, str]], float]:

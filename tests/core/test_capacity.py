@@ -12,8 +12,8 @@ from dra_cpu.core.capacity import settings_problems, split_cpus
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
-from tests.support.synthetic import uniform_machine, write_tree
+from tests.harness.paths import SYSFS
+from tests.harness.synthetic_sysfs import uniform_machine, write_tree
 
 DUAL = read_topology(SYSFS / "dual-socket-smt2")  # 2 NUMA nodes of 8 CPUs, siblings (0,1), (2,3), ...
 

@@ -20,7 +20,7 @@ from dra_cpu.core.grant import grant
 from dra_cpu.core.ledger import Ledger, PreparedClaim
 from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 REF = ClaimRef("default", "c", "uid-1")
 BIG = read_topology(SYSFS / "big-8numa")  # 4 sockets x 2 NUMA nodes x 8 CPUs; siblings (2k, 2k+1)

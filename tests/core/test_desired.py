@@ -12,7 +12,7 @@ from dra_cpu.core.devices import DeviceConfig
 from dra_cpu.core.ledger import ClaimMetadata, HugePageGrant, Ledger, PreparedClaim, PreparedDevice
 from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 VIEW = NodeView.of(read_topology(SYSFS / "dual-socket-smt2"), NodeSettings(DeviceConfig(node_name="node-a")))
 REF = ClaimRef("ns", "c", "uid-1")

@@ -18,8 +18,8 @@ from dra_cpu.core.devices import (
     build_slices,
 )
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
-from tests.support.synthetic import (
+from tests.harness.paths import SYSFS
+from tests.harness.synthetic_sysfs import (
     ONE_STEP_CASES,
     SyntheticCpu,
     SyntheticNode,

@@ -12,7 +12,7 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.entitlement import ContainerInfo, NoSharedCpus, Pin
 from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim, PreparedDevice
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 TOPOLOGY = read_topology(SYSFS / "dual-socket-smt2")
 POD = "pod-uid-1"
@@ -171,7 +171,7 @@ def test_the_shell_twins_of_a_claims_variables_carry_the_same_values_and_entitle
 def test_every_variable_a_claim_gives_its_containers_is_documented() -> None:
     """docs/user.md names each DRA_*_<uid> variable the CDI spec writes, and the shell-readable form beside it."""
     from dra_cpu.core.cdi_spec import env_for
-    from tests.support.paths import REPO
+    from tests.harness.paths import REPO
 
     user = (REPO / "docs" / "user.md").read_text()
     prepared = claim(UID, "2-3", hugepages=HugePageGrant(0, 2048, 2 << 20))

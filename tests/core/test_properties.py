@@ -1,5 +1,5 @@
 """Properties of the core that hold for every machine, device setting, claim stream and prepare/unprepare order
-(tests/support/strategies.py draws them): no CPU and no hugepage byte in two claims, nothing over a device's
+(tests/harness/strategies.py draws them): no CPU and no hugepage byte in two claims, nothing over a device's
 capacity, the same inputs give the same grants, the checkpoint's encoding round-trips, and restore() turns any
 state a damaged disk may hold into one that obeys the same invariants, dropping whole claims only."""
 
@@ -18,7 +18,7 @@ from dra_cpu.core.ledger import Ledger, PreparedClaim, Unrestorable, restore
 from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.core.topology import Topology
 from dra_cpu.store.checkpoint import Checkpoint, decode, encode
-from tests.support.strategies import Scenario, loose_claims, scenarios, topologies
+from tests.harness.strategies import Scenario, loose_claims, scenarios, topologies
 
 
 def bounded(examples: int) -> settings:

@@ -31,7 +31,7 @@ from dra_cpu.tools.explain.parse import parse_slices, parse_usage
 from dra_cpu.tools.explain.search import check_device
 from dra_cpu.tools.status import cluster_status
 from tests.core.test_properties import bounded
-from tests.support.strategies import DRIVER, POOL, device_configs, topologies
+from tests.harness.strategies import DRIVER, POOL, device_configs, topologies
 
 ANY = DeviceClass("any", ())
 # One result of a claim: (index into the published devices, the amount its request asks: CPUs, or pages).

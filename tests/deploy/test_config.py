@@ -16,7 +16,7 @@ from dra_cpu.cli import build_parser, main
 from dra_cpu.cli.common import EXIT_USAGE
 from dra_cpu.config import UPSTREAM_KEYS, Config, ConfigError, load
 from dra_cpu.core.devices import GroupBy
-from tests.support.paths import FIXTURES, REPO
+from tests.harness.paths import FIXTURES, REPO
 
 KEYS = {f.name: "".join(p.capitalize() if i else p for i, p in enumerate(f.name.split("_"))) for f in fields(Config)}
 

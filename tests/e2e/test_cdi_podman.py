@@ -7,8 +7,9 @@ import json
 
 from dra_cpu.core.device_metadata import CONTAINER_DIR
 from dra_cpu.store.metadata_files import decode
-from tests.support.kubelet_node import NodeFactory, result
-from tests.support.testenv_podman import Podman
+from tests.harness.claims import result
+from tests.harness.nodes.standin import NodeFactory
+from tests.harness.runtimes.podman import Podman
 
 
 def test_podman_injects_the_claims_env(node_factory: NodeFactory, podman: Podman) -> None:

@@ -16,7 +16,9 @@ from dra_cpu.core.devices import DeviceMode, GroupBy
 from dra_cpu.core.ledger import PreparedClaim, PreparedDevice
 from dra_cpu.kubelet.gen import pluginregistration_v1_pb2, pluginregistration_v1_pb2_grpc
 from dra_cpu.store.checkpoint import Checkpoint
-from tests.support.kubelet_node import DRIVER, NODE, NodeFactory, cpu_config, result
+from tests.harness.claims import DRIVER, NODE, cpu_config, result
+from tests.harness.nodes.standin import NodeFactory
+from tests.harness.poll import wait_until
 
 
 def test_registration_answers_like_a_dra_plugin(node_factory: NodeFactory) -> None:
@@ -388,10 +390,12 @@ def test_refused_registration_is_retried_with_a_new_socket(node_factory: NodeFac
     with pytest.raises(KubeletError):
         KubeletClient.register(socket, accept=False).close()
     assert not node.plugin.registered.is_set()
-    deadline = time.monotonic() + 10
-    while not socket.exists() or socket.stat().st_ctime_ns == first:
-        assert time.monotonic() < deadline, "no new registration socket after the refusal"
-        time.sleep(0.05)
+    wait_until(
+        lambda: socket.stat().st_ctime_ns != first,
+        "a new registration socket after the refusal",
+        10,
+        retry_on=(FileNotFoundError,),
+    )
     KubeletClient.register(socket).close()
     assert node.plugin.registered.is_set()
 

@@ -24,7 +24,7 @@ from dra_cpu.tools.explain.model import ExplainInputError
 from dra_cpu.tools.explain.parse import describe, parse_claim, parse_class, parse_slices, parse_usage
 from dra_cpu.tools.explain.result import Explanation
 from dra_cpu.tools.explain.search import explain
-from tests.support.paths import EXAMPLES, FIXTURES
+from tests.harness.paths import EXAMPLES, FIXTURES
 
 EXPLAIN = FIXTURES / "explain"
 CLASSES = EXPLAIN / "classes.yaml"

@@ -17,9 +17,9 @@ from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, build_sli
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.parse import parse_slices, parse_usage
 from dra_cpu.tools.status import cluster_status, render_table
-from tests.support.paths import FIXTURES
-from tests.support.testenv_apiserver import ApiServer
-from tests.support.typed import as_dict
+from tests.harness.cluster.control_plane import ApiServer
+from tests.harness.paths import FIXTURES
+from tests.harness.typed import as_dict
 
 GROUP, VERSION = "resource.k8s.io", "v1"
 

@@ -17,7 +17,9 @@ from dra_cpu.cli import main
 from dra_cpu.cli.common import EXIT_USAGE
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.store.checkpoint import claim_record
-from tests.support.kubelet_node import FIXTURES, NodeFactory, result
+from tests.harness.claims import result
+from tests.harness.nodes.standin import NodeFactory
+from tests.harness.paths import SYSFS
 
 
 def _read(archive: bytes) -> dict[str, bytes]:
@@ -44,7 +46,7 @@ def test_the_archive_holds_what_the_driver_sees(node_factory: NodeFactory, tmp_p
             [
                 "support-bundle",
                 "--node-name", "node-a",
-                "--sysfs-root", str(FIXTURES / "dual-socket-smt2"),
+                "--sysfs-root", str(SYSFS / "dual-socket-smt2"),
                 "--state-dir", str(node.driver.reconciler.checkpoint.directory),
                 "--cdi-root", str(node.driver.reconciler.cdi.root),
                 "--nri-socket", str(tmp_path / "nri.sock"),
@@ -62,7 +64,7 @@ def test_the_archive_holds_what_the_driver_sees(node_factory: NodeFactory, tmp_p
     assert manifest["node"] == "node-a" and manifest["versions"]["dra-cpu"] == __version__
     assert set(manifest["files"]) == set(files) - {"manifest.json"}
 
-    topology = read_topology(FIXTURES / "dual-socket-smt2")
+    topology = read_topology(SYSFS / "dual-socket-smt2")
     assert json.loads(files["topology.json"]) == json.loads(json.dumps(topology.as_dict()))
     devices = json.loads(files["devices.json"])
     assert devices["cpus"]["keptShared"] == "0-1" and devices["cpus"]["minSharedCpus"] == 2
@@ -105,7 +107,7 @@ def test_what_cannot_be_read_is_named_and_the_rest_collected(
         [
             "support-bundle",
             "--node-name", "node-a",
-            "--sysfs-root", str(FIXTURES / "kvm-2cpu"),
+            "--sysfs-root", str(SYSFS / "kvm-2cpu"),
             "--state-dir", str(tmp_path / "state"),
             "--cdi-root", str(tmp_path / "cdi"),
             "--metrics-address", f"127.0.0.1:{port}",
@@ -129,7 +131,7 @@ def test_a_config_file_the_daemon_refuses_is_kept_as_written(tmp_path: Path) -> 
     config = tmp_path / "config.yaml"
     config.write_text("reservedCPU: 0-1\n")
     out = tmp_path / "bundle.tar.gz"
-    args = ["support-bundle", "--config", str(config), "--node-name", "n", "--sysfs-root", str(FIXTURES / "kvm-2cpu")]
+    args = ["support-bundle", "--config", str(config), "--node-name", "n", "--sysfs-root", str(SYSFS / "kvm-2cpu")]
     assert main([*args, "-o", str(out)]) == 0
     files = _read(out.read_bytes())
     written = json.loads(files["config.json"])
