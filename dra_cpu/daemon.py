@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry
 
 from dra_cpu import cdihook, observe
 from dra_cpu.config import Config
+from dra_cpu.core.capacity import check_settings, split_cpus
 from dra_cpu.core.desired import pins
-from dra_cpu.core.devices import allocatable_cpus
 from dra_cpu.core.node_view import NodeView
 from dra_cpu.driver import Driver
 from dra_cpu.errors import DraCpuError
@@ -99,6 +99,7 @@ class Daemon:
                 cdihook.hook(Path(sys.argv[0]).resolve(), cdi_dir=Path(config.cdi_root), driver=config.driver_name),
             )
         topology = read_topology(Path(config.sysfs_root), pcie_roots=config.publish_pcie_roots)
+        check_settings(topology, config.device_config())
         view = NodeView.of(topology, config.node_settings(hooks))
         api = connect_cluster(config)
         state_dir = writable_dir("stateDir", Path(config.state_dir))
@@ -211,12 +212,14 @@ class Daemon:
         now = self.driver.snapshot()
         ledger, topology = now.ledger, now.view.topology
         nri = self.nri.counters if self.nri is not None else NriCounters()
+        split = split_cpus(topology, now.view.settings.devices)
         return observe.View(
             topology=topology,
             claims=tuple(ledger.claims.values()),
-            allocatable=allocatable_cpus(topology, now.view.settings.devices),
+            allocatable=split.claimable,
+            reserved=split.reserved,
             allocated=ledger.allocated_cpus,
-            shared=ledger.shared_cpus(topology),
+            shared=split.floor.pool(topology, ledger.allocated_cpus),
             nri_connected=float(self.nri is not None and self.nri.ready.is_set()),
             counts=observe.Counts(
                 claims_unrestorable=len(ledger.unrestorable),

@@ -37,6 +37,8 @@ class Recorder(Protocol):
 
     def record_unprepare(self, ok: bool) -> None: ...
 
+    def record_new_claim(self, cpus: int) -> None: ...
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -126,6 +128,8 @@ class Driver:
                 # A kubelet retry or restart: the same CPUs, the files checked and left alone when right.
                 log.info("already prepared", extra={"cpus": str(claim.cpus)})
             else:
+                if self.recorder is not None:
+                    self.recorder.record_new_claim(len(claim.cpus))
                 log.info("prepared", extra={"cpus": str(claim.cpus), "mems": str(claim.mems(now.view.topology))})
             return PreparedResult(claim, cdi_ids=cdi_ids(claim, settings.driver_name, metadata_ids))
         except NotFound:

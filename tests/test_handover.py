@@ -14,8 +14,9 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.sharing import Holding
 from dra_cpu.driver import Driver, Snapshot
 from dra_cpu.handover import Handover
-from tests.support.kubelet_node import FolderClaims, make_driver, result
-from tests.support.waiting import eventually
+from tests.harness.claims import FolderClaims, result
+from tests.harness.nodes.standin import make_driver
+from tests.harness.poll import wait_until
 from tests.test_reconciler import RecordingEnforcer
 
 NAME = "shared"
@@ -161,19 +162,19 @@ def test_refused_containers_have_their_claim_followed_off_the_runtimes_thread_on
     try:
         # Three containers of the waiting pod refused at once: nothing is known yet, one read follows.
         assert [handover.waiting(UID, "pod-2") for _ in range(3)] == ["", "", ""]
-        eventually(lambda: counting.followed == [REF], "the claim followed once")
-        eventually(lambda: "CFS-throttled" in handover.waiting(UID, "pod-2"), "the reason kept for the refusal")
-        eventually(lambda: len(counting.followed) == 2, "the claim followed again, not before the interval")
+        wait_until(lambda: counting.followed == [REF], "the claim followed once")
+        wait_until(lambda: "CFS-throttled" in handover.waiting(UID, "pod-2"), "the reason kept for the refusal")
+        wait_until(lambda: len(counting.followed) == 2, "the claim followed again, not before the interval")
         _pod(tmp_path, "second", "pod-2", limit="2")
         handover.waiting(UID, "pod-2")
-        eventually(lambda: driver.snapshot().ledger.claims[UID].pod_uids == ("pod-2",), "the claim handed over")
-        eventually(lambda: handover.waiting(UID, "pod-2") == "", "no reason left once the pod holds it")
+        wait_until(lambda: driver.snapshot().ledger.claims[UID].pod_uids == ("pod-2",), "the claim handed over")
+        wait_until(lambda: handover.waiting(UID, "pod-2") == "", "no reason left once the pod holds it")
         # A claim deleted meanwhile is left to the kubelet's unprepare; a claim not prepared is not read.
         (tmp_path / "cluster/resourceclaims/default" / f"{NAME}.yaml").unlink()
         before = len(counting.followed)
         handover.waiting(UID, "pod-3")
         handover.waiting("uid-unknown", "pod-3")
-        eventually(lambda: len(counting.followed) == before + 1, "the deleted claim read once")
+        wait_until(lambda: len(counting.followed) == before + 1, "the deleted claim read once")
     finally:
         stop.set()
         handover.close()

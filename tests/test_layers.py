@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.paths import REPO
+from tests.harness.paths import REPO
 
 PACKAGE = REPO / "dra_cpu"
 # What would make a core module do I/O, block or depend on the process around it.

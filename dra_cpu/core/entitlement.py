@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from dra_cpu.core import cdi_spec
+from dra_cpu.core.capacity import SharedFloor
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.ledger import HugePageGrant, Ledger
 from dra_cpu.core.sharing import not_held
@@ -91,7 +92,8 @@ class Pools:
 
 def pools(ledger: Ledger, topology: Topology, reserved: CPUSet | None = None, strict_reserved: bool = False) -> Pools:
     """The shared pool: online CPUs minus claimed, isolated and (with strict_reserved) reserved CPUs."""
-    shared = ledger.shared_cpus(topology) - (reserved if strict_reserved and reserved else CPUSet())
+    floor = SharedFloor(excluded=reserved if strict_reserved and reserved else CPUSet())
+    shared = floor.pool(topology, ledger.allocated_cpus)
     memory_nodes = CPUSet.of(n.id for n in topology.numa_nodes if n.memory_bytes > 0)
     return Pools(ledger, topology, shared, memory_nodes)
 

@@ -63,12 +63,14 @@ def grant(
         taken |= cpus
         prepared.append(replace(base, cpus=cpus))
     claim = PreparedClaim(ref=request.ref, devices=tuple(prepared), metadata=metadata)
-    shared = ledger.with_claim(claim).shared_cpus(view.topology)
-    least = view.settings.min_shared_cpus
-    if claim.cpus and len(shared) < least:
+    # The devices leave the floor's CPUs out (core/capacity.py): this refuses only what they could not foresee, a
+    # claim prepared before the settings or the node changed that holds some of them.
+    floor = settings.shared_floor
+    shared = floor.pool(view.topology, taken)
+    if claim.cpus - view.topology.isolated_cpus and len(shared) < floor.minimum:
         raise ClaimError(
             f"claim {request.ref}: taking CPUs {claim.cpus} would leave {len(shared)} shared CPU(s) "
-            f"({shared or 'none'}); at least {least} must stay for containers without claims"
+            f"({shared or 'none'}); at least {floor.minimum} must stay for containers without claims"
         )
     return claim
 
@@ -124,6 +126,13 @@ def _cpus(
         )
     try:
         count = whole_quantity(raw, f"consumedCapacity[{cpu_capacity!r}]")
+        if count % device.step:
+            # The device's requestPolicy has the scheduler round up to whole cores: an allocation that did not was
+            # made against other slices (or by hand), and would split a core.
+            raise AllocationError(
+                f"{count} CPUs is not a whole number of cores of {device.step} threads, as the device's "
+                "requestPolicy asks (wholeCores)"
+            )
         return choose_cpus(topology, device.cpus - taken, count, result.policy, device.cpus)
     except (QuantityError, AllocationError) as err:
         raise ClaimError(f"claim {ref}: request {result.request!r} on {device.name}: {err}") from None

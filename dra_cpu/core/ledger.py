@@ -120,10 +120,6 @@ class Ledger:
     def holder_of(self, cpu: int) -> PreparedClaim | None:
         return next((c for c in self.claims.values() if cpu in c.cpus), None)
 
-    def shared_cpus(self, topology: Topology) -> CPUSet:
-        """Where every container without a claim runs: online CPUs that are neither claimed nor isolated."""
-        return topology.online_cpus - topology.isolated_cpus - self.allocated_cpus
-
 
 def restore(claims: Iterable[PreparedClaim], topology: Topology, unrestorable: Iterable[Unrestorable] = ()) -> Ledger:
     """The ledger loaded from disk (checkpoint or CDI specs), checked against this node: what enters the process.

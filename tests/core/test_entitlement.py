@@ -13,7 +13,7 @@ from dra_cpu.core.entitlement import ContainerInfo, NoSharedCpus, Pin
 from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim, PreparedDevice
 from dra_cpu.core.sharing import not_held
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 TOPOLOGY = read_topology(SYSFS / "dual-socket-smt2")
 POD = "pod-uid-1"
@@ -142,3 +142,40 @@ def test_containers_of_the_claims_pod_share_its_cpus() -> None:
         for cid in ("app", "sidecar")
     )
     assert first == second == Pin(CPUSet.parse("2-3"), CPUSet.parse("0"), claims=("a",))
+
+
+UID = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
+
+
+def test_the_shell_twins_of_a_claims_variables_carry_the_same_values_and_entitle_nothing() -> None:
+    """Each variable of a claim's CDI spec is there twice: the upstream name with the UID's dashes, and the same
+    value under the UID with underscores, which POSIX shells keep. Enforcement reads only the first."""
+    from dra_cpu.core.cdi_spec import env_for
+
+    prepared = replace(claim(UID, "2-3"), ref=ClaimRef("ns", "web", UID))
+    env = env_for(prepared, CPUSet.parse("0"))
+    twin = UID.replace("-", "_")
+    values = dict(item.split("=", 1) for item in env)
+    for prefix, value in (("CPUSET", "2-3"), ("MEMS", "0"), ("CLAIM", "ns/web"), ("PODS", POD)):
+        assert values[f"DRA_{prefix}_{UID}"] == values[f"DRA_{prefix}_{twin}"] == value
+    pools = entitlement.pools(Ledger({UID: prepared}), TOPOLOGY)
+    decision = entitlement.pin_for(container(env), pools)
+    assert decision.pin.claims == (UID,) and decision.rejected == ()
+    # A twin written into a pod spec by hand is no claim: the shared pool, and nothing to report.
+    forged = entitlement.pin_for(container([f"DRA_CPUSET_{twin}=2-3"]), pools)
+    assert forged.pin == Pin(pools.shared, pools.shared_mems) and forged.rejected == ()
+
+
+def test_every_variable_a_claim_gives_its_containers_is_documented() -> None:
+    """docs/user.md names each DRA_*_<uid> variable the CDI spec writes, and the shell-readable form beside it."""
+    from dra_cpu.core.cdi_spec import env_for
+    from tests.harness.paths import REPO
+
+    user = (REPO / "docs" / "user.md").read_text()
+    prepared = claim(UID, "2-3", hugepages=HugePageGrant(0, 2048, 2 << 20))
+    names = [item.split("=", 1)[0] for item in env_for(prepared, CPUSet.parse("0"))]
+    prefixes = {name.removesuffix(UID) for name in names if name.endswith(UID)}
+    assert prefixes == {"DRA_CPUSET_", "DRA_MEMS_", "DRA_HUGEPAGES_", "DRA_CLAIM_", "DRA_PODS_"}
+    undocumented = [p for p in sorted(prefixes) if f"`{p}<uid>`" not in user]
+    assert not undocumented, f"docs/user.md does not describe {undocumented}"
+    assert "the UID with `_` for `-`" in user

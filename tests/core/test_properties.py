@@ -1,5 +1,5 @@
 """Properties of the core that hold for every machine, device setting, claim stream and prepare/unprepare order
-(tests/support/strategies.py draws them): no CPU and no hugepage byte in two claims, nothing over a device's
+(tests/harness/strategies.py draws them): no CPU and no hugepage byte in two claims, nothing over a device's
 capacity, the same inputs give the same grants, the checkpoint's encoding round-trips, and restore() turns any
 state a damaged disk may hold into one that obeys the same invariants, dropping whole claims only."""
 
@@ -18,7 +18,7 @@ from dra_cpu.core.ledger import Ledger, PreparedClaim, Unrestorable, restore
 from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.core.topology import Topology
 from dra_cpu.store.checkpoint import Checkpoint, decode, encode
-from tests.support.strategies import Scenario, loose_claims, scenarios, topologies
+from tests.harness.strategies import Scenario, loose_claims, scenarios, topologies
 
 
 def bounded(examples: int) -> settings:
@@ -39,7 +39,7 @@ def _run(s: Scenario) -> tuple[Ledger, list[Outcome]]:
     """Feed the scenario's prepares and unprepares to grant(), checking the invariants after each step."""
     state, outcomes = Ledger(), list[Outcome]()
     index = device_index(s.devices)
-    view = NodeView(s.topology, s.devices, NodeSettings(s.config, min_shared_cpus=s.min_shared_cpus))
+    view = NodeView(s.topology, s.devices, NodeSettings(s.config))
     for op, i in s.ops:
         request = s.claims[i]
         if op == "unprepare":
@@ -89,8 +89,9 @@ def _check_invariants(state: Ledger, s: Scenario, index: Mapping[str, Device]) -
     capacity = {(d.numa_node, d.page_size_kib): d.capacity for d in index.values() if d.type is DeviceType.HUGEPAGES}
     for key, held in _hugepages_held(claims).items():
         assert held <= capacity[key], f"hugepages {key}: {held} bytes granted of {capacity[key]}"
-    if state.allocated_cpus:
-        assert len(state.shared_cpus(s.topology)) >= s.min_shared_cpus
+    if state.allocated_cpus - s.topology.isolated_cpus:
+        floor = s.config.shared_floor
+        assert len(floor.pool(s.topology, state.allocated_cpus)) >= floor.minimum
     # What enters the process from disk is the same state again.
     assert restore(claims, s.topology) == Ledger(state.claims)
 

@@ -21,7 +21,7 @@ from dra_cpu.core.ledger import Ledger, PreparedClaim
 from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.core.sharing import ONE_POD_AT_A_TIME, hold, holder, not_held
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 REF = ClaimRef("default", "c", "uid-1")
 VIEW = NodeView.of(read_topology(SYSFS / "big-8numa"), NodeSettings(DeviceConfig(node_name="n")))

@@ -18,8 +18,8 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.ledger import PreparedClaim, PreparedDevice
 from dra_cpu.store.cdi_files import CDIStore
-from tests.support.cri import Allowed
-from tests.support.testenv_podman import Podman
+from tests.harness.runtimes.cri import Allowed
+from tests.harness.runtimes.podman import Podman
 
 SPEC_ENV = {"DRA_CPUSET_u1": "1", "DRA_MEMS_u1": "0", "DRA_PODS_u1": "pod-a,pod-b"}
 

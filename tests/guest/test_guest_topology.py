@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from tests.support.guest import SPEC, Guest
-from tests.support.guest_node import cpulist
+from tests.harness.guest.vm import SPEC, Guest
+from tests.harness.nodes.guest_standin import cpulist
 
 
 def test_discover_matches_the_emulated_machine(guest: Guest) -> None:

@@ -21,8 +21,8 @@ from dra_cpu.nri.enforcer import NriConfig, NriEnforcer
 from dra_cpu.nri.gen import nri_ttrpc_pb2
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
 from dra_cpu.nri.transport import FAILED_PRECONDITION, RUNTIME_CONN, TYPE_REQUEST, UNIMPLEMENTED
-from tests.support.nri_peer import Runtime
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
+from tests.harness.runtimes.nri_peer import Runtime
 
 TOPOLOGY = read_topology(SYSFS / "kvm-2cpu")
 POD = api.PodSandbox(id="sandbox-1", uid="pod-1", name="p", namespace="ns")

@@ -1,0 +1,26 @@
+"""What the driver wrote on a node, read back: the claims of its checkpoint, and the claims its CDI specs are for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.harness.claims import DRIVER
+
+
+def checkpoint_records(text: str) -> dict[str, dict[str, Any]]:
+    """Claim UID -> record, from the text of a checkpoint (checkpoint.json)."""
+    return {str(c["uid"]): c for c in json.loads(text).get("claims", [])}
+
+
+def checkpoint_claims(state_dir: Path) -> dict[str, dict[str, Any]]:
+    """Claim UID -> record, from the driver's checkpoint on the host."""
+    path = state_dir / "checkpoint.json"
+    return checkpoint_records(path.read_text()) if path.exists() else {}
+
+
+def cdi_spec_uids(cdi_dir: Path) -> set[str]:
+    """Claim UIDs of the driver's CDI specs on the host."""
+    prefix = f"{DRIVER}-cpu_claim-"
+    return {p.name.removeprefix(prefix).removesuffix(".json") for p in cdi_dir.glob(f"{prefix}*.json")}
