@@ -19,8 +19,8 @@ Why one pod and not every pod reservedFor lists: hugepage limits are per pod, so
 claim's pages again (the node accounts them once); the scheduler counts each pod's CPU requests for the same CPUs;
 the scheduler refuses to share a claim with KEP-5517 mapped devices across pods at all; and the upstream driver
 allows one container per claim. What the rule still allows covers the uses of a claim named by several pods: a
-replacement pod (a StatefulSet's, a Deployment's with the Recreate strategy) takes its predecessor's CPUs, and a
-rolling update's new pod starts when the old one ends.
+replacement pod (a StatefulSet's, a Job's next try, a Deployment's with the Recreate strategy) takes its
+predecessor's CPUs.
 """
 
 from __future__ import annotations
