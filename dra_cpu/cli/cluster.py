@@ -9,7 +9,7 @@ if TYPE_CHECKING:
 
 
 def read_cluster(kubeconfig: str | None) -> DraObjects:
-    # The kubernetes client takes about a second to import: only commands that talk to a cluster pay for it.
+    # Only commands that talk to a cluster import the API client.
     from dra_cpu.kube.apiserver import connect
 
     api = connect(kubeconfig)

@@ -13,7 +13,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # The demo runs the daemon: grpc and kubernetes take about a second to import, which other commands skip.
+    # The demo runs the daemon: grpc takes a good part of a second to import, which other commands skip.
     from dra_cpu.tools.demo import run_demo
 
     return run_demo(args.cpus)

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dra_cpu.errors import DraCpuError
+
 # Exit code when the claim is not satisfiable; 2 (bad input) comes from the shared handler.
 EXIT_UNSATISFIABLE = 1
 
@@ -19,8 +21,9 @@ def add_parser(sub: Any) -> None:
         description="Exit code 0: satisfiable; 1: not satisfiable; 2: bad input (including CEL syntax/type errors).",
     )
     explain_parser.add_argument(
-        "--claim", required=True, metavar="FILE", help="a ResourceClaim or ResourceClaimTemplate"
+        "claim_file", nargs="?", metavar="CLAIM", help="a ResourceClaim or ResourceClaimTemplate file (or --claim)"
     )
+    explain_parser.add_argument("--claim", metavar="FILE", help="the same as CLAIM")
     explain_parser.add_argument("--claim-name", metavar="NAME", help="which claim, when FILE holds several")
     explain_parser.add_argument(
         "--class",
@@ -51,7 +54,14 @@ def run(args: argparse.Namespace) -> int:
     from dra_cpu.tools.explain.result import render_table
     from dra_cpu.tools.explain.search import explain
 
-    claim_path = Path(args.claim)
+    given = {f for f in (args.claim_file, args.claim) if f}
+    if len(given) != 1:
+        raise DraCpuError(
+            "give one claim file: dra-cpu explain CLAIM.yaml --slices FILE (or --claim CLAIM.yaml)"
+            if not given
+            else f"two claim files given ({', '.join(sorted(given))}): give one"
+        )
+    claim_path = Path(given.pop())
     claim_obj = pick_claim(load_objects(claim_path), str(claim_path), args.claim_name)
     claim = parse_claim(claim_obj, str(claim_path))
     class_objs: list[tuple[str, dict[str, Any]]] = []

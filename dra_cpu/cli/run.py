@@ -20,7 +20,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # grpc, kubernetes and prometheus take about a second to import: only the daemon's commands pay for them, not
+    # grpc and prometheus take a good part of a second to import: only the daemon's commands pay for them, not
     # cdi-hook, which runs at every container start.
     from dra_cpu.daemon import Daemon
 

@@ -8,7 +8,7 @@ and `hack/install-testenv.sh` (kube-apiserver; containerd for `footprint`):
 
 footprint  The daemon as the DaemonSet runs it (`python -m dra_cpu run`, NRI enforcement against a real containerd
            with NRI from hack/testenv/containerd.sh, or `--enforcement cdi-hook` without one) against a real
-           kube-apiserver (tests/support/control_plane.py), the kubelet's calls made over its sockets, 8 claims
+           kube-apiserver (tests/harness/cluster/control_plane.py), the kubelet's calls made over its sockets, 8 claims
            allocated on the server, each reserved for a pod bound to the node with a CPU limit (so that every
            prepare runs the CFS check). Printed, each beside the same run's machine floor:
            - process start -> GetInfo answered (and the CPU time used by then), -> the ResourceSlice published;
@@ -56,17 +56,17 @@ import grpc
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-# Run as a script: the repository root (for tests/support) is not on the path by itself.
+# Run as a script: the repository root (for tests/harness) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
-from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result  # noqa: E402
+from dra_cpu.core.claims import ClaimRef, allocated_claim_object, allocation_result  # noqa: E402
 from dra_cpu.kube.kubeconfig import from_kubeconfig  # noqa: E402
 from dra_cpu.kube.rest import ApiError, RestClient  # noqa: E402
 from dra_cpu.kubelet.client import KubeletClient  # noqa: E402
 from dra_cpu.kubelet.gen import pluginregistration_v1_pb2, pluginregistration_v1_pb2_grpc  # noqa: E402
 from dra_cpu.store.checkpoint import FILENAME, SPARE  # noqa: E402
 from dra_cpu.tools.demo import claim_object  # noqa: E402
-from tests.support.control_plane import running  # noqa: E402
+from tests.harness.cluster.control_plane import APISERVER_ONLY, ControlPlane  # noqa: E402
 
 NODE, DRIVER = "bench-node", "dra.cpu"
 FIXTURE = ROOT / "tests/fixtures/sysfs/big-8numa"
@@ -229,7 +229,7 @@ def footprint_claims(api: RestClient) -> list[ClaimRef]:
         key = f"{DRIVER}/cpu"
         result = allocation_result(DRIVER, NODE, f"cpu-numa{i}", consumed={key: "1"}, share_id=str(uuid.uuid4()))
         request = {"name": "cpus", "exactly": {"deviceClassName": DRIVER, "capacity": {"requests": {key: "1"}}}}
-        obj = allocated_claim("bench", f"c{i}", [result], pod_uids=[pod_uid], requests=[request], node=NODE)
+        obj = allocated_claim_object("bench", f"c{i}", [result], pod_uids=[pod_uid], requests=[request], node=NODE)
         obj["status"]["reservedFor"][0]["name"] = pod
         refs.append(server_claim(api, obj))
     return refs
@@ -481,7 +481,10 @@ def footprint(args: argparse.Namespace) -> bool:
         # As an installed package is: start-up times then exclude compiling changed sources.
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "dra_cpu")], check=True)
     runs = []
-    with tempfile.TemporaryDirectory(prefix="dc-") as tmp_text, running(Path(tmp_text) / "api") as plane:
+    with (
+        tempfile.TemporaryDirectory(prefix="dc-") as tmp_text,
+        ControlPlane(Path(tmp_text) / "api", APISERVER_ONLY) as plane,
+    ):
         api = admin(plane.kubeconfig)
         create_namespace(api, "bench")
         refs = footprint_claims(api)
@@ -502,7 +505,7 @@ def footprint(args: argparse.Namespace) -> bool:
 def latency(claims: int) -> bool:
     with tempfile.TemporaryDirectory(prefix="dc-") as tmp_text:
         tmp = Path(tmp_text)
-        with running(tmp / "api") as plane, cdi_folder(tmp) as cdi:
+        with ControlPlane(tmp / "api", APISERVER_ONLY) as plane, cdi_folder(tmp) as cdi:
             api = admin(plane.kubeconfig)
             create_namespace(api, "bench")
             print(f"creating {claims} allocated claims on the API server ...", flush=True)
@@ -514,9 +517,10 @@ def latency(claims: int) -> bool:
             with daemon(tmp, kubeconfig=str(plane.kubeconfig), cdi_root=str(cdi)) as (_, kubelet):
                 times = []
                 for n, ref in enumerate(refs):
-                    if n and n % 60 == 0:
-                        # A device has 8 CPUs and one must stay shared: release the batch before the next.
-                        kubelet.unprepare(refs[n - 60 : n])
+                    if n and n % 56 == 0:
+                        # cpu-numa0 publishes 7 of its 8 CPUs (CPU 0 stays shared): 7 claims per device, then the
+                        # batch is released before the next.
+                        kubelet.unprepare(refs[n - 56 : n])
                     ms, answer = timed(partial(kubelet.prepare, [ref]))
                     response = answer.claims[ref.uid]
                     times.append(ms)

@@ -18,10 +18,10 @@ from kubernetes import client
 from dra_cpu.kube.api import ClusterError
 from dra_cpu.kube.apiserver import KubeAPI, connect
 from dra_cpu.kube.pods import PodCache
+from tests.harness.cluster.client import Kube
+from tests.harness.cluster.control_plane import ApiServer
+from tests.harness.poll import wait_until
 from tests.kube.test_publisher import Outage
-from tests.support.cluster import Kube
-from tests.support.testenv_apiserver import ApiServer
-from tests.support.waiting import eventually
 
 
 def pod(name: str, node: str, claims: bool = True) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def test_a_pod_created_just_before_it_is_read(cached: KubeAPI, admin: Kube, kube
     uid = made["metadata"]["uid"]
     # Read at once, as a prepare right after the pod's binding does: from the cache or, if the watch lags, a GET.
     assert cached.get_pod(kube_namespace, "fresh", uid)["metadata"]["uid"] == uid
-    eventually(lambda: in_cache(cached.pods, kube_namespace, "fresh", uid), "the watch to bring the pod")
+    wait_until(lambda: in_cache(cached.pods, kube_namespace, "fresh", uid), "the watch to bring the pod")
     hits, misses = counts(cached)
     read = cached.get_pod(kube_namespace, "fresh", uid)
     assert counts(cached) == (hits + 1, misses), "read from the cache, no request"
@@ -89,7 +89,7 @@ def test_pods_without_claims_or_of_other_nodes_are_not_kept(
     plain = admin.create(pod("plain", node, claims=False), kube_namespace)["metadata"]["uid"]
     elsewhere = admin.create(pod("elsewhere", f"{node}-other"), kube_namespace)["metadata"]["uid"]
     marker = admin.create(pod("marker", node), kube_namespace)["metadata"]["uid"]
-    eventually(lambda: in_cache(cached.pods, kube_namespace, "marker", marker), "the watch to bring the marker pod")
+    wait_until(lambda: in_cache(cached.pods, kube_namespace, "marker", marker), "the watch to bring the marker pod")
     assert not in_cache(cached.pods, kube_namespace, "plain", plain)
     assert not in_cache(cached.pods, kube_namespace, "elsewhere", elsewhere)
     # Still read, with a GET, when asked for.
@@ -100,14 +100,14 @@ def test_a_pod_replaced_under_the_same_name_is_read_as_the_new_one(
     cached: KubeAPI, admin: Kube, kube_namespace: str, node: str
 ) -> None:
     old = admin.create(pod("same", node), kube_namespace)["metadata"]["uid"]
-    eventually(lambda: in_cache(cached.pods, kube_namespace, "same", old), "the watch to bring the first pod")
+    wait_until(lambda: in_cache(cached.pods, kube_namespace, "same", old), "the watch to bring the first pod")
     admin.delete(f"/api/v1/namespaces/{kube_namespace}/pods/same", force=True)
     new = admin.create(pod("same", node), kube_namespace)["metadata"]["uid"]
     assert new != old
     # Whether or not the watch has caught up: asked for the new uid, the answer is the new pod.
     assert cached.get_pod(kube_namespace, "same", new)["metadata"]["uid"] == new
-    eventually(lambda: in_cache(cached.pods, kube_namespace, "same", new), "the watch to bring the new pod")
-    eventually(lambda: not in_cache(cached.pods, kube_namespace, "same", old), "the watch to drop the old pod")
+    wait_until(lambda: in_cache(cached.pods, kube_namespace, "same", new), "the watch to bring the new pod")
+    wait_until(lambda: not in_cache(cached.pods, kube_namespace, "same", old), "the watch to drop the old pod")
     # Asked for the old uid, the server's answer is the new pod, which the caller (the driver) sees is another.
     assert cached.get_pod(kube_namespace, "same", old)["metadata"]["uid"] == new
 
@@ -125,11 +125,11 @@ def test_a_watch_that_drops_catches_up_when_the_server_is_back(
         assert api.pods is not None and api.pods.listed.wait(10)
         kept = admin.create(pod("kept", node), kube_namespace)["metadata"]["uid"]
         gone = admin.create(pod("gone", node), kube_namespace)["metadata"]["uid"]
-        eventually(lambda: in_cache(api.pods, kube_namespace, "gone", gone), "the watch to bring the pods")
+        wait_until(lambda: in_cache(api.pods, kube_namespace, "gone", gone), "the watch to bring the pods")
 
         outage.down()
         cut = outage.refused
-        eventually(lambda: outage.refused > cut, "the watch to try again while the server is away")
+        wait_until(lambda: outage.refused > cut, "the watch to try again while the server is away")
         # A pod the cache has is still read without the server; one it lacks fails as a request does.
         assert api.get_pod(kube_namespace, "kept", kept)["metadata"]["uid"] == kept
         admin.delete(f"/api/v1/namespaces/{kube_namespace}/pods/gone", force=True)
@@ -138,12 +138,12 @@ def test_a_watch_that_drops_catches_up_when_the_server_is_back(
             api.get_pod(kube_namespace, "new", new)
 
         outage.up()
-        eventually(lambda: in_cache(api.pods, kube_namespace, "new", new), "the relist to bring the new pod")
-        eventually(lambda: not in_cache(api.pods, kube_namespace, "gone", gone), "the relist to drop the deleted pod")
+        wait_until(lambda: in_cache(api.pods, kube_namespace, "new", new), "the relist to bring the new pod")
+        wait_until(lambda: not in_cache(api.pods, kube_namespace, "gone", gone), "the relist to drop the deleted pod")
         assert in_cache(api.pods, kube_namespace, "kept", kept)
         # And it watches again: a pod made now arrives by the watch.
         later = admin.create(pod("later", node), kube_namespace)["metadata"]["uid"]
-        eventually(lambda: in_cache(api.pods, kube_namespace, "later", later), "the resumed watch to bring a pod")
+        wait_until(lambda: in_cache(api.pods, kube_namespace, "later", later), "the resumed watch to bring a pod")
     finally:
         api.close()
         outage.close()

@@ -13,17 +13,18 @@ import pytest
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceMode
 from dra_cpu.kube.apiserver import KubeAPI, connect
-from tests.support.cluster import Kube
-from tests.support.kubelet_node import NODE, Node, NodeFactory, cpu_config, result
-from tests.support.testenv_apiserver import ApiServer, ServerClaims
-from tests.support.waiting import eventually
+from tests.harness.claims import NODE, ServerClaims, cpu_config, result
+from tests.harness.cluster.client import Kube
+from tests.harness.cluster.control_plane import ApiServer
+from tests.harness.nodes.standin import NodeFactory, StandinNode
+from tests.harness.poll import wait_until
 
 
 class ServerNodeFactory(Protocol):
-    """The `server_node` fixture: a Node whose driver reads its claims from the API server; `cached`: with the
-    daemon's cache of the node's pods (kube/pods.py)."""
+    """The `server_node` fixture: a StandinNode whose driver reads its claims from the API server; `cached`: with
+    the daemon's cache of the node's pods (kube/pods.py)."""
 
-    def __call__(self, fixture: str = ..., mode: DeviceMode = ..., cached: bool = ...) -> Node: ...
+    def __call__(self, fixture: str = ..., mode: DeviceMode = ..., cached: bool = ...) -> StandinNode: ...
 
 
 @pytest.fixture
@@ -32,7 +33,9 @@ def server_node(
 ) -> Iterator[ServerNodeFactory]:
     clients: list[KubeAPI] = []
 
-    def start(fixture: str = "dual-socket-smt2", mode: DeviceMode = DeviceMode.GROUPED, cached: bool = False) -> Node:
+    def start(
+        fixture: str = "dual-socket-smt2", mode: DeviceMode = DeviceMode.GROUPED, cached: bool = False
+    ) -> StandinNode:
         claims = ServerClaims(kubernetes.client.CustomObjectsApi(kube_api))
         api = connect(str(apiserver.kubeconfig), node_name=NODE if cached else "")
         clients.append(api)
@@ -111,7 +114,11 @@ def test_deleted_and_recreated_claim_is_refused(
 
 
 def _pod(
-    kube_api: kubernetes.client.ApiClient, node: Node, claim: str, limit: str, status: dict[str, Any] | None = None
+    kube_api: kubernetes.client.ApiClient,
+    node: StandinNode,
+    claim: str,
+    limit: str,
+    status: dict[str, Any] | None = None,
 ) -> None:
     """Create on the server the pod the node's next claim is reserved for: one container using `claim` with
     limits.cpu `limit`, its status merged with `status`, then bound to the node, in the scheduler's order (status in
@@ -162,8 +169,8 @@ def test_a_pod_whose_cpu_limit_would_throttle_the_claim_is_refused(
         "raise that limit to at least 2, or remove it"
     )
     # Nothing was pinned: no checkpoint entry, no CDI spec.
-    assert ref.uid not in node.driver.checkpoint.load().state.claims  # type: ignore[union-attr]
-    assert not node.driver.cdi_store.path(ref.uid).exists()
+    assert ref.uid not in node.driver.reconciler.checkpoint.load().ledger.claims  # type: ignore[union-attr]
+    assert not node.driver.reconciler.cdi.path(ref.uid).exists()
     _pod(kube_api, node, "roomy", "2")
     roomy = node.claim([result("cpu-numa1", cpus=2)], name="roomy")
     assert not node.prepare(roomy).error
@@ -179,7 +186,7 @@ def test_a_pod_replaced_under_the_same_name_is_checked_as_the_new_one(
     cache = api.pods
     _pod(kube_api, node, "same", "2")
     first = node.pod_uid
-    eventually(lambda: cache.get(node.namespace, "pod-same", first) is not None, "the watch to bring the first pod")
+    wait_until(lambda: cache.get(node.namespace, "pod-same", first) is not None, "the watch to bring the first pod")
     kubernetes.client.CoreV1Api(kube_api).delete_namespaced_pod("pod-same", node.namespace, grace_period_seconds=0)
     _pod(kube_api, node, "same", "1")
     assert node.pod_uid != first

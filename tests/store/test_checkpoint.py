@@ -15,14 +15,24 @@ import pytest
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State
+from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim, PreparedDevice
 from dra_cpu.driver import Driver, PreparedResult
-from dra_cpu.store.checkpoint import FILENAME, SPARE, Checkpoint, CheckpointError, CheckpointFile, decode, encode
+from dra_cpu.store.checkpoint import (
+    FILENAME,
+    SPARE,
+    VERSION,
+    Checkpoint,
+    CheckpointError,
+    CheckpointFile,
+    decode,
+    encode,
+)
 from dra_cpu.store.fileio import exchange
-from tests.support.kubelet_node import make_driver, result, write_claim
+from tests.harness.claims import result
+from tests.harness.nodes.standin import make_driver, write_claim
 
 
-def _state() -> State:
+def _ledger() -> Ledger:
     claim = PreparedClaim(
         ref=ClaimRef("ns", "a", "uid-a"),
         devices=(
@@ -31,11 +41,11 @@ def _state() -> State:
         ),
         pod_uids=("pod-1",),
     )
-    return State({claim.uid: claim})
+    return Ledger({claim.uid: claim})
 
 
 def test_round_trip() -> None:
-    checkpoint = Checkpoint(_state(), "boot-1")
+    checkpoint = Checkpoint(_ledger(), "boot-1")
     assert decode(encode(checkpoint), "x") == checkpoint
 
 
@@ -44,13 +54,13 @@ def test_round_trip() -> None:
     [
         (lambda b: b[: len(b) // 2], "not JSON"),
         (lambda b: b.replace(b'"2-3"', b'"2-4"'), "checksum mismatch"),
-        (lambda b: b.replace(b'"version": 1', b'"version": 9'), "version 9, expected 1"),
+        (lambda b: b.replace(b'"version": %d' % VERSION, b'"version": 9'), "version 9, expected 1, 2"),
         (lambda b: b"\xff\xfe", "not JSON"),
     ],
 )
 def test_tampering_is_detected(mangle: Callable[[bytes], bytes], message: str) -> None:
     with pytest.raises(CheckpointError, match=message):
-        decode(mangle(encode(Checkpoint(_state(), "b"))), "file")
+        decode(mangle(encode(Checkpoint(_ledger(), "b"))), "file")
 
 
 def _prepare_one(driver: Driver, root: Path, uid: str, results: list[dict[str, Any]]) -> PreparedResult:
@@ -79,7 +89,7 @@ def test_hugepage_accounting_survives_restart(tmp_path: Path, corrupt: bool) -> 
         (tmp_path / "state/checkpoint.json").write_bytes(b"{")
     again = make_driver(tmp_path, "dual-socket-smt2")
     again.start()
-    assert again.state.allocated_hugepages == {(0, 2048): 128 << 20}
+    assert again.snapshot().ledger.allocated_hugepages == {(0, 2048): 128 << 20}
     more = _prepare_one(again, tmp_path, "c", [result("hugepages-2mi-numa0", request="mem", memory="2Mi")])
     assert more.error.endswith("2Mi of hugepages requested, none of 128Mi free")
     repeat = again.prepare([ClaimRef("default", "a", "a")])["a"]
@@ -95,17 +105,17 @@ def test_corrupt_checkpoint_is_rebuilt_from_cdi_specs(tmp_path: Path, caplog: py
     with caplog.at_level(logging.ERROR):
         driver.start()
     assert "checkpoint is corrupt" in caplog.text
-    assert {u: c.cpus for u, c in driver.state.claims.items()} == {"uid-a": a, "uid-b": b}
-    assert driver.state.claims["uid-a"].ref == ClaimRef("default", "uid-a", "uid-a")
+    assert {u: c.cpus for u, c in driver.snapshot().ledger.claims.items()} == {"uid-a": a, "uid-b": b}
+    assert driver.snapshot().ledger.claims["uid-a"].ref == ClaimRef("default", "uid-a", "uid-a")
     assert list((tmp_path / "state").glob("checkpoint.json.corrupt-*")), "the bad file is kept for a person"
     reloaded = CheckpointFile(tmp_path / "state").load()
-    assert reloaded is not None and set(reloaded.state.claims) == {"uid-a", "uid-b"}
+    assert reloaded is not None and set(reloaded.ledger.claims) == {"uid-a", "uid-b"}
     # A kubelet retry of the prepare gets the same CPUs and the full device record back, and it is kept.
     again = driver.prepare([ClaimRef("default", "uid-a", "uid-a")])["uid-a"]
     assert again.claim is not None and again.claim.cpus == a
     assert [(d.device, d.pool, d.request_names) for d in again.claim.devices] == [("cpu-numa0", "node-a", ("cpus",))]
     saved = CheckpointFile(tmp_path / "state").load()
-    assert saved is not None and saved.state.claims["uid-a"].devices[0].device == "cpu-numa0"
+    assert saved is not None and saved.ledger.claims["uid-a"].devices[0].device == "cpu-numa0"
 
 
 def test_reboot_rewrites_cdi_specs(tmp_path: Path) -> None:
@@ -115,9 +125,9 @@ def test_reboot_rewrites_cdi_specs(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "state/checkpoint.json").read_text())
     assert data["bootID"] == "boot-1"
     driver = make_driver(tmp_path, "dual-socket-smt2")
-    driver.boot_id = "boot-2"
+    driver.reconciler.boot_id = "boot-2"
     driver.start()
-    spec = json.loads(driver.cdi_store.path("uid-a").read_text())
+    spec = json.loads(driver.reconciler.cdi.path("uid-a").read_text())
     assert f"DRA_CPUSET_uid-a={cpus}" in spec["devices"][0]["containerEdits"]["env"]
     assert json.loads((tmp_path / "state/checkpoint.json").read_text())["bootID"] == "boot-2"
 
@@ -132,7 +142,7 @@ def test_orphaned_spec_is_removed_and_other_drivers_specs_kept(tmp_path: Path) -
     driver = make_driver(tmp_path, "dual-socket-smt2")
     driver.start()
     assert not orphan.exists() and other.exists()
-    assert set(driver.state.claims) == {"uid-a"}
+    assert set(driver.snapshot().ledger.claims) == {"uid-a"}
 
 
 def test_leftover_temp_files_of_ours_are_removed_at_start(tmp_path: Path) -> None:
@@ -155,7 +165,7 @@ def test_leftover_temp_files_of_ours_are_removed_at_start(tmp_path: Path) -> Non
     driver.start()
     assert [p.name for p in ours if p.exists()] == []
     assert [p.name for p in theirs if not p.exists()] == []
-    assert set(driver.state.claims) == {"uid-a"}
+    assert set(driver.snapshot().ledger.claims) == {"uid-a"}
 
 
 def test_state_folder_is_0700_and_checkpoint_0600(tmp_path: Path) -> None:
@@ -166,14 +176,14 @@ def test_state_folder_is_0700_and_checkpoint_0600(tmp_path: Path) -> None:
     assert (tmp_path / "state/checkpoint.json").stat().st_mode & 0o777 == 0o600
 
 
-def _states(count: int) -> list[State]:
+def _ledgers(count: int) -> list[Ledger]:
     claims = [
         PreparedClaim(
             ClaimRef("ns", f"c{i}", f"uid-{i}"), (PreparedDevice(("cpus",), "n", "cpu-numa0", None, CPUSet.of([i])),)
         )
         for i in range(count)
     ]
-    return [State({c.uid: c for c in claims[: n + 1]}) for n in range(count)]
+    return [Ledger({c.uid: c for c in claims[: n + 1]}) for n in range(count)]
 
 
 def _inode(path: Path) -> int:
@@ -184,7 +194,7 @@ def test_saves_after_the_first_reuse_the_spare_file(tmp_path: Path) -> None:
     """Before: every save made a new temp file, whose inode cost more than the rest of the save on some disks."""
     checkpoint = CheckpointFile(tmp_path / "state")
     checkpoint.secure()
-    states = _states(5)
+    states = _ledgers(5)
     checkpoint.save(Checkpoint(states[0], "b"))
     checkpoint.save(Checkpoint(states[1], "b"))
     inodes = {_inode(checkpoint.path), _inode(checkpoint.spare)}
@@ -192,9 +202,9 @@ def test_saves_after_the_first_reuse_the_spare_file(tmp_path: Path) -> None:
         checkpoint.save(Checkpoint(state, "b"))
         assert {_inode(checkpoint.path), _inode(checkpoint.spare)} == inodes
         loaded = CheckpointFile(tmp_path / "state").load()
-        assert loaded is not None and loaded.state == state
+        assert loaded is not None and loaded.ledger == state
     # The spare holds the save before the last (the exchange), complete, in the checkpoint's mode.
-    assert decode(checkpoint.spare.read_bytes(), "spare").state == states[-2]
+    assert decode(checkpoint.spare.read_bytes(), "spare").ledger == states[-2]
     assert {p.name for p in (tmp_path / "state").iterdir()} == {"checkpoint.json", ".checkpoint.json.spare"}
     assert checkpoint.path.stat().st_mode & 0o777 == checkpoint.spare.stat().st_mode & 0o777 == 0o600
 
@@ -204,7 +214,7 @@ def test_a_new_process_leaves_the_spare_alone_until_its_first_save_is_done(tmp_p
     after a power loss, so the first save of a process makes a new file."""
     first = CheckpointFile(tmp_path / "state")
     first.secure()
-    states = _states(3)
+    states = _ledgers(3)
     for state in states[:2]:
         first.save(Checkpoint(state, "b"))
     spare = first.spare.read_bytes()
@@ -212,7 +222,7 @@ def test_a_new_process_leaves_the_spare_alone_until_its_first_save_is_done(tmp_p
     second.save(Checkpoint(states[2], "b"))
     assert first.spare.read_bytes() == spare
     loaded = second.load()
-    assert loaded is not None and loaded.state == states[2]
+    assert loaded is not None and loaded.ledger == states[2]
 
 
 def test_saves_without_the_exchange_still_replace_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,10 +232,10 @@ def test_saves_without_the_exchange_still_replace_the_file(tmp_path: Path, monke
     monkeypatch.setattr("dra_cpu.store.checkpoint.exchange", unsupported)
     checkpoint = CheckpointFile(tmp_path / "state")
     checkpoint.secure()
-    for state in _states(4):
+    for state in _ledgers(4):
         checkpoint.save(Checkpoint(state, "b"))
         loaded = CheckpointFile(tmp_path / "state").load()
-        assert loaded is not None and loaded.state == state
+        assert loaded is not None and loaded.ledger == state
     assert [p.name for p in (tmp_path / "state").iterdir()] == ["checkpoint.json"]
 
 
@@ -234,7 +244,7 @@ def test_a_failed_exchange_fails_the_save_and_the_next_one_makes_a_new_file(
 ) -> None:
     checkpoint = CheckpointFile(tmp_path / "state")
     checkpoint.secure()
-    states = _states(3)
+    states = _ledgers(3)
     checkpoint.save(Checkpoint(states[0], "b"))
 
     def broken(a: Path, b: Path) -> None:
@@ -244,10 +254,10 @@ def test_a_failed_exchange_fails_the_save_and_the_next_one_makes_a_new_file(
     with pytest.raises(OSError, match="Input/output error"):
         checkpoint.save(Checkpoint(states[1], "b"))
     loaded = checkpoint.load()
-    assert loaded is not None and loaded.state == states[0]
+    assert loaded is not None and loaded.ledger == states[0]
     checkpoint.save(Checkpoint(states[2], "b"))  # by a temp file: the exchange is not tried
     loaded = checkpoint.load()
-    assert loaded is not None and loaded.state == states[2]
+    assert loaded is not None and loaded.ledger == states[2]
 
 
 def _flushes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -271,7 +281,7 @@ def test_a_save_after_the_first_flushes_once(tmp_path: Path, monkeypatch: pytest
     checkpoint = CheckpointFile(tmp_path / "state")
     checkpoint.secure()
     flushes = _flushes(monkeypatch)
-    states = _states(4)
+    states = _ledgers(4)
     checkpoint.save(Checkpoint(states[0], "b"))
     assert flushes == ["data", "folder"]  # a new file: temp file and rename
     flushes.clear()
@@ -282,7 +292,7 @@ def test_a_save_after_the_first_flushes_once(tmp_path: Path, monkeypatch: pytest
         checkpoint.save(Checkpoint(state, "b"))
         assert flushes == ["data"]
     loaded = checkpoint.load()
-    assert loaded is not None and (loaded.state, loaded.sequence) == (states[-1], 4)
+    assert loaded is not None and (loaded.ledger, loaded.sequence) == (states[-1], 4)
 
 
 def test_the_newer_save_wins_when_a_power_loss_reverted_the_swap(tmp_path: Path) -> None:
@@ -290,24 +300,24 @@ def test_the_newer_save_wins_when_a_power_loss_reverted_the_swap(tmp_path: Path)
     spare holds the newest save. Load takes it, and the next process's saves go on above it."""
     checkpoint = CheckpointFile(tmp_path / "state")
     checkpoint.secure()
-    states = _states(4)
+    states = _ledgers(4)
     for state in states[:3]:
         checkpoint.save(Checkpoint(state, "b"))
     exchange(checkpoint.spare, checkpoint.path)  # the names as the disk may still have them
-    assert decode(checkpoint.path.read_bytes(), "x").state == states[1]
+    assert decode(checkpoint.path.read_bytes(), "x").ledger == states[1]
     after = CheckpointFile(tmp_path / "state")
     loaded = after.load()
-    assert loaded is not None and (loaded.state, loaded.sequence) == (states[2], 3)
+    assert loaded is not None and (loaded.ledger, loaded.sequence) == (states[2], 3)
     after.save(Checkpoint(states[3], "b"))
     loaded = CheckpointFile(tmp_path / "state").load()
-    assert loaded is not None and (loaded.state, loaded.sequence) == (states[3], 4)
-    assert decode(after.path.read_bytes(), "x").state == states[3]
+    assert loaded is not None and (loaded.ledger, loaded.sequence) == (states[3], 4)
+    assert decode(after.path.read_bytes(), "x").ledger == states[3]
 
 
 def test_a_failed_write_of_the_spare_leaves_the_save_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     checkpoint = CheckpointFile(tmp_path / "state")
     checkpoint.secure()
-    states = _states(3)
+    states = _ledgers(3)
     checkpoint.save(Checkpoint(states[0], "b"))
     checkpoint.save(Checkpoint(states[1], "b"))
 
@@ -319,21 +329,128 @@ def test_a_failed_write_of_the_spare_leaves_the_save_before(tmp_path: Path, monk
     with pytest.raises(OSError, match="Input/output error"):
         checkpoint.save(Checkpoint(states[2], "b"))
     loaded = CheckpointFile(tmp_path / "state").load()
-    assert loaded is not None and loaded.state == states[1]
+    assert loaded is not None and loaded.ledger == states[1]
 
 
 def test_a_checkpoint_of_a_driver_before_sequence_numbers_loads(tmp_path: Path) -> None:
     """Its spare (the save before) has no sequence number either: checkpoint.json, the newest, is taken."""
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    states = _states(2)
+    states = _ledgers(2)
     for name, state in ((SPARE, states[0]), (FILENAME, states[1])):
-        doc = json.loads(encode(Checkpoint(state, "b")))
-        del doc["sequence"]
-        (state_dir / name).write_text(json.dumps(doc))
+        (state_dir / name).write_bytes(encode(Checkpoint(state, "b")))  # no sequence number
     checkpoint = CheckpointFile(state_dir)
     loaded = checkpoint.load()
-    assert loaded is not None and (loaded.state, loaded.sequence) == (states[1], 0)
+    assert loaded is not None and (loaded.ledger, loaded.sequence) == (states[1], 0)
     checkpoint.save(Checkpoint(states[0], "b"))
     loaded = CheckpointFile(state_dir).load()
-    assert loaded is not None and (loaded.state, loaded.sequence) == (states[0], 1)
+    assert loaded is not None and (loaded.ledger, loaded.sequence) == (states[0], 1)
+
+
+def _saved(directory: Path, count: int) -> tuple[CheckpointFile, list[Ledger]]:
+    """`count` saves of one process, each one claim more, in a fresh state folder."""
+    checkpoint = CheckpointFile(directory)
+    checkpoint.secure()
+    ledgers = _ledgers(count)
+    for ledger in ledgers:
+        checkpoint.save(Checkpoint(ledger, "boot-1"))
+    return checkpoint, ledgers
+
+
+def _tear(path: Path) -> None:
+    """A save's write into `path` cut short by a power loss: the first bytes of another save over the old ones."""
+    data = path.read_bytes()
+    path.write_bytes(b'{"version": 2, "bootID": "boot-1", "che' + data[40:])
+
+
+# What the disk may hold after a power loss at any instant of the fourth save of one process (saves 1-3 told to the
+# caller): the names as the last swaps left them, flushed or not, and the fourth save's write into the file that
+# holds the older save, not begun, cut short or done. `reverted`: the third save's swap is not on the disk;
+# `fourth`: what the fourth save's write left in that file. Each time the reader must take the third save or newer.
+@pytest.mark.parametrize("reverted", [False, True], ids=["swap-flushed", "swap-reverted"])
+@pytest.mark.parametrize("fourth", ["none", "torn", "done"])
+def test_the_reader_takes_the_newest_complete_save_after_a_power_loss(
+    tmp_path: Path, reverted: bool, fourth: str
+) -> None:
+    state = tmp_path / "state"
+    checkpoint, ledgers = _saved(state, 3)
+    older = checkpoint.spare  # the file the fourth save writes into, by the names this process knows
+    if fourth == "torn":
+        _tear(older)
+    elif fourth == "done":
+        older.write_bytes(encode(Checkpoint(_ledgers(4)[3], "boot-1"), sequence=4))
+    if reverted:
+        exchange(checkpoint.spare, checkpoint.path)
+    expected = {"none": (ledgers[2], 3), "torn": (ledgers[2], 3), "done": (_ledgers(4)[3], 4)}[fourth]
+    try:
+        loaded = CheckpointFile(state).load()
+    except CheckpointError as err:
+        # Only checkpoint.json torn: possible only by names a power loss reverted, and then the spare is the save.
+        assert (reverted, fourth) == (True, "torn")
+        assert err.spare is not None and (err.spare.ledger, err.spare.sequence) == expected
+        assert err.spare.boot_id == "boot-1"
+        return
+    assert loaded is not None and (loaded.ledger, loaded.sequence) == expected
+    # The next process goes on above it, whatever the names were.
+    after = CheckpointFile(state)
+    after.save(Checkpoint(Ledger(), "boot-2"))
+    assert decode(after.path.read_bytes(), "x").sequence == expected[1] + 1
+
+
+def test_a_checkpoint_torn_by_a_power_loss_gives_way_to_the_spare_after_the_reboot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prepare told to the kubelet survives a power loss at any instant after: the save of the next prepare tore
+    checkpoint.json because the power loss undid the swap that had made it the spare. After the reboot (CDI specs
+    gone with /var/run) the driver loads the spare, which holds every claim the kubelet was told of."""
+    (tmp_path / "state").mkdir()
+    driver = make_driver(tmp_path, "dual-socket-smt2")
+    driver.start()
+    granted = {}
+    for uid in ("uid-a", "uid-b", "uid-c"):
+        ref = write_claim(tmp_path, uid, [result("cpu-numa0", cpus=2)])
+        claim = driver.prepare([ref])[uid].claim
+        assert claim is not None
+        granted[uid] = claim.cpus
+    checkpoint = CheckpointFile(tmp_path / "state")
+    exchange(checkpoint.spare, checkpoint.path)  # the last swap never reached the disk
+    _tear(checkpoint.path)  # the next prepare's save was writing into that file
+    shutil.rmtree(tmp_path / "cdi")
+    rebooted = make_driver(tmp_path, "dual-socket-smt2")
+    rebooted.reconciler.boot_id = "boot-2"
+    with caplog.at_level(logging.ERROR):
+        rebooted.start()
+    assert "loading the save its spare holds" in caplog.text
+    assert {u: c.cpus for u, c in rebooted.snapshot().ledger.claims.items()} == granted
+    assert list((tmp_path / "state").glob("checkpoint.json.corrupt-*")), "the torn file is kept for a person"
+    assert {f"dra.cpu-cpu_claim-{u}.json" for u in granted} <= {p.name for p in (tmp_path / "cdi").iterdir()}
+
+
+def test_a_checkpoint_torn_within_one_boot_is_rebuilt_from_the_cdi_specs_not_the_spare(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing of ours tears checkpoint.json within a boot (someone else did): the spare is a save behind the CDI
+    specs, which hold every claim."""
+    (tmp_path / "state").mkdir()
+    driver = make_driver(tmp_path, "dual-socket-smt2")
+    driver.start()
+    for uid in ("uid-a", "uid-b"):
+        ref = write_claim(tmp_path, uid, [result("cpu-numa0", cpus=2)])
+        assert driver.prepare([ref])[uid].claim is not None
+    checkpoint = CheckpointFile(tmp_path / "state")
+    assert set(decode(checkpoint.spare.read_bytes(), "spare").ledger.claims) == {"uid-a"}
+    _tear(checkpoint.path)
+    again = make_driver(tmp_path, "dual-socket-smt2")
+    with caplog.at_level(logging.ERROR):
+        again.start()
+    assert "rebuilding the prepared claims from CDI specs" in caplog.text
+    assert set(again.snapshot().ledger.claims) == {"uid-a", "uid-b"}
+
+
+def test_a_file_of_an_unknown_version_offers_no_spare(tmp_path: Path) -> None:
+    """Not torn: written by a newer driver, whose spare is a save behind it."""
+    checkpoint, _ = _saved(tmp_path / "state", 2)
+    checkpoint.path.write_bytes(checkpoint.path.read_bytes().replace(b'"version": 2', b'"version": 9'))
+    with pytest.raises(CheckpointError, match="version 9") as raised:
+        CheckpointFile(tmp_path / "state").load()
+    assert raised.value.spare is None
