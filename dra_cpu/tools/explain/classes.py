@@ -12,9 +12,11 @@ def chart_device_classes(driver: str = DEFAULT_DRIVER) -> list[dict[str, Any]]:
     attrs = f"device.attributes[{driver!r}]".replace("'", '"')
     # The driver test comes first: && short-circuits, so devices of other drivers never reach an attribute lookup.
     match_driver = f'device.driver == "{driver}"'
+    # Only isolated CPU devices carry `isolated` (true); slices of earlier versions say `false` on the others.
+    isolated = f"has({attrs}.isolated) && {attrs}.isolated"
     expressions = {
-        driver: f'{match_driver} && {attrs}.type == "cpu" && !{attrs}.isolated',
-        f"{driver}.isolated": f'{match_driver} && {attrs}.type == "cpu" && {attrs}.isolated',
+        driver: f'{match_driver} && {attrs}.type == "cpu" && !({isolated})',
+        f"{driver}.isolated": f'{match_driver} && {attrs}.type == "cpu" && {isolated}',
         "dra.hugepages-2mi": f'{match_driver} && {attrs}.type == "hugepages" && {attrs}.pageSize == "2Mi"',
         "dra.hugepages-1gi": f'{match_driver} && {attrs}.type == "hugepages" && {attrs}.pageSize == "1Gi"',
     }
