@@ -312,7 +312,9 @@ def _grouped_devices(topology: Topology, config: DeviceConfig, available: CPUSet
 def _individual_devices(topology: Topology, config: DeviceConfig, available: CPUSet) -> list[Device]:
     d = config.driver_name
     devices = []
-    for cpu_id in available:
+    # The scheduler gives a request for N devices (a count, or an extended resource) the first N free ones in slice
+    # order: NUMA node by NUMA node, the threads of a core together, it takes whole cores of one node first.
+    for cpu_id in sorted(available, key=lambda i: _numa_core_order(topology, i)):
         cpu = topology.cpu(cpu_id)
         node = cpu.numa_node if cpu.numa_node is not None else 0
         l3 = cpu.l3_cache if cpu.l3_cache is not None else -1
@@ -340,6 +342,11 @@ def _individual_devices(topology: Topology, config: DeviceConfig, available: CPU
             )
         )
     return devices
+
+
+def _numa_core_order(topology: Topology, cpu_id: int) -> tuple[int, int, int]:
+    cpu = topology.cpu(cpu_id)
+    return (cpu.numa_node if cpu.numa_node is not None else 0, cpu.thread_siblings.first(), cpu_id)
 
 
 def _hugepage_devices(topology: Topology, config: DeviceConfig) -> list[Device]:

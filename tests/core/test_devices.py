@@ -442,3 +442,16 @@ def test_only_isolated_cpus_say_so(tmp_path: Path) -> None:
         flags = {d.name: d.to_api()["attributes"].get("dra.cpu/isolated") for d in build_devices(topology, config)}
         isolated = "cpu-3" if mode is DeviceMode.INDIVIDUAL else "cpu-isolated-numa0"
         assert flags == {name: {"bool": True} if name == isolated else None for name in flags}
+
+
+def test_individual_devices_come_core_by_core_and_node_by_node(tmp_path: Path) -> None:
+    """Siblings numbered apart (CPU c and c + 8, as on most Intel machines) and NUMA nodes interleaved: the slice
+    lists both threads of a core, then the next core of the same NUMA node, so that the scheduler's first free
+    devices for a count are whole cores on one node."""
+    cpus, nodes = uniform_machine(sockets=2, nodes_per_socket=1, cores_per_node=4, threads=2)
+    write_tree(tmp_path, cpus, nodes)
+    config = DeviceConfig(node_name="n", device_mode=DeviceMode.INDIVIDUAL)
+    [obj] = build_slices(build_devices(read_topology(tmp_path), config), config)
+    names = [d["name"] for d in obj["spec"]["devices"]]
+    assert names[:4] == ["cpu-0", "cpu-8", "cpu-1", "cpu-9"]
+    assert names[8:10] == ["cpu-4", "cpu-12"]
