@@ -246,7 +246,10 @@ class ControlPlane:
     state_dir: Path
     binaries: Binaries
     feature_gates: Mapping[str, bool] = field(default_factory=lambda: dict(FEATURE_GATES))
+    # Flags added to a component's command line, by component name (benchmarks raise the clients' rate limits).
+    extra_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
     url: str = ""
+    etcd_url: str = ""
     gates: dict[str, bool] = field(default_factory=dict)  # what was passed: feature_gates less the unknown ones
     _processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -297,9 +300,9 @@ class ControlPlane:
             try:
                 if ETCD in wanted:
                     shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)
-                    etcd_url = self._start_etcd()
+                    self.etcd_url = self._start_etcd()
                 if APISERVER in wanted:
-                    self._start_apiserver(etcd_url)
+                    self._start_apiserver(self.etcd_url)
                 if SCHEDULER in wanted:
                     self._start_scheduler()
                 if CONTROLLER_MANAGER in wanted:
@@ -331,7 +334,7 @@ class ControlPlane:
     def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
         with self.log(name).open("wb") as out:
             proc = subprocess.Popen(
-                [str(self.binaries.path(name)), *args],
+                [str(self.binaries.path(name)), *args, *self.extra_args.get(name, ())],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -503,15 +506,26 @@ class ControlPlane:
         self._wait(name, f"{name} /healthz", healthy)
 
     def metrics(self, name: str) -> str:
-        """The Prometheus text of a running kube-scheduler's or kube-controller-manager's /metrics, read as the admin
-        (the component asks the API server whether the caller may)."""
+        """The Prometheus text of a running component's /metrics."""
+        return self.read(name, "/metrics").decode()
+
+    def read(self, name: str, path: str, timeout: float = 60) -> bytes:
+        """GET `path` (e.g. /metrics, /debug/pprof/heap?gc=1&debug=1) of a running component as the admin: etcd's
+        client URL, the API server's, or the secure port of kube-scheduler or kube-controller-manager (which ask the
+        API server whether the caller may)."""
         context = _context()
         context.load_cert_chain(self.pki.dir / "admin.crt", self.pki.dir / "admin.key")
-        args = self._processes[name].args
-        assert isinstance(args, list), args  # as _spawn passes them
-        url = f"https://127.0.0.1:{_secure_port(args)}/metrics"
-        with urllib.request.urlopen(url, timeout=30, context=context) as response:
-            return str(response.read().decode())
+        if name in (ETCD, APISERVER):
+            base = self.etcd_url if name == ETCD else self.url
+        else:
+            args = self._processes[name].args
+            assert isinstance(args, list), args  # as _spawn passes them
+            base = f"https://127.0.0.1:{_secure_port(args)}"
+        with urllib.request.urlopen(base + path, timeout=timeout, context=context) as response:
+            return bytes(response.read())
+
+    def pid(self, name: str) -> int:
+        return self._processes[name].pid
 
     def _start_scheduler(self) -> None:
         args = self._component_args(SCHEDULER)
@@ -649,13 +663,18 @@ def create_namespace(api: client.ApiClient, name: str) -> None:
 
 
 @contextlib.contextmanager
-def running(state_dir: Path, components: Iterable[str] = APISERVER_ONLY) -> Iterator[ControlPlane]:
+def running(
+    state_dir: Path,
+    components: Iterable[str] = APISERVER_ONLY,
+    feature_gates: Mapping[str, bool] = FEATURE_GATES,
+    extra_args: Mapping[str, Sequence[str]] | None = None,
+) -> Iterator[ControlPlane]:
     """A ControlPlane of `components` for the body of the `with`, outside pytest (benchmarks); raises
     ControlPlaneError when it is not installed or does not start."""
     binaries = Binaries.installed()
     if binaries is None:
         raise ControlPlaneError("the Kubernetes control plane is not installed: run hack/testenv/kubernetes.sh install")
-    plane = ControlPlane(state_dir, binaries)
+    plane = ControlPlane(state_dir, binaries, dict(feature_gates), extra_args=dict(extra_args or {}))
     try:
         plane.start(components)
         yield plane
