@@ -78,26 +78,12 @@ def test_a_limit_below_the_claim_is_refused_at_prepare_and_nothing_is_pinned(
 @pytest.fixture
 def mapped_node(dra_cpu_node: InstalledDriver) -> Iterator[InstalledDriver]:
     """The driver upgraded (helm upgrade) to publish the node-allocatable mapping; back to the default afterwards."""
-    kube = dra_cpu_node.node.kube
-
-    def mapping_published(on: bool) -> bool:
-        slices = kube.list("/apis/resource.k8s.io/v1/resourceslices", field_selector="spec.driver=dra.cpu")
-        devices = [d for s in slices for d in s["spec"].get("devices", [])]
-        return bool(devices) and all(("nodeAllocatableResources" in d) == on for d in devices)
-
-    def switch(on: bool) -> None:
-        values = dict(dra_cpu_node.values)
-        values["config"] = {**values.get("config", {}), "publishNodeAllocatableResources": on}
-        old = dra_cpu_node.ready_pod()["metadata"]["name"]
-        dra_cpu_node.upgrade(values)
-        dra_cpu_node.ready_pod(other_than=old)
-        wait_for(lambda: mapping_published(on), f"slices {'with' if on else 'without'} the mapping", 120)
-
-    switch(True)
-    try:
-        yield dra_cpu_node
-    finally:
-        switch(False)
+    with dra_cpu_node.reconfigured(
+        {"config": {"publishNodeAllocatableResources": True}},
+        lambda devices: bool(devices) and all("nodeAllocatableResources" in d for d in devices),
+        "slices with the mapping",
+    ) as driver:
+        yield driver
 
 
 def test_with_the_mapping_the_kubelet_adds_the_claim_to_quota_and_pod_weight(

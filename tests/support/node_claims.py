@@ -208,11 +208,14 @@ def pinning(node: RealNode, pod: Mapping[str, Any], container: str | None = None
     )
 
 
-def wait_cpus(node: RealNode, pod: Mapping[str, Any], want: CPUSet, what: str, timeout: float = 30.0) -> Pinning:
-    """The container's pinning once a new process in it, its first process and its cgroup all have `want`."""
+def wait_cpus(
+    node: RealNode, pod: Mapping[str, Any], want: CPUSet, what: str, timeout: float = 30.0, container: str | None = None
+) -> Pinning:
+    """The container's pinning (the first one's, or `container`'s) once a new process in it, its first process and its
+    cgroup all have `want`."""
     deadline = time.monotonic() + timeout
     while True:
-        seen = pinning(node, pod)
+        seen = pinning(node, pod, container)
         if seen.inside[0] == want and seen.init[0] == want and seen.cgroup[0] == want:
             return seen
         if time.monotonic() > deadline:

@@ -647,7 +647,7 @@ class InstalledDriver:
         # Other tests of the session put the chart's DeviceClasses on the same control plane without helm (e.g.
         # tests/kube's `classes_file`); helm refuses to adopt objects it did not make, so those go first.
         kube = self.node.kube
-        for name in ("dra.cpu", "dra.cpu.isolated", "dra.hugepages-2mi", "dra.hugepages-1gi"):
+        for name in ("dra.cpu", "dra.cpu.isolated", "dra.hugepages-2mi", "dra.hugepages-1gi", "dra.cpu.extended"):
             path = f"/apis/resource.k8s.io/v1/deviceclasses/{name}"
             found = kube.find(path)
             if found is not None and "meta.helm.sh/release-name" not in found["metadata"].get("annotations", {}):
@@ -662,6 +662,33 @@ class InstalledDriver:
         )
         if done.returncode != 0:
             raise NodeError(f"helm upgrade failed:\n{done.stderr}\n{self.describe()}")
+
+    def devices(self) -> list[dict[str, Any]]:
+        """The devices the driver publishes now."""
+        slices = self.node.kube.list("/apis/resource.k8s.io/v1/resourceslices", field_selector="spec.driver=dra.cpu")
+        return [d for s in sorted(slices, key=lambda s: str(s["metadata"]["name"])) for d in s["spec"]["devices"]]
+
+    @contextlib.contextmanager
+    def reconfigured(
+        self, change: Mapping[str, Mapping[str, Any]], published: Callable[[list[dict[str, Any]]], bool], what: str
+    ) -> Iterator[InstalledDriver]:
+        """The driver upgraded (helm upgrade) with `change` merged into its values' sections (e.g. {"config":
+        {...}}), its new pod Ready and `published(devices)` true; afterwards back to the values and devices of
+        before."""
+        before = self.devices()
+
+        def upgrade(values: Mapping[str, Any], done: Callable[[], bool], state: str) -> None:
+            old = self.ready_pod()["metadata"]["name"]
+            self.upgrade(values)
+            self.ready_pod(other_than=old)
+            wait_for(done, state, 120)
+
+        changed = {**self.values, **{key: {**self.values.get(key, {}), **part} for key, part in change.items()}}
+        upgrade(changed, lambda: published(self.devices()), what)
+        try:
+            yield self
+        finally:
+            upgrade(self.values, lambda: self.devices() == before, "the devices of before")
 
     def uninstall(self) -> None:
         """helm uninstall, then until the driver's pods are gone (the kubelet unregisters the plugin)."""
