@@ -38,9 +38,13 @@ this script's. Printed per case, and as a ratio to native where it says so:
                       after the burst (each waits for the previous one): the time of one pod in an idle cluster
   algorithm           the scheduler's mean PreFilter + Filter + Score per pod (scheduler_scheduling_algorithm_...)
   DRA Filter          the mean DynamicResources Filter per Node checked, in µs (the scheduler samples ~10% of them)
-  sched CPU/pod       the scheduler's user + system CPU from SIGCONT to the last bound, per pod (/proc via psutil)
-  writes/pod          the API server's write requests (POST, PUT, PATCH, DELETE) during the burst per pod, Events
-                      left out (apiserver_request_total); --json has them by verb and resource
+  sched, api, all ms  CPU per pod (user + system, /proc via psutil) of the scheduler, of the API server, and of all
+                      four components, from before the first pod is created to the last bound (the scheduler works
+                      only after SIGCONT; the controller manager makes the template claims before it)
+  tries               the scheduler's attempts per pod (scheduler_schedule_attempts_total; 1: none failed)
+  writes              the API server's write requests (POST, PUT, PATCH, DELETE) per pod over the same span, Events
+                      left out (apiserver_request_total); --json has them by verb and resource, and the attempts by
+                      result
 and, per shape, per Node, for the slices alone (read before and after they are created):
   slice B             the Node's ResourceSlices as compact JSON (as the driver builds them, Kubernetes' encoding)
   apiserver KB        kube-apiserver's live heap (after a GC: /debug/pprof/heap?gc=1)
@@ -168,6 +172,7 @@ class Outcome:
     latencies: list[float] = field(default_factory=list)  # created -> bound, one pod at a time, seconds
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # component -> CPU seconds during the burst
     writes: Counter[str] = field(default_factory=Counter)  # "VERB resource[/subresource]" -> requests
+    attempts: Counter[str] = field(default_factory=Counter)  # the scheduler's attempts by result
     metrics: dict[str, Histogram] = field(default_factory=dict)
 
 
@@ -223,17 +228,34 @@ def cpu_seconds(plane: ControlPlane) -> dict[str, float]:
     return found
 
 
-def writes(plane: ControlPlane) -> Counter[str]:
-    """The API server's write requests so far, by verb and resource."""
+def written(labels: Mapping[str, str]) -> str | None:
+    """The key a write request is counted under ("PATCH pods/status"); None for other requests."""
+    if labels.get("verb") not in WRITES:
+        return None
+    sub = labels.get("subresource")
+    return f"{labels['verb']} {labels.get('resource')}{'/' + sub if sub else ''}"
+
+
+def attempt(labels: Mapping[str, str]) -> str | None:
+    return labels.get("result")
+
+
+# A counter (as the parser names it, without _total) and the key a sample counts under.
+CounterKey = tuple[str, Callable[[Mapping[str, str]], str | None]]
+WRITTEN: CounterKey = ("apiserver_request", written)
+ATTEMPTS: CounterKey = ("scheduler_schedule_attempts", attempt)
+
+
+def counters(plane: ControlPlane, component: str, counter: CounterKey) -> Counter[str]:
+    """A component's counter so far, summed by key (e.g. the API server's write requests by verb and resource)."""
+    name, key = counter
     found: Counter[str] = Counter()
-    for family in text_string_to_metric_families(plane.metrics(APISERVER)):
-        if family.name != "apiserver_request":  # the parser drops the counter's _total
-            continue
-        for sample in family.samples:
-            labels = sample.labels
-            if sample.name.endswith("_total") and labels.get("verb") in WRITES:
-                sub = labels.get("subresource")
-                found[f"{labels['verb']} {labels.get('resource')}{'/' + sub if sub else ''}"] += int(sample.value)
+    for family in text_string_to_metric_families(plane.metrics(component)):
+        if family.name == name:
+            for sample in family.samples:
+                where = key(sample.labels)
+                if sample.name.endswith("_total") and where is not None:
+                    found[where] += int(sample.value)
     return found
 
 
@@ -341,37 +363,73 @@ def pod(name: str, case: Case, cpus: int, node: str | None = None) -> dict[str, 
 
 
 class Bindings:
-    """Watches the pods of a namespace and records when each is first seen bound (monotonic time)."""
+    """Watches the pods of a namespace and records when each is first seen bound (monotonic time). The API server
+    ends a watch whose reader falls behind (a burst of pods while this process creates them): the watch then starts
+    again where it was, or from a fresh list when that is too old."""
 
     def __init__(self, kube: Kube, namespace: str) -> None:
         self.bound: dict[str, float] = {}
+        self.ended: Exception | None = None
+        self._kube, self._path = kube, f"/api/v1/namespaces/{namespace}/pods"
         self._changed = threading.Condition()
-        listed = kube.request("GET", f"/api/v1/namespaces/{namespace}/pods")
-        query = [("watch", "1"), ("resourceVersion", listed["metadata"]["resourceVersion"]), ("timeoutSeconds", "3600")]
-        serialized = kube.api.param_serialize(
-            "GET", f"/api/v1/namespaces/{namespace}/pods", query_params=query, auth_settings=["BearerToken"]
-        )
-        self._response: Any = kube.api.call_api(*serialized).response
+        self._closed = False
+        self._response: Any = None
+        self._version = self._list()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
+    def _list(self) -> str:
+        listed = self._kube.request("GET", self._path)
+        for obj in listed["items"]:
+            self._seen(obj)
+        return str(listed["metadata"]["resourceVersion"])
+
+    def _seen(self, obj: Mapping[str, Any]) -> None:
+        if obj.get("spec", {}).get("nodeName"):
+            with self._changed:
+                self.bound.setdefault(obj["metadata"]["name"], time.monotonic())
+                self._changed.notify_all()
+
     def _read(self) -> None:
         try:
-            for line in self._response:
-                event = json.loads(line)
-                obj = event.get("object", {})
-                name = obj.get("metadata", {}).get("name")
-                if event.get("type") in ("ADDED", "MODIFIED") and obj.get("spec", {}).get("nodeName"):
-                    with self._changed:
-                        self.bound.setdefault(name, time.monotonic())
-                        self._changed.notify_all()
-        except Exception:  # the connection closed when the case ended
-            pass
+            while not self._closed:
+                query = [("watch", "1"), ("resourceVersion", self._version), ("allowWatchBookmarks", "true")]
+                serialized = self._kube.api.param_serialize(
+                    "GET", self._path, query_params=query, auth_settings=["BearerToken"]
+                )
+                self._response = self._kube.api.call_api(*serialized).response
+                if self._closed:
+                    break
+                for line in self._lines():
+                    event = json.loads(line)
+                    obj = event.get("object", {})
+                    if event.get("type") == "ERROR":  # 410 Gone: the version is too old to watch from
+                        self._version = self._list()
+                        break
+                    self._version = obj["metadata"]["resourceVersion"]
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        self._seen(obj)
+                self._response.release_conn()
+        except Exception as err:  # close() ends the read this way; wait() reports any other end
+            if not self._closed:
+                self.ended = err
+        with self._changed:
+            self._changed.notify_all()
+
+    def _lines(self) -> Iterator[bytes]:
+        """The watch's events, one JSON line each, as soon as the server sends them (each event is a chunk of the
+        chunked response: reading a fixed amount would wait for more)."""
+        pending = b""
+        for chunk in self._response.stream(None):
+            *lines, pending = (pending + chunk).split(b"\n")
+            yield from (line for line in lines if line.strip())
 
     def wait(self, names: Sequence[str], seconds: float) -> None:
         deadline = time.monotonic() + seconds
         with self._changed:
             while not all(name in self.bound for name in names):
+                if not self._thread.is_alive():
+                    raise SystemExit(f"the watch of pods ended: {self.ended!r}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = [n for n in names if n not in self.bound]
@@ -379,9 +437,10 @@ class Bindings:
                 self._changed.wait(min(left, 1.0))
 
     def close(self) -> None:
-        self._response.shutdown()  # unblocks the reading thread
+        self._closed = True
+        if self._response is not None:
+            self._response.shutdown()  # unblocks the reading thread
         self._thread.join(timeout=30)
-        self._response.release_conn()
 
 
 @contextmanager
@@ -419,7 +478,10 @@ def run_case(plane: ControlPlane, kube: Kube, case: Case, last_node: str, settin
         bindings.wait(["warm-up"], settings.bound_seconds)
         names = [f"pod-{i:05d}" for i in range(settings.pods)]
         outcome = Outcome(pods=len(names))
-        writes_before, metrics_before = writes(plane), scrape(plane.metrics(SCHEDULER))
+        # From before the first pod: the API server's, etcd's and the controller manager's work for the pods and
+        # their claims counts wherever it happens (the scheduler does none while it is stopped).
+        writes_before, attempts_before = counters(plane, APISERVER, WRITTEN), counters(plane, SCHEDULER, ATTEMPTS)
+        metrics_before, cpu_before = scrape(plane.metrics(SCHEDULER)), cpu_seconds(plane)
         with paused(plane):
             parallel(lambda name: kube.create(pod(name, case, settings.cpus), namespace), names)
             if case.ask == "template":
@@ -432,7 +494,6 @@ def run_case(plane: ControlPlane, kube: Kube, case: Case, last_node: str, settin
                     "the controller manager to make every pod's claim",
                     timeout=settings.bound_seconds,
                 )
-            cpu_before = cpu_seconds(plane)
             start = time.monotonic()
         profile = profiler(plane, case, settings)
         bindings.wait(names, settings.bound_seconds)
@@ -440,7 +501,8 @@ def run_case(plane: ControlPlane, kube: Kube, case: Case, last_node: str, settin
         cpu_after = cpu_seconds(plane)
         outcome.cpu_seconds = {name: cpu_after[name] - cpu_before[name] for name in cpu_after}
         outcome.metrics = difference(scrape(plane.metrics(SCHEDULER)), metrics_before)
-        outcome.writes = writes(plane) - writes_before
+        outcome.writes = counters(plane, APISERVER, WRITTEN) - writes_before
+        outcome.attempts = counters(plane, SCHEDULER, ATTEMPTS) - attempts_before
         if profile is not None:
             profile.join()
         for i in range(settings.latency_pods):
@@ -561,6 +623,8 @@ def figures(plane: Plane) -> dict[str, Row]:
             "dra_filter_us": dra_filter * 1000 if dra_filter is not None else None,
             "scheduler_cpu_ms": outcome.cpu_seconds[SCHEDULER] / outcome.pods * 1000,
             "apiserver_cpu_ms": outcome.cpu_seconds[APISERVER] / outcome.pods * 1000,
+            "plane_cpu_ms": sum(outcome.cpu_seconds.values()) / outcome.pods * 1000,
+            "attempts_per_pod": sum(outcome.attempts.values()) / outcome.pods,
             "writes_per_pod": events_left_out(outcome.writes) / outcome.pods,
             "slice_bytes": footprint.slices if footprint else None,
             "apiserver_kb": footprint.apiserver / 1024 if footprint else None,
@@ -579,6 +643,8 @@ COLUMNS = {
     "dra_filter_us": ("Filter us", 0),
     "scheduler_cpu_ms": ("sched ms", 2),
     "apiserver_cpu_ms": ("api ms", 1),
+    "plane_cpu_ms": ("all ms", 1),
+    "attempts_per_pod": ("tries", 2),
     "writes_per_pod": ("writes", 1),
     "slice_bytes": ("slice B", 0),
     "apiserver_kb": ("api KB", 1),
@@ -599,8 +665,9 @@ def print_tables(report: Mapping[str, Any]) -> None:
     )
     print(
         "pods/s from SIGCONT to the last pod bound; p50/p99: created -> bound one at a time; algo: the scheduler's "
-        "algorithm per pod; Filter: DynamicResources Filter per Node; sched/api ms: CPU per pod; writes: API writes "
-        "per pod without Events; slice B, api/etcd/sched KB: per Node, for the shape's slices"
+        "algorithm per pod; Filter: DynamicResources Filter per Node; sched/api/all ms: CPU per pod of the scheduler, "
+        "the API server, all four components; tries: scheduling attempts per pod; writes: API writes per pod without "
+        "Events; slice B, api/etcd/sched KB: per Node, for the shape's slices"
     )
     for gate, plane in report["planes"].items():
         print(f"\n{GATE} {gate}")
@@ -671,6 +738,7 @@ def main() -> int:
                 "figures": figures(plane),
                 "bound": {case: outcome.pods for case, outcome in plane.outcomes.items()},
                 "writes": {case: dict(outcome.writes) for case, outcome in plane.outcomes.items()},
+                "attempts": {case: dict(outcome.attempts) for case, outcome in plane.outcomes.items()},
             }
             for gate, plane in planes.items()
         },

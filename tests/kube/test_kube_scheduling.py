@@ -85,7 +85,12 @@ class NodeMaker(Protocol):
     """The `make_node` fixture: a Node carrying the driver's slices for a sysfs capture."""
 
     def __call__(
-        self, sysfs_root: Path, group_by: GroupBy = ..., pcie_roots: bool = ..., mode: DeviceMode = ...
+        self,
+        sysfs_root: Path,
+        group_by: GroupBy = ...,
+        pcie_roots: bool = ...,
+        mode: DeviceMode = ...,
+        compatibility: bool = ...,
     ) -> TestNode: ...
 
 
@@ -99,10 +104,18 @@ def make_node(control_plane: ControlPlane, admin: Kube) -> Iterator[NodeMaker]:
         group_by: GroupBy = GroupBy.NUMA_NODE,
         pcie_roots: bool = False,
         mode: DeviceMode = DeviceMode.GROUPED,
+        compatibility: bool = True,
     ) -> TestNode:
         name = unique("node")
         made.append(name)
-        config = DeviceConfig(node_name=name, group_by=group_by, pcie_roots=pcie_roots, device_mode=mode)
+        config = DeviceConfig(
+            node_name=name,
+            group_by=group_by,
+            pcie_roots=pcie_roots,
+            device_mode=mode,
+            upstream_numa_attribute=compatibility,
+            dranet_numa_attribute=compatibility,
+        )
         return publish_node(control_plane.kubeconfig, admin.api, name, sysfs_root, config)
 
     yield make
@@ -488,4 +501,104 @@ def test_a_node_without_one_cpu_devices_does_not_serve_the_extended_resource(
 
     condition = wait_for(unschedulable, "the scheduler to give up on the pod")
     assert admin.get(path)["spec"].get("nodeName") is None, condition
+    admin.delete(path, force=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Claims as the upstream driver's README and docs write them, against our lean default slices.
+
+NUMA0 = 'device.attributes["resource.kubernetes.io"].numaNode == 0'
+SMT_AND_SIZE = 'device.attributes["dra.cpu"].smtEnabled == true && device.attributes["dra.cpu"].numCPUs >= 8'
+
+
+def exactly(cpus: int, selector: str = "") -> dict[str, Any]:
+    found: dict[str, Any] = cpu_claim("x", cpus, selector)["spec"]["devices"]["requests"][0]["exactly"]
+    return found
+
+
+UPSTREAM_CLAIMS: dict[str, dict[str, Any]] = {
+    "cpus-on-numa0": {"requests": [{"name": "cpus", "exactly": exactly(8, NUMA0)}]},
+    "numa-node-id": {
+        "requests": [{"name": "cpus", "exactly": exactly(4, 'device.attributes["dra.cpu"].numaNodeID == 1')}]
+    },
+    "smt-and-size": {"requests": [{"name": "cpus", "exactly": exactly(4, SMT_AND_SIZE)}]},
+    "same-socket-cpus": {
+        "requests": [{"name": name, "exactly": exactly(4)} for name in ("cpus-a", "cpus-b")],
+        "constraints": [{"requests": ["cpus-a", "cpus-b"], "matchAttribute": "dra.cpu/socketID"}],
+    },
+    "numa-spread-cpus": {
+        "requests": [{"name": name, "exactly": exactly(8)} for name in ("cpus-a", "cpus-b")],
+        "constraints": [{"distinctAttribute": "resource.kubernetes.io/numaNode"}],
+    },
+}
+
+
+def upstream_claim(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": name},
+        "spec": {"devices": UPSTREAM_CLAIMS[name]},
+    }
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAM_CLAIMS))
+def test_upstream_claims_get_the_allocation_explain_predicts_on_lean_slices(
+    name: str, make_node: NodeMaker, admin: Kube, classes_file: Path, namespace: str, tmp_path: Path
+) -> None:
+    """The attributes the upstream driver publishes (the standard numaNode, numaNodeID, socketID, smtEnabled,
+    numCPUs) are all on our default devices: its claims are allocated as explain predicts."""
+    node = make_node(FIXTURES / "big-8numa")
+    claim = upstream_claim(name)
+    predicted = explain_claim(claim, classes_file, node, tmp_path)
+    admin.create(claim, namespace)
+    bound = run_pod(admin, namespace, busybox_pod(name, {"cpus": name}), node.name)
+    check_allocation(allocated_claim(admin, namespace, name), predicted, node, bound)
+    admin.delete(f"/api/v1/namespaces/{namespace}/pods/{name}", force=True)
+
+
+def test_upstream_individual_mode_claims_take_n_cpus_of_one_l3_cache(
+    make_node: NodeMaker, admin: Kube, namespace: str
+) -> None:
+    """Upstream's individual-mode example (`count: 4`), with its L3 attribute under the name upstream uses."""
+    node = make_node(FIXTURES / "multi-l3-per-node", mode=DeviceMode.INDIVIDUAL)
+    exactly = {"deviceClassName": DRIVER, "allocationMode": "ExactCount", "count": 4}
+    claim = {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": "four"},
+        "spec": {
+            "devices": {
+                "requests": [{"name": "cpus", "exactly": exactly}],
+                "constraints": [{"requests": ["cpus"], "matchAttribute": "dra.cpu/cacheL3ID"}],
+            }
+        },
+    }
+    admin.create(claim, namespace)
+    run_pod(admin, namespace, busybox_pod("four", {"cpus": "four"}), node.name)
+    results = allocated_claim(admin, namespace, "four")["status"]["allocation"]["devices"]["results"]
+    cpus = [int(r["device"].removeprefix("cpu-")) for r in results]
+    assert len(cpus) == 4 and len({node.topology.cpu(c).l3_cache for c in cpus}) == 1, cpus
+    admin.delete(f"/api/v1/namespaces/{namespace}/pods/four", force=True)
+
+
+def test_without_the_compatibility_copy_an_upstream_numa_node_id_claim_is_a_cel_error(
+    make_node: NodeMaker, admin: Kube, classes_file: Path, namespace: str, tmp_path: Path
+) -> None:
+    """publishNumaNodeId off: the scheduler reports the missing attribute and binds nothing, as explain says."""
+    node = make_node(FIXTURES / "big-8numa", compatibility=False)
+    claim = upstream_claim("numa-node-id")
+    predicted = explain_claim(claim, classes_file, node, tmp_path)
+    assert not predicted["satisfiable"] and "dra.cpu/numaNodeID is missing" in json.dumps(predicted)
+    admin.create(claim, namespace)
+    admin.create(pinned_pod(busybox_pod("id", {"cpus": "numa-node-id"}), node.name), namespace)
+    path = f"/api/v1/namespaces/{namespace}/pods/id"
+
+    def cel_error() -> dict[str, Any] | None:
+        condition = pod_scheduled_condition(admin.get(path))
+        return condition if condition and "CEL runtime error" in condition.get("message", "") else None
+
+    condition = wait_for(cel_error, "the scheduler's CEL error")
+    assert "numaNodeID" in condition["message"], condition
+    assert admin.get(path)["spec"].get("nodeName") is None
     admin.delete(path, force=True)
