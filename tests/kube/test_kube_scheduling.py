@@ -447,7 +447,8 @@ def test_an_extended_resource_gets_a_claim_from_the_scheduler_on_whole_cores(
     node = make_node(FIXTURES / "dual-socket-smt2", mode=DeviceMode.INDIVIDUAL)
     bound = run_pod(admin, namespace, extended_pod("ext", 4), node.name)
     status = bound["status"]["extendedResourceClaimStatus"]
-    request = "container-0-request-0"
+    # container index, then the index of the name among the container's requests sorted (cpu, dra.cpu/cpu)
+    request = "container-0-request-1"
     assert status["requestMappings"] == [
         {"containerName": "app", "resourceName": EXTENDED_RESOURCE, "requestName": request}
     ]

@@ -36,8 +36,11 @@ def test_quick_run_binds_every_pod_of_every_case() -> None:
     assert plane["bound"] == dict.fromkeys(CASES, 6)
     for case in CASES:
         row = plane["figures"][case]
-        for figure in ("pods_per_s", "bound_p50_ms", "scheduler_cpu_ms", "writes_per_pod"):
+        for figure in ("pods_per_s", "bound_p50_ms", "writes_per_pod"):
             assert row[figure] > 0, (case, figure)
+        # CPU times tick in 10 ms: 6 pods may take less.
+        assert row["scheduler_cpu_ms"] >= 0 and row["plane_cpu_ms"] >= 0, case
+        assert row["attempts_per_pod"] >= 1, case
         if case != "native":
             assert row["slice_bytes"] > 0, case
     # Every pod of the claim cases wrote more than a native pod: at least the claim and its allocation.
