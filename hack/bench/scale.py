@@ -47,7 +47,8 @@ this script's. Printed per case, and as a ratio to native where it says so:
                       result
 and, per shape, per Node, for the slices alone (read before and after they are created):
   slice B             the Node's ResourceSlices as compact JSON (as the driver builds them, Kubernetes' encoding)
-  apiserver KB        kube-apiserver's live heap (after a GC: /debug/pprof/heap?gc=1)
+  apiserver KB        kube-apiserver's live heap (after a GC: /debug/pprof/heap?gc=1), once two readings 5 s apart
+                      agree within 0.5% (at most 60 s: its caches let go of the last case's pods for a while)
   etcd KB             etcd's database after a compaction and defragmentation (etcd_mvcc_db_total_size_in_bytes)
   scheduler KB        kube-scheduler's live heap
 The slice bytes that turning off the compatibility copies (publishNumaNodeId, publishDraNetNumaNode) saves are
@@ -286,8 +287,17 @@ def etcd_size(plane: ControlPlane) -> int:
     raise SystemExit("etcd: no etcd_mvcc_db_total_size_in_bytes in its metrics")
 
 
-def memory(plane: ControlPlane) -> tuple[int, int, int]:
-    return live_heap(plane, APISERVER), etcd_size(plane), live_heap(plane, SCHEDULER)
+def memory(plane: ControlPlane, settle: float = 60.0) -> tuple[int, int, int]:
+    """(API server heap, etcd database, scheduler heap), once the API server's heap holds still: after a case its
+    caches let go of the deleted pods and claims for a while, which would count against the next slices."""
+    deadline, last = time.monotonic() + settle, live_heap(plane, APISERVER)
+    while time.monotonic() < deadline:
+        time.sleep(5)
+        heap = live_heap(plane, APISERVER)
+        if abs(heap - last) < last / 200:
+            break
+        last = heap
+    return last, etcd_size(plane), live_heap(plane, SCHEDULER)
 
 
 # ----------------------------------------------------------------------------------------------------------------
