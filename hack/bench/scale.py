@@ -9,9 +9,11 @@ repository root:
 
 For each setting of the DRANodeAllocatableResources feature gate in --gates it starts etcd, kube-apiserver,
 kube-scheduler and kube-controller-manager 1.37 on loopback (tests/support/control_plane.py) with the gate set so on
-all three, the scheduler's and the controller manager's client rate limits raised (--kube-api-qps 2000,
---kube-api-burst 4000: their own work is measured, not the default 50 and 20 requests/s), the chart's DeviceClasses
-and the one for DRA extended resources (chart value deviceClasses.extendedResource). It makes --nodes Ready Nodes
+all three and every other gate at its default (with the gate, an alpha one, the scheduler runs its experimental
+allocator; without it the incubating one, as production clusters do), the scheduler's and the controller manager's
+client rate limits raised (--kube-api-qps 2000, --kube-api-burst 4000: their own work is measured, not the default
+50 and 20 requests/s), the chart's DeviceClasses and the one for DRA extended resources (chart value
+deviceClasses.extendedResourceName). It makes --nodes Ready Nodes
 sized like the capture (big-8numa: tests/fixtures/sysfs/big-8numa, 64 CPUs in 8 NUMA nodes on 4 sockets;
 synthetic-256: 256 CPUs, 2 sockets of 4 NUMA nodes of 16 two-thread cores, written by tests/support/synthetic.py),
 and runs these cases, each with --pods-per-node x --nodes pods of --cpus CPUs (requests = limits, as docs/user.md
@@ -100,7 +102,6 @@ from tests.support.control_plane import (  # noqa: E402
     APISERVER,
     CONTROLLER_MANAGER,
     ETCD,
-    FEATURE_GATES,
     SCHEDULER,
     ControlPlane,
     create_node,
@@ -572,7 +573,9 @@ def run_plane(gate: bool, topology: Topology, cases: Sequence[str], nodes: int, 
     found = Plane(gate)
     extra = {SCHEDULER: RAISED_CLIENT_LIMITS, CONTROLLER_MANAGER: RAISED_CLIENT_LIMITS, ETCD: ("--enable-pprof",)}
     state = tmp / f"gate-{'on' if gate else 'off'}"
-    with running(state, ALL, {**FEATURE_GATES, GATE: gate}, extra) as plane:
+    # Every other gate at its 1.37 default, as in a production cluster: an alpha gate (such as the tests'
+    # DRAListTypeAttributes) switches the scheduler to its experimental allocator.
+    with running(state, ALL, {GATE: gate}, extra) as plane:
         api = plane.admin()
         try:
             kube = Kube(api)
