@@ -54,13 +54,15 @@ def hook(
 
 
 @dataclass(frozen=True)
-class Grant:
+class HookPin:
     cpus: CPUSet
     mems: CPUSet
     claims: tuple[str, ...]
 
 
-def decide(env: Sequence[str], pod_uid: str, specs: Mapping[str, Mapping[str, str] | None]) -> tuple[Grant, list[str]]:
+def pin_for(
+    env: Sequence[str], pod_uid: str, specs: Mapping[str, Mapping[str, str] | None]
+) -> tuple[HookPin, list[str]]:
     """Pure: the container's env and the driver's spec env per claim uid -> what to pin, and why entries were
     refused. `specs[uid]` is None when the driver has no spec for that claim."""
     cpus, mems, claims, refused = CPUSet(), CPUSet(), [], []
@@ -73,7 +75,7 @@ def decide(env: Sequence[str], pod_uid: str, specs: Mapping[str, Mapping[str, st
             cpus |= prepared.cpus
             mems |= prepared.mems
             claims.append(uid)
-    return Grant(cpus, mems, tuple(claims)), refused
+    return HookPin(cpus, mems, tuple(claims)), refused
 
 
 def _entitlement(uid: str, spec: Mapping[str, str] | None) -> Entitlement | None:
@@ -104,7 +106,7 @@ def _spec_env(store: CDIStore, uid: str) -> dict[str, str] | None:
         return None
 
 
-def run_hook(cdi_dir: Path, driver: str, stdin: TextIO) -> Grant:
+def run_hook(cdi_dir: Path, driver: str, stdin: TextIO) -> HookPin:
     state = _load_json(stdin, "OCI state on stdin")
     if not isinstance(state, dict) or not isinstance(state.get("pid"), int) or not state.get("bundle"):
         raise DraCpuError(f"the OCI state on stdin has no pid and bundle: {str(state)[:200]!r}")
@@ -114,22 +116,22 @@ def run_hook(cdi_dir: Path, driver: str, stdin: TextIO) -> Grant:
     pod_uid = next((str(annotations[a]) for a in POD_UID_ANNOTATIONS if a in annotations), "")
     store = CDIStore(cdi_dir, driver)
     specs = {uid: _spec_env(store, uid) for uid in cdi_spec.claimed_cpusets(env)}
-    grant, refused = decide(env, pod_uid, specs)
+    pin, refused = pin_for(env, pod_uid, specs)
     for reason in refused:
         LOG.warning(
             "container env names a claim it is not entitled to", extra={"container": state.get("id"), "reason": reason}
         )
-    if grant.cpus:
+    if pin.cpus:
         directory = cpuset_dir_of_pid(state["pid"])
-        write_cpuset(directory, grant.cpus, grant.mems)
+        write_cpuset(directory, pin.cpus, pin.mems)
         LOG.info(
             "container pinned (cdi-hook: the shared pool is not maintained)",
             extra={
                 "container": state.get("id"),
-                "claims": ",".join(grant.claims),
-                "cpus": str(grant.cpus),
-                "mems": str(grant.mems),
+                "claims": ",".join(pin.claims),
+                "cpus": str(pin.cpus),
+                "mems": str(pin.mems),
                 "cgroup": str(directory),
             },
         )
-    return grant
+    return pin

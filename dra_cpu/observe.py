@@ -2,6 +2,9 @@
 
 Gauges are computed at scrape time from the driver's state, so they can never drift from it. Labels are NUMA
 nodes, page sizes and results: never claim UIDs (unbounded cardinality).
+
+The upstream driver's metrics (kubernetes-sigs/dra-driver-cpu pkg/metrics, UPSTREAM below) are served beside ours
+under their names, labels and meanings, so that its dashboards keep working; docs/admin.md has the table.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -32,6 +35,7 @@ class OperationMetrics:
     prepares: Counter = field(init=False)
     unprepares: Counter = field(init=False)
     prepare_seconds: Histogram = field(init=False)
+    upstream: UpstreamOperations = field(init=False)
 
     def __post_init__(self) -> None:
         self.prepares = Counter(
@@ -47,12 +51,49 @@ class OperationMetrics:
             registry=self.registry,
         )
 
+        self.upstream = UpstreamOperations(self.registry)
+
     def record_prepare(self, ok: bool, seconds: float) -> None:
         self.prepares.labels(result="success" if ok else "error").inc()
         self.prepare_seconds.observe(seconds)
+        self.upstream.prepares.labels(result="success" if ok else "error").inc()
+        self.upstream.prepare_seconds.observe(seconds)
 
     def record_unprepare(self, ok: bool) -> None:
         self.unprepares.labels(result="success" if ok else "error").inc()
+        self.upstream.unprepares.labels(result="success" if ok else "error").inc()
+
+    def record_new_claim(self, cpus: int) -> None:
+        self.upstream.claim_cpus.observe(cpus)
+
+
+# client_golang's prometheus.DefBuckets, which upstream's duration histogram uses (Python's default has three more).
+GO_DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class UpstreamOperations:
+    """The upstream driver's operation metrics (its names, labels and buckets; result `unknown` never happens here)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.prepares = Counter(
+            "dra_cpu_prepare_claims", "Total number of per-claim PrepareResourceClaims results.", ["result"],
+            registry=registry,
+        )  # fmt: skip
+        self.unprepares = Counter(
+            "dra_cpu_unprepare_claims", "Total number of per-claim UnprepareResourceClaims results.", ["result"],
+            registry=registry,
+        )  # fmt: skip
+        for counter in (self.prepares, self.unprepares):
+            for result in ("success", "error", "unknown"):
+                counter.labels(result=result)
+        self.prepare_seconds = Histogram(
+            "dra_cpu_prepare_claim_duration_seconds", "Duration of per-claim prepare operations in seconds.",
+            buckets=GO_DEFAULT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.claim_cpus = Histogram(
+            "dra_cpu_claim_allocated_cpus", "Number of CPUs allocated for each newly successful claim allocation.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry,
+        )  # fmt: skip
 
 
 @dataclass(eq=False)  # the registry keys collectors by identity
@@ -106,11 +147,13 @@ class StateCollector(Collector):
         yield from (huge_total, huge_used)
 
         yield GaugeMetricFamily("dra_cpu_active_claims", "prepared claims", value=len(view.claims))
+        yield from _upstream_gauges(view)
         yield GaugeMetricFamily(
             "dra_cpu_nri_connected", "1 while NRI is connected and synchronized", value=view.nri_connected
         )
-        for name, help_text, value in view.counters:
-            yield GaugeMetricFamily(name, help_text, value=value)
+        for counter in fields(Counts):
+            value = float(getattr(view.counts, counter.name))
+            yield GaugeMetricFamily(counter.metadata["name"], counter.metadata["help"], value=value)
 
     def _busy_by_cpu(self) -> dict[int, float]:
         """Busy fraction per CPU since the previous scrape (psutil's cumulative times, differenced)."""
@@ -125,6 +168,57 @@ class StateCollector(Collector):
         return busy
 
 
+def _gauge(name: str, help_text: str) -> Any:
+    """A Counts field, exported as the gauge `name`."""
+    return field(default=0, metadata={"name": name, "help": help_text})
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The daemon's counters, read at scrape time from the driver, the NRI plugin and the slice publisher: the
+    catalogue of their gauges, one field each."""
+
+    claims_unrestorable: int = _gauge(
+        "dra_cpu_claims_unrestorable",
+        "claims prepared before a restart that this node can no longer honour (the log names each)",
+    )
+    forged_env: int = _gauge("dra_cpu_forged_env", "containers whose claim env was not theirs")
+    nri_update_failures: int = _gauge("dra_cpu_nri_update_failures", "failed NRI container updates")
+    shared_claim_refused: int = _gauge(
+        "dra_cpu_shared_claim_refused", "containers refused for using a claim prepared for another pod"
+    )
+    hugetlb_unenforced: int = _gauge(
+        "dra_cpu_hugetlb_unenforced", "hugepage claims' containers whose cgroup hugetlb limits could not be set"
+    )
+    slice_writes: int = _gauge("dra_cpu_slice_writes", "ResourceSlice writes")
+    slice_publish_errors: int = _gauge("dra_cpu_slice_publish_errors", "failed ResourceSlice writes")
+    slice_dropped_field_warnings: int = _gauge(
+        "dra_cpu_slice_dropped_field_warnings", "slices the API server stored without some of our fields"
+    )
+
+
+def _upstream_gauges(view: View) -> Iterator[GaugeMetricFamily]:
+    """The upstream driver's allocation gauges, node-wide. `available` is what claims may still get: the published
+    CPUs (so without the reserved CPUs and those kept for the shared pool) that no claim holds."""
+    yield GaugeMetricFamily(
+        "dra_cpu_allocated_cpus", "Number of CPUs currently allocated to prepared resource claims.",
+        value=len(view.allocated),
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "dra_cpu_available_cpus",
+        "Number of CPUs available for allocation after reserved and active claim CPUs are excluded.",
+        value=len(view.allocatable - view.allocated),
+    )
+    yield GaugeMetricFamily(
+        "dra_cpu_reserved_cpus", "Number of CPUs reserved and excluded from DRA management.", value=len(view.reserved)
+    )
+    yield GaugeMetricFamily(
+        "dra_cpu_resource_claims_active",
+        "Number of resource claims currently recorded as active by the allocation store.",
+        value=len(view.claims),
+    )
+
+
 @dataclass(frozen=True)
 class View:
     """What the collector reads: the daemon fills it from the driver, the publisher and the NRI plugin."""
@@ -135,7 +229,8 @@ class View:
     allocated: CPUSet
     shared: CPUSet
     nri_connected: float
-    counters: tuple[tuple[str, str, float], ...] = ()
+    counts: Counts = field(default_factory=Counts)
+    reserved: CPUSet = field(default_factory=CPUSet)
 
 
 ReadinessCheck = Callable[[], list[str]]

@@ -22,18 +22,28 @@ QUICK_LATENCY_STEPS = 100_000
 QUICK_SECONDS = 2.0
 
 
+# Each benchmark's help line and description.
+COMMANDS = {
+    "numa": (
+        "bandwidth and latency for every (CPU node, memory node) pair allowed to this process",
+        "Copy/triad bandwidth (numpy, one thread per CPU of the node) and pointer-chase latency for every allowed "
+        "(CPU node, memory node) pair, with memory bound by mbind and placement checked in /proc/self/numa_maps.",
+    ),
+    "isolation": (
+        "a latency probe alone, beside a noisy neighbour, and on CPUs exclusive to it",
+        "Timed wake-ups and a fixed compute kernel measured alone, sharing CPUs with a CPU+memory hog, and on "
+        "exclusive CPUs while the hog runs on the rest. As root on a node the CPUs are split with cgroup cpusets; "
+        "otherwise (in a pod) with sched_setaffinity over the CPUs the claims gave.",
+    ),
+}
+
+
 def add_parser(subparsers: Any) -> None:
     """Register `bench numa` and `bench isolation` on the top-level subparsers; each sets args.handler."""
     bench = subparsers.add_parser("bench", help="measure what NUMA alignment and exclusive CPUs buy on this node")
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
 
-    numa = sub.add_parser(
-        "numa",
-        help="bandwidth and latency for every (CPU node, memory node) pair allowed to this process",
-        description="Copy/triad bandwidth (numpy, one thread per CPU of the node) and pointer-chase latency for "
-        "every allowed (CPU node, memory node) pair, with memory bound by mbind and placement checked in "
-        "/proc/self/numa_maps.",
-    )
+    numa = _subcommand(sub, "numa")
     numa.add_argument("--size", metavar="SIZE", help="bytes per array, e.g. 1G (default: 4x the L3, at least 256M)")
     numa.add_argument("--iterations", type=int, help="runs per figure; the best bandwidth is kept (default 5)")
     numa.add_argument("--latency-steps", type=int, help="dependent loads per latency run (default 1000000)")
@@ -42,13 +52,7 @@ def add_parser(subparsers: Any) -> None:
     _common(numa)
     numa.set_defaults(handler=cmd_bench_numa)
 
-    isolation = sub.add_parser(
-        "isolation",
-        help="a latency probe alone, beside a noisy neighbour, and on CPUs exclusive to it",
-        description="Timed wake-ups and a fixed compute kernel measured alone, sharing CPUs with a CPU+memory hog, "
-        "and on exclusive CPUs while the hog runs on the rest. As root on a node the CPUs are split with cgroup "
-        "cpusets; otherwise (in a pod) with sched_setaffinity over the CPUs the claims gave.",
-    )
+    isolation = _subcommand(sub, "isolation")
     isolation.add_argument("--probe-cpus", metavar="LIST", help="CPUs for the probe (default: the last allowed CPU)")
     isolation.add_argument("--seconds", type=float, help="seconds per case (default 10)")
     isolation.add_argument("--interval-us", type=int, default=1000, help="wake-up period in us (default 1000)")
@@ -60,6 +64,12 @@ def add_parser(subparsers: Any) -> None:
     )
     _common(isolation)
     isolation.set_defaults(handler=cmd_bench_isolation)
+
+
+def _subcommand(sub: Any, name: str) -> argparse.ArgumentParser:
+    help_text, description = COMMANDS[name]
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=description)
+    return parser
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -38,6 +38,18 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
         help="grouped mode: one device per NUMA node, per socket, or one for the machine",
     )
     parser.add_argument(
+        "--min-shared-cpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPUs held back from the devices for containers without claims (default 1)",
+    )
+    parser.add_argument(
+        "--strict-reserved",
+        action="store_true",
+        help="containers without claims stay off the reserved CPUs, so those do not count as shared",
+    )
+    parser.add_argument(
         "--publish-node-allocatable-resources",
         action="store_true",
         help="add KEP-5517 nodeAllocatableResources to every device (1.36+, gate DRANodeAllocatableResources)",
@@ -74,4 +86,6 @@ def device_config(args: argparse.Namespace) -> DeviceConfig:
         pcie_roots=args.publish_pcie_roots,
         upstream_numa_attribute=args.publish_numa_node_id,
         dranet_numa_attribute=args.publish_dra_net_numa_node,
+        min_shared_cpus=args.min_shared_cpus,
+        strict_reserved=args.strict_reserved,
     )

@@ -28,14 +28,14 @@ int, bool, string or version attributes only: the list types exist in 1.37 but a
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dra_cpu.core.claims import POD_CLAIM_NAME_ANNOTATION, ClaimRef
+from dra_cpu.core.claims import POD_CLAIM_NAME_ANNOTATION, ClaimRef, ClaimRequest
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import MAX_STRING_ATTRIBUTE, Device
-from dra_cpu.core.state import PreparedClaim, PreparedDevice
+from dra_cpu.core.ledger import ClaimMetadata, PreparedClaim, PreparedDevice
 from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
 
@@ -114,6 +114,13 @@ def cdi_spec_prefix(driver: str, uid: str = "") -> str:
 # --- what a claim's containers read ------------------------------------------------------------------------------
 
 
+def claim_metadata(request: ClaimRequest) -> ClaimMetadata:
+    """What the metadata files of the claim `request` is prepared for will name (core/ledger.ClaimMetadata), checked
+    as claim_requests() checks it, so that a prepare that records it can always write the files."""
+    _check_names(request.ref, {r.base_request for r in request.results}, request.pod_claim_name)
+    return ClaimMetadata(request.pod_claim_name, tuple(sorted(set(request.request_names().values()))))
+
+
 def claim_requests(
     driver: str,
     claim: PreparedClaim,
@@ -123,17 +130,11 @@ def claim_requests(
     topology: Topology,
 ) -> list[RequestMetadata]:
     """One RequestMetadata per request of a prepared claim, by base request name. `request_names` maps base names to
-    the names the allocation gave (with a subrequest); `devices` are the devices published now, by name. Names that
-    become path parts must be DNS labels (the API server makes them so; a standalone folder might not)."""
-    if pod_claim is not None and not _DNS_LABEL.fullmatch(pod_claim):
-        raise MetadataError(
-            f"claim {claim.ref}: annotation {POD_CLAIM_NAME_ANNOTATION} {pod_claim!r} is not a DNS label"
-        )
+    the names the allocation gave (with a subrequest); `devices` are the devices published now, by name."""
+    _check_names(claim.ref, {base for prepared in claim.devices for base in prepared.request_names}, pod_claim)
     by_request: dict[str, list[Mapping[str, Any]]] = {}
     for prepared in claim.devices:
         for base in prepared.request_names:
-            if not _DNS_LABEL.fullmatch(base):
-                raise MetadataError(f"claim {claim.ref}: request name {base!r} is not a DNS label")
             by_request.setdefault(base, []).append(
                 device_entry(driver, prepared, devices.get(prepared.device), topology)
             )
@@ -141,6 +142,16 @@ def claim_requests(
         RequestMetadata(claim.ref, pod_claim, request_names.get(base, base), tuple(entries))
         for base, entries in sorted(by_request.items())
     ]
+
+
+def _check_names(ref: ClaimRef, requests: Iterable[str], pod_claim: str | None) -> None:
+    """Names that become path parts must be DNS labels (the API server makes them so; a standalone folder might
+    not)."""
+    if pod_claim is not None and not _DNS_LABEL.fullmatch(pod_claim):
+        raise MetadataError(f"claim {ref}: annotation {POD_CLAIM_NAME_ANNOTATION} {pod_claim!r} is not a DNS label")
+    for base in sorted(requests):
+        if not _DNS_LABEL.fullmatch(base):
+            raise MetadataError(f"claim {ref}: request name {base!r} is not a DNS label")
 
 
 def device_entry(driver: str, prepared: PreparedDevice, published: Device | None, topology: Topology) -> dict[str, Any]:

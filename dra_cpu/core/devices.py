@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from dra_cpu.core.capacity import SharedFloor, split_cpus
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.quantity import format_bytes
 from dra_cpu.core.topology import Topology, page_size_quantity
@@ -95,10 +96,21 @@ class DeviceConfig:
     # their bytes on every device of every node, and such claims no longer match.
     upstream_numa_attribute: bool = True
     dranet_numa_attribute: bool = True
+    # The shared-CPU floor (minSharedCpus) is held back from the devices, so that what they offer prepare grants
+    # (core/capacity.py); strictReserved keeps containers without claims off the reserved CPUs, so those do not
+    # count towards it.
+    min_shared_cpus: int = 1
+    strict_reserved: bool = False
 
     def __post_init__(self) -> None:
         _check_dns_subdomain("driver name", self.driver_name, 63)
         _check_dns_subdomain("node name", self.node_name, 253)
+        if self.min_shared_cpus < 0:
+            raise DeviceConfigError(f"minSharedCpus {self.min_shared_cpus}: must not be negative")
+
+    @property
+    def shared_floor(self) -> SharedFloor:
+        return SharedFloor(self.min_shared_cpus, self.reserved_cpus if self.strict_reserved else CPUSet())
 
     @property
     def cpu_capacity(self) -> str:
@@ -186,30 +198,13 @@ def _attribute(value: AttributeValue) -> dict[str, Any]:
 
 
 def allocatable_cpus(topology: Topology, config: DeviceConfig) -> CPUSet:
-    """Online CPUs that claims may get: minus reserved ones, and with --whole-cores minus cores cut by reservation."""
-    unknown = config.reserved_cpus - topology.present_cpus
-    if unknown:
-        raise DeviceConfigError(
-            f"--reserved-cpus {config.reserved_cpus}: CPU(s) {unknown} do not exist on this node "
-            f"(present: {topology.present_cpus})"
-        )
-    available = topology.online_cpus - config.reserved_cpus
-    if config.whole_cores:
-        available = CPUSet.union_all(core for core in topology.cores(available) if _whole(topology, core))
-    return available
-
-
-def _whole(topology: Topology, core: CPUSet) -> bool:
-    return core == topology.cpu(core.first()).thread_siblings
+    """Online CPUs that claims may get: what the devices publish (core/capacity.py says which and why)."""
+    return split_cpus(topology, config).claimable
 
 
 def build_devices(topology: Topology, config: DeviceConfig) -> tuple[Device, ...]:
+    """The node's devices; none for CPUs when the settings leave none to claims (check_settings says why)."""
     available = allocatable_cpus(topology, config)
-    if not available:
-        raise DeviceConfigError(
-            f"no allocatable CPUs: online {topology.online_cpus}, reserved {config.reserved_cpus}"
-            + (" (--whole-cores drops cores cut by the reservation)" if config.whole_cores else "")
-        )
     if config.device_mode is DeviceMode.INDIVIDUAL:
         cpu_devices = _individual_devices(topology, config, available)
     else:
@@ -265,14 +260,15 @@ def _groups(topology: Topology, config: DeviceConfig, available: CPUSet) -> list
 
 def _grouped_devices(topology: Topology, config: DeviceConfig, available: CPUSet) -> list[Device]:
     d = config.driver_name
-    threads = topology.threads_per_core
-    step = threads if config.whole_cores else 1
     devices = []
     for suffix, cpus, numa in _groups(topology, config, available):
         for isolated in (False, True):
             pool = cpus & topology.isolated_cpus if isolated else cpus - topology.isolated_cpus
-            if len(pool) < step:
+            if not pool:
                 continue
+            # With whole cores a claim takes cores of the pool's widest kind: a core whose sibling is offline is a
+            # whole core of one thread, and a pool of only such cores steps by one.
+            step = max(len(core) for core in topology.cores(pool)) if config.whole_cores else 1
             nodes = numa if numa is not None else topology.numa_nodes_of(pool)
             sockets = sorted({s for i in pool if (s := topology.cpu(i).socket) is not None})
             attributes: list[tuple[str, AttributeValue]] = [(f"{d}/type", DeviceType.CPU.value)]
@@ -313,8 +309,9 @@ def _individual_devices(topology: Topology, config: DeviceConfig, available: CPU
     d = config.driver_name
     devices = []
     # The scheduler gives a request for N devices (a count, or an extended resource) the first N free ones in slice
-    # order: NUMA node by NUMA node, the threads of a core together, it takes whole cores of one node first.
-    for cpu_id in sorted(available, key=lambda i: _numa_core_order(topology, i)):
+    # order: NUMA node by NUMA node, the threads of a core together, and a node's cores of which some thread is held
+    # back (reserved, or kept for the shared pool) after its whole ones, it takes whole cores of one node first.
+    for cpu_id in sorted(available, key=lambda i: _numa_core_order(topology, available, i)):
         cpu = topology.cpu(cpu_id)
         node = cpu.numa_node if cpu.numa_node is not None else 0
         l3 = cpu.l3_cache if cpu.l3_cache is not None else -1
@@ -344,9 +341,10 @@ def _individual_devices(topology: Topology, config: DeviceConfig, available: CPU
     return devices
 
 
-def _numa_core_order(topology: Topology, cpu_id: int) -> tuple[int, int, int]:
+def _numa_core_order(topology: Topology, available: CPUSet, cpu_id: int) -> tuple[int, bool, int, int]:
     cpu = topology.cpu(cpu_id)
-    return (cpu.numa_node if cpu.numa_node is not None else 0, cpu.thread_siblings.first(), cpu_id)
+    partial = not (cpu.thread_siblings & topology.online_cpus).issubset(available)
+    return (cpu.numa_node if cpu.numa_node is not None else 0, partial, cpu.thread_siblings.first(), cpu_id)
 
 
 def _hugepage_devices(topology: Topology, config: DeviceConfig) -> list[Device]:

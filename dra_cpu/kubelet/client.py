@@ -14,28 +14,8 @@ import grpc
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.errors import DraCpuError
-from dra_cpu.kubelet.gen import (
-    dra_health_v1_pb2,
-    dra_health_v1_pb2_grpc,
-    dra_health_v1alpha1_pb2,
-    dra_health_v1alpha1_pb2_grpc,
-    dra_v1_pb2,
-    dra_v1_pb2_grpc,
-    dra_v1beta1_pb2,
-    dra_v1beta1_pb2_grpc,
-    pluginregistration_v1_pb2,
-    pluginregistration_v1_pb2_grpc,
-)
-
-# What a 1.34+ kubelet knows, in its order of preference.
-KUBELET_SERVICES = ("v1.DRAPlugin", "v1beta1.DRAPlugin")
-_API = {"v1.DRAPlugin": (dra_v1_pb2, dra_v1_pb2_grpc), "v1beta1.DRAPlugin": (dra_v1beta1_pb2, dra_v1beta1_pb2_grpc)}
-# The health services a 1.37 kubelet knows, newest first: it takes the first one the plugin advertises.
-KUBELET_HEALTH_SERVICES = ("v1.DRAResourceHealth", "v1alpha1.DRAResourceHealth")
-_HEALTH_API = {
-    "v1.DRAResourceHealth": (dra_health_v1_pb2, dra_health_v1_pb2_grpc),
-    "v1alpha1.DRAResourceHealth": (dra_health_v1alpha1_pb2, dra_health_v1alpha1_pb2_grpc),
-}
+from dra_cpu.kubelet.gen import pluginregistration_v1_pb2, pluginregistration_v1_pb2_grpc
+from dra_cpu.kubelet.services import DRA_SERVICES, HEALTH_SERVICES
 
 
 class KubeletError(DraCpuError):
@@ -61,7 +41,7 @@ class KubeletClient:
                 info = stub.GetInfo(pluginregistration_v1_pb2.InfoRequest(), timeout=timeout)
             except grpc.RpcError as err:
                 raise KubeletError(f"GetInfo on {registration_socket} failed: {err.code().name}") from None
-            service = next((s for s in info.supported_versions if s in KUBELET_SERVICES), None)
+            service = next((s for s in info.supported_versions if s in DRA_SERVICES), None)
             if info.type != "DRAPlugin" or not service:
                 error = f"unsupported plugin {info.type} {list(info.supported_versions)}"
             else:
@@ -73,12 +53,12 @@ class KubeletClient:
         if error:
             raise KubeletError(error)
         assert service is not None
-        health = next((s for s in KUBELET_HEALTH_SERVICES if s in info.supported_versions), "")
+        health = next((s for s in HEALTH_SERVICES if s in info.supported_versions), "")
         channel = grpc.insecure_channel(f"unix://{info.endpoint}")
         return cls(info=info, channel=channel, service=service, health_service=health)
 
     def _api(self, service: str | None) -> tuple[ModuleType, Any]:
-        pb2, grpc_mod = _API[service or self.service]
+        pb2, grpc_mod = DRA_SERVICES[service or self.service]
         return pb2, grpc_mod.DRAPluginStub(self.channel)
 
     def prepare(self, claims: Iterable[ClaimRef], service: str | None = None, timeout: float = 45) -> Any:
@@ -98,9 +78,9 @@ class KubeletClient:
     def watch_health(self, timeout: float = 5, service: str | None = None) -> Any:
         """NodeWatchResources of the health service the kubelet chose at registration, or of `service`."""
         chosen = service or self.health_service
-        if chosen not in _HEALTH_API:
+        if chosen not in HEALTH_SERVICES:
             raise KubeletError(f"no health service this kubelet knows: {list(self.info.supported_versions)}")
-        pb2, grpc_mod = _HEALTH_API[chosen]
+        pb2, grpc_mod = HEALTH_SERVICES[chosen]
         stub = grpc_mod.DRAResourceHealthStub(self.channel)
         return stub.NodeWatchResources(pb2.NodeWatchResourcesRequest(), timeout=timeout)
 

@@ -29,14 +29,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceType
 from dra_cpu.core.topology import Topology
-from dra_cpu.driver import Driver
+from dra_cpu.driver import Snapshot
 from dra_cpu.kubelet.gen import dra_health_v1_pb2_grpc, dra_health_v1alpha1_pb2_grpc
 
 LOG = logging.getLogger("dra_cpu.kubelet")
@@ -110,6 +110,12 @@ def device_health(
     return DeviceHealth(device.name, Health.HEALTHY)
 
 
+class Snapshots(Protocol):
+    """Where the node's devices, topology and claims are read, one moment at a time (driver.Driver)."""
+
+    def snapshot(self) -> Snapshot: ...
+
+
 class _Watch:
     """One open stream; its flags are read and written under HealthService.changed."""
 
@@ -124,7 +130,7 @@ class HealthService:
 
     def __init__(
         self,
-        driver: Driver,
+        driver: Snapshots,
         stop: threading.Event,
         resend_seconds: float = HEALTH_RESEND_SECONDS,
         max_streams: int = MAX_HEALTH_STREAMS,
@@ -141,7 +147,8 @@ class HealthService:
         self._discovery_error = ""
         self._watches: list[_Watch] = []  # oldest first
         self._generation = 0  # counts notify(): what makes every stream send a fresh list
-        self._remember(driver.devices, driver.topology)
+        now = driver.snapshot().view
+        self._remember(now.devices, now.topology)
 
     @property
     def open_streams(self) -> int:
@@ -172,8 +179,8 @@ class HealthService:
 
     def snapshot(self) -> list[DeviceHealth]:
         """Every device's health now, by name."""
-        driver = self.driver
-        topology, devices = driver.topology, driver.devices
+        now = self.driver.snapshot()
+        topology, devices = now.view.topology, now.view.devices
         self._remember(devices, topology)
         with self.changed:
             first_seen = dict(self._first_seen)
@@ -184,7 +191,7 @@ class HealthService:
             return [DeviceHealth(name, Health.UNKNOWN, message) for name in sorted(first_seen)]
         current = {d.name: d for d in devices}
         held: dict[str, CPUSet] = {}
-        for claim in driver.state.claims.values():
+        for claim in now.ledger.claims.values():
             for d in claim.devices:
                 held[d.device] = held.get(d.device, CPUSet()) | d.cpus
         return [
@@ -195,7 +202,7 @@ class HealthService:
     def response(self, pb2: ModuleType) -> Any:
         """The snapshot as one version's NodeWatchResourcesResponse."""
         now = int(time.time())
-        pool = self.driver.config.node_name
+        pool = self.driver.snapshot().view.settings.pool
         return pb2.NodeWatchResourcesResponse(
             devices=[
                 pb2.DeviceHealth(

@@ -9,25 +9,16 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
-from dra_cpu.driver import Driver
 from dra_cpu.errors import DraCpuError
-from dra_cpu.kubelet.dra import DRAService, MetadataFiles
-from dra_cpu.kubelet.gen import (
-    dra_health_v1_pb2,
-    dra_health_v1_pb2_grpc,
-    dra_health_v1alpha1_pb2,
-    dra_health_v1alpha1_pb2_grpc,
-    dra_v1_pb2,
-    dra_v1_pb2_grpc,
-    dra_v1beta1_pb2,
-    dra_v1beta1_pb2_grpc,
-    pluginregistration_v1_pb2_grpc,
-)
-from dra_cpu.kubelet.health import MAX_HEALTH_STREAMS, HealthService, HealthServicer
+from dra_cpu.kubelet.dra import DRAService, Preparer
+from dra_cpu.kubelet.gen import pluginregistration_v1_pb2_grpc
+from dra_cpu.kubelet.health import MAX_HEALTH_STREAMS, HealthService, HealthServicer, Snapshots
 from dra_cpu.kubelet.registration import PluginPaths, RegistrationService
+from dra_cpu.kubelet.services import DRA_SERVICES, HEALTH_SERVICES
 
 LOG = logging.getLogger("dra_cpu.kubelet")
 # AF_UNIX paths are limited to 108 bytes including the terminating NUL.
@@ -36,11 +27,15 @@ MAX_SOCKET_PATH = 107
 REGISTRATION_RETRY_SECONDS = (1.0, 60.0)
 
 
+class KubeletDriver(Preparer, Snapshots, Protocol):
+    """What the plugin needs of the driver: prepare and unprepare, and snapshots for health."""
+
+
 @dataclass
 class KubeletPlugin:
     """The two sockets: the DRA service first, then the registration socket the kubelet watches for."""
 
-    driver: Driver
+    driver: KubeletDriver
     paths: PluginPaths
     stop_event: threading.Event
     registered: threading.Event
@@ -48,8 +43,6 @@ class KubeletPlugin:
     # Health streams each hold a worker while open: they get a few, and prepares keep the rest (health.py).
     health_streams: int = MAX_HEALTH_STREAMS
     retry_seconds: tuple[float, float] = REGISTRATION_RETRY_SECONDS
-    # Device metadata files (KEP-5304); None: none written or cleaned up.
-    metadata: MetadataFiles | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.health_streams <= self.workers // 2:
@@ -64,22 +57,17 @@ class KubeletPlugin:
         for path in (self.paths.dra_socket, self.paths.registration_socket):
             if len(str(path)) > MAX_SOCKET_PATH:
                 raise DraCpuError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes: use a shorter root")
-        self._reconcile_metadata()
         self._servers.append(
             self._serve(
                 self.paths.dra_socket,
                 (
-                    lambda s: dra_v1_pb2_grpc.add_DRAPluginServicer_to_server(
-                        DRAService(self.driver, dra_v1_pb2, self.metadata), s
+                    *(
+                        _adder(grpc_mod.add_DRAPluginServicer_to_server, DRAService(self.driver, pb2))
+                        for pb2, grpc_mod in DRA_SERVICES.values()
                     ),
-                    lambda s: dra_v1beta1_pb2_grpc.add_DRAPluginServicer_to_server(
-                        DRAService(self.driver, dra_v1beta1_pb2, self.metadata), s
-                    ),
-                    lambda s: dra_health_v1_pb2_grpc.add_DRAResourceHealthServicer_to_server(
-                        HealthServicer(self.health, dra_health_v1_pb2), s
-                    ),
-                    lambda s: dra_health_v1alpha1_pb2_grpc.add_DRAResourceHealthServicer_to_server(
-                        HealthServicer(self.health, dra_health_v1alpha1_pb2), s
+                    *(
+                        _adder(grpc_mod.add_DRAResourceHealthServicer_to_server, HealthServicer(self.health, pb2))
+                        for pb2, grpc_mod in HEALTH_SERVICES.values()
                     ),
                 ),
             )
@@ -89,17 +77,6 @@ class KubeletPlugin:
             "kubelet plugin serving",
             extra={"dra": str(self.paths.dra_socket), "registration": str(self.paths.registration_socket)},
         )
-
-    def _reconcile_metadata(self) -> None:
-        """Before the kubelet can call: metadata files of claims no longer prepared go, the CDI specs of those kept
-        come back after a reboot. A failure is logged, not fatal: prepares rewrite what they need."""
-        if self.metadata is None:
-            return
-        try:
-            for action in self.metadata.reconcile(self.driver.state.claims):
-                LOG.info("device metadata made to agree with the prepared claims", extra={"action": action})
-        except DraCpuError as err:
-            LOG.error("device metadata could not be reconciled with the prepared claims", extra={"reason": str(err)})
 
     def _serve_registration(self) -> None:
         registration = RegistrationService(self.paths, self.registered, self._registration_status)
@@ -155,3 +132,8 @@ class KubeletPlugin:
         for server in reversed(servers):
             server.stop(grace=2).wait()
         self.paths.dra_socket.unlink(missing_ok=True)
+
+
+def _adder(add: Callable[[object, grpc.Server], None], servicer: object) -> Callable[[grpc.Server], None]:
+    """What adds `servicer` to a server, by the generated `add_<Service>Servicer_to_server`."""
+    return lambda server: add(servicer, server)

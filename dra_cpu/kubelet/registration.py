@@ -13,11 +13,12 @@ from typing import Any
 import grpc
 
 from dra_cpu.kubelet.gen import pluginregistration_v1_pb2, pluginregistration_v1_pb2_grpc
+from dra_cpu.kubelet.services import DRA_SERVICES, HEALTH_SERVICES
 
 LOG = logging.getLogger("dra_cpu.kubelet")
 # The gRPC services on the DRA socket, "<proto package>.<service>". The kubelet takes the first DRAPlugin entry it
 # knows, in this order, and, independently, the newest health service it knows (1.37: v1, else v1alpha1).
-SUPPORTED_SERVICES = ("v1.DRAPlugin", "v1beta1.DRAPlugin", "v1.DRAResourceHealth", "v1alpha1.DRAResourceHealth")
+SUPPORTED_SERVICES = (*DRA_SERVICES, *HEALTH_SERVICES)
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,7 @@ def write_cpuset(directory: Path, cpus: CPUSet, mems: CPUSet | None = None) -> N
         raise CgroupError(f"refusing to write an empty cpuset.cpus to {directory}: it would mean every CPU on v2")
     writes = [("cpuset.mems", mems)] if mems else []
     for name, value in [*writes, ("cpuset.cpus", cpus)]:
-        _write(directory / name, str(value))
+        write_value(directory / name, str(value))
 
 
 # -- child cpusets of this process's own (the demo and the isolation bench) ----------------------------------------
@@ -185,7 +185,7 @@ class Cpusets:
         if hierarchy.version == 2:
             control = hierarchy.parent / "cgroup.subtree_control"
             if "cpuset" not in control.read_text().split():
-                _write(control, "+cpuset")
+                write_value(control, "+cpuset")
                 self.enabled_controller = True
 
     def place(self, name: str, cpus: CPUSet, pids: list[int]) -> None:
@@ -197,7 +197,7 @@ class Cpusets:
         mems = self.hierarchy.parent / ("cpuset.mems.effective" if self.hierarchy.version == 2 else "cpuset.mems")
         write_cpuset(group, cpus, CPUSet.parse(mems.read_text()))
         for pid in pids:
-            _write(group / "cgroup.procs", str(pid))
+            write_value(group / "cgroup.procs", str(pid))
 
     def close(self) -> None:
         for group in reversed(self.created):
@@ -211,101 +211,12 @@ class Cpusets:
                 raise CgroupError(f"cgroup {group}: could not remove it; remove it by hand with rmdir")
         self.created.clear()
         if self.enabled_controller:
-            _write(self.hierarchy.parent / "cgroup.subtree_control", "-cpuset")
+            write_value(self.hierarchy.parent / "cgroup.subtree_control", "-cpuset")
 
 
-def _write(path: Path, value: str) -> None:
+def write_value(path: Path, value: str) -> None:
+    """One value into a cgroup file; CgroupError naming the file."""
     try:
         path.write_text(value)
     except OSError as err:
         raise CgroupError(f"cannot write {value} to {path}: {err.strerror}") from None
-
-
-# -- hugetlb limits of a container the runtime created (NRI enforcement) ------------------------------------------
-
-
-def expand_slice(slice_name: str) -> PurePosixPath:
-    """systemd's slice naming: "kubepods-burstable-pod1.slice" lives in kubepods.slice/kubepods-burstable.slice/."""
-    if slice_name in ("", "-.slice"):
-        return PurePosixPath()
-    if not slice_name.endswith(".slice") or "/" in slice_name:
-        raise CgroupError(f"{slice_name!r} is not a systemd slice name")
-    path, prefix = PurePosixPath(), ""
-    for part in slice_name.removesuffix(".slice").split("-"):
-        if not part:
-            raise CgroupError(f"{slice_name!r} is not a systemd slice name")
-        prefix = f"{prefix}-{part}" if prefix else part
-        path /= f"{prefix}.slice"
-    return path
-
-
-def container_cgroup(cgroups_path: str) -> PurePosixPath:
-    """The container's cgroup, relative to a hierarchy's root, from the OCI cgroupsPath the runtime reports:
-    "/kubepods/pod<uid>/<id>" (cgroupfs driver) or "slice:prefix:name" (systemd driver: a scope in the slice)."""
-    if not cgroups_path.startswith("/") and cgroups_path.count(":") == 2:
-        slice_name, prefix, name = cgroups_path.split(":")
-        unit = name if name.endswith(".slice") else f"{prefix}-{name}.scope" if prefix else f"{name}.scope"
-        return expand_slice(slice_name or "system.slice") / unit
-    relative = PurePosixPath(cgroups_path.lstrip("/"))
-    if not cgroups_path or ".." in relative.parts:
-        raise CgroupError(f"cgroups path {cgroups_path!r} is not a cgroup path")
-    return relative
-
-
-@dataclass(frozen=True, slots=True)
-class HugetlbHierarchy:
-    """Where the hugetlb controller is: a cgroup2 mount (pure v2, or the "unified" mount of a hybrid layout) or the
-    v1 hugetlb hierarchy. The limit files differ: v2 `hugetlb.<size>.max` and `.rsvd.max`, v1
-    `hugetlb.<size>.limit_in_bytes` and `.rsvd.limit_in_bytes`."""
-
-    root: Path
-    version: int
-
-    def files(self, page_size: str) -> tuple[str, str]:
-        """(fault limit, reservation limit) file names for an OCI page size such as "2MB"."""
-        suffix = "max" if self.version == 2 else "limit_in_bytes"
-        return f"hugetlb.{page_size}.{suffix}", f"hugetlb.{page_size}.rsvd.{suffix}"
-
-
-def find_hugetlb_hierarchy(cgroup_root: Path) -> HugetlbHierarchy | None:
-    for base in (cgroup_root, cgroup_root / "unified"):
-        try:
-            if "hugetlb" in (base / "cgroup.controllers").read_text().split():
-                return HugetlbHierarchy(base, 2)
-        except OSError:
-            continue
-    if (cgroup_root / "hugetlb" / "cgroup.procs").exists():
-        return HugetlbHierarchy(cgroup_root / "hugetlb", 1)
-    return None
-
-
-@dataclass(frozen=True)
-class HugetlbResult:
-    written: tuple[str, ...]
-    """Files whose value was changed (those already right are left alone)."""
-    no_reservation_limit: tuple[str, ...] = ()
-    """Page sizes whose rsvd file does not exist (kernels before 5.7): only faults are limited."""
-
-
-def set_hugetlb_limits(
-    hierarchy: HugetlbHierarchy, cgroup: PurePosixPath, limits: tuple[tuple[str, int], ...]
-) -> HugetlbResult:
-    """Make both the fault and the reservation limit of each page size hold `limit` bytes in the container's
-    cgroup. CgroupError when the cgroup has no hugetlb files (the controller is not enabled for it)."""
-    directory = hierarchy.root / str(cgroup)
-    written, missing = [], []
-    for page_size, limit in limits:
-        fault, reservation = hierarchy.files(page_size)
-        if not (directory / fault).exists():
-            raise CgroupError(
-                f"{directory} has no {fault}: the hugetlb controller is not enabled for the container's cgroup"
-            )
-        for name in (fault, reservation):
-            path = directory / name
-            if name == reservation and not path.exists():
-                missing.append(page_size)
-                continue
-            if path.read_text().strip() != str(limit):
-                _write(path, str(limit))
-                written.append(name)
-    return HugetlbResult(tuple(written), tuple(missing))

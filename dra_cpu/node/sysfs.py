@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from dra_cpu.core.cpuset import CPUSet, CPUSetError
+from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Cpu, HugePagePool, NumaNode, PcieRoot, Topology
 from dra_cpu.errors import DraCpuError, not_utf8, shown
+
+T = TypeVar("T")
 
 # The kernel reports cluster_id 65535 (and -1 on some architectures) when it knows no cluster.
 _NO_ID = {-1, 65535, 0xFFFFFFFF}
@@ -62,30 +66,34 @@ class _Reader:
             raise SysfsError(f"{self.path(rel)} is not UTF-8 text: {not_utf8(err)}") from None
 
     def cpuset(self, rel: str) -> CPUSet | None:
-        content = self.text(rel)
-        if content is None:
-            return None
-        if content.strip() == "(null)":
-            return CPUSet()
-        try:
-            return CPUSet.parse(content)
-        except CPUSetError as err:
-            raise SysfsError(f"{self.path(rel)}: {err}") from None
+        return self._parsed(rel, lambda text: CPUSet() if text == "(null)" else CPUSet.parse(text))
 
     def int(self, rel: str) -> int | None:
+        return self._parsed(rel, _integer)
+
+    def _parsed(self, rel: str, parse: Callable[[str], T]) -> T | None:
+        """The file's content as `parse` reads it; None when there is no such file; SysfsError naming the file
+        when `parse` raises ValueError."""
         content = self.text(rel)
         if content is None:
             return None
         try:
-            return int(content.strip())
-        except ValueError:
-            raise SysfsError(f"{self.path(rel)}: expected an integer, found {shown(content.strip())}") from None
+            return parse(content.strip())
+        except ValueError as err:
+            raise SysfsError(f"{self.path(rel)}: {err}") from None
 
     def listdir(self, rel: str) -> list[str]:
         try:
             return os.listdir(self.path(rel))
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, found {shown(text)}") from None
 
 
 def read_topology(root: str | Path = "/", *, pcie_roots: bool = False) -> Topology:

@@ -1,9 +1,11 @@
 """dra-cpu's NRI enforcement: claimed containers are pinned to their claims, every other container stays on the
-shared pool. The decisions are core/entitlement.py's; this module keeps the runtime's container table, answers
-the runtime through the NRI stub and hands changed pins to the shared-pool updater.
+shared pool. The pins are core/entitlement.py's, from the pools the reconciler hands over (set_pools); this module
+answers the runtime's calls (nri/stub.Handler) with them, keeps the container table (nri/containers.py) and hands
+changed pins to the shared-pool updater (nri/updater.py); nri/messages.py makes the messages.
 
-The container table is read and written under one lock; the runtime's callbacks only touch the table (and, when
-a hugepage claim's container starts, its hugetlb limit files), so each answer takes well under a millisecond.
+The pools and the container table are read and written under one lock; the runtime's callbacks only touch them (and,
+when a hugepage claim's container starts, its hugetlb limit files: node/hugetlb.py), so each answer takes well under
+a millisecond.
 
 Hugepage limits: the adjustment carries them (OCI hugepageLimits); runc 1.1.10 and later write both the fault
 limit and the reservation limit from it, older runc only the fault limit, and containerd drops them altogether
@@ -23,35 +25,28 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from dra_cpu.core import entitlement as policy
+from dra_cpu.core import entitlement
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import State
-from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
 from dra_cpu.logs import operation
-from dra_cpu.node import cgroups
+from dra_cpu.node.cgroups import CgroupError
+from dra_cpu.node.hugetlb import HugetlbWriter
+from dra_cpu.nri import messages
+from dra_cpu.nri.containers import ContainerTable
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
-from dra_cpu.nri.stub import Stub, StubConfig
+from dra_cpu.nri.stub import Stub, StubConfig, events_of
 from dra_cpu.nri.transport import FAILED_PRECONDITION, MethodError
 from dra_cpu.nri.updater import SharedPoolUpdater
 
 LOG = logging.getLogger("dra_cpu.nri")
 
-EVENTS = (
-    api.CREATE_CONTAINER,
-    api.START_CONTAINER,
-    api.UPDATE_CONTAINER,
-    api.STOP_CONTAINER,
-    api.REMOVE_CONTAINER,
-)
 DEFAULT_SOCKET = Path("/var/run/nri/nri.sock")
 MEMORY_POLICY_NRI = (0, 12)
 """The first NRI version whose runtimes apply a LinuxMemoryPolicy adjustment."""
-MEMORY_POLICY_MODE = api.MPOL_BIND
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)")
 
 
@@ -66,8 +61,6 @@ class NriConfig:
     socket: Path = DEFAULT_SOCKET
     plugin_name: str = "dra-cpu"
     plugin_index: str = "00"
-    reserved_cpus: CPUSet = field(default_factory=CPUSet)
-    strict_reserved: bool = False
     grace_seconds: float = 10.0
     """How long enforcement may be down (the runtime restarting) before prepares fail."""
     call_timeout: float = 5.0
@@ -96,69 +89,33 @@ class NriCounters:
     connects: int = 0
     """Connections that reached synchronization (the first, then one per reconnection)."""
     shared_claim_refused: int = 0
-    """Containers refused because they use a claim prepared for another pod."""
+    """Containers refused because they use a claim that serves another pod (or none yet)."""
     hugetlb_unenforced: int = 0
     """Hugepage claims' containers whose cgroup hugetlb limits could not be set."""
 
 
-@dataclass(frozen=True)
-class _Tracked:
-    info: policy.ContainerInfo
-    running: bool = True
-
-
-def _adjustment(pin: policy.Pin, memory_policy: bool) -> api.ContainerAdjustment:
-    linux = api.LinuxContainerAdjustment(resources=_resources(pin))
-    if memory_policy and pin.claims and pin.mems:
-        linux.memory_policy.CopyFrom(api.LinuxMemoryPolicy(mode=MEMORY_POLICY_MODE, nodes=str(pin.mems)))
-    return api.ContainerAdjustment(linux=linux)
-
-
-def _resources(pin: policy.Pin) -> api.LinuxResources:
-    resources = api.LinuxResources(cpu=api.LinuxCPU(cpus=str(pin.cpus), mems=str(pin.mems) if pin.mems else ""))
-    resources.hugepage_limits.extend(api.HugepageLimit(page_size=s, limit=b) for s, b in pin.hugepage_limits)
-    return resources
-
-
-def _update(container_id: str, pin: policy.Pin) -> api.ContainerUpdate:
-    # A container may exit between our decision and the runtime's update: that must not fail the others.
-    return api.ContainerUpdate(
-        container_id=container_id, linux=api.LinuxContainerUpdate(resources=_resources(pin)), ignore_failure=True
-    )
-
-
-def _info(container: api.Container, pod: api.PodSandbox | None) -> policy.ContainerInfo:
-    return policy.container_info(
-        container.id,
-        container.name,
-        pod.uid if pod is not None else "",
-        f"{pod.namespace}/{pod.name}" if pod is not None else f"sandbox {container.pod_sandbox_id}",
-        container.env,
-    )
-
-
 class NriEnforcer:
-    """The Enforcer of dra_cpu.driver: construct, `start()`, wait for `ready`, then serve; `stop()` at exit."""
+    """The Enforcer of reconciler.py: construct, `start()`, wait for `ready`, then serve; `stop()` at exit."""
 
-    events = EVENTS
-
-    def __init__(self, config: NriConfig, topology: Topology, state: State) -> None:
+    def __init__(self, config: NriConfig, pools: entitlement.Pools) -> None:
         self.config = config
         self.counters = NriCounters()
         self.stub = Stub(config.stub, self)
         self.updater = SharedPoolUpdater(self.stub, self)
         self._lock = threading.Lock()
-        self._topology = topology
-        self._pools = self._compute_pools(state, topology)
-        self._containers: dict[str, _Tracked] = {}
-        self._applied: dict[str, policy.Pin] = {}
+        self._pools = pools
+        self.containers = ContainerTable()
         self._connected = False
         self._down_since = time.monotonic()
         self._synchronized_once = False
         self.memory_policy = False
         """Whether the connected runtime applies memory policy adjustments (NRI 0.12+)."""
         self._said_no_memory_policy = False
-        self._hugetlb: cgroups.HugetlbHierarchy | None = None
+        self._hugetlb = HugetlbWriter(config.cgroup_root) if config.cgroup_root is not None else None
+        self.waiting: Callable[[str, str], str] | None = None
+        """Told (claim uid, pod uid) of each container refused a claim that serves another pod, so that the claim
+        is handed over once its pod is gone (handover.Handover.waiting); returns why that pod cannot hold the claim,
+        when known. Called under the lock: it must not block."""
 
     @property
     def ready(self) -> threading.Event:
@@ -180,7 +137,7 @@ class NriEnforcer:
         self.updater.stop()
         self.stub.stop()
 
-    # --- Enforcer (driver.py) ------------------------------------------------------------------------------
+    # --- Enforcer (reconciler.py) ------------------------------------------------------------------------------
 
     def check_ready(self) -> None:
         if self.ready.is_set():
@@ -192,19 +149,10 @@ class NriEnforcer:
                 f"for {down:.0f}s; retry later (is NRI enabled in the runtime?)"
             )
 
-    def claims_changed(self, state: State) -> None:
+    def set_pools(self, pools: entitlement.Pools) -> None:
         with self._lock:
-            self._pools = self._compute_pools(state, self._topology)
+            self._pools = pools
         self.updater.poke()
-
-    def set_topology(self, topology: Topology) -> None:
-        with self._lock:
-            self._topology = topology
-            self._pools = self._compute_pools(self._pools.state, topology)
-        self.updater.poke()
-
-    def _compute_pools(self, state: State, topology: Topology) -> policy.Pools:
-        return policy.pools(state, topology, self.config.reserved_cpus, self.config.strict_reserved)
 
     # --- the runtime's calls (stub.Handler; on the transport's reader thread) ------------------------------
 
@@ -228,18 +176,18 @@ class NriEnforcer:
     ) -> list[api.ContainerUpdate]:
         by_id = {p.id: p for p in pods}
         updates = []
+        live = [
+            messages.info(c, by_id.get(c.pod_sandbox_id))
+            for c in containers
+            if c.state in (api.CONTAINER_CREATED, api.CONTAINER_RUNNING)
+        ]
         with self._lock:
-            self._containers = {}
-            self._applied = {}
-            for container in containers:
-                if container.state not in (api.CONTAINER_CREATED, api.CONTAINER_RUNNING):
-                    continue
-                info = _info(container, by_id.get(container.pod_sandbox_id))
-                self._containers[info.id] = _Tracked(info)
-                pin = self._decide(info, "synchronize")
+            self.containers.replace(live)
+            for info in live:
+                pin = self._pin(info, "synchronize")
                 if pin is not None:
-                    self._applied[info.id] = pin
-                    updates.append(_update(info.id, pin))
+                    self.containers.set_applied(info.id, pin)
+                    updates.append(messages.update(info.id, pin))
             self._synchronized_once = True
             self._connected = True
             self.counters.connects += 1
@@ -247,39 +195,36 @@ class NriEnforcer:
         return updates
 
     def create_container(self, request: api.CreateContainerRequest) -> api.ContainerAdjustment:
-        info = _info(request.container, request.pod)
+        info = messages.info(request.container, request.pod)
         with self._lock:
             try:
-                decision = policy.decide(info, self._pools, refuse_shared=True)
-            except policy.NoSharedCpus as err:
+                decision = entitlement.pin_for(info, self._pools, refuse_shared=True)
+            except entitlement.NoSharedCpus as err:
                 LOG.error("refusing container: no shared CPU left", extra={"container": info.name, "pod": info.pod})
                 raise MethodError(FAILED_PRECONDITION, str(err)) from None
-            except policy.ClaimSharedAcrossPods as err:
+            except entitlement.ClaimSharedAcrossPods as err:
                 self.counters.shared_claim_refused += 1
-                LOG.error(
-                    "refusing container: it uses a claim prepared for another pod",
-                    extra={"container": info.name, "pod": info.pod, "podUID": info.pod_uid, "reason": str(err)},
+                why = self.waiting(err.claim_uid, info.pod_uid) if self.waiting is not None else ""
+                message = f"{err}; this pod cannot hold it: {why}" if why else str(err)
+                LOG.warning(
+                    "refusing container: its claim serves another pod",
+                    extra={"container": info.name, "pod": info.pod, "podUID": info.pod_uid, "reason": message},
                 )
-                raise MethodError(FAILED_PRECONDITION, str(err)) from None
-            self._containers[info.id] = _Tracked(info)
-            self._applied[info.id] = decision.pin
+                raise MethodError(FAILED_PRECONDITION, message) from None
+            self.containers.track(info)
+            self.containers.set_applied(info.id, decision.pin)
             self._report(info, decision, "create")
-        return _adjustment(decision.pin, self.memory_policy)
+        return messages.adjustment(decision.pin, self.memory_policy)
 
     def start_container(self, pod: api.PodSandbox, container: api.Container) -> None:
         with self._lock:
-            pin = self._applied.get(container.id)
-        if pin is None or not pin.hugepage_limits or self.config.cgroup_root is None:
+            pin = self.containers.applied(container.id)
+        if pin is None or not pin.hugepage_limits or self._hugetlb is None:
             return
         log = operation(LOG, "start", containerID=container.id, container=container.name, podUID=pod.uid)
         try:
-            if self._hugetlb is None:
-                self._hugetlb = cgroups.find_hugetlb_hierarchy(self.config.cgroup_root)
-            if self._hugetlb is None:
-                raise cgroups.CgroupError(f"no hugetlb controller under {self.config.cgroup_root}")
-            cgroup = cgroups.container_cgroup(container.linux.cgroups_path)
-            result = cgroups.set_hugetlb_limits(self._hugetlb, cgroup, pin.hugepage_limits)
-        except cgroups.CgroupError as err:
+            result = self._hugetlb.set_limits(container.linux.cgroups_path, pin.hugepage_limits)
+        except CgroupError as err:
             with self._lock:
                 self.counters.hugetlb_unenforced += 1
             log.warning(
@@ -298,27 +243,23 @@ class NriEnforcer:
         )
 
     def update_container(self, request: api.UpdateContainerRequest) -> list[api.ContainerUpdate]:
-        info = _info(request.container, request.pod)
+        info = messages.info(request.container, request.pod)
         with self._lock:
-            self._containers.setdefault(info.id, _Tracked(info))
-            pin = self._decide(info, "update")
+            self.containers.track_if_new(info)
+            pin = self._pin(info, "update")
             if pin is None:
                 return []
-            self._applied[info.id] = pin
-        return [_update(info.id, pin)]
+            self.containers.set_applied(info.id, pin)
+        return [messages.update(info.id, pin)]
 
     def stop_container(self, request: api.StopContainerRequest) -> None:
         with self._lock:
-            tracked = self._containers.get(request.container.id)
-            if tracked is not None:
-                self._containers[request.container.id] = _Tracked(tracked.info, running=False)
-            self._applied.pop(request.container.id, None)
+            self.containers.stopped(request.container.id)
 
     def remove_container(self, pod: api.PodSandbox, container: api.Container) -> None:
         with self._lock:
-            known = self._containers.pop(container.id, None)
-            self._applied.pop(container.id, None)
-        if known is None:
+            known = self.containers.removed(container.id)
+        if not known:
             LOG.info("removal of a container never seen", extra={"containerID": container.id, "podUID": pod.uid})
 
     def disconnected(self, stopping: bool) -> None:
@@ -326,45 +267,37 @@ class NriEnforcer:
             if self._connected:
                 self._down_since = time.monotonic()
             self._connected = False
-            self._applied.clear()
+            self.containers.forget_all_applied()
         if not stopping:
             LOG.warning("NRI connection lost: reconnecting", extra={"graceSeconds": self.config.grace_seconds})
 
     # --- pins for the shared-pool updater (updater.Pins) ---------------------------------------------------
 
     def pending_updates(self) -> list[api.ContainerUpdate]:
-        updates = []
         with self._lock:
-            for cid, tracked in self._containers.items():
-                if not tracked.running:
-                    continue
-                pin = self._decide(tracked.info, "")
-                if pin is not None and self._applied.get(cid) != pin:
-                    self._applied[cid] = pin
-                    updates.append(_update(cid, pin))
-        return updates
+            pending = self.containers.pending(lambda info: self._pin(info, ""))
+        return [messages.update(container_id, pin) for container_id, pin in pending]
 
     def update_failed(self, failed: list[api.ContainerUpdate]) -> None:
         with self._lock:
-            for update in failed:
-                self._applied.pop(update.container_id, None)
+            self.containers.forget_applied(u.container_id for u in failed)
             self.counters.update_failures += len(failed)
 
     # --- decisions (under the lock) ------------------------------------------------------------------------
 
-    def _decide(self, info: policy.ContainerInfo, why: str) -> policy.Pin | None:
+    def _pin(self, info: entitlement.ContainerInfo, why: str) -> entitlement.Pin | None:
         """The pin, or None (logged) when the shared pool is empty and nothing can be right. `why` names the
         event for the log; empty for the updater's recomputations, which would only repeat it."""
         try:
-            decision = policy.decide(info, self._pools)
-        except policy.NoSharedCpus as err:
+            decision = entitlement.pin_for(info, self._pools)
+        except entitlement.NoSharedCpus as err:
             LOG.error("container left as it is", extra={"container": info.name, "pod": info.pod, "reason": str(err)})
             return None
         if why:
             self._report(info, decision, why)
         return decision.pin
 
-    def _report(self, info: policy.ContainerInfo, decision: policy.Decision, why: str) -> None:
+    def _report(self, info: entitlement.ContainerInfo, decision: entitlement.Decision, why: str) -> None:
         log = operation(LOG, why, containerID=info.id, container=info.name, pod=info.pod, podUID=info.pod_uid)
         for rejection in decision.rejected:
             if why == "create":
@@ -382,3 +315,7 @@ class NriEnforcer:
                     "mems": str(decision.pin.mems),
                 },
             )
+
+
+EVENTS = events_of(NriEnforcer)
+"""The container events the plugin subscribes to: those it implements."""

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from google.protobuf.message import Message
 
@@ -62,12 +62,10 @@ class StubConfig:
 
 
 class Handler(Protocol):
-    """What a plugin answers. Each callback runs on the transport's reader thread and must return quickly."""
+    """What a plugin answers. Each callback runs on the transport's reader thread and must return quickly.
 
-    @property
-    def events(self) -> Sequence[int]:
-        """The events to subscribe to (api.CREATE_CONTAINER, ...)."""
-        ...
+    Besides these, a handler takes the container events it implements a method for (EVENT_METHODS, with the
+    signatures of ContainerEvents); the stub subscribes to exactly those."""
 
     def configured(self, request: api.ConfigureRequest) -> None:
         """The runtime introduced itself (name, version, NRI version where it sends one)."""
@@ -78,6 +76,14 @@ class Handler(Protocol):
     ) -> list[api.ContainerUpdate]:
         """The runtime's whole state (after every (re)connection): the updates that reconcile it."""
         ...
+
+    def disconnected(self, stopping: bool) -> None:
+        """The connection dropped (`stopping`: because the plugin stops); a Synchronize follows a reconnection."""
+        ...
+
+
+class ContainerEvents(Protocol):
+    """The container events a handler may implement, each subscribed to only when it does."""
 
     def create_container(self, request: api.CreateContainerRequest) -> api.ContainerAdjustment:
         """Raise MethodError to refuse the container."""
@@ -94,9 +100,20 @@ class Handler(Protocol):
 
     def remove_container(self, pod: api.PodSandbox, container: api.Container) -> None: ...
 
-    def disconnected(self, stopping: bool) -> None:
-        """The connection dropped (`stopping`: because the plugin stops); a Synchronize follows a reconnection."""
-        ...
+
+EVENT_METHODS: dict[int, str] = {
+    api.CREATE_CONTAINER: "create_container",
+    api.START_CONTAINER: "start_container",
+    api.UPDATE_CONTAINER: "update_container",
+    api.STOP_CONTAINER: "stop_container",
+    api.REMOVE_CONTAINER: "remove_container",
+}
+"""Each container event, by the ContainerEvents method that takes it."""
+
+
+def events_of(handler: object) -> tuple[int, ...]:
+    """The events a handler (or its class) implements a method for: what the plugin subscribes to."""
+    return tuple(event for event, name in EVENT_METHODS.items() if callable(getattr(handler, name, None)))
 
 
 class _PodAndContainer(Protocol):
@@ -122,24 +139,37 @@ class Stub:
         self._sync_pods: list[api.PodSandbox] = []
         self._sync_containers: list[api.Container] = []
         self._thread = threading.Thread(target=self._connect_loop, name="nri-connect", daemon=True)
+        self.events = events_of(handler)
+        # Called only for the events in self.events, whose methods the handler has.
+        self._on: ContainerEvents = cast(ContainerEvents, handler)
         self._container_events: dict[int, Callable[[api.PodSandbox, api.Container], None]] = {
-            api.START_CONTAINER: handler.start_container,
-            api.REMOVE_CONTAINER: handler.remove_container,
+            event: getattr(handler, EVENT_METHODS[event])
+            for event in (api.START_CONTAINER, api.REMOVE_CONTAINER)
+            if event in self.events
+        }
+        rpcs: dict[str, tuple[int, Callable[[bytes], bytes]]] = {
+            "CreateContainer": (api.CREATE_CONTAINER, self._create_container),
+            "UpdateContainer": (api.UPDATE_CONTAINER, self._update_container),
+            "StopContainer": (api.STOP_CONTAINER, self._stop_container),
+            "StartContainer": (
+                api.START_CONTAINER,
+                self._event_rpc(
+                    api.START_CONTAINER, api.StartContainerRequest.FromString, api.StartContainerResponse()
+                ),
+            ),
+            "RemoveContainer": (
+                api.REMOVE_CONTAINER,
+                self._event_rpc(
+                    api.REMOVE_CONTAINER, api.RemoveContainerRequest.FromString, api.RemoveContainerResponse()
+                ),
+            ),
         }
         self._methods: dict[str, Callable[[bytes], bytes]] = {
             "Configure": self._configure,
             "Synchronize": self._synchronize,
-            "CreateContainer": self._create_container,
-            "UpdateContainer": self._update_container,
-            "StopContainer": self._stop_container,
-            "StartContainer": self._event_rpc(
-                api.START_CONTAINER, api.StartContainerRequest.FromString, api.StartContainerResponse()
-            ),
-            "RemoveContainer": self._event_rpc(
-                api.REMOVE_CONTAINER, api.RemoveContainerRequest.FromString, api.RemoveContainerResponse()
-            ),
             "StateChange": self._state_change,
             "Shutdown": self._shutdown,
+            **{method: serve for method, (event, serve) in rpcs.items() if event in self.events},
         }
 
     def start(self) -> None:
@@ -230,7 +260,7 @@ class Stub:
             },
         )
         self.handler.configured(request)
-        return api.ConfigureResponse(events=event_mask(self.handler.events)).SerializeToString()
+        return api.ConfigureResponse(events=event_mask(self.events)).SerializeToString()
 
     def _synchronize(self, payload: bytes) -> bytes:
         request = api.SynchronizeRequest.FromString(payload)
@@ -245,15 +275,15 @@ class Stub:
         return api.SynchronizeResponse(update=updates).SerializeToString()
 
     def _create_container(self, payload: bytes) -> bytes:
-        adjust = self.handler.create_container(api.CreateContainerRequest.FromString(payload))
+        adjust = self._on.create_container(api.CreateContainerRequest.FromString(payload))
         return api.CreateContainerResponse(adjust=adjust).SerializeToString()
 
     def _update_container(self, payload: bytes) -> bytes:
-        updates = self.handler.update_container(api.UpdateContainerRequest.FromString(payload))
+        updates = self._on.update_container(api.UpdateContainerRequest.FromString(payload))
         return api.UpdateContainerResponse(update=updates).SerializeToString()
 
     def _stop_container(self, payload: bytes) -> bytes:
-        self.handler.stop_container(api.StopContainerRequest.FromString(payload))
+        self._on.stop_container(api.StopContainerRequest.FromString(payload))
         return api.StopContainerResponse().SerializeToString()
 
     def _event_rpc(

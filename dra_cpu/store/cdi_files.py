@@ -31,6 +31,16 @@ class CDIStore:
         except OSError as err:
             raise CDIError(f"cannot write CDI spec {self.path(uid)}: {err.strerror}") from None
 
+    def ensure(self, uid: str, spec: Mapping[str, Any]) -> None:
+        """Write `spec` unless the file holds it already: a retry then succeeds on a full or read-only folder."""
+        try:
+            # Compared as JSON reads it back (lists, not tuples).
+            if self.read(uid) == json.loads(json.dumps(spec)):
+                return
+        except CDIError:
+            pass  # missing or unreadable: written below
+        self.write(uid, spec)
+
     def remove(self, uid: str) -> None:
         try:
             self.path(uid).unlink(missing_ok=True)

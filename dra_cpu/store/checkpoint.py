@@ -10,6 +10,12 @@ RENAME_EXCHANGE), so that SPARE holds the previous checkpoint and is overwritten
 prepare or unprepare then allocates and frees no inode and, at a steady size, no block: on some disks a new inode
 alone costs more than the rest of the save. Where the exchange is unsupported, saves fall back to a temp file and
 a rename.
+
+Versions: the wire format of each version lives in a module of its own (store/checkpoint_v1.py, ...), which turns
+its records into the ledger's values and, for the newest, back. Every version ever written is read for good; only
+the newest is written (VERSION). A file of a version this driver does not know (written by a newer driver, after
+a downgrade) is not trusted: like a corrupt one it is moved aside and the ledger is rebuilt from the CDI specs,
+loudly. How to add a version: docs/design.md, "The checkpoint's versions".
 """
 
 from __future__ import annotations
@@ -19,19 +25,37 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from dra_cpu.core.state import PreparedClaim, State, Unrestorable
+from dra_cpu.core.ledger import Ledger, PreparedClaim, Unrestorable
 from dra_cpu.errors import DraCpuError
+from dra_cpu.store import checkpoint_v1, checkpoint_v2
 from dra_cpu.store.fileio import EXCHANGE_UNSUPPORTED, exchange, fsync_dir, write_atomic, write_in_place
 from dra_cpu.store.leftovers import remove_temp_files
 
-VERSION = 1
 FILENAME = "checkpoint.json"
 SPARE = f".{FILENAME}.spare"
 MODE = 0o600
+
+
+class _Reader(Protocol):
+    """A version's module, as decode() reads it."""
+
+    VERSION: int
+
+    def claim(self, record: Mapping[str, Any]) -> PreparedClaim: ...
+
+    def unrestorable(self, record: Mapping[str, Any]) -> Unrestorable: ...
+
+
+READERS: Mapping[int, _Reader] = {m.VERSION: m for m in (checkpoint_v1, checkpoint_v2)}
+"""Every version ever written, by number."""
+WRITER = checkpoint_v2
+VERSION = WRITER.VERSION
+"""The version every save writes."""
 
 
 class CheckpointError(DraCpuError):
@@ -40,30 +64,31 @@ class CheckpointError(DraCpuError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What was on disk: the prepared claims and the unrestorable reports (State.unrestorable), as read. They are
-    trusted only after core/state.restore() has checked them against this node's topology."""
+    """What was on disk: the ledger (prepared claims and unrestorable reports) as read, and the version it was read
+    from. Trusted only after core/ledger.restore() has checked it against this node's topology."""
 
-    state: State
+    ledger: Ledger
     boot_id: str
+    version: int = VERSION
 
 
 def encode(checkpoint: Checkpoint, cache: dict[str, tuple[PreparedClaim, str]] | None = None) -> bytes:
-    """Compact JSON; the checksum covers the claims' exact bytes. `cache` keeps each claim's serialization between
-    saves, so that a prepare costs one claim's encoding, not the whole node's."""
+    """The newest version, compact JSON; the checksum covers the claims' exact bytes. `cache` keeps each claim's
+    serialization between saves, so that a prepare costs one claim's encoding, not the whole node's."""
     parts = []
-    for uid, claim in sorted(checkpoint.state.claims.items()):
+    for uid, claim in sorted(checkpoint.ledger.claims.items()):
         hit = cache.get(uid) if cache is not None else None
         if hit is None or hit[0] is not claim:
-            hit = (claim, json.dumps(claim.to_dict(), sort_keys=True, separators=(",", ":")))
+            hit = (claim, _compact(WRITER.claim_record(claim)))
             if cache is not None:
                 cache[uid] = hit
         parts.append(hit[1])
     if cache is not None:
-        for uid in set(cache) - set(checkpoint.state.claims):
+        for uid in set(cache) - set(checkpoint.ledger.claims):
             del cache[uid]
     claims = "[" + ",".join(parts) + "]"
-    lost = [u.to_dict() for _, u in sorted(checkpoint.state.unrestorable.items())]
-    # Only when there are some: a file without them stays readable by drivers that predate the field.
+    lost = [unrestorable_record(u) for _, u in sorted(checkpoint.ledger.unrestorable.items())]
+    # Only when there are some: version 1 files without them stayed readable by drivers that predate the field.
     extra = _canonical(lost) if lost else ""
     header = json.dumps({"version": VERSION, "bootID": checkpoint.boot_id, "checksum": _checksum(claims + extra)})
     tail = f', "unrestorable": {extra}' if lost else ""
@@ -71,13 +96,16 @@ def encode(checkpoint: Checkpoint, cache: dict[str, tuple[PreparedClaim, str]] |
 
 
 def decode(data: bytes, origin: str) -> Checkpoint:
+    """Any version ever written; CheckpointError naming what is wrong."""
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{origin}: not JSON ({err})") from None
-    if not isinstance(doc, dict) or doc.get("version") != VERSION:
-        version = doc.get("version") if isinstance(doc, dict) else None
-        raise CheckpointError(f"{origin}: version {version!r}, expected {VERSION}")
+    version = doc.get("version") if isinstance(doc, dict) else None
+    reader = READERS.get(version) if isinstance(version, int) and not isinstance(version, bool) else None
+    if reader is None:
+        known = ", ".join(str(v) for v in sorted(READERS))
+        raise CheckpointError(f"{origin}: version {version!r}, expected {known} (a newer driver's file?)")
     claims, lost = doc.get("claims"), doc.get("unrestorable")
     if (
         not isinstance(claims, list)
@@ -86,20 +114,39 @@ def decode(data: bytes, origin: str) -> Checkpoint:
     ):
         raise CheckpointError(f"{origin}: checksum mismatch: the file was changed or cut short")
     try:
-        prepared = [PreparedClaim.from_dict(c) for c in claims]
-        reports = [Unrestorable.from_dict(u) for u in lost or ()]
-    except (KeyError, TypeError, ValueError, DraCpuError) as err:
+        prepared = [reader.claim(c) for c in claims]
+        reports = [reader.unrestorable(u) for u in lost or ()]
+    except (KeyError, TypeError, ValueError, AttributeError, DraCpuError) as err:
         raise CheckpointError(f"{origin}: malformed claim record ({err!r})") from None
     twice = sorted(uid for uid, n in Counter(c.uid for c in prepared).items() if n > 1)
     if twice:
         raise CheckpointError(f"{origin}: claim {twice[0]} is listed twice")
     # Listed order is kept: restore() keeps the first of two claims that overlap.
-    state = State({c.uid: c for c in prepared}, {u.uid: u for u in reports})
-    return Checkpoint(state, str(doc.get("bootID", "")))
+    ledger = Ledger({c.uid: c for c in prepared}, {u.uid: u for u in reports})
+    return Checkpoint(ledger, str(doc.get("bootID", "")), reader.VERSION)
 
 
-def _canonical(claims: list[Any]) -> str:
-    return "[" + ",".join(json.dumps(c, sort_keys=True, separators=(",", ":")) for c in claims) + "]"
+def claim_record(claim: PreparedClaim) -> dict[str, Any]:
+    """One claim in the wire format the checkpoint is written in now (for tools that pass claims between
+    processes, as the crash test's worker does)."""
+    return dict(WRITER.claim_record(claim))
+
+
+def claim_from_record(record: Mapping[str, Any]) -> PreparedClaim:
+    return WRITER.claim(record)
+
+
+def unrestorable_record(lost: Unrestorable) -> dict[str, Any]:
+    """One unrestorable report in the wire format the checkpoint is written in now."""
+    return dict(WRITER.unrestorable_record(lost))
+
+
+def _compact(record: Any) -> str:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
+def _canonical(records: list[Any]) -> str:
+    return "[" + ",".join(_compact(r) for r in records) + "]"
 
 
 def _checksum(claims: str) -> str:

@@ -1,13 +1,13 @@
 """The device metadata files of prepared claims and the CDI specs that mount them (core/device_metadata.py says
-what they hold and where they go): written at prepare, removed at unprepare, made to agree with the prepared
-claims at start.
+what they hold and where they go, core/desired.py which there should be): written, removed, and swept of what no
+prepared claim has, as reconciler.py says.
 
 Neither the file nor its spec is written durably (no fsync of the file or its folders): a write is lost only by a
 power loss or kernel crash, that is a reboot, and after a reboot every pod gets a new sandbox, before which the
 kubelet prepares the pod's claims again (a claim it loads from its own checkpoint counts as not prepared), which
 rewrites the file and the spec from the claim on the API server. Before that, start-up makes what it finds agree
-with the durable checkpoint (reconcile): the file of a claim not prepared goes, a half-written one too, and a file
-kept gets its spec back. A durable write would cost each prepare an fdatasync and an fsync of the folder:
+with the durable checkpoint: the file of a claim not prepared goes, a half-written one too, and a file kept gets its
+spec back. A durable write would cost each prepare an fdatasync and an fsync of the folder:
 milliseconds on a busy disk, for files the next prepare rewrites anyway.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,9 @@ from typing import Any
 from dra_cpu.core import device_metadata as dm
 from dra_cpu.core.cdi_spec import CDI_VERSION
 from dra_cpu.core.claims import ClaimRef
+from dra_cpu.core.desired import MetadataFile
 from dra_cpu.core.device_metadata import MetadataError, RequestMetadata
-from dra_cpu.core.state import PreparedClaim
+from dra_cpu.core.ledger import ClaimMetadata
 from dra_cpu.store.fileio import write_atomic
 from dra_cpu.store.leftovers import remove_temp_files
 
@@ -77,14 +78,12 @@ def decode(data: bytes, versions: Iterable[str] = dm.VERSIONS, validate: bool = 
 
 @dataclass(frozen=True)
 class MetadataStore:
-    """Our metadata files under `<plugin_dir>/dra-device-metadata` and our `<driver>_metadata_*` CDI specs.
-    `enabled` says whether prepares write them; removal and the start-up reconciliation run either way, so that
-    turning the feature off never strands files or breaks containers of claims prepared with it."""
+    """Our metadata files under `<plugin_dir>/dra-device-metadata` and our `<driver>_metadata_*` CDI specs; what
+    they should be is core/desired.py's (ClaimFiles.metadata), reconciler.py says when."""
 
     plugin_dir: Path
     cdi_root: Path
     driver: str
-    enabled: bool = True
 
     @property
     def root(self) -> Path:
@@ -96,15 +95,19 @@ class MetadataStore:
     def spec_path(self, uid: str, request: str) -> Path:
         return self.cdi_root / dm.cdi_spec_filename(self.driver, uid, request)
 
-    # --- prepare / unprepare --------------------------------------------------------------------------------
-
-    def write(self, requests: Iterable[RequestMetadata]) -> dict[str, str]:
-        """Write each request's file and CDI spec (only what differs from what is there); base request name -> the
-        CDI device id for the prepare answer."""
+    def write(self, files: Iterable[MetadataFile]) -> dict[str, str]:
+        """Write each request's file and CDI spec, only what differs from what is there (a file `as_found` is left
+        as it is, and gets its spec only when it is there); base request name -> the CDI device id that mounts
+        it, for those in place."""
         ids = {}
-        for request in requests:
+        for file in files:
+            request = file.request
             path = self.host_file(request.ref, request.base_request)
-            self._write(path, encode(request))
+            if file.as_found:
+                if self._uid_in(path.parent) != request.ref.uid:
+                    continue
+            else:
+                self._write(path, encode(request))
             self._write_spec(request, path)
             ids[request.base_request] = dm.cdi_device_id(self.driver, request.ref.uid, request.base_request)
         return ids
@@ -129,48 +132,63 @@ class MetadataStore:
 
     # --- start-up -------------------------------------------------------------------------------------------
 
-    def reconcile(self, claims: Mapping[str, PreparedClaim]) -> list[str]:
-        """Make the files agree with the prepared claims (by uid): files of claims not prepared are removed, the
-        CDI spec of each file kept is rewritten when missing or different (after a reboot), specs without a file
-        are removed, temp files of interrupted writes too. Returns what it did, one line each, for the log."""
+    def recorded(self, ref: ClaimRef) -> ClaimMetadata | None:
+        """What the files of a claim name, read back from them (for a claim whose record does not say: loaded from
+        a version 1 checkpoint, or rebuilt from its CDI spec); None when it has none that are ours and readable."""
+        claim_dir = self.root / dm.claim_dir_name(ref.namespace, ref.name)
+        found: dict[str, str | None] = {}
+        try:
+            request_dirs = sorted(claim_dir.iterdir()) if claim_dir.is_dir() else []
+        except OSError:
+            return None
+        for request_dir in request_dirs:
+            request = self._request_in(request_dir, ref.uid)
+            if request is not None:
+                found[request.name] = request.pod_claim_name
+        if not found:
+            return None
+        return ClaimMetadata(next(iter(found.values())), tuple(sorted(found)))
+
+    def remove_all_but(self, keep: Iterable[MetadataFile]) -> list[str]:
+        """Remove every file and spec of ours that is not one of `keep` (files of claims no longer prepared,
+        specs without a file), and the temp files of interrupted writes. Returns what it did, one line each."""
+        requests = [f.request for f in keep]
+        wanted = {(r.ref.uid, r.base_request) for r in requests}
+        dirs = {(dm.claim_dir_name(r.ref.namespace, r.ref.name), r.base_request): r.ref.uid for r in requests}
         done: list[str] = []
         try:
             done += [f"removed temp file {p}" for p in self._remove_leftovers()]
-            kept: set[tuple[str, str]] = set()
             for claim_dir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
                 for request_dir in sorted(claim_dir.iterdir()) if claim_dir.is_dir() else [claim_dir]:
-                    request = self._kept(request_dir, claims)
-                    if request is None:
+                    uid = dirs.get((claim_dir.name, request_dir.name))
+                    if uid is None or self._request_in(request_dir, uid) is None:
                         _remove_path(request_dir)
                         done.append(f"removed {request_dir}: its claim is not prepared")
-                        continue
-                    kept.add((request.ref.uid, request.base_request))
-                    if self._write_spec(request, request_dir / dm.HOST_FILE):
-                        done.append(f"rewrote CDI spec {self.spec_path(request.ref.uid, request.base_request)}")
                 _remove_if_empty(claim_dir)
             for spec in self._specs():
-                uid_request = self._spec_key(spec.name)
-                if uid_request not in kept:
+                if self._spec_key(spec.name) not in wanted:
                     spec.unlink(missing_ok=True)
                     done.append(f"removed CDI spec {spec}: no prepared claim's metadata file")
         except OSError as err:
             raise MetadataError(f"cannot reconcile device metadata: {err.filename}: {err.strerror}") from None
         return done
 
-    def _kept(self, request_dir: Path, claims: Mapping[str, PreparedClaim]) -> RequestMetadata | None:
-        """The request's metadata when its file is ours, readable and of a prepared claim of that name; else None."""
+    def _request_in(self, request_dir: Path, uid: str) -> RequestMetadata | None:
+        """The request a folder's file is for when the file is ours, readable, of claim `uid` and of the folder's
+        request; else None."""
         try:
             doc = decode((request_dir / dm.HOST_FILE).read_bytes())
         except (OSError, MetadataError):
             return None
         meta = doc.get("metadata") or {}
-        claim = claims.get(str(meta.get("uid")))
-        if claim is None or request_dir.parent.name != dm.claim_dir_name(claim.ref.namespace, claim.ref.name):
-            return None
         requests = doc.get("requests") or []
-        if len(requests) != 1 or str(requests[0]["name"]).split("/", 1)[0] != request_dir.name:
+        if str(meta.get("uid")) != uid or len(requests) != 1:
             return None
-        return RequestMetadata(claim.ref, doc.get("podClaimName"), str(requests[0]["name"]), ())
+        name = str(requests[0]["name"])
+        if name.split("/", 1)[0] != request_dir.name:
+            return None
+        ref = ClaimRef(str(meta.get("namespace")), str(meta.get("name")), uid)
+        return RequestMetadata(ref, doc.get("podClaimName"), name, ())
 
     # --- files ----------------------------------------------------------------------------------------------
 

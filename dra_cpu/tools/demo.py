@@ -23,7 +23,7 @@ import yaml
 
 from dra_cpu import logs
 from dra_cpu.config import Config
-from dra_cpu.core.claims import ClaimRef, allocated_claim, allocation_result
+from dra_cpu.core.claims import ClaimRef, allocated_claim_object, allocation_result
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.daemon import Daemon
 from dra_cpu.errors import DraCpuError
@@ -39,7 +39,7 @@ def claim_object(name: str, uid: str, node: str, driver: str, device: str, cpus:
     key = f"{driver}/cpu"
     request = {"name": "cpus", "exactly": {"deviceClassName": driver, "capacity": {"requests": {key: str(cpus)}}}}
     result = allocation_result(driver, node, device, consumed={key: str(cpus)}, share_id=str(uuid.uuid4()))
-    return allocated_claim(NAMESPACE, name, [result], uid=uid, pod_uids=[pod_uid], requests=[request], node=node)
+    return allocated_claim_object(NAMESPACE, name, [result], uid=uid, pod_uids=[pod_uid], requests=[request], node=node)
 
 
 def _wait(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
@@ -102,9 +102,9 @@ def _walk(config: Config, paths: PluginPaths, slices_dir: Path, cpus: int, out: 
     if cpu_device is None:
         raise DraCpuError("demo: this machine publishes no cpu-numa0 device")
     available = int(cpu_device["capacity"][f"{config.driver_name}/cpu"]["value"])
-    # One CPU must stay in the shared pool for everything else.
-    if cpus >= available:
-        raise DraCpuError(f"--cpus {cpus}: NUMA node 0 has {available} allocatable CPUs and one must stay shared")
+    # The device already leaves out the CPUs kept for the shared pool (minSharedCpus).
+    if cpus > available:
+        raise DraCpuError(f"--cpus {cpus}: NUMA node 0 publishes {available} CPUs (the rest stay shared)")
 
     uid, pod_uid, name = str(uuid.uuid4()), str(uuid.uuid4()), "demo-claim"
     claim = claim_object(name, uid, config.node_name, config.driver_name, "cpu-numa0", cpus, pod_uid)

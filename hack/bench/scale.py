@@ -8,16 +8,16 @@ repository root:
         [--profile CASE]
 
 For each setting of the DRANodeAllocatableResources feature gate in --gates it starts etcd, kube-apiserver,
-kube-scheduler and kube-controller-manager 1.37 on loopback (tests/support/control_plane.py) with the gate set so on
-all three and every other gate at its default (with the gate, an alpha one, the scheduler runs its experimental
+kube-scheduler and kube-controller-manager 1.37 on loopback (tests/harness/cluster/control_plane.py) with the gate set
+so on all three and every other gate at its default (with the gate, an alpha one, the scheduler runs its experimental
 allocator; without it the incubating one, as production clusters do), the scheduler's and the controller manager's
-client rate limits raised (--kube-api-qps 2000, --kube-api-burst 4000: their own work is measured, not the default
-50 and 20 requests/s), the chart's DeviceClasses and the one for DRA extended resources (chart value
-deviceClasses.extendedResourceName). It makes --nodes Ready Nodes
-sized like the capture (big-8numa: tests/fixtures/sysfs/big-8numa, 64 CPUs in 8 NUMA nodes on 4 sockets;
-synthetic-256: 256 CPUs, 2 sockets of 4 NUMA nodes of 16 two-thread cores, written by tests/support/synthetic.py),
-and runs these cases, each with --pods-per-node x --nodes pods of --cpus CPUs (requests = limits, as docs/user.md
-asks without the node-allocatable mapping), in this order:
+client rate limits raised (--kube-api-qps 2000, --kube-api-burst 4000: their own work is measured, not the default 50
+and 20 requests/s), the chart's DeviceClasses and the one for DRA extended resources (chart value
+deviceClasses.extendedResourceName). It makes --nodes Ready Nodes sized like the capture (big-8numa:
+tests/fixtures/sysfs/big-8numa, 64 CPUs in 8 NUMA nodes on 4 sockets; synthetic-256: 256 CPUs, 2 sockets of 4 NUMA nodes
+of 16 two-thread cores, written by tests/harness/synthetic_sysfs.py), and runs these cases, each with --pods-per-node x
+--nodes pods of --cpus CPUs (requests = limits, as docs/user.md asks without the node-allocatable mapping), in this
+order:
 
   native      no slices; the pods ask only `cpu`: the baseline.
   numanode    every Node carries the slices the driver publishes with its defaults (core/devices.build_slices:
@@ -88,7 +88,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
-# Run as a script: the repository root (for tests/support) is not on the path by itself.
+# Run as a script: the repository root (for tests/harness) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
 from dra_cpu.bench.report import percentile  # noqa: E402
@@ -96,19 +96,20 @@ from dra_cpu.core.devices import DeviceConfig, DeviceMode, GroupBy, build_device
 from dra_cpu.core.topology import Topology  # noqa: E402
 from dra_cpu.node.sysfs import read_topology  # noqa: E402
 from dra_cpu.tools.explain.classes import EXTENDED_RESOURCE, chart_device_classes  # noqa: E402
-from tests.support.cluster import Kube, ensure, new_namespace, node_resources, wait_for  # noqa: E402
-from tests.support.control_plane import (  # noqa: E402
+from tests.harness.cluster.client import Kube, close_api_client  # noqa: E402
+from tests.harness.cluster.control_plane import (  # noqa: E402
     ALL,
     APISERVER,
     CONTROLLER_MANAGER,
     ETCD,
     SCHEDULER,
     ControlPlane,
-    create_node,
-    running,
 )
-from tests.support.scheduler_metrics import Histogram, difference, scrape  # noqa: E402
-from tests.support.synthetic import uniform_machine, write_tree  # noqa: E402
+from tests.harness.cluster.objects import create_node, ensure, new_namespace  # noqa: E402
+from tests.harness.cluster.scheduler_metrics import Histogram, difference, scrape  # noqa: E402
+from tests.harness.nodes.published import node_resources  # noqa: E402
+from tests.harness.poll import wait_until  # noqa: E402
+from tests.harness.synthetic_sysfs import uniform_machine, write_tree  # noqa: E402
 
 DRIVER = "dra.cpu"
 GATE = "DRANodeAllocatableResources"
@@ -333,7 +334,7 @@ def publish(kube: Kube, topology: Topology, shape: Shape, nodes: Sequence[str]) 
 
 def remove_slices(kube: Kube) -> None:
     kube.request("DELETE", SLICES, query=[("fieldSelector", f"spec.driver={DRIVER}")])
-    wait_for(lambda: not kube.list(SLICES) or None, "the slices to be deleted", timeout=600)
+    wait_until(lambda: not kube.list(SLICES) or None, "the slices to be deleted", timeout=600)
 
 
 def template(shape: Shape, cpus: int) -> dict[str, Any]:
@@ -496,7 +497,7 @@ def run_case(plane: ControlPlane, kube: Kube, case: Case, last_node: str, settin
         with paused(plane):
             parallel(lambda name: kube.create(pod(name, case, settings.cpus), namespace), names)
             if case.ask == "template":
-                wait_for(
+                wait_until(
                     lambda: (
                         len(kube.list(f"/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims"))
                         > settings.pods
@@ -526,7 +527,7 @@ def run_case(plane: ControlPlane, kube: Kube, case: Case, last_node: str, settin
     finally:
         bindings.close()
         kube.delete(f"/api/v1/namespaces/{namespace}")
-        wait_for(
+        wait_until(
             lambda: kube.find(f"/api/v1/namespaces/{namespace}") is None or None,
             f"namespace {namespace} (its pods and claims) to be deleted",
             timeout=900,
@@ -575,7 +576,7 @@ def run_plane(gate: bool, topology: Topology, cases: Sequence[str], nodes: int, 
     state = tmp / f"gate-{'on' if gate else 'off'}"
     # Every other gate at its 1.37 default, as in a production cluster: an alpha gate (such as the tests'
     # DRAListTypeAttributes) switches the scheduler to its experimental allocator.
-    with running(state, ALL, {GATE: gate}, extra) as plane:
+    with ControlPlane(state, ALL, {GATE: gate}, extra) as plane:
         api = plane.admin()
         try:
             kube = Kube(api)
@@ -602,7 +603,7 @@ def run_plane(gate: bool, topology: Topology, cases: Sequence[str], nodes: int, 
                     found.outcomes[name] = run_case(plane, kube, CASES[name], names[-1], settings)
                 remove_slices(kube)
         finally:
-            api.close()  # type: ignore[no-untyped-call]
+            close_api_client(api)
     return found
 
 

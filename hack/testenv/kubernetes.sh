@@ -9,8 +9,12 @@
 #   kubernetes.sh etcd        prints the path of the etcd binary (exit 1 when not installed)
 #   kubernetes.sh version     prints the Kubernetes version this script builds
 #   kubernetes.sh go          prints the path of a go command, fetching Go as install does when there is none
+#   kubernetes.sh cpu-assignment
+#                             prints the path of kubelet-cpu-assignment (hack/bench/kubelet-cpu-assignment: the
+#                             kubelet's CPU manager replaying a trace, for hack/bench/cpu_choice.py), which install
+#                             builds from the same module after the binaries (exit 1 when not built from this source)
 #
-# Starting the components is the test fixture's job (tests/support/control_plane.py): it needs per-run ports,
+# Starting the components is the test fixture's job (tests/harness/cluster/control_plane.py): it needs per-run ports,
 # certificates and kubeconfigs, and must fail a test with the failing component's log.
 #
 # How: the module download of k8s.io/kubernetes lacks ./staging, which its go.mod `replace`s every k8s.io/* staging
@@ -21,6 +25,8 @@
 # (nothing cached: etcd venv, module download 11 s, 2,750 packages, 5 links) took 704 s (11 min 44 s) and 2.7 GB RSS;
 # the warm `install` (binaries there) 0.1 s; a rebuild with the module and build caches warm (binaries removed) 43 s,
 # byte-identical binaries. The cache then holds 450 MB of binaries, 0.6 GB of modules and 4 GB of Go build cache.
+# kubelet-cpu-assignment (1,218 packages, all but its main package shared with the kubelet, see write_module) then
+# builds in 5 s.
 set -euo pipefail
 
 version="${DRA_CPU_KUBERNETES_VERSION:-v1.37.2}"
@@ -28,6 +34,7 @@ cache_root="${DRA_CPU_TESTENV_CACHE:-/var/cache/dra-cpu-testenv}"
 cache="$cache_root/kubernetes"
 bin_dir="$cache/$version"
 components=(kube-apiserver kube-scheduler kube-controller-manager kubelet kubectl)
+cpu_assignment_src="$(cd "$(dirname "$0")/../bench/kubelet-cpu-assignment" && pwd)"
 # Bump when the build recipe changes so that binaries built by an older recipe are rebuilt.
 recipe=1
 etcd_venv="$cache_root/etcd-venv"
@@ -89,7 +96,10 @@ built() {
 }
 
 # Writes the wrapper module into $1: the go and godebug lines of k8s.io/kubernetes's own go.mod, a requirement on
-# k8s.io/kubernetes, and a replace of every staging module it requires (at v0.0.0) with the published v0.Y.Z.
+# k8s.io/kubernetes, and for every staging module it requires (at v0.0.0) a requirement on the published v0.Y.Z and
+# a replace with it. Requiring them directly gives every build in the module the same module versions (a program
+# that imports k8s.io/api itself would otherwise get v0.Y.Z where the commands get v0.0.0 => v0.Y.Z, which the
+# build cache tells apart): kubelet-cpu-assignment then reuses what the kubelet's build compiled.
 write_module() {
   local dir="$1" gomod staging
   gomod="$(GOFLAGS= go mod download -json "k8s.io/kubernetes@$version" | python3 -c 'import json, sys; print(json.load(sys.stdin).get("GoMod", ""))')" ||
@@ -104,35 +114,31 @@ write_module() {
     grep -E '^(go|godebug) ' "$gomod"
     echo
     echo "require k8s.io/kubernetes $version"
+    # Only what k8s.io/kubernetes requires; sample-* modules are replaced but neither required nor published.
+    local required=()
+    for m in $staging; do grep -qE "^[[:space:]]+$m v0\.0\.0\$" "$gomod" && required+=("$m"); done
+    echo
+    echo "require ("
+    for m in "${required[@]}"; do printf '\t%s %s\n' "$m" "$staging_version"; done
+    echo ")"
     echo
     echo "replace ("
-    for m in $staging; do
-      # Only what k8s.io/kubernetes requires; sample-* modules are replaced but neither required nor published.
-      grep -qE "^[[:space:]]+$m v0\.0\.0\$" "$gomod" && printf '\t%s => %s %s\n' "$m" "$m" "$staging_version"
-    done
+    for m in "${required[@]}"; do printf '\t%s => %s %s\n' "$m" "$m" "$staging_version"; done
     echo ")"
   } >"$dir/go.mod"
 }
 
-build() {
-  command -v go >/dev/null || install_go
-  local work start
-  start=$SECONDS
-  rm -rf "$cache"/build.*  # left by an interrupted build
-  mkdir -p "$cache" "$GOMODCACHE" "$GOCACHE"
-  work="$(mktemp -d "$cache/build.XXXXXX")"
-  log "building ${components[*]} $version from k8s.io/kubernetes with $(go version | cut -d' ' -f3)" \
-    "(about 12 minutes on 2 cores when nothing is cached; log: $work/build.log)"
-  log "downloading k8s.io/kubernetes@$version and its dependencies from $(go env GOPROXY | cut -d, -f1)"
-  write_module "$work"
-  local pkgs=() c
-  for c in "${components[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
-  local ldflags="-s -w" pkg
+# Compiles packages $2... of the wrapper module in $1 into $1/bin/ (CGO_ENABLED=0, -trimpath, -s -w, version
+# stamped), after resolving their modules so that a proxy failure is told apart from a compile failure; $1/build.log.
+compile() {
+  local work="$1" start=$SECONDS
+  shift
+  local pkgs=("$@") ldflags="-s -w" pkg
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ldflags+=" -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$(cut -d. -f2 <<<"$version")"
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
-  # Module downloads first, so that a proxy failure is told apart from a compile failure.
+  log "downloading k8s.io/kubernetes@$version and its dependencies from $(go env GOPROXY | cut -d, -f1)"
   if ! (cd "$work" && go mod download -x k8s.io/kubernetes >"$work/build.log" 2>&1 &&
       go list -deps "${pkgs[@]}" >/dev/null 2>>"$work/build.log"); then
     tail -20 "$work/build.log" >&2
@@ -151,8 +157,30 @@ build() {
   done
   if ! wait "$pid"; then
     tail -30 "$work/build.log" >&2
-    die "building Kubernetes $version failed (log: $work/build.log)"
+    die "building ${pkgs[*]} of Kubernetes $version failed (log: $work/build.log)"
   fi
+}
+
+# A fresh work folder for a build (one left by an interrupted build is removed), with the wrapper module in it.
+# Runs in a subshell ($(new_work)): the caller makes sure of the go command first.
+new_work() {
+  rm -rf "$cache"/build.*
+  mkdir -p "$cache" "$GOMODCACHE" "$GOCACHE"
+  local work
+  work="$(mktemp -d "$cache/build.XXXXXX")"
+  write_module "$work"
+  echo "$work"
+}
+
+build() {
+  local work start=$SECONDS c
+  command -v go >/dev/null || install_go
+  work="$(new_work)"
+  log "building ${components[*]} $version from k8s.io/kubernetes with $(go version | cut -d' ' -f3)" \
+    "(about 12 minutes on 2 cores when nothing is cached; log: $work/build.log)"
+  local pkgs=()
+  for c in "${components[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
+  compile "$work" "${pkgs[@]}"
   rm -rf "$bin_dir"
   mkdir -p "$bin_dir"
   for c in "${components[@]}"; do mv "$work/bin/$c" "$bin_dir/$c"; done
@@ -160,6 +188,30 @@ build() {
   echo "$recipe" >"$bin_dir/recipe"
   rm -rf "$work"
   log "built ${components[*]} in $((SECONDS - start)) s into $bin_dir"
+}
+
+# The source's checksum: kubelet-cpu-assignment is rebuilt when its source or the recipe changes.
+cpu_assignment_stamp() {
+  echo "$recipe $(cat "$cpu_assignment_src"/*.go | sha256sum | cut -d' ' -f1)"
+}
+
+cpu_assignment_built() {
+  [[ -x "$bin_dir/kubelet-cpu-assignment" ]] &&
+    [[ "$(cat "$bin_dir/kubelet-cpu-assignment.stamp" 2>/dev/null)" == "$(cpu_assignment_stamp)" ]]
+}
+
+build_cpu_assignment() {
+  local work start=$SECONDS
+  command -v go >/dev/null || install_go
+  work="$(new_work)"
+  log "building kubelet-cpu-assignment against k8s.io/kubernetes $version (mostly from the build cache)"
+  mkdir "$work/kubelet-cpu-assignment"
+  cp "$cpu_assignment_src"/*.go "$work/kubelet-cpu-assignment/"
+  compile "$work" ./kubelet-cpu-assignment
+  mv "$work/bin/kubelet-cpu-assignment" "$bin_dir/kubelet-cpu-assignment"
+  cpu_assignment_stamp >"$bin_dir/kubelet-cpu-assignment.stamp"
+  rm -rf "$work"
+  log "built kubelet-cpu-assignment in $((SECONDS - start)) s into $bin_dir"
 }
 
 install() {
@@ -170,6 +222,7 @@ install() {
   install_etcd
   built || build
   "$bin_dir/kube-apiserver" --version >/dev/null 2>&1 || die "$bin_dir/kube-apiserver does not run"
+  cpu_assignment_built || build_cpu_assignment
 }
 
 installed() {
@@ -183,5 +236,6 @@ case "${1:-}" in
   etcd) installed && etcd_bin ;;
   version) echo "$version" ;;
   go) { command -v go >/dev/null || install_go; } && command -v go ;;
-  *) die "usage: $0 install | installed | bin-dir | etcd | version | go" ;;
+  cpu-assignment) built && cpu_assignment_built && echo "$bin_dir/kubelet-cpu-assignment" ;;
+  *) die "usage: $0 install | installed | bin-dir | etcd | version | go | cpu-assignment" ;;
 esac

@@ -10,12 +10,18 @@ from dra_cpu.core.allocator import AllocationError, AllocationPolicy, choose_cpu
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.core.machines import CoreSpec, machine, regular
+from tests.harness.paths import SYSFS
 
 FIXTURES = SYSFS
 MULTI_L3 = read_topology(FIXTURES / "multi-l3-per-node")  # node 0: L3 0 = 0-7, L3 1 = 8-15; siblings (2k, 2k+1)
-DUAL = read_topology(FIXTURES / "dual-socket-smt2")
+DUAL = read_topology(FIXTURES / "dual-socket-smt2")  # nodes 0-7 and 8-15; siblings (2k, 2k+1)
 BIG = read_topology(FIXTURES / "big-8numa")
+SNC = read_topology(FIXTURES / "snc-4numa")  # 4 nodes (and L3 groups) of 4 CPUs; siblings (2k, 2k+1)
+# 3 NUMA nodes of two SMT-4 cores under one L3 group: core c is CPUs c, c+6, c+12, c+18; node n has cores 2n, 2n+1.
+SMT4_ONE_L3 = regular(nodes=3, cores_per_node=2, threads=4, nodes_per_l3=3)
+# CPU 3 is offline: core 0 is CPU 0 alone, cores 1 and 2 are CPUs 1,4 and 2,5.
+OFFLINE_SIBLING = regular(nodes=1, cores_per_node=3, threads=2, offline=[3])
 PACK = AllocationPolicy()
 
 
@@ -137,6 +143,60 @@ def test_distribute_across_numa_refusals(free: str, count: int, policy: Allocati
     device = "0-63" if count == 12 else "0-15"
     with pytest.raises(AllocationError, match=f"^distributeAcrossNUMA: {re.escape(message)}"):
         choose_cpus(BIG, CPUSet.parse(free), count, policy, CPUSet.parse(device))
+
+
+def _taken(topo: Topology, cpus: str, device: str | None = None) -> str:
+    """The free CPUs of a device (default: the machine) when `cpus` are taken."""
+    pool = topo.online_cpus if device is None else CPUSet.parse(device)
+    return str(pool - CPUSet.parse(cpus))
+
+
+@pytest.mark.parametrize(
+    ("topo", "free", "count", "policy", "expected"),
+    [
+        # D1: an even claim takes whole free cores, not the leftover threads of cores other claims half hold.
+        (SNC, _taken(SNC, "0-3,12,14"), 2, PACK, "4-5"),
+        (DUAL, _taken(DUAL, "1,5,10,11"), 6, PACK, "8-9,12-15"),
+        # D2: the odd CPU stays in the NUMA nodes and L3 groups of the whole cores (2 nodes, not 3).
+        (SNC, _taken(SNC, "0-1"), 7, PACK, "4-10"),
+        # D3: one L3 over three NUMA nodes: the fewest NUMA nodes still count (cores 0, 4, 5: nodes 0 and 2).
+        (SMT4_ONE_L3, _taken(SMT4_ONE_L3, "1,7,13,19,3,9,15,21"), 12, PACK, "0,4-6,10-12,16-18,22-23"),
+        # D4: one CPU comes from a leftover thread (12, whose sibling 13 is taken), not from splitting a fresh core.
+        (MULTI_L3, _taken(MULTI_L3, "4,5,13", device="0-15"), 1, PACK, "12"),
+        # D5: cores of mixed width (CPU 0's sibling is offline): whole cores that add up, not CPU 0 and a split.
+        (OFFLINE_SIBLING, "0-2,4-5", 4, AllocationPolicy(whole_cores=True), "1-2,4-5"),
+        (OFFLINE_SIBLING, "0-2,4-5", 4, PACK, "1-2,4-5"),
+        (OFFLINE_SIBLING, "0-2,4-5", 3, PACK, "0-1,4"),
+    ],
+    ids=["D1-snc", "D1-dual", "D2", "D3", "D4", "D5-wholeCores", "D5-pack-even", "D5-pack-odd"],
+)
+def test_placement_rule(topo: Topology, free: str, count: int, policy: AllocationPolicy, expected: str) -> None:
+    """The cases of issue 22, each once answered worse than the kubelet's static policy does."""
+    assert pick(topo, free, count, policy) == expected
+
+
+def test_hybrid_cores_count_by_their_width() -> None:
+    """Two 2-thread performance cores and two 1-thread efficiency cores: 3 CPUs are one of each, whole."""
+    hybrid = machine(
+        [
+            CoreSpec((0, 1), 0, 0, core_type="performance"),
+            CoreSpec((2, 3), 0, 0, core_type="performance"),
+            CoreSpec((4,), 0, 0, core_type="efficiency"),
+            CoreSpec((5,), 0, 0, core_type="efficiency"),
+        ]
+    )
+    assert pick(hybrid, "0-5", 3) == "0-1,4"
+    assert pick(hybrid, "0-5", 3, AllocationPolicy(whole_cores=True)) == "0-1,4"
+    # CPUs 0 and 4 are taken: core 0-1 is a leftover, the whole cores are 2-3 and 5.
+    assert pick(hybrid, "1-3,5", 3, AllocationPolicy(whole_cores=True)) == "2-3,5"
+
+
+def test_whole_cores_that_cannot_add_up() -> None:
+    smt4_and_smt2 = machine([CoreSpec((0, 1, 2, 3), 0, 0), CoreSpec((4, 5), 0, 0)])
+    message = r"wholeCores: no whole free cores add up to exactly 5 CPUs \(free whole cores by width: 1 of 2 threads"
+    with pytest.raises(AllocationError, match=message):
+        choose_cpus(smt4_and_smt2, CPUSet.parse("0-5"), 5, AllocationPolicy(whole_cores=True))
+    assert pick(smt4_and_smt2, "0-5", 5) == "0-4"
 
 
 def test_too_many() -> None:

@@ -120,11 +120,11 @@ def test_the_containers_of_an_extended_resource_claim_come_from_the_pod_status()
             ],
         }
     }
-    spec = pod(asking, other, status=status)
-    [problem] = throttled(spec, "web-extended-resources-abcde", 4)
+    spec, extended = pod(asking, other, status=status), "web-extended-resources-abcde"
+    [problem] = throttled(spec, extended, 4)
     assert "container 'app' would be CFS-throttled to 2 CPUs" in problem
     assert throttled(spec, CLAIM, 4) == [], "another claim of the pod: the mapping is not its"
-    assert throttled(pod(container("app", limit="4", claims=()), status=status), "web-extended-resources-abcde", 4) == []
+    assert throttled(pod(container("app", limit="4", claims=()), status=status), extended, 4) == []
 
 
 def test_a_malformed_extended_resource_status_names_the_field() -> None:

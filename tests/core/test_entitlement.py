@@ -6,13 +6,14 @@ from dataclasses import replace
 
 import pytest
 
-from dra_cpu.core import entitlement as policy
+from dra_cpu.core import entitlement
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.entitlement import ContainerInfo, NoSharedCpus, Pin
-from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State
+from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim, PreparedDevice
+from dra_cpu.core.sharing import not_held
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 TOPOLOGY = read_topology(SYSFS / "dual-socket-smt2")
 POD = "pod-uid-1"
@@ -26,49 +27,51 @@ def claim(uid: str, cpus: str, pods: tuple[str, ...] = (POD,), hugepages: HugePa
 
 
 def container(env: list[str], pod_uid: str = POD) -> ContainerInfo:
-    return policy.container_info("cid", "app", pod_uid, "ns/pod", env)
+    return entitlement.container_info("cid", "app", pod_uid, "ns/pod", env)
 
 
-STATE = State({"a": claim("a", "2-3"), "b": claim("b", "8-9", pods=("other-pod",))})
-POOLS = policy.pools(STATE, TOPOLOGY)
+STATE = Ledger({"a": claim("a", "2-3"), "b": claim("b", "8-9", pods=("other-pod",))})
+POOLS = entitlement.pools(STATE, TOPOLOGY)
 
 
 def test_claimed_container_gets_the_claims_cpus_and_numa_nodes() -> None:
-    decision = policy.decide(container(["PATH=/bin", "DRA_CPUSET_a=2-3"]), POOLS)
+    decision = entitlement.pin_for(container(["PATH=/bin", "DRA_CPUSET_a=2-3"]), POOLS)
     assert decision.pin == Pin(CPUSet.parse("2-3"), CPUSet.parse("0"), claims=("a",))
     assert decision.rejected == ()
 
 
 def test_unclaimed_container_gets_the_shared_pool_and_every_memory_node() -> None:
-    decision = policy.decide(container(["PATH=/bin"]), POOLS)
+    decision = entitlement.pin_for(container(["PATH=/bin"]), POOLS)
     assert decision.pin == Pin(CPUSet.parse("0-1,4-7,10-15"), CPUSet.parse("0-1"))
 
 
 @pytest.mark.parametrize(
     ("env", "pod_uid", "reason"),
     [
-        (["DRA_CPUSET_a=2-3"], "forger", "pod forger is not among the claim's reservedFor pods (pod-uid-1)"),
+        (["DRA_CPUSET_a=2-3"], "forger", "pod forger is not the pod the claim serves (pod-uid-1)"),
         (["DRA_CPUSET_a=2"], POD, "cpuset '2' is not the claim's (2-3)"),
         (["DRA_CPUSET_a=all"], POD, "cpuset 'all' is not a cpu list"),
         (["DRA_CPUSET_zzz=2-3"], POD, "no such claim is prepared on this node"),
-        (["DRA_CPUSET_b=8-9"], POD, "pod pod-uid-1 is not among the claim's reservedFor pods (other-pod)"),
+        (["DRA_CPUSET_b=8-9"], POD, "pod pod-uid-1 is not the pod the claim serves (other-pod)"),
     ],
 )
 def test_env_that_does_not_prove_a_claim_gives_the_shared_pool(env: list[str], pod_uid: str, reason: str) -> None:
-    decision = policy.decide(container(env, pod_uid), POOLS)
+    decision = entitlement.pin_for(container(env, pod_uid), POOLS)
     assert decision.pin == Pin(POOLS.shared, POOLS.shared_mems)
     assert [r.reason for r in decision.rejected] == [reason]
 
 
 def test_a_forged_entry_beside_a_real_claim_is_rejected_alone() -> None:
-    decision = policy.decide(container(["DRA_CPUSET_a=2-3", "DRA_CPUSET_b=8-9"]), POOLS)
+    decision = entitlement.pin_for(container(["DRA_CPUSET_a=2-3", "DRA_CPUSET_b=8-9"]), POOLS)
     assert decision.pin.cpus == CPUSet.parse("2-3")
     assert [r.claim_uid for r in decision.rejected] == ["b"]
 
 
 def test_two_claims_of_one_container_are_united() -> None:
-    state = State({"a": claim("a", "2-3"), "c": claim("c", "12")})
-    decision = policy.decide(container(["DRA_CPUSET_a=2-3", "DRA_CPUSET_c=12"]), policy.pools(state, TOPOLOGY))
+    state = Ledger({"a": claim("a", "2-3"), "c": claim("c", "12")})
+    decision = entitlement.pin_for(
+        container(["DRA_CPUSET_a=2-3", "DRA_CPUSET_c=12"]), entitlement.pools(state, TOPOLOGY)
+    )
     assert (decision.pin.cpus, decision.pin.mems, decision.pin.claims) == (
         CPUSet.parse("2-3,12"),
         CPUSet.parse("0-1"),
@@ -78,35 +81,37 @@ def test_two_claims_of_one_container_are_united() -> None:
 
 def test_hugepage_claim_sets_limits_and_its_memory_node() -> None:
     grant = HugePageGrant(numa_node=1, page_size_kib=2048, bytes=64 << 20)
-    state = State({"h": claim("h", "2-3", hugepages=grant)})
-    pin = policy.decide(container(["DRA_CPUSET_h=2-3"]), policy.pools(state, TOPOLOGY)).pin
+    state = Ledger({"h": claim("h", "2-3", hugepages=grant)})
+    pin = entitlement.pin_for(container(["DRA_CPUSET_h=2-3"]), entitlement.pools(state, TOPOLOGY)).pin
     assert pin.hugepage_limits == (("2MB", 64 << 20),)
     assert pin.mems == CPUSet.parse("0-1")
 
 
 @pytest.mark.parametrize(("kib", "name"), [(64, "64KB"), (2048, "2MB"), (1 << 20, "1GB"), (32768, "32MB")])
 def test_oci_page_size_names(kib: int, name: str) -> None:
-    assert policy.oci_page_size(kib) == name
+    assert entitlement.oci_page_size(kib) == name
 
 
 def test_reserved_cpus_stay_shared_unless_strict() -> None:
     reserved = CPUSet.parse("0-1")
-    assert reserved.issubset(policy.pools(STATE, TOPOLOGY, reserved).shared)
-    assert reserved.isdisjoint(policy.pools(STATE, TOPOLOGY, reserved, strict_reserved=True).shared)
+    assert reserved.issubset(entitlement.pools(STATE, TOPOLOGY, reserved).shared)
+    assert reserved.isdisjoint(entitlement.pools(STATE, TOPOLOGY, reserved, strict_reserved=True).shared)
 
 
 def test_isolated_cpus_are_not_shared() -> None:
     cpus = tuple(replace(c, isolated=c.id in (14, 15)) for c in TOPOLOGY.cpus)
     topology = replace(TOPOLOGY, cpus=cpus)
-    assert policy.pools(State(), topology).shared == CPUSet.parse("0-13")
+    assert entitlement.pools(Ledger(), topology).shared == CPUSet.parse("0-13")
 
 
 def test_no_shared_cpu_left_is_an_error_naming_the_container() -> None:
-    everything = State({"a": claim("a", "0-15")})
+    everything = Ledger({"a": claim("a", "0-15")})
     with pytest.raises(NoSharedCpus, match="container app of pod ns/pod"):
-        policy.decide(container([]), policy.pools(everything, TOPOLOGY))
+        entitlement.pin_for(container([]), entitlement.pools(everything, TOPOLOGY))
     # The claim's own container still gets its CPUs.
-    assert policy.decide(container(["DRA_CPUSET_a=0-15"]), policy.pools(everything, TOPOLOGY)).pin.claims == ("a",)
+    assert entitlement.pin_for(
+        container(["DRA_CPUSET_a=0-15"]), entitlement.pools(everything, TOPOLOGY)
+    ).pin.claims == ("a",)
 
 
 def test_env_parsing_ignores_lookalikes() -> None:
@@ -117,26 +122,60 @@ def test_env_parsing_ignores_lookalikes() -> None:
 def test_a_claim_used_by_another_pod_is_refused_at_creation_naming_claim_and_pod() -> None:
     # The env is exactly the claim's (the pod spec shares the claim, the CDI device was given): not a forgery.
     other = container(["DRA_CPUSET_a=2-3"], pod_uid="second-pod")
-    with pytest.raises(policy.ClaimSharedAcrossPods) as refused:
-        policy.decide(other, POOLS, refuse_shared=True)
-    assert str(refused.value) == (
-        "claim ns/c-a is prepared for pod pod-uid-1; container app of pod ns/pod (second-pod) cannot use it: "
-        "dra-cpu does not share a claim's CPUs across pods (use one claim per pod, e.g. a ResourceClaimTemplate)"
-    )
+    with pytest.raises(entitlement.ClaimSharedAcrossPods) as refused:
+        entitlement.pin_for(other, POOLS, refuse_shared=True)
+    assert str(refused.value) == not_held(ClaimRef("ns", "c-a", "a"), (POD,), "app", "ns/pod", "second-pod")
     # Running containers (synchronize, updates) are not refused: they get the shared pool, as before.
-    assert policy.decide(other, POOLS).pin == Pin(POOLS.shared, POOLS.shared_mems)
+    assert entitlement.pin_for(other, POOLS).pin == Pin(POOLS.shared, POOLS.shared_mems)
 
 
 @pytest.mark.parametrize(("env", "pod_uid"), [(["DRA_CPUSET_a=2"], "second-pod"), (["DRA_CPUSET_zzz=2-3"], POD)])
 def test_env_matching_no_prepared_claim_is_still_forged_at_creation(env: list[str], pod_uid: str) -> None:
-    decision = policy.decide(container(env, pod_uid), POOLS, refuse_shared=True)
+    decision = entitlement.pin_for(container(env, pod_uid), POOLS, refuse_shared=True)
     assert decision.pin == Pin(POOLS.shared, POOLS.shared_mems)
     assert len(decision.rejected) == 1
 
 
 def test_containers_of_the_claims_pod_share_its_cpus() -> None:
     first, second = (
-        policy.decide(replace(container(["DRA_CPUSET_a=2-3"]), id=cid, name=cid), POOLS, refuse_shared=True).pin
+        entitlement.pin_for(replace(container(["DRA_CPUSET_a=2-3"]), id=cid, name=cid), POOLS, refuse_shared=True).pin
         for cid in ("app", "sidecar")
     )
     assert first == second == Pin(CPUSet.parse("2-3"), CPUSet.parse("0"), claims=("a",))
+
+
+UID = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
+
+
+def test_the_shell_twins_of_a_claims_variables_carry_the_same_values_and_entitle_nothing() -> None:
+    """Each variable of a claim's CDI spec is there twice: the upstream name with the UID's dashes, and the same
+    value under the UID with underscores, which POSIX shells keep. Enforcement reads only the first."""
+    from dra_cpu.core.cdi_spec import env_for
+
+    prepared = replace(claim(UID, "2-3"), ref=ClaimRef("ns", "web", UID))
+    env = env_for(prepared, CPUSet.parse("0"))
+    twin = UID.replace("-", "_")
+    values = dict(item.split("=", 1) for item in env)
+    for prefix, value in (("CPUSET", "2-3"), ("MEMS", "0"), ("CLAIM", "ns/web"), ("PODS", POD)):
+        assert values[f"DRA_{prefix}_{UID}"] == values[f"DRA_{prefix}_{twin}"] == value
+    pools = entitlement.pools(Ledger({UID: prepared}), TOPOLOGY)
+    decision = entitlement.pin_for(container(env), pools)
+    assert decision.pin.claims == (UID,) and decision.rejected == ()
+    # A twin written into a pod spec by hand is no claim: the shared pool, and nothing to report.
+    forged = entitlement.pin_for(container([f"DRA_CPUSET_{twin}=2-3"]), pools)
+    assert forged.pin == Pin(pools.shared, pools.shared_mems) and forged.rejected == ()
+
+
+def test_every_variable_a_claim_gives_its_containers_is_documented() -> None:
+    """docs/user.md names each DRA_*_<uid> variable the CDI spec writes, and the shell-readable form beside it."""
+    from dra_cpu.core.cdi_spec import env_for
+    from tests.harness.paths import REPO
+
+    user = (REPO / "docs" / "user.md").read_text()
+    prepared = claim(UID, "2-3", hugepages=HugePageGrant(0, 2048, 2 << 20))
+    names = [item.split("=", 1)[0] for item in env_for(prepared, CPUSet.parse("0"))]
+    prefixes = {name.removesuffix(UID) for name in names if name.endswith(UID)}
+    assert prefixes == {"DRA_CPUSET_", "DRA_MEMS_", "DRA_HUGEPAGES_", "DRA_CLAIM_", "DRA_PODS_"}
+    undocumented = [p for p in sorted(prefixes) if f"`{p}<uid>`" not in user]
+    assert not undocumented, f"docs/user.md does not describe {undocumented}"
+    assert "the UID with `_` for `-`" in user

@@ -1,5 +1,5 @@
 """Properties of the core that hold for every machine, device setting, claim stream and prepare/unprepare order
-(tests/support/strategies.py draws them): no CPU and no hugepage byte in two claims, nothing over a device's
+(tests/harness/strategies.py draws them): no CPU and no hugepage byte in two claims, nothing over a device's
 capacity, the same inputs give the same grants, the checkpoint's encoding round-trips, and restore() turns any
 state a damaged disk may hold into one that obeys the same invariants, dropping whole claims only."""
 
@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 
 from dra_cpu.core.claims import ClaimError, ClaimRef
 from dra_cpu.core.devices import Device, DeviceType, allocatable_cpus, device_index
-from dra_cpu.core.state import PreparedClaim, State, Unrestorable, decide, restore
+from dra_cpu.core.grant import grant
+from dra_cpu.core.ledger import Ledger, PreparedClaim, Unrestorable, restore
+from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.core.topology import Topology
 from dra_cpu.store.checkpoint import Checkpoint, decode, encode
-from tests.support.strategies import DRIVER, Scenario, loose_claims, scenarios, topologies
+from tests.harness.strategies import Scenario, loose_claims, scenarios, topologies
 
 
 def bounded(examples: int) -> settings:
@@ -33,10 +35,11 @@ def bounded(examples: int) -> settings:
 Outcome = PreparedClaim | str | None
 
 
-def _run(s: Scenario) -> tuple[State, list[Outcome]]:
-    """Feed the scenario's prepares and unprepares to decide(), checking the invariants after each step."""
-    state, outcomes = State(), list[Outcome]()
+def _run(s: Scenario) -> tuple[Ledger, list[Outcome]]:
+    """Feed the scenario's prepares and unprepares to grant(), checking the invariants after each step."""
+    state, outcomes = Ledger(), list[Outcome]()
     index = device_index(s.devices)
+    view = NodeView(s.topology, s.devices, NodeSettings(s.config))
     for op, i in s.ops:
         request = s.claims[i]
         if op == "unprepare":
@@ -44,15 +47,7 @@ def _run(s: Scenario) -> tuple[State, list[Outcome]]:
             outcomes.append(None)
         else:
             try:
-                claim = decide(
-                    state,
-                    request,
-                    s.topology,
-                    index,
-                    cpu_capacity=f"{DRIVER}/cpu",
-                    memory_capacity=f"{DRIVER}/memory",
-                    min_shared_cpus=s.min_shared_cpus,
-                )
+                claim = grant(state, request, view)
             except ClaimError as err:
                 outcomes.append(str(err))
             else:
@@ -79,7 +74,7 @@ def _check_disjoint(claims: Iterable[PreparedClaim]) -> None:
         seen |= claim.cpus.ids
 
 
-def _check_invariants(state: State, s: Scenario, index: Mapping[str, Device]) -> None:
+def _check_invariants(state: Ledger, s: Scenario, index: Mapping[str, Device]) -> None:
     claims = list(state.claims.values())
     _check_disjoint(claims)
     allocatable = allocatable_cpus(s.topology, s.config)
@@ -94,10 +89,11 @@ def _check_invariants(state: State, s: Scenario, index: Mapping[str, Device]) ->
     capacity = {(d.numa_node, d.page_size_kib): d.capacity for d in index.values() if d.type is DeviceType.HUGEPAGES}
     for key, held in _hugepages_held(claims).items():
         assert held <= capacity[key], f"hugepages {key}: {held} bytes granted of {capacity[key]}"
-    if state.allocated_cpus:
-        assert len(state.shared_cpus(s.topology)) >= s.min_shared_cpus
+    if state.allocated_cpus - s.topology.isolated_cpus:
+        floor = s.config.shared_floor
+        assert len(floor.pool(s.topology, state.allocated_cpus)) >= floor.minimum
     # What enters the process from disk is the same state again.
-    assert restore(claims, s.topology) == State(state.claims)
+    assert restore(claims, s.topology) == Ledger(state.claims)
 
 
 @bounded(2000)
@@ -113,11 +109,11 @@ def test_claim_streams_keep_every_invariant_and_are_deterministic(s: Scenario) -
 def test_checkpoint_round_trip(s: Scenario, boot_id: str, reason: str) -> None:
     state, _ = _run(s)
     lost = {"gone": Unrestorable(ClaimRef("ns", "gone", "gone"), reason)} if reason else {}
-    checkpoint = Checkpoint(State(state.claims, lost), boot_id)
+    checkpoint = Checkpoint(Ledger(state.claims, lost), boot_id)
     assert decode(encode(checkpoint), "x") == checkpoint
     # The per-claim cache of the encoder gives the same bytes as a fresh encoding.
     cache: dict[str, tuple[PreparedClaim, str]] = {}
-    encode(Checkpoint(State(dict(list(state.claims.items())[:1])), boot_id), cache)
+    encode(Checkpoint(Ledger(dict(list(state.claims.items())[:1])), boot_id), cache)
     assert encode(checkpoint, cache) == encode(checkpoint)
 
 
@@ -145,4 +141,4 @@ def test_restore_repairs_any_state_by_dropping_whole_claims(case: tuple[Topology
     if claims and claims[0].uid in state.unrestorable:
         assert "also held by" not in state.unrestorable[claims[0].uid].reason
     assert restore(claims, topology) == state
-    assert restore(kept, topology) == State(state.claims)
+    assert restore(kept, topology) == Ledger(state.claims)

@@ -16,26 +16,26 @@ from dra_cpu.cli import cdi_hook
 from dra_cpu.core import cdi_spec
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import PreparedClaim, PreparedDevice
+from dra_cpu.core.ledger import PreparedClaim, PreparedDevice
 from dra_cpu.store.cdi_files import CDIStore
-from tests.support.cri import Allowed
-from tests.support.testenv_podman import Podman
+from tests.harness.runtimes.cri import Allowed
+from tests.harness.runtimes.podman import Podman
 
 SPEC_ENV = {"DRA_CPUSET_u1": "1", "DRA_MEMS_u1": "0", "DRA_PODS_u1": "pod-a,pod-b"}
 
 
-def test_decide_trusts_only_the_drivers_spec() -> None:
+def test_the_pin_trusts_only_the_drivers_spec() -> None:
     specs = {"u1": SPEC_ENV, "u2": None}
-    grant, refused = cdihook.decide(["PATH=/bin", "DRA_CPUSET_u1=1"], "pod-b", specs)
+    grant, refused = cdihook.pin_for(["PATH=/bin", "DRA_CPUSET_u1=1"], "pod-b", specs)
     assert (grant.cpus, grant.mems, grant.claims, refused) == (CPUSet.of([1]), CPUSet.of([0]), ("u1",), [])
-    grant, refused = cdihook.decide(["DRA_CPUSET_u1=0-1", "DRA_CPUSET_u2=1"], "pod-b", specs)
+    grant, refused = cdihook.pin_for(["DRA_CPUSET_u1=0-1", "DRA_CPUSET_u2=1"], "pod-b", specs)
     assert not grant.cpus
     assert refused == [
         "claim u1: cpuset '0-1' is not the claim's (1)",
         "claim u2: no such claim is prepared on this node",
     ]
-    _, refused = cdihook.decide(["DRA_CPUSET_u1=1"], "pod-z", specs)
-    assert refused == ["claim u1: pod pod-z is not among the claim's reservedFor pods (pod-a, pod-b)"]
+    _, refused = cdihook.pin_for(["DRA_CPUSET_u1=1"], "pod-z", specs)
+    assert refused == ["claim u1: pod pod-z is not the pod the claim serves (pod-a, pod-b)"]
 
 
 def test_bad_stdin_is_a_clear_error_and_exit_1(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:

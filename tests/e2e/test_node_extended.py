@@ -16,13 +16,16 @@ import pytest
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
 from dra_cpu.tools.explain.classes import EXTENDED_RESOURCE
-from tests.support.cluster import busybox_pod, claim_path, wait_for
-from tests.support.node_claims import checkpoint_claims, events, pinning, pod_path, running, wait_cpus
-from tests.support.real_node import InstalledDriver
+from tests.harness.cluster.chart import InstalledDriver
+from tests.harness.cluster.objects import busybox_pod, claim_path
+from tests.harness.cluster.pods import events, pod_path, wait_running
+from tests.harness.driver_files import checkpoint_claims
+from tests.harness.nodes.real import RealNode
+from tests.harness.poll import wait_until
 
 
 @pytest.fixture(scope="module")
-def extended_node(dra_cpu_node: InstalledDriver) -> Iterator[InstalledDriver]:
+def extended_node(dra_cpu_node: InstalledDriver[RealNode]) -> Iterator[InstalledDriver[RealNode]]:
     with dra_cpu_node.reconfigured(
         {"config": {"deviceMode": "individual"}, "deviceClasses": {"extendedResourceName": EXTENDED_RESOURCE}},
         lambda devices: (
@@ -35,7 +38,7 @@ def extended_node(dra_cpu_node: InstalledDriver) -> Iterator[InstalledDriver]:
         ),
         "one device per CPU",
     ) as driver:
-        wait_for(
+        wait_until(
             lambda: driver.node.kube.find("/apis/resource.k8s.io/v1/deviceclasses/dra.cpu.extended"),
             "the chart's DeviceClass dra.cpu.extended",
         )
@@ -54,12 +57,12 @@ def extended_pod(name: str, cpu: str = "1", sidecar: bool = False) -> dict[str, 
 
 
 def test_the_container_that_asks_runs_on_the_claim_the_scheduler_wrote(
-    extended_node: InstalledDriver, namespace: str, topology: Topology
+    extended_node: InstalledDriver[RealNode], namespace: str, topology: Topology
 ) -> None:
     node = extended_node.node
     kube = node.kube
     kube.create(extended_pod("ext", sidecar=True), namespace)
-    pod = running(kube, namespace, "ext")
+    pod = wait_running(kube, namespace, "ext")
     status = pod["status"]["extendedResourceClaimStatus"]
     assert [(m["containerName"], m["resourceName"]) for m in status["requestMappings"]] == [("app", EXTENDED_RESOURCE)]
     claim = kube.get(claim_path(namespace, status["resourceClaimName"]))
@@ -67,18 +70,18 @@ def test_the_container_that_asks_runs_on_the_claim_the_scheduler_wrote(
     [result] = claim["status"]["allocation"]["devices"]["results"]
     cpu = CPUSet.of([int(result["device"].removeprefix("cpu-"))])
     assert [d["cpus"] for d in checkpoint_claims(extended_node.state_dir)[uid]["devices"]] == [str(cpu)]
-    seen = pinning(node, pod, "app")
+    seen = node.pinning(pod, "app")
     assert seen.claimed == {uid: cpu}, seen
     mems = topology.numa_nodes_of(cpu)
     assert (seen.inside, seen.init, seen.cgroup) == ((cpu, mems),) * 3, seen
     # The sidecar asked for nothing: no claim in its environment, the shared pool for its CPUs.
     shared = topology.online_cpus - cpu
-    sidecar = wait_cpus(node, pod, shared, "the sidecar on the shared pool", container="sidecar")
+    sidecar = node.wait_cpus(pod, shared, "the sidecar on the shared pool", container="sidecar")
     assert sidecar.claimed == {}, sidecar
 
 
 def test_a_cpu_limit_below_what_the_container_asks_is_refused_at_prepare(
-    extended_node: InstalledDriver, namespace: str
+    extended_node: InstalledDriver[RealNode], namespace: str
 ) -> None:
     kube = extended_node.node.kube
     kube.create(extended_pod("tight", cpu="500m"), namespace)
@@ -86,7 +89,7 @@ def test_a_cpu_limit_below_what_the_container_asks_is_refused_at_prepare(
         f"pod {namespace}/tight: container 'app' would be CFS-throttled to 0.5 CPUs "
         "(spec.containers[0].resources.limits.cpu 500m) on the 1 CPU claim 'tight-extended-resources-"
     )
-    seen = wait_for(
+    seen = wait_until(
         lambda: [e for e in events(kube, namespace, "tight") if expected in e] or None,
         "the driver's refusal in the pod's events",
         90,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from dra_cpu.core.claims import ClaimRef, ref_problem
-from tests.support.kubelet_node import result
+from tests.harness.claims import result
 
 UID = "4f6c1a2e-9b1d-4c5e-8f00-0123456789ab"
 
@@ -47,8 +47,8 @@ def test_bad_uids_are_refused_per_claim_and_never_reach_the_disk(node_factory: A
     assert response.claims[good.uid].error == ""
     for ref in bad:
         assert "is not a UUID" in response.claims[ref.uid].error
-    assert sorted(p.name for p in node.driver.cdi_store.root.iterdir()) == [
-        node.driver.cdi_store.path(good.uid).name,
+    assert sorted(p.name for p in node.driver.reconciler.cdi.root.iterdir()) == [
+        node.driver.reconciler.cdi.path(good.uid).name,
         f"dra.cpu_metadata_{good.uid}_cpus.json",
     ]
 

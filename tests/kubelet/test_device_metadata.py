@@ -14,8 +14,9 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.device_metadata import CONTAINER_DIR, MetadataError
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.store.metadata_files import decode
-from tests.support.kubelet_node import DRIVER, NODE, Node, NodeFactory, make_driver, result, start_plugin
-from tests.support.waiting import eventually
+from tests.harness.claims import DRIVER, NODE, result
+from tests.harness.nodes.standin import NodeFactory, StandinNode, make_driver, start_plugin
+from tests.harness.poll import wait_until
 
 # Where the 1.37.2 kubeletplugin helper's own compatibility fixture lives, when the Go module cache is installed.
 UPSTREAM_FIXTURE = Path(
@@ -24,14 +25,14 @@ UPSTREAM_FIXTURE = Path(
 )
 
 
-def host_file(node: Node, ref: ClaimRef, request: str = "cpus") -> Path:
+def host_file(node: StandinNode, ref: ClaimRef, request: str = "cpus") -> Path:
     return (
         node.plugin.paths.plugin_dir / "dra-device-metadata" / f"{ref.namespace}_{ref.name}" / request / "metadata.json"
     )
 
 
-def metadata_spec(node: Node, ref: ClaimRef, request: str = "cpus") -> Path:
-    return node.driver.cdi_store.root / f"{DRIVER}_metadata_{ref.uid}_{request}.json"
+def metadata_spec(node: StandinNode, ref: ClaimRef, request: str = "cpus") -> Path:
+    return node.driver.reconciler.cdi.root / f"{DRIVER}_metadata_{ref.uid}_{request}.json"
 
 
 def objects(data: bytes) -> list[dict[str, Any]]:
@@ -45,8 +46,8 @@ def objects(data: bytes) -> list[dict[str, Any]]:
     return out
 
 
-def published(node: Node, name: str) -> dict[str, Any]:
-    [device] = [d for d in node.driver.devices if d.name == name]
+def published(node: StandinNode, name: str) -> dict[str, Any]:
+    [device] = [d for d in node.driver.snapshot().view.devices if d.name == name]
     attributes: dict[str, Any] = device.to_api()["attributes"]
     return attributes
 
@@ -157,9 +158,15 @@ def test_a_restart_keeps_the_prepared_claims_metadata_and_drops_the_rest(node_fa
     kept, dropped = node.claim([result("cpu-numa0", cpus=1)]), node.claim([result("cpu-numa1", cpus=1)])
     assert not node.prepare(kept).error and not node.prepare(dropped).error
     kept_file, kept_spec = host_file(node, kept).read_bytes(), metadata_spec(node, kept).read_bytes()
-    # `dropped` is unprepared by the driver but its files stay (a crash before their removal); the CDI folder of
-    # `kept` is emptied (a reboot: it is a tmpfs); a write was interrupted.
+    # `dropped` is unprepared by the driver but its files stay (left by a driver that removed them after the
+    # checkpoint entry, and crashed between the two); the CDI folder of `kept` is emptied (a reboot: it is a
+    # tmpfs); a write was interrupted.
+    dropped_dir = host_file(node, dropped).parents[1]
+    left = {p: p.read_bytes() for p in [*dropped_dir.rglob("*"), metadata_spec(node, dropped)] if p.is_file()}
     assert node.driver.unprepare([dropped]) == {dropped.uid: ""}
+    for path, data in left.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
     metadata_spec(node, kept).unlink()
     leftover = host_file(node, kept).with_name(".metadata.json.abcd1234.tmp")
     leftover.write_text("{")
@@ -185,7 +192,9 @@ def test_turned_off_nothing_is_written_but_earlier_files_are_still_removed(node_
     assert not node.prepare(earlier).error
     node.kubelet.close()
     node.plugin.stop()
-    plugin = start_plugin(node.driver, node.root, metadata=False)
+    driver = make_driver(node.root, node.fixture, metadata=False)
+    driver.start()
+    plugin = start_plugin(driver, node.root)
     try:
         assert metadata_spec(node, earlier).exists(), "a prepared claim's containers may still start"
         kubelet = KubeletClient.register(plugin.paths.registration_socket)
@@ -209,7 +218,7 @@ def test_metadata_that_cannot_be_written_leaves_the_claim_prepared_without_it(no
     assert not response.error
     assert list(response.devices[0].cdi_device_ids) == [f"{DRIVER}/cpu=claim-{ref.uid}"]
     assert not metadata_spec(node, ref).exists()
-    eventually(lambda: node.driver.state.claims.get(ref.uid) is not None, "the claim stays prepared")
+    wait_until(lambda: node.driver.snapshot().ledger.claims.get(ref.uid) is not None, "the claim stays prepared")
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,12 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.gen import dra_health_v1_pb2 as pb
 from dra_cpu.kubelet.gen import dra_health_v1_pb2_grpc, dra_health_v1alpha1_pb2, dra_health_v1alpha1_pb2_grpc
 from dra_cpu.kubelet.health import bounded_message
-from tests.support.kubelet_node import Node, NodeFactory, offline_cpus, remove_memory, result
-from tests.support.waiting import eventually
+from tests.harness.claims import result
+from tests.harness.nodes.standin import NodeFactory, StandinNode, offline_cpus, remove_memory
+from tests.harness.poll import wait_until
 
 
-def _stream(node: Node, service: str | None = None) -> list[tuple[str, str, int, str, int]]:
+def _stream(node: StandinNode, service: str | None = None) -> list[tuple[str, str, int, str, int]]:
     """The first response of a fresh stream: (pool, device, health, message, timeout) per device."""
     stream = node.kubelet.watch_health(timeout=5, service=service)
     first = next(stream)
@@ -28,7 +29,7 @@ def _stream(node: Node, service: str | None = None) -> list[tuple[str, str, int,
     ]
 
 
-def _health(node: Node, service: str | None = None) -> dict[str, tuple[int, str]]:
+def _health(node: StandinNode, service: str | None = None) -> dict[str, tuple[int, str]]:
     devices = _stream(node, service)
     assert {pool for pool, *_ in devices} == {"node-a"}
     return {name: (health, message) for _, name, health, message, _ in devices}
@@ -80,7 +81,7 @@ def test_offline_cpus_make_their_device_unhealthy_with_a_message(node_factory: N
 
     # Every CPU of node 1 offline: the device is no longer published, and still reported, with why.
     node.rediscover(offline_cpus(CPUSet.parse("8-15")))
-    assert "cpu-numa1" not in {d.name for d in node.driver.devices}
+    assert "cpu-numa1" not in {d.name for d in node.driver.snapshot().view.devices}
     state, message = _health(node)["cpu-numa1"]
     assert state == pb.UNHEALTHY
     assert message.startswith("CPUs 8-15 are offline") and "NUMA node 1 has no online CPU any more" in message
@@ -156,7 +157,7 @@ def test_open_health_streams_never_starve_prepare(node_factory: NodeFactory) -> 
             assert "newer health stream" in (ended.value.details() or "")
         for stream in newest:
             stream.cancel()
-        eventually(lambda: node.plugin.health.open_streams == 0, "the workers of cancelled streams are given back")
+        wait_until(lambda: node.plugin.health.open_streams == 0, "the workers of cancelled streams are given back")
     finally:
         for channel in channels:
             channel.close()

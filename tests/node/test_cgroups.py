@@ -7,12 +7,11 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.node import cgroups
 from dra_cpu.node.cgroups import (
     CgroupError,
     cpuset_dir,
@@ -21,7 +20,7 @@ from dra_cpu.node.cgroups import (
     read_cpuset,
     write_cpuset,
 )
-from tests.support.cri import Allowed
+from tests.harness.runtimes.cri import Allowed
 
 HYBRID_MOUNTS = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
@@ -105,52 +104,3 @@ def test_a_cgroup2_mount_over_sys_fs_cgroup_hides_the_hosts_unified_mount() -> N
         "40 25 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
     )
     assert cpuset_dir("0::/kubepods/pod1/c1\n", mountinfo) == Path("/sys/fs/cgroup/kubepods/pod1/c1")
-
-
-@pytest.mark.parametrize(
-    ("cgroups_path", "relative"),
-    [
-        ("/kubepods/burstable/pod1/abc", "kubepods/burstable/pod1/abc"),
-        (
-            "kubepods-burstable-pod1.slice:cri-containerd:abc",
-            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-abc.scope",
-        ),
-        ("kubepods-pod2.slice:crio:def", "kubepods.slice/kubepods-pod2.slice/crio-def.scope"),
-        (":crio:def", "system.slice/crio-def.scope"),
-        ("-.slice::x", "x.scope"),
-    ],
-)
-def test_container_cgroup_of_both_drivers(cgroups_path: str, relative: str) -> None:
-    assert str(cgroups.container_cgroup(cgroups_path)) == relative
-
-
-@pytest.mark.parametrize("bad", ["", "/a/../b", "a-.slice:p:n", "a/b.slice:p:n"])
-def test_container_cgroup_refuses_what_is_no_cgroup(bad: str) -> None:
-    with pytest.raises(cgroups.CgroupError):
-        cgroups.container_cgroup(bad)
-
-
-def test_hugetlb_hierarchy_pure_v2_hybrid_and_v1(tmp_path: Path) -> None:
-    assert cgroups.find_hugetlb_hierarchy(tmp_path) is None
-    (tmp_path / "unified").mkdir()
-    (tmp_path / "unified" / "cgroup.controllers").write_text("hugetlb\n")
-    hybrid = cgroups.find_hugetlb_hierarchy(tmp_path)
-    assert hybrid == cgroups.HugetlbHierarchy(tmp_path / "unified", 2)
-    assert hybrid.files("2MB") == ("hugetlb.2MB.max", "hugetlb.2MB.rsvd.max")
-    (tmp_path / "cgroup.controllers").write_text("cpuset cpu hugetlb\n")
-    assert cgroups.find_hugetlb_hierarchy(tmp_path) == cgroups.HugetlbHierarchy(tmp_path, 2)
-    v1 = tmp_path / "v1"
-    (v1 / "hugetlb").mkdir(parents=True)
-    (v1 / "hugetlb" / "cgroup.procs").write_text("")
-    found = cgroups.find_hugetlb_hierarchy(v1)
-    assert found is not None and found.files("1GB") == ("hugetlb.1GB.limit_in_bytes", "hugetlb.1GB.rsvd.limit_in_bytes")
-
-
-def test_set_hugetlb_limits_writes_only_what_differs(tmp_path: Path) -> None:
-    hierarchy = cgroups.HugetlbHierarchy(tmp_path, 2)
-    (tmp_path / "pod" / "c").mkdir(parents=True)
-    for name, value in [("hugetlb.2MB.max", "max"), ("hugetlb.2MB.rsvd.max", "4194304"), ("hugetlb.1GB.max", "max")]:
-        (tmp_path / "pod" / "c" / name).write_text(value + "\n")
-    result = cgroups.set_hugetlb_limits(hierarchy, PurePosixPath("pod/c"), (("1GB", 1 << 30), ("2MB", 4 << 20)))
-    assert result == cgroups.HugetlbResult(("hugetlb.1GB.max", "hugetlb.2MB.max"), ("1GB",))
-    assert (tmp_path / "pod" / "c" / "hugetlb.2MB.max").read_text() == "4194304"

@@ -12,15 +12,17 @@ from google.protobuf.message import Message
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State
+from dra_cpu.core.entitlement import pools
+from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim, PreparedDevice
+from dra_cpu.core.sharing import not_held
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.nri.enforcer import NriConfig, NriEnforcer
 from dra_cpu.nri.gen import nri_ttrpc_pb2
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
 from dra_cpu.nri.transport import FAILED_PRECONDITION, RUNTIME_CONN, TYPE_REQUEST, UNIMPLEMENTED
-from tests.support.nri_peer import Runtime
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
+from tests.harness.runtimes.nri_peer import Runtime
 
 TOPOLOGY = read_topology(SYSFS / "kvm-2cpu")
 POD = api.PodSandbox(id="sandbox-1", uid="pod-1", name="p", namespace="ns")
@@ -40,7 +42,8 @@ def container(cid: str, env: tuple[str, ...] = ()) -> api.Container:
 def runtime(tmp_path: Path) -> Iterator[tuple[Runtime, NriEnforcer]]:
     fake = Runtime(tmp_path / "nri.sock")
     plugin = NriEnforcer(
-        NriConfig(socket=tmp_path / "nri.sock", plugin_index="07", backoff_max=0.2), TOPOLOGY, State({"uid-1": CLAIM})
+        NriConfig(socket=tmp_path / "nri.sock", plugin_index="07", backoff_max=0.2),
+        pools(Ledger({"uid-1": CLAIM}), TOPOLOGY),
     )
     plugin.start()
     fake.accept()
@@ -111,7 +114,7 @@ def test_start_and_remove_reach_the_container_table_by_either_delivery(
     # No StopContainer first, so that only the removal can take "gone" out of the table: once it has, only "kept"
     # follows the shared pool when it grows.
     fake.container_event(api.REMOVE_CONTAINER, POD, container("gone"), own_rpc)
-    plugin.claims_changed(State())
+    plugin.set_pools(pools(Ledger(), TOPOLOGY))
     assert fake.peer is not None
     call = fake.peer.read()
     request = api.UpdateContainersRequest.FromString(nri_ttrpc_pb2.Request.FromString(call.payload).payload)
@@ -128,7 +131,7 @@ def test_registration_names_the_nri_api_the_plugin_speaks(runtime: tuple[Runtime
     assert (fake.registered.plugin_name, fake.registered.NRI_version) == ("dra-cpu", "v0.12.3")
 
 
-def test_claims_changed_pushes_updates_from_the_plugins_own_thread(runtime: tuple[Runtime, NriEnforcer]) -> None:
+def test_changed_pools_push_updates_from_the_plugins_own_thread(runtime: tuple[Runtime, NriEnforcer]) -> None:
     fake, plugin = runtime
     fake.call("Synchronize", api.SynchronizeRequest(), api.SynchronizeResponse)
     created = fake.call(
@@ -139,7 +142,7 @@ def test_claims_changed_pushes_updates_from_the_plugins_own_thread(runtime: tupl
     assert isinstance(created, api.CreateContainerResponse)
     assert created.adjust.linux.resources.cpu.cpus == "0"
 
-    plugin.claims_changed(State())
+    plugin.set_pools(pools(Ledger(), TOPOLOGY))
     assert fake.peer is not None
     call = fake.peer.read()
     assert (call.conn, call.type) == (RUNTIME_CONN, TYPE_REQUEST)
@@ -153,7 +156,7 @@ def test_empty_shared_pool_refuses_unclaimed_containers(runtime: tuple[Runtime, 
     fake, plugin = runtime
     fake.call("Synchronize", api.SynchronizeRequest(), api.SynchronizeResponse)
     whole = PreparedClaim(CLAIM.ref, (PreparedDevice(("r",), "n", "d", cpus=CPUSet.parse("0-1")),), ("pod-1",))
-    plugin.claims_changed(State({"uid-1": whole}))
+    plugin.set_pools(pools(Ledger({"uid-1": whole}), TOPOLOGY))
     refused = fake.call(
         "CreateContainer", api.CreateContainerRequest(pod=POD, container=container("x")), api.CreateContainerResponse
     )
@@ -205,10 +208,10 @@ def fake_hugetlb_tree(root: Path, version: int, rsvd: bool = True) -> Path:
     return directory
 
 
-def _connected(tmp_path: Path, state: State, nri_version: str) -> tuple[Runtime, NriEnforcer]:
+def _connected(tmp_path: Path, state: Ledger, nri_version: str) -> tuple[Runtime, NriEnforcer]:
     fake = Runtime(tmp_path / "nri.sock")
     config = NriConfig(socket=tmp_path / "nri.sock", plugin_index="07", backoff_max=0.2, cgroup_root=tmp_path / "cg")
-    plugin = NriEnforcer(config, TOPOLOGY, state)
+    plugin = NriEnforcer(config, pools(state, TOPOLOGY))
     plugin.start()
     fake.accept(nri_version)
     fake.call("Synchronize", api.SynchronizeRequest(), api.SynchronizeResponse)
@@ -235,7 +238,7 @@ def test_hugepage_claim_limits_land_in_both_hugetlb_files(
     tmp_path: Path, version: int, suffix: str, own_rpc: bool
 ) -> None:
     directory = fake_hugetlb_tree(tmp_path / "cg", version)
-    fake, plugin = _connected(tmp_path, State({"uid-h": HUGE}), "v0.12.0")
+    fake, plugin = _connected(tmp_path, Ledger({"uid-h": HUGE}), "v0.12.0")
     try:
         created = _create(fake, "huge", ("DRA_CPUSET_uid-h=1",))
         # What the runtime gets: OCI hugepageLimits (runc >= 1.1.10 writes both files from it) and cpuset.mems ...
@@ -255,7 +258,7 @@ def test_hugetlb_without_reservation_files_or_controller_is_reported(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     directory = fake_hugetlb_tree(tmp_path / "cg", 2, rsvd=False)
-    fake, plugin = _connected(tmp_path, State({"uid-h": HUGE}), "")
+    fake, plugin = _connected(tmp_path, Ledger({"uid-h": HUGE}), "")
     try:
         _create(fake, "huge", ("DRA_CPUSET_uid-h=1",))
         _start(fake, "huge")
@@ -271,7 +274,7 @@ def test_hugetlb_without_reservation_files_or_controller_is_reported(
 
 
 def test_memory_policy_binds_claimed_containers_where_the_runtime_has_nri_0_12(tmp_path: Path) -> None:
-    fake, plugin = _connected(tmp_path, State({"uid-1": CLAIM}), "v0.12.2")
+    fake, plugin = _connected(tmp_path, Ledger({"uid-1": CLAIM}), "v0.12.2")
     try:
         assert plugin.memory_policy
         policy = _create(fake, "pinned", ("DRA_CPUSET_uid-1=1",)).adjust.linux.memory_policy
@@ -285,7 +288,7 @@ def test_memory_policy_binds_claimed_containers_where_the_runtime_has_nri_0_12(t
 def test_older_runtimes_get_no_memory_policy_and_it_is_said_once(
     tmp_path: Path, version: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fake, plugin = _connected(tmp_path, State({"uid-1": CLAIM}), version)
+    fake, plugin = _connected(tmp_path, Ledger({"uid-1": CLAIM}), version)
     try:
         assert not plugin.memory_policy
         adjust = _create(fake, "pinned", ("DRA_CPUSET_uid-1=1",)).adjust
@@ -308,11 +311,23 @@ def test_a_container_of_another_pod_using_the_claim_is_refused_naming_claim_and_
     request = api.CreateContainerRequest(pod=second, container=container("app", ("DRA_CPUSET_uid-1=1",)))
     refused = fake.call("CreateContainer", request, api.CreateContainerResponse)
     assert getattr(refused, "code", None) == FAILED_PRECONDITION
-    assert getattr(refused, "message", "") == (
-        "claim ns/c is prepared for pod pod-1; container app of pod ns/second (pod-2) cannot use it: dra-cpu does "
-        "not share a claim's CPUs across pods (use one claim per pod, e.g. a ResourceClaimTemplate)"
-    )
+    assert getattr(refused, "message", "") == not_held(CLAIM.ref, ("pod-1",), "app", "ns/second", "pod-2")
     assert (plugin.counters.shared_claim_refused, plugin.counters.forged_env) == (1, 0)
+    # Hand-over is told which pod waits for which claim, and what it knows of why that pod cannot hold it is added.
+    told: list[tuple[str, str]] = []
+
+    def waiting(claim: str, pod: str) -> str:
+        told.append((claim, pod))
+        return "its CPU limit is too low"
+
+    plugin.waiting = waiting
+    again = fake.call("CreateContainer", request, api.CreateContainerResponse)
+    assert told == [("uid-1", "pod-2")]
+    assert getattr(again, "message", "") == (
+        not_held(CLAIM.ref, ("pod-1",), "app", "ns/second", "pod-2") + "; this pod cannot hold it: its CPU limit is "
+        "too low"
+    )
+    plugin.waiting = None
     # An env that matches no prepared claim is still a forgery: shared pool, counted.
     forged = fake.call(
         "CreateContainer",

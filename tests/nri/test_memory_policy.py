@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from dra_cpu.bench.numa_maps import parse_numa_maps
-from tests.support.cri import Container
-from tests.support.nri_node import Node
-from tests.support.testenv_containerd import offers_memory_policy
-from tests.support.waiting import eventually
+from tests.harness.nodes.nri import NriNode
+from tests.harness.poll import wait_until
+from tests.harness.runtimes.containerd import offers_memory_policy
+from tests.harness.runtimes.cri import Container
 
 NOT_OFFERED = "the runtime's NRI cannot set a memory policy"
 """The start of the enforcer's warning where the runtime's NRI is older than 0.12."""
@@ -29,15 +29,15 @@ def policies(numa_maps: str) -> set[str]:
     return {entry.policy for entry in parse_numa_maps(numa_maps)}
 
 
-def policies_on_host(node: Node, container: Container) -> set[str]:
+def policies_on_host(node: NriNode, container: Container) -> set[str]:
     return policies(Path(f"/proc/{node.cri.pid(container)}/numa_maps").read_text())
 
 
-def policies_inside(node: Node, container: Container) -> set[str]:
+def policies_inside(node: NriNode, container: Container) -> set[str]:
     return policies(node.cri.exec_sync(container, ["cat", "/proc/self/numa_maps"]).stdout)
 
 
-def spec_memory_policy(node: Node, container: Container) -> object:
+def spec_memory_policy(node: NriNode, container: Container) -> object:
     """`linux.memoryPolicy` of the OCI spec that the runtime handed runc, None where it has none."""
     spec = node.cri.info(container)["runtimeSpec"]
     assert isinstance(spec, dict)
@@ -52,11 +52,11 @@ def warnings_not_offered(caplog: pytest.LogCaptureFixture) -> list[logging.LogRe
     return [r for r in records if r.name == "dra_cpu.nri" and r.getMessage().startswith(NOT_OFFERED)]
 
 
-def test_claimed_container_gets_mpol_bind_to_its_claims_nodes_where_the_runtime_offers_it(node: Node) -> None:
+def test_claimed_container_gets_mpol_bind_to_its_claims_nodes_where_the_runtime_offers_it(node: NriNode) -> None:
     cri = node.cri
     pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
     ref = node.claim([pod.uid])
-    mems = node.driver.topology.numa_nodes_of(node.cpus_of(ref))
+    mems = node.driver.snapshot().view.topology.numa_nodes_of(node.cpus_of(ref))
     pinned = node.claimed_container(pod, ref)
     plain = cri.create_container(cri.run_pod("plain"), "plain")
     node.assert_allowed(pinned, node.cpus_of(ref), mems=mems)
@@ -77,13 +77,13 @@ def test_claimed_container_gets_mpol_bind_to_its_claims_nodes_where_the_runtime_
 
 
 def test_a_runtime_without_memory_policy_is_said_once_across_reconnects(
-    fresh_node: Node, caplog: pytest.LogCaptureFixture
+    fresh_node: NriNode, caplog: pytest.LogCaptureFixture
 ) -> None:
     node = fresh_node
     daemon = node.containerd
     daemon.restart()
     # A second Configure, from the restarted runtime, has been answered.
-    eventually(lambda: node.plugin.counters.connects == 2 and node.plugin.ready.is_set(), "the plugin reconnects")
+    wait_until(lambda: node.plugin.counters.connects == 2 and node.plugin.ready.is_set(), "the plugin reconnects")
 
     said = warnings_not_offered(caplog)
     if offers_memory_policy(daemon.version):

@@ -14,13 +14,14 @@ import pytest
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State
+from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim, PreparedDevice
 from dra_cpu.driver import Driver, PreparedResult
-from dra_cpu.store.checkpoint import Checkpoint, CheckpointError, CheckpointFile, decode, encode
-from tests.support.kubelet_node import make_driver, result, write_claim
+from dra_cpu.store.checkpoint import VERSION, Checkpoint, CheckpointError, CheckpointFile, decode, encode
+from tests.harness.claims import result
+from tests.harness.nodes.standin import make_driver, write_claim
 
 
-def _state() -> State:
+def _ledger() -> Ledger:
     claim = PreparedClaim(
         ref=ClaimRef("ns", "a", "uid-a"),
         devices=(
@@ -29,11 +30,11 @@ def _state() -> State:
         ),
         pod_uids=("pod-1",),
     )
-    return State({claim.uid: claim})
+    return Ledger({claim.uid: claim})
 
 
 def test_round_trip() -> None:
-    checkpoint = Checkpoint(_state(), "boot-1")
+    checkpoint = Checkpoint(_ledger(), "boot-1")
     assert decode(encode(checkpoint), "x") == checkpoint
 
 
@@ -42,13 +43,13 @@ def test_round_trip() -> None:
     [
         (lambda b: b[: len(b) // 2], "not JSON"),
         (lambda b: b.replace(b'"2-3"', b'"2-4"'), "checksum mismatch"),
-        (lambda b: b.replace(b'"version": 1', b'"version": 9'), "version 9, expected 1"),
+        (lambda b: b.replace(b'"version": %d' % VERSION, b'"version": 9'), "version 9, expected 1, 2"),
         (lambda b: b"\xff\xfe", "not JSON"),
     ],
 )
 def test_tampering_is_detected(mangle: Callable[[bytes], bytes], message: str) -> None:
     with pytest.raises(CheckpointError, match=message):
-        decode(mangle(encode(Checkpoint(_state(), "b"))), "file")
+        decode(mangle(encode(Checkpoint(_ledger(), "b"))), "file")
 
 
 def _prepare_one(driver: Driver, root: Path, uid: str, results: list[dict[str, Any]]) -> PreparedResult:
@@ -77,7 +78,7 @@ def test_hugepage_accounting_survives_restart(tmp_path: Path, corrupt: bool) -> 
         (tmp_path / "state/checkpoint.json").write_bytes(b"{")
     again = make_driver(tmp_path, "dual-socket-smt2")
     again.start()
-    assert again.state.allocated_hugepages == {(0, 2048): 128 << 20}
+    assert again.snapshot().ledger.allocated_hugepages == {(0, 2048): 128 << 20}
     more = _prepare_one(again, tmp_path, "c", [result("hugepages-2mi-numa0", request="mem", memory="2Mi")])
     assert more.error.endswith("2Mi of hugepages requested, none of 128Mi free")
     repeat = again.prepare([ClaimRef("default", "a", "a")])["a"]
@@ -93,17 +94,17 @@ def test_corrupt_checkpoint_is_rebuilt_from_cdi_specs(tmp_path: Path, caplog: py
     with caplog.at_level(logging.ERROR):
         driver.start()
     assert "checkpoint is corrupt" in caplog.text
-    assert {u: c.cpus for u, c in driver.state.claims.items()} == {"uid-a": a, "uid-b": b}
-    assert driver.state.claims["uid-a"].ref == ClaimRef("default", "uid-a", "uid-a")
+    assert {u: c.cpus for u, c in driver.snapshot().ledger.claims.items()} == {"uid-a": a, "uid-b": b}
+    assert driver.snapshot().ledger.claims["uid-a"].ref == ClaimRef("default", "uid-a", "uid-a")
     assert list((tmp_path / "state").glob("checkpoint.json.corrupt-*")), "the bad file is kept for a person"
     reloaded = CheckpointFile(tmp_path / "state").load()
-    assert reloaded is not None and set(reloaded.state.claims) == {"uid-a", "uid-b"}
+    assert reloaded is not None and set(reloaded.ledger.claims) == {"uid-a", "uid-b"}
     # A kubelet retry of the prepare gets the same CPUs and the full device record back, and it is kept.
     again = driver.prepare([ClaimRef("default", "uid-a", "uid-a")])["uid-a"]
     assert again.claim is not None and again.claim.cpus == a
     assert [(d.device, d.pool, d.request_names) for d in again.claim.devices] == [("cpu-numa0", "node-a", ("cpus",))]
     saved = CheckpointFile(tmp_path / "state").load()
-    assert saved is not None and saved.state.claims["uid-a"].devices[0].device == "cpu-numa0"
+    assert saved is not None and saved.ledger.claims["uid-a"].devices[0].device == "cpu-numa0"
 
 
 def test_reboot_rewrites_cdi_specs(tmp_path: Path) -> None:
@@ -113,9 +114,9 @@ def test_reboot_rewrites_cdi_specs(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "state/checkpoint.json").read_text())
     assert data["bootID"] == "boot-1"
     driver = make_driver(tmp_path, "dual-socket-smt2")
-    driver.boot_id = "boot-2"
+    driver.reconciler.boot_id = "boot-2"
     driver.start()
-    spec = json.loads(driver.cdi_store.path("uid-a").read_text())
+    spec = json.loads(driver.reconciler.cdi.path("uid-a").read_text())
     assert f"DRA_CPUSET_uid-a={cpus}" in spec["devices"][0]["containerEdits"]["env"]
     assert json.loads((tmp_path / "state/checkpoint.json").read_text())["bootID"] == "boot-2"
 
@@ -130,7 +131,7 @@ def test_orphaned_spec_is_removed_and_other_drivers_specs_kept(tmp_path: Path) -
     driver = make_driver(tmp_path, "dual-socket-smt2")
     driver.start()
     assert not orphan.exists() and other.exists()
-    assert set(driver.state.claims) == {"uid-a"}
+    assert set(driver.snapshot().ledger.claims) == {"uid-a"}
 
 
 def test_leftover_temp_files_of_ours_are_removed_at_start(tmp_path: Path) -> None:
@@ -153,7 +154,7 @@ def test_leftover_temp_files_of_ours_are_removed_at_start(tmp_path: Path) -> Non
     driver.start()
     assert [p.name for p in ours if p.exists()] == []
     assert [p.name for p in theirs if not p.exists()] == []
-    assert set(driver.state.claims) == {"uid-a"}
+    assert set(driver.snapshot().ledger.claims) == {"uid-a"}
 
 
 def test_state_folder_is_0700_and_checkpoint_0600(tmp_path: Path) -> None:
@@ -164,14 +165,14 @@ def test_state_folder_is_0700_and_checkpoint_0600(tmp_path: Path) -> None:
     assert (tmp_path / "state/checkpoint.json").stat().st_mode & 0o777 == 0o600
 
 
-def _states(count: int) -> list[State]:
+def _ledgers(count: int) -> list[Ledger]:
     claims = [
         PreparedClaim(
             ClaimRef("ns", f"c{i}", f"uid-{i}"), (PreparedDevice(("cpus",), "n", "cpu-numa0", None, CPUSet.of([i])),)
         )
         for i in range(count)
     ]
-    return [State({c.uid: c for c in claims[: n + 1]}) for n in range(count)]
+    return [Ledger({c.uid: c for c in claims[: n + 1]}) for n in range(count)]
 
 
 def _inode(path: Path) -> int:
@@ -182,7 +183,7 @@ def test_saves_after_the_first_reuse_the_spare_file(tmp_path: Path) -> None:
     """Before: every save made a new temp file, whose inode cost more than the rest of the save on some disks."""
     checkpoint = CheckpointFile(tmp_path / "state")
     checkpoint.secure()
-    states = _states(5)
+    states = _ledgers(5)
     checkpoint.save(Checkpoint(states[0], "b"))
     checkpoint.save(Checkpoint(states[1], "b"))
     inodes = {_inode(checkpoint.path), _inode(checkpoint.spare)}
@@ -190,9 +191,9 @@ def test_saves_after_the_first_reuse_the_spare_file(tmp_path: Path) -> None:
         checkpoint.save(Checkpoint(state, "b"))
         assert {_inode(checkpoint.path), _inode(checkpoint.spare)} == inodes
         loaded = CheckpointFile(tmp_path / "state").load()
-        assert loaded is not None and loaded.state == state
+        assert loaded is not None and loaded.ledger == state
     # The spare holds the save before the last (the exchange), complete, in the checkpoint's mode.
-    assert decode(checkpoint.spare.read_bytes(), "spare").state == states[-2]
+    assert decode(checkpoint.spare.read_bytes(), "spare").ledger == states[-2]
     assert {p.name for p in (tmp_path / "state").iterdir()} == {"checkpoint.json", ".checkpoint.json.spare"}
     assert checkpoint.path.stat().st_mode & 0o777 == checkpoint.spare.stat().st_mode & 0o777 == 0o600
 
@@ -202,7 +203,7 @@ def test_a_new_process_leaves_the_spare_alone_until_its_first_save_is_done(tmp_p
     after a power loss, so the first save of a process makes a new file."""
     first = CheckpointFile(tmp_path / "state")
     first.secure()
-    states = _states(3)
+    states = _ledgers(3)
     for state in states[:2]:
         first.save(Checkpoint(state, "b"))
     spare = first.spare.read_bytes()
@@ -210,7 +211,7 @@ def test_a_new_process_leaves_the_spare_alone_until_its_first_save_is_done(tmp_p
     second.save(Checkpoint(states[2], "b"))
     assert first.spare.read_bytes() == spare
     loaded = second.load()
-    assert loaded is not None and loaded.state == states[2]
+    assert loaded is not None and loaded.ledger == states[2]
 
 
 def test_saves_without_the_exchange_still_replace_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -220,10 +221,10 @@ def test_saves_without_the_exchange_still_replace_the_file(tmp_path: Path, monke
     monkeypatch.setattr("dra_cpu.store.checkpoint.exchange", unsupported)
     checkpoint = CheckpointFile(tmp_path / "state")
     checkpoint.secure()
-    for state in _states(4):
+    for state in _ledgers(4):
         checkpoint.save(Checkpoint(state, "b"))
         loaded = CheckpointFile(tmp_path / "state").load()
-        assert loaded is not None and loaded.state == state
+        assert loaded is not None and loaded.ledger == state
     assert [p.name for p in (tmp_path / "state").iterdir()] == ["checkpoint.json"]
 
 
@@ -232,7 +233,7 @@ def test_a_failed_exchange_fails_the_save_and_the_next_one_makes_a_new_file(
 ) -> None:
     checkpoint = CheckpointFile(tmp_path / "state")
     checkpoint.secure()
-    states = _states(3)
+    states = _ledgers(3)
     checkpoint.save(Checkpoint(states[0], "b"))
 
     def broken(a: Path, b: Path) -> None:
@@ -242,7 +243,7 @@ def test_a_failed_exchange_fails_the_save_and_the_next_one_makes_a_new_file(
     with pytest.raises(OSError, match="Input/output error"):
         checkpoint.save(Checkpoint(states[1], "b"))
     loaded = checkpoint.load()
-    assert loaded is not None and loaded.state == states[0]
+    assert loaded is not None and loaded.ledger == states[0]
     checkpoint.save(Checkpoint(states[2], "b"))  # by a temp file: the exchange is not tried
     loaded = checkpoint.load()
-    assert loaded is not None and loaded.state == states[2]
+    assert loaded is not None and loaded.ledger == states[2]

@@ -12,10 +12,11 @@ import pytest
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.state import HugePageGrant, PreparedClaim, PreparedDevice, State, Unrestorable
+from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim, PreparedDevice, Unrestorable
 from dra_cpu.driver import Driver
 from dra_cpu.store.checkpoint import Checkpoint, CheckpointFile
-from tests.support.kubelet_node import make_driver, result, write_claim
+from tests.harness.claims import result
+from tests.harness.nodes.standin import make_driver, write_claim
 
 FIXTURE = "dual-socket-smt2"  # CPUs 0-15: node0 0-7, node1 8-15; 2Mi pages: 128Mi on node0, 64Mi on node1
 
@@ -34,7 +35,7 @@ def _pages(uid: str, node: int, size_kib: int, nbytes: int) -> PreparedClaim:
 
 def _start_with(root: Path, *claims: PreparedClaim, fixture: str = FIXTURE) -> Driver:
     (root / "state").mkdir(exist_ok=True)
-    CheckpointFile(root / "state").save(Checkpoint(State({c.uid: c for c in claims}), "boot-1"))
+    CheckpointFile(root / "state").save(Checkpoint(Ledger({c.uid: c for c in claims}), "boot-1"))
     driver = make_driver(root, fixture)
     driver.start()
     return driver
@@ -50,8 +51,10 @@ def test_checkpoint_naming_vanished_cpus_starts_and_reports(tmp_path: Path, capl
             _pages("no-node", 5, 2048, 4 << 20),
             _pages("no-pool", 0, 1024, 4 << 20),
         )
-    assert set(driver.state.claims) == {"kept"} and driver.state.claims["kept"].cpus == CPUSet.parse("2-3")
-    reasons = {uid: lost.reason for uid, lost in driver.state.unrestorable.items()}
+    assert set(driver.snapshot().ledger.claims) == {"kept"} and driver.snapshot().ledger.claims[
+        "kept"
+    ].cpus == CPUSet.parse("2-3")
+    reasons = {uid: lost.reason for uid, lost in driver.snapshot().ledger.unrestorable.items()}
     assert reasons == {
         "shrunk": "its CPU(s) 16-17 are not online on this node any more (online: 0-15)",
         "no-node": "its 4Mi of 2Mi hugepages on NUMA node 5: this node has no such hugepage pool any more",
@@ -60,9 +63,9 @@ def test_checkpoint_naming_vanished_cpus_starts_and_reports(tmp_path: Path, capl
     logged = {r.__dict__.get("claimUID") for r in caplog.records if "cannot be restored" in r.getMessage()}
     assert logged == {"shrunk", "no-node", "no-pool"}
     # Only the kept claim has a spec; the checkpoint remembers the reports.
-    assert set(driver.cdi_store.uids()) == {"kept"}
+    assert set(driver.reconciler.cdi.uids()) == {"kept"}
     saved = CheckpointFile(tmp_path / "state").load()
-    assert saved is not None and set(saved.state.unrestorable) == {"shrunk", "no-node", "no-pool"}
+    assert saved is not None and set(saved.ledger.unrestorable) == {"shrunk", "no-node", "no-pool"}
 
     # The kubelet's next prepare of a dropped claim gets a clear per-claim error; the others are unaffected.
     ref = write_claim(tmp_path, "shrunk", [result("cpu-numa1", cpus=4)])
@@ -79,26 +82,26 @@ def test_checkpoint_naming_vanished_cpus_starts_and_reports(tmp_path: Path, capl
     # A second restart still reports it; the kubelet's unprepare ends the report, and a new prepare is decided anew.
     again = make_driver(tmp_path, FIXTURE)
     again.start()
-    assert set(again.state.unrestorable) == {"shrunk", "no-node", "no-pool"}
+    assert set(again.snapshot().ledger.unrestorable) == {"shrunk", "no-node", "no-pool"}
     assert again.unprepare([ref]) == {"shrunk": ""}
-    assert "shrunk" not in again.state.unrestorable
+    assert "shrunk" not in again.snapshot().ledger.unrestorable
     fresh = again.prepare([ref])["shrunk"]
     assert fresh.claim is not None and len(fresh.claim.cpus) == 4 and not fresh.claim.cpus - CPUSet.parse("8-15")
 
 
 def test_smt_turned_off_drops_only_claims_on_the_lost_siblings(tmp_path: Path) -> None:
-    from tests.support.synthetic import uniform_machine, write_tree
+    from tests.harness.synthetic_sysfs import uniform_machine, write_tree
 
     cpus, nodes = uniform_machine(sockets=2, nodes_per_socket=1, cores_per_node=4, threads=2)
     smt_on = write_tree(tmp_path / "smt-on", cpus, nodes)
     cpus, nodes = uniform_machine(sockets=2, nodes_per_socket=1, cores_per_node=4, threads=1)
     smt_off = write_tree(tmp_path / "smt-off", cpus, nodes)
     driver = _start_with(tmp_path, _cpus("thread0", "0"), _cpus("sibling", "1,9"), fixture=str(smt_on))
-    assert set(driver.state.claims) == {"thread0", "sibling"}
+    assert set(driver.snapshot().ledger.claims) == {"thread0", "sibling"}
     driver = make_driver(tmp_path, str(smt_off))
     driver.start()
-    assert set(driver.state.claims) == {"thread0"}
-    assert driver.state.unrestorable["sibling"].reason.startswith("its CPU(s) 9 are not online")
+    assert set(driver.snapshot().ledger.claims) == {"thread0"}
+    assert driver.snapshot().ledger.unrestorable["sibling"].reason.startswith("its CPU(s) 9 are not online")
 
 
 def test_double_booked_checkpoint_keeps_the_first_listed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -114,11 +117,11 @@ def test_double_booked_checkpoint_keeps_the_first_listed(tmp_path: Path, caplog:
             _pages("p2", 0, 2048, 2 << 20),
             _pages("p3", 1, 2048, 64 << 20),
         )
-    assert set(driver.state.claims) == {"a", "c", "p1", "p3"}
-    assert driver.state.unrestorable["b"].reason == (
+    assert set(driver.snapshot().ledger.claims) == {"a", "c", "p1", "p3"}
+    assert driver.snapshot().ledger.unrestorable["b"].reason == (
         "its CPU(s) 3-4 are also held by claim default/a (uid a), which is kept"
     )
-    assert driver.state.unrestorable["p2"].reason == (
+    assert driver.snapshot().ledger.unrestorable["p2"].reason == (
         "its 2Mi of 2Mi hugepages on NUMA node 0: with the 128Mi held by claims kept before it, that exceeds the "
         "128Mi reserved"
     )
@@ -127,31 +130,32 @@ def test_double_booked_checkpoint_keeps_the_first_listed(tmp_path: Path, caplog:
         "p2",
     }
     # The spec that pointed b's containers at a's CPUs is gone.
-    assert set(driver.cdi_store.uids()) == {"a", "c", "p1", "p3"}
+    assert set(driver.reconciler.cdi.uids()) == {"a", "c", "p1", "p3"}
 
 
 def test_corrupt_checkpoint_and_cdi_specs_sharing_cpus(tmp_path: Path) -> None:
     """Before: two specs naming CPU 3 were both rebuilt into the state after the checkpoint was lost."""
     driver = _start_with(tmp_path, _cpus("a", "2-3"))
-    spec = json.loads(driver.cdi_store.path("a").read_text())
+    spec = json.loads(driver.reconciler.cdi.path("a").read_text())
     text = json.dumps(spec).replace("DRA_CPUSET_a=2-3", "DRA_CPUSET_b=3-4").replace("_a=", "_b=")
-    driver.cdi_store.path("b").write_text(text.replace("claim-a", "claim-b").replace("default/a", "default/b"))
+    driver.reconciler.cdi.path("b").write_text(text.replace("claim-a", "claim-b").replace("default/a", "default/b"))
     (tmp_path / "state/checkpoint.json").write_text("{")
     again = make_driver(tmp_path, FIXTURE)
     again.start()
-    assert {u: str(c.cpus) for u, c in again.state.claims.items()} == {"a": "2-3"}
+    assert {u: str(c.cpus) for u, c in again.snapshot().ledger.claims.items()} == {"a": "2-3"}
     assert (
-        again.state.unrestorable["b"].reason == "its CPU(s) 3 are also held by claim default/a (uid a), which is kept"
+        again.snapshot().ledger.unrestorable["b"].reason
+        == "its CPU(s) 3 are also held by claim default/a (uid a), which is kept"
     )
-    assert set(again.cdi_store.uids()) == {"a"}
+    assert set(again.reconciler.cdi.uids()) == {"a"}
 
 
 def test_unrestorable_reports_round_trip_and_old_files_still_load(tmp_path: Path) -> None:
     from dra_cpu.store.checkpoint import decode, encode
 
-    state = State({"a": _cpus("a", "1")}, {"b": Unrestorable(ClaimRef("ns", "b", "b"), "its CPU(s) 99 ...")})
+    state = Ledger({"a": _cpus("a", "1")}, {"b": Unrestorable(ClaimRef("ns", "b", "b"), "its CPU(s) 99 ...")})
     assert decode(encode(Checkpoint(state, "x")), "f") == Checkpoint(state, "x")
-    plain = encode(Checkpoint(State({"a": _cpus("a", "1")}), "x"))
+    plain = encode(Checkpoint(Ledger({"a": _cpus("a", "1")}), "x"))
     assert b"unrestorable" not in plain, "a file without reports stays readable by older drivers"
     tampered = encode(Checkpoint(state, "x")).replace(b"99", b"98")
     from dra_cpu.store.checkpoint import CheckpointError
