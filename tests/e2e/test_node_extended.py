@@ -18,7 +18,7 @@ from dra_cpu.core.topology import Topology
 from dra_cpu.tools.explain.classes import EXTENDED_RESOURCE
 from tests.harness.cluster.chart import InstalledDriver
 from tests.harness.cluster.objects import busybox_pod, claim_path
-from tests.harness.cluster.pods import events, pod_path, wait_running
+from tests.harness.cluster.pods import wait_prepare_refused, wait_running
 from tests.harness.driver_files import checkpoint_claims
 from tests.harness.nodes.real import RealNode
 from tests.harness.poll import wait_until
@@ -89,10 +89,4 @@ def test_a_cpu_limit_below_what_the_container_asks_is_refused_at_prepare(
         f"pod {namespace}/tight: container 'app' would be CFS-throttled to 0.5 CPUs "
         "(spec.containers[0].resources.limits.cpu 500m) on the 1 CPU claim 'tight-extended-resources-"
     )
-    seen = wait_until(
-        lambda: [e for e in events(kube, namespace, "tight") if expected in e] or None,
-        "the driver's refusal in the pod's events",
-        90,
-    )
-    assert seen[0].startswith("FailedPrepareDynamicResources: "), seen
-    assert kube.get(pod_path(namespace, "tight"))["status"]["phase"] == "Pending"
+    wait_prepare_refused(kube, namespace, "tight", expected)

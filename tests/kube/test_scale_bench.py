@@ -4,35 +4,16 @@ figures. It checks the benchmark works, not how fast anything is."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.harness.cluster.control_plane import Binaries
-from tests.harness.component import Unavailable
-from tests.harness.paths import REPO
+from tests.harness.cluster.benchmarks import quick_report
 
 CASES = ("native", "numanode", "socket", "machine", "individual", "extended")
 
 
 @pytest.mark.apiserver
 def test_quick_run_binds_every_pod_of_every_case() -> None:
-    try:
-        Binaries.installed()
-    except Unavailable as err:
-        pytest.skip(str(err))
-    done = subprocess.run(
-        [sys.executable, "hack/bench/scale.py", "--quick", "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    report = quick_report("hack/bench/scale.py", 900)
     assert (report["nodes"], report["pods"], report["latencyPods"]) == (3, 6, 2)
     assert report["version"].startswith("v1.")
     [plane] = report["planes"].values()
