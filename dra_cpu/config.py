@@ -103,6 +103,14 @@ class Config:
             "(needs the DRAListTypeAttributes gate)"
         ),
     )
+    publish_numa_node_id: bool = field(
+        default=True,
+        metadata=_opt("copy the NUMA node id to <driver>/numaNodeID, which claims written for the upstream driver use"),
+    )
+    publish_dra_net_numa_node: bool = field(
+        default=True,
+        metadata=_opt("copy the NUMA node id to dra.net/numaNode, which claims matched with DRA network drivers use"),
+    )
     reserved_cpus: str = field(default="", metadata=_opt("CPUs kept for system daemons, e.g. 0-1"))
     whole_cores: bool = field(default=False, metadata=_opt("hand out whole physical cores only"))
     strict_reserved: bool = field(default=False, metadata=_opt("keep containers without claims off reserved CPUs"))
@@ -123,6 +131,8 @@ class Config:
             group_by=GroupBy(self.group_by),
             node_allocatable=self.publish_node_allocatable_resources,
             pcie_roots=self.publish_pcie_roots,
+            upstream_numa_attribute=self.publish_numa_node_id,
+            dranet_numa_attribute=self.publish_dra_net_numa_node,
             min_shared_cpus=self.min_shared_cpus,
             strict_reserved=self.strict_reserved,
         )

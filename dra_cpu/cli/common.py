@@ -60,6 +60,18 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
         help="list the PCIe roots local to each CPU device in resource.kubernetes.io/pcieRoot "
         "(1.36+, gate DRAListTypeAttributes)",
     )
+    parser.add_argument(
+        "--publish-numa-node-id",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="copy the NUMA node id to <driver>/numaNodeID, for claims written for the upstream driver (default on)",
+    )
+    parser.add_argument(
+        "--publish-dra-net-numa-node",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="copy the NUMA node id to dra.net/numaNode, for claims matched with DRA network drivers (default on)",
+    )
 
 
 def device_config(args: argparse.Namespace) -> DeviceConfig:
@@ -72,6 +84,8 @@ def device_config(args: argparse.Namespace) -> DeviceConfig:
         group_by=GroupBy(args.group_by),
         node_allocatable=args.publish_node_allocatable_resources,
         pcie_roots=args.publish_pcie_roots,
+        upstream_numa_attribute=args.publish_numa_node_id,
+        dranet_numa_attribute=args.publish_dra_net_numa_node,
         min_shared_cpus=args.min_shared_cpus,
         strict_reserved=args.strict_reserved,
     )

@@ -9,6 +9,9 @@ The quota, as the 1.37 kubelet computes it (kuberuntime's container resources):
   the pod's status lists for the container; the kubelet adds them to an explicit limit only;
 - no container limit but a pod-level limits.cpu P (PodLevelResources): a quota of P, with nothing added;
 - neither: no quota.
+The containers that use a claim list one of the pod's names for it in resources.claims, or, for the claim the
+scheduler wrote for the pod's DRA extended resources (KEP-5004: `dra.cpu/cpu: 4` in a container's resources), are
+named in pod.status.extendedResourceClaimStatus.requestMappings.
 A pod resized in place later (InPlacePodVerticalScaling) is not seen here: prepare runs once per claim.
 """
 
@@ -63,6 +66,19 @@ def _pod_claim_names(pod: Mapping[str, Any], at: At, claim: str) -> set[str]:
         if entry.get("resourceClaimName", made.get(name)) == claim:
             names.add(name)
     return names
+
+
+def _extended_resource_containers(pod: Mapping[str, Any], at: At, claim: str) -> set[str]:
+    """The containers mapped to the pod's extended-resource claim, when that is `claim`."""
+    where = at / "status" / "extendedResourceClaimStatus"
+    status = where.mapping(at.mapping(pod.get("status")).get("extendedResourceClaimStatus"))
+    if status.get("resourceClaimName") != claim:
+        return set()
+    return {
+        str(mapping.get("containerName"))
+        for _, mapping in (where / "requestMappings").items(status.get("requestMappings"))
+        if isinstance(mapping, Mapping)
+    }
 
 
 def _containers(spec: Mapping[str, Any], at: At) -> Iterator[tuple[At, Mapping[str, Any]]]:
@@ -121,11 +137,13 @@ def throttled(pod: Mapping[str, Any], claim: str, cpus: int) -> list[str]:
     metadata = At("pod").mapping(pod.get("metadata"))
     at = At(f"pod {metadata.get('namespace')}/{metadata.get('name')}", "", ThrottledClaim)
     names = _pod_claim_names(pod, at, claim)
+    extended = _extended_resource_containers(pod, at, claim)
     problems = []
     for where, container in _containers(at.mapping(pod.get("spec")), at / "spec"):
         resources = where / "resources"
         refs = (resources / "claims").list(resources.mapping(container.get("resources")).get("claims"))
-        if not names & {str(ref.get("name")) for ref in refs if isinstance(ref, Mapping)}:
+        uses = names & {str(ref.get("name")) for ref in refs if isinstance(ref, Mapping)}
+        if not uses and container.get("name") not in extended:
             continue
         quota = container_quota(pod, container, where)
         if quota is None or quota.cpus >= cpus:

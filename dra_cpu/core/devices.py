@@ -8,6 +8,15 @@ also says which node-allocatable resource its allocations stand for (KEP-5517, `
 `pcie_roots` every CPU device lists the PCIe root complexes local to its CPUs in the standard list attribute
 resource.kubernetes.io/pcieRoot (KEP-5491 list attributes), so that a claim can match it against the scalar pcieRoot
 of another driver's GPU or NIC.
+
+Each fact is published once, where a selector can need it: a slice is read by the scheduler for every pod it places
+and kept by the API server and etcd for every node, so a byte per device is paid many times over at cluster scale
+(docs/scale.md). The two copies of the NUMA node id that claims written for other drivers select on (see
+DeviceConfig) are the exceptions, on by default. Facts the same for every device of a node are not repeated on each
+device unless a selector needs them there: `type` (the DeviceClasses tell CPUs from hugepages by it) and
+`smtEnabled` (an attribute of the upstream driver's that its claims may select); `isolated` is published on isolated
+CPU devices only, `numaNodes` and `numaNodeCount` only where one device may span several NUMA nodes (groupBy socket
+and machine).
 """
 
 from __future__ import annotations
@@ -82,6 +91,11 @@ class DeviceConfig:
     # KEP-5491: list the PCIe roots local to each CPU device in resource.kubernetes.io/pcieRoot. Needs the
     # DRAListTypeAttributes gate (1.36+) and a Topology read with its PCIe roots.
     pcie_roots: bool = False
+    # Copies of the standard NUMA attribute under the names claims written for other drivers select on:
+    # <driver>/numaNodeID (the upstream CPU driver's) and dra.net/numaNode (the DRA network drivers'). Off, they save
+    # their bytes on every device of every node, and such claims no longer match.
+    upstream_numa_attribute: bool = True
+    dranet_numa_attribute: bool = True
     # The shared-CPU floor (minSharedCpus) is held back from the devices, so that what they offer prepare grants
     # (core/capacity.py); strictReserved keeps containers without claims off the reserved CPUs, so those do not
     # count towards it.
@@ -143,10 +157,11 @@ class Device:
         }
         key = self.capacity_key
         if key is not None and self.capacity:
-            valid_range = {"min": quantity(self.step, self.type), "max": quantity(self.capacity, self.type)}
+            # No `max`: the capacity's value bounds every request already.
+            valid_range = {"min": quantity(self.step, self.type)}
             # The API server refuses a step that does not fit above the minimum (min + step > value), which a device
             # of one step is (a lone isolated CPU, one core with whole cores, a pool of one page): its one valid
-            # amount is min = max, and the whole slice would be refused with it.
+            # amount is min = the value, and the whole slice would be refused with it.
             if 2 * self.step <= self.capacity:
                 valid_range["step"] = quantity(self.step, self.type)
             device["capacity"] = {
@@ -216,11 +231,17 @@ def _pcie_root_attributes(topology: Topology, config: DeviceConfig, nodes: CPUSe
 
 
 def _numa_attributes(config: DeviceConfig, node: int) -> list[tuple[str, AttributeValue]]:
-    return [
-        (STANDARD_NUMA_ATTRIBUTE, node),
-        (f"{config.driver_name}/numaNodeID", node),
-        (NET_NUMA_ATTRIBUTE, node),
-    ]
+    attributes: list[tuple[str, AttributeValue]] = [(STANDARD_NUMA_ATTRIBUTE, node)]
+    if config.upstream_numa_attribute:
+        attributes.append((f"{config.driver_name}/numaNodeID", node))
+    if config.dranet_numa_attribute:
+        attributes.append((NET_NUMA_ATTRIBUTE, node))
+    return attributes
+
+
+def _isolated_attributes(config: DeviceConfig, isolated: bool) -> list[tuple[str, AttributeValue]]:
+    """`isolated: true` on devices of isolated CPUs only: the DeviceClasses read a missing one as false."""
+    return [(f"{config.driver_name}/isolated", True)] if isolated else []
 
 
 def _groups(topology: Topology, config: DeviceConfig, available: CPUSet) -> list[tuple[str, CPUSet, CPUSet | None]]:
@@ -239,7 +260,6 @@ def _groups(topology: Topology, config: DeviceConfig, available: CPUSet) -> list
 
 def _grouped_devices(topology: Topology, config: DeviceConfig, available: CPUSet) -> list[Device]:
     d = config.driver_name
-    threads = topology.threads_per_core
     devices = []
     for suffix, cpus, numa in _groups(topology, config, available):
         for isolated in (False, True):
@@ -253,20 +273,19 @@ def _grouped_devices(topology: Topology, config: DeviceConfig, available: CPUSet
             sockets = sorted({s for i in pool if (s := topology.cpu(i).socket) is not None})
             attributes: list[tuple[str, AttributeValue]] = [(f"{d}/type", DeviceType.CPU.value)]
             # The NUMA attributes hold one node: a device over several NUMA nodes (a socket with sub-NUMA
-            # clustering, a machine) has none, as upstream's socket and machine devices, and says which ones below.
+            # clustering, a machine) has none, as upstream's socket and machine devices.
             if len(nodes) == 1:
                 attributes += _numa_attributes(config, nodes.first())
+            # Which NUMA nodes, and how many: only where a device may cover several. A NUMA node's device would
+            # repeat its numaNode, and a count of 1 on every device of the node.
+            if config.group_by is not GroupBy.NUMA_NODE:
+                attributes += [(f"{d}/numaNodes", str(nodes)), (f"{d}/numaNodeCount", len(nodes))]
             if len(sockets) <= 1:
                 attributes.append((f"{d}/socketID", sockets[0] if sockets else 0))
             attributes += [
-                (f"{d}/numaNodes", str(nodes)),
-                (f"{d}/numaNodeCount", len(nodes)),
                 (f"{d}/numCPUs", len(pool)),
                 (f"{d}/smtEnabled", topology.smt_active),
-                (f"{d}/threadsPerCore", threads),
-                (f"{d}/l3Caches", len(topology.l3_groups(pool))),
-                (f"{d}/isolated", isolated),
-                (f"{d}/cpuModel", topology.cpu_model or "unknown"),
+                *_isolated_attributes(config, isolated),
                 *_pcie_root_attributes(topology, config, nodes),
             ]
             devices.append(
@@ -289,7 +308,10 @@ def _grouped_devices(topology: Topology, config: DeviceConfig, available: CPUSet
 def _individual_devices(topology: Topology, config: DeviceConfig, available: CPUSet) -> list[Device]:
     d = config.driver_name
     devices = []
-    for cpu_id in available:
+    # The scheduler gives a request for N devices (a count, or an extended resource) the first N free ones in slice
+    # order: NUMA node by NUMA node, the threads of a core together, and a node's cores of which some thread is held
+    # back (reserved, or kept for the shared pool) after its whole ones, it takes whole cores of one node first.
+    for cpu_id in sorted(available, key=lambda i: _numa_core_order(topology, available, i)):
         cpu = topology.cpu(cpu_id)
         node = cpu.numa_node if cpu.numa_node is not None else 0
         l3 = cpu.l3_cache if cpu.l3_cache is not None else -1
@@ -299,11 +321,10 @@ def _individual_devices(topology: Topology, config: DeviceConfig, available: CPU
             (f"{d}/cpuID", cpu.id),
             (f"{d}/coreID", cpu.core if cpu.core is not None else cpu.id),
             (f"{d}/socketID", cpu.socket if cpu.socket is not None else 0),
-            (f"{d}/l3CacheID", l3),
-            # The upstream driver's name for the same fact.
+            # The upstream driver's name for the L3 cache id, so that its claims match.
             (f"{d}/cacheL3ID", l3),
             (f"{d}/smtEnabled", topology.smt_active),
-            (f"{d}/isolated", cpu.isolated),
+            *_isolated_attributes(config, cpu.isolated),
             *_pcie_root_attributes(topology, config, CPUSet.of([node])),
         ]
         devices.append(
@@ -318,6 +339,12 @@ def _individual_devices(topology: Topology, config: DeviceConfig, available: CPU
             )
         )
     return devices
+
+
+def _numa_core_order(topology: Topology, available: CPUSet, cpu_id: int) -> tuple[int, bool, int, int]:
+    cpu = topology.cpu(cpu_id)
+    partial = not (cpu.thread_siblings & topology.online_cpus).issubset(available)
+    return (cpu.numa_node if cpu.numa_node is not None else 0, partial, cpu.thread_siblings.first(), cpu_id)
 
 
 def _hugepage_devices(topology: Topology, config: DeviceConfig) -> list[Device]:

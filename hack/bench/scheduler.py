@@ -58,7 +58,6 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client, watch
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 # Run as a script: the repository root (for tests/harness) is not on the path by itself.
@@ -71,6 +70,7 @@ from tests.harness.cluster.client import Kube  # noqa: E402
 from tests.harness.cluster.control_plane import ALL, SCHEDULER, ControlPlane  # noqa: E402
 from tests.harness.cluster.objects import claim_path, create_node, delete_node, ensure, new_namespace  # noqa: E402  # noqa: E402
 from tests.harness.cluster.pods import pod_scheduled_condition  # noqa: E402
+from tests.harness.cluster.scheduler_metrics import METRICS, Histogram, difference, scrape  # noqa: E402
 from tests.harness.nodes.published import node_resources  # noqa: E402
 from tests.harness.poll import wait_until  # noqa: E402
 
@@ -82,76 +82,11 @@ CASES = ("with", "without")
 
 
 @dataclass
-class Histogram:
-    """A Prometheus histogram, or the difference of two readings: sum and count, and cumulative counts by bound."""
-
-    sum: float = 0.0
-    count: float = 0.0
-    buckets: dict[float, float] = field(default_factory=dict)
-
-    def add(self, other: Histogram, sign: float = 1.0) -> None:
-        self.sum += sign * other.sum
-        self.count += sign * other.count
-        for bound, count in other.buckets.items():
-            self.buckets[bound] = self.buckets.get(bound, 0.0) + sign * count
-
-    def mean_ms(self) -> float | None:
-        return self.sum / self.count * 1000 if self.count else None
-
-    def quantile_ms(self, q: float) -> float | None:
-        """Interpolated within the bucket it falls in, as PromQL's histogram_quantile does."""
-        if not self.count:
-            return None
-        rank, below, lower = q * self.count, 0.0, 0.0
-        for bound in sorted(self.buckets):
-            if self.buckets[bound] >= rank:
-                if bound == float("inf"):
-                    return lower * 1000
-                share = (rank - below) / (self.buckets[bound] - below) if self.buckets[bound] > below else 1.0
-                return (lower + (bound - lower) * share) * 1000
-            below, lower = self.buckets[bound], bound
-        return lower * 1000
-
-
-@dataclass
 class Case:
     """What one case measured, over its rounds: pods' times to bound in seconds; the scheduler's histograms."""
 
     bound: list[float] = field(default_factory=list)
     metrics: dict[str, Histogram] = field(default_factory=dict)
-
-
-# name -> (metric family, labels a sample must have)
-METRICS: Mapping[str, tuple[str, Mapping[str, str]]] = {
-    "attempt": ("scheduler_scheduling_attempt_duration_seconds", {"result": "scheduled"}),
-    "algorithm": ("scheduler_scheduling_algorithm_duration_seconds", {}),
-    "filter": ("scheduler_framework_extension_point_duration_seconds", {"extension_point": "Filter"}),
-    "dra_filter": (
-        "scheduler_plugin_execution_duration_seconds",
-        {"plugin": "DynamicResources", "extension_point": "Filter"},
-    ),
-}
-
-
-def scrape(plane: ControlPlane) -> dict[str, Histogram]:
-    """METRICS from the scheduler now, each summed over the series whose labels match."""
-    found = {name: Histogram() for name in METRICS}
-    for family in text_string_to_metric_families(plane.metrics(SCHEDULER)):
-        for name, (wanted, labels) in METRICS.items():
-            if family.name != wanted:
-                continue
-            for sample in family.samples:
-                if not all(sample.labels.get(k) == v for k, v in labels.items()):
-                    continue
-                reading = Histogram()
-                if sample.name.endswith("_sum"):
-                    reading.sum = sample.value
-                elif sample.name.endswith("_count"):
-                    reading.count = sample.value
-                elif sample.name.endswith("_bucket"):
-                    reading.buckets[float(sample.labels["le"])] = sample.value
-                found[name].add(reading)
-    return found
 
 
 def without_request_policy(slices: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -242,12 +177,10 @@ def run_case(plane: ControlPlane, kube: Kube, case: str, nodes: int, pods: int, 
             return time.perf_counter() - start
 
         place("warm-up")
-        before = scrape(plane)
+        before = scrape(plane.metrics(SCHEDULER))
         into.bound += [place(f"pod-{i}") for i in range(pods)]
-        after = scrape(plane)
-        for name in METRICS:
-            into.metrics.setdefault(name, Histogram()).add(after[name])
-            into.metrics[name].add(before[name], -1.0)
+        for name, change in difference(scrape(plane.metrics(SCHEDULER)), before).items():
+            into.metrics.setdefault(name, Histogram()).add(change)
     finally:
         clean_up(kube, namespace, names)
 

@@ -106,3 +106,28 @@ def test_a_container_limit_wins_over_the_pod_level_limit() -> None:
 def test_a_malformed_limit_names_the_field() -> None:
     with pytest.raises(ThrottledClaim, match=r"pod ns/web: spec.containers\[0\].resources.limits.cpu must be a"):
         throttled(pod(container(limit="lots")), CLAIM, 2)
+
+
+def test_the_containers_of_an_extended_resource_claim_come_from_the_pod_status() -> None:
+    """KEP-5004: a container that asks `dra.cpu/cpu: 4` lists no claim; the scheduler names the claim it wrote, and
+    which containers use it, in pod.status.extendedResourceClaimStatus."""
+    asking, other = container("app", limit="2", claims=()), container("sidecar", limit="1", claims=())
+    status = {
+        "extendedResourceClaimStatus": {
+            "resourceClaimName": "web-extended-resources-abcde",
+            "requestMappings": [
+                {"containerName": "app", "resourceName": "dra.cpu/cpu", "requestName": "container-0-request-0"}
+            ],
+        }
+    }
+    spec, extended = pod(asking, other, status=status), "web-extended-resources-abcde"
+    [problem] = throttled(spec, extended, 4)
+    assert "container 'app' would be CFS-throttled to 2 CPUs" in problem
+    assert throttled(spec, CLAIM, 4) == [], "another claim of the pod: the mapping is not its"
+    assert throttled(pod(container("app", limit="4", claims=()), status=status), extended, 4) == []
+
+
+def test_a_malformed_extended_resource_status_names_the_field() -> None:
+    status = {"extendedResourceClaimStatus": {"resourceClaimName": "x", "requestMappings": "app"}}
+    with pytest.raises(ThrottledClaim, match=r"status\.extendedResourceClaimStatus\.requestMappings must be a list"):
+        throttled(pod(container(claims=()), status=status), "x", 1)

@@ -334,11 +334,16 @@ def test_bad_values_are_refused(helm: Helm, options: tuple[str, ...], message: s
         assert message in result.stderr + result.stdout
 
 
-def test_explain_knows_the_charts_default_device_classes(helm: Helm) -> None:
+@pytest.mark.parametrize("extended", ["", "dra.cpu/cpu"], ids=["default", "extended-resource"])
+def test_explain_knows_the_charts_default_device_classes(helm: Helm, extended: str) -> None:
+    """Also with deviceClasses.extendedResourceName (KEP-5004) set, which adds one class (hack/bench/scale.py uses
+    the Python copy)."""
+    options = ("--set", f"deviceClasses.extendedResourceName={extended}") if extended else ()
     rendered = [
-        {**obj, "metadata": {"name": obj["metadata"]["name"]}} for obj in by_kind(helm.template(), "DeviceClass")
+        {**obj, "metadata": {"name": obj["metadata"]["name"]}}
+        for obj in by_kind(helm.template(*options), "DeviceClass")
     ]
-    assert rendered == chart_device_classes()
+    assert rendered == chart_device_classes(extended_resource=extended)
 
 
 def test_device_classes_are_created_on_the_api_server(

@@ -13,11 +13,10 @@ import pytest
 
 from tests.harness.cluster.chart import InstalledDriver
 from tests.harness.cluster.objects import busybox_pod, claim_path, cpu_claim
-from tests.harness.cluster.pods import create_all, delete_pod, events, pod_path, wait_running
+from tests.harness.cluster.pods import create_all, delete_pod, wait_prepare_refused, wait_running
 from tests.harness.driver_files import cdi_spec_uids, checkpoint_claims
 from tests.harness.nodes.kubelet import container_id
 from tests.harness.nodes.real import RealNode
-from tests.harness.poll import wait_until
 
 
 def limited_pod(name: str, claim: str, cpu: str | None) -> dict[str, Any]:
@@ -61,14 +60,8 @@ def test_a_limit_below_the_claim_is_refused_at_prepare_and_nothing_is_pinned(
         "(spec.containers[0].resources.limits.cpu 500m) on the 1 CPU claim 'tight' pins it to; "
         "raise that limit to at least 1, or remove it"
     )
-    seen = wait_until(
-        lambda: [e for e in events(kube, namespace, "tight") if expected in e] or None,
-        "the driver's refusal in the pod's events",
-        90,
-    )
-    assert seen[0].startswith("FailedPrepareDynamicResources: "), seen
+    wait_prepare_refused(kube, namespace, "tight", expected)
     uid = kube.get(claim_path(namespace, "tight"))["metadata"]["uid"]
-    assert kube.get(pod_path(namespace, "tight"))["status"]["phase"] == "Pending"
     assert uid not in checkpoint_claims(dra_cpu_node.state_dir)
     assert uid not in cdi_spec_uids(dra_cpu_node.node.cdi_dir)
 
@@ -76,26 +69,12 @@ def test_a_limit_below_the_claim_is_refused_at_prepare_and_nothing_is_pinned(
 @pytest.fixture
 def mapped_node(dra_cpu_node: InstalledDriver[RealNode]) -> Iterator[InstalledDriver[RealNode]]:
     """The driver upgraded (helm upgrade) to publish the node-allocatable mapping; back to the default afterwards."""
-    kube = dra_cpu_node.node.kube
-
-    def mapping_published(on: bool) -> bool:
-        slices = kube.list("/apis/resource.k8s.io/v1/resourceslices", field_selector="spec.driver=dra.cpu")
-        devices = [d for s in slices for d in s["spec"].get("devices", [])]
-        return bool(devices) and all(("nodeAllocatableResources" in d) == on for d in devices)
-
-    def switch(on: bool) -> None:
-        values = dict(dra_cpu_node.values)
-        values["config"] = {**values.get("config", {}), "publishNodeAllocatableResources": on}
-        old = dra_cpu_node.ready_pod()["metadata"]["name"]
-        dra_cpu_node.upgrade(values)
-        dra_cpu_node.ready_pod(other_than=old)
-        wait_until(lambda: mapping_published(on), f"slices {'with' if on else 'without'} the mapping", 120)
-
-    switch(True)
-    try:
-        yield dra_cpu_node
-    finally:
-        switch(False)
+    with dra_cpu_node.reconfigured(
+        {"config": {"publishNodeAllocatableResources": True}},
+        lambda devices: bool(devices) and all("nodeAllocatableResources" in d for d in devices),
+        "slices with the mapping",
+    ) as driver:
+        yield driver
 
 
 def test_with_the_mapping_the_kubelet_adds_the_claim_to_quota_and_pod_weight(

@@ -19,9 +19,11 @@ from typing import Any, Protocol
 import pytest
 import yaml
 
-from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, build_slices
+from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.devices import DeviceConfig, DeviceMode, GroupBy, build_devices, build_slices
 from dra_cpu.core.quantity import parse_quantity
 from dra_cpu.node.sysfs import read_topology
+from dra_cpu.tools.explain.classes import EXTENDED_RESOURCE, chart_device_classes
 from dra_cpu.tools.explain.parse import parse_slices
 from tests.harness.cluster.client import Kube, close_api_client
 from tests.harness.cluster.control_plane import ControlPlane
@@ -80,7 +82,14 @@ def namespace(admin: Kube) -> str:
 class NodeMaker(Protocol):
     """The `make_node` fixture: a Node carrying the driver's slices for a sysfs capture."""
 
-    def __call__(self, sysfs_root: Path, group_by: GroupBy = ..., pcie_roots: bool = ...) -> PublishedNode: ...
+    def __call__(
+        self,
+        sysfs_root: Path,
+        group_by: GroupBy = ...,
+        pcie_roots: bool = ...,
+        mode: DeviceMode = ...,
+        compatibility: bool = ...,
+    ) -> PublishedNode: ...
 
 
 @pytest.fixture
@@ -88,10 +97,23 @@ def make_node(control_plane: ControlPlane, admin: Kube) -> Iterator[NodeMaker]:
     """Makes Nodes for the test; deleted afterwards (the garbage collector then deletes their slices)."""
     made: list[str] = []
 
-    def make(sysfs_root: Path, group_by: GroupBy = GroupBy.NUMA_NODE, pcie_roots: bool = False) -> PublishedNode:
+    def make(
+        sysfs_root: Path,
+        group_by: GroupBy = GroupBy.NUMA_NODE,
+        pcie_roots: bool = False,
+        mode: DeviceMode = DeviceMode.GROUPED,
+        compatibility: bool = True,
+    ) -> PublishedNode:
         name = unique("node")
         made.append(name)
-        config = DeviceConfig(node_name=name, group_by=group_by, pcie_roots=pcie_roots)
+        config = DeviceConfig(
+            node_name=name,
+            group_by=group_by,
+            pcie_roots=pcie_roots,
+            device_mode=mode,
+            upstream_numa_attribute=compatibility,
+            dranet_numa_attribute=compatibility,
+        )
         return publish_node(control_plane.kubeconfig, admin.api, name, sysfs_root, config)
 
     yield make
@@ -381,3 +403,203 @@ def test_cpus_and_a_gpu_on_the_same_pcie_root(
         admin.delete(f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}", force=True)
     finally:
         admin.delete(f"/apis/resource.k8s.io/v1/resourceslices/{gpu_slice['metadata']['name']}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DRA extended resources (KEP-5004, GA in 1.37): a pod asks `dra.cpu/cpu: N` and the scheduler writes the claim.
+
+
+@pytest.fixture(scope="module")
+def extended_class(control_plane: ControlPlane) -> str:
+    """The chart's DeviceClass for deviceClasses.extendedResourceName dra.cpu/cpu, on the server."""
+    [extended] = chart_device_classes(DRIVER, extended_resource=EXTENDED_RESOURCE)[-1:]
+    api = control_plane.admin()
+    try:
+        ensure(Kube(api), [extended])
+    finally:
+        close_api_client(api)
+    name: str = extended["metadata"]["name"]
+    return name
+
+
+def extended_pod(name: str, cpus: int, resource: str = EXTENDED_RESOURCE) -> dict[str, Any]:
+    """A pod whose container asks `resource: cpus` (and as many `cpu`), and lists no claim."""
+    pod = busybox_pod(name)
+    amounts = {"cpu": str(cpus), resource: str(cpus)}
+    pod["spec"]["containers"][0]["resources"] = {"requests": amounts, "limits": amounts}
+    return pod
+
+
+def extended_claim(admin: Kube, namespace: str, pod: Mapping[str, Any]) -> dict[str, Any]:
+    """The claim the scheduler wrote for the pod's extended resources, once allocated."""
+    status = pod["status"]["extendedResourceClaimStatus"]
+    return wait_allocated(admin, namespace, status["resourceClaimName"])
+
+
+def test_an_extended_resource_gets_a_claim_from_the_scheduler_on_whole_cores(
+    make_node: NodeMaker, admin: Kube, namespace: str, extended_class: str
+) -> None:
+    """`dra.cpu/cpu: 4` on a node of one-CPU devices: the scheduler writes a claim owned by the pod asking for 4
+    devices of the class, allocates it, and maps the container to its request in the pod's status; the devices are
+    the first free ones in the slice, two whole cores of NUMA node 0."""
+    node = make_node(FIXTURES / "dual-socket-smt2", mode=DeviceMode.INDIVIDUAL)
+    bound = run_pod(admin, namespace, extended_pod("ext", 4), node.name)
+    status = bound["status"]["extendedResourceClaimStatus"]
+    # container index, then the index of the name among the container's requests sorted (cpu, dra.cpu/cpu)
+    request = "container-0-request-1"
+    assert status["requestMappings"] == [
+        {"containerName": "app", "resourceName": EXTENDED_RESOURCE, "requestName": request}
+    ]
+    claim = extended_claim(admin, namespace, bound)
+    assert claim["metadata"]["annotations"]["resource.kubernetes.io/extended-resource-claim"] == "true"
+    [owner] = claim["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("Pod", bound["metadata"]["uid"], True)
+    exactly = {"deviceClassName": extended_class, "allocationMode": "ExactCount", "count": 4}
+    assert defaulted_from(claim["spec"], {"devices": {"requests": [{"name": request, "exactly": exactly}]}})
+    results = claim["status"]["allocation"]["devices"]["results"]
+    assert {r["request"] for r in results} == {request}
+    cpus = CPUSet.of(int(r["device"].removeprefix("cpu-")) for r in results)
+    # CPU 0 is kept for the shared pool (minSharedCpus): its sibling 1 comes after the node's whole cores.
+    assert cpus == node.topology.numa_nodes[0].cpus & CPUSet.parse("2-5")
+    assert all(node.topology.cpu(c).thread_siblings.issubset(cpus) for c in cpus), "whole cores"
+    assert claim["status"]["reservedFor"] == [{"resource": "pods", "name": "ext", "uid": bound["metadata"]["uid"]}]
+    admin.delete(f"/api/v1/namespaces/{namespace}/pods/ext", force=True)
+
+
+def test_on_grouped_devices_an_extended_resource_takes_one_cpu_of_each_of_n_devices(
+    make_node: NodeMaker, admin: Kube, namespace: str
+) -> None:
+    """Why the chart's class selects one-CPU devices only: N asks for N distinct devices (the 1.37 allocator moves
+    on to the next device within a request), and a consumable device gives each its requestPolicy's default of one
+    CPU: 4 CPUs on 4 NUMA nodes, where a claim of `dra.cpu/cpu: 4` gets 4 on one."""
+    node = make_node(FIXTURES / "big-8numa")
+    resource, name = "example.com/grouped-cpu", unique("grouped-cpu")
+    [base] = [c for c in chart_device_classes(DRIVER) if c["metadata"]["name"] == DRIVER]
+    grouped = {**base, "metadata": {"name": name}, "spec": {**base["spec"], "extendedResourceName": resource}}
+    admin.create(grouped)
+    try:
+        bound = run_pod(admin, namespace, extended_pod("spread", 4, resource), node.name)
+        results = extended_claim(admin, namespace, bound)["status"]["allocation"]["devices"]["results"]
+        assert len({r["device"] for r in results}) == 4, results
+        assert all(r["device"].startswith("cpu-numa") for r in results), results
+        assert [r["consumedCapacity"] for r in results] == [{f"{DRIVER}/cpu": "1"}] * 4
+        admin.delete(f"/api/v1/namespaces/{namespace}/pods/spread", force=True)
+    finally:
+        admin.delete(f"/apis/resource.k8s.io/v1/deviceclasses/{name}")
+
+
+def test_a_node_without_one_cpu_devices_does_not_serve_the_extended_resource(
+    make_node: NodeMaker, admin: Kube, namespace: str, extended_class: str
+) -> None:
+    node = make_node(FIXTURES / "dual-socket-smt2")  # grouped: no device of the class
+    admin.create(pinned_pod(extended_pod("nowhere", 1), node.name), namespace)
+    path = f"/api/v1/namespaces/{namespace}/pods/nowhere"
+
+    def unschedulable() -> dict[str, Any] | None:
+        condition = pod_scheduled_condition(admin.get(path))
+        return condition if condition and condition.get("reason") == "Unschedulable" else None
+
+    condition = wait_until(unschedulable, "the scheduler to give up on the pod")
+    assert admin.get(path)["spec"].get("nodeName") is None, condition
+    admin.delete(path, force=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Claims as the upstream driver's README and docs write them, against our lean default slices.
+
+NUMA0 = 'device.attributes["resource.kubernetes.io"].numaNode == 0'
+SMT_AND_SIZE = 'device.attributes["dra.cpu"].smtEnabled == true && device.attributes["dra.cpu"].numCPUs >= 8'
+
+
+def exactly(cpus: int, selector: str = "") -> dict[str, Any]:
+    found: dict[str, Any] = cpu_claim("x", cpus, selector)["spec"]["devices"]["requests"][0]["exactly"]
+    return found
+
+
+UPSTREAM_CLAIMS: dict[str, dict[str, Any]] = {
+    # 6, not upstream's 8: NUMA node 0 of big-8numa offers 7, CPU 0 being kept for the shared pool (minSharedCpus).
+    "cpus-on-numa0": {"requests": [{"name": "cpus", "exactly": exactly(6, NUMA0)}]},
+    "numa-node-id": {
+        "requests": [{"name": "cpus", "exactly": exactly(4, 'device.attributes["dra.cpu"].numaNodeID == 1')}]
+    },
+    "smt-and-size": {"requests": [{"name": "cpus", "exactly": exactly(4, SMT_AND_SIZE)}]},
+    "same-socket-cpus": {
+        "requests": [{"name": name, "exactly": exactly(4)} for name in ("cpus-a", "cpus-b")],
+        "constraints": [{"requests": ["cpus-a", "cpus-b"], "matchAttribute": "dra.cpu/socketID"}],
+    },
+    "numa-spread-cpus": {
+        "requests": [{"name": name, "exactly": exactly(8)} for name in ("cpus-a", "cpus-b")],
+        "constraints": [{"distinctAttribute": "resource.kubernetes.io/numaNode"}],
+    },
+}
+
+
+def upstream_claim(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": name},
+        "spec": {"devices": UPSTREAM_CLAIMS[name]},
+    }
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAM_CLAIMS))
+def test_upstream_claims_get_the_allocation_explain_predicts_on_lean_slices(
+    name: str, make_node: NodeMaker, admin: Kube, classes_file: Path, namespace: str, tmp_path: Path
+) -> None:
+    """The attributes the upstream driver publishes (the standard numaNode, numaNodeID, socketID, smtEnabled,
+    numCPUs) are all on our default devices: its claims are allocated as explain predicts."""
+    node = make_node(FIXTURES / "big-8numa")
+    claim = upstream_claim(name)
+    predicted = explain_claim(claim, classes_file, node, tmp_path)
+    admin.create(claim, namespace)
+    bound = run_pod(admin, namespace, busybox_pod(name, {"cpus": name}), node.name)
+    check_allocation(wait_allocated(admin, namespace, name), predicted, node, bound)
+    admin.delete(f"/api/v1/namespaces/{namespace}/pods/{name}", force=True)
+
+
+def test_upstream_individual_mode_claims_take_n_cpus_of_one_l3_cache(
+    make_node: NodeMaker, admin: Kube, namespace: str
+) -> None:
+    """Upstream's individual-mode example (`count: 4`), with its L3 attribute under the name upstream uses."""
+    node = make_node(FIXTURES / "multi-l3-per-node", mode=DeviceMode.INDIVIDUAL)
+    exactly = {"deviceClassName": DRIVER, "allocationMode": "ExactCount", "count": 4}
+    claim = {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": "four"},
+        "spec": {
+            "devices": {
+                "requests": [{"name": "cpus", "exactly": exactly}],
+                "constraints": [{"requests": ["cpus"], "matchAttribute": "dra.cpu/cacheL3ID"}],
+            }
+        },
+    }
+    admin.create(claim, namespace)
+    run_pod(admin, namespace, busybox_pod("four", {"cpus": "four"}), node.name)
+    results = wait_allocated(admin, namespace, "four")["status"]["allocation"]["devices"]["results"]
+    cpus = [int(r["device"].removeprefix("cpu-")) for r in results]
+    assert len(cpus) == 4 and len({node.topology.cpu(c).l3_cache for c in cpus}) == 1, cpus
+    admin.delete(f"/api/v1/namespaces/{namespace}/pods/four", force=True)
+
+
+def test_without_the_compatibility_copy_an_upstream_numa_node_id_claim_is_a_cel_error(
+    make_node: NodeMaker, admin: Kube, classes_file: Path, namespace: str, tmp_path: Path
+) -> None:
+    """publishNumaNodeId off: the scheduler reports the missing attribute and binds nothing, as explain says."""
+    node = make_node(FIXTURES / "big-8numa", compatibility=False)
+    claim = upstream_claim("numa-node-id")
+    predicted = explain_claim(claim, classes_file, node, tmp_path)
+    assert not predicted["satisfiable"] and "dra.cpu/numaNodeID is missing" in json.dumps(predicted)
+    admin.create(claim, namespace)
+    admin.create(pinned_pod(busybox_pod("id", {"cpus": "numa-node-id"}), node.name), namespace)
+    path = f"/api/v1/namespaces/{namespace}/pods/id"
+
+    def cel_error() -> dict[str, Any] | None:
+        condition = pod_scheduled_condition(admin.get(path))
+        return condition if condition and "CEL runtime error" in condition.get("message", "") else None
+
+    condition = wait_until(cel_error, "the scheduler's CEL error")
+    assert "numaNodeID" in condition["message"], condition
+    assert admin.get(path)["spec"].get("nodeName") is None
+    admin.delete(path, force=True)

@@ -9,12 +9,13 @@ Building the image takes 1 to 3 minutes (podman, the local Debian base; hack/ben
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -31,7 +32,7 @@ from tests.harness.runtimes.podman import CONTAINERS_CONF
 RELEASE = "dra-cpu"
 NAMESPACE = "kube-system"
 IMAGE_REPOSITORY, IMAGE_TAG = "localhost/dra-cpu", "dev"  # what hack/bench/image.sh build makes
-DEVICE_CLASSES = ("dra.cpu", "dra.cpu.isolated", "dra.hugepages-2mi", "dra.hugepages-1gi")
+DEVICE_CLASSES = ("dra.cpu", "dra.cpu.isolated", "dra.hugepages-2mi", "dra.hugepages-1gi", "dra.cpu.extended")
 
 
 class ChartError(Exception):
@@ -164,6 +165,33 @@ class InstalledDriver(Component, Generic[N]):
 
     def upgrade(self, values: Mapping[str, Any], wait: bool = True) -> None:
         self._helm("upgrade", *(["--wait", "--timeout", "4m"] if wait else []), values=values)
+
+    def devices(self) -> list[dict[str, Any]]:
+        """The devices the driver publishes now."""
+        slices = self.node.kube.list("/apis/resource.k8s.io/v1/resourceslices", field_selector="spec.driver=dra.cpu")
+        return [d for s in sorted(slices, key=lambda s: str(s["metadata"]["name"])) for d in s["spec"]["devices"]]
+
+    @contextlib.contextmanager
+    def reconfigured(
+        self, change: Mapping[str, Mapping[str, Any]], published: Callable[[list[dict[str, Any]]], bool], what: str
+    ) -> Iterator[InstalledDriver[N]]:
+        """The driver upgraded (helm upgrade) with `change` merged into its values' sections (e.g. {"config":
+        {...}}), its new pod Ready and `published(devices)` true; afterwards back to the values and devices of
+        before."""
+        before = self.devices()
+
+        def upgrade(values: Mapping[str, Any], done: Callable[[], bool], state: str) -> None:
+            old = self.ready_pod()["metadata"]["name"]
+            self.upgrade(values)
+            self.ready_pod(other_than=old)
+            wait_until(done, state, 120)
+
+        changed = {**self.values, **{key: {**self.values.get(key, {}), **part} for key, part in change.items()}}
+        upgrade(changed, lambda: published(self.devices()), what)
+        try:
+            yield self
+        finally:
+            upgrade(self.values, lambda: self.devices() == before, "the devices of before")
 
     def pods(self) -> list[dict[str, Any]]:
         return self.node.kube.list(

@@ -135,8 +135,12 @@ class ControlPlane(Component):
     state_dir: Path
     components: Sequence[str] = ALL
     feature_gates: Mapping[str, bool] = field(default_factory=lambda: dict(FEATURE_GATES))
+    extra_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    """Flags added to a component's command line, by component name (benchmarks raise the clients' rate limits)."""
     url: str = ""
     """https://127.0.0.1:PORT, once kube-apiserver is started."""
+    etcd_url: str = ""
+    """http://127.0.0.1:PORT, once etcd is started."""
     gates: dict[str, bool] = field(default_factory=dict)
     """What kube-apiserver was given: feature_gates less those this Kubernetes does not know."""
     _binaries: Binaries | None = field(default=None, repr=False)
@@ -197,13 +201,24 @@ class ControlPlane(Component):
         return set(re.findall(r"(?:kube:)?([A-Z][A-Za-z0-9]+)=true\|false", shown.stdout + shown.stderr))
 
     def metrics(self, name: str) -> str:
-        """The Prometheus text of a running kube-scheduler's or kube-controller-manager's /metrics, read as the admin
-        (the component asks the API server whether the caller may)."""
+        """The Prometheus text of a running component's /metrics."""
+        return self.read(name, "/metrics").decode()
+
+    def read(self, name: str, path: str, timeout: float = 60) -> bytes:
+        """GET `path` (e.g. /metrics, /debug/pprof/heap?gc=1&debug=1) of a running component as the admin: etcd's
+        client URL, the API server's, or the secure port of kube-scheduler or kube-controller-manager (which ask the
+        API server whether the caller may)."""
         context = _self_signed()
         context.load_cert_chain(self.pki.dir / "admin.crt", self.pki.dir / "admin.key")
-        url = f"https://127.0.0.1:{_secure_port(self._processes[name])}/metrics"
-        with urllib.request.urlopen(url, timeout=30, context=context) as response:
-            return str(response.read().decode())
+        if name in (ETCD, APISERVER):
+            base = self.etcd_url if name == ETCD else self.url
+        else:
+            base = f"https://127.0.0.1:{_secure_port(self._processes[name])}"
+        with urllib.request.urlopen(base + path, timeout=timeout, context=context) as response:
+            return bytes(response.read())
+
+    def pid(self, name: str) -> int:
+        return self._processes[name].pid
 
     # ------------------------------------------------------------------------------------------------------------
     # Starting and stopping.
@@ -218,12 +233,11 @@ class ControlPlane(Component):
             raise ControlPlaneError(str(err)) from None
         for attempt in range(3):
             try:
-                etcd_url = ""
                 if ETCD in wanted:
                     shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)
-                    etcd_url = self._start_etcd()
+                    self.etcd_url = self._start_etcd()
                 if APISERVER in wanted:
-                    self._start_apiserver(etcd_url)
+                    self._start_apiserver(self.etcd_url)
                 if SCHEDULER in wanted:
                     self._start_component(SCHEDULER, [])
                 if CONTROLLER_MANAGER in wanted:
@@ -243,7 +257,8 @@ class ControlPlane(Component):
 
     def _spawn(self, name: str, args: Sequence[str]) -> None:
         self.log(name).unlink(missing_ok=True)
-        self._processes[name] = spawn([str(self.binaries.path(name)), *args], self.log(name))
+        command = [str(self.binaries.path(name)), *args, *self.extra_args.get(name, ())]
+        self._processes[name] = spawn(command, self.log(name))
 
     def _wait(self, name: str, what: str, ready: Callable[[], bool]) -> None:
         """Until `ready()`; fails with the log's tail when `name` exits or START_SECONDS pass."""

@@ -32,6 +32,18 @@ def events(kube: Kube, namespace: str, name: str) -> list[str]:
     return [f"{e.get('reason')}: {e.get('message')}" for e in listed]
 
 
+def wait_prepare_refused(kube: Kube, namespace: str, name: str, message: str, timeout: float = 90.0) -> None:
+    """Until the pod has a FailedPrepareDynamicResources event whose message contains `message` (the driver
+    refused a claim at NodePrepareResources); the pod is then still Pending."""
+    seen = wait_until(
+        lambda: [e for e in events(kube, namespace, name) if message in e] or None,
+        "the driver's refusal in the pod's events",
+        timeout,
+    )
+    assert seen[0].startswith("FailedPrepareDynamicResources: "), seen
+    assert kube.get(pod_path(namespace, name))["status"]["phase"] == "Pending"
+
+
 def wait_running(
     kube: Kube,
     namespace: str,

@@ -362,11 +362,14 @@ class RealNode(KubeletNode):
             (CPUSet.parse(cpus), CPUSet.parse(mems_text)),
         )
 
-    def wait_cpus(self, pod: Mapping[str, Any], want: CPUSet, what: str, timeout: float = 30.0) -> Pinning:
-        """The container's pinning once a new process in it, its first process and its cgroup all have `want`."""
+    def wait_cpus(
+        self, pod: Mapping[str, Any], want: CPUSet, what: str, timeout: float = 30.0, container: str | None = None
+    ) -> Pinning:
+        """The container's pinning (the first one's, or `container`'s) once a new process in it, its first process
+        and its cgroup all have `want`."""
 
         def pinned() -> Pinning | NotYet:
-            seen = self.pinning(pod)
+            seen = self.pinning(pod, container)
             return seen if seen.inside[0] == want and seen.init[0] == want and seen.cgroup[0] == want else NotYet(seen)
 
         return wait_until(pinned, f"{what}: CPUs {want}", timeout, 0.3)
