@@ -143,7 +143,7 @@ def throttled(pod: Mapping[str, Any], claim: str, cpus: int) -> list[str]:
         resources = where / "resources"
         refs = (resources / "claims").list(resources.mapping(container.get("resources")).get("claims"))
         uses = names & {str(ref.get("name")) for ref in refs if isinstance(ref, Mapping)}
-        if not uses and container.get("name") not in extended:
+        if not uses and str(container.get("name")) not in extended:
             continue
         quota = container_quota(pod, container, where)
         if quota is None or quota.cpus >= cpus:
