@@ -299,7 +299,7 @@ def test_long_strings_are_cut_to_the_api_limit(tmp_path: Path) -> None:
             "minSharedCpus 3: this node has 2 CPU(s) to share (online 0-15, isolated none, reservedCpus 0-13 with "
             "strictReserved)",
         ),
-        (["--reserved-cpus", "two"], "--reserved-cpus 'two': invalid cpu id 'two'"),
+        (["--reserved-cpus", "two"], "reservedCpus 'two': invalid cpu id 'two'"),
         (["--driver-name", "DRA_CPU"], "invalid driver name 'DRA_CPU'"),
     ],
 )
@@ -470,3 +470,18 @@ def test_individual_devices_come_core_by_core_and_node_by_node(tmp_path: Path) -
     names = [d["name"] for d in obj["spec"]["devices"]]
     assert names[:8] == ["cpu-1", "cpu-9", "cpu-2", "cpu-10", "cpu-3", "cpu-11", "cpu-8", "cpu-4"]
     assert names[8] == "cpu-12"
+
+
+def test_slices_reads_the_daemons_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dra-cpu slices --config` prints what `dra-cpu run` with that file would publish, upstream keys included; a
+    flag given beside the file wins, as for the daemon."""
+    config = tmp_path / "config.yaml"
+    config.write_text("cpuDeviceMode: individual\nreservedCpus: 0-3\n")
+    devices = _devices(_slices(FIXTURES / "dual-socket-smt2", "--config", str(config), capsys=capsys))
+    names = {name for name in devices if name.startswith("cpu-")}
+    assert names and all(name.removeprefix("cpu-").isdigit() for name in names), names
+    assert not {"cpu-0", "cpu-1", "cpu-2", "cpu-3"} & names, names
+    grouped = _devices(
+        _slices(FIXTURES / "dual-socket-smt2", "--config", str(config), "--device-mode", "grouped", capsys=capsys)
+    )
+    assert {"cpu-numa0", "cpu-numa1"} <= set(grouped), set(grouped)
