@@ -5,7 +5,8 @@ Start order: state first (checkpoint and CDI agree before anything is served), t
 and only when enforcement is connected and synchronized the kubelet registration: a kubelet that sees the plugin
 may send prepares at once, and a prepared claim nobody enforces pins nothing.
 
-Signals and the exit deadline are process.py's; re-discovery is rediscovery.py's.
+Signals and the exit deadline are process.py's; re-discovery is rediscovery.py's; handing a claim over to the next
+pod that reserved it is handover.py's, told by NRI enforcement which pods wait.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dra_cpu.core.desired import pins
 from dra_cpu.core.node_view import NodeView
 from dra_cpu.driver import Driver
 from dra_cpu.errors import DraCpuError
+from dra_cpu.handover import Handover
 from dra_cpu.kube.api import ClusterAPI
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.kube.standalone import StandaloneAPI
@@ -78,6 +80,7 @@ class Daemon:
         self.metrics = observe.OperationMetrics(self.registry)
         self.plugin: KubeletPlugin | None = None
         self.nri: NriEnforcer | None = None
+        self.handover: Handover | None = None
         # An error in a start-up thread, raised again by run() so that the command exits 2 naming it.
         self._fatal: DraCpuError | None = None
         self.process = Process(self.stop)
@@ -153,6 +156,11 @@ class Daemon:
             pins(now.ledger, now.view),
         )
         self.driver.enforce_with(nri)
+        # Only NRI refuses a waiting pod's containers (and so tells which claims to hand over): the CDI hook runs
+        # in the runtime's process, and leaves such a container unpinned instead.
+        self.handover = Handover(self.driver, self.stop)
+        nri.waiting = self.handover.waiting
+        self._spawn("handover", self.handover.run)
         nri.start()
         return nri
 
@@ -186,6 +194,8 @@ class Daemon:
             self.plugin.stop()
         if self.nri is not None:
             self.nri.stop()
+        if self.handover is not None:
+            self.handover.close()
         self.http.shutdown()
 
     def not_ready(self) -> list[str]:

@@ -29,6 +29,7 @@ ALLOWED = {
     "reconciler": {"core", "store", "errors", "logs"},
     "driver": {"core", "kube", "reconciler", "errors", "logs"},
     "rediscovery": {"core", "node", "driver", "errors"},
+    "handover": {"core", "driver", "kube", "errors"},
     "process": set(),
     "kubelet": {"core", "driver", "errors"},
     "cdihook": {"core", "node", "store", "errors"},

@@ -1,7 +1,9 @@
 """grant(): a claim request -> the exact grant, as data. Pure.
 
 Granting is the first of prepare's two steps: it computes the PreparedClaim without touching anything; the driver
-then has the node made to match the ledger with it (reconciler.py), which rolls back if a step fails.
+then has the node made to match the ledger with it (reconciler.py), which rolls back if a step fails. Which pod the
+claim serves is not part of the grant: core/sharing.py chooses it from the claim's reservedFor once the CPUs are
+known (the CFS check needs their number), on every prepare, a repeated one included.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dra_cpu.core.allocator import AllocationError, choose_cpus
 from dra_cpu.core.claims import ClaimError, ClaimRef, ClaimRequest, DeviceResult
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceType
-from dra_cpu.core.ledger import SHARING_ADVICE, ClaimMetadata, HugePageGrant, Ledger, PreparedClaim, PreparedDevice
+from dra_cpu.core.ledger import ClaimMetadata, HugePageGrant, Ledger, PreparedClaim, PreparedDevice
 from dra_cpu.core.node_view import NodeView
 from dra_cpu.core.quantity import QuantityError, format_bytes, whole_quantity
 from dra_cpu.core.topology import Topology
@@ -33,13 +35,10 @@ def grant(
     devices = view.device_index
     existing = ledger.claims.get(request.ref.uid)
     if existing is not None:
-        # A repeat keeps the pods it was prepared for: a pod added to reservedFor since is refused by enforcement.
-        # It gains what it could not know when loaded from an older record: device names, metadata names.
+        # A repeat keeps its grant and the pod it serves (core/sharing.py may hand it over after). It gains what it
+        # could not know when loaded from an older record: device names, metadata names.
         named = existing if existing.named else _named(existing, request, devices)
         return named if named.metadata is not None or metadata is None else replace(named, metadata=metadata)
-    pods = sorted(set(request.pod_uids))
-    if len(pods) > 1:
-        raise ClaimError(f"claim {request.ref} is reserved for {len(pods)} pods ({', '.join(pods)}); {SHARING_ADVICE}")
     settings = view.settings.devices
     taken = ledger.allocated_cpus
     held = ledger.allocated_hugepages
@@ -63,7 +62,7 @@ def grant(
         cpus = _cpus(ledger, request.ref, result, device, view.topology, taken, settings.cpu_capacity)
         taken |= cpus
         prepared.append(replace(base, cpus=cpus))
-    claim = PreparedClaim(ref=request.ref, devices=tuple(prepared), pod_uids=request.pod_uids, metadata=metadata)
+    claim = PreparedClaim(ref=request.ref, devices=tuple(prepared), metadata=metadata)
     # The devices leave the floor's CPUs out (core/capacity.py): this refuses only what they could not foresee, a
     # claim prepared before the settings or the node changed that holds some of them.
     floor = settings.shared_floor
@@ -97,7 +96,7 @@ def _named(claim: PreparedClaim, request: ClaimRequest, devices: Mapping[str, De
             named.append(replace(base, hugepages=pages))
         else:
             named.append(replace(base, cpus=claim.cpus & device.cpus))
-    return PreparedClaim(claim.ref, tuple(named), claim.pod_uids or request.pod_uids, claim.metadata)
+    return PreparedClaim(claim.ref, tuple(named), claim.pod_uids, claim.metadata)
 
 
 def _cpus(

@@ -1,9 +1,10 @@
 """The ledger: the prepared claims and what each holds, the one truth from which everything the driver keeps on
 the node is derived (core/desired.py), and restore(), which checks a ledger loaded from disk against the node. Pure.
 
-A `PreparedClaim` records what a prepare granted (the CPUs and hugepages of each device), the pods it was granted to,
-and what its device metadata files name (`ClaimMetadata`). store/checkpoint.py writes the ledger to disk, in the
-wire format of its newest version (store/checkpoint_v*.py); nothing here knows that format.
+A `PreparedClaim` records what a prepare granted (the CPUs and hugepages of each device), the pod it serves (chosen
+and handed over by core/sharing.py), and what its device metadata files name (`ClaimMetadata`).
+store/checkpoint.py writes the ledger to disk, in the wire format of its newest version (store/checkpoint_v*.py);
+nothing here knows that format.
 """
 
 from __future__ import annotations
@@ -15,11 +16,6 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.quantity import format_bytes
 from dra_cpu.core.topology import Topology, page_size_quantity
-
-SHARING_ADVICE = (
-    "dra-cpu does not share a claim's CPUs across pods (use one claim per pod, e.g. a ResourceClaimTemplate)"
-)
-"""Why a claim used by several pods is refused: at prepare (reservedFor lists several pods) and by enforcement."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +51,7 @@ class ClaimMetadata:
 class PreparedClaim:
     ref: ClaimRef
     devices: tuple[PreparedDevice, ...]
+    # The pod whose containers may use the claim (core/sharing.py): one uid, or none while no reserving pod can.
     pod_uids: tuple[str, ...] = ()
     # None: the claim has no device metadata files (written with the feature off, or not known: see restore).
     metadata: ClaimMetadata | None = None

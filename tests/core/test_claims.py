@@ -8,7 +8,6 @@ from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.claims import (
     ClaimError,
     ClaimRef,
-    ClaimRequest,
     allocated_claim_object,
     allocation_result,
     parse_claim,
@@ -17,7 +16,7 @@ from dra_cpu.core.claims import (
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig, GroupBy
 from dra_cpu.core.grant import grant
-from dra_cpu.core.ledger import Ledger, PreparedClaim
+from dra_cpu.core.ledger import Ledger
 from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.node.sysfs import read_topology
 from tests.harness.paths import SYSFS
@@ -73,30 +72,6 @@ def test_socket_device_claims() -> None:
         _decide(state, "cpu-socket1", 5, "d", distributeAcrossNUMA=True)
     # The next plain claim avoids the split NUMA node 0 and fills node 1 from its free whole cores.
     assert _decide(state, "cpu-socket0", 4, "e")[1] == CPUSet.parse("12-15")
-
-
-def test_a_claim_reserved_for_several_pods_is_refused_at_first_prepare_and_kept_on_a_repeat() -> None:
-    view = NodeView.of(BIG, NodeSettings(DeviceConfig(node_name="n")))
-    results = [allocation_result("dra.cpu", "n", "cpu-numa0", consumed={"dra.cpu/cpu": "2"})]
-
-    def request(*pods: str) -> ClaimRequest:
-        obj = allocated_claim_object("default", "c", results, uid=REF.uid, pod_uids=pods)
-        return parse_claim(obj, REF, driver="dra.cpu", pool="n", default_policy=AllocationPolicy())
-
-    def prepare(state: Ledger, claim: ClaimRequest) -> PreparedClaim:
-        return grant(state, claim, view)
-
-    with pytest.raises(ClaimError) as refused:
-        prepare(Ledger(), request("pod-b", "pod-a"))
-    assert str(refused.value) == (
-        "claim default/c is reserved for 2 pods (pod-a, pod-b); dra-cpu does not share a claim's CPUs across pods "
-        "(use one claim per pod, e.g. a ResourceClaimTemplate)"
-    )
-    # The kubelet does not prepare a claim again for a second pod once it is prepared; if it repeats the prepare
-    # anyway, the claim stays the first pod's and enforcement refuses the second pod's containers.
-    first = prepare(Ledger(), request("pod-a"))
-    again = prepare(Ledger().with_claim(first), request("pod-a", "pod-b"))
-    assert again == first and again.pod_uids == ("pod-a",)
 
 
 def _configured(entries: list[dict[str, object]], written: list[dict[str, object]]) -> dict[str, object]:

@@ -11,6 +11,7 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.entitlement import ContainerInfo, NoSharedCpus, Pin
 from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim, PreparedDevice
+from dra_cpu.core.sharing import not_held
 from dra_cpu.node.sysfs import read_topology
 from tests.harness.paths import SYSFS
 
@@ -47,11 +48,11 @@ def test_unclaimed_container_gets_the_shared_pool_and_every_memory_node() -> Non
 @pytest.mark.parametrize(
     ("env", "pod_uid", "reason"),
     [
-        (["DRA_CPUSET_a=2-3"], "forger", "pod forger is not among the claim's reservedFor pods (pod-uid-1)"),
+        (["DRA_CPUSET_a=2-3"], "forger", "pod forger is not the pod the claim serves (pod-uid-1)"),
         (["DRA_CPUSET_a=2"], POD, "cpuset '2' is not the claim's (2-3)"),
         (["DRA_CPUSET_a=all"], POD, "cpuset 'all' is not a cpu list"),
         (["DRA_CPUSET_zzz=2-3"], POD, "no such claim is prepared on this node"),
-        (["DRA_CPUSET_b=8-9"], POD, "pod pod-uid-1 is not among the claim's reservedFor pods (other-pod)"),
+        (["DRA_CPUSET_b=8-9"], POD, "pod pod-uid-1 is not the pod the claim serves (other-pod)"),
     ],
 )
 def test_env_that_does_not_prove_a_claim_gives_the_shared_pool(env: list[str], pod_uid: str, reason: str) -> None:
@@ -123,10 +124,7 @@ def test_a_claim_used_by_another_pod_is_refused_at_creation_naming_claim_and_pod
     other = container(["DRA_CPUSET_a=2-3"], pod_uid="second-pod")
     with pytest.raises(entitlement.ClaimSharedAcrossPods) as refused:
         entitlement.pin_for(other, POOLS, refuse_shared=True)
-    assert str(refused.value) == (
-        "claim ns/c-a is prepared for pod pod-uid-1; container app of pod ns/pod (second-pod) cannot use it: "
-        "dra-cpu does not share a claim's CPUs across pods (use one claim per pod, e.g. a ResourceClaimTemplate)"
-    )
+    assert str(refused.value) == not_held(ClaimRef("ns", "c-a", "a"), (POD,), "app", "ns/pod", "second-pod")
     # Running containers (synchronize, updates) are not refused: they get the shared pool, as before.
     assert entitlement.pin_for(other, POOLS).pin == Pin(POOLS.shared, POOLS.shared_mems)
 

@@ -35,7 +35,7 @@ def test_the_pin_trusts_only_the_drivers_spec() -> None:
         "claim u2: no such claim is prepared on this node",
     ]
     _, refused = cdihook.pin_for(["DRA_CPUSET_u1=1"], "pod-z", specs)
-    assert refused == ["claim u1: pod pod-z is not among the claim's reservedFor pods (pod-a, pod-b)"]
+    assert refused == ["claim u1: pod pod-z is not the pod the claim serves (pod-a, pod-b)"]
 
 
 def test_bad_stdin_is_a_clear_error_and_exit_1(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from dra_cpu.bench.numa_maps import parse_numa_maps
+from dra_cpu.core.sharing import ONE_POD_AT_A_TIME
 from tests.harness.guest.vm import SPEC, GuestError
 from tests.harness.nodes.guest_standin import GuestStandinNode, cpulist, format_cpulist, result
 from tests.harness.runtimes.containerd import offers_memory_policy
@@ -46,7 +47,7 @@ def test_forged_env_gets_the_shared_pool_and_is_counted(guest_node: GuestStandin
     forger = node.run_pod("forger")
     # A copy of the claim's exact variable looks like a pod that shares the claim (NRI does not say which CDI
     # devices a container got): refused, not run.
-    with pytest.raises(GuestError, match="does not share a claim's CPUs across pods"):
+    with pytest.raises(GuestError, match=ONE_POD_AT_A_TIME):
         node.create_container(forger, "copied", env={env: format_cpulist(claimed)})
     assert node.metric("dra_cpu_shared_claim_refused") >= 1
     forged = node.create_container(forger, "forged", env={env: format_cpulist(node.online())})

@@ -20,7 +20,17 @@ def checkpoint_claims(state_dir: Path) -> dict[str, dict[str, Any]]:
     return checkpoint_records(path.read_text()) if path.exists() else {}
 
 
+CDI_SPEC_PREFIX = f"{DRIVER}-cpu_claim-"
+
+
 def cdi_spec_uids(cdi_dir: Path) -> set[str]:
     """Claim UIDs of the driver's CDI specs on the host."""
-    prefix = f"{DRIVER}-cpu_claim-"
-    return {p.name.removeprefix(prefix).removesuffix(".json") for p in cdi_dir.glob(f"{prefix}*.json")}
+    return {
+        p.name.removeprefix(CDI_SPEC_PREFIX).removesuffix(".json") for p in cdi_dir.glob(f"{CDI_SPEC_PREFIX}*.json")
+    }
+
+
+def cdi_spec_env(cdi_dir: Path, uid: str) -> dict[str, str]:
+    """The variables the driver's CDI spec of claim `uid` gives its containers."""
+    spec = json.loads((cdi_dir / f"{CDI_SPEC_PREFIX}{uid}.json").read_text())
+    return dict(e.split("=", 1) for device in spec["devices"] for e in device["containerEdits"].get("env", []))

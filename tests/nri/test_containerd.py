@@ -20,6 +20,7 @@ import pytest
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.sharing import ONE_POD_AT_A_TIME
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.hugetlb import find_hugetlb_hierarchy
 from tests.harness.fixtures import started
@@ -101,7 +102,7 @@ def test_forged_env_gets_the_shared_pool_and_is_counted(node: NriNode) -> None:
 
     # A copy of the claim's exact variable looks like a pod that shares the claim (NRI does not say which CDI
     # devices a container got): refused, not run.
-    with pytest.raises(grpc.RpcError, match="does not share a claim's CPUs across pods"):
+    with pytest.raises(grpc.RpcError, match=ONE_POD_AT_A_TIME):
         cri.create_container(forger, "copied", env={f"DRA_CPUSET_{ref.uid}": str(claimed)})
     forged = cri.create_container(forger, "forged", env={f"DRA_CPUSET_{ref.uid}": str(ONLINE)})
     node.assert_allowed(forged, ONLINE - claimed)
@@ -205,8 +206,8 @@ def test_containers_of_one_pod_share_its_claim_and_another_pod_is_refused(node: 
     before = node.plugin.counters.forged_env
     with pytest.raises(grpc.RpcError) as refused:
         node.claimed_container(cri.run_pod("second", uid=str(uuid.uuid4())), ref)
-    assert f"claim {ref} is prepared for pod {pod.uid}" in str(refused.value)
-    assert "dra-cpu does not share a claim's CPUs across pods" in str(refused.value)
+    assert f"claim {ref} is held by pod {pod.uid}" in str(refused.value)
+    assert ONE_POD_AT_A_TIME in str(refused.value)
     assert (node.plugin.counters.shared_claim_refused, node.plugin.counters.forged_env) == (1, before)
 
 

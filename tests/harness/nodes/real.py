@@ -91,6 +91,18 @@ class Pinning:
     cgroup: tuple[CPUSet, CPUSet]  # cpuset.cpus, cpuset.mems of its cgroup on the host
 
 
+def _by_claim(env: Mapping[str, str], prefix: str) -> dict[str, CPUSet]:
+    """Claim UID -> the CPU list of the variables named `prefix`<uid>. Each also comes as a shell-readable twin with
+    the UID's dashes as underscores, which must say the same."""
+    named = {k.removeprefix(prefix): CPUSet.parse(v) for k, v in env.items() if k.startswith(prefix)}
+    by_uid = {uid: cpus for uid, cpus in named.items() if "-" in uid}
+    for uid, cpus in by_uid.items():
+        twin = uid.replace("-", "_")
+        assert named.get(twin) == cpus, f"{prefix}{twin}={named.get(twin)} disagrees with {prefix}{uid}={cpus}"
+    assert len(named) == 2 * len(by_uid), f"{prefix}* without a twin: {sorted(named)}"
+    return by_uid
+
+
 @dataclass
 class RealNode(KubeletNode):
     plane: ControlPlane
@@ -320,8 +332,8 @@ class RealNode(KubeletNode):
         """The CPUs and memory nodes of a pod's container (the first, or the one named `container`)."""
         cid = container_id(pod, container)
         env = dict(line.split("=", 1) for line in self.exec(cid, ["env"]).splitlines() if "=" in line)
-        claimed = {k.removeprefix(ENV_CPUSET): CPUSet.parse(v) for k, v in env.items() if k.startswith(ENV_CPUSET)}
-        mems = {k.removeprefix(ENV_MEMS): CPUSet.parse(v) for k, v in env.items() if k.startswith(ENV_MEMS)}
+        claimed = _by_claim(env, ENV_CPUSET)
+        mems = _by_claim(env, ENV_MEMS)
         inside = self.allowed_inside(cid)
         init = Allowed.of_pid(int(self.container_info(cid)["pid"]))
         cpus, mems_text = self.host_cpuset(cid)
