@@ -209,6 +209,8 @@ def usage(folder: ClusterFolder) -> str:
     return f"""
 cluster: up. Its nodes:
 {nodes.stdout}
+kubectl: {(folder.bin / "kubectl").resolve()} (the test environment's, linked in {folder.bin})
+kubeconfig: {folder.kubeconfig}
 As the cluster admin, the app developer and the driver developer (docs/tour.md walks through all three):
   export KUBECONFIG={folder.kubeconfig} PATH={folder.bin}:$PATH
   kubectl get resourceslices -o wide
