@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 
 from tests.harness.cluster.helm import Helm
 from tests.harness.component import Unavailable
-from tests.harness.local_cluster.cluster import ClusterFolder, Leftovers, LocalCluster, leftovers
+from tests.harness.local_cluster.cluster import MEMBER_ENV, ClusterFolder, Leftovers, LocalCluster, leftovers
 from tests.harness.paths import REPO
 from tests.harness.poll import wait_until
 
@@ -164,16 +164,20 @@ def up(folder: ClusterFolder, numa_guest: bool) -> int:
         else:
             clean(folder)
             folder.path.mkdir(parents=True)
+            argv = [sys.executable, "-m", "tests.harness.local_cluster", "supervise"]
+            env = {**os.environ, "DRA_CPU_CLUSTER_DIR": str(folder.path), MEMBER_ENV: str(folder.path)}
             with log_path(folder).open("ab") as log:
                 subprocess.Popen(
-                    [sys.executable, "-m", "tests.harness.local_cluster", "supervise",
-                     *(["--numa-guest"] if numa_guest else [])],
+                    [*argv, *(["--numa-guest"] if numa_guest else [])],
                     cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, env={**os.environ, "DRA_CPU_CLUSTER_DIR": str(folder.path)},
+                    start_new_session=True, env=env,
                 )  # fmt: skip
             print(f"cluster: starting in {folder.path} (log: {log_path(folder)})", flush=True)
-            # The supervisor takes its lock first thing: wait for it, so that `follow` knows it runs.
-            wait_until(lambda: supervisor_alive(folder) or read_status(folder), "the supervisor to start", 60, 0.1)
+            # The supervisor takes its lock first thing: wait for it, so that `follow` knows it runs (or for what it
+            # wrote, should it have ended already). A bool: wait_until takes any other value, {} included, as done.
+            wait_until(
+                lambda: supervisor_alive(folder) or bool(read_status(folder)), "the supervisor to start", 60, 0.1
+            )
     try:
         state = follow(folder, offset, until={READY, FAILED})
     except KeyboardInterrupt:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -186,9 +185,15 @@ class LocalCluster(Component):
             self._stack.close()
 
 
+MEMBER_ENV = "DRA_CPU_CLUSTER_MEMBER"
+"""Set to the cluster's folder in the supervisor's environment (__main__.py), so that every process the cluster
+starts carries it (each inherits its environment): how `leftovers` knows them, and only them (a user's shell or
+`tail -f` of the cluster's log names the folder too, and is not the cluster's)."""
+
+
 @dataclass(frozen=True)
 class Leftovers:
-    """What of a cluster is on this machine besides its folder: processes that name the folder or run in the real
+    """What of a cluster is on this machine besides its folder: its processes (MEMBER_ENV) and those in the real
     node's pod cgroups, mounts below the folder, those cgroups, the node's bridge."""
 
     processes: tuple[int, ...] = ()
@@ -209,15 +214,13 @@ class Leftovers:
         return "; ".join(parts) or "nothing"
 
 
-def leftovers(folder: ClusterFolder, but: tuple[int, ...] = ()) -> Leftovers:
-    """What is on this machine of the cluster in `folder` (the processes `but` and this one aside): all of it while
+def leftovers(folder: ClusterFolder) -> Leftovers:
+    """What is on this machine of the cluster in `folder` (this process aside): all of it while
     the cluster runs, nothing once it is down."""
     here, parent = str(folder.path), folder.cgroup_parent
-    names = re.compile(rf"{re.escape(here)}(/|$)", re.MULTILINE)
+    member = f"{MEMBER_ENV}={here}".encode()
     processes = tuple(
-        pid
-        for pid in _pids()
-        if pid not in (os.getpid(), *but) and (names.search(_cmdline(pid)) or _in_cgroup(pid, parent))
+        pid for pid in _pids() if pid != os.getpid() and (member in _environ(pid) or _in_cgroup(pid, parent))
     )
     with open("/proc/self/mountinfo") as mountinfo:
         mounts = tuple(p for p in (line.split()[4] for line in mountinfo) if p == here or p.startswith(here + "/"))
@@ -229,6 +232,13 @@ def leftovers(folder: ClusterFolder, but: tuple[int, ...] = ()) -> Leftovers:
 
 def _pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
 
 
 def _cmdline(pid: int) -> str:
