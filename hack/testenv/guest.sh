@@ -93,10 +93,16 @@ unpack_kernel() {
   echo "$release" >"$dir/release"
 }
 
+# tarball_of "SUITE PACKAGES": the name of their debootstrap tarball (a build's info says which it was made from).
+tarball_of() {
+  local suite=${1%% *} packages=${1#* }
+  echo "debootstrap-$suite-$(echo "$packages" | sha256sum | cut -c1-12).tar"
+}
+
 # rootfs_tarball: debootstrap of SUITE with PACKAGES, once (a few minutes).
 rootfs_tarball() {
   local tarball
-  tarball="$CACHE/debootstrap-$SUITE-$(echo "$PACKAGES" | sha256sum | cut -c1-12).tar"
+  tarball="$CACHE/$(tarball_of "$SUITE $PACKAGES")"
   if [[ ! -s "$tarball" ]]; then
     local root
     root=$(mktemp -d "$CACHE/debootstrap.XXXXXX")
@@ -191,7 +197,6 @@ install_guest() {
     {
       echo "kernel $kernel_name $kernel_version ($release)"
       echo "rootfs $SUITE $PACKAGES"
-      echo "tarball $(basename "$tarball")"
       echo "containerd $(bash "$here/containerd.sh" versions | tr '\n' ' ')"
       echo "python $(tar -xOf "$tarball" ./var/lib/dpkg/status | awk '/^Package: python3.[0-9]+-minimal$/ { p = 1 } p && /^Version:/ { print $2; exit }')"
       echo "built in $((SECONDS - start)) s on $(date -u +%FT%TZ)"
@@ -209,7 +214,7 @@ install_guest() {
     if ((${#kept[@]} < KEEP_BUILDS)); then
       kept+=("$old")
       keep_debs+=("$(awk '$1 == "kernel" { print $2 "_" $3; exit }' "$old/info" | sed 's/:/%3a/')")
-      keep_tarballs+=("$(awk '$1 == "tarball" { print $2; exit }' "$old/info")")
+      keep_tarballs+=("$(tarball_of "$(awk '$1 == "rootfs" { print $2, $3; exit }' "$old/info")")")
     else
       rm -rf "$old"
     fi

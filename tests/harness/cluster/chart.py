@@ -43,6 +43,7 @@ def chart_values(
     node_name: str | None,
     api_server_host: str = "127.0.0.1",
     api_server_port: int,
+    metrics_host: str = "127.0.0.1",
     metrics_port: int,
     kubelet_root_dir: str,
     cdi_root: str,
@@ -51,13 +52,15 @@ def chart_values(
 ) -> dict[str, Any]:
     """The values the harness installs with: a node without kube-proxy, the API server reached from the node's own
     network at `api_server_host`, the image imported into containerd (no registry); on node `node_name` only, or on
-    every node when None. docs/admin.md shows the same (tests/deploy/test_chart.py holds it to this)."""
+    every node when None; metrics and probes on `metrics_host`, the node's address (the kubelet probes a host-network
+    pod at it), or every address when empty. docs/admin.md shows the same (tests/deploy/test_chart.py holds it to
+    this)."""
     return {
         "image": {"repository": IMAGE_REPOSITORY, "tag": IMAGE_TAG, "pullPolicy": "Never"},
         **({} if node_name is None else {"nodeSelector": {"kubernetes.io/hostname": node_name}}),
         "hostNetwork": True,
         "apiServer": {"host": api_server_host, "port": api_server_port},
-        "metricsHost": "127.0.0.1",
+        "metricsHost": metrics_host,
         "metricsPort": metrics_port,
         "kubeletRootDir": kubelet_root_dir,
         "cdiRoot": cdi_root,

@@ -35,7 +35,7 @@ from tests.harness.cluster.helm import Helm
 from tests.harness.component import Component
 from tests.harness.guest.vm import GuestSpec, NodeSpec
 from tests.harness.nodes.guest_kubelet import GuestKubeletNode
-from tests.harness.nodes.kubelet import API_NAME
+from tests.harness.nodes.kubelet import API_NAME, KubeletNode
 from tests.harness.nodes.real import RealNode
 from tests.harness.processes import free_port
 from tests.harness.typed import present
@@ -138,6 +138,8 @@ class LocalCluster(Component):
     say: Callable[[str], None] = print
     _plane: ControlPlane | None = field(default=None, repr=False)
     _real: RealNode | None = field(default=None, repr=False)
+    _nodes: list[KubeletNode] = field(default_factory=list, repr=False)
+    """Those started, to drain at stop."""
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     @property
@@ -163,26 +165,39 @@ class LocalCluster(Component):
         self._real = self._started(
             "node 127.0.0.1: the kubelet and containerd on this machine", RealNode(plane, dir=folder.node)
         )
+        self._nodes.append(self._real)
         more: tuple[GuestKubeletNode, ...] = ()
         if self.numa_guest:
             cpus, nodes = self.guest_spec.cpus, len(self.guest_spec.nodes)
             guest = GuestKubeletNode(plane, self.guest_spec, dir=str(folder.node), workdir=folder.guest)
             self._started(f"node 127.0.0.2: the NUMA guest ({cpus} CPUs, {nodes} NUMA nodes; qemu TCG, minutes)", guest)
+            self._nodes.append(guest)
             more = (guest,)
         with step(self.say, "the driver's image: podman build of this checkout (minutes the first time)"):
             image = DriverImage()
             image.start()
         try:
-            values = self.real.folders.chart_values(None, plane, free_port(), API_NAME)
+            # Metrics on every address: the kubelet probes each node's pod at that node's address (127.0.0.1 on this
+            # machine, 127.0.0.2 in the guest), and one set of values serves both.
+            values = self.real.folders.chart_values(None, plane, free_port(), API_NAME, "")
             driver = InstalledDriver(self.real, Helm.installed(), image.archive, values, more_nodes=more)
-            self._started("dra-cpu: helm install charts/dra-cpu, its pod Ready on every node", driver)
+            what = "its image imported into each node's containerd (minutes in the guest), helm install charts/dra-cpu"
+            self._started(f"dra-cpu: {what}, its pod Ready on every node", driver)
         finally:
             image.stop()
 
     def stop(self) -> None:
-        """Uninstalls the driver, then stops the nodes and the control plane, the last started first."""
-        with step(self.say, "stopping the cluster"):
-            self._stack.close()
+        """Drains the nodes while the driver still runs (so that the kubelets unprepare every claim), then uninstalls
+        the driver and stops the nodes and the control plane, the last started first."""
+        with step(self.say, "stopping the cluster: the nodes drained, dra-cpu uninstalled, the nodes stopped"):
+            try:
+                # Cordoned first: a Deployment's pods, recreated, wait Pending instead of landing on the other node.
+                for node in self._nodes:
+                    node.cordon()
+                for node in self._nodes:
+                    node.drain(node.drain_seconds)
+            finally:
+                self._stack.close()
 
 
 MEMBER_ENV = "DRA_CPU_CLUSTER_MEMBER"

@@ -166,8 +166,9 @@ class GuestKubeletNode(KubeletNode):
     # The driver on this node, as the chart installs it (tests/harness/cluster/chart.py).
 
     def chart_values(self, metrics_port: int) -> dict[str, Any]:
-        """The chart's values for this node: its folders and sockets, the API server at `kubernetes`."""
-        return self.node.folders.chart_values(self.name, self.plane, metrics_port, API_NAME)
+        """The chart's values for this node: its folders and sockets, the API server at `kubernetes`, the metrics at
+        the node's address (127.0.0.2, a loopback address of the guest too), where the kubelet probes them."""
+        return self.node.folders.chart_values(self.name, self.plane, metrics_port, API_NAME, self.name)
 
     def import_image(self, archive: Path) -> None:
         """An OCI archive into the guest containerd's k8s.io namespace, through the host folder shared with it."""

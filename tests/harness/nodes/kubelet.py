@@ -69,14 +69,15 @@ class NodeFolders:
         return self.root / "dra-cpu-state"
 
     def chart_values(
-        self, node_name: str | None, plane: ControlPlane, metrics_port: int, api_host: str
+        self, node_name: str | None, plane: ControlPlane, metrics_port: int, api_host: str, metrics_host: str
     ) -> dict[str, Any]:
         """The chart's values that install the driver on node `node_name` (on every node of these folders when None),
-        reaching the API server at `api_host`."""
+        reaching the API server at `api_host`, serving metrics and probes at `metrics_host` (see chart_values)."""
         return chart_values(
             node_name=node_name,
             api_server_host=api_host,
             api_server_port=plane.port,
+            metrics_host=metrics_host,
             metrics_port=metrics_port,
             kubelet_root_dir=str(self.kubelet),
             cdi_root=str(self.cdi),
@@ -180,6 +181,10 @@ class KubeletNode(Component, ABC):
                         self.kube.delete(f"/api/v1/nodes/{self.name}")
                     close_api_client(self._api)
                     self._api = None
+
+    def cordon(self) -> None:
+        """No new pod lands on the node (what a controller recreates waits, Pending); DaemonSet pods still do."""
+        self.kube.patch(f"/api/v1/nodes/{self.name}", {"spec": {"unschedulable": True}})
 
     def drain(self, timeout: float = DRAIN_SECONDS) -> None:
         """Deletes the node's pods and waits for those no DaemonSet brings back (uninstall DaemonSets first)."""

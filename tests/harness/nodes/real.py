@@ -268,7 +268,7 @@ class RealNode(KubeletNode):
 
     def chart_values(self, metrics_port: int) -> dict[str, Any]:
         """The chart's values for this node: its folders and sockets, the API server on the node's loopback."""
-        return self.folders.chart_values(self.name, self.plane, metrics_port, "127.0.0.1")
+        return self.folders.chart_values(self.name, self.plane, metrics_port, "127.0.0.1", self.name)
 
     def import_image(self, archive: Path) -> None:
         """An OCI archive into containerd's k8s.io namespace, where the kubelet finds images."""
