@@ -210,7 +210,8 @@ install_guest() {
   local old kept=() keep_debs=() keep_tarballs=()
   for old in $(ls -1dt "$CACHE"/*/ 2>/dev/null); do
     old=${old%/}
-    [[ -f "$old/script.sha" ]] || continue
+    # A `current` link (what guest.sh named its build before) is another checkout's, and not a build itself.
+    [[ -f "$old/script.sha" && ! -L "$old" ]] || continue
     if ((${#kept[@]} < KEEP_BUILDS)); then
       kept+=("$old")
       keep_debs+=("$(awk '$1 == "kernel" { print $2 "_" $3; exit }' "$old/info" | sed 's/:/%3a/')")
