@@ -6,6 +6,9 @@ Everything here goes through the commands a user types: hack/cluster.sh and the 
 only the guest's topology (GUEST_SPEC), to know which CPUs each NUMA node has, and `leftovers`, to look for what a
 cluster could leave behind. The cluster lives in a folder of its own (DRA_CPU_CLUSTER_DIR), beside any cluster a
 developer has up.
+
+Cost, warm, on the 2-core test machines while other runs shared them: 527 s for the module (`up --numa-guest` 283 s,
+of which 220 s importing the driver's image into the guest and helm; the tests 210 s; `down` 35 s).
 """
 
 from __future__ import annotations
