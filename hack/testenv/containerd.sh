@@ -186,6 +186,8 @@ state = '$dir/state'
   plugin_request_timeout = '2s'
 TOML
 )
+  # Pods' network namespaces are mounted below DIR/state (not /var/run/netns), so that stop finds and removes those
+  # of pods that were never torn down.
   # CAP_SYS_RESOURCE is missing on the test machines (no negative oom_score_adj), and the hybrid cgroup layout
   # puts hugetlb alone on cgroup2, where runc cannot use it. Where cgroup2 alone is on /sys/fs/cgroup and offers
   # hugetlb (the test guest of guest.sh, production nodes) the controller stays on: with it disabled, containerd
@@ -199,6 +201,7 @@ TOML
   cri_common=$(cat <<TOML
 $([[ "$version" == 1.* || "$version" == 2.[0-3].* ]] && echo "  enable_cdi = true")
   cdi_spec_dirs = ['$dir/cdi']
+  netns_mounts_under_state_dir = true
   restrict_oom_score_adj = true
   tolerate_missing_hugetlb_controller = true
   disable_hugetlb_controller = ${DRA_CPU_DISABLE_HUGETLB:-$disable_hugetlb}
@@ -273,6 +276,8 @@ start() {  # start VERSION DIR
   local ctr=("$bin/ctr" -a "$dir/containerd.sock" -n k8s.io)
   "${ctr[@]}" images import "$(busybox_image localhost/busybox:latest)" >/dev/null
   "${ctr[@]}" images tag --force localhost/busybox:latest localhost/pause:latest >/dev/null
+  # The image hack/examples' pods name (there is no registry to pull it from).
+  "${ctr[@]}" images tag --force localhost/busybox:latest docker.io/library/busybox:1.36 >/dev/null
 }
 
 # cgroup_dirs PARENT: every cgroup directory of PARENT in every hierarchy, deepest first.

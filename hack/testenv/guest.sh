@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # A multi-NUMA test node that a real kernel enforces: Debian's own kernel and a Debian rootfs, booted by qemu
-# (tests/support/guest.py picks the topology: sockets, SMT, NUMA nodes and distances, hugepages, isolcpus).
+# (tests/harness/guest/vm.py picks the topology: sockets, SMT, NUMA nodes and distances, hugepages, isolcpus).
 #   guest.sh install     builds, once, under $TESTENV_CACHE/guest/<key>/: vmlinuz (bookworm linux-image-amd64),
-#                        initrd.img (busybox, the virtio/9p/ext4/overlay modules) and rootfs.ext4 (debootstrap
-#                        minbase with python3, runc, util-linux, procps, numactl, busybox; the containerd versions
-#                        of containerd.sh and its busybox image). The key covers this script, the kernel package
-#                        and the containerd versions; `current` points at the newest build.
+#                        initrd.img (busybox; the virtio, 9p, ext4 and overlay modules; the NIC's, the bridge's and
+#                        veth's for a node with a pod network) and rootfs.ext4 (debootstrap minbase with python3,
+#                        runc, the CNI plugins, util-linux, procps, numactl, busybox; the containerd versions of
+#                        containerd.sh and its busybox image). The key covers this script, the kernel package and the
+#                        containerd versions, so that checkouts with different scripts each find their own build.
 #   guest.sh installed   exit 0 and print the build directory when `install` is done for this script and the
 #                        containerd versions of containerd.sh, else exit 1
 # A cold build takes about 70 s here (debootstrap about 50 s of it) once qemu and containerd are installed; a warm
@@ -16,26 +17,44 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/images/busybox.sh"
 
 SUITE=bookworm
-# python3: the driver and the test harness; runc: containerd's runtime; busybox-static: the initramfs and
-# containerd.sh's busybox image; numactl: numastat and placement checks by hand.
-PACKAGES=python3,runc,util-linux,procps,numactl,kmod,busybox-static
-# Built as modules in Debian's kernel; loaded by the initramfs before the root is mounted.
-MODULES=(virtio_pci virtio_blk virtio_console ext4 9p 9pnet_virtio overlay)
+# python3: the driver and the test harness; runc: containerd's runtime; containernetworking-plugins: the pod network
+# of a guest joined as a node (bridge, host-local, loopback); busybox-static: the initramfs and containerd.sh's
+# busybox image; numactl: numastat and placement checks by hand.
+PACKAGES=python3,runc,containernetworking-plugins,util-linux,procps,numactl,kmod,busybox-static
+# Built as modules in Debian's kernel; loaded by the initramfs before the root is mounted. virtio_net, bridge and
+# veth are for a guest with a NIC and a pod network; loaded without one, they cost nothing.
+MODULES=(virtio_pci virtio_blk virtio_console ext4 9p 9pnet_virtio overlay virtio_net bridge veth)
+# Room for containerd's images (the driver's among them) and snapshots: the image is sparse, and each boot writes to
+# a throwaway overlay.
+ROOTFS_SIZE=4G
 CACHE="$TESTENV_CACHE/guest"
-CURRENT="$CACHE/current"
+KEEP_BUILDS=3
 SCRIPT_SHA=$(cat "$0" "$here/guest/"* | sha256sum | cut -c1-16)
 
 log() { echo "guest.sh: $*" >&2; }
 die() { echo "guest.sh: error: $*" >&2; exit 1; }
 
+# build_of: the build directory of this script (and the containerd versions of containerd.sh), if there is one.
+build_of() {
+  local sha=$1 versions build
+  versions="containerd $(bash "$here/containerd.sh" versions | tr '\n' ' ')"
+  for build in "$CACHE"/*/; do
+    build=${build%/}
+    [[ -f "$build/script.sha" && "$(cat "$build/script.sha")" == "$sha" ]] || continue
+    # A containerd that containerd.sh gained since (a new build, a newer Debian one) is not in the image yet.
+    grep -qxF "$versions" "$build/info" || continue
+    echo "$build"
+    return 0
+  done
+  return 1
+}
+
 installed() {
-  [[ -f "$CURRENT/script.sha" && "$(cat "$CURRENT/script.sha")" == "$SCRIPT_SHA" ]] || return 1
-  # A containerd that containerd.sh gained since (a new build, a newer Debian one) is not in the image yet.
-  grep -qxF "containerd $(bash "$here/containerd.sh" versions | tr '\n' ' ')" "$CURRENT/info" || return 1
-  local f
-  for f in vmlinuz initrd.img rootfs.ext4 info; do [[ -s "$CURRENT/$f" ]] || return 1; done
+  local build f
+  build=$(build_of "$SCRIPT_SHA") || return 1
+  for f in vmlinuz initrd.img rootfs.ext4 info; do [[ -s "$build/$f" ]] || return 1; done
   command -v qemu-system-x86_64 >/dev/null || return 1
-  readlink -f "$CURRENT"
+  echo "$build"
 }
 
 # kernel_package: "name version" of the kernel that bookworm's linux-image-amd64 depends on.
@@ -74,10 +93,16 @@ unpack_kernel() {
   echo "$release" >"$dir/release"
 }
 
+# tarball_of "SUITE PACKAGES": the name of their debootstrap tarball (a build's info says which it was made from).
+tarball_of() {
+  local suite=${1%% *} packages=${1#* }
+  echo "debootstrap-$suite-$(echo "$packages" | sha256sum | cut -c1-12).tar"
+}
+
 # rootfs_tarball: debootstrap of SUITE with PACKAGES, once (a few minutes).
 rootfs_tarball() {
   local tarball
-  tarball="$CACHE/debootstrap-$SUITE-$(echo "$PACKAGES" | sha256sum | cut -c1-12).tar"
+  tarball="$CACHE/$(tarball_of "$SUITE $PACKAGES")"
   if [[ ! -s "$tarball" ]]; then
     local root
     root=$(mktemp -d "$CACHE/debootstrap.XXXXXX")
@@ -135,13 +160,12 @@ rootfs() {
   cp -p "$(busybox_image localhost/busybox:latest)" "$root$TESTENV_CACHE/images/"
   install -m 0755 "$here/guest/init" "$root/sbin/dra-guest-init"
   echo "dra-guest" >"$root/etc/hostname"
-  # Pods with the host network get copies of these; there is no network beyond loopback.
+  # Pods with the host network get copies of these; a guest with a NIC adds the API server's name at boot.
   printf '127.0.0.1 localhost\n127.0.1.1 dra-guest\n::1 localhost\n' >"$root/etc/hosts"
   : >"$root/etc/resolv.conf"
   echo "::respawn:/sbin/dra-guest-init agent" >"$root/etc/inittab"
-  # Room for containerd's snapshots and state: the image is sparse and each boot writes to a throwaway overlay.
   rm -f "$out"
-  mkfs.ext4 -q -F -L dra-guest -E root_owner=0:0 -d "$root" "$out" 2G >/dev/null || die "mkfs.ext4 -d failed"
+  mkfs.ext4 -q -F -L dra-guest -E root_owner=0:0 -d "$root" "$out" "$ROOTFS_SIZE" >/dev/null || die "mkfs.ext4 -d failed"
   rm -rf "$root"
 }
 
@@ -180,16 +204,28 @@ install_guest() {
     echo "$SCRIPT_SHA" >"$build.tmp/script.sha"
     rm -rf "$build" && mv "$build.tmp" "$build"
   fi
-  ln -sfn "$key" "$CURRENT"
-  # Older builds go: each holds a 2 GiB (sparse) image.
-  local old
-  for old in "$CACHE"/*/; do
+  touch "$build"
+  # The newest KEEP_BUILDS builds stay (other checkouts, with another version of this script, use theirs); older ones
+  # go: each holds a sparse image of ROOTFS_SIZE. So do the kernel packages and debootstrap tarballs none of them uses.
+  local old kept=() keep_debs=() keep_tarballs=()
+  for old in $(ls -1dt "$CACHE"/*/ 2>/dev/null); do
     old=${old%/}
-    [[ "$old" == "$build" || -L "$old" || ! -f "$old/script.sha" ]] || rm -rf "$old"
+    # A `current` link (what guest.sh named its build before) is another checkout's, and not a build itself.
+    [[ -f "$old/script.sha" && ! -L "$old" ]] || continue
+    if ((${#kept[@]} < KEEP_BUILDS)); then
+      kept+=("$old")
+      keep_debs+=("$(awk '$1 == "kernel" { print $2 "_" $3; exit }' "$old/info" | sed 's/:/%3a/')")
+      keep_tarballs+=("$(tarball_of "$(awk '$1 == "rootfs" { print $2, $3; exit }' "$old/info")")")
+    else
+      rm -rf "$old"
+    fi
   done
-  # Kernel packages and debootstrap tarballs no build uses any more.
-  find "$CACHE/debs" -name '*.deb' ! -name "$(basename "$deb")" -delete
-  find "$CACHE" -maxdepth 1 -name 'debootstrap-*.tar' ! -name "$(basename "$tarball")" -delete
+  local file name
+  for file in "$CACHE"/debs/*.deb "$CACHE"/debootstrap-*.tar; do
+    [[ -e "$file" ]] || continue
+    name=$(basename "$file")
+    [[ " ${keep_debs[*]/%/_amd64.deb} ${keep_tarballs[*]} " == *" $name "* ]] || rm -f "$file"
+  done
   installed >/dev/null || die "the build in $build is incomplete"
   log "built $build in $((SECONDS - start)) s: $(tr '\n' ';' <"$build/info")"
 }

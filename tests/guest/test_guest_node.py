@@ -1,12 +1,12 @@
 """A claim across both NUMA nodes, end to end with the real components on a kernel that has the NUMA nodes: the test
-guest joined to the test control plane as node numa-guest (tests/harness/nodes/guest_kubelet.py), kube-scheduler 1.37
-allocating the claim there, the guest's kubelet 1.37 preparing it with dra-cpu (a process in the guest, NRI
-enforcement) and containerd 2.1 starting the container on the claim's CPUs. Then one of those CPUs goes offline,
-and the kubelet shows the device Unhealthy, with the driver's reason, in the pod's status.
+guest joined to the test control plane as a node (tests/harness/nodes/guest_kubelet.py), kube-scheduler 1.37
+allocating the claim there, the guest's kubelet 1.37 preparing it with dra-cpu (the chart's DaemonSet pod, NRI
+enforcement) and containerd 2.1 starting the container, on the pod network of the guest, on the claim's CPUs. Then one
+of those CPUs goes offline, and the kubelet shows the device Unhealthy, with the driver's reason, in the pod's status.
 
 What is asserted is read back: the claim's allocation and the pod's status from the API server, the driver's
 checkpoint, and the container's first process's Cpus_allowed_list and Mems_allowed_list and its cgroup's cpuset from
-the guest itself (the API server cannot reach this kubelet: no exec or logs through it).
+the guest itself.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ RUNNING_SECONDS = 240.0
 """Scheduling, prepare and the container's start, on the emulated guest of a loaded 2-core machine."""
 HEALTH_SECONDS = 120.0
 """The driver notices within a second (uevents, its 1 s poll); the kubelet writes the pod's status at its next sync."""
+
+# The module's guest node starts in the first test's setup: boot and kubelet about 70 s, then the driver's image
+# imported into the guest's containerd, 2 to 4 minutes under TCG on 2 busy cores (past the suite's 300 s).
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture
@@ -79,7 +83,6 @@ def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
         "spec": {"devices": {"requests": [numa_request("numa0", 0), numa_request("numa1", 1)]}},
     }
     pod = pinned_pod(busybox_pod("app", {"cpus": "two-nodes"}), node.name)
-    pod["spec"]["hostNetwork"] = True  # the guest's node has no pod network (tests/harness/nodes/guest_kubelet.py)
     [app] = pod["spec"]["containers"]
     # `app` names each request, `whole` the whole claim: the kubelet keys device health by CDI device, and dra-cpu
     # gives a claim one CDI device for all its devices, so `whole` sees one device's health for both.
@@ -106,7 +109,7 @@ def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
         assert len(mine) == CPUS_PER_NODE and mine.issubset(node_cpus(n)), granted
         assert mine == CPUSet.of(SPEC.siblings_of(mine.first())), granted
     cpus = granted["cpu-numa0"] | granted["cpu-numa1"]
-    assert SPEC.isolated_cpu not in cpus
+    assert not cpus & CPUSet.of(SPEC.isolated_cpus)
 
     # Both containers run there, as the guest kernel has it: their first processes and their cgroups.
     both = CPUSet.of([0, 1])

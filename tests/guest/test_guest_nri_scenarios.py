@@ -87,7 +87,7 @@ def test_plugin_restart_keeps_pins_and_reconciles(guest_node: GuestStandinNode) 
         # While no plugin is connected the runtime creates containers unpinned: the kernel gives them every CPU
         # of the cgroup root, the isolated one too.
         missed = node.create_container(node.run_pod("while-down"), "missed")
-        assert node.allowed(missed).cpus.ids >= node.online() - {SPEC.isolated_cpu}
+        assert node.allowed(missed).cpus.ids >= node.online() - set(SPEC.isolated_cpus)
         node.assert_allowed(pinned, claimed)
     finally:
         node.start_driver()

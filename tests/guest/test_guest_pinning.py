@@ -63,7 +63,7 @@ def node_cpus(node: int) -> frozenset[int]:
 
 def test_claim_split_over_both_nodes_pins_the_container_and_others_keep_off(guest_node: GuestStandinNode) -> None:
     node = guest_node
-    general = node.online() - {SPEC.isolated_cpu}
+    general = node.online() - set(SPEC.isolated_cpus)
     bystander = node.create_container(node.run_pod("bystander"), "app")
     node.assert_allowed(bystander, general, mems={0, 1, 2})
 
@@ -74,7 +74,7 @@ def test_claim_split_over_both_nodes_pins_the_container_and_others_keep_off(gues
     )
     granted = node.granted(claim)
     assert len(granted & node_cpus(0)) == 2 and len(granted & node_cpus(1)) == 2, granted
-    assert SPEC.isolated_cpu not in granted
+    assert not set(SPEC.isolated_cpus) & granted
     # Whole cores first: each node's two CPUs are the two threads of one core.
     for n in (0, 1):
         mine = granted & node_cpus(n)
@@ -151,13 +151,14 @@ def test_hugepages_claim_limits_the_container_to_its_pages_on_its_node(guest_nod
 
 def test_isolated_cpu_claim_gets_the_isolated_cpu(guest_node: GuestStandinNode) -> None:
     node = guest_node
-    general = node.online() - {SPEC.isolated_cpu}
+    general = node.online() - set(SPEC.isolated_cpus)
     bystander = node.create_container(node.run_pod("bystander"), "app")
     pod = node.run_pod("isolated", uid=str(uuid.uuid4()))
-    claim = node.prepared([result(f"cpu-isolated-numa{SPEC.node_of(SPEC.isolated_cpu)}", cpus=1)], [pod.uid])
-    assert node.granted(claim) == {SPEC.isolated_cpu}
+    [isolated] = SPEC.isolated_cpus
+    claim = node.prepared([result(f"cpu-isolated-numa{SPEC.node_of(isolated)}", cpus=1)], [pod.uid])
+    assert node.granted(claim) == set(SPEC.isolated_cpus)
     app = node.create_container(pod, "app", claims=[claim])
-    node.assert_allowed(app, {SPEC.isolated_cpu}, mems={SPEC.node_of(SPEC.isolated_cpu)})
+    node.assert_allowed(app, set(SPEC.isolated_cpus), mems={SPEC.node_of(isolated)})
     # The isolated CPU was never the shared pool's: the bystander keeps every other CPU.
     node.assert_allowed(bystander, general)
 
@@ -179,9 +180,9 @@ def test_cpu_hotplug_republishes_the_slices(guest_node: GuestStandinNode) -> Non
     node = guest_node
     cpu = 5
     before = _num_cpus(node, "cpu-numa1")
-    assert before == len(node_cpus(1) - {SPEC.isolated_cpu})
+    assert before == len(node_cpus(1) - set(SPEC.isolated_cpus))
     bystander = node.create_container(node.run_pod("bystander"), "app")
-    general = node.online() - {SPEC.isolated_cpu}
+    general = node.online() - set(SPEC.isolated_cpus)
     try:
         node.guest.write(f"/sys/devices/system/cpu/cpu{cpu}/online", "0")
         assert cpu not in node.online()

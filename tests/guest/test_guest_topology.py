@@ -21,7 +21,7 @@ def test_discover_matches_the_emulated_machine(guest: Guest) -> None:
         assert cpu["socket"] == SPEC.socket_of(cpu["id"]), cpu
         assert cpu["numaNode"] == SPEC.node_of(cpu["id"]), cpu
         assert cpu["threadSiblings"] == list(SPEC.siblings_of(cpu["id"])), cpu
-        assert cpu["isolated"] is (cpu["id"] == SPEC.isolated_cpu), cpu
+        assert cpu["isolated"] is (cpu["id"] in SPEC.isolated_cpus), cpu
     cores = {(cpu["socket"], cpu["core"]) for cpu in topology["cpus"]}
     assert len(cores) == SPEC.sockets * SPEC.cores
 
@@ -29,7 +29,7 @@ def test_discover_matches_the_emulated_machine(guest: Guest) -> None:
     assert summary["sockets"] == list(range(SPEC.sockets))
     assert summary["physicalCores"] == SPEC.sockets * SPEC.cores
     assert cpulist(summary["online"]) == set(range(SPEC.cpus))
-    assert cpulist(summary["isolated"]) == {SPEC.isolated_cpu}
+    assert cpulist(summary["isolated"]) == set(SPEC.isolated_cpus)
 
     nodes = {node["id"]: node for node in topology["numaNodes"]}
     assert sorted(nodes) == [n.id for n in SPEC.nodes]
@@ -60,7 +60,7 @@ def test_the_guest_kernel_itself_has_that_topology(guest: Guest) -> None:
         siblings = guest.read(f"{sysfs}/cpu/cpu{cpu}/topology/thread_siblings_list")
         assert cpulist(siblings) == set(SPEC.siblings_of(cpu))
         assert int(guest.read(f"{sysfs}/cpu/cpu{cpu}/topology/physical_package_id")) == SPEC.socket_of(cpu)
-    assert cpulist(guest.read(f"{sysfs}/cpu/isolated")) == {SPEC.isolated_cpu}
+    assert cpulist(guest.read(f"{sysfs}/cpu/isolated")) == set(SPEC.isolated_cpus)
     # Pure cgroup v2: one cgroup2 mount on /sys/fs/cgroup, no v1 hierarchy, and cpuset offered to children.
     mounts = [line.split() for line in guest.read("/proc/self/mounts").splitlines()]
     assert [m[1] for m in mounts if m[2] == "cgroup2"] == ["/sys/fs/cgroup"]
@@ -89,7 +89,7 @@ def test_bench_numa_writes_the_node_matrix_with_placement_verified(guest: Guest)
     for (cpu_node, memory_node), row in pairs.items():
         assert row["valid"] is True, row
         # The benchmark's threads run where a pod without claims may: the node's CPUs but the isolated one.
-        assert cpulist(row["cpus"]) == set(SPEC.nodes[cpu_node].cpus) - {SPEC.isolated_cpu}, row
+        assert cpulist(row["cpus"]) == set(SPEC.nodes[cpu_node].cpus) - set(SPEC.isolated_cpus), row
         placement = row["placement"]
         assert placement["policy"] == f"bind:{memory_node}"
         assert placement["pagesByNode"] == {str(memory_node): placement["expectedPages"]}, row

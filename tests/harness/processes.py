@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now (another process may take it before the caller binds it:
-    callers that start a server on it retry on "address already in use")."""
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port of `address` (a loopback address) that nothing listens on now (another process may take it before
+    the caller binds it: callers that start a server on it retry on "address already in use")."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return int(s.getsockname()[1])
 
 

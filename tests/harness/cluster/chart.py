@@ -41,23 +41,27 @@ class ChartError(Exception):
 
 def chart_values(
     *,
-    node_name: str,
+    node_name: str | None,
+    api_server_host: str = "127.0.0.1",
     api_server_port: int,
+    metrics_host: str = "127.0.0.1",
     metrics_port: int,
     kubelet_root_dir: str,
     cdi_root: str,
     nri_socket: str,
     state_dir: str,
 ) -> dict[str, Any]:
-    """The values the harness installs with: a node without kube-proxy, the API server on the node's loopback, the
-    image imported into containerd (no registry). docs/admin.md shows the same (tests/deploy/test_chart.py holds it
-    to this)."""
+    """The values the harness installs with: a node without kube-proxy, the API server reached from the node's own
+    network at `api_server_host`, the image imported into containerd (no registry); on node `node_name` only, or on
+    every node when None; metrics and probes on `metrics_host`, the node's address (the kubelet probes a host-network
+    pod at it), or every address when empty. docs/admin.md shows the same (tests/deploy/test_chart.py holds it to
+    this)."""
     return {
         "image": {"repository": IMAGE_REPOSITORY, "tag": IMAGE_TAG, "pullPolicy": "Never"},
-        "nodeSelector": {"kubernetes.io/hostname": node_name},
+        **({} if node_name is None else {"nodeSelector": {"kubernetes.io/hostname": node_name}}),
         "hostNetwork": True,
-        "apiServer": {"host": "127.0.0.1", "port": api_server_port},
-        "metricsHost": "127.0.0.1",
+        "apiServer": {"host": api_server_host, "port": api_server_port},
+        "metricsHost": metrics_host,
         "metricsPort": metrics_port,
         "kubeletRootDir": kubelet_root_dir,
         "cdiRoot": cdi_root,
@@ -100,6 +104,9 @@ class ChartNode(Protocol):
     """What installing the chart needs of a node."""
 
     @property
+    def name(self) -> str: ...
+
+    @property
     def plane(self) -> ControlPlane: ...
 
     @property
@@ -124,16 +131,23 @@ N = TypeVar("N", bound=ChartNode)
 @dataclass
 class InstalledDriver(Component, Generic[N]):
     """dra-cpu installed on `node` with the chart: `start()` imports the image, runs `helm install` with the node's
-    `chart_values` and waits for the pod to be Ready; `stop()` runs `helm uninstall` and waits for the pod to go."""
+    `chart_values` and waits for the pod to be Ready; `stop()` runs `helm uninstall` and waits for the pod to go.
+    With `more_nodes`, the one release runs on those too: `values` must then fit them all (no nodeSelector, the
+    same folders on every node), the image is imported into each, and each gets its Ready pod."""
 
     node: N
     helm: Helm
     archive: Path
     values: dict[str, Any] = field(default_factory=dict)
+    more_nodes: tuple[ChartNode, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.values:
             self.values = self.node.chart_values(free_port())
+
+    @property
+    def nodes(self) -> tuple[ChartNode, ...]:
+        return (self.node, *self.more_nodes)
 
     @property
     def state_dir(self) -> Path:
@@ -144,7 +158,8 @@ class InstalledDriver(Component, Generic[N]):
         return f"http://127.0.0.1:{self.values['metricsPort']}"
 
     def start(self) -> None:
-        self.node.import_image(self.archive)
+        for node in self.nodes:
+            node.import_image(self.archive)
         # Other tests of the session put the chart's DeviceClasses on the same control plane without helm (e.g.
         # tests/kube's `classes_file`); helm refuses to adopt objects it did not make, so those go first.
         kube = self.node.kube
@@ -153,18 +168,19 @@ class InstalledDriver(Component, Generic[N]):
             found = kube.find(path)
             if found is not None and "meta.helm.sh/release-name" not in found["metadata"].get("annotations", {}):
                 kube.delete(path)
-        self._helm("install", "--wait", "--timeout", "4m", values=self.values)
-        self.ready_pod()
+        self._helm("install", "--wait", "--timeout", "8m", values=self.values)
+        for node in self.nodes:
+            self.ready_pod(node=node.name)
 
     def stop(self) -> None:
         """helm uninstall, then until the driver's pods are gone (the kubelet unregisters the plugin)."""
         if self._helm_run("status").returncode != 0:
             return  # never installed
-        self._helm("uninstall", "--wait", "--timeout", "2m")
-        wait_until(lambda: not self.pods(), "the driver's pods to be gone after helm uninstall", 120)
+        self._helm("uninstall", "--wait", "--timeout", "4m")
+        wait_until(lambda: not self.pods(), "the driver's pods to be gone after helm uninstall", 240)
 
     def upgrade(self, values: Mapping[str, Any], wait: bool = True) -> None:
-        self._helm("upgrade", *(["--wait", "--timeout", "4m"] if wait else []), values=values)
+        self._helm("upgrade", *(["--wait", "--timeout", "8m"] if wait else []), values=values)
 
     def devices(self) -> list[dict[str, Any]]:
         """The devices the driver publishes now."""
@@ -198,30 +214,33 @@ class InstalledDriver(Component, Generic[N]):
             f"/api/v1/namespaces/{NAMESPACE}/pods", label_selector=f"app.kubernetes.io/instance={RELEASE}"
         )
 
-    def ready_pod(self, timeout: float = 120, other_than: str = "") -> dict[str, Any]:
+    def ready_pod(self, timeout: float = 120, other_than: str = "", node: str = "") -> dict[str, Any]:
         """The driver's pod once Ready (registered with the kubelet, slices published); with `other_than`, a pod of
-        another name (the one the DaemonSet made in its place)."""
+        another name (the one the DaemonSet made in its place); with `node`, the pod on that node."""
 
         def ready() -> dict[str, Any] | None:
             for pod in self.pods():
                 if pod["metadata"].get("deletionTimestamp") or pod["metadata"]["name"] == other_than:
+                    continue
+                if node and pod["spec"].get("nodeName") != node:
                     continue
                 conditions = pod.get("status", {}).get("conditions", [])
                 if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
                     return pod
             return None
 
-        return wait_until(ready, "the dra-cpu pod to be Ready", timeout, 0.5, details=self.describe)
+        where = f" on {node}" if node else ""
+        return wait_until(ready, f"the dra-cpu pod{where} to be Ready", timeout, 0.5, details=self.describe)
 
     def describe(self) -> str:
-        """The driver pods' status and logs, and the node's, for failure messages."""
+        """The driver pods' status and logs, and the nodes', for failure messages."""
         lines = []
         for pod in self.pods():
             name = pod["metadata"]["name"]
             lines.append(f"pod {name}: {json.dumps(pod.get('status', {}).get('containerStatuses'))}")
             logs = self.node.plane.kubectl("-n", NAMESPACE, "logs", name, "--tail=30")
             lines.append(logs.stdout + logs.stderr)
-        lines.append(self.node.describe())
+        lines.extend(node.describe() for node in self.nodes)
         return "\n".join(lines)
 
     def _helm(self, verb: str, *args: str, values: Mapping[str, Any] | None = None) -> None:

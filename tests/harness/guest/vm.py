@@ -6,15 +6,14 @@ SMT siblings, hugepages and isolated CPU this machine lacks.
 
 hack/testenv/guest.sh builds Debian's own kernel, an initramfs and a Debian rootfs (python3, runc, containerd); `boot`
 starts them with `qemu-system-x86_64 -accel tcg -cpu max,vendor=GenuineIntel` (KVM hangs on the test machines)
-in the topology of `SPEC`: 2 sockets x 2 cores x 2 threads, NUMA nodes 0 and 1 with 4 CPUs each, a memory-only
-node 2, distances, 2 MiB hugepages reserved per node on the kernel command line, one CPU in `isolcpus=`, pure
-cgroup v2 and no network. It boots in 10 to 40 s on two busy cores.
+in the topology of a `GuestSpec` (by default `SPEC`: 2 sockets x 2 cores x 2 threads, NUMA nodes 0 and 1 with 4 CPUs
+each, a memory-only node 2, distances, 2 MiB hugepages reserved per node on the kernel command line, one CPU in
+`isolcpus=`), pure cgroup v2 and no network. It boots in 10 to 40 s on two busy cores.
 A guest booted with `forwards` (the guest kubelet node, tests/harness/nodes/guest_kubelet.py) has a NIC on qemu's
 user-mode network with restrict=on: it reaches the given ports of the host's loopback at GUEST_HOST and nothing
-else, and nothing reaches it (each connection is relayed by relay.py, a process on the host). Its driver, virtio_net,
-is a module of Debian's kernel that the initramfs does not load; it comes from the kernel package that guest.sh keeps
-in its cache, so that the build (and the guests of other checkouts sharing it) stays as it is. With `shares`, host
-folders are mounted read-only at their own paths too.
+else (each connection is relayed by relay.py, a process on the host). With `inbound`, qemu listens on the given
+loopback addresses and ports of the host and forwards each connection to the same port of the guest: that is all
+that reaches it. With `shares`, host folders are mounted read-only at their own paths too.
 The project checkout is shared read-only over 9p at the host's own path, with the host's .venv site-packages on the
 guest's PYTHONPATH (both pythons are Debian 12's 3.11), so the guest runs this very checkout: `python3 -m dra_cpu`.
 The host drives the guest through `Guest`, which talks to the agent inside it (inside/agent.py) over a virtio-serial
@@ -51,10 +50,6 @@ GUEST_HOST = "10.0.2.100"
 """Where a guest booted with `forwards` reaches those ports of the host's loopback."""
 GUEST_ADDRESS, GUEST_GATEWAY = "10.0.2.15", "10.0.2.2"
 """qemu's user-mode defaults (its first DHCP lease and its gateway), set by hand: the guest has no DHCP client."""
-NET_MODULES = ("virtio_net",)
-MODULE_FOLDERS = ("drivers/net", "drivers/virtio", "net/core")
-"""Where kernel_modules looks, below the package's kernel/ (top level only: a few MB to unpack, not the 400 MB of
-all modules)."""
 BOOT_TIMEOUT = 360.0
 """TCG on 2 busy host cores: the boot itself takes 15 to 40 s; the rest is headroom for a loaded machine."""
 
@@ -82,7 +77,7 @@ class GuestSpec:
         NodeSpec(2, (), 512, 8),
     )
     distances: Mapping[tuple[int, int], int] = field(default_factory=lambda: {(0, 1): 21, (0, 2): 31, (1, 2): 41})
-    isolated_cpu: int = 7
+    isolated_cpus: tuple[int, ...] = (7,)
 
     @property
     def cpus(self) -> int:
@@ -108,7 +103,7 @@ class GuestSpec:
             "console=ttyS0",
             "panic=-1",
             "mitigations=off",
-            f"isolcpus={self.isolated_cpu}",
+            f"isolcpus={','.join(map(str, self.isolated_cpus))}",
             "default_hugepagesz=2M",
             "hugepagesz=2M",
             f"hugepages={pages}",
@@ -293,21 +288,15 @@ class Guest:
                 f"{_share_tag(index)} {where}"
             )
 
-    def network_up(self, modules: Sequence[tuple[str, bytes]]) -> None:
-        """Loads the NIC's driver (`kernel_modules`) and gives the NIC qemu's user-mode address and route."""
-        self.run("mkdir -p /run/dra-guest-modules")
-        for name, data in modules:
-            if self.run(["test", "-d", f"/sys/module/{name}"], check=False).rc == 0:
-                continue
-            self.put(f"/run/dra-guest-modules/{name}.ko", data)
-            self.run(["insmod", f"/run/dra-guest-modules/{name}.ko"])
+    def network_up(self) -> None:
+        """Gives the NIC (its driver, virtio_net, is loaded by the initramfs) qemu's user-mode address and route."""
         nic = self.run(
-            "for i in $(seq 100); do for n in /sys/class/net/*; do [ ${n##*/} = lo ] || { echo ${n##*/}; exit 0; };"
+            "for i in $(seq 100); do for n in /sys/class/net/*; do [ -e $n/device ] && { echo ${n##*/}; exit 0; };"
             " done; sleep 0.1; done; exit 3",
             check=False,
         )
         if nic.rc != 0:
-            raise GuestError(f"no network interface after loading {[n for n, _ in modules]}:\n{self.console_tail()}")
+            raise GuestError(f"no network interface:\n{self.console_tail()}")
         name = nic.stdout.strip()
         self.run(
             f"busybox ip addr add {GUEST_ADDRESS}/24 dev {name} && busybox ip link set {name} up && "
@@ -400,80 +389,47 @@ def _share_tag(index: int) -> str:
     return f"dra-share{index}"
 
 
-def network_args(forwards: Sequence[int]) -> list[str]:
+def network_args(forwards: Sequence[int], inbound: Sequence[tuple[str, int]] = ()) -> list[str]:
     """A user-mode NIC through which the guest reaches the host's loopback `forwards` ports at GUEST_HOST, and
-    nothing else (restrict=on). Each connection runs relay.py: a chardev target would take one connection
-    only, for the life of qemu."""
+    nothing else (restrict=on, which leaves explicit forwards be). Each connection runs relay.py: a chardev target
+    would take one connection only, for the life of qemu. Each (address, port) of `inbound` is a host loopback
+    address on which qemu listens and forwards to that port of the guest."""
     # qemu reads a comma in an option's value as the next option unless doubled.
-    relays = ",".join(
+    rules = [
         f"guestfwd=tcp:{GUEST_HOST}:{port}-cmd:"
         + shlex.join([sys.executable, "-I", "-S", str(RELAY), str(port)]).replace(",", ",,")
         for port in forwards
-    )
-    return ["-netdev", f"user,id=net,restrict=on,{relays}", "-device", "virtio-net-pci,netdev=net"]
+    ]
+    rules += [f"hostfwd=tcp:{address}:{port}-:{port}" for address, port in inbound]
+    return ["-netdev", f"user,id=net,restrict=on,{','.join(rules)}", "-device", "virtio-net-pci,netdev=net"]
 
 
-def kernel_package(build: Path) -> tuple[Path | None, str]:
-    """The kernel's .deb that guest.sh keeps beside `build`, or None and why there is none."""
-    words = (build / "info").read_text().split("\n", 1)[0].split()  # kernel NAME VERSION (RELEASE)
-    if len(words) < 3 or words[0] != "kernel":
-        return None, f"{build / 'info'} does not name the kernel package"
-    deb = build.parent / "debs" / f"{words[1]}_{words[2].replace(':', '%3a')}_amd64.deb"
-    if not deb.is_file():
-        return None, f"the guest's kernel package {deb} is not in the cache: run hack/testenv/guest.sh install"
-    return deb, ""
-
-
-def kernel_modules(build: Path, names: Sequence[str]) -> list[tuple[str, bytes]]:
-    """The modules `names` and those they depend on, in load order, from the kernel package of `build` (guest.sh
-    keeps it in its cache): (name, contents) each. Looked for in MODULE_FOLDERS, where the NIC drivers and what they
-    need are; some of them the initramfs has loaded already."""
-    deb, why = kernel_package(build)
-    if deb is None:
-        raise GuestError(why)
-    with tempfile.TemporaryDirectory(prefix="dra-guest-modules-") as tmp:
-        patterns = " ".join(f"'./lib/modules/*/kernel/{folder}/*.ko'" for folder in MODULE_FOLDERS)
-        unpacked = subprocess.run(
-            f"dpkg-deb --fsys-tarfile {shlex.quote(str(deb))} | "
-            f"tar -x -C {shlex.quote(tmp)} --wildcards --no-wildcards-match-slash {patterns}",
-            shell=True, capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if unpacked.returncode != 0:
-            raise GuestError(f"unpacking modules from {deb} failed: {unpacked.stderr[-2000:]}")
-        files = {p.stem.replace("-", "_"): p for p in Path(tmp).rglob("*.ko")}
-        order: list[str] = []
-
-        def add(name: str, wanted_by: str) -> None:
-            if name in order:
-                return
-            if name not in files:
-                raise GuestError(f"module {name} (for {wanted_by}) is not in {MODULE_FOLDERS} of {deb}")
-            depends = subprocess.run(
-                ["modinfo", "-F", "depends", str(files[name])], capture_output=True, text=True, check=True
-            ).stdout.strip()
-            for dependency in filter(None, depends.split(",")):
-                add(dependency.replace("-", "_"), name)
-            order.append(name)
-
-        for name in names:
-            add(name, name)
-        return [(name, files[name].read_bytes()) for name in order]
-
-
-def boot(build: Path, spec: GuestSpec = SPEC, *, forwards: Sequence[int] = (), shares: Sequence[Path] = ()) -> Guest:
+def boot(
+    build: Path,
+    spec: GuestSpec = SPEC,
+    *,
+    forwards: Sequence[int] = (),
+    inbound: Sequence[tuple[str, int]] = (),
+    shares: Sequence[Path] = (),
+    workdir: Path | None = None,
+) -> Guest:
     """Boot the guest and wait for its agent. The disk is a throwaway snapshot; the checkout is shared read-only.
-    With `forwards`, the guest reaches those ports of the host's loopback at GUEST_HOST (and nothing else); `shares`
-    are host folders it gets read-only at their own paths."""
-    modules = kernel_modules(build, NET_MODULES) if forwards else []
+    With `forwards`, the guest reaches those ports of the host's loopback at GUEST_HOST (and nothing else), and
+    `inbound` (address, port) pairs of the host's loopback reach that port of the guest; `shares` are host folders it
+    gets read-only at their own paths. Its console, logs and disk overlay go in `workdir` (a new folder below /tmp
+    unless given), which `Guest.shutdown` removes."""
+    networked = bool(forwards or inbound)
     # Short: the agent's socket path must fit a unix socket address.
-    workdir = Path(tempfile.mkdtemp(prefix="dra-guest-", dir="/tmp"))
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="dra-guest-", dir="/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
     agent = workdir / "agent.sock"
     kernel_args = [*spec.kernel_args(), f"dra_guest.src={ROOT}", f"dra_guest.agent={AGENT_PORT}"]
     argv = [
         "qemu-system-x86_64",
         *spec.qemu_args(),
         "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
-        *(network_args(forwards) if forwards else ["-nic", "none"]),
+        *(network_args(forwards, inbound) if networked else ["-nic", "none"]),
         "-serial", f"file:{workdir / 'console.log'}",
         "-kernel", str(build / "vmlinuz"),
         "-initrd", str(build / "initrd.img"),
@@ -502,8 +458,8 @@ def boot(build: Path, spec: GuestSpec = SPEC, *, forwards: Sequence[int] = (), s
     try:
         guest.connect(agent, BOOT_TIMEOUT)
         guest.mount_shares(shares)
-        if forwards:
-            guest.network_up(modules)
+        if networked:
+            guest.network_up()
     except BaseException:
         guest.poweroff()
         raise

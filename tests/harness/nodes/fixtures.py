@@ -6,10 +6,13 @@ real_node      the real node joined to `control_plane`, for the tests of a modul
                never see a real node their unpinned pods could land on); marked `kubelet`
 dra_cpu_image  the driver's image built from this checkout, once per run
 dra_cpu_node   dra-cpu installed on the real node with helm, for the tests of a module; marked `kubelet`
+guest_kubelet  the multi-NUMA guest joined to `control_plane`, dra-cpu installed there with helm, for the tests of a
+               module; marked `guest`
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -80,13 +83,17 @@ only_newest_containerd = pytest.mark.parametrize(
 
 @pytest.fixture(scope="module")
 def guest_kubelet(
-    request: pytest.FixtureRequest, control_plane: ControlPlane, helm: Helm
+    request: pytest.FixtureRequest, control_plane: ControlPlane, helm: Helm, dra_cpu_image: DriverImage
 ) -> Iterator[GuestKubeletNode]:
-    with started(GuestKubeletNode(control_plane, helm), "the guest's node", (NodeError, GuestError)) as node:
+    with started(GuestKubeletNode(control_plane), "the guest's node", (NodeError, GuestError)) as node:
         request.config.stash[_JOINED] = node
-        yield node
-        if request.session.testsfailed:
-            print(f"guest node logs kept in {node.keep_logs()}")
+        driver = InstalledDriver(node, helm, dra_cpu_image.archive)
+        start = time.monotonic()
+        with started(driver, "dra-cpu on the guest's node", (ChartError, WaitTimeout, GuestError)):
+            node.timings["dra-cpu ready"] = time.monotonic() - start
+            yield node
+            if request.session.testsfailed:
+                print(f"guest node logs kept in {node.keep_logs()}")
 
 
 _JOINED = pytest.StashKey[GuestKubeletNode]()

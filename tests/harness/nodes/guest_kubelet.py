@@ -1,31 +1,36 @@
-"""The guest kubelet node: the multi-NUMA guest (tests/harness/guest) joined to the control plane as a second node,
-`numa-guest`, with a real kubelet: kube-scheduler allocates claims across the guest's NUMA nodes and the kubelet
-prepares them with dra-cpu, on a kernel that has them.
+"""The guest kubelet node: the multi-NUMA guest (tests/harness/guest) joined to the control plane as a second node with
+a real kubelet: kube-scheduler allocates claims across the guest's NUMA nodes, the kubelet prepares them with dra-cpu
+installed by the chart (tests/harness/cluster/chart.py), on a kernel that has them.
 
-    with ControlPlane(state_dir) as plane, GuestKubeletNode(plane, Helm.installed()) as node:
+    with (
+        ControlPlane(state_dir) as plane,
+        GuestKubeletNode(plane) as node,
+        DriverImage() as image,
+        InstalledDriver(node, Helm.installed(), image.archive),
+    ):
         node.kube.create(pod, namespace)
 
-It boots a guest of its own (`forwards` and `shares`). How the node is put together:
-- The guest has a NIC on qemu's user-mode network with restrict=on: it reaches the kube-apiserver's port and nothing
-  else, at the name `kubernetes` (GUEST_HOST in its /etc/hosts; a name the server's certificate carries), and
-  nothing reaches it. So the API server cannot reach this kubelet: no exec, logs or port-forward through the API;
-  tests read the guest itself through its agent (the container's /proc/<pid>/status, the driver's files).
+It boots a guest of its own, in the topology of `spec`. How the node is put together:
+- Networking. The guest has a NIC on qemu's user-mode network with restrict=on: it reaches the kube-apiserver's port
+  and nothing else, at the name `kubernetes` (GUEST_HOST in its /etc/hosts; a name the server's certificate
+  carries). The kubelet serves on `port` in the guest, and qemu forwards the same port of the host's loopback
+  address `name` (127.0.0.2) to it: the node is named by that address, as the real node is by 127.0.0.1, since a
+  kubelet takes a loopback address as its node's address only as its name (it refuses it as --node-ip). So the API
+  server reaches this kubelet at the node's address, as in any cluster: `kubectl exec`, `logs` and `port-forward`
+  work, and nothing else reaches into the guest.
+- Pods get a network of their own: a CNI bridge in the guest (the guest image has the bridge and veth modules and
+  Debian's CNI plugins), without gateway or masquerade, as on the real node.
 - The kubelet is hack/testenv/kubernetes.sh's, run from a read-only 9p share of its folder, with the real node's
   configuration (cgroupfs driver below containerd's cgroup parent, here on pure cgroup v2; cpuManagerPolicy none;
-  the control plane's DRA gates) and credentials (a client certificate of system:node:numa-guest from the plane's
-  PKI, which is shared read-only too). It sets the kernel's sysctls itself: the guest is throwaway.
-- containerd 2.1 with NRI and CDI, started by GuestStandinNode as for the guest tests. Pods must use the host
-  network (`hostNetwork: true`): the guest's kernel has no veth or bridge module loaded and no CNI plugins. A CNI
-  configuration naming the loopback plugin is there only so that the runtime reports its network ready, which the
-  Node's Ready condition needs; a pod of its own network fails at its sandbox.
-- dra-cpu runs in the guest as `python3 -m dra_cpu run --kubeconfig ...` from the shared checkout (GuestStandinNode's
-  start_driver), NRI enforcement on, with a token of the chart's ServiceAccount bound to the Node: the API server
-  puts the node's name into it as it does for a pod-bound token, so the chart's ValidatingAdmissionPolicy applies
-  unchanged. The chart's RBAC, policy and DeviceClasses are applied from `helm template` (release RELEASE, a
-  namespace of its own), not by helm install: the driver is not a pod here.
+  the control plane's DRA gates) and credentials (a client certificate of system:node:<name> from the plane's PKI,
+  which is shared read-only too). It sets the kernel's sysctls itself: the guest is throwaway.
+- containerd 2.1 with NRI and CDI (hack/testenv/containerd.sh, in the guest), its folders, the kubelet's and the
+  driver's laid out below `dir` as on the real node (NodeFolders), so that one set of chart values fits both.
+- The driver is the chart's DaemonSet pod, its image imported into the guest's containerd from a host folder shared
+  read-only (`import_image`), reaching the API server at `kubernetes` with the host network (`chart_values`).
 
-On these 2-core machines the guest boots in 10 to 40 s, and the kubelet takes a minute or more to get Ready under
-TCG; START_SECONDS bounds each stage, and a failure carries the guest kubelet's and the driver's log tails.
+On these 2-core machines the guest boots in 15 to 40 s and the kubelet takes a minute or more to get Ready under
+TCG; START_SECONDS bounds each stage, and a failure carries the guest kubelet's and containerd's log tails.
 """
 
 from __future__ import annotations
@@ -38,52 +43,58 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
-
 from dra_cpu.core.cpuset import CPUSet
-from tests.harness.cluster.client import object_path
 from tests.harness.cluster.control_plane import ControlPlane
-from tests.harness.cluster.helm import CHART, Helm
-from tests.harness.cluster.objects import DRIVER, DRIVER_ACCESS_KINDS, ensure, new_namespace
 from tests.harness.cluster.pki import kubeconfig_text
 from tests.harness.component import Unavailable
 from tests.harness.driver_files import checkpoint_records
-from tests.harness.guest.vm import GUEST_ADDRESS, GUEST_HOST, Guest, GuestError, boot, kernel_package, require_built
+from tests.harness.guest.vm import GUEST_HOST, SPEC, Guest, GuestError, GuestSpec, boot, require_built
 from tests.harness.nodes.guest_standin import VERSIONS, GuestStandinNode
-from tests.harness.nodes.kubelet import KubeletNode, NodeError, kubelet_argv, kubelet_configuration, kubelet_gates
-from tests.harness.poll import wait_until
+from tests.harness.nodes.kubelet import (
+    API_NAME,
+    KubeletNode,
+    NodeError,
+    bridge_network,
+    kubelet_argv,
+    kubelet_configuration,
+    kubelet_gates,
+)
+from tests.harness.processes import free_port
 from tests.harness.runtimes.cri import Allowed
 from tests.harness.typed import present
 
-NODE_NAME = "numa-guest"
-RELEASE = "dra-cpu-guest"
-"""The chart's objects for this node are rendered as this release: other modules helm-install `dra-cpu`."""
-API_NAME = "kubernetes"
-SLICES = "/apis/resource.k8s.io/v1/resourceslices"
+NODE_NAME = "127.0.0.2"
+"""The node's name and address: the host's loopback address at which qemu forwards the kubelet's port."""
+POD_SUBNET = "10.88.0.0/24"
+"""The pods' bridge network in the guest (nothing routes it anywhere)."""
 START_SECONDS = 300.0
-"""For each of: the Node to get Ready, the driver to get ready."""
+"""For the Node to get Ready."""
+IMPORT_SECONDS = 600.0
+"""For `ctr images import` of the driver's image under TCG."""
 
 
 @dataclass
 class GuestKubeletNode(KubeletNode):
     plane: ControlPlane
-    helm: Helm
+    spec: GuestSpec = SPEC
     name: str = NODE_NAME
+    dir: str = "/var/lib/dra-guest/node"
+    """All of the node's state in the guest: containerd's, the kubelet's and the driver's folders (NodeFolders), the
+    kubelet's files and log."""
+    workdir: Path | None = None
+    """The guest's folder on this machine (qemu's console, logs and disk overlay); a new one below /tmp if None."""
     drain_seconds: float = 120.0
+    port: int = 0
+    """The kubelet's, in the guest and at `name` on this machine; chosen free at start."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds each stage of the start took, for the test report."""
     kubelet_pid: int = 0
-    driver_namespace: str = ""
-    chart_objects: list[dict[str, Any]] = field(default_factory=list)
     _guest: Guest | None = field(default=None, repr=False)
     _node: GuestStandinNode | None = field(default=None, repr=False)
-
-    dir: str = f"/var/lib/dra-guest/{NODE_NAME}"
-    """All of the node's state in the guest: containerd's, the driver's and the kubelet's root folder (laid out by
-    `node`), and the kubelet's log."""
+    _images: Path | None = field(default=None, repr=False)
 
     @property
     def guest(self) -> Guest:
@@ -91,8 +102,8 @@ class GuestKubeletNode(KubeletNode):
 
     @property
     def node(self) -> GuestStandinNode:
-        """containerd and the driver in the guest."""
-        return present(self._node, "the guest's containerd and driver (not started)")
+        """containerd in the guest, and its CRI."""
+        return present(self._node, "the guest's containerd (not started)")
 
     @property
     def kubelet_log(self) -> str:
@@ -114,16 +125,17 @@ class GuestKubeletNode(KubeletNode):
         return self.guest.run(["test", "-d", f"{self.node.kubelet_dir}/plugins_registry"], check=False).rc == 0
 
     def describe(self) -> str:
-        """The guest kubelet's and the driver's log tails, for failure messages."""
+        """The guest kubelet's and containerd's log tails, for failure messages."""
+        containerd = self.guest.run(["tail", "-20", f"{self.node.containerd_dir}/containerd.log"], check=False)
         return (
             f"guest kubelet ({self.kubelet_log}):\n{self.kubelet_log_tail(30)}\n"
-            f"dra-cpu ({self.node.driver_log}):\n{self.node.log_tail(20)}"
+            f"guest containerd:\n{containerd.stdout}{containerd.stderr}"
         )
 
     def keep_logs(self) -> Path:
-        """The kubelet's, the driver's, containerd's and the console's logs, copied to a new host folder."""
+        """The kubelet's, containerd's and the console's logs, copied to a new host folder."""
         keep = Path(tempfile.mkdtemp(prefix="dra-cpu-guest-node-logs-"))
-        for path in (self.kubelet_log, self.node.driver_log, f"{self.node.containerd_dir}/containerd.log"):
+        for path in (self.kubelet_log, f"{self.node.containerd_dir}/containerd.log"):
             found = self.guest.run(["cat", path], check=False)
             (keep / Path(path).name).write_text(found.stdout if found.rc == 0 else found.stderr)
         shutil.copy(self.guest.console, keep / "console.log")
@@ -151,18 +163,45 @@ class GuestKubeletNode(KubeletNode):
         self.guest.write(f"/sys/devices/system/cpu/cpu{cpu}/online", "1" if online else "0")
 
     # ------------------------------------------------------------------------------------------------------------
+    # The driver on this node, as the chart installs it (tests/harness/cluster/chart.py).
+
+    def chart_values(self, metrics_port: int) -> dict[str, Any]:
+        """The chart's values for this node: its folders and sockets, the API server at `kubernetes`, the metrics at
+        the node's address (127.0.0.2, a loopback address of the guest too), where the kubelet probes them."""
+        return self.node.folders.chart_values(self.name, self.plane, metrics_port, API_NAME, self.name)
+
+    def import_image(self, archive: Path) -> None:
+        """An OCI archive into the guest containerd's k8s.io namespace, through the host folder shared with it."""
+        shared = present(self._images, "the guest's image folder (not booted)") / archive.name
+        shutil.copyfile(archive, shared)
+        try:
+            ctr = f"{self.node.bin_dir}/ctr"
+            self.guest.run(
+                [ctr, "-a", self.node.cri_socket, "-n", "k8s.io", "images", "import", str(shared)],
+                timeout=IMPORT_SECONDS,
+            )
+        finally:
+            shared.unlink()
+
+    # ------------------------------------------------------------------------------------------------------------
     # Starting and stopping.
 
     def start(self) -> None:
         if os.geteuid() != 0:
             raise Unavailable("the guest's node needs root (qemu's 9p shares of root-owned folders)")
         build = require_built()
-        deb, why = kernel_package(build)
-        if deb is None:
-            raise Unavailable(f"the guest's NIC driver cannot be loaded: {why}")
         start = time.monotonic()
-        shares = [self.plane.binaries.path("kubelet").parent, self.plane.pki.dir]
-        self._guest = boot(build, forwards=[self.plane.port], shares=shares)
+        self.port = free_port(self.name)
+        self._images = Path(tempfile.mkdtemp(prefix="dra-guest-images-"))
+        shares = [self.plane.binaries.path("kubelet").parent, self.plane.pki.dir, self._images]
+        self._guest = boot(
+            build,
+            self.spec,
+            forwards=[self.plane.port],
+            inbound=[(self.name, self.port)],
+            shares=shares,
+            workdir=self.workdir,
+        )
         self._node = GuestStandinNode(self.guest, VERSIONS[0], self.dir)
         self.timings["guest booted"] = time.monotonic() - start
         start = time.monotonic()
@@ -172,9 +211,6 @@ class GuestKubeletNode(KubeletNode):
         self._start_containerd()
         self._start_kubelet(server)
         self.timings["kubelet Ready"] = time.monotonic() - start
-        start = time.monotonic()
-        self._start_driver(server)
-        self.timings["dra-cpu ready"] = time.monotonic() - start
 
     def _check_api(self, server: str) -> None:
         """The API server answers through the forwarded port, over TLS with the plane's CA, at its name."""
@@ -188,87 +224,36 @@ class GuestKubeletNode(KubeletNode):
             raise NodeError(f"the guest cannot reach the API server at {server}:\n{reached.stderr[-2000:]}")
 
     def _start_containerd(self) -> None:
-        cni = f"{self.node.containerd_dir}/cni"
+        folders = self.node.folders
+        cni = f"{folders.containerd}/cni"
         self.guest.run(["mkdir", "-p", cni])
-        # Loaded, never run: hostNetwork pods have no CNI calls (see the module).
-        loopback = {"cniVersion": "1.0.0", "name": "dra-guest-lo", "plugins": [{"type": "loopback"}]}
-        self.guest.write(f"{cni}/10-loopback.conflist", json.dumps(loopback))
+        network = bridge_network("dra-cni0", POD_SUBNET, folders.root / "cni-ipam")
+        self.guest.write(f"{cni}/10-dra-cpu-test.conflist", json.dumps(network))
         self.node.start_containerd()
 
     def _start_kubelet(self, server: str) -> None:
-        directory = self.dir
+        directory = PurePosixPath(self.dir)
         self.guest.run(["mkdir", "-p", self.node.kubelet_dir, f"/sys/fs/cgroup{self.node.cgroup_parent}"])
         user = self.plane.pki.node_user(self.name, f"kubelet-{self.name}-{uuid.uuid4().hex[:8]}")
         self.guest.write(f"{directory}/kubelet.kubeconfig", kubeconfig_text(server, self.plane.pki.ca, user))
         config = kubelet_configuration(
             self.plane,
-            port=10250,
+            address="0.0.0.0",
+            port=self.port,
             cri_socket=self.node.cri_socket,
             cgroup_root=self.node.cgroup_parent,
             pod_logs_dir=f"{directory}/pod-logs",
             feature_gates=kubelet_gates(self.plane),
         )
         self.guest.write(f"{directory}/kubelet.yaml", json.dumps(config, indent=2))
-        argv = [
-            *kubelet_argv(self.plane.binaries.path("kubelet"), Path(directory), Path(self.node.kubelet_dir), self.name),
-            # Else the kubelet looks the node's name up, which nothing in the guest resolves.
-            f"--node-ip={GUEST_ADDRESS}",
-        ]
+        argv = kubelet_argv(self.plane.binaries.path("kubelet"), directory, self.node.folders.kubelet, self.name)
         self.kubelet_pid = self.guest.spawn(argv, self.kubelet_log)
         self.wait_ready(START_SECONDS)
 
-    def _start_driver(self, server: str) -> None:
-        kube = self.kube
-        self.driver_namespace = new_namespace(kube, "dra-guest")
-        rendered = self.helm.run("template", RELEASE, str(CHART), "--namespace", self.driver_namespace)
-        if rendered.returncode != 0:
-            raise NodeError(f"helm template failed:\n{rendered.stderr}")
-        docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
-        self.chart_objects = [d for d in docs if d["kind"] in DRIVER_ACCESS_KINDS]
-        # DeviceClasses are shared by every node of the cluster: kept when another test put them there.
-        ensure(kube, [*self.chart_objects, *(d for d in docs if d["kind"] == "DeviceClass")], self.driver_namespace)
-        [account] = [d["metadata"]["name"] for d in self.chart_objects if d["kind"] == "ServiceAccount"]
-        node_uid = kube.get(f"/api/v1/nodes/{self.name}")["metadata"]["uid"]
-        token_request = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {
-                "expirationSeconds": 3600,
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Node", "name": self.name, "uid": node_uid},
-            },
-        }
-        path = f"/api/v1/namespaces/{self.driver_namespace}/serviceaccounts/{account}/token"
-        token = kube.request("POST", path, token_request)["status"]["token"]
-        kubeconfig = f"{self.dir}/driver.kubeconfig"
-        self.guest.write(kubeconfig, kubeconfig_text(server, self.plane.pki.ca, {"token": token}))
-        # Against an API server the daemon imports the Kubernetes client first: slower to start under TCG.
-        self.node.start_driver(kubeconfig=kubeconfig, node_name=self.name, register_seconds=int(START_SECONDS))
-
-        wait_until(
-            lambda: self.node.call("http_get", url=f"http://127.0.0.1:{self.node.metrics_port}/readyz"),
-            "dra-cpu in the guest to be ready (NRI, registered)",
-            START_SECONDS,
-            2,
-            retry_on=(GuestError,),
-            details=self.describe,
-            error=NodeError,
-        )
-        # Ready comes before the first write of the slices, and stays so while writes fail.
-        wait_until(
-            lambda: kube.list(SLICES, field_selector=f"spec.nodeName={self.name},spec.driver={DRIVER}"),
-            f"ResourceSlices of {self.name}",
-            START_SECONDS,
-            1,
-            details=self.describe,
-            error=NodeError,
-        )
-
     def stop_parts(self) -> None:
-        """Stops the driver, the kubelet and containerd, deletes the chart's objects, and powers the guest off."""
+        """Stops the kubelet and containerd, and powers the guest off."""
         try:
             if self._node is not None:
-                with contextlib.suppress(Exception):
-                    self.node.stop_driver()
                 if self.kubelet_pid:
                     with contextlib.suppress(GuestError):
                         self.guest.run(["kill", "-TERM", str(self.kubelet_pid)], check=False)
@@ -277,14 +262,10 @@ class GuestKubeletNode(KubeletNode):
                     self.kubelet_pid = 0
                 with contextlib.suppress(Exception):
                     self.node.stop_containerd()
-            for obj in self.chart_objects:
-                if obj["kind"] != "ServiceAccount":  # goes with its namespace
-                    with contextlib.suppress(Exception):
-                        self.kube.delete(object_path(obj, self.driver_namespace))
-            if self.driver_namespace:
-                with contextlib.suppress(Exception):
-                    self.kube.delete(f"/api/v1/namespaces/{self.driver_namespace}")
         finally:
             if self._guest is not None:
                 self._guest.shutdown()
                 self._guest = None
+            if self._images is not None:
+                shutil.rmtree(self._images, ignore_errors=True)
+                self._images = None

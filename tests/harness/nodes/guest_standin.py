@@ -20,6 +20,7 @@ import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
@@ -30,6 +31,8 @@ from dra_cpu.core.cpuset import CPUSet
 from tests.harness.claims import result as claim_result
 from tests.harness.component import Component
 from tests.harness.guest.vm import ROOT, Guest, GuestError
+from tests.harness.nodes.kubelet import NodeFolders
+from tests.harness.paths import TESTENV_CACHE
 from tests.harness.poll import NotYet, wait_until
 from tests.harness.runtimes.cri import Allowed, Container, Pod
 
@@ -105,7 +108,8 @@ class GuestStandinNode(Component):
     guest: Guest
     version: str
     dir: str
-    """All of this node's state in the guest: containerd's (DIR/containerd), the driver's, the cluster folder."""
+    """All of this node's state in the guest: containerd's, the kubelet's and the driver's folders (NodeFolders), the
+    stand-in cluster folder, the driver's log."""
     metrics_port: int = 9400
     cgroup_parent: str = ""
     driver_pid: int = 0
@@ -114,6 +118,7 @@ class GuestStandinNode(Component):
     # Below `dir`: containerd's state, sockets and CDI specs; the stand-in cluster folder; the kubelet's root folder
     # (a real kubelet's, or where the driver puts its sockets for the stand-in), with the driver's registration socket
     # where a kubelet's plugin watcher looks; the driver's state (its checkpoint) and log.
+    folders: NodeFolders = field(init=False)
     containerd_dir: str = field(init=False)
     cri_socket: str = field(init=False)
     cdi_dir: str = field(init=False)
@@ -124,13 +129,14 @@ class GuestStandinNode(Component):
     driver_log: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.containerd_dir = f"{self.dir}/containerd"
+        self.folders = NodeFolders(PurePosixPath(self.dir))
+        self.containerd_dir = str(self.folders.containerd)
         self.cri_socket = f"{self.containerd_dir}/containerd.sock"
-        self.cdi_dir = f"{self.containerd_dir}/cdi"
+        self.cdi_dir = str(self.folders.cdi)
         self.cluster = f"{self.dir}/cluster"
-        self.kubelet_dir = f"{self.dir}/kubelet"
+        self.kubelet_dir = str(self.folders.kubelet)
         self.registration = f"{self.kubelet_dir}/plugins_registry/{DRIVER}-reg.sock"
-        self.state_dir = f"{self.dir}/state"
+        self.state_dir = str(self.folders.driver_state)
         self.driver_log = f"{self.dir}/driver.log"
 
     def call(self, function: str, **kwargs: Any) -> Any:
@@ -162,6 +168,11 @@ class GuestStandinNode(Component):
             if self.cgroup_parent:
                 self.stop_containerd()
 
+    @property
+    def bin_dir(self) -> str:
+        """containerd's, ctr's and the shims' folder in the guest (hack/testenv/guest.sh copies them there)."""
+        return f"{TESTENV_CACHE}/containerd-{self.version}/usr/bin"
+
     def start_containerd(self) -> None:
         self.guest.run(["bash", str(CONTAINERD), "start", self.version, self.containerd_dir], timeout=120)
         self.cgroup_parent = self.guest.read(f"{self.containerd_dir}/cgroup-parent").strip()
@@ -171,19 +182,16 @@ class GuestStandinNode(Component):
         self.call("close", socket=self.cri_socket)
         self.guest.run(["bash", str(CONTAINERD), "stop", self.version, self.containerd_dir], timeout=120)
 
-    def start_driver(
-        self, *extra: str, kubeconfig: str = "", node_name: str = NODE, register_seconds: int = 60
-    ) -> None:
-        """`dra-cpu run` with NRI enforcement; returns once it has registered with the stand-in kubelet. With
-        `kubeconfig`, against that API server instead of the stand-in folder, for a real kubelet (guest_kubelet.py):
-        returns once its registration socket is there for the kubelet to find. Fails after `register_seconds`."""
+    def start_driver(self, *extra: str, register_seconds: int = 60) -> None:
+        """`dra-cpu run` with NRI enforcement, against the stand-in cluster folder; returns once it has registered
+        with the stand-in kubelet. Fails after `register_seconds`."""
         argv = [
             # faulthandler: a daemon that hangs is sent SIGABRT and its threads' stacks land in its log.
             "python3", "-X", "faulthandler", "-m", "dra_cpu", "run",
-            *(["--kubeconfig", kubeconfig] if kubeconfig else ["--standalone", self.cluster]),
-            "--node-name", node_name,
+            "--standalone", self.cluster,
+            "--node-name", NODE,
             "--enforcement", "nri",
-            "--nri-socket", f"{self.containerd_dir}/nri/nri.sock",
+            "--nri-socket", str(self.folders.nri_socket),
             "--kubelet-root-dir", self.kubelet_dir,
             "--cdi-root", self.cdi_dir,
             "--state-dir", self.state_dir,
@@ -204,8 +212,7 @@ class GuestStandinNode(Component):
         )
         if waited.rc != 0:
             raise GuestError(f"dra-cpu run did not register ({waited.rc}):\n{self.log_tail()}")
-        if not kubeconfig:
-            self.call("register", registration=self.registration)
+        self.call("register", registration=self.registration)
 
     def stop_driver(self) -> int:
         """SIGTERM, as the kubelet stops a pod; returns the exit status."""

@@ -5,6 +5,10 @@ configuration and command line, waiting for the Node to be Ready, and leaving th
 No node lifecycle controller runs in the harness's control plane, so each node does its part: it takes the not-ready
 taint off once the Node is Ready, and deletes its Node when it stops (the garbage collector then deletes its
 ResourceSlices, and the scheduler no longer places pods on a node that is gone).
+
+Both keep their state below one folder by the same names (`NodeFolders`), and both are named by the loopback address
+at which the API server reaches their kubelet (`kubelet_argv`): so one set of chart values, without a nodeSelector,
+places one DaemonSet on both (tests/harness/local_cluster/cluster.py).
 """
 
 from __future__ import annotations
@@ -12,16 +16,21 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 from kubernetes import client
 
+from tests.harness.cluster.chart import chart_values
 from tests.harness.cluster.client import Kube, close_api_client
 from tests.harness.cluster.control_plane import ControlPlane
 from tests.harness.component import Component
 from tests.harness.poll import NotYet, WaitTimeout, wait_until
 
+API_NAME = "kubernetes"
+"""The API server's name on a node, where pods with the host network resolve it (/etc/hosts); its certificate carries
+it."""
 START_SECONDS = 180.0
 """For a kubelet to register its Node and get it Ready."""
 DRAIN_SECONDS = 90.0
@@ -29,6 +38,70 @@ DRAIN_SECONDS = 90.0
 
 class NodeError(Exception):
     """A node did not start or get Ready; the message carries the kubelet's (and the driver's) log tails."""
+
+
+@dataclass(frozen=True)
+class NodeFolders:
+    """Where a node keeps its state below its folder `root` (on this machine or in the guest): the kubelet's root
+    folder, containerd's (its sockets and CDI specs), the driver's state."""
+
+    root: PurePosixPath
+
+    @property
+    def kubelet(self) -> PurePosixPath:
+        return self.root / "kubelet"
+
+    @property
+    def containerd(self) -> PurePosixPath:
+        return self.root / "containerd"
+
+    @property
+    def cdi(self) -> PurePosixPath:
+        """The only CDI spec folder containerd reads (hack/testenv/containerd.sh)."""
+        return self.containerd / "cdi"
+
+    @property
+    def nri_socket(self) -> PurePosixPath:
+        return self.containerd / "nri" / "nri.sock"
+
+    @property
+    def driver_state(self) -> PurePosixPath:
+        return self.root / "dra-cpu-state"
+
+    def chart_values(
+        self, node_name: str | None, plane: ControlPlane, metrics_port: int, api_host: str, metrics_host: str
+    ) -> dict[str, Any]:
+        """The chart's values that install the driver on node `node_name` (on every node of these folders when None),
+        reaching the API server at `api_host`, serving metrics and probes at `metrics_host` (see chart_values)."""
+        return chart_values(
+            node_name=node_name,
+            api_server_host=api_host,
+            api_server_port=plane.port,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+            kubelet_root_dir=str(self.kubelet),
+            cdi_root=str(self.cdi),
+            nri_socket=str(self.nri_socket),
+            state_dir=str(self.driver_state),
+        )
+
+
+def bridge_network(bridge: str, subnet: str, ipam_dir: PurePosixPath) -> dict[str, Any]:
+    """A CNI network configuration: pods on a bridge without gateway, masquerade or routes, so that they reach each
+    other and nothing else (no iptables rule either)."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": "dra-cpu-test",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": False,
+                "ipMasq": False,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": str(ipam_dir)},
+            },
+        ],
+    }
 
 
 class KubeletNode(Component, ABC):
@@ -109,6 +182,10 @@ class KubeletNode(Component, ABC):
                     close_api_client(self._api)
                     self._api = None
 
+    def cordon(self) -> None:
+        """No new pod lands on the node (what a controller recreates waits, Pending); DaemonSet pods still do."""
+        self.kube.patch(f"/api/v1/nodes/{self.name}", {"spec": {"unschedulable": True}})
+
     def drain(self, timeout: float = DRAIN_SECONDS) -> None:
         """Deletes the node's pods and waits for those no DaemonSet brings back (uninstall DaemonSets first)."""
         kube = self.kube
@@ -145,18 +222,20 @@ def kubelet_gates(plane: ControlPlane, feature_gates: Mapping[str, bool] | None 
 def kubelet_configuration(
     plane: ControlPlane,
     *,
+    address: str = "127.0.0.1",
     port: int,
     cri_socket: str,
     cgroup_root: str,
     pod_logs_dir: str,
     feature_gates: Mapping[str, bool],
 ) -> dict[str, Any]:
-    """The KubeletConfiguration of a test node: the cgroupfs driver below containerd's cgroup parent, no CPU manager,
-    client certificates of the plane's CA only, and nothing that evicts the tests' pods or deletes their images."""
+    """The KubeletConfiguration of a test node: serving on `address`:`port`, the cgroupfs driver below containerd's
+    cgroup parent, no CPU manager, client certificates of the plane's CA only, and nothing that evicts the tests'
+    pods or deletes their images."""
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
-        "address": "127.0.0.1",
+        "address": address,
         "port": port,
         "readOnlyPort": 0,
         "healthzPort": 0,
@@ -186,9 +265,11 @@ def kubelet_configuration(
     }
 
 
-def kubelet_argv(binary: Path, config_dir: Path, root: Path, name: str) -> list[str]:
+def kubelet_argv(binary: Path, config_dir: PurePath, root: PurePath, name: str) -> list[str]:
     """The kubelet's command line: kubelet.yaml and kubelet.kubeconfig in `config_dir`, its own serving certificate
-    in config_dir/pki, root folder `root`, node `name`."""
+    in config_dir/pki, root folder `root`, node `name`. A node named by an IP address has it as its address (the
+    kubelet refuses a loopback --node-ip, but takes one given as the name), where the API server dials it for exec,
+    logs and port-forward (as kubernetes' hack/local-up-cluster.sh does)."""
     return [
         str(binary),
         f"--config={config_dir / 'kubelet.yaml'}",

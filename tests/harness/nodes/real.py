@@ -11,7 +11,7 @@ tests/harness/cluster/chart.py (helm, the DaemonSet). How it fits these machines
 leaves untested):
 - The node is named `127.0.0.1` (`--hostname-override`, as kubernetes' hack/local-up-cluster.sh does): a kubelet
   refuses a loopback --node-ip, but takes an IP given as the hostname for the node's address, so the API server
-  reaches the kubelet (exec, logs) on loopback and nothing listens on another interface.
+  reaches the kubelet (exec, logs, port-forward) on loopback and nothing listens on another interface.
 - Hybrid cgroups (v1 controllers): `failCgroupV1: false`, cgroupDriver cgroupfs, and every pod cgroup below the
   containerd run's own cgroup parent (`cgroupRoot`), which containerd.sh stop removes.
 - No CAP_SYS_RESOURCE: `oomScoreAdj: 0` for the kubelet; containerd's `restrict_oom_score_adj` clamps the negative
@@ -21,6 +21,10 @@ leaves untested):
   a mount namespace of its own in which those /proc/sys files read the values it wants (so it writes nothing), and
   with a PATH without iptables (so it skips its chains, as on an nftables-only host). Its root folder is a shared
   mount, so that the volumes it mounts for pods reach containerd in the host's mount namespace.
+- In that namespace /etc/hosts also names the API server `kubernetes` (127.0.0.1, a name its certificate carries),
+  as the guest's does (at its address there): the kubelet copies this file into host-network pods, so a driver
+  DaemonSet told `apiServer.host: kubernetes` finds the API server on either node
+  (tests/harness/local_cluster/cluster.py).
 """
 
 from __future__ import annotations
@@ -35,17 +39,19 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dra_cpu.core.cdi_spec import ENV_CPUSET, ENV_MEMS
 from dra_cpu.core.cpuset import CPUSet
-from tests.harness.cluster.chart import chart_values
 from tests.harness.cluster.control_plane import ControlPlane
 from tests.harness.cluster.pki import write_kubeconfig
 from tests.harness.component import Unavailable
 from tests.harness.nodes.kubelet import (
+    API_NAME,
     KubeletNode,
+    NodeFolders,
+    bridge_network,
     container_id,
     kubelet_argv,
     kubelet_configuration,
@@ -58,7 +64,8 @@ from tests.harness.runtimes.cri import Allowed, CriError
 
 NODE_NAME = "127.0.0.1"
 EXAMPLE_IMAGE = "docker.io/library/busybox:1.36"
-"""The image hack/examples' pods name; the node has the test busybox image under that name (no registry here)."""
+"""The image hack/examples' pods name: hack/testenv/containerd.sh gives every containerd the test busybox image under
+that name too (no registry here)."""
 # What the kubelet's setupKernelTunables wants (pkg/kubelet/cm/container_manager_linux.go); shown to it, not set.
 KERNEL_TUNABLES: Mapping[str, str] = {
     "vm/overcommit_memory": "1",
@@ -100,8 +107,8 @@ def _by_claim(env: Mapping[str, str], prefix: str) -> dict[str, CPUSet]:
 class RealNode(KubeletNode):
     plane: ControlPlane
     dir: Path = Path()
-    """The kubelet's files: config, credentials, root folder (`root`), log; short, for socket paths. A new folder
-    below /tmp unless given."""
+    """All of the node's state: the kubelet's files (config, credentials, log), and its, containerd's and the driver's
+    folders as NodeFolders names them; short, for socket paths. A new folder below /tmp unless given."""
     feature_gates: Mapping[str, bool] = field(default_factory=dict)
     """The kubelet's; when empty, the control plane's (less those the kubelet does not know)."""
     name: str = NODE_NAME
@@ -113,6 +120,7 @@ class RealNode(KubeletNode):
 
     runtime: Containerd = field(init=False)
     """The node's containerd; its cgroup parent is the kubelet's cgroupRoot (pods are below <it>/kubepods)."""
+    folders: NodeFolders = field(init=False)
     root: Path = field(init=False)
     """The kubelet's --root-dir (the chart's kubeletRootDir)."""
     log: Path = field(init=False)
@@ -120,8 +128,9 @@ class RealNode(KubeletNode):
     def __post_init__(self) -> None:
         if self.dir == Path():
             self.dir = Path(tempfile.mkdtemp(prefix="dra-kl-", dir="/tmp"))
-        self.runtime = Containerd(newest_2x())
-        self.root = self.dir / "root"
+        self.folders = NodeFolders(PurePosixPath(self.dir))
+        self.runtime = Containerd(newest_2x(), Path(self.folders.containerd))
+        self.root = Path(self.folders.kubelet)
         self.log = self.dir / "kubelet.log"
 
     @property
@@ -141,8 +150,6 @@ class RealNode(KubeletNode):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(exist_ok=True)
         self.runtime.start()
-        # hack/examples' image name for the test busybox image (containerd.sh imported it).
-        self.runtime.ctr("images", "tag", "--force", "localhost/busybox:latest", EXAMPLE_IMAGE)
         self._cni()
         self._cgroup_root()
         self._kubelet_files()
@@ -162,27 +169,10 @@ class RealNode(KubeletNode):
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def _cni(self) -> None:
-        """A bridge without gateway, masquerade or routes: pods reach each other and nothing else."""
         tag = self.runtime.cgroup_parent.rsplit("-", 1)[-1][:8]
         self.bridge = f"dracpu{tag}"
-        octet = int(tag[:2], 16) % 200 + 20
-        conflist = {
-            "cniVersion": "1.0.0",
-            "name": "dra-cpu-test",
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": self.bridge,
-                    "isGateway": False,
-                    "ipMasq": False,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": f"10.{octet}.{int(tag[2:4], 16)}.0/24"}]],
-                        "dataDir": str(self.dir / "cni-ipam"),
-                    },
-                },
-            ],
-        }
+        subnet = f"10.{int(tag[:2], 16) % 200 + 20}.{int(tag[2:4], 16)}.0/24"
+        conflist = bridge_network(self.bridge, subnet, self.folders.root / "cni-ipam")
         (self.runtime.cni_dir / "10-dra-cpu-test.conflist").write_text(json.dumps(conflist, indent=2))
 
     def _cgroup_root(self) -> None:
@@ -213,6 +203,8 @@ class RealNode(KubeletNode):
         (self.dir / "sysctl").mkdir(exist_ok=True)
         for name, value in KERNEL_TUNABLES.items():
             (self.dir / "sysctl" / name.replace("/", ".")).write_text(value + "\n")
+        hosts = Path("/etc/hosts").read_text()
+        (self.dir / "hosts").write_text(f"{hosts.rstrip()}\n127.0.0.1 {API_NAME}\n")
 
     def _share_root(self) -> None:
         """The root folder as a shared mount of its own: the kubelet's mounts in its namespace propagate here."""
@@ -228,10 +220,9 @@ class RealNode(KubeletNode):
 
     def kubelet_command(self) -> list[str]:
         binary = self.plane.binaries.path("kubelet")
-        fakes = " && ".join(
-            f"mount --bind {shlex.quote(str(self.dir / 'sysctl' / name.replace('/', '.')))} /proc/sys/{name}"
-            for name in KERNEL_TUNABLES
-        )
+        shown = {f"/proc/sys/{name}": self.dir / "sysctl" / name.replace("/", ".") for name in KERNEL_TUNABLES}
+        shown["/etc/hosts"] = self.dir / "hosts"
+        fakes = " && ".join(f"mount --bind {shlex.quote(str(file))} {where}" for where, file in shown.items())
         kubelet = shlex.join(
             [
                 *kubelet_argv(binary, self.dir, self.root, self.name),
@@ -277,15 +268,7 @@ class RealNode(KubeletNode):
 
     def chart_values(self, metrics_port: int) -> dict[str, Any]:
         """The chart's values for this node: its folders and sockets, the API server on the node's loopback."""
-        return chart_values(
-            node_name=self.name,
-            api_server_port=self.plane.port,
-            metrics_port=metrics_port,
-            kubelet_root_dir=str(self.root),
-            cdi_root=str(self.cdi_dir),
-            nri_socket=str(self.runtime.nri_socket),
-            state_dir=str(self.dir / "dra-cpu-state"),
-        )
+        return self.folders.chart_values(self.name, self.plane, metrics_port, "127.0.0.1", self.name)
 
     def import_image(self, archive: Path) -> None:
         """An OCI archive into containerd's k8s.io namespace, where the kubelet finds images."""
