@@ -16,6 +16,7 @@ from typing import Any
 
 from dra_cpu.core.cpuset import MAX_CPUS, CPUSet, parse_field
 from dra_cpu.core.devices import DeviceConfig, DeviceMode, GroupBy
+from dra_cpu.core.memory import DEFAULT_RESERVED_MEMORY, parse_reserved_memory
 from dra_cpu.core.node_view import NodeSettings
 from dra_cpu.errors import DraCpuError, shown
 from dra_cpu.store.fileio import read_yaml
@@ -74,6 +75,13 @@ class Config:
         ),
     )
     reserved_cpus: str = field(default="", metadata=_opt("CPUs kept for system daemons, e.g. 0-1"))
+    reserved_memory: str = field(
+        default=DEFAULT_RESERVED_MEMORY,
+        metadata=_opt(
+            "memory of each NUMA node kept from claims for the system: a quantity or a share of the node, per node "
+            "as <node>:<amount>, e.g. 5% or 1Gi,0:2Gi"
+        ),
+    )
     whole_cores: bool = field(default=False, metadata=_opt("hand out whole physical cores only"))
     strict_reserved: bool = field(default=False, metadata=_opt("keep containers without claims off reserved CPUs"))
     min_shared_cpus: int = field(default=1, metadata=_opt("refuse claims that would leave fewer shared CPUs"))
@@ -93,6 +101,7 @@ class Config:
             group_by=GroupBy(self.group_by),
             node_allocatable=self.publish_node_allocatable_resources,
             pcie_roots=self.publish_pcie_roots,
+            reserved_memory=parse_reserved_memory(self.reserved_memory),
         )
 
     def node_settings(self, cdi_hooks: tuple[dict[str, object], ...] = ()) -> NodeSettings:
@@ -152,7 +161,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file (keys as below, in camelCase)")
     for f in fields(Config):
         meta = f.metadata
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{meta['help']} (default {f.default!r})"}
+        # argparse formats help with %: a literal one (a percentage) is written twice.
+        help_text = f"{meta['help']} (default {f.default!r})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
         if f.type == "bool":

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from dra_cpu.core.cpuset import parse_field
 from dra_cpu.core.devices import DeviceConfig, DeviceMode, GroupBy
+from dra_cpu.core.memory import DEFAULT_RESERVED_MEMORY, parse_reserved_memory
 
 # Exit code for bad input or environment: the message says what to fix.
 EXIT_USAGE = 2
@@ -27,6 +28,12 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that shape the published devices, shared by `slices` and `run`."""
     parser.add_argument("--driver-name", default="dra.cpu", help="DRA driver name and attribute domain")
     parser.add_argument("--reserved-cpus", default="", metavar="LIST", help="CPUs kept for system daemons, e.g. 0-1")
+    parser.add_argument(
+        "--reserved-memory",
+        default=DEFAULT_RESERVED_MEMORY,
+        metavar="AMOUNTS",
+        help="memory of each NUMA node kept from claims, e.g. 5%%, 512Mi or 1Gi,0:2Gi (default %(default)s)",
+    )
     parser.add_argument("--device-mode", choices=[m.value for m in DeviceMode], default=DeviceMode.GROUPED.value)
     parser.add_argument(
         "--whole-cores", action="store_true", help="publish and hand out whole physical cores only (SMT siblings)"
@@ -60,4 +67,5 @@ def device_config(args: argparse.Namespace) -> DeviceConfig:
         group_by=GroupBy(args.group_by),
         node_allocatable=args.publish_node_allocatable_resources,
         pcie_roots=args.publish_pcie_roots,
+        reserved_memory=parse_reserved_memory(args.reserved_memory),
     )

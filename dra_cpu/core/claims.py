@@ -1,7 +1,8 @@
 """ResourceClaim (a resource.k8s.io/v1 dict, as the API server returns it) -> ClaimRequest, validated. Pure.
 
 Only the parts of the claim that concern this driver and this node are kept: the allocation results of our driver
-and pool, what the scheduler recorded as consumed, our opaque configuration, and the pods the claim is reserved for.
+and pool, what the scheduler recorded as consumed, our opaque configuration (`CPUConfig`: the placement policy and
+the memory binding), and the pods the claim is reserved for.
 Every error names the field path and the value, so that the message in the pod's events is actionable.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dra_cpu.core.allocator import AllocationPolicy
+from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.core.objects import At
 from dra_cpu.errors import DraCpuError, shown
 
@@ -26,6 +28,7 @@ _CONFIG_FIELDS = {
     "spread": "spread",
     "distributeAcrossNUMA": "distribute_across_numa",
 }
+MEMORY_BINDING_FIELD = "memoryBinding"
 
 
 class ClaimError(DraCpuError):
@@ -64,6 +67,15 @@ def ref_problem(namespace: str, name: str, uid: str) -> str:
 
 
 @dataclass(frozen=True)
+class CPUConfig:
+    """The opaque configuration of a request (kind CPUConfig): where its CPUs go, and how the claim's memory is
+    bound (None: the default for what the claim holds, core/ledger.PreparedClaim.binding)."""
+
+    policy: AllocationPolicy = field(default_factory=AllocationPolicy)
+    memory_binding: MemoryBinding | None = None
+
+
+@dataclass(frozen=True)
 class DeviceResult:
     request: str
     device: str
@@ -71,6 +83,7 @@ class DeviceResult:
     share_id: str | None
     consumed: tuple[tuple[str, str], ...]
     policy: AllocationPolicy = field(default_factory=AllocationPolicy)
+    memory_binding: MemoryBinding | None = None
 
     @property
     def base_request(self) -> str:
@@ -171,7 +184,7 @@ def parse_claim(
     if not allocation:
         raise ClaimError(f"claim {ref}: status.allocation is empty: the claim is not allocated")
     devices = _mapping(_mapping(allocation, "status.allocation").get("devices") or {}, "status.allocation.devices")
-    policies = _policies(devices.get("config") or [], driver, default_policy, ref)
+    configs = _configs(devices.get("config") or [], driver, CPUConfig(default_policy), ref)
     results = []
     for index, raw in enumerate(_list(devices.get("results") or [], "status.allocation.devices.results")):
         path = f"status.allocation.devices.results[{index}]"
@@ -185,6 +198,7 @@ def parse_claim(
             )
         request = _string(result.get("request"), f"{path}.request")
         consumed = _mapping(result.get("consumedCapacity") or {}, f"{path}.consumedCapacity")
+        config = configs.get(request, configs.get(request.split("/", 1)[0], configs.get("", CPUConfig(default_policy))))
         results.append(
             DeviceResult(
                 request=request,
@@ -192,7 +206,8 @@ def parse_claim(
                 pool=pool,
                 share_id=result.get("shareID"),
                 consumed=tuple(sorted((str(k), str(v)) for k, v in consumed.items())),
-                policy=policies.get(request, policies.get(request.split("/", 1)[0], policies.get("", default_policy))),
+                policy=config.policy,
+                memory_binding=config.memory_binding,
             )
         )
     if not results:
@@ -212,11 +227,11 @@ def parse_claim(
     )
 
 
-def _policies(configs: Any, driver: str, default: AllocationPolicy, ref: ClaimRef) -> dict[str, AllocationPolicy]:
-    """Request name ("" = every request) -> policy. Class config comes first and the claim's own overrides it."""
+def _configs(configs: Any, driver: str, default: CPUConfig, ref: ClaimRef) -> dict[str, CPUConfig]:
+    """Request name ("" = every request) -> config. Class config comes first and the claim's own overrides it."""
     entries = _list(configs, "status.allocation.devices.config")
     ordered = sorted(enumerate(entries), key=lambda e: 0 if _source(e[1]) == "FromClass" else 1)
-    policies: dict[str, AllocationPolicy] = {}
+    policies: dict[str, CPUConfig] = {}
     for index, raw in ordered:
         path = f"status.allocation.devices.config[{index}]"
         entry = _mapping(raw, path)
@@ -235,27 +250,38 @@ def _source(entry: Any) -> Any:
     return entry.get("source") if isinstance(entry, Mapping) else None
 
 
-def parse_cpu_config(params: Mapping[str, Any], path: str, base: AllocationPolicy, ref: ClaimRef) -> AllocationPolicy:
+def parse_cpu_config(params: Mapping[str, Any], path: str, base: CPUConfig, ref: ClaimRef) -> CPUConfig:
     if params.get("apiVersion") != CONFIG_API_VERSION or params.get("kind") != CONFIG_KIND:
         raise ClaimError(
             f"claim {ref}: {path} has apiVersion {params.get('apiVersion')!r} and kind {params.get('kind')!r}; "
             f"expected apiVersion {CONFIG_API_VERSION!r} and kind {CONFIG_KIND!r}"
         )
     values: dict[str, bool] = {}
+    binding = base.memory_binding
     for key, value in params.items():
         if key in ("apiVersion", "kind"):
             continue
+        if key == MEMORY_BINDING_FIELD:
+            binding = _memory_binding(value, f"{path}.{key}", ref)
+            continue
         if key not in _CONFIG_FIELDS:
-            raise ClaimError(
-                f"claim {ref}: {path}.{key} is not a known field (known: {', '.join(sorted(_CONFIG_FIELDS))})"
-            )
+            known = ", ".join(sorted([*_CONFIG_FIELDS, MEMORY_BINDING_FIELD]))
+            raise ClaimError(f"claim {ref}: {path}.{key} is not a known field (known: {known})")
         if not isinstance(value, bool):
             raise ClaimError(f"claim {ref}: {path}.{key} must be true or false, not {value!r}")
         values[_CONFIG_FIELDS[key]] = value
-    policy = replace(base, **values)
+    policy = replace(base.policy, **values)
     if policy.spread and policy.align_l3:
         raise ClaimError(f"claim {ref}: {path}: spread and alignL3 contradict each other")
-    return policy
+    return CPUConfig(policy, binding)
+
+
+def _memory_binding(value: Any, path: str, ref: ClaimRef) -> MemoryBinding:
+    try:
+        return MemoryBinding(value)
+    except ValueError:
+        choices = " or ".join(repr(b.value) for b in MemoryBinding)
+        raise ClaimError(f"claim {ref}: {path} must be {choices}, not {shown(value)}") from None
 
 
 def _at(path: str) -> At:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from dra_cpu.core.allocator import AllocationError, AllocationPolicy, choose_cpus
-from dra_cpu.core.claims import ClaimRef, parse_cpu_config
+from dra_cpu.core.claims import ClaimRef, CPUConfig, parse_cpu_config
 from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, build_slices, device_index
 from dra_cpu.core.quantity import parse_quantity
 from dra_cpu.core.topology import Topology
@@ -151,9 +151,9 @@ def _policies(claim: dict[str, Any]) -> Iterator[tuple[str, AllocationPolicy]]:
         opaque = entry["opaque"]
         if opaque["driver"] == DRIVER:
             ref = ClaimRef("default", claim["metadata"]["name"], "uid")
-            policy = parse_cpu_config(opaque["parameters"], "config.opaque.parameters", AllocationPolicy(), ref)
+            config = parse_cpu_config(opaque["parameters"], "config.opaque.parameters", CPUConfig(), ref)
             for request in entry["requests"]:
-                yield request, policy
+                yield request, config.policy
 
 
 def _preparable(claim: dict[str, Any], topology: Topology, explanation: Explanation, config: DeviceConfig) -> bool:

@@ -17,6 +17,7 @@ def chart_device_classes(driver: str = DEFAULT_DRIVER) -> list[dict[str, Any]]:
         f"{driver}.isolated": f'{match_driver} && {attrs}.type == "cpu" && {attrs}.isolated',
         "dra.hugepages-2mi": f'{match_driver} && {attrs}.type == "hugepages" && {attrs}.pageSize == "2Mi"',
         "dra.hugepages-1gi": f'{match_driver} && {attrs}.type == "hugepages" && {attrs}.pageSize == "1Gi"',
+        f"{driver}.memory": f'{match_driver} && {attrs}.type == "memory"',
     }
     return [
         {
