@@ -14,12 +14,14 @@ from typing import Any, Protocol
 
 from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.claims import ClaimRef, ClaimRequest, PodRef, parse_claim
-from dra_cpu.core.cpu_quota import ThrottledClaim, throttled
+from dra_cpu.core.cpu_quota import throttled
 from dra_cpu.core.desired import cdi_ids
 from dra_cpu.core.device_metadata import MetadataError, claim_metadata
 from dra_cpu.core.grant import grant
 from dra_cpu.core.ledger import ClaimMetadata, Ledger, PreparedClaim
+from dra_cpu.core.memory_limit import bound_memory, unbounded
 from dra_cpu.core.node_view import NodeView
+from dra_cpu.core.pod_limits import PodLimitsError
 from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kube.api import ClusterAPI, NotFound
@@ -118,9 +120,9 @@ class Driver:
             with self._lock:
                 now = self._now
                 claim = grant(now.ledger, request, now.view, metadata)
-                problems = [p for pod in pods for p in throttled(pod, ref.name, len(claim.cpus))] if claim.cpus else []
+                problems = self._limit_problems(pods, ref, claim, now.view)
                 if problems:
-                    raise ThrottledClaim("; ".join(problems))
+                    raise PodLimitsError("; ".join(problems))
                 repeat = now.ledger.claims.get(claim.uid) == claim
                 ledger = now.ledger.with_claim(claim)
                 metadata_ids = self.reconciler.reconcile(now.ledger, ledger, now.view, ref, log)
@@ -151,9 +153,19 @@ class Driver:
             )
             return None
 
+    @staticmethod
+    def _limit_problems(pods: list[dict[str, Any]], ref: ClaimRef, claim: PreparedClaim, view: NodeView) -> list[str]:
+        """Containers whose CPU quota is below the claim's CPUs, or whose memory may outgrow what it binds them to."""
+        problems = [p for pod in pods for p in throttled(pod, ref.name, len(claim.cpus))] if claim.cpus else []
+        bound = bound_memory(claim, view)
+        if bound is not None:
+            problems += [p for pod in pods for p in unbounded(pod, ref.name, bound, claim.mems(view.topology))]
+        return problems
+
     def _reserving_pods(self, namespace: str, refs: Iterable[PodRef], log: OperationLog) -> list[dict[str, Any]]:
-        """The pods the claim is reserved for, as the API server has them now: their CPU limits decide whether
-        the claim's CPUs can be used at all (core/cpu_quota). A pod gone or replaced has no container to check."""
+        """The pods the claim is reserved for, as the API server has them now: their limits decide whether the
+        claim can be used at all (core/cpu_quota, core/memory_limit). A pod gone or replaced has no container to
+        check."""
         pods = []
         for pod in refs:
             try:

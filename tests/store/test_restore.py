@@ -9,11 +9,12 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.ledger import HugePageGrant, Ledger, MemoryGrant, PreparedClaim, PreparedDevice, Unrestorable
-from dra_cpu.core.memory import parse_reserved_memory
+from dra_cpu.core.memory import MemoryBinding, parse_reserved_memory
 from dra_cpu.driver import Driver
 from dra_cpu.store.checkpoint import Checkpoint, CheckpointFile
 from tests.support.kubelet_node import make_driver, result, write_claim
@@ -194,3 +195,30 @@ def test_memory_is_restored_within_what_the_node_has_for_claims_now(tmp_path: Pa
     assert ledger.unrestorable["d-gone"].reason == (
         "its 1Mi of memory on NUMA node 3: this node has no memory for claims there any more"
     )
+
+
+def test_memory_and_its_binding_are_rebuilt_from_the_cdi_specs(tmp_path: Path) -> None:
+    """A corrupt checkpoint: each claim's memory per node and its binding come back from its CDI spec."""
+    from tests.support.kubelet_node import cpu_config
+
+    (tmp_path / "state").mkdir()
+    driver = make_driver(tmp_path, FIXTURE)
+    driver.start()
+    memory = write_claim(
+        tmp_path, "memory", [result("memory-numa0", "mem", memory="64Mi"), result("memory-numa1", "mem", memory="8Mi")]
+    )
+    strict = write_claim(tmp_path, "strict", [result("cpu-numa1", cpus=2)])
+    path = tmp_path / "cluster/resourceclaims/default/strict.yaml"
+    claim = yaml.safe_load(path.read_text())
+    claim["status"]["allocation"]["devices"]["config"] = [cpu_config(memoryBinding="strict")]
+    path.write_text(yaml.safe_dump(claim))
+    prepared = {uid: r.claim for uid, r in driver.prepare([memory, strict]).items()}
+    assert all(prepared.values())
+    (tmp_path / "state/checkpoint.json").write_text("{")
+
+    again = make_driver(tmp_path, FIXTURE)
+    again.start()
+    rebuilt = again.snapshot().ledger.claims
+    assert rebuilt["memory"].memory == prepared["memory"].memory  # type: ignore[union-attr]
+    assert (rebuilt["memory"].binding, rebuilt["strict"].binding) == (MemoryBinding.STRICT, MemoryBinding.STRICT)
+    assert again.snapshot().ledger.allocated_memory == {0: 64 << 20, 1: 8 << 20}
