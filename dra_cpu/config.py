@@ -2,6 +2,10 @@
 
 The file is strict: an unknown key or a value of the wrong type is an error naming the key, because a typo in a
 node-level setting (say `reservedCPU`) silently ignored would hand the system's CPUs to workloads.
+
+The file also takes the upstream driver's keys (kubernetes-sigs/dra-driver-cpu's `driverConfig`, and the flags it
+keeps out of its file) where they mean what one of ours does (UPSTREAM_KEYS), so that its config file works here;
+docs/admin.md has the migration table.
 """
 
 from __future__ import annotations
@@ -30,6 +34,32 @@ MAX_POLL_SECONDS = 86400.0
 
 class ConfigError(DraCpuError):
     pass
+
+
+@dataclass(frozen=True)
+class UpstreamKey:
+    """One of the upstream driver's config keys: the key of ours it sets, and what else its meaning implies."""
+
+    ours: str
+    implies: tuple[tuple[str, Any], ...] = ()
+    why: str = ""
+
+
+UPSTREAM_KEYS = {
+    "cpuDeviceMode": UpstreamKey("deviceMode"),
+    # Upstream keeps every container without a claim off its reserved CPUs: ours does that with strictReserved.
+    "reservedCPUs": UpstreamKey("reservedCpus", (("strictReserved", True),), "upstream's reserved CPUs are strict"),
+    "hostnameOverride": UpstreamKey("nodeName"),
+    "publishNodeAllocatableResourceMapping": UpstreamKey("publishNodeAllocatableResources"),
+    # Flags upstream does not take in its file (--bind-address, --expose-pcie-roots): accepted here all the same.
+    "bindAddress": UpstreamKey("metricsAddress"),
+    "exposePCIeRoots": UpstreamKey("publishPcieRoots"),
+}
+UPSTREAM_API_VERSION = "v1alpha1"
+# The upstream driver's keys that have no counterpart here, and what to do instead.
+UPSTREAM_ONLY = {
+    "sysfsOverlay": "dra-cpu reads a whole sysfs tree instead: sysfsRoot, a folder holding sys/ and proc/",
+}
 
 
 def _opt(help_text: str, flag: bool = True, choices: tuple[str, ...] = ()) -> Any:
@@ -101,15 +131,15 @@ class Config:
             group_by=GroupBy(self.group_by),
             node_allocatable=self.publish_node_allocatable_resources,
             pcie_roots=self.publish_pcie_roots,
+            min_shared_cpus=self.min_shared_cpus,
+            strict_reserved=self.strict_reserved,
             reserved_memory=parse_reserved_memory(self.reserved_memory),
         )
 
     def node_settings(self, cdi_hooks: tuple[dict[str, object], ...] = ()) -> NodeSettings:
         return NodeSettings(
             devices=self.device_config(),
-            min_shared_cpus=self.min_shared_cpus,
             device_metadata=self.device_metadata,
-            strict_reserved=self.strict_reserved,
             cdi_hooks=cdi_hooks,
         )
 
@@ -199,11 +229,43 @@ def _from_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: expected a mapping of keys, found {type(doc).__name__}")
     by_key = {_camel(f.name): f for f in fields(Config)}
     values: dict[str, Any] = {}
-    for key, value in doc.items():
-        f = by_key.get(str(key))
-        if f is None:
-            raise ConfigError(f"config file {path}: unknown key {shown(key)} (known: {', '.join(sorted(by_key))})")
-        values[f.name] = _typed(path, str(key), value, str(f.type))
+    given: dict[str, str] = {}  # our key -> the key of the file that set it
+
+    def put(key: str, ours: str, value: Any) -> None:
+        f = by_key[ours]
+        if ours in given and values[f.name] != _typed(path, key, value, str(f.type)):
+            raise ConfigError(
+                f"config file {path}: {given[ours]} and {key} both set {ours}, to different values: give one"
+            )
+        values[f.name], given[ours] = _typed(path, key, value, str(f.type)), key
+
+    for raw_key, value in doc.items():
+        key = str(raw_key)
+        if key in by_key:
+            put(key, key, value)
+        elif key in UPSTREAM_KEYS:
+            upstream = UPSTREAM_KEYS[key]
+            put(
+                key,
+                upstream.ours,
+                value.strip().lower() if key == "hostnameOverride" and isinstance(value, str) else value,
+            )
+            for ours, implied in upstream.implies:
+                put(f"{key} ({upstream.why})", ours, implied)
+        elif key == "apiVersion":
+            if value != UPSTREAM_API_VERSION:
+                raise ConfigError(
+                    f"config file {path}: apiVersion {shown(value)}: the upstream driver's files say "
+                    f"{UPSTREAM_API_VERSION!r}; dra-cpu's need none"
+                )
+        elif key in UPSTREAM_ONLY:
+            raise ConfigError(f"config file {path}: {key} is the upstream driver's; {UPSTREAM_ONLY[key]}")
+        else:
+            known = ", ".join(sorted(by_key))
+            raise ConfigError(
+                f"config file {path}: unknown key {shown(key)} (known: {known}; and the upstream driver's "
+                f"{', '.join(sorted(UPSTREAM_KEYS))})"
+            )
     return values
 
 

@@ -5,7 +5,8 @@ Start order: state first (checkpoint and CDI agree before anything is served), t
 and only when enforcement is connected and synchronized the kubelet registration: a kubelet that sees the plugin
 may send prepares at once, and a prepared claim nobody enforces pins nothing.
 
-Signals and the exit deadline are process.py's; re-discovery is rediscovery.py's.
+Signals and the exit deadline are process.py's; re-discovery is rediscovery.py's; handing a claim over to the next
+pod that reserved it is handover.py's, told by NRI enforcement which pods wait.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from prometheus_client import CollectorRegistry
 
 from dra_cpu import cdihook, observe
 from dra_cpu.config import Config
+from dra_cpu.core.capacity import check_settings, split_cpus
 from dra_cpu.core.desired import pins
-from dra_cpu.core.devices import allocatable_cpus
 from dra_cpu.core.node_view import NodeView
 from dra_cpu.driver import Driver
 from dra_cpu.errors import DraCpuError
+from dra_cpu.handover import Handover
 from dra_cpu.kube.api import ClusterAPI
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.kube.standalone import StandaloneAPI
@@ -78,6 +80,7 @@ class Daemon:
         self.metrics = observe.OperationMetrics(self.registry)
         self.plugin: KubeletPlugin | None = None
         self.nri: NriEnforcer | None = None
+        self.handover: Handover | None = None
         # An error in a start-up thread, raised again by run() so that the command exits 2 naming it.
         self._fatal: DraCpuError | None = None
         self.process = Process(self.stop)
@@ -96,6 +99,7 @@ class Daemon:
                 cdihook.hook(Path(sys.argv[0]).resolve(), cdi_dir=Path(config.cdi_root), driver=config.driver_name),
             )
         topology = read_topology(Path(config.sysfs_root), pcie_roots=config.publish_pcie_roots)
+        check_settings(topology, config.device_config())
         view = NodeView.of(topology, config.node_settings(hooks))
         api = connect_cluster(config)
         state_dir = writable_dir("stateDir", Path(config.state_dir))
@@ -152,6 +156,11 @@ class Daemon:
             pins(now.ledger, now.view),
         )
         self.driver.enforce_with(nri)
+        # Only NRI refuses a waiting pod's containers (and so tells which claims to hand over): the CDI hook runs
+        # in the runtime's process, and leaves such a container unpinned instead.
+        self.handover = Handover(self.driver, self.stop)
+        nri.waiting = self.handover.waiting
+        self._spawn("handover", self.handover.run)
         nri.start()
         return nri
 
@@ -185,6 +194,8 @@ class Daemon:
             self.plugin.stop()
         if self.nri is not None:
             self.nri.stop()
+        if self.handover is not None:
+            self.handover.close()
         self.http.shutdown()
 
     def not_ready(self) -> list[str]:
@@ -201,12 +212,14 @@ class Daemon:
         now = self.driver.snapshot()
         ledger, topology = now.ledger, now.view.topology
         nri = self.nri.counters if self.nri is not None else NriCounters()
+        split = split_cpus(topology, now.view.settings.devices)
         return observe.View(
             topology=topology,
             claims=tuple(ledger.claims.values()),
-            allocatable=allocatable_cpus(topology, now.view.settings.devices),
+            allocatable=split.claimable,
+            reserved=split.reserved,
             allocated=ledger.allocated_cpus,
-            shared=ledger.shared_cpus(topology),
+            shared=split.floor.pool(topology, ledger.allocated_cpus),
             nri_connected=float(self.nri is not None and self.nri.ready.is_set()),
             memory=now.view.memory_capacity,
             memory_allocated=ledger.allocated_memory,

@@ -1,6 +1,6 @@
-"""Prepare and unprepare: read the claim, then, under one lock, decide (core/grant.py, pure) and have the node made
-to match the new ledger (reconciler.py, with rollback). Everything else reads the driver through `snapshot()`: the
-node view and the ledger of one moment, both immutable.
+"""Prepare, unprepare and hand-over: read the claim, then, under one lock, decide (core/grant.py and
+core/sharing.py, pure) and have the node made to match the new ledger (reconciler.py, with rollback). Everything
+else reads the driver through `snapshot()`: the node view and the ledger of one moment, both immutable.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Any, Protocol
 
 from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.claims import ClaimRef, ClaimRequest, PodRef, parse_claim
-from dra_cpu.core.cpu_quota import throttled
 from dra_cpu.core.desired import cdi_ids
 from dra_cpu.core.device_metadata import MetadataError, claim_metadata
 from dra_cpu.core.grant import grant
 from dra_cpu.core.ledger import ClaimMetadata, Ledger, PreparedClaim
-from dra_cpu.core.memory_limit import bound_memory, unbounded
+from dra_cpu.core.memory_limit import bound_memory
 from dra_cpu.core.node_view import NodeView
 from dra_cpu.core.pod_limits import PodLimitsError
+from dra_cpu.core.sharing import Holding, hold, holder
 from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kube.api import ClusterAPI, NotFound
@@ -37,6 +37,8 @@ class Recorder(Protocol):
     def record_prepare(self, ok: bool, seconds: float) -> None: ...
 
     def record_unprepare(self, ok: bool) -> None: ...
+
+    def record_new_claim(self, cpus: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -109,34 +111,81 @@ class Driver:
         try:
             self.reconciler.check_ready()
             log.debug("reading the claim")
-            obj = self.api.get_claim(ref.namespace, ref.name)
+            request = self._read_claim(ref)
             settings = self._now.view.settings
-            request = parse_claim(
-                obj, ref, driver=settings.driver_name, pool=settings.pool, default_policy=AllocationPolicy()
-            )
             log = log.bind(pods=",".join(request.pod_uids))
             pods = self._reserving_pods(ref.namespace, request.pods, log)
             metadata = self._metadata(request, settings.device_metadata, log)
             with self._lock:
                 now = self._now
-                claim = grant(now.ledger, request, now.view, metadata)
-                problems = self._limit_problems(pods, ref, claim, now.view)
-                if problems:
-                    raise PodLimitsError("; ".join(problems))
+                granted = grant(now.ledger, request, now.view, metadata)
+                held = hold(granted, request.pod_uids, pods, bound_memory(granted, now.view))
+                claim = held.claim
+                if request.pods and not claim.pod_uids:
+                    # No pod that reserved the claim has limits that fit it: the prepare fails, saying why.
+                    raise PodLimitsError("; ".join(held.unfit.values()))
                 repeat = now.ledger.claims.get(claim.uid) == claim
-                ledger = now.ledger.with_claim(claim)
-                metadata_ids = self.reconciler.reconcile(now.ledger, ledger, now.view, ref, log)
-                self._now = Snapshot(now.view, ledger)
+                metadata_ids = self._commit(now, claim, log)
             if repeat:
                 # A kubelet retry or restart: the same CPUs, the files checked and left alone when right.
                 log.info("already prepared", extra={"cpus": str(claim.cpus)})
             else:
+                if self.recorder is not None:
+                    self.recorder.record_new_claim(len(claim.cpus))
                 log.info("prepared", extra={"cpus": str(claim.cpus), "mems": str(claim.mems(now.view.topology))})
             return PreparedResult(claim, cdi_ids=cdi_ids(claim, settings.driver_name, metadata_ids))
         except NotFound:
             return self._failed(log, f"claim {ref} not found on the API server")
         except DraCpuError as err:
             return self._failed(log, str(err))
+
+    def follow(self, ref: ClaimRef) -> Holding | None:
+        """Hand the prepared claim `ref` over when its reservedFor no longer lists the pod it serves
+        (core/sharing.py): the kubelet prepares a claim once, however many pods use it, so this is how a pod that
+        reserved it later gets it. Reads the claim, and the reserving pods only when the claim changes hands. None
+        when the claim is not prepared here; DraCpuError when it cannot be read or the node made to match."""
+        log = operation(LOG, "handover", claimUID=ref.uid, claim=str(ref))
+        prepared = self._now.ledger.claims.get(ref.uid)
+        if prepared is None:
+            return None
+        request = self._read_claim(ref)
+        if holder(prepared.pod_uids, request.pod_uids) == prepared.pod_uids:
+            return Holding(prepared, {})
+        waiting = [pod for pod in request.pods if pod.uid not in prepared.pod_uids]
+        pods = self._reserving_pods(ref.namespace, waiting, log)
+        with self._lock:
+            now = self._now
+            before = now.ledger.claims.get(ref.uid)
+            if before is None:
+                return None
+            held = hold(before, request.pod_uids, pods, bound_memory(before, now.view))
+            if held.claim != before:
+                self._commit(now, held.claim, log)
+        for uid, reason in held.unfit.items():
+            log.warning("pod cannot hold the claim", extra={"podUID": uid, "reason": reason})
+        if held.claim != before:
+            log.info(
+                "claim handed over",
+                extra={"from": ",".join(before.pod_uids), "to": ",".join(held.claim.pod_uids) or "no pod"},
+            )
+        return held
+
+    def _read_claim(self, ref: ClaimRef) -> ClaimRequest:
+        settings = self._now.view.settings
+        return parse_claim(
+            self.api.get_claim(ref.namespace, ref.name),
+            ref,
+            driver=settings.driver_name,
+            pool=settings.pool,
+            default_policy=AllocationPolicy(),
+        )
+
+    def _commit(self, now: Snapshot, claim: PreparedClaim, log: OperationLog) -> dict[str, str]:
+        """Under the lock: the ledger with `claim`, made the node's (the claim's metadata CDI ids are returned)."""
+        ledger = now.ledger.with_claim(claim)
+        metadata_ids = self.reconciler.reconcile(now.ledger, ledger, now.view, claim.ref, log)
+        self._now = Snapshot(now.view, ledger)
+        return metadata_ids
 
     @staticmethod
     def _metadata(request: ClaimRequest, enabled: bool, log: OperationLog) -> ClaimMetadata | None:
@@ -153,19 +202,9 @@ class Driver:
             )
             return None
 
-    @staticmethod
-    def _limit_problems(pods: list[dict[str, Any]], ref: ClaimRef, claim: PreparedClaim, view: NodeView) -> list[str]:
-        """Containers whose CPU quota is below the claim's CPUs, or whose memory may outgrow what it binds them to."""
-        problems = [p for pod in pods for p in throttled(pod, ref.name, len(claim.cpus))] if claim.cpus else []
-        bound = bound_memory(claim, view)
-        if bound is not None:
-            problems += [p for pod in pods for p in unbounded(pod, ref.name, bound, claim.mems(view.topology))]
-        return problems
-
     def _reserving_pods(self, namespace: str, refs: Iterable[PodRef], log: OperationLog) -> list[dict[str, Any]]:
         """The pods the claim is reserved for, as the API server has them now: their limits decide whether the
-        claim can be used at all (core/cpu_quota, core/memory_limit). A pod gone or replaced has no container to
-        check."""
+        claim can be used by them at all (core/sharing.py). A pod gone or replaced has no container to check."""
         pods = []
         for pod in refs:
             try:

@@ -2,6 +2,9 @@
 
 Gauges are computed at scrape time from the driver's state, so they can never drift from it. Labels are NUMA
 nodes, page sizes and results: never claim UIDs (unbounded cardinality).
+
+The upstream driver's metrics (kubernetes-sigs/dra-driver-cpu pkg/metrics, UPSTREAM below) are served beside ours
+under their names, labels and meanings, so that its dashboards keep working; docs/admin.md has the table.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class OperationMetrics:
     prepares: Counter = field(init=False)
     unprepares: Counter = field(init=False)
     prepare_seconds: Histogram = field(init=False)
+    upstream: UpstreamOperations = field(init=False)
 
     def __post_init__(self) -> None:
         self.prepares = Counter(
@@ -47,12 +51,49 @@ class OperationMetrics:
             registry=self.registry,
         )
 
+        self.upstream = UpstreamOperations(self.registry)
+
     def record_prepare(self, ok: bool, seconds: float) -> None:
         self.prepares.labels(result="success" if ok else "error").inc()
         self.prepare_seconds.observe(seconds)
+        self.upstream.prepares.labels(result="success" if ok else "error").inc()
+        self.upstream.prepare_seconds.observe(seconds)
 
     def record_unprepare(self, ok: bool) -> None:
         self.unprepares.labels(result="success" if ok else "error").inc()
+        self.upstream.unprepares.labels(result="success" if ok else "error").inc()
+
+    def record_new_claim(self, cpus: int) -> None:
+        self.upstream.claim_cpus.observe(cpus)
+
+
+# client_golang's prometheus.DefBuckets, which upstream's duration histogram uses (Python's default has three more).
+GO_DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class UpstreamOperations:
+    """The upstream driver's operation metrics (its names, labels and buckets; result `unknown` never happens here)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.prepares = Counter(
+            "dra_cpu_prepare_claims", "Total number of per-claim PrepareResourceClaims results.", ["result"],
+            registry=registry,
+        )  # fmt: skip
+        self.unprepares = Counter(
+            "dra_cpu_unprepare_claims", "Total number of per-claim UnprepareResourceClaims results.", ["result"],
+            registry=registry,
+        )  # fmt: skip
+        for counter in (self.prepares, self.unprepares):
+            for result in ("success", "error", "unknown"):
+                counter.labels(result=result)
+        self.prepare_seconds = Histogram(
+            "dra_cpu_prepare_claim_duration_seconds", "Duration of per-claim prepare operations in seconds.",
+            buckets=GO_DEFAULT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.claim_cpus = Histogram(
+            "dra_cpu_claim_allocated_cpus", "Number of CPUs allocated for each newly successful claim allocation.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry,
+        )  # fmt: skip
 
 
 @dataclass(eq=False)  # the registry keys collectors by identity
@@ -117,6 +158,7 @@ class StateCollector(Collector):
         yield from (memory_total, memory_used)
 
         yield GaugeMetricFamily("dra_cpu_active_claims", "prepared claims", value=len(view.claims))
+        yield from _upstream_gauges(view)
         yield GaugeMetricFamily(
             "dra_cpu_nri_connected", "1 while NRI is connected and synchronized", value=view.nri_connected
         )
@@ -166,6 +208,28 @@ class Counts:
     )
 
 
+def _upstream_gauges(view: View) -> Iterator[GaugeMetricFamily]:
+    """The upstream driver's allocation gauges, node-wide. `available` is what claims may still get: the published
+    CPUs (so without the reserved CPUs and those kept for the shared pool) that no claim holds."""
+    yield GaugeMetricFamily(
+        "dra_cpu_allocated_cpus", "Number of CPUs currently allocated to prepared resource claims.",
+        value=len(view.allocated),
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "dra_cpu_available_cpus",
+        "Number of CPUs available for allocation after reserved and active claim CPUs are excluded.",
+        value=len(view.allocatable - view.allocated),
+    )
+    yield GaugeMetricFamily(
+        "dra_cpu_reserved_cpus", "Number of CPUs reserved and excluded from DRA management.", value=len(view.reserved)
+    )
+    yield GaugeMetricFamily(
+        "dra_cpu_resource_claims_active",
+        "Number of resource claims currently recorded as active by the allocation store.",
+        value=len(view.claims),
+    )
+
+
 @dataclass(frozen=True)
 class View:
     """What the collector reads: the daemon fills it from the driver, the publisher and the NRI plugin."""
@@ -177,6 +241,7 @@ class View:
     shared: CPUSet
     nri_connected: float
     counts: Counts = field(default_factory=Counts)
+    reserved: CPUSet = field(default_factory=CPUSet)
     # NUMA node -> bytes: what claims may get (the memory devices' capacity), what they hold.
     memory: Mapping[int, int] = field(default_factory=dict)
     memory_allocated: Mapping[int, int] = field(default_factory=dict)

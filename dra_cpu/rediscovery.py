@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from dra_cpu.core.capacity import settings_problems
 from dra_cpu.core.devices import Device
 from dra_cpu.core.node_view import NodeView
 from dra_cpu.core.topology import Topology
@@ -83,6 +84,9 @@ class Rediscovery:
                 # The devices may or may not still be there: the kubelet is told so (Unknown), not "healthy".
                 health.discovery_failed(str(err))
             return
+        # Reported, not fatal: the node changed under running pods, and what is left is still published.
+        for problem in settings_problems(topology, view.settings.devices):
+            LOG.error("the settings contradict the node as re-discovered", extra={"reason": problem})
         LOG.info("topology changed", extra={"online": str(topology.online_cpus), "devices": len(view.devices)})
         self.slices.set_devices(view.devices)
         if health is not None:

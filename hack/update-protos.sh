@@ -2,7 +2,7 @@
 # Regenerates the Python code (messages, gRPC stubs and mypy stubs) from protos/ into
 #   dra_cpu/kubelet/gen/  kubelet plugin registration, DRA v1 and v1beta1, DRA health v1 and v1alpha1
 #   dra_cpu/nri/gen/      NRI api and the ttrpc envelope (messages only: NRI speaks ttrpc, not gRPC)
-#   tests/support/gen/    CRI runtime.v1, for the test harness only
+#   tests/harness/runtimes/gen/    CRI runtime.v1, for the test harness only
 # Usage: hack/update-protos.sh [OUTPUT_ROOT]   (default: this repository; tests/test_protos.py regenerates into a
 # temporary root and compares). Needs `hack/install.sh --test`: grpcio-tools and mypy-protobuf are pinned in the
 # `test` extra, so the output only changes when those pins do.
@@ -35,4 +35,4 @@ generate() {
 
 generate kubelet dra_cpu/kubelet/gen grpc
 generate nri dra_cpu/nri/gen messages
-generate cri tests/support/gen grpc
+generate cri tests/harness/runtimes/gen grpc

@@ -1,4 +1,4 @@
-"""Shared fixtures. Each real component of the test environment brings its own plugin module."""
+"""Shared fixtures. The harness (tests/harness) brings a plugin of fixtures for each of its parts."""
 
 from __future__ import annotations
 
@@ -6,20 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.paths import SYSFS, SYSFS_FIXTURES
+# Before anything imports the harness: its asserts then say what they compared, as a test's own do.
+pytest.register_assert_rewrite("tests.harness")
+
+from tests.harness.paths import SYSFS, SYSFS_FIXTURES  # noqa: E402
 
 pytest_plugins: list[str] = [
-    "tests.support.testenv_containerd",
-    "tests.support.testenv_podman",
-    "tests.support.control_plane",
-    "tests.support.cluster",
-    "tests.support.testenv_apiserver",
-    "tests.support.kubelet_node",
-    "tests.support.testenv_helm",
-    "tests.support.guest_node",
-    "tests.support.real_node",
-    # After real_node, which it imports: a plugin imported before its own registration is not assertion-rewritten.
-    "tests.support.guest_kubelet",
+    "tests.harness.runtimes.fixtures",
+    "tests.harness.cluster.fixtures",
+    "tests.harness.guest.fixtures",
+    "tests.harness.nodes.fixtures",
 ]
 
 

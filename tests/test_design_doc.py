@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.support.paths import REPO
+from tests.harness.paths import REPO
 
 PACKAGE = REPO / "dra_cpu"
 DOC = REPO / "docs/design.md"

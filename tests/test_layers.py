@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.paths import REPO
+from tests.harness.paths import REPO
 
 PACKAGE = REPO / "dra_cpu"
 # What would make a core module do I/O, block or depend on the process around it.
@@ -29,6 +29,7 @@ ALLOWED = {
     "reconciler": {"core", "store", "errors", "logs"},
     "driver": {"core", "kube", "reconciler", "errors", "logs"},
     "rediscovery": {"core", "node", "driver", "errors"},
+    "handover": {"core", "driver", "kube", "errors"},
     "process": set(),
     "kubelet": {"core", "driver", "errors"},
     "cdihook": {"core", "node", "store", "errors"},

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from dra_cpu.logs import JSONFormatter, KeyValueFormatter, operation
-from tests.support.paths import REPO
+from tests.harness.paths import REPO
 
 RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 

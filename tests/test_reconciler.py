@@ -17,7 +17,8 @@ from dra_cpu.driver import Driver
 from dra_cpu.logs import operation
 from dra_cpu.store.checkpoint import VERSION
 from dra_cpu.store.metadata_files import MetadataStore
-from tests.support.kubelet_node import DRIVER, make_driver, result, write_claim
+from tests.harness.claims import DRIVER, result
+from tests.harness.nodes.standin import make_driver, write_claim
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ import sys
 from collections.abc import Sequence
 
 from dra_cpu import __version__
-from dra_cpu.cli import bench, cdi_hook, demo, discover, explain, run, slices, status
+from dra_cpu.cli import bench, cdi_hook, demo, discover, explain, run, slices, status, support_bundle
 from dra_cpu.cli.common import EXIT_USAGE, Handler
 from dra_cpu.errors import DraCpuError
 
-COMMANDS = (discover, slices, run, demo, cdi_hook, bench, explain, status)
+COMMANDS = (discover, slices, run, demo, cdi_hook, bench, explain, status, support_bundle)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,18 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
         help="grouped mode: one device per NUMA node, per socket, or one for the machine",
     )
     parser.add_argument(
+        "--min-shared-cpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPUs held back from the devices for containers without claims (default 1)",
+    )
+    parser.add_argument(
+        "--strict-reserved",
+        action="store_true",
+        help="containers without claims stay off the reserved CPUs, so those do not count as shared",
+    )
+    parser.add_argument(
         "--publish-node-allocatable-resources",
         action="store_true",
         help="add KEP-5517 nodeAllocatableResources to every device (1.36+, gate DRANodeAllocatableResources)",
@@ -67,5 +79,7 @@ def device_config(args: argparse.Namespace) -> DeviceConfig:
         group_by=GroupBy(args.group_by),
         node_allocatable=args.publish_node_allocatable_resources,
         pcie_roots=args.publish_pcie_roots,
+        min_shared_cpus=args.min_shared_cpus,
+        strict_reserved=args.strict_reserved,
         reserved_memory=parse_reserved_memory(args.reserved_memory),
     )

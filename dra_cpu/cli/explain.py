@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dra_cpu.cli.cluster import read_cluster
+from dra_cpu.errors import DraCpuError
 from dra_cpu.tools.explain.classes import chart_device_classes
 from dra_cpu.tools.explain.inputs import load_objects, of_kind, pick_claim
 from dra_cpu.tools.explain.parse import describe, parse_claim, parse_class, parse_slices, parse_usage
@@ -26,8 +27,9 @@ def add_parser(sub: Any) -> None:
         description="Exit code 0: satisfiable; 1: not satisfiable; 2: bad input (including CEL syntax/type errors).",
     )
     explain_parser.add_argument(
-        "--claim", required=True, metavar="FILE", help="a ResourceClaim or ResourceClaimTemplate"
+        "claim_file", nargs="?", metavar="CLAIM", help="a ResourceClaim or ResourceClaimTemplate file (or --claim)"
     )
+    explain_parser.add_argument("--claim", metavar="FILE", help="the same as CLAIM")
     explain_parser.add_argument("--claim-name", metavar="NAME", help="which claim, when FILE holds several")
     explain_parser.add_argument(
         "--class",
@@ -49,7 +51,14 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    claim_path = Path(args.claim)
+    given = {f for f in (args.claim_file, args.claim) if f}
+    if len(given) != 1:
+        raise DraCpuError(
+            "give one claim file: dra-cpu explain CLAIM.yaml --slices FILE (or --claim CLAIM.yaml)"
+            if not given
+            else f"two claim files given ({', '.join(sorted(given))}): give one"
+        )
+    claim_path = Path(given.pop())
     claim_obj = pick_claim(load_objects(claim_path), str(claim_path), args.claim_name)
     claim = parse_claim(claim_obj, str(claim_path))
     class_objs: list[tuple[str, dict[str, Any]]] = []

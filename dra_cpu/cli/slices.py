@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dra_cpu.cli.common import add_device_flags, add_sysfs_root, device_config
+from dra_cpu.core.capacity import check_settings
 from dra_cpu.core.devices import build_devices, build_slices
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.render import dump_objects
@@ -24,6 +25,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     config = device_config(args)
     topology = read_topology(Path(args.sysfs_root), pcie_roots=config.pcie_roots)
+    check_settings(topology, config)
     slices = build_slices(build_devices(topology, config), config)
     print(dump_objects(slices, args.output), end="")
     return 0

@@ -4,6 +4,12 @@ CDI cannot set a cpuset (protocols.md §3.5): the spec puts the decision in the 
 NRI plugin (or the createRuntime hook) reads and enforces it. The same variables let the driver rebuild its state
 from its specs when the checkpoint is lost. cdiVersion 0.5.0 is the newest that podman 4, containerd 1.7 and
 containerd 2.x all accept.
+
+Every variable is named twice. `DRA_CPUSET_<uid>` is the upstream driver's name, which workloads and tools read and
+which enforcement trusts; but a claim UID has dashes, and a POSIX shell (dash, busybox sh) can neither expand such a
+name nor pass it on to the commands it starts. `DRA_CPUSET_<uid with _ for ->` carries the same value under a name
+every shell keeps (`shell_uid`). The twins are for reading only: enforcement ignores them, so writing one into a
+pod spec entitles nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ ENV_CLAIM = "DRA_CLAIM_"
 ENV_PODS = "DRA_PODS_"
 _HUGEPAGE_ITEM = re.compile(r"^(\d+)kB@(\d+)=(\d+)$")
 _MEMORY_ITEM = re.compile(r"^(\d+)=(\d+)$")
+# A claim UID as shell_uid() writes it: the twins' suffix.
+_SHELL_UID = re.compile(r"[0-9a-fA-F]{8}_[0-9a-fA-F]{4}_[0-9a-fA-F]{4}_[0-9a-fA-F]{4}_[0-9a-fA-F]{12}")
 
 
 class CDIError(DraCpuError):
@@ -54,21 +62,27 @@ def spec_filename(driver: str, uid: str) -> str:
     return f"{driver}-{CDI_CLASS}_{device_name(uid)}.json"
 
 
+def shell_uid(uid: str) -> str:
+    """The claim UID as the twin variables carry it: a name POSIX shells keep."""
+    return uid.replace("-", "_")
+
+
 def env_for(claim: PreparedClaim, mems: CPUSet) -> list[str]:
-    uid = claim.uid
-    env = [
-        f"{ENV_CPUSET}{uid}={claim.cpus}",
-        f"{ENV_MEMS}{uid}={mems}",
-        f"{ENV_CLAIM}{uid}={claim.ref.namespace}/{claim.ref.name}",
-        f"{ENV_PODS}{uid}={','.join(claim.pod_uids)}",
+    values = [
+        (ENV_CPUSET, str(claim.cpus)),
+        (ENV_MEMS, str(mems)),
+        (ENV_CLAIM, f"{claim.ref.namespace}/{claim.ref.name}"),
+        (ENV_PODS, ",".join(claim.pod_uids)),
     ]
     if claim.hugepages:
-        items = ",".join(f"{h.page_size_kib}kB@{h.numa_node}={h.bytes}" for h in claim.hugepages)
-        env.append(f"{ENV_HUGEPAGES}{uid}={items}")
+        values.append(
+            (ENV_HUGEPAGES, ",".join(f"{h.page_size_kib}kB@{h.numa_node}={h.bytes}" for h in claim.hugepages))
+        )
     if claim.memory:
-        env.append(f"{ENV_MEMORY}{uid}={','.join(f'{m.numa_node}={m.bytes}' for m in claim.memory)}")
-    env.append(f"{ENV_MEMORY_BINDING}{uid}={claim.binding}")
-    return env
+        values.append((ENV_MEMORY, ",".join(f"{m.numa_node}={m.bytes}" for m in claim.memory)))
+    values.append((ENV_MEMORY_BINDING, str(claim.binding)))
+    names = [claim.uid] if shell_uid(claim.uid) == claim.uid else [claim.uid, shell_uid(claim.uid)]
+    return [f"{prefix}{name}={value}" for name in names for prefix, value in values]
 
 
 def build_spec(
@@ -85,12 +99,14 @@ def build_spec(
 
 
 def claimed_cpusets(env: Iterable[str]) -> dict[str, str]:
-    """Claim uid -> the raw value of each DRA_CPUSET_<uid> in a container's env ("NAME=value" items)."""
+    """Claim uid -> the raw value of each DRA_CPUSET_<uid> in a container's env ("NAME=value" items); the shell
+    twins (DRA_CPUSET_<uid with _>) are copies for reading and are left out."""
     claims = {}
     for item in env:
         key, sep, value = item.partition("=")
-        if sep and key.startswith(ENV_CPUSET) and len(key) > len(ENV_CPUSET):
-            claims[key[len(ENV_CPUSET) :]] = value
+        uid = key[len(ENV_CPUSET) :]
+        if sep and key.startswith(ENV_CPUSET) and uid and not _SHELL_UID.fullmatch(uid):
+            claims[uid] = value
     return claims
 
 

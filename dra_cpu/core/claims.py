@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.core.objects import At
 from dra_cpu.errors import DraCpuError, shown
 
+T = TypeVar("T")
 CONFIG_API_VERSION = "dra.cpu/v1alpha1"
 CONFIG_KIND = "CPUConfig"
 # Set by the resource claim controller on the claims it makes from a pod's ResourceClaimTemplate.
@@ -172,88 +173,164 @@ def allocation_result(
 def parse_claim(
     obj: Mapping[str, Any], ref: ClaimRef, *, driver: str, pool: str, default_policy: AllocationPolicy
 ) -> ClaimRequest:
-    metadata = _mapping(obj.get("metadata"), "metadata")
+    """Every field this driver reads is read through the typed reader: a field of the wrong JSON type is a
+    ClaimError naming the claim, the field and the value, never another exception (which would fail the kubelet's
+    whole NodePrepareResources call instead of this claim)."""
+    claim = At(f"claim {ref}", "", ClaimError)
+    obj = claim.mapping(obj, optional=False)
+    metadata = (claim / "metadata").mapping(obj.get("metadata"), optional=False)
     uid = metadata.get("uid")
     if uid != ref.uid:
         raise ClaimError(
-            f"claim {ref}: metadata.uid is {uid!r} but the kubelet asked for {ref.uid!r} "
+            f"claim {ref}: metadata.uid is {shown(uid)} but the kubelet asked for {ref.uid!r} "
             "(the claim was deleted and recreated)"
         )
-    status = _mapping(obj.get("status") or {}, "status")
+    status_at = claim / "status"
+    status = status_at.mapping(obj.get("status"))
     allocation = status.get("allocation")
     if not allocation:
         raise ClaimError(f"claim {ref}: status.allocation is empty: the claim is not allocated")
-    devices = _mapping(_mapping(allocation, "status.allocation").get("devices") or {}, "status.allocation.devices")
-    configs = _configs(devices.get("config") or [], driver, CPUConfig(default_policy), ref)
+    devices_at = status_at / "allocation" / "devices"
+    devices = devices_at.mapping((status_at / "allocation").mapping(allocation).get("devices"))
+    spec = (claim / "spec").mapping(obj.get("spec"))
+    default = CPUConfig(default_policy)
+    configs = _configs(devices_at / "config", devices.get("config"), spec, driver, default, ref)
     results = []
-    for index, raw in enumerate(_list(devices.get("results") or [], "status.allocation.devices.results")):
-        path = f"status.allocation.devices.results[{index}]"
-        result = _mapping(raw, path)
+    for at, raw in (devices_at / "results").items(devices.get("results")):
+        result = at.mapping(raw, optional=False)
         if result.get("driver") != driver:
             continue
         if result.get("pool") != pool:
-            raise ClaimError(
-                f"claim {ref}: {path}.pool is {result.get('pool')!r} but this node serves pool {pool!r}: "
-                "the claim was allocated to another node"
+            raise at.fail(
+                f"pool is {shown(result.get('pool'))} but this node serves pool {pool!r}: the claim was allocated to "
+                "another node"
             )
-        request = _string(result.get("request"), f"{path}.request")
-        consumed = _mapping(result.get("consumedCapacity") or {}, f"{path}.consumedCapacity")
-        config = configs.get(request, configs.get(request.split("/", 1)[0], configs.get("", CPUConfig(default_policy))))
+        request = (at / "request").string(result.get("request"))
+        share_id = result.get("shareID")
+        config = configs.get(request, configs.get(request.split("/", 1)[0], configs.get("", default)))
         results.append(
             DeviceResult(
                 request=request,
-                device=_string(result.get("device"), f"{path}.device"),
+                device=(at / "device").string(result.get("device")),
                 pool=pool,
-                share_id=result.get("shareID"),
-                consumed=tuple(sorted((str(k), str(v)) for k, v in consumed.items())),
+                share_id=None if share_id is None else (at / "shareID").string(share_id),
+                consumed=_consumed(at, result.get("consumedCapacity")),
                 policy=config.policy,
                 memory_binding=config.memory_binding,
             )
         )
     if not results:
         raise ClaimError(f"claim {ref}: no allocation result is for driver {driver!r}")
-    pods = tuple(
-        PodRef(str(r.get("name") or ""), str(r.get("uid")))
-        for r in _list(status.get("reservedFor") or [], "status.reservedFor")
-        if isinstance(r, Mapping) and r.get("resource") == "pods" and r.get("uid")
-    )
-    annotations = _at("metadata.annotations").mapping(metadata.get("annotations"))
+    pods = []
+    for at, raw in (status_at / "reservedFor").items(status.get("reservedFor")):
+        entry = at.mapping(raw, optional=False)
+        if entry.get("resource") == "pods" and entry.get("uid") is not None:
+            name = entry.get("name")
+            if name is not None and not isinstance(name, str):
+                raise (at / "name").fail(f"must be a string, not {shown(name)}")
+            pods.append(PodRef(name or "", (at / "uid").string(entry.get("uid"))))
+    annotations = (claim / "metadata" / "annotations").mapping(metadata.get("annotations"))
     pod_claim = annotations.get(POD_CLAIM_NAME_ANNOTATION)
     return ClaimRequest(
         ref=ref,
         results=tuple(results),
-        pods=pods,
+        pods=tuple(pods),
         pod_claim_name=pod_claim if isinstance(pod_claim, str) and pod_claim else None,
     )
 
 
-def _configs(configs: Any, driver: str, default: CPUConfig, ref: ClaimRef) -> dict[str, CPUConfig]:
+def _consumed(at: At, value: Any) -> tuple[tuple[str, str], ...]:
+    """consumedCapacity as (key, quantity text); grant() reads the amounts it needs."""
+    consumed = []
+    for key, amount in (at / "consumedCapacity").mapping(value).items():
+        if isinstance(amount, bool) or not isinstance(amount, str | int):
+            raise At(at.source, f"{at.path}.consumedCapacity[{str(key)!r}]", at.error).fail(
+                f"must be a quantity, not {shown(amount)}"
+            )
+        consumed.append((str(key), str(amount)))
+    return tuple(sorted(consumed))
+
+
+def _configs(
+    at: At, configs: Any, spec: Mapping[str, Any], driver: str, default: CPUConfig, ref: ClaimRef
+) -> dict[str, CPUConfig]:
     """Request name ("" = every request) -> config. Class config comes first and the claim's own overrides it."""
-    entries = _list(configs, "status.allocation.devices.config")
-    ordered = sorted(enumerate(entries), key=lambda e: 0 if _source(e[1]) == "FromClass" else 1)
+    entries = [(entry_at, entry_at.mapping(raw, optional=False)) for entry_at, raw in at.items(configs)]
+    origins = _origins(entries, At(at.source, "spec.devices", at.error), spec)
+    ordered = sorted(zip(entries, origins, strict=True), key=lambda e: 0 if e[0][1].get("source") == "FromClass" else 1)
     policies: dict[str, CPUConfig] = {}
-    for index, raw in ordered:
-        path = f"status.allocation.devices.config[{index}]"
-        entry = _mapping(raw, path)
-        opaque = _mapping(entry.get("opaque") or {}, f"{path}.opaque")
+    for (entry_at, entry), origin in ordered:
+        # What the user wrote is named where they wrote it (a claim's spec, a DeviceClass), not where it was copied.
+        opaque_at = At(entry_at.source, origin, entry_at.error) / "opaque"
+        opaque = opaque_at.mapping(entry.get("opaque"))
         if opaque.get("driver") != driver:
             continue
-        params = _mapping(opaque.get("parameters") or {}, f"{path}.opaque.parameters")
-        requests = [str(r) for r in _list(entry.get("requests") or [], f"{path}.requests")] or [""]
+        params = (opaque_at / "parameters").mapping(opaque.get("parameters"), optional=False)
+        requests = [r_at.string(r) for r_at, r in (entry_at / "requests").items(entry.get("requests"))] or [""]
         for request in requests:
             base = policies.get(request, policies.get("", default))
-            policies[request] = parse_cpu_config(params, f"{path}.opaque.parameters", base, ref)
+            policies[request] = parse_cpu_config(params, (opaque_at / "parameters").path, base, ref)
     return policies
 
 
-def _source(entry: Any) -> Any:
-    return entry.get("source") if isinstance(entry, Mapping) else None
+def _origins(entries: list[tuple[At, Mapping[str, Any]]], spec_at: At, spec: Mapping[str, Any]) -> list[str]:
+    """Where the user wrote each allocation config entry, for error messages: the claim's own entries are copies of
+    its spec.devices.config[j]; a class's are copies of its spec.config[k], added in order, once per class. An entry
+    whose origin cannot be found keeps its place in status.allocation.devices.config."""
+    devices = _field(spec, "devices", dict) or {}
+    written = _field(devices, "config", list) or []
+    classes = _request_classes(_field(devices, "requests", list) or [])
+    seen: dict[str, int] = {}
+    origins = []
+    for entry_at, entry in entries:
+        origin = entry_at.path
+        requests = _field(entry, "requests", list) or []
+        if entry.get("source") == "FromClaim":
+            same = [j for j, c in enumerate(written) if _same_config(c, entry)]
+            origin = (spec_at / "config" / same[0]).path if same else origin
+        elif entry.get("source") == "FromClass" and requests and requests[0] in classes:
+            name = classes[requests[0]]
+            origin = f"DeviceClass {name} spec.config[{seen.get(name, 0)}]"
+            seen[name] = seen.get(name, 0) + 1
+        origins.append(origin)
+    return origins
+
+
+def _field(obj: Any, key: str, kind: type[T]) -> T | None:
+    """obj[key] when obj is a mapping and the value a `kind`; None otherwise (a reader that never fails)."""
+    value = obj.get(key) if isinstance(obj, Mapping) else None
+    return value if isinstance(value, kind) else None
+
+
+def _same_config(written: Any, entry: Mapping[str, Any]) -> bool:
+    return isinstance(written, Mapping) and (written.get("opaque"), written.get("requests") or []) == (
+        entry.get("opaque"),
+        entry.get("requests") or [],
+    )
+
+
+def _request_classes(requests: list[Any]) -> dict[str, str]:
+    """Request name (`request` or `request/subrequest`) -> its DeviceClass, from spec.devices.requests."""
+    classes: dict[str, str] = {}
+    for request in requests:
+        name = _field(request, "name", str)
+        if name is None:
+            continue
+        exactly = _field(_field(request, "exactly", dict), "deviceClassName", str)
+        if exactly is not None:
+            classes[name] = exactly
+        for sub in _field(request, "firstAvailable", list) or []:
+            sub_name, sub_class = _field(sub, "name", str), _field(sub, "deviceClassName", str)
+            if sub_name is not None and sub_class is not None:
+                classes[f"{name}/{sub_name}"] = sub_class
+    return classes
 
 
 def parse_cpu_config(params: Mapping[str, Any], path: str, base: CPUConfig, ref: ClaimRef) -> CPUConfig:
     if params.get("apiVersion") != CONFIG_API_VERSION or params.get("kind") != CONFIG_KIND:
         raise ClaimError(
-            f"claim {ref}: {path} has apiVersion {params.get('apiVersion')!r} and kind {params.get('kind')!r}; "
+            f"claim {ref}: {path} has apiVersion {shown(params.get('apiVersion'))} and kind "
+            f"{shown(params.get('kind'))}; "
             f"expected apiVersion {CONFIG_API_VERSION!r} and kind {CONFIG_KIND!r}"
         )
     values: dict[str, bool] = {}
@@ -268,7 +345,7 @@ def parse_cpu_config(params: Mapping[str, Any], path: str, base: CPUConfig, ref:
             known = ", ".join(sorted([*_CONFIG_FIELDS, MEMORY_BINDING_FIELD]))
             raise ClaimError(f"claim {ref}: {path}.{key} is not a known field (known: {known})")
         if not isinstance(value, bool):
-            raise ClaimError(f"claim {ref}: {path}.{key} must be true or false, not {value!r}")
+            raise ClaimError(f"claim {ref}: {path}.{key} must be true or false, not {shown(value)}")
         values[_CONFIG_FIELDS[key]] = value
     policy = replace(base.policy, **values)
     if policy.spread and policy.align_l3:
@@ -282,19 +359,3 @@ def _memory_binding(value: Any, path: str, ref: ClaimRef) -> MemoryBinding:
     except ValueError:
         choices = " or ".join(repr(b.value) for b in MemoryBinding)
         raise ClaimError(f"claim {ref}: {path} must be {choices}, not {shown(value)}") from None
-
-
-def _at(path: str) -> At:
-    return At("", path, ClaimError)
-
-
-def _mapping(value: Any, path: str) -> Mapping[str, Any]:
-    return _at(path).mapping(value, optional=False)
-
-
-def _list(value: Any, path: str) -> list[Any]:
-    return _at(path).list(value, optional=False)
-
-
-def _string(value: Any, path: str) -> str:
-    return _at(path).string(value)

@@ -73,7 +73,7 @@ def _metadata_files(claim: PreparedClaim, view: NodeView) -> tuple[MetadataFile,
 def pins(ledger: Ledger, view: NodeView) -> Pools:
     """What every container's pin is computed from: the prepared claims and the shared pool."""
     settings = view.settings
-    return pools(ledger, view.topology, settings.devices.reserved_cpus, settings.strict_reserved)
+    return pools(ledger, view.topology, settings.devices.reserved_cpus, settings.devices.strict_reserved)
 
 
 def cdi_ids(claim: PreparedClaim, driver: str, metadata: Mapping[str, str]) -> tuple[tuple[str, ...], ...]:

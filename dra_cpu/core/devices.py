@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from dra_cpu.core.capacity import SharedFloor, split_cpus
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.memory import MEMORY_STEP, ReservedMemory, allocatable_memory
 from dra_cpu.core.quantity import format_bytes
@@ -86,12 +87,23 @@ class DeviceConfig:
     # KEP-5491: list the PCIe roots local to each CPU device in resource.kubernetes.io/pcieRoot. Needs the
     # DRAListTypeAttributes gate (1.36+) and a Topology read with its PCIe roots.
     pcie_roots: bool = False
+    # The shared-CPU floor (minSharedCpus) is held back from the devices, so that what they offer prepare grants
+    # (core/capacity.py); strictReserved keeps containers without claims off the reserved CPUs, so those do not
+    # count towards it.
+    min_shared_cpus: int = 1
+    strict_reserved: bool = False
     # What each NUMA node keeps for the system: its memory device publishes the rest (core/memory.py).
     reserved_memory: ReservedMemory = field(default_factory=ReservedMemory)
 
     def __post_init__(self) -> None:
         _check_dns_subdomain("driver name", self.driver_name, 63)
         _check_dns_subdomain("node name", self.node_name, 253)
+        if self.min_shared_cpus < 0:
+            raise DeviceConfigError(f"minSharedCpus {self.min_shared_cpus}: must not be negative")
+
+    @property
+    def shared_floor(self) -> SharedFloor:
+        return SharedFloor(self.min_shared_cpus, self.reserved_cpus if self.strict_reserved else CPUSet())
 
     @property
     def cpu_capacity(self) -> str:
@@ -180,30 +192,13 @@ def _attribute(value: AttributeValue) -> dict[str, Any]:
 
 
 def allocatable_cpus(topology: Topology, config: DeviceConfig) -> CPUSet:
-    """Online CPUs that claims may get: minus reserved ones, and with --whole-cores minus cores cut by reservation."""
-    unknown = config.reserved_cpus - topology.present_cpus
-    if unknown:
-        raise DeviceConfigError(
-            f"--reserved-cpus {config.reserved_cpus}: CPU(s) {unknown} do not exist on this node "
-            f"(present: {topology.present_cpus})"
-        )
-    available = topology.online_cpus - config.reserved_cpus
-    if config.whole_cores:
-        available = CPUSet.union_all(core for core in topology.cores(available) if _whole(topology, core))
-    return available
-
-
-def _whole(topology: Topology, core: CPUSet) -> bool:
-    return core == topology.cpu(core.first()).thread_siblings
+    """Online CPUs that claims may get: what the devices publish (core/capacity.py says which and why)."""
+    return split_cpus(topology, config).claimable
 
 
 def build_devices(topology: Topology, config: DeviceConfig) -> tuple[Device, ...]:
+    """The node's devices; none for CPUs when the settings leave none to claims (check_settings says why)."""
     available = allocatable_cpus(topology, config)
-    if not available:
-        raise DeviceConfigError(
-            f"no allocatable CPUs: online {topology.online_cpus}, reserved {config.reserved_cpus}"
-            + (" (--whole-cores drops cores cut by the reservation)" if config.whole_cores else "")
-        )
     if config.device_mode is DeviceMode.INDIVIDUAL:
         cpu_devices = _individual_devices(topology, config, available)
     else:
@@ -254,13 +249,15 @@ def _groups(topology: Topology, config: DeviceConfig, available: CPUSet) -> list
 def _grouped_devices(topology: Topology, config: DeviceConfig, available: CPUSet) -> list[Device]:
     d = config.driver_name
     threads = topology.threads_per_core
-    step = threads if config.whole_cores else 1
     devices = []
     for suffix, cpus, numa in _groups(topology, config, available):
         for isolated in (False, True):
             pool = cpus & topology.isolated_cpus if isolated else cpus - topology.isolated_cpus
-            if len(pool) < step:
+            if not pool:
                 continue
+            # With whole cores a claim takes cores of the pool's widest kind: a core whose sibling is offline is a
+            # whole core of one thread, and a pool of only such cores steps by one.
+            step = max(len(core) for core in topology.cores(pool)) if config.whole_cores else 1
             nodes = numa if numa is not None else topology.numa_nodes_of(pool)
             sockets = sorted({s for i in pool if (s := topology.cpu(i).socket) is not None})
             attributes: list[tuple[str, AttributeValue]] = [(f"{d}/type", DeviceType.CPU.value)]

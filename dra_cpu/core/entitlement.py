@@ -2,13 +2,15 @@
 
 A container is pinned to a claim only when three independent facts agree: the driver prepared the claim, the
 container's env carries the claim's CDI variable with exactly the prepared cpuset, and the container's pod (as the
-runtime reports it, not as the container says) is among the claim's reservedFor pods. NRI does not say which CDI
-devices a container got, so the env alone proves nothing: anyone can write DRA_CPUSET_<uid> into a pod spec.
-Everything else runs on the shared pool.
+runtime reports it, not as the container says) is the pod the claim serves, one of its reservedFor pods. NRI does
+not say which CDI devices a container got, so the env alone proves nothing: anyone can write DRA_CPUSET_<uid> into
+a pod spec. Everything else runs on the shared pool.
 
-A claim's CPUs are shared by the containers of the one pod it was prepared for, never across pods: a container of
-another pod whose env names the claim with exactly its cpuset (the claim really is shared, by the pod spec, not
-forged) is refused outright by NRI (ClaimSharedAcrossPods) rather than silently given the shared pool.
+A claim's CPUs are shared by the containers of the one pod it serves (core/sharing.py), never by two pods at once:
+a container of another pod whose env names the claim with exactly its cpuset (the claim really is shared, by the
+pod spec, not forged) is refused outright by NRI (ClaimSharedAcrossPods) rather than silently given the shared
+pool, so that the kubelet retries it and it starts pinned once its pod holds the claim. Only the ledger says which
+pod that is: DRA_PODS_<uid> in a container's env is what the claim's spec said when the container was created.
 
 A claimed container's memory is bound to its strict claims' nodes, or, when none of its claims is strict, left on
 every node with the claims' nodes preferred (`memory_placement`, core/memory.py says why).
@@ -20,9 +22,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dra_cpu.core import cdi_spec
+from dra_cpu.core.capacity import SharedFloor
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.ledger import SHARING_ADVICE, HugePageGrant, Ledger, PreparedClaim
+from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim
 from dra_cpu.core.memory import MemoryBinding
+from dra_cpu.core.sharing import not_held
 from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
 
@@ -84,7 +88,11 @@ class NoSharedCpus(DraCpuError):
 
 
 class ClaimSharedAcrossPods(DraCpuError):
-    """A container of another pod uses a claim prepared for one pod: refused, with a message naming both."""
+    """A container uses a claim that serves another pod (or none yet): refused, with a message naming both."""
+
+    def __init__(self, message: str, claim_uid: str) -> None:
+        super().__init__(message)
+        self.claim_uid = claim_uid
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,8 @@ class Pools:
 
 def pools(ledger: Ledger, topology: Topology, reserved: CPUSet | None = None, strict_reserved: bool = False) -> Pools:
     """The shared pool: online CPUs minus claimed, isolated and (with strict_reserved) reserved CPUs."""
-    shared = ledger.shared_cpus(topology) - (reserved if strict_reserved and reserved else CPUSet())
+    floor = SharedFloor(excluded=reserved if strict_reserved and reserved else CPUSet())
+    shared = floor.pool(topology, ledger.allocated_cpus)
     memory_nodes = CPUSet.of(n.id for n in topology.numa_nodes if n.memory_bytes > 0)
     return Pools(ledger, topology, shared, memory_nodes)
 
@@ -162,7 +171,7 @@ def refusal(value: str, pod_uid: str, prepared: Entitlement | None) -> str:
     if cpus != prepared.cpus:
         return f"cpuset {value!r} is not the claim's ({prepared.cpus})"
     if pod_uid and pod_uid not in prepared.pod_uids:
-        return f"pod {pod_uid} is not among the claim's reservedFor pods ({', '.join(prepared.pod_uids)})"
+        return f"pod {pod_uid} is not the pod the claim serves ({', '.join(prepared.pod_uids) or 'none'})"
     return ""
 
 
@@ -173,8 +182,7 @@ def _check(container: ContainerInfo, uid: str, value: str, pools: Pools, refuse_
     if reason and refuse_shared and claim is not None and _same_cpuset(value, claim.cpus) and container.pod_uid:
         # The env is the claim's own (the CDI device was given to this container), only the pod is another one.
         raise ClaimSharedAcrossPods(
-            f"claim {claim.ref} is prepared for pod {', '.join(claim.pod_uids) or '(none)'}; container "
-            f"{container.name} of pod {container.pod} ({container.pod_uid}) cannot use it: {SHARING_ADVICE}"
+            not_held(claim.ref, claim.pod_uids, container.name, container.pod, container.pod_uid), uid
         )
     return reason
 
@@ -188,8 +196,9 @@ def _same_cpuset(value: str, cpus: CPUSet) -> bool:
 
 def pin_for(container: ContainerInfo, pools: Pools, refuse_shared: bool = False) -> Decision:
     """The pin for one container. NoSharedCpus when it should run on the shared pool and the pool is empty;
-    with `refuse_shared` (a container being created), ClaimSharedAcrossPods when it uses a claim prepared for
-    another pod. Without it (containers already running) that claim is rejected like a forged one."""
+    with `refuse_shared` (a container being created), ClaimSharedAcrossPods when it uses a claim that serves
+    another pod. Without it (containers already running: a claim handed over from their pod) that claim is
+    rejected like a forged one: they move to the shared pool."""
     granted, rejected = [], []
     for uid, value in sorted(container.env_claims.items()):
         reason = _check(container, uid, value, pools, refuse_shared)

@@ -1,7 +1,9 @@
 """grant(): a claim request -> the exact grant, as data. Pure.
 
 Granting is the first of prepare's two steps: it computes the PreparedClaim without touching anything; the driver
-then has the node made to match the ledger with it (reconciler.py), which rolls back if a step fails.
+then has the node made to match the ledger with it (reconciler.py), which rolls back if a step fails. Which pod the
+claim serves is not part of the grant: core/sharing.py chooses it from the claim's reservedFor once the CPUs are
+known (the CFS check needs their number), on every prepare, a repeated one included.
 """
 
 from __future__ import annotations
@@ -13,15 +15,7 @@ from dra_cpu.core.allocator import AllocationError, choose_cpus
 from dra_cpu.core.claims import ClaimError, ClaimRef, ClaimRequest, DeviceResult
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceType
-from dra_cpu.core.ledger import (
-    SHARING_ADVICE,
-    ClaimMetadata,
-    HugePageGrant,
-    Ledger,
-    MemoryGrant,
-    PreparedClaim,
-    PreparedDevice,
-)
+from dra_cpu.core.ledger import ClaimMetadata, HugePageGrant, Ledger, MemoryGrant, PreparedClaim, PreparedDevice
 from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.core.node_view import NodeView
 from dra_cpu.core.quantity import QuantityError, format_bytes, whole_quantity
@@ -42,13 +36,10 @@ def grant(
     devices = view.device_index
     existing = ledger.claims.get(request.ref.uid)
     if existing is not None:
-        # A repeat keeps the pods it was prepared for: a pod added to reservedFor since is refused by enforcement.
-        # It gains what it could not know when loaded from an older record: device names, metadata names.
+        # A repeat keeps its grant and the pod it serves (core/sharing.py may hand it over after). It gains what it
+        # could not know when loaded from an older record: device names, metadata names.
         named = existing if existing.named else _named(existing, request, devices)
         return named if named.metadata is not None or metadata is None else replace(named, metadata=metadata)
-    pods = sorted(set(request.pod_uids))
-    if len(pods) > 1:
-        raise ClaimError(f"claim {request.ref} is reserved for {len(pods)} pods ({', '.join(pods)}); {SHARING_ADVICE}")
     settings = view.settings.devices
     taken = ledger.allocated_cpus
     held = ledger.allocated_hugepages
@@ -79,13 +70,15 @@ def grant(
         cpus = _cpus(ledger, request.ref, result, device, view.topology, taken, settings.cpu_capacity)
         taken |= cpus
         prepared.append(replace(base, cpus=cpus))
-    claim = PreparedClaim(request.ref, tuple(prepared), request.pod_uids, metadata).with_binding(_binding(request))
-    shared = ledger.with_claim(claim).shared_cpus(view.topology)
-    least = view.settings.min_shared_cpus
-    if claim.cpus and len(shared) < least:
+    claim = PreparedClaim(ref=request.ref, devices=tuple(prepared), metadata=metadata).with_binding(_binding(request))
+    # The devices leave the floor's CPUs out (core/capacity.py): this refuses only what they could not foresee, a
+    # claim prepared before the settings or the node changed that holds some of them.
+    floor = settings.shared_floor
+    shared = floor.pool(view.topology, taken)
+    if claim.cpus - view.topology.isolated_cpus and len(shared) < floor.minimum:
         raise ClaimError(
             f"claim {request.ref}: taking CPUs {claim.cpus} would leave {len(shared)} shared CPU(s) "
-            f"({shared or 'none'}); at least {least} must stay for containers without claims"
+            f"({shared or 'none'}); at least {floor.minimum} must stay for containers without claims"
         )
     return claim
 
@@ -113,9 +106,7 @@ def _named(claim: PreparedClaim, request: ClaimRequest, devices: Mapping[str, De
             named.append(replace(base, memory=next((m for m in claim.memory if m.numa_node == device.numa_node), None)))
         else:
             named.append(replace(base, cpus=claim.cpus & device.cpus))
-    return PreparedClaim(
-        claim.ref, tuple(named), claim.pod_uids or request.pod_uids, claim.metadata, claim.memory_binding
-    )
+    return PreparedClaim(claim.ref, tuple(named), claim.pod_uids, claim.metadata, claim.memory_binding)
 
 
 def _binding(request: ClaimRequest) -> MemoryBinding | None:
@@ -156,6 +147,13 @@ def _cpus(
         )
     try:
         count = whole_quantity(raw, f"consumedCapacity[{cpu_capacity!r}]")
+        if count % device.step:
+            # The device's requestPolicy has the scheduler round up to whole cores: an allocation that did not was
+            # made against other slices (or by hand), and would split a core.
+            raise AllocationError(
+                f"{count} CPUs is not a whole number of cores of {device.step} threads, as the device's "
+                "requestPolicy asks (wholeCores)"
+            )
         return choose_cpus(topology, device.cpus - taken, count, result.policy, device.cpus)
     except (QuantityError, AllocationError) as err:
         raise ClaimError(f"claim {ref}: request {result.request!r} on {device.name}: {err}") from None

@@ -2,7 +2,8 @@
 the node is derived (core/desired.py), and restore(), which checks a ledger loaded from disk against the node. Pure.
 
 A `PreparedClaim` records what a prepare granted (the CPUs, hugepages and memory of each device), how its memory is
-bound (core/memory.py), the pods it was granted to, and what its device metadata files name (`ClaimMetadata`).
+bound (core/memory.py), the pod it serves (chosen and handed over by core/sharing.py), and what its device metadata
+files name (`ClaimMetadata`).
 store/checkpoint.py writes the ledger to disk, in the wire format of its newest version (store/checkpoint_v*.py);
 nothing here knows that format.
 """
@@ -20,11 +21,6 @@ from dra_cpu.core.quantity import format_bytes
 from dra_cpu.core.topology import Topology, page_size_quantity
 
 K = TypeVar("K")
-
-SHARING_ADVICE = (
-    "dra-cpu does not share a claim's CPUs across pods (use one claim per pod, e.g. a ResourceClaimTemplate)"
-)
-"""Why a claim used by several pods is refused: at prepare (reservedFor lists several pods) and by enforcement."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +65,7 @@ class ClaimMetadata:
 class PreparedClaim:
     ref: ClaimRef
     devices: tuple[PreparedDevice, ...]
+    # The pod whose containers may use the claim (core/sharing.py): one uid, or none while no reserving pod can.
     pod_uids: tuple[str, ...] = ()
     # None: the claim has no device metadata files (written with the feature off, or not known: see restore).
     metadata: ClaimMetadata | None = None
@@ -170,10 +167,6 @@ class Ledger:
 
     def holder_of(self, cpu: int) -> PreparedClaim | None:
         return next((c for c in self.claims.values() if cpu in c.cpus), None)
-
-    def shared_cpus(self, topology: Topology) -> CPUSet:
-        """Where every container without a claim runs: online CPUs that are neither claimed nor isolated."""
-        return topology.online_cpus - topology.isolated_cpus - self.allocated_cpus
 
 
 def restore(

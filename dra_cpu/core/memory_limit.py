@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -25,24 +26,34 @@ MEMORY = "memory"
 _ADVICE = "or set memoryBinding: preferred in the claim's CPUConfig"
 
 
-def bound_memory(claim: PreparedClaim, view: NodeView) -> int | None:
-    """The bytes a strict claim binds its containers' memory to: its memory, or, for a claim without memory opted
-    into strict, what its nodes have for claims; None for a claim whose binding is preferred."""
+@dataclass(frozen=True)
+class BoundMemory:
+    """What a strict claim binds its containers' memory to: `bytes` on NUMA nodes `nodes`."""
+
+    bytes: int
+    nodes: CPUSet
+
+
+def bound_memory(claim: PreparedClaim, view: NodeView) -> BoundMemory | None:
+    """The memory a strict claim binds its containers to: its memory, or, for a claim without memory opted into
+    strict, what its nodes have for claims; None for a claim whose binding is preferred."""
     if claim.binding is not MemoryBinding.STRICT:
         return None
+    nodes = claim.mems(view.topology)
     if claim.memory:
-        return sum(m.bytes for m in claim.memory)
-    return sum(view.memory_capacity.get(node, 0) for node in claim.mems(view.topology))
+        return BoundMemory(sum(m.bytes for m in claim.memory), nodes)
+    return BoundMemory(sum(view.memory_capacity.get(node, 0) for node in nodes), nodes)
 
 
 def _bytes(value: Fraction) -> str:
     return format_bytes(math.ceil(value))
 
 
-def unbounded(pod: Mapping[str, Any], claim: str, bound: int, nodes: CPUSet) -> list[str]:
-    """One message per container of `pod` that uses the ResourceClaim named `claim` (binding its memory to `bound`
-    bytes of NUMA nodes `nodes`) and may use more; empty when none may."""
-    where = f"{format_bytes(bound)} on NUMA node(s) {nodes}"
+def unbounded(pod: Mapping[str, Any], claim: str, memory: BoundMemory) -> list[str]:
+    """One message per container of `pod` that uses the ResourceClaim named `claim` (binding its memory to
+    `memory`) and may use more; empty when none may."""
+    bound = memory.bytes
+    where = f"{format_bytes(bound)} on NUMA node(s) {memory.nodes}"
     problems = []
     for container in claim_containers(pod, claim):
         limit = container.limit(MEMORY)

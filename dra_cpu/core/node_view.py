@@ -20,12 +20,10 @@ from dra_cpu.core.topology import Topology
 class NodeSettings:
     """The settings decisions and derived files depend on (config.Config makes them from the operator's)."""
 
+    # What is published, and so the shared-CPU floor and strictReserved (DeviceConfig.shared_floor).
     devices: DeviceConfig
-    min_shared_cpus: int = 1
     # KEP-5304: whether a prepare records and writes the claim's device metadata files.
     device_metadata: bool = True
-    # Containers without a claim stay off the reserved CPUs too (DeviceConfig.reserved_cpus).
-    strict_reserved: bool = False
     # CDI containerEdits.hooks of every claim's spec (`--enforcement cdi-hook`).
     cdi_hooks: tuple[Mapping[str, object], ...] = ()
 

@@ -28,7 +28,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +95,7 @@ class NriCounters:
     connects: int = 0
     """Connections that reached synchronization (the first, then one per reconnection)."""
     shared_claim_refused: int = 0
-    """Containers refused because they use a claim prepared for another pod."""
+    """Containers refused because they use a claim that serves another pod (or none yet)."""
     hugetlb_unenforced: int = 0
     """Hugepage claims' containers whose cgroup hugetlb limits could not be set."""
 
@@ -120,6 +120,10 @@ class NriEnforcer:
         """Whether this node's kernel (the one the runtime's containers run on) knows MPOL_PREFERRED_MANY."""
         self._said_no_memory_policy = False
         self._hugetlb = HugetlbWriter(config.cgroup_root) if config.cgroup_root is not None else None
+        self.waiting: Callable[[str, str], str] | None = None
+        """Told (claim uid, pod uid) of each container refused a claim that serves another pod, so that the claim
+        is handed over once its pod is gone (handover.Handover.waiting); returns why that pod cannot hold the claim,
+        when known. Called under the lock: it must not block."""
 
     @property
     def ready(self) -> threading.Event:
@@ -208,11 +212,13 @@ class NriEnforcer:
                 raise MethodError(FAILED_PRECONDITION, str(err)) from None
             except entitlement.ClaimSharedAcrossPods as err:
                 self.counters.shared_claim_refused += 1
-                LOG.error(
-                    "refusing container: it uses a claim prepared for another pod",
-                    extra={"container": info.name, "pod": info.pod, "podUID": info.pod_uid, "reason": str(err)},
+                why = self.waiting(err.claim_uid, info.pod_uid) if self.waiting is not None else ""
+                message = f"{err}; this pod cannot hold it: {why}" if why else str(err)
+                LOG.warning(
+                    "refusing container: its claim serves another pod",
+                    extra={"container": info.name, "pod": info.pod, "podUID": info.pod_uid, "reason": message},
                 )
-                raise MethodError(FAILED_PRECONDITION, str(err)) from None
+                raise MethodError(FAILED_PRECONDITION, message) from None
             self.containers.track(info)
             self.containers.set_applied(info.id, decision.pin)
             self._report(info, decision, "create")

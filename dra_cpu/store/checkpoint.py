@@ -87,7 +87,7 @@ def encode(checkpoint: Checkpoint, cache: dict[str, tuple[PreparedClaim, str]] |
         for uid in set(cache) - set(checkpoint.ledger.claims):
             del cache[uid]
     claims = "[" + ",".join(parts) + "]"
-    lost = [WRITER.unrestorable_record(u) for _, u in sorted(checkpoint.ledger.unrestorable.items())]
+    lost = [unrestorable_record(u) for _, u in sorted(checkpoint.ledger.unrestorable.items())]
     # Only when there are some: version 1 files without them stayed readable by drivers that predate the field.
     extra = _canonical(lost) if lost else ""
     header = json.dumps({"version": VERSION, "bootID": checkpoint.boot_id, "checksum": _checksum(claims + extra)})
@@ -134,6 +134,11 @@ def claim_record(claim: PreparedClaim) -> dict[str, Any]:
 
 def claim_from_record(record: Mapping[str, Any]) -> PreparedClaim:
     return WRITER.claim(record)
+
+
+def unrestorable_record(lost: Unrestorable) -> dict[str, Any]:
+    """One unrestorable report in the wire format the checkpoint is written in now."""
+    return dict(WRITER.unrestorable_record(lost))
 
 
 def _compact(record: Any) -> str:

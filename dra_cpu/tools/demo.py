@@ -102,9 +102,9 @@ def _walk(config: Config, paths: PluginPaths, slices_dir: Path, cpus: int, out: 
     if cpu_device is None:
         raise DraCpuError("demo: this machine publishes no cpu-numa0 device")
     available = int(cpu_device["capacity"][f"{config.driver_name}/cpu"]["value"])
-    # One CPU must stay in the shared pool for everything else.
-    if cpus >= available:
-        raise DraCpuError(f"--cpus {cpus}: NUMA node 0 has {available} allocatable CPUs and one must stay shared")
+    # The device already leaves out the CPUs kept for the shared pool (minSharedCpus).
+    if cpus > available:
+        raise DraCpuError(f"--cpus {cpus}: NUMA node 0 publishes {available} CPUs (the rest stay shared)")
 
     uid, pod_uid, name = str(uuid.uuid4()), str(uuid.uuid4()), "demo-claim"
     claim = claim_object(name, uid, config.node_name, config.driver_name, "cpu-numa0", cpus, pod_uid)

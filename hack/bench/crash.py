@@ -10,7 +10,7 @@ Three streams of N restarts each (default 50; about 0.5 s per restart on 2 cores
 Per stream it prints restarts survived, double bookings (goal 0), acknowledged claims lost (goal 0), CDI spec /
 checkpoint mismatches (goal 0), and for information the acknowledged prepares and the claims reported as
 unrestorable (dropped because their CPUs or pages vanished: reported, not lost). Exit 1 when a goal is missed.
-The engine is tests/support/crash.py, which tests/store/test_crash_safety.py asserts on.
+The engine is tests/harness/crash.py, which tests/store/test_crash_safety.py asserts on.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# Run as a script: the repository root (for tests/support) is not on the path by itself.
+# Run as a script: the repository root (for tests/harness) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
-from tests.support.crash import run_stream, streams  # noqa: E402
+from tests.harness.crash import run_stream, streams  # noqa: E402
 
 
 def main() -> int:

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# Run as a script: the repository root (for tests/support) is not on the path by itself.
+# Run as a script: the repository root (for tests/harness) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
 from dra_cpu.node.sysfs import read_topology  # noqa: E402
-from tests.support.synthetic import uniform_machine, write_tree  # noqa: E402
+from tests.harness.synthetic_sysfs import uniform_machine, write_tree  # noqa: E402
 
 
 def median_ms(root: Path, runs: int = 20) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# Run as a script: the repository root (for tests/support) is not on the path by itself.
+# Run as a script: the repository root (for tests/harness) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
 from dra_cpu import logs  # noqa: E402
@@ -37,11 +36,12 @@ from dra_cpu.node.sysfs import read_topology  # noqa: E402
 from dra_cpu.nri.enforcer import NriConfig, NriEnforcer  # noqa: E402
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api  # noqa: E402
 from dra_cpu.nri.transport import Connection  # noqa: E402
-from tests.support.cri import Allowed, CriClient  # noqa: E402
-from tests.support.nri_node import NODE, Node, nri_node  # noqa: E402
-from tests.support.nri_peer import Peer  # noqa: E402
-from tests.support.synthetic import uniform_machine, write_tree  # noqa: E402
-from tests.support.testenv_containerd import SCRIPT, VERSIONS, Containerd  # noqa: E402
+from tests.harness.nodes.nri import NODE, NriNode  # noqa: E402
+from tests.harness.poll import wait_until  # noqa: E402
+from tests.harness.runtimes.containerd import VERSIONS, Containerd  # noqa: E402
+from tests.harness.runtimes.cri import Allowed  # noqa: E402
+from tests.harness.runtimes.nri_peer import Peer  # noqa: E402
+from tests.harness.synthetic_sysfs import uniform_machine, write_tree  # noqa: E402
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -95,23 +95,16 @@ def create_container_latency(calls: int = 5000) -> tuple[float, float]:
 
 
 def wait_all(pids: list[int], cpus: CPUSet, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    pending = list(pids)
-    while pending:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{len(pending)} containers never got cpus {cpus}")
-        time.sleep(0.005)
-        pending = [p for p in pending if Allowed.of_pid(p).cpus != cpus]
+    wait_until(
+        lambda: all(Allowed.of_pid(p).cpus == cpus for p in pids),
+        f"{len(pids)} containers on cpus {cpus}",
+        timeout,
+        0.005,
+    )
 
 
 def containerd_figures(version: str, count: int) -> list[tuple[str, str]]:
-    directory = Path(tempfile.mkdtemp(prefix="dra-cpu-bench-nri-"))
-    subprocess.run(["bash", str(SCRIPT), "start", version, str(directory)], check=True)
-    parent = (directory / "cgroup-parent").read_text().strip()
-    daemon = Containerd(version, directory, parent, CriClient(directory / "containerd.sock", parent))
-    nodes = nri_node(daemon, directory / "driver")
-    try:
-        node: Node = next(nodes)
+    with Containerd(version) as daemon, NriNode(daemon, daemon.dir / "driver") as node:
         cri = node.cri
         pods = [cri.run_pod(f"bench-{i}") for i in range(max(1, count // 10))]
         containers = [cri.create_container(pods[i % len(pods)], f"c{i}") for i in range(count)]
@@ -153,17 +146,6 @@ def containerd_figures(version: str, count: int) -> list[tuple[str, str]]:
             (f"shrink shared pool of {count} running containers (containerd {version})", f"{shrink * 1000:.0f} ms"),
             (f"regrow shared pool of {count} running containers (containerd {version})", f"{regrow * 1000:.0f} ms"),
         ]
-    finally:
-        next(nodes, None)
-        cri_cleanup(daemon)
-        subprocess.run(["bash", str(SCRIPT), "stop", version, str(directory)], check=False)
-
-
-def cri_cleanup(daemon: Containerd) -> None:
-    try:
-        daemon.cri.cleanup()
-    finally:
-        daemon.cri.close()
 
 
 def main() -> int:

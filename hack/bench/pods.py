@@ -4,7 +4,7 @@
 
     .venv/bin/python hack/bench/pods.py [--pods 20] [--idle-minutes 5]
 
-It starts what the real-node tests start (tests/support/real_node.py): etcd, kube-apiserver, kube-scheduler and
+It starts what the real-node tests start (tests/harness/README.md): etcd, kube-apiserver, kube-scheduler and
 kube-controller-manager 1.37 on loopback, a kubelet with containerd 2.1 (NRI, CDI) as node 127.0.0.1, and dra-cpu
 installed by `helm install` of charts/dra-cpu (image built by podman). Then, on that node:
 
@@ -29,7 +29,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,24 +38,20 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-# Run as a script: the repository root (for tests/support) is not on the path by itself.
+# Run as a script: the repository root (for tests/harness) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
-from tests.support.cluster import Kube, busybox_pod, cpu_claim, new_namespace  # noqa: E402
-from tests.support.control_plane import ALL, running  # noqa: E402
-from tests.support.node_claims import pod_path  # noqa: E402
-from tests.support.real_node import InstalledDriver, RealNode, container_id, image_archive, installed  # noqa: E402
-from tests.support.real_node import running as node_running  # noqa: E402
+from tests.harness.cluster.chart import DriverImage, InstalledDriver  # noqa: E402
+from tests.harness.cluster.client import Kube  # noqa: E402
+from tests.harness.cluster.control_plane import ALL, ControlPlane  # noqa: E402
+from tests.harness.cluster.helm import Helm  # noqa: E402
+from tests.harness.cluster.objects import busybox_pod, cpu_claim, new_namespace  # noqa: E402
+from tests.harness.cluster.pods import pod_path  # noqa: E402
+from tests.harness.nodes.kubelet import container_id  # noqa: E402
+from tests.harness.nodes.real import RealNode  # noqa: E402
 
 POLL = 0.02
 KLOG_TIME = re.compile(r"^[IWE](\d{4}) (\d{2}:\d{2}:\d{2}\.\d{6})")
-
-
-def helm_binary() -> Path:
-    found = subprocess.run(
-        ["bash", str(ROOT / "hack" / "testenv" / "helm.sh"), "path"], capture_output=True, text=True, check=True
-    )
-    return Path(found.stdout.strip())
 
 
 def start_latency(kube: Kube, namespace: str, pod: dict[str, Any], timeout: float = 120.0) -> tuple[float, float]:
@@ -123,7 +118,7 @@ def kubelet_prepare_seconds(log: Path, offset: int) -> list[float]:
     return durations
 
 
-def driver_histogram(driver: InstalledDriver, name: str) -> dict[float, float]:
+def driver_histogram(driver: InstalledDriver[RealNode], name: str) -> dict[float, float]:
     """Upper bound -> cumulative count of a histogram on the driver's /metrics."""
     with urllib.request.urlopen(f"{driver.metrics_url}/metrics", timeout=5) as reply:
         text = reply.read().decode()
@@ -145,7 +140,7 @@ def bucket_quantile(buckets: dict[float, float], q: float) -> str:
     return "> largest bucket"
 
 
-def daemon_pid(driver: InstalledDriver) -> int:
+def daemon_pid(driver: InstalledDriver[RealNode]) -> int:
     pod = driver.ready_pod()
     return int(driver.node.container_info(container_id(pod))["pid"])
 
@@ -184,16 +179,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dra-cpu-bench-pods-") as tmp:
         t0 = time.monotonic()
         with (
-            running(Path(tmp) / "control-plane", ALL) as plane,
-            image_archive() as archive,
-            node_running(plane, vmodule="dra_plugin=4") as node,
-            installed(node, helm_binary(), archive) as driver,
+            ControlPlane(Path(tmp) / "control-plane", ALL) as plane,
+            DriverImage() as image,
+            RealNode(plane, vmodule="dra_plugin=4") as node,
+            InstalledDriver(node, Helm.installed(), image.archive) as driver,
         ):
             print(f"control plane, node and driver ready in {time.monotonic() - t0:.0f} s")
             run(node, driver, args.pods, args.idle_minutes)
 
 
-def run(node: RealNode, driver: InstalledDriver, pods: int, idle_minutes: float) -> None:
+def run(node: RealNode, driver: InstalledDriver[RealNode], pods: int, idle_minutes: float) -> None:
     kube = node.kube
     namespace = new_namespace(kube, "bench")
     offset = node.log.stat().st_size

@@ -2,7 +2,7 @@
 """Prepare figures, printed (run with .venv/bin/python):
 
 latency  1000 claims through the kubelet socket of a real daemon reading them from the real API server
-         (kube-apiserver from tests/support/control_plane.py): NodePrepareResources p50 (goal <= 3 ms) and
+         (kube-apiserver from tests/harness/cluster/control_plane.py): NodePrepareResources p50 (goal <= 3 ms) and
          p99 (goal <= 10 ms), and the load average when it ended. The state and kubelet folders are on the disk
          of /tmp; the CDI folder is on the tmpfs /dev/shm, as /var/run/cdi is on a node (on the disk, with a
          note, where /dev/shm is no tmpfs).
@@ -29,15 +29,17 @@ import kubernetes
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-# Run as a script: the repository root (for tests/support) is not on the path by itself.
+# Run as a script: the repository root (for tests/harness) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
 from dra_cpu.core.claims import ClaimRef  # noqa: E402
 from dra_cpu.kubelet.client import KubeletClient  # noqa: E402
 from dra_cpu.store.checkpoint import FILENAME, SPARE  # noqa: E402
 from dra_cpu.tools.demo import claim_object  # noqa: E402
-from tests.support.control_plane import close, create_namespace, new_client, running  # noqa: E402
-from tests.support.typed import as_dict  # noqa: E402
+from tests.harness.cluster.client import close_api_client, new_api_client  # noqa: E402
+from tests.harness.cluster.control_plane import APISERVER_ONLY, ControlPlane  # noqa: E402
+from tests.harness.cluster.objects import create_namespace  # noqa: E402
+from tests.harness.typed import as_dict  # noqa: E402
 
 NODE, DRIVER = "bench-node", "dra.cpu"
 DAEMON = """
@@ -96,9 +98,9 @@ def latency(claims: int) -> bool:
         if shm is None:
             print("note: /dev/shm is no tmpfs; the CDI folder is on the disk, which a node does not do", flush=True)
         cdi = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dc-cdi-", dir=shm))) if shm else tmp / "cdi"
-        with running(tmp / "api") as plane:
+        with ControlPlane(tmp / "api", APISERVER_ONLY) as plane:
             kubeconfig = str(plane.kubeconfig)
-            api_client = new_client(plane.kubeconfig)
+            api_client = new_api_client(plane.kubeconfig)
             create_namespace(api_client, "bench")
             api = kubernetes.client.CustomObjectsApi(api_client)
             print(f"creating {claims} allocated claims on the API server ...", flush=True)
@@ -115,13 +117,14 @@ def latency(claims: int) -> bool:
                     "resource.k8s.io", "v1", "bench", "resourceclaims", f"c{i}", made
                 )
                 refs.append(ClaimRef("bench", f"c{i}", made["metadata"]["uid"]))
-            close(api_client)
+            close_api_client(api_client)
             with daemon(tmp, kubeconfig=kubeconfig, cdi_root=str(cdi)) as (_, kubelet, _):
                 times = []
                 for n, ref in enumerate(refs):
-                    if n and n % 60 == 0:
-                        # A device has 8 CPUs and one must stay shared: release the batch before the next.
-                        kubelet.unprepare(refs[n - 60 : n])
+                    if n and n % 56 == 0:
+                        # cpu-numa0 publishes 7 of its 8 CPUs (CPU 0 stays shared): 7 claims per device, then the
+                        # batch is released before the next.
+                        kubelet.unprepare(refs[n - 56 : n])
                     start = time.perf_counter()
                     response = kubelet.prepare([ref]).claims[ref.uid]
                     times.append((time.perf_counter() - start) * 1000)

@@ -2,7 +2,7 @@
 """Prints what publishing ResourceSlices costs: building the slices of the 64-CPU fixture in every device mode,
 grouping and node-allocatable setting (goal <= 20 ms each, median of 20), API writes by a running publisher while
 nothing changes (goal 0), and how long a slice deleted by another client stays away (goal <= 1 s, median of 20).
-Starts its own kube-apiserver (tests/support/control_plane.py; run `hack/testenv/kubernetes.sh install` once);
+Starts its own kube-apiserver (tests/harness/cluster/control_plane.py; run `hack/testenv/kubernetes.sh install` once);
 with --build-only it needs none. Run with .venv/bin/python hack/bench/publisher.py [--idle-seconds N] [--build-only]."""
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from dra_cpu.node.sysfs import read_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests/fixtures/sysfs/big-8numa"
-sys.path.insert(0, str(ROOT))  # for tests.support
+sys.path.insert(0, str(ROOT))  # for tests.harness
 
-from tests.support.control_plane import ControlPlaneError, running  # noqa: E402
+from tests.harness.cluster.control_plane import APISERVER_ONLY, ControlPlane, ControlPlaneError  # noqa: E402
+from tests.harness.component import Unavailable  # noqa: E402
 
 
 def median_ms(action: Callable[[], object], runs: int) -> float:
@@ -111,8 +112,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     with tempfile.TemporaryDirectory() as state, contextlib.ExitStack() as stack:
         try:
-            plane = stack.enter_context(running(Path(state)))
-        except ControlPlaneError as err:
+            plane = stack.enter_context(ControlPlane(Path(state), APISERVER_ONLY))
+        except (ControlPlaneError, Unavailable) as err:
             print(f"cannot start the test API server: {err}", file=sys.stderr)
             return 2
         api = connect(str(plane.kubeconfig))

@@ -6,7 +6,7 @@ repository root:
     .venv/bin/python hack/bench/scheduler.py [--nodes 100] [--pods 200] [--rounds 2] [--quick] [--json]
 
 It starts etcd, kube-apiserver, kube-scheduler and kube-controller-manager on loopback
-(tests/support/control_plane.py), the chart's DeviceClasses, and then, for each round, two cases, their order
+(tests/harness/cluster/control_plane.py), the chart's DeviceClasses, and then, for each round, two cases, their order
 alternating between rounds:
 
   with       --nodes Ready Nodes sized like tests/fixtures/sysfs/big-8numa (64 CPUs, 8 NUMA nodes), each with the
@@ -61,22 +61,18 @@ from kubernetes import client, watch
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
-# Run as a script: the repository root (for tests/support) is not on the path by itself.
+# Run as a script: the repository root (for tests/harness) is not on the path by itself.
 sys.path.insert(0, str(ROOT))
 
 from dra_cpu.core.devices import DeviceConfig, build_devices, build_slices  # noqa: E402
 from dra_cpu.node.sysfs import read_topology  # noqa: E402
 from dra_cpu.tools.explain.classes import chart_device_classes  # noqa: E402
-from tests.support.cluster import (  # noqa: E402
-    Kube,
-    claim_path,
-    ensure,
-    new_namespace,
-    node_resources,
-    pod_scheduled_condition,
-    wait_for,
-)
-from tests.support.control_plane import ALL, SCHEDULER, ControlPlane, create_node, delete_node, running  # noqa: E402
+from tests.harness.cluster.client import Kube  # noqa: E402
+from tests.harness.cluster.control_plane import ALL, SCHEDULER, ControlPlane  # noqa: E402
+from tests.harness.cluster.objects import claim_path, create_node, delete_node, ensure, new_namespace  # noqa: E402  # noqa: E402
+from tests.harness.cluster.pods import pod_scheduled_condition  # noqa: E402
+from tests.harness.nodes.published import node_resources  # noqa: E402
+from tests.harness.poll import wait_until  # noqa: E402
 
 SYSFS = ROOT / "tests/fixtures/sysfs/big-8numa"
 DRIVER, CLASS, CPUS = "dra.cpu", "dra.cpu", "2"
@@ -262,7 +258,7 @@ def clean_up(kube: Kube, namespace: str, nodes: Sequence[str]) -> None:
         kube.delete(f"/api/v1/namespaces/{namespace}/pods/{obj['metadata']['name']}", force=True)
     for obj in kube.list(f"/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims"):
         kube.delete(claim_path(namespace, obj["metadata"]["name"]))
-    wait_for(
+    wait_until(
         lambda: not kube.list(f"/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims"),
         f"the claims of namespace {namespace} to be deleted",
         timeout=120,
@@ -324,7 +320,7 @@ def main() -> int:
     args = parser.parse_args()
     nodes, pods, rounds = (3, 6, 1) if args.quick else (args.nodes, args.pods, args.rounds)
     cases = {case: Case() for case in CASES}
-    with tempfile.TemporaryDirectory(prefix="dc-sched-") as tmp, running(Path(tmp), ALL) as plane:
+    with tempfile.TemporaryDirectory(prefix="dc-sched-") as tmp, ControlPlane(Path(tmp), ALL) as plane:
         api = plane.admin()
         try:
             kube = Kube(api)

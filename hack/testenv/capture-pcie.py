@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Captures tests/fixtures/sysfs/pcie-expander-3numa from a real kernel: the test guest (tests/support/guest.py,
+"""Captures tests/fixtures/sysfs/pcie-expander-3numa from a real kernel: the test guest (tests/harness/guest/vm.py,
 Debian's kernel under qemu TCG) booted on a q35 machine with one PCIe expander bus (pxb-pcie) bound to each NUMA node
 and a PCIe device behind each, so that /sys/devices holds four PCIe root complexes: pci0000:00 (qemu's main host bridge,
 which has no NUMA node), pci0000:10 (node 0), pci0000:20 (node 1) and pci0000:30 (node 2, memory-only).
@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.guest import GuestSpec, boot, built  # noqa: E402
+from tests.harness.guest.vm import GuestSpec, boot, built  # noqa: E402
 
 NAME = "pcie-expander-3numa"
 # (expander bus number, NUMA node): bus_nr 0x10 names the root pci0000:10.
@@ -218,7 +218,7 @@ def main() -> int:
     qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     (out / "topology.txt").write_text(
         f"Captured by hack/testenv/capture-pcie.py on {time.strftime('%Y-%m-%d', time.gmtime())}: the test guest\n"
-        f"(tests/support/guest.py, Debian's kernel {kernel}, its Debian rootfs) under {qemu}\n"
+        f"(tests/harness/guest/vm.py, Debian's kernel {kernel}, its Debian rootfs) under {qemu}\n"
         "with TCG (no KVM), on a q35 machine with three PCIe expander buses, one per NUMA node:\n"
         + "".join(
             f"  -device pxb-pcie,bus_nr={bus},numa_node={node},bus=pcie.0 (root pci0000:{bus:02x}) + pcie-root-port\n"

@@ -14,7 +14,7 @@
 #                             kubelet's CPU manager replaying a trace, for hack/bench/cpu_choice.py), which install
 #                             builds from the same module after the binaries (exit 1 when not built from this source)
 #
-# Starting the components is the test fixture's job (tests/support/control_plane.py): it needs per-run ports,
+# Starting the components is the test fixture's job (tests/harness/cluster/control_plane.py): it needs per-run ports,
 # certificates and kubeconfigs, and must fail a test with the failing component's log.
 #
 # How: the module download of k8s.io/kubernetes lacks ./staging, which its go.mod `replace`s every k8s.io/* staging

@@ -8,7 +8,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.support.paths import EXAMPLES
+from tests.harness.paths import EXAMPLES
 
 EXAMPLES = EXAMPLES / "numa-bench"
 

@@ -22,7 +22,7 @@ from dra_cpu.cli import bench as bench_cli
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -15,7 +15,7 @@ from dra_cpu.bench.numa_maps import (
     parse_numa_maps,
     verify_placement,
 )
-from tests.support.paths import FIXTURES
+from tests.harness.paths import FIXTURES
 
 SAMPLES = FIXTURES / "numa_maps"
 # Addresses of the buffers in the samples (see tests/fixtures/numa_maps/README.md).

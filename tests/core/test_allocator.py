@@ -11,7 +11,7 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
 from dra_cpu.node.sysfs import read_topology
 from tests.core.machines import CoreSpec, machine, regular
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 FIXTURES = SYSFS
 MULTI_L3 = read_topology(FIXTURES / "multi-l3-per-node")  # node 0: L3 0 = 0-7, L3 1 = 8-15; siblings (2k, 2k+1)

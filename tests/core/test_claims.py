@@ -8,7 +8,6 @@ from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.claims import (
     ClaimError,
     ClaimRef,
-    ClaimRequest,
     CPUConfig,
     allocated_claim_object,
     allocation_result,
@@ -18,11 +17,11 @@ from dra_cpu.core.claims import (
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig, GroupBy
 from dra_cpu.core.grant import grant
-from dra_cpu.core.ledger import Ledger, PreparedClaim
+from dra_cpu.core.ledger import Ledger
 from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 REF = ClaimRef("default", "c", "uid-1")
 BIG = read_topology(SYSFS / "big-8numa")  # 4 sockets x 2 NUMA nodes x 8 CPUs; siblings (2k, 2k+1)
@@ -59,7 +58,8 @@ def test_memory_binding_is_a_cpu_config_key() -> None:
 
 
 def _decide(state: Ledger, device: str, cpus: int, uid: str, **config: object) -> tuple[Ledger, CPUSet]:
-    view = NodeView.of(BIG, NodeSettings(DeviceConfig(node_name="n", group_by=GroupBy.SOCKET)))
+    # Nothing held back for the shared pool, which the other sockets hold anyway: socket 0 is whole.
+    view = NodeView.of(BIG, NodeSettings(DeviceConfig(node_name="n", group_by=GroupBy.SOCKET, min_shared_cpus=0)))
     entries = [{"opaque": {"driver": "dra.cpu", "parameters": params(**config)}, "requests": []}] if config else []
     obj = allocated_claim_object(
         "default",
@@ -90,25 +90,70 @@ def test_socket_device_claims() -> None:
     assert _decide(state, "cpu-socket0", 4, "e")[1] == CPUSet.parse("12-15")
 
 
-def test_a_claim_reserved_for_several_pods_is_refused_at_first_prepare_and_kept_on_a_repeat() -> None:
-    view = NodeView.of(BIG, NodeSettings(DeviceConfig(node_name="n")))
-    results = [allocation_result("dra.cpu", "n", "cpu-numa0", consumed={"dra.cpu/cpu": "2"})]
-
-    def request(*pods: str) -> ClaimRequest:
-        obj = allocated_claim_object("default", "c", results, uid=REF.uid, pod_uids=pods)
-        return parse_claim(obj, REF, driver="dra.cpu", pool="n", default_policy=AllocationPolicy())
-
-    def prepare(state: Ledger, claim: ClaimRequest) -> PreparedClaim:
-        return grant(state, claim, view)
-
-    with pytest.raises(ClaimError) as refused:
-        prepare(Ledger(), request("pod-b", "pod-a"))
-    assert str(refused.value) == (
-        "claim default/c is reserved for 2 pods (pod-a, pod-b); dra-cpu does not share a claim's CPUs across pods "
-        "(use one claim per pod, e.g. a ResourceClaimTemplate)"
+def _configured(entries: list[dict[str, object]], written: list[dict[str, object]]) -> dict[str, object]:
+    """A claim as the scheduler leaves it: spec.devices.config as the user wrote it, status.allocation.devices.config
+    as the allocator copies it (class entries first, then the claim's own)."""
+    requests: list[dict[str, object]] = [
+        {"name": "cpus", "exactly": {"deviceClassName": "dra.cpu"}},
+        {"name": "pick", "firstAvailable": [{"name": "big", "deviceClassName": "dra.cpu.big"}]},
+    ]
+    obj = allocated_claim_object(
+        "default",
+        "c",
+        [allocation_result("dra.cpu", "n", "cpu-numa0", consumed={"dra.cpu/cpu": "2"})],
+        uid=REF.uid,
+        config=entries,
+        requests=requests,
     )
-    # The kubelet does not prepare a claim again for a second pod once it is prepared; if it repeats the prepare
-    # anyway, the claim stays the first pod's and enforcement refuses the second pod's containers.
-    first = prepare(Ledger(), request("pod-a"))
-    again = prepare(Ledger().with_claim(first), request("pod-a", "pod-b"))
-    assert again == first and again.pod_uids == ("pod-a",)
+    obj["spec"]["devices"]["config"] = written
+    return obj
+
+
+def _opaque(**fields: object) -> dict[str, object]:
+    return {"driver": "dra.cpu", "parameters": params(**fields)}
+
+
+@pytest.mark.parametrize(
+    ("entries", "written", "message"),
+    [
+        (
+            # The user's second config entry: named as spec.devices.config[1], where they wrote it.
+            [
+                {"source": "FromClass", "requests": ["cpus"], "opaque": _opaque(spread=True)},
+                {"source": "FromClaim", "requests": ["cpus"], "opaque": _opaque(wholeCores=True)},
+                {"source": "FromClaim", "requests": [], "opaque": _opaque(wholeCore=True)},
+            ],
+            [
+                {"requests": ["cpus"], "opaque": _opaque(wholeCores=True)},
+                {"opaque": _opaque(wholeCore=True)},
+            ],
+            "claim default/c: spec.devices.config[1].opaque.parameters.wholeCore is not a known field",
+        ),
+        (
+            [
+                {"source": "FromClass", "requests": ["cpus"], "opaque": _opaque(spread=True)},
+                {"source": "FromClass", "requests": ["pick/big"], "opaque": _opaque(alignL3="yes")},
+            ],
+            [],
+            "claim default/c: DeviceClass dra.cpu.big spec.config[0].opaque.parameters.alignL3 must be true or "
+            "false, not 'yes'",
+        ),
+        (
+            [{"source": "FromClaim", "requests": [], "opaque": {"driver": "dra.cpu", "parameters": "x"}}],
+            [{"opaque": {"driver": "dra.cpu", "parameters": "x"}}],
+            "claim default/c: spec.devices.config[0].opaque.parameters must be an object, not 'x'",
+        ),
+        (
+            # No spec to find it in: the copy's place.
+            [{"source": "FromClaim", "requests": [], "opaque": _opaque(wholeCore=True)}],
+            [],
+            "claim default/c: status.allocation.devices.config[0].opaque.parameters.wholeCore is not a known field",
+        ),
+    ],
+)
+def test_config_errors_name_where_the_user_wrote_it(
+    entries: list[dict[str, object]], written: list[dict[str, object]], message: str
+) -> None:
+    with pytest.raises(ClaimError) as err:
+        parse_claim(_configured(entries, written), REF, driver="dra.cpu", pool="n", default_policy=AllocationPolicy())
+    assert str(err.value).startswith(message)

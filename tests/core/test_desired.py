@@ -12,7 +12,7 @@ from dra_cpu.core.devices import DeviceConfig
 from dra_cpu.core.ledger import ClaimMetadata, HugePageGrant, Ledger, PreparedClaim, PreparedDevice
 from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 VIEW = NodeView.of(read_topology(SYSFS / "dual-socket-smt2"), NodeSettings(DeviceConfig(node_name="node-a")))
 REF = ClaimRef("ns", "c", "uid-1")
@@ -59,7 +59,7 @@ def test_names_that_cannot_be_paths_are_a_problem_not_a_failure() -> None:
 def test_the_pins_take_the_claims_cpus_out_of_the_shared_pool_and_strict_reserved_the_reserved_ones() -> None:
     shared = desired.pins(Ledger({CLAIM.uid: CLAIM}), VIEW).shared
     assert not shared & CLAIM.cpus and shared == VIEW.topology.online_cpus - CLAIM.cpus
-    settings = NodeSettings(DeviceConfig(node_name="node-a", reserved_cpus=CPUSet.parse("0-1")), strict_reserved=True)
+    settings = NodeSettings(DeviceConfig(node_name="node-a", reserved_cpus=CPUSet.parse("0-1"), strict_reserved=True))
     strict = desired.pins(Ledger({CLAIM.uid: CLAIM}), NodeView.of(VIEW.topology, settings)).shared
     assert strict == shared - CPUSet.parse("0-1")
 

@@ -13,7 +13,7 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig, build_devices
 from dra_cpu.core.ledger import HugePageGrant, PreparedClaim, PreparedDevice
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 UID = "0b5a3c1e-2f4d-4c6b-8a9e-1d2c3b4a5f60"
 REF = ClaimRef("team-a", "big.claim", UID)

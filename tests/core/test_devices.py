@@ -18,8 +18,8 @@ from dra_cpu.core.devices import (
     build_slices,
 )
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
-from tests.support.synthetic import (
+from tests.harness.paths import SYSFS
+from tests.harness.synthetic_sysfs import (
     ONE_STEP_CASES,
     SyntheticCpu,
     SyntheticNode,
@@ -101,7 +101,8 @@ def test_pcie_roots_of_the_expander_capture(capsys: pytest.CaptureFixture[str]) 
         "numanode": {"cpu-numa0": ["pci0000:00", "pci0000:10"], "cpu-numa1": ["pci0000:00", "pci0000:20"]},
         "socket": {"cpu-socket0": ["pci0000:00", "pci0000:10"], "cpu-socket1": ["pci0000:00", "pci0000:20"]},
         "machine": {"cpu-machine": ["pci0000:00", "pci0000:10", "pci0000:20"]},
-        "individual": {f"cpu-{i}": ["pci0000:00", "pci0000:10" if i < 4 else "pci0000:20"] for i in range(8)},
+        # CPU 0 is held back for the shared pool (minSharedCpus 1): no device.
+        "individual": {f"cpu-{i}": ["pci0000:00", "pci0000:10" if i < 4 else "pci0000:20"] for i in range(1, 8)},
     }
     for mode, expected in want.items():
         devices = _devices(_slices(root, *MODES[mode], "--publish-pcie-roots", capsys=capsys))
@@ -142,8 +143,8 @@ def test_list_attributes_cut_slices_to_64_devices(tmp_path: Path) -> None:
     write_tree(tmp_path, cpus, nodes)
     write_pcie_root(tmp_path, "pci0000:00", {"0000:00:00.0": 0})
     topology = read_topology(tmp_path, pcie_roots=True)
-    # 100 CPUs and the node's memory.
-    for pcie, sizes in ((False, [101]), (True, [64, 37])):
+    # 99 CPU devices (CPU 0 stays shared: minSharedCpus 1) and the node's memory.
+    for pcie, sizes in ((False, [100]), (True, [64, 36])):
         config = DeviceConfig(node_name="n", device_mode=DeviceMode.INDIVIDUAL, pcie_roots=pcie)
         slices = build_slices(build_devices(topology, config), config)
         assert [len(s["spec"]["devices"]) for s in slices] == sizes
@@ -163,10 +164,12 @@ def test_grouped_dual_socket(capsys: pytest.CaptureFixture[str]) -> None:
     ]
     cpu0 = devices["cpu-numa0"]
     assert cpu0["allowMultipleAllocations"] is True
+    # 7 of node 0's 8 CPUs: CPU 0 is held back so that containers without claims keep one (minSharedCpus 1).
     assert cpu0["capacity"]["dra.cpu/cpu"] == {
-        "value": "8",
-        "requestPolicy": {"default": "1", "validRange": {"min": "1", "max": "8", "step": "1"}},
+        "value": "7",
+        "requestPolicy": {"default": "1", "validRange": {"min": "1", "max": "7", "step": "1"}},
     }
+    assert devices["cpu-numa1"]["capacity"]["dra.cpu/cpu"]["value"] == "8"
     attrs = cpu0["attributes"]
     assert attrs["resource.kubernetes.io/numaNode"] == {"int": 0}
     assert attrs["dra.cpu/numaNodeID"] == {"int": 0}
@@ -206,7 +209,8 @@ def test_isolated_cpus_get_their_own_devices(tmp_path: Path) -> None:
     cpus, nodes = uniform_machine(sockets=1, nodes_per_socket=2, cores_per_node=4, threads=1)
     write_tree(tmp_path, cpus, nodes, isolated=CPUSet.parse("2-3,6"))
     devices = {d.name: d for d in build_devices(read_topology(tmp_path), DeviceConfig(node_name="n"))}
-    assert str(devices["cpu-numa0"].cpus) == "0-1"
+    # CPU 0 stays shared (minSharedCpus 1); the isolated CPUs are never shared, so none of them is held back.
+    assert str(devices["cpu-numa0"].cpus) == "1"
     assert str(devices["cpu-isolated-numa0"].cpus) == "2-3"
     assert str(devices["cpu-isolated-numa1"].cpus) == "6"
     assert dict(devices["cpu-isolated-numa1"].attributes)["dra.cpu/isolated"] is True
@@ -218,9 +222,9 @@ def test_a_device_of_one_step_has_no_step(tmp_path: Path, case: str) -> None:
     """Kubernetes refuses a validRange whose min + step exceeds the capacity: such a device has one valid amount."""
     isolated, whole_cores = ONE_STEP_CASES[case]
     topology = read_topology(one_step_machine(tmp_path, isolated))
-    devices = {
-        d.name: d.to_api() for d in build_devices(topology, DeviceConfig(node_name="n", whole_cores=whole_cores))
-    }
+    # No CPU held back for the shared pool, so that node 0 keeps two steps.
+    config = DeviceConfig(node_name="n", whole_cores=whole_cores, min_shared_cpus=0)
+    devices = {d.name: d.to_api() for d in build_devices(topology, config)}
     one = "2" if whole_cores else "1"
     assert devices["cpu-isolated-numa1"]["capacity"]["dra.cpu/cpu"] == {
         "value": one,
@@ -267,7 +271,8 @@ def test_many_devices_spread_over_slices(tmp_path: Path) -> None:
     write_tree(tmp_path, cpus, nodes)
     config = DeviceConfig(node_name="big", device_mode=DeviceMode.INDIVIDUAL)
     slices = build_slices(build_devices(read_topology(tmp_path), config), config, generation=3)
-    assert [len(s["spec"]["devices"]) for s in slices] == [128, 128, 68]
+    # 319 CPUs (CPU 0 stays shared) and each NUMA node's memory.
+    assert [len(s["spec"]["devices"]) for s in slices] == [128, 128, 67]
     assert {s["spec"]["pool"]["resourceSliceCount"] for s in slices} == {3}
     assert {s["spec"]["pool"]["generation"] for s in slices} == {3}
     assert len({s["metadata"]["name"] for s in slices}) == 3
@@ -291,8 +296,18 @@ def test_long_strings_are_cut_to_the_api_limit(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--reserved-cpus", "0-15"], "no allocatable CPUs: online 0-15, reserved 0-15"),
-        (["--reserved-cpus", "16-17"], "CPU(s) 16-17 do not exist on this node"),
+        (["--reserved-cpus", "0-15"], "no CPU is left for claims (online 0-15, isolated none, reservedCpus 0-15)"),
+        (["--reserved-cpus", "16-17"], "reservedCpus 16-17: CPU(s) 16-17 do not exist on this node (present: 0-15)"),
+        (
+            ["--min-shared-cpus", "16"],
+            "minSharedCpus 16: this node has 16 CPU(s) to share (online 0-15, isolated none, reservedCpus none); "
+            "keeping 16 for containers without claims leaves no CPU outside isolcpus for claims",
+        ),
+        (
+            ["--reserved-cpus", "0-13", "--strict-reserved", "--min-shared-cpus", "3"],
+            "minSharedCpus 3: this node has 2 CPU(s) to share (online 0-15, isolated none, reservedCpus 0-13 with "
+            "strictReserved)",
+        ),
         (["--reserved-cpus", "two"], "--reserved-cpus 'two': invalid cpu id 'two'"),
         (["--driver-name", "DRA_CPU"], "invalid driver name 'DRA_CPU'"),
     ],

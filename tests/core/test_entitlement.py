@@ -12,8 +12,9 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.entitlement import ContainerInfo, MemoryPolicy, NoSharedCpus, Pin
 from dra_cpu.core.ledger import HugePageGrant, Ledger, MemoryGrant, PreparedClaim, PreparedDevice
 from dra_cpu.core.memory import MemoryBinding
+from dra_cpu.core.sharing import not_held
 from dra_cpu.node.sysfs import read_topology
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
 
 TOPOLOGY = read_topology(SYSFS / "dual-socket-smt2")
 POD = "pod-uid-1"
@@ -94,11 +95,11 @@ def test_unclaimed_container_gets_the_shared_pool_and_every_memory_node() -> Non
 @pytest.mark.parametrize(
     ("env", "pod_uid", "reason"),
     [
-        (["DRA_CPUSET_a=2-3"], "forger", "pod forger is not among the claim's reservedFor pods (pod-uid-1)"),
+        (["DRA_CPUSET_a=2-3"], "forger", "pod forger is not the pod the claim serves (pod-uid-1)"),
         (["DRA_CPUSET_a=2"], POD, "cpuset '2' is not the claim's (2-3)"),
         (["DRA_CPUSET_a=all"], POD, "cpuset 'all' is not a cpu list"),
         (["DRA_CPUSET_zzz=2-3"], POD, "no such claim is prepared on this node"),
-        (["DRA_CPUSET_b=8-9"], POD, "pod pod-uid-1 is not among the claim's reservedFor pods (other-pod)"),
+        (["DRA_CPUSET_b=8-9"], POD, "pod pod-uid-1 is not the pod the claim serves (other-pod)"),
     ],
 )
 def test_env_that_does_not_prove_a_claim_gives_the_shared_pool(env: list[str], pod_uid: str, reason: str) -> None:
@@ -171,10 +172,7 @@ def test_a_claim_used_by_another_pod_is_refused_at_creation_naming_claim_and_pod
     other = container(["DRA_CPUSET_a=2-3"], pod_uid="second-pod")
     with pytest.raises(entitlement.ClaimSharedAcrossPods) as refused:
         entitlement.pin_for(other, POOLS, refuse_shared=True)
-    assert str(refused.value) == (
-        "claim ns/c-a is prepared for pod pod-uid-1; container app of pod ns/pod (second-pod) cannot use it: "
-        "dra-cpu does not share a claim's CPUs across pods (use one claim per pod, e.g. a ResourceClaimTemplate)"
-    )
+    assert str(refused.value) == not_held(ClaimRef("ns", "c-a", "a"), (POD,), "app", "ns/pod", "second-pod")
     # Running containers (synchronize, updates) are not refused: they get the shared pool, as before.
     assert entitlement.pin_for(other, POOLS).pin == Pin(POOLS.shared, POOLS.shared_mems)
 
@@ -192,3 +190,48 @@ def test_containers_of_the_claims_pod_share_its_cpus() -> None:
         for cid in ("app", "sidecar")
     )
     assert first == second == Pin(CPUSet.parse("2-3"), CPUSet.parse("0-1"), claims=("a",), memory_policy=prefer("0"))
+
+
+UID = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
+
+
+def test_the_shell_twins_of_a_claims_variables_carry_the_same_values_and_entitle_nothing() -> None:
+    """Each variable of a claim's CDI spec is there twice: the upstream name with the UID's dashes, and the same
+    value under the UID with underscores, which POSIX shells keep. Enforcement reads only the first."""
+    from dra_cpu.core.cdi_spec import env_for
+
+    prepared = replace(claim(UID, "2-3"), ref=ClaimRef("ns", "web", UID))
+    env = env_for(prepared, CPUSet.parse("0"))
+    twin = UID.replace("-", "_")
+    values = dict(item.split("=", 1) for item in env)
+    for prefix, value in (("CPUSET", "2-3"), ("MEMS", "0"), ("CLAIM", "ns/web"), ("PODS", POD)):
+        assert values[f"DRA_{prefix}_{UID}"] == values[f"DRA_{prefix}_{twin}"] == value
+    pools = entitlement.pools(Ledger({UID: prepared}), TOPOLOGY)
+    decision = entitlement.pin_for(container(env), pools)
+    assert decision.pin.claims == (UID,) and decision.rejected == ()
+    # A twin written into a pod spec by hand is no claim: the shared pool, and nothing to report.
+    forged = entitlement.pin_for(container([f"DRA_CPUSET_{twin}=2-3"]), pools)
+    assert forged.pin == Pin(pools.shared, pools.shared_mems) and forged.rejected == ()
+
+
+def test_every_variable_a_claim_gives_its_containers_is_documented() -> None:
+    """docs/user.md names each DRA_*_<uid> variable the CDI spec writes, and the shell-readable form beside it."""
+    from dra_cpu.core.cdi_spec import env_for
+    from tests.harness.paths import REPO
+
+    user = (REPO / "docs" / "user.md").read_text()
+    prepared = claim(UID, "2-3", hugepages=HugePageGrant(0, 2048, 2 << 20), memory=(MemoryGrant(0, 64 << 20),))
+    names = [item.split("=", 1)[0] for item in env_for(prepared, CPUSet.parse("0"))]
+    prefixes = {name.removesuffix(UID) for name in names if name.endswith(UID)}
+    assert prefixes == {
+        "DRA_CPUSET_",
+        "DRA_MEMS_",
+        "DRA_HUGEPAGES_",
+        "DRA_MEMORY_",
+        "DRA_MEMORY_BINDING_",
+        "DRA_CLAIM_",
+        "DRA_PODS_",
+    }
+    undocumented = [p for p in sorted(prefixes) if f"`{p}<uid>`" not in user]
+    assert not undocumented, f"docs/user.md does not describe {undocumented}"
+    assert "the UID with `_` for `-`" in user

@@ -1,5 +1,5 @@
 """Properties of the core that hold for every machine, device setting, claim stream and prepare/unprepare order
-(tests/support/strategies.py draws them): no CPU and no byte of hugepages or memory in two claims, nothing over a
+(tests/harness/strategies.py draws them): no CPU and no byte of hugepages or memory in two claims, nothing over a
 device's capacity, the same inputs give the same grants, the checkpoint's encoding round-trips, and restore() turns
 any state a damaged disk may hold (or a node whose memory shrank) into one that obeys the same invariants, dropping
 whole claims only."""
@@ -20,7 +20,7 @@ from dra_cpu.core.memory import MEMORY_STEP
 from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.core.topology import Topology
 from dra_cpu.store.checkpoint import Checkpoint, decode, encode
-from tests.support.strategies import Scenario, loose_claims, memory_capacities, scenarios, topologies
+from tests.harness.strategies import Scenario, loose_claims, memory_capacities, scenarios, topologies
 
 
 def bounded(examples: int) -> settings:
@@ -62,7 +62,7 @@ def _run(s: Scenario) -> tuple[Ledger, list[Outcome]]:
 
 
 def _view(s: Scenario) -> NodeView:
-    return NodeView(s.topology, s.devices, NodeSettings(s.config, min_shared_cpus=s.min_shared_cpus))
+    return NodeView(s.topology, s.devices, NodeSettings(s.config))
 
 
 def _memory_held(claims: Iterable[PreparedClaim]) -> dict[int, int]:
@@ -109,8 +109,9 @@ def _check_invariants(state: Ledger, s: Scenario, index: Mapping[str, Device]) -
     memory = {d.numa_node: d.capacity for d in index.values() if d.type is DeviceType.MEMORY}
     for node, held in _memory_held(claims).items():
         assert held <= memory[node], f"memory of NUMA node {node}: {held} bytes granted of {memory[node]}"
-    if state.allocated_cpus:
-        assert len(state.shared_cpus(s.topology)) >= s.min_shared_cpus
+    if state.allocated_cpus - s.topology.isolated_cpus:
+        floor = s.config.shared_floor
+        assert len(floor.pool(s.topology, state.allocated_cpus)) >= floor.minimum
     # What enters the process from disk is the same state again.
     assert restore(claims, s.topology, _view(s).memory_capacity) == Ledger(state.claims)
 

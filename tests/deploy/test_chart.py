@@ -22,10 +22,10 @@ from dra_cpu.config import Config, load
 from dra_cpu.core.devices import build_devices, build_slices
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.classes import chart_device_classes
-from tests.support.paths import REPO, SYSFS
-from tests.support.real_node import chart_values
-from tests.support.testenv_helm import CHART, Helm
-from tests.support.typed import as_dict
+from tests.harness.cluster.chart import chart_values
+from tests.harness.cluster.helm import CHART, Helm
+from tests.harness.paths import REPO, SYSFS
+from tests.harness.typed import as_dict
 
 # Non-default values that change what the templates produce (paths, names, optional objects, enforcement).
 CUSTOM = (

@@ -14,9 +14,9 @@ import pytest
 
 from dra_cpu.cli import build_parser, main
 from dra_cpu.cli.common import EXIT_USAGE
-from dra_cpu.config import Config, ConfigError, load
+from dra_cpu.config import UPSTREAM_KEYS, Config, ConfigError, load
 from dra_cpu.core.devices import GroupBy
-from tests.support.paths import FIXTURES, REPO
+from tests.harness.paths import FIXTURES, REPO
 
 KEYS = {f.name: "".join(p.capitalize() if i else p for i, p in enumerate(f.name.split("_"))) for f in fields(Config)}
 
@@ -39,7 +39,7 @@ def refused(result: subprocess.CompletedProcess[str]) -> str:
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ('reservedCPUs: "0-1"\n', "unknown key 'reservedCPUs'"),
+        ('reservedCPU: "0-1"\n', "unknown key 'reservedCPU'"),
         ("wholeCores: yes please\n", "wholeCores must be a bool"),
         ("minSharedCpus: 1.5\n", "minSharedCpus must be a int"),
         ("metricsAddress: 8080\n", "metricsAddress must be a str"),
@@ -225,9 +225,65 @@ def test_missing_sysfs_names_the_path(tmp_path: Path) -> None:
     assert f"{tmp_path / 'host'}/sys/devices/system/cpu does not exist" in line
 
 
+def test_the_upstream_drivers_config_file_works(tmp_path: Path) -> None:
+    """kubernetes-sigs/dra-driver-cpu's keys, where they mean what ours do: its reserved CPUs are strict."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "apiVersion: v1alpha1\n"
+        "cpuDeviceMode: individual\n"
+        "groupBy: socket\n"
+        'reservedCPUs: "0-1"\n'
+        "publishNodeAllocatableResourceMapping: true\n"
+        "hostnameOverride: Node-A\n"
+        "kubeconfig: /etc/kubeconfig\n"
+        "bindAddress: 127.0.0.1:9090\n"
+        "exposePCIeRoots: true\n"
+    )
+    config = load(build_parser().parse_args(["run", "--config", str(path)]), {})
+    assert (config.device_mode, config.group_by, config.reserved_cpus, config.strict_reserved) == (
+        "individual",
+        "socket",
+        "0-1",
+        True,
+    )
+    assert (config.node_name, config.kubeconfig, config.metrics_address) == (
+        "node-a",
+        "/etc/kubeconfig",
+        "127.0.0.1:9090",
+    )
+    assert config.publish_node_allocatable_resources and config.publish_pcie_roots
+    # The same setting twice, under both names, agreeing: fine.
+    path.write_text("cpuDeviceMode: grouped\ndeviceMode: grouped\n")
+    assert load(build_parser().parse_args(["run", "--config", str(path)]), {"NODE_NAME": "n"}).device_mode == "grouped"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            'reservedCPUs: "0"\nstrictReserved: false\n',
+            "reservedCPUs (upstream's reserved CPUs are strict) and strictReserved both set strictReserved, to "
+            "different values: give one",
+        ),
+        ("deviceMode: grouped\ncpuDeviceMode: individual\n", "deviceMode and cpuDeviceMode both set deviceMode"),
+        ("apiVersion: v2\n", "apiVersion 'v2': the upstream driver's files say 'v1alpha1'; dra-cpu's need none"),
+        ("sysfsOverlay: {}\n", "sysfsOverlay is the upstream driver's; dra-cpu reads a whole sysfs tree instead"),
+        ("cpuDeviceMode: cores\n", "deviceMode 'cores': must be one of grouped, individual"),
+    ],
+)
+def test_upstream_keys_that_contradict_or_have_no_counterpart_are_one_line(
+    tmp_path: Path, content: str, expected: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        load(build_parser().parse_args(["run", "--config", str(path)]), {"NODE_NAME": "n"})
+    assert expected in str(err.value)
+
+
 def test_every_key_is_documented_and_the_chart_offers_only_real_keys() -> None:
     admin = (REPO / "docs" / "admin.md").read_text()
-    undocumented = [key for key in KEYS.values() if f"`{key}`" not in admin]
+    undocumented = [key for key in [*KEYS.values(), *UPSTREAM_KEYS] if f"`{key}`" not in admin]
     assert not undocumented, f"docs/admin.md does not describe {undocumented}"
     schema = json.loads((REPO / "charts" / "dra-cpu" / "values.schema.json").read_text())
     assert set(schema["properties"]["config"]["properties"]) <= set(KEYS.values())

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from tests.support.paths import FIXTURES, REPO
-from tests.support.testenv_podman import Podman
+from tests.harness.paths import FIXTURES, REPO
+from tests.harness.runtimes.podman import Podman
 
 BENCH = REPO / "hack" / "bench" / "image.sh"
 BASE_SCRIPT = REPO / "hack" / "testenv" / "image-base.sh"

@@ -9,9 +9,12 @@ import pytest
 
 from dra_cpu.core.topology import Topology
 from dra_cpu.node.sysfs import read_topology
-from tests.support.cluster import new_namespace, wait_for
-from tests.support.node_claims import checkpoint_claims, delete_pod
-from tests.support.real_node import InstalledDriver
+from tests.harness.cluster.chart import InstalledDriver
+from tests.harness.cluster.objects import new_namespace
+from tests.harness.cluster.pods import delete_pod
+from tests.harness.driver_files import checkpoint_claims
+from tests.harness.nodes.real import RealNode
+from tests.harness.poll import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +24,12 @@ def topology() -> Topology:
 
 
 @pytest.fixture
-def namespace(dra_cpu_node: InstalledDriver, request: pytest.FixtureRequest) -> Iterator[str]:
+def namespace(dra_cpu_node: InstalledDriver[RealNode], request: pytest.FixtureRequest) -> Iterator[str]:
     """A namespace for the test's objects; its pods are deleted afterwards and their claims unprepared."""
     kube = dra_cpu_node.node.kube
     name = new_namespace(kube, request.module.__name__.rsplit("_", 1)[-1])
     yield name
     for pod in kube.list(f"/api/v1/namespaces/{name}/pods"):
         delete_pod(kube, name, pod["metadata"]["name"])
-    wait_for(lambda: not checkpoint_claims(dra_cpu_node.state_dir), "every claim to be unprepared", 60)
+    wait_until(lambda: not checkpoint_claims(dra_cpu_node.state_dir), "every claim to be unprepared", 60)
     kube.delete(f"/api/v1/namespaces/{name}")

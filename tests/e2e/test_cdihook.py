@@ -19,8 +19,8 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.ledger import PreparedClaim, PreparedDevice
 from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.store.cdi_files import CDIStore
-from tests.support.cri import Allowed
-from tests.support.testenv_podman import Podman
+from tests.harness.runtimes.cri import Allowed
+from tests.harness.runtimes.podman import Podman
 
 SPEC_ENV = {"DRA_CPUSET_u1": "1", "DRA_MEMS_u1": "0", "DRA_PODS_u1": "pod-a,pod-b", "DRA_MEMORY_BINDING_u1": "strict"}
 
@@ -36,7 +36,7 @@ def test_the_pin_trusts_only_the_drivers_spec() -> None:
         "claim u2: no such claim is prepared on this node",
     ]
     _, refused = cdihook.pin_for(["DRA_CPUSET_u1=1"], "pod-z", specs)
-    assert refused == ["claim u1: pod pod-z is not among the claim's reservedFor pods (pod-a, pod-b)"]
+    assert refused == ["claim u1: pod pod-z is not the pod the claim serves (pod-a, pod-b)"]
 
 
 def test_the_hook_binds_memory_of_strict_claims_only() -> None:

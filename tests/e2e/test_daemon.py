@@ -27,9 +27,12 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.kubelet.gen import dra_health_v1_pb2 as health_pb
-from tests.support.daemon_process import Stderr, exit_code, free_port, run_daemon
-from tests.support.kubelet_node import FIXTURES, offline_cpus, result
-from tests.support.waiting import eventually
+from tests.harness.claims import result
+from tests.harness.nodes.daemon_process import Stderr, exit_code, run_daemon
+from tests.harness.nodes.standin import offline_cpus
+from tests.harness.paths import SYSFS
+from tests.harness.poll import wait_until
+from tests.harness.processes import free_port
 
 UID = "00000000-0000-4000-8000-000000000001"
 
@@ -54,12 +57,12 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
     proc = run_daemon(root, port, "--log-format", "json")
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     try:
-        eventually(registration.exists, "the registration socket")
-        eventually(lambda: any((root / "cluster/resourceslices").glob("*.yaml")), "the slices")
+        wait_until(registration.exists, "the registration socket")
+        wait_until(lambda: any((root / "cluster/resourceslices").glob("*.yaml")), "the slices")
         status, body = _get(f"http://127.0.0.1:{port}/readyz")
         assert status == 503 and "not registered with the kubelet" in body
         kubelet = KubeletClient.register(registration)
-        eventually(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, "readiness")
+        wait_until(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, "readiness")
         assert _get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
 
         claim = {
@@ -76,6 +79,8 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
         assert kubelet.prepare([ClaimRef("default", "c1", UID)]).claims[UID].error == ""
         metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
         assert 'dra_cpu_cpus_allocated{numa_node="0"} 3.0' in metrics
+        # CPU 0 is held back for containers without claims: what the slices publish, the metric counts.
+        assert 'dra_cpu_cpus_allocatable{numa_node="0"} 7.0' in metrics
         assert 'dra_cpu_cpus_allocatable{numa_node="1"} 8.0' in metrics
         assert 'dra_cpu_prepare_total{result="success"} 1.0' in metrics
         assert "dra_cpu_active_claims 1.0" in metrics
@@ -86,6 +91,24 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
         assert 'dra_cpu_memory_allocated_bytes{numa_node="1"} 0.0' in metrics
         for counter in ("forged_env", "shared_claim_refused", "hugetlb_unenforced", "nri_update_failures"):
             assert f"dra_cpu_{counter} 0.0" in metrics, counter
+        # The upstream driver's names: 15 published CPUs (CPU 0 stays shared), 3 claimed.
+        for upstream in (
+            "dra_cpu_allocated_cpus 3.0",
+            "dra_cpu_available_cpus 12.0",
+            "dra_cpu_reserved_cpus 0.0",
+            "dra_cpu_resource_claims_active 1.0",
+            'dra_cpu_prepare_claims_total{result="success"} 1.0',
+            'dra_cpu_prepare_claims_total{result="unknown"} 0.0',
+            "dra_cpu_prepare_claim_duration_seconds_count 1.0",
+            'dra_cpu_claim_allocated_cpus_bucket{le="4.0"} 1.0',
+            'dra_cpu_claim_allocated_cpus_bucket{le="2.0"} 0.0',
+        ):
+            assert upstream in metrics, upstream
+        # Every metric served is in docs/admin.md's one table.
+        admin = (Path(__file__).parents[2] / "docs/admin.md").read_text()
+        served = {line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE ")}
+        undocumented = [n for n in served if not n.endswith("_created") and f"`{n}`" not in admin]
+        assert not undocumented, undocumented
         kubelet.close()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -115,7 +138,7 @@ def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
     proc = run_daemon(root, port, "--log-format", "json")
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     try:
-        eventually(registration.exists, "the registration socket")
+        wait_until(registration.exists, "the registration socket")
         kubelet = KubeletClient.register(registration)
         metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
         assert "dra_cpu_claims_unrestorable 1.0" in metrics and "dra_cpu_active_claims 1.0" in metrics
@@ -143,7 +166,12 @@ def test_checkpoint_from_a_bigger_node_does_not_crash_loop(root: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--reserved-cpus", "0-99"], "--reserved-cpus"),
+        (["--reserved-cpus", "0-99"], "reservedCpus 0-99: CPU(s) 16-99 do not exist on this node (present: 0-15)"),
+        (
+            ["--min-shared-cpus", "17"],
+            "minSharedCpus 17: this node has 16 CPU(s) to share (online 0-15, isolated none, reservedCpus none); "
+            "keeping 17 for containers without claims leaves no CPU outside isolcpus for claims",
+        ),
         (["--nri-plugin-index", "7"], "nriPluginIndex '7': must be two digits"),
         (["--min-shared-cpus", "0"], "minSharedCpus 0: at least 1 CPU must stay shared"),
         (["--sysfs-root", "/nonexistent"], "is --sysfs-root right?"),
@@ -172,7 +200,7 @@ def test_wrong_kubeconfig_is_one_clear_line(root: Path) -> None:
 def test_hugepage_reservation_change_is_republished(root: Path) -> None:
     """Hugepage reservations send no uevent: the daemon's poll re-reads sysfs and republishes."""
     sysfs = root / "sysfs"
-    shutil.copytree(FIXTURES / "dual-socket-smt2", sysfs)
+    shutil.copytree(SYSFS / "dual-socket-smt2", sysfs)
     nr = sysfs / "sys/devices/system/node/node1/hugepages/hugepages-2048kB/nr_hugepages"
     proc = subprocess.Popen(
         [
@@ -199,9 +227,9 @@ def test_hugepage_reservation_change_is_republished(root: Path) -> None:
         return None
 
     try:
-        eventually(lambda: capacity() == "64Mi", "the first publish")
+        wait_until(lambda: capacity() == "64Mi", "the first publish")
         nr.write_text("48\n")
-        eventually(lambda: capacity() == "96Mi", "the new reservation on the slice")
+        wait_until(lambda: capacity() == "96Mi", "the new reservation on the slice")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
@@ -212,11 +240,11 @@ def test_health_follows_the_node_through_re_discovery(root: Path) -> None:
     """The daemon's own re-discovery (the sysfs poll) drives the kubelet's v1 health stream: CPUs taken offline make
     their device Unhealthy with the reason, a sysfs the daemon cannot read makes every device Unknown."""
     sysfs = root / "sysfs"
-    shutil.copytree(FIXTURES / "dual-socket-smt2", sysfs)
+    shutil.copytree(SYSFS / "dual-socket-smt2", sysfs)
     proc = run_daemon(root, free_port(), "--hugepage-poll-seconds", "0.3", sysfs=sysfs)
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
     try:
-        eventually(registration.exists, "the registration socket")
+        wait_until(registration.exists, "the registration socket")
         kubelet = KubeletClient.register(registration)
         assert kubelet.health_service == "v1.DRAResourceHealth"
         stream = kubelet.watch_health(timeout=30)
@@ -244,10 +272,41 @@ def test_health_follows_the_node_through_re_discovery(root: Path) -> None:
     assert proc.returncode == 0, stderr
 
 
+def test_a_node_shrunk_below_the_settings_is_reported_not_fatal(root: Path) -> None:
+    """minSharedCpus 4 on 16 CPUs: fine at start. 12 CPUs go offline: the re-discovery logs one line naming the
+    setting and the node's numbers, the daemon goes on and publishes no CPU device, and the CPUs come back."""
+    sysfs = root / "sysfs"
+    shutil.copytree(SYSFS / "dual-socket-smt2", sysfs)
+    proc = run_daemon(root, free_port(), "--hugepage-poll-seconds", "0.3", "--min-shared-cpus", "4", sysfs=sysfs)
+    stderr = Stderr(proc)
+
+    def cpu_devices() -> list[str]:
+        slices = [yaml.safe_load(p.read_text()) for p in (root / "cluster/resourceslices").glob("*.yaml")]
+        return sorted(d["name"] for s in slices for d in s["spec"]["devices"] if d["name"].startswith("cpu-"))
+
+    try:
+        wait_until(lambda: bool(cpu_devices()), "the first publish")
+        published = cpu_devices()
+        before = root / "sysfs-before"
+        shutil.copytree(sysfs, before)
+        offline_cpus(CPUSet.parse("4-15"))(sysfs)
+        stderr.wait_for_line("minSharedCpus 4: this node has 4 CPU(s) to share (online 0-3, isolated none")
+        wait_until(lambda: cpu_devices() == [], "the CPU devices withdrawn")
+        assert proc.poll() is None, "the daemon goes on"
+        shutil.copytree(before, sysfs, dirs_exist_ok=True)
+        (sysfs / "sys/devices/system/cpu/offline").unlink()
+        wait_until(lambda: cpu_devices() == published, "the CPU devices back")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    assert exit_code(proc, 30) == 0, stderr.text()
+    reports = [line for line in stderr.text().splitlines() if "contradict the node as re-discovered" in line]
+    assert len(reports) == 1, reports
+
+
 def test_pcie_roots_are_published_and_follow_sysfs(root: Path) -> None:
     """--publish-pcie-roots: the daemon reads the roots (the expander capture) and republishes when they change."""
     sysfs = root / "sysfs"
-    shutil.copytree(FIXTURES / "pcie-expander-3numa", sysfs)
+    shutil.copytree(SYSFS / "pcie-expander-3numa", sysfs)
     proc = run_daemon(root, free_port(), "--publish-pcie-roots", "--hugepage-poll-seconds", "0.3", sysfs=sysfs)
 
     def roots() -> dict[str, list[str]]:
@@ -260,9 +319,9 @@ def test_pcie_roots_are_published_and_follow_sysfs(root: Path) -> None:
 
     try:
         first = {"cpu-numa0": ["pci0000:00", "pci0000:10"], "cpu-numa1": ["pci0000:00", "pci0000:20"]}
-        eventually(lambda: roots() == first, "the first publish with the roots")
+        wait_until(lambda: roots() == first, "the first publish with the roots")
         shutil.rmtree(sysfs / "sys/devices/pci0000:20")
-        eventually(lambda: roots() == {**first, "cpu-numa1": ["pci0000:00"]}, "the root gone from cpu-numa1")
+        wait_until(lambda: roots() == {**first, "cpu-numa1": ["pci0000:00"]}, "the root gone from cpu-numa1")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
@@ -279,7 +338,7 @@ def test_sigterm_at_any_moment_ends_the_daemon_cleanly_once(root: Path) -> None:
         stderr = Stderr(proc)
         try:
             # The handlers are in place before the first log line; before it the interpreter is still starting.
-            stderr.wait_for("starting")
+            stderr.wait_for_line("starting")
             time.sleep(rng.uniform(0, 2.5))  # the random moment, not a synchronisation
             proc.send_signal(signal.SIGTERM)
             time.sleep(rng.uniform(0, 0.5))
@@ -305,7 +364,7 @@ def _stuck_prepare(root: Path) -> tuple[subprocess.Popen[str], Stderr, threading
     proc = run_daemon(root, free_port(), "--log-level", "debug")
     stderr = Stderr(proc)
     registration = root / "kubelet/plugins_registry/dra.cpu-reg.sock"
-    eventually(registration.exists, "the registration socket")
+    wait_until(registration.exists, "the registration socket")
     kubelet = KubeletClient.register(registration)
 
     def prepare() -> None:
@@ -315,7 +374,7 @@ def _stuck_prepare(root: Path) -> tuple[subprocess.Popen[str], Stderr, threading
 
     caller = threading.Thread(target=prepare, daemon=True)
     caller.start()
-    stderr.wait_for("reading the claim")
+    stderr.wait_for_line("reading the claim")
     return proc, stderr, caller
 
 
@@ -347,9 +406,9 @@ def test_a_third_signal_or_sigint_during_the_shutdown_exits_at_once(
         for sent, sig in enumerate(signals):
             proc.send_signal(sig)
             if sent == 0:
-                stderr.wait_for("SIGTERM received: shutting down")
+                stderr.wait_for_line("SIGTERM received: shutting down")
             elif sent < len(signals) - 1:
-                stderr.wait_for("already shutting down")
+                stderr.wait_for_line("already shutting down")
         assert exit_code(proc, process.SHUTDOWN_SECONDS + 10) == code, stderr.text()
         assert time.monotonic() - started < process.SHUTDOWN_SECONDS, "before the shutdown's own deadline"
     finally:

@@ -19,11 +19,11 @@ from dra_cpu.core.claims import ClaimRef, allocated_claim_object
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.store.metadata_files import decode
-from tests.support.kubelet_node import result
-from tests.support.testenv_apiserver import ApiServer, ServerClaims
-from tests.support.testenv_containerd import Containerd
-from tests.support.typed import as_dict
-from tests.support.waiting import eventually
+from tests.harness.claims import ServerClaims, result
+from tests.harness.cluster.control_plane import ApiServer
+from tests.harness.poll import wait_until
+from tests.harness.runtimes.containerd import Containerd
+from tests.harness.typed import as_dict
 
 ONLINE = CPUSet.parse(Path("/sys/devices/system/cpu/online").read_text())
 NODE = "node-e2e"
@@ -54,7 +54,7 @@ def test_claimed_container_is_pinned_and_others_keep_off(
         text=True,
     )  # fmt: skip
     try:
-        eventually(registration.exists, "registration after NRI synchronized")
+        wait_until(registration.exists, "registration after NRI synchronized")
         kubelet = KubeletClient.register(registration)
         pod_uid = str(uuid.uuid4())
         claim_cpus = 1 if len(ONLINE) <= 2 else 2
@@ -73,7 +73,7 @@ def test_claimed_container_is_pinned_and_others_keep_off(
             slices = as_dict(listed)["items"]
             return "cpu-numa0" in {d["name"] for s in slices for d in s["spec"]["devices"]}
 
-        eventually(published, "the node's ResourceSlices on the API server")
+        wait_until(published, "the node's ResourceSlices on the API server")
         response = kubelet.prepare([ref]).claims[uid]
         assert response.error == ""
         # The claim's CPUs and its device metadata file (KEP-5304, on by default).
@@ -93,10 +93,10 @@ def test_claimed_container_is_pinned_and_others_keep_off(
         [device] = metadata["requests"][0]["devices"]
         assert device["attributes"]["dra.cpu/allocatedCPUs"] == {"string": str(granted)}
         assert cri.allowed_on_host(app).cpus == granted
-        eventually(lambda: cri.allowed_on_host(bystander).cpus == shared, "the bystander to shrink to the shared pool")
+        wait_until(lambda: cri.allowed_on_host(bystander).cpus == shared, "the bystander to shrink to the shared pool")
 
         assert kubelet.unprepare([ref]).claims[uid].error == ""
-        eventually(lambda: cri.allowed_on_host(bystander).cpus == ONLINE, "the bystander to regrow")
+        wait_until(lambda: cri.allowed_on_host(bystander).cpus == ONLINE, "the bystander to regrow")
         kubelet.close()
     finally:
         daemon.send_signal(signal.SIGTERM)

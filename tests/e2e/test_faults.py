@@ -32,20 +32,20 @@ from dra_cpu.nri.enforcer import NriConfig, NriEnforcer
 from dra_cpu.nri.gen import nri_ttrpc_pb2
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
 from dra_cpu.store.checkpoint import SPARE
-from tests.support.daemon_process import (
+from tests.harness.nodes.daemon_process import (
     Stderr,
     assert_consistent,
     claim_yaml,
     exit_code,
-    free_port,
     on_disk,
     put_claim,
     registration_socket,
     run_daemon,
 )
-from tests.support.kubelet_node import make_driver
-from tests.support.nri_peer import Runtime
-from tests.support.waiting import eventually
+from tests.harness.nodes.standin import make_driver
+from tests.harness.poll import wait_until
+from tests.harness.processes import free_port
+from tests.harness.runtimes.nri_peer import Runtime
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
 EXIT_BOUND = process.SHUTDOWN_SECONDS + 10
@@ -115,7 +115,7 @@ def start(root: Path, *extra: str) -> Running:
     proc = run_daemon(root, free_port(), *extra)
     stderr = Stderr(proc)
     try:
-        eventually(lambda: registration_socket(root).exists() or proc.poll(), "the registration socket")
+        wait_until(lambda: registration_socket(root).exists() or proc.poll(), "the registration socket")
         assert proc.poll() is None, stderr.text()
         return Running(root, proc, stderr, KubeletClient.register(registration_socket(root)))
     except BaseException:
@@ -221,7 +221,7 @@ def test_the_cluster_gone_or_silent_mid_request(root: Path) -> None:
         answer = claim_yaml("stuck", uid_of("stuck"), cpus=2)
         with stuck_path.open("w") as fifo:
             fifo.write(answer)
-        eventually(lambda: uid_of("stuck") in on_disk(root).checkpoint, "the abandoned prepare to complete")
+        wait_until(lambda: uid_of("stuck") in on_disk(root).checkpoint, "the abandoned prepare to complete")
         stuck_path.unlink()
         stuck_path.write_text(answer)
         cpus = on_disk(root).checkpoint[uid_of("stuck")]
@@ -304,7 +304,7 @@ def test_nri_connection_closed_mid_call(tmp_path: Path) -> None:
         request = api.UpdateContainersRequest.FromString(nri_ttrpc_pb2.Request.FromString(call.payload).payload)
         assert [u.container_id for u in request.update] == ["plain"]
         runtime.peer.sock.close()  # ...and the runtime goes away before answering it
-        eventually(lambda: not enforcer.ready.is_set(), "the plugin to notice the closed connection")
+        wait_until(lambda: not enforcer.ready.is_set(), "the plugin to notice the closed connection")
 
         within = put_claim(tmp_path, "within", uid_of("within"), cpus=1)
         assert driver.prepare([within])[within.uid].error == "", "a runtime restart within the grace period"
@@ -319,9 +319,10 @@ def test_nri_connection_closed_mid_call(tmp_path: Path) -> None:
             "Synchronize", api.SynchronizeRequest(pods=[pod], containers=[plain]), api.SynchronizeResponse
         )
         assert isinstance(synced, api.SynchronizeResponse)
-        shared = driver.snapshot().ledger.shared_cpus(driver.snapshot().view.topology)
+        now = driver.snapshot()
+        shared = pins(now.ledger, now.view).shared
         assert {u.container_id: u.linux.resources.cpu.cpus for u in synced.update} == {"plain": str(shared)}
-        assert shared.isdisjoint(driver.snapshot().ledger.allocated_cpus)
+        assert shared.isdisjoint(now.ledger.allocated_cpus)
         disk = on_disk(tmp_path)
         assert_consistent(disk)
         assert set(disk.checkpoint) == {uid_of("first"), uid_of("within")}

@@ -5,8 +5,8 @@ from the driver's files on the host and from inside the containers (CRI exec).
 
 The examples of hack/examples are applied unchanged when they fit this machine; on the 2-CPU, one-NUMA-node test
 machines none does (each asks 4 or more CPUs), so those that fit once scaled are applied with their CPU amounts cut to
-what a claim can get here (1 CPU: one stays shared) and NUMA node 1 replaced by node 0 (`node_claims.fit`), and the
-others (isolated CPUs, hugepages, two NUMA nodes) are skipped with the reason.
+what a claim can get here (1 CPU: one stays shared) and NUMA node 1 replaced by node 0 (tests/harness/examples.py),
+and the others (isolated CPUs, hugepages, two NUMA nodes) are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -19,21 +19,23 @@ import pytest
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.topology import Topology
-from tests.support.cluster import CPU_CAPACITY, Kube, busybox_pod, claim_path, cpu_claim, wait_for
-from tests.support.node_claims import (
-    DoesNotFit,
-    cdi_spec_uids,
-    checkpoint_claims,
+from tests.harness.cluster.chart import InstalledDriver
+from tests.harness.cluster.client import Kube
+from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, cpu_claim, deployment
+from tests.harness.cluster.pods import (
+    RUNNING_SECONDS,
     create_all,
     delete_pod,
-    documents,
-    fit,
-    pinning,
-    running,
-    wait_cpus,
+    events,
+    pod_path,
+    pod_scheduled_condition,
+    wait_running,
 )
-from tests.support.paths import EXAMPLES
-from tests.support.real_node import InstalledDriver
+from tests.harness.driver_files import cdi_spec_uids, checkpoint_claims
+from tests.harness.examples import DoesNotFit, documents, fit
+from tests.harness.nodes.real import RealNode
+from tests.harness.paths import EXAMPLES
+from tests.harness.poll import NotYet, wait_until
 
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 
@@ -48,11 +50,13 @@ def allocated_cpus(claim: dict[str, Any]) -> int:
     return sum(int(r.get("consumedCapacity", {}).get(CPU_CAPACITY, "0")) for r in results)
 
 
-def assert_pinned(driver: InstalledDriver, topology: Topology, pod: dict[str, Any], claims: dict[str, int]) -> CPUSet:
+def assert_pinned(
+    driver: InstalledDriver[RealNode], topology: Topology, pod: dict[str, Any], claims: dict[str, int]
+) -> CPUSet:
     """The container runs on exactly its claims' CPUs, seen from its environment, from inside, from the host's /proc
     and from its cgroup, and its memory on their NUMA nodes; `claims` is claim UID -> CPUs allocated. Returns the
     CPUs."""
-    seen = pinning(driver.node, pod)
+    seen = driver.node.pinning(pod)
     assert set(seen.claimed) == set(claims), seen
     for uid, count in claims.items():
         assert len(seen.claimed[uid]) == count, (uid, seen)
@@ -69,7 +73,7 @@ def assert_pinned(driver: InstalledDriver, topology: Topology, pod: dict[str, An
 
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=[p.stem for p in EXAMPLE_FILES])
 def test_example_runs_on_its_claims_cpus(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology, path: Path
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology, path: Path
 ) -> None:
     try:
         fitted = fit(documents(path), topology)
@@ -79,7 +83,7 @@ def test_example_runs_on_its_claims_cpus(
     create_all(kube, namespace, fitted.docs)
     pods = [d for d in fitted.docs if d["kind"] == "Pod"]
     for doc in pods:
-        pod = running(kube, namespace, doc["metadata"]["name"])
+        pod = wait_running(kube, namespace, doc["metadata"]["name"])
         assert pod["spec"]["nodeName"] == dra_cpu_node.node.name
         claims = {}
         for ref in pod["spec"]["resourceClaims"]:
@@ -96,52 +100,52 @@ def test_example_runs_on_its_claims_cpus(
 
 
 def test_containers_without_claims_shrink_to_the_shared_pool_and_regrow(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
 ) -> None:
     kube, node = dra_cpu_node.node.kube, dra_cpu_node.node
     everything = topology.online_cpus
     create_all(kube, namespace, [busybox_pod("shared")])
-    shared = running(kube, namespace, "shared")
-    wait_cpus(node, shared, everything, "a container without claims before any claim")
+    shared = wait_running(kube, namespace, "shared")
+    node.wait_cpus(shared, everything, "a container without claims before any claim")
     create_all(kube, namespace, [cpu_claim("one-cpu"), busybox_pod("pinned", {"cpus": "one-cpu"})])
-    pinned = running(kube, namespace, "pinned")
+    pinned = wait_running(kube, namespace, "pinned")
     cpus = assert_pinned(dra_cpu_node, topology, pinned, {claim_uid(kube, namespace, "one-cpu"): 1})
-    wait_cpus(node, shared, everything - cpus, "the container without claims once a claim holds CPUs")
+    node.wait_cpus(shared, everything - cpus, "the container without claims once a claim holds CPUs")
     delete_pod(kube, namespace, "pinned")
-    wait_cpus(node, shared, everything, "the container without claims once the claim's pod is gone")
+    node.wait_cpus(shared, everything, "the container without claims once the claim's pod is gone")
 
 
 def test_deleting_the_pod_unprepares_its_claim(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
 ) -> None:
     kube, node = dra_cpu_node.node.kube, dra_cpu_node.node
     create_all(kube, namespace, [busybox_pod("shared"), cpu_claim("c"), busybox_pod("p", {"cpus": "c"})])
-    shared = running(kube, namespace, "shared")
-    pod = running(kube, namespace, "p")
+    shared = wait_running(kube, namespace, "shared")
+    pod = wait_running(kube, namespace, "p")
     uid = claim_uid(kube, namespace, "c")
     assert uid in checkpoint_claims(dra_cpu_node.state_dir)
     assert uid in cdi_spec_uids(node.cdi_dir)
     cpus = assert_pinned(dra_cpu_node, topology, pod, {uid: 1})
-    wait_cpus(node, shared, topology.online_cpus - cpus, "shared pool with the claim prepared")
+    node.wait_cpus(shared, topology.online_cpus - cpus, "shared pool with the claim prepared")
     delete_pod(kube, namespace, "p")
     # The pod object is gone only after the kubelet's NodeUnprepareResources returned.
     assert uid not in checkpoint_claims(dra_cpu_node.state_dir)
     assert uid not in cdi_spec_uids(node.cdi_dir)
-    wait_cpus(node, shared, topology.online_cpus, "shared pool after unprepare")
+    node.wait_cpus(shared, topology.online_cpus, "shared pool after unprepare")
 
     # The claim itself stays (the user made it), deallocated and reserved for nobody.
     def released() -> bool:
         return not kube.get(claim_path(namespace, "c")).get("status", {}).get("reservedFor")
 
-    wait_for(released, "the claim to be released")
+    wait_until(released, "the claim to be released")
 
 
 def test_a_template_claim_is_released_with_its_pod(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
 ) -> None:
     kube = dra_cpu_node.node.kube
     create_all(kube, namespace, [cpu_claim("t", template=True), busybox_pod("p", {"cpus": "t"}, template=True)])
-    pod = running(kube, namespace, "p")
+    pod = wait_running(kube, namespace, "p")
     (status,) = pod["status"]["resourceClaimStatuses"]
     generated = status["resourceClaimName"]
     uid = claim_uid(kube, namespace, generated)
@@ -150,7 +154,38 @@ def test_a_template_claim_is_released_with_its_pod(
     assert uid not in checkpoint_claims(dra_cpu_node.state_dir)
     assert uid not in cdi_spec_uids(dra_cpu_node.node.cdi_dir)
     # The resourceclaim controller deletes the claim it made for the pod.
-    wait_for(lambda: kube.find(claim_path(namespace, generated)) is None, f"claim {generated} to be deleted")
+    wait_until(lambda: kube.find(claim_path(namespace, generated)) is None, f"claim {generated} to be deleted")
+
+
+def test_a_deployments_pod_runs_on_the_cpus_of_its_template_claim(
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
+) -> None:
+    """A Deployment as users write it: the deployment and replicaset controllers make its pod, the resourceclaim
+    controller the pod's claim from its template, and the pod runs on that claim's CPUs."""
+    kube = dra_cpu_node.node.kube
+    pod = busybox_pod("app", {"cpus": "one-cpu"}, template=True)
+    create_all(kube, namespace, [cpu_claim("one-cpu", template=True), deployment("app", pod)])
+    pods_path = f"/api/v1/namespaces/{namespace}/pods"
+    try:
+        # Any of the Deployment's pods: the ReplicaSet may replace the first one it makes.
+        def one_running() -> dict[str, Any] | NotYet:
+            pods = kube.list(pods_path, label_selector="app=app")
+            running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+            live = [p for p in running if not p["metadata"].get("deletionTimestamp")]
+            return (
+                live[0] if live else NotYet([(p["metadata"]["name"], p.get("status", {}).get("phase")) for p in pods])
+            )
+
+        running = wait_until(one_running, "a running pod of the Deployment", RUNNING_SECONDS)
+        assert [o["kind"] for o in running["metadata"]["ownerReferences"]] == ["ReplicaSet"]
+        (status,) = running["status"]["resourceClaimStatuses"]
+        assert_pinned(dra_cpu_node, topology, running, {claim_uid(kube, namespace, status["resourceClaimName"]): 1})
+    finally:
+        # Else the ReplicaSet makes the pod again as the namespace's clean-up deletes it.
+        kube.delete(f"/apis/apps/v1/namespaces/{namespace}/deployments/app")
+        wait_until(
+            lambda: not kube.list(pods_path, label_selector="app=app"), "the Deployment's pod to be deleted", 120
+        )
 
 
 @pytest.mark.parametrize(
@@ -163,26 +198,26 @@ def test_a_template_claim_is_released_with_its_pod(
     ids=["capacity-only", "standard-numaNode", "dra.cpu-numaNodeID"],
 )
 def test_upstream_style_claims_work_unchanged(
-    dra_cpu_node: InstalledDriver, namespace: str, topology: Topology, selector: str
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology, selector: str
 ) -> None:
     """Claims as written for kubernetes-sigs/dra-driver-cpu: class dra.cpu, capacity.requests {dra.cpu/cpu: N},
     selectors on the standard NUMA attribute or on dra.cpu/numaNodeID."""
     kube = dra_cpu_node.node.kube
     name = f"upstream-{uuid.uuid4().hex[:6]}"
     create_all(kube, namespace, [cpu_claim(name, 1, selector), busybox_pod("p", {"cpus": name})])
-    pod = running(kube, namespace, "p")
+    pod = wait_running(kube, namespace, "p")
     cpus = assert_pinned(dra_cpu_node, topology, pod, {claim_uid(kube, namespace, name): 1})
     assert topology.numa_nodes_of(cpus) == CPUSet.of([0])
 
 
-def test_pod_status_shows_device_health(dra_cpu_node: InstalledDriver, namespace: str) -> None:
+def test_pod_status_shows_device_health(dra_cpu_node: InstalledDriver[RealNode], namespace: str) -> None:
     """With ResourceHealthStatus (beta in 1.37) the kubelet reads dra-cpu's health stream into each container's
     allocatedResourcesStatus: resource `claim:<pod claim name>`, one entry per CDI device, Healthy."""
     kube = dra_cpu_node.node.kube
     if not dra_cpu_node.node.feature_gates.get("ResourceHealthStatus"):
         pytest.skip("the kubelet has no ResourceHealthStatus gate")
     create_all(kube, namespace, [cpu_claim("c"), busybox_pod("p", {"cpus": "c"})])
-    running(kube, namespace, "p")
+    wait_running(kube, namespace, "p")
     uid = claim_uid(kube, namespace, "c")
 
     def health() -> list[dict[str, Any]] | None:
@@ -190,7 +225,46 @@ def test_pod_status_shows_device_health(dra_cpu_node: InstalledDriver, namespace
         found: list[dict[str, Any]] = pod["status"]["containerStatuses"][0].get("allocatedResourcesStatus") or []
         return found or None
 
-    statuses = wait_for(health, "allocatedResourcesStatus in the pod's status", 60)
+    statuses = wait_until(health, "allocatedResourcesStatus in the pod's status", 60)
     assert statuses == [
         {"name": "claim:cpus", "resources": [{"resourceID": f"dra.cpu/cpu=claim-{uid}", "health": "Healthy"}]}
     ]
+
+
+def unschedulable(kube: Kube, namespace: str, name: str) -> str:
+    """The scheduler's message once it gave up on the pod for now (PodScheduled False, Unschedulable)."""
+
+    def condition() -> str | None:
+        found = pod_scheduled_condition(kube.get(pod_path(namespace, name))) or {}
+        return str(found.get("message")) if found.get("reason") == "Unschedulable" else None
+
+    return wait_until(condition, f"pod {namespace}/{name} to be found unschedulable", 90)
+
+
+def test_what_the_node_cannot_grant_stays_pending_with_the_schedulers_reason(
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, topology: Topology
+) -> None:
+    """Issue 21: the node publishes its CPUs but the one kept for containers without claims (minSharedCpus 1), so a
+    claim it could not prepare is never allocated: the pod stays Pending with the scheduler's reason instead of
+    being bound and stuck in ContainerCreating on a prepare error. On the 2-CPU test node: pod A holds a 1-CPU claim,
+    the next 1-CPU claim waits; a 2-CPU claim waits on the empty node too. Once A is gone the waiting pod runs."""
+    kube = dra_cpu_node.node.kube
+    claimable = len(topology.online_cpus - topology.isolated_cpus) - 1
+    create_all(kube, namespace, [cpu_claim("whole", claimable + 1), busybox_pod("too-big", {"cpus": "whole"})])
+    message = unschedulable(kube, namespace, "too-big")
+    assert "cannot allocate all claims" in message, message
+    delete_pod(kube, namespace, "too-big")
+
+    create_all(kube, namespace, [cpu_claim("a", claimable), busybox_pod("a", {"cpus": "a"})])
+    wait_running(kube, namespace, "a")
+    create_all(kube, namespace, [cpu_claim("b", 1), busybox_pod("b", {"cpus": "b"})])
+    message = unschedulable(kube, namespace, "b")
+    assert "cannot allocate all claims" in message, message
+    pod = kube.get(pod_path(namespace, "b"))
+    assert not pod["spec"].get("nodeName"), "never bound to the node"
+    assert not kube.get(claim_path(namespace, "b")).get("status", {}).get("allocation"), "never allocated"
+    assert not any("FailedPrepareDynamicResources" in e for e in events(kube, namespace, "b"))
+
+    delete_pod(kube, namespace, "a")
+    pod = wait_running(kube, namespace, "b")
+    assert_pinned(dra_cpu_node, topology, pod, {claim_uid(kube, namespace, "b"): 1})

@@ -11,17 +11,13 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import busybox_pod, claim_path, cpu_claim, wait_for
-from tests.support.node_claims import (
-    cdi_spec_uids,
-    checkpoint_claims,
-    create_all,
-    delete_pod,
-    events,
-    pod_path,
-    running,
-)
-from tests.support.real_node import InstalledDriver, container_id
+from tests.harness.cluster.chart import InstalledDriver
+from tests.harness.cluster.objects import busybox_pod, claim_path, cpu_claim
+from tests.harness.cluster.pods import create_all, delete_pod, events, pod_path, wait_running
+from tests.harness.driver_files import cdi_spec_uids, checkpoint_claims
+from tests.harness.nodes.kubelet import container_id
+from tests.harness.nodes.real import RealNode
+from tests.harness.poll import wait_until
 
 
 def limited_pod(name: str, claim: str, cpu: str | None) -> dict[str, Any]:
@@ -32,16 +28,18 @@ def limited_pod(name: str, claim: str, cpu: str | None) -> dict[str, Any]:
     return pod
 
 
-def run_claimed(driver: InstalledDriver, namespace: str, name: str, cpu: str | None) -> tuple[dict[str, Any], str]:
+def run_claimed(
+    driver: InstalledDriver[RealNode], namespace: str, name: str, cpu: str | None
+) -> tuple[dict[str, Any], str]:
     """A 1-CPU claim and a pod using it, once Running: the pod and its container's runtime id."""
     create_all(driver.node.kube, namespace, [cpu_claim(name), limited_pod(name, name, cpu)])
-    pod = running(driver.node.kube, namespace, name)
+    pod = wait_running(driver.node.kube, namespace, name)
     return pod, container_id(pod)
 
 
 @pytest.mark.parametrize(("cpu", "quota"), [(None, None), ("1", Fraction(1)), ("1500m", Fraction(3, 2))])
 def test_a_claimed_container_gets_the_quota_of_its_limit(
-    dra_cpu_node: InstalledDriver, namespace: str, cpu: str | None, quota: Fraction | None
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str, cpu: str | None, quota: Fraction | None
 ) -> None:
     node = dra_cpu_node.node
     _, cid = run_claimed(dra_cpu_node, namespace, "claimed", cpu)
@@ -54,7 +52,7 @@ def test_a_claimed_container_gets_the_quota_of_its_limit(
 
 
 def test_a_limit_below_the_claim_is_refused_at_prepare_and_nothing_is_pinned(
-    dra_cpu_node: InstalledDriver, namespace: str
+    dra_cpu_node: InstalledDriver[RealNode], namespace: str
 ) -> None:
     kube = dra_cpu_node.node.kube
     create_all(kube, namespace, [cpu_claim("tight"), limited_pod("tight", "tight", "500m")])
@@ -63,7 +61,7 @@ def test_a_limit_below_the_claim_is_refused_at_prepare_and_nothing_is_pinned(
         "(spec.containers[0].resources.limits.cpu 500m) on the 1 CPU claim 'tight' pins it to; "
         "raise that limit to at least 1, or remove it"
     )
-    seen = wait_for(
+    seen = wait_until(
         lambda: [e for e in events(kube, namespace, "tight") if expected in e] or None,
         "the driver's refusal in the pod's events",
         90,
@@ -76,7 +74,7 @@ def test_a_limit_below_the_claim_is_refused_at_prepare_and_nothing_is_pinned(
 
 
 @pytest.fixture
-def mapped_node(dra_cpu_node: InstalledDriver) -> Iterator[InstalledDriver]:
+def mapped_node(dra_cpu_node: InstalledDriver[RealNode]) -> Iterator[InstalledDriver[RealNode]]:
     """The driver upgraded (helm upgrade) to publish the node-allocatable mapping; back to the default afterwards."""
     kube = dra_cpu_node.node.kube
 
@@ -91,7 +89,7 @@ def mapped_node(dra_cpu_node: InstalledDriver) -> Iterator[InstalledDriver]:
         old = dra_cpu_node.ready_pod()["metadata"]["name"]
         dra_cpu_node.upgrade(values)
         dra_cpu_node.ready_pod(other_than=old)
-        wait_for(lambda: mapping_published(on), f"slices {'with' if on else 'without'} the mapping", 120)
+        wait_until(lambda: mapping_published(on), f"slices {'with' if on else 'without'} the mapping", 120)
 
     switch(True)
     try:
@@ -101,7 +99,7 @@ def mapped_node(dra_cpu_node: InstalledDriver) -> Iterator[InstalledDriver]:
 
 
 def test_with_the_mapping_the_kubelet_adds_the_claim_to_quota_and_pod_weight(
-    mapped_node: InstalledDriver, namespace: str
+    mapped_node: InstalledDriver[RealNode], namespace: str
 ) -> None:
     """The pod refused above runs: its 500m limit plus the claim's mapped CPU is a quota of 1.5 CPUs, and the pod
     cgroup weighs 500m + 1 CPU (1536 shares), although the spec asks 500m only."""

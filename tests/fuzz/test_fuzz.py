@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.fuzz_targets import TARGETS, Target, crash
+from tests.harness.fuzz_targets import TARGETS, Target, crash
 
 # CI-sized: the whole folder runs in well under two minutes on two cores; hack/bench/fuzz.py runs longer.
 EXAMPLES = int(os.environ.get("DRA_CPU_FUZZ_EXAMPLES", "1000"))

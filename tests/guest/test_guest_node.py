@@ -1,5 +1,5 @@
 """A claim across both NUMA nodes, end to end with the real components on a kernel that has the NUMA nodes: the test
-guest joined to the test control plane as node numa-guest (tests/support/guest_kubelet.py), kube-scheduler 1.37
+guest joined to the test control plane as node numa-guest (tests/harness/nodes/guest_kubelet.py), kube-scheduler 1.37
 allocating the claim there, the guest's kubelet 1.37 preparing it with dra-cpu (a process in the guest, NRI
 enforcement) and containerd 2.1 starting the container on the claim's CPUs. Then one of those CPUs goes offline,
 and the kubelet shows the device Unhealthy, with the driver's reason, in the pod's status.
@@ -17,12 +17,13 @@ from typing import Any
 import pytest
 
 from dra_cpu.core.cpuset import CPUSet
-from tests.support.cluster import CPU_CAPACITY, busybox_pod, claim_path, new_namespace, pinned_pod, wait_for
-from tests.support.cri import Allowed
-from tests.support.guest import SPEC
-from tests.support.guest_kubelet import GuestKubelet
-from tests.support.node_claims import create_all, delete_pod
-from tests.support.real_node import container_id
+from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, new_namespace, pinned_pod
+from tests.harness.cluster.pods import create_all, delete_pod, wait_running
+from tests.harness.guest.vm import SPEC
+from tests.harness.nodes.guest_kubelet import GuestKubeletNode
+from tests.harness.nodes.kubelet import container_id
+from tests.harness.poll import wait_until
+from tests.harness.runtimes.cri import Allowed
 
 CPUS_PER_NODE = 2
 """Of each NUMA node's four CPUs (one of node 1's is isolated): a whole core each, and two left shared."""
@@ -33,7 +34,7 @@ HEALTH_SECONDS = 120.0
 
 
 @pytest.fixture
-def namespace(guest_kubelet: GuestKubelet) -> Iterator[str]:
+def namespace(guest_kubelet: GuestKubeletNode) -> Iterator[str]:
     kube = guest_kubelet.kube
     name = new_namespace(kube, "guest-node")
     yield name
@@ -67,7 +68,7 @@ def health(pod: dict[str, Any]) -> dict[str, dict[str, list[dict[str, Any]]]]:
 
 
 def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
-    guest_kubelet: GuestKubelet, namespace: str
+    guest_kubelet: GuestKubeletNode, namespace: str
 ) -> None:
     node, kube = guest_kubelet, guest_kubelet.kube
     # The shape of hack/examples/claim-cpu-capacity-20.yaml (one request per NUMA node), on the guest's scale.
@@ -78,14 +79,14 @@ def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
         "spec": {"devices": {"requests": [numa_request("numa0", 0), numa_request("numa1", 1)]}},
     }
     pod = pinned_pod(busybox_pod("app", {"cpus": "two-nodes"}), node.name)
-    pod["spec"]["hostNetwork"] = True  # the guest's node has no pod network (tests/support/guest_kubelet.py)
+    pod["spec"]["hostNetwork"] = True  # the guest's node has no pod network (tests/harness/nodes/guest_kubelet.py)
     [app] = pod["spec"]["containers"]
     # `app` names each request, `whole` the whole claim: the kubelet keys device health by CDI device, and dra-cpu
     # gives a claim one CDI device for all its devices, so `whole` sees one device's health for both.
     app["resources"]["claims"] = [{"name": "cpus", "request": "numa0"}, {"name": "cpus", "request": "numa1"}]
     pod["spec"]["containers"].append({**app, "name": "whole", "resources": {"claims": [{"name": "cpus"}]}})
     create_all(kube, namespace, [claim, pod])
-    bound = node.running(namespace, "app", RUNNING_SECONDS)
+    bound = wait_running(node.kube, namespace, "app", RUNNING_SECONDS, details=node.describe)
     assert bound["spec"]["nodeName"] == node.name
 
     # The scheduler's allocation: each request on its node's device, with the CPUs it asked for.
@@ -121,7 +122,7 @@ def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
         "app": {"claim:cpus/numa0": [healthy], "claim:cpus/numa1": [healthy]},
         "whole": {"claim:cpus": [healthy]},
     }
-    wait_for(lambda: health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app")) == all_healthy,
+    wait_until(lambda: health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app")) == all_healthy,
              "both devices Healthy in the pod's allocatedResourcesStatus", HEALTH_SECONDS, 1)  # fmt: skip
 
     # A CPU of the numa1 device goes offline (never CPU 0, which x86 cannot take offline).
@@ -134,14 +135,14 @@ def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
     }
     node.set_online(victim, False)
     try:
-        wait_for(lambda: node.allowed(container).cpus == cpus - gone, "the kernel to take the CPU from the container")
+        wait_until(lambda: node.allowed(container).cpus == cpus - gone, "the kernel to take the CPU from the container")
         # `whole` shows the claim's first device (numa0's) only: the outage is not in its status (docs/limits.md).
         want = {
             "app": {"claim:cpus/numa0": [healthy], "claim:cpus/numa1": [unhealthy]},
             "whole": {"claim:cpus": [healthy]},
         }
         try:
-            wait_for(lambda: health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app")) == want,
+            wait_until(lambda: health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app")) == want,
                      f"the numa1 device Unhealthy with CPU {victim} offline", HEALTH_SECONDS, 1)  # fmt: skip
         except AssertionError as err:
             seen = health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app"))
@@ -149,6 +150,6 @@ def test_claim_over_both_numa_nodes_is_pinned_and_its_health_reported(
     finally:
         node.set_online(victim, True)
     # Back online: Healthy again, and the container has the CPU back (cgroup v2 restores it to its cpuset's tasks).
-    wait_for(lambda: health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app")) == all_healthy,
+    wait_until(lambda: health(kube.get(f"/api/v1/namespaces/{namespace}/pods/app")) == all_healthy,
              "both devices Healthy again", HEALTH_SECONDS, 1)  # fmt: skip
-    wait_for(lambda: node.allowed(container).cpus == cpus, "the container to get the CPU back")
+    wait_until(lambda: node.allowed(container).cpus == cpus, "the container to get the CPU back")

@@ -9,12 +9,13 @@ import uuid
 import pytest
 
 from dra_cpu.bench.numa_maps import parse_numa_maps
-from tests.support.guest import SPEC, GuestError
-from tests.support.guest_node import GuestNode, cpulist, format_cpulist, result
-from tests.support.testenv_containerd import offers_memory_policy
+from dra_cpu.core.sharing import ONE_POD_AT_A_TIME
+from tests.harness.guest.vm import SPEC, GuestError
+from tests.harness.nodes.guest_standin import GuestStandinNode, cpulist, format_cpulist, result
+from tests.harness.runtimes.containerd import offers_memory_policy
 
 
-def test_claimed_container_pinned_and_shared_pool_follows_claims(guest_node: GuestNode) -> None:
+def test_claimed_container_pinned_and_shared_pool_follows_claims(guest_node: GuestStandinNode) -> None:
     node = guest_node
     general = node.shared()
     bystander = node.create_container(node.run_pod("bystander"), "plain")
@@ -34,7 +35,7 @@ def test_claimed_container_pinned_and_shared_pool_follows_claims(guest_node: Gue
     node.assert_sidecar_shared_then_released(pod, claim, bystander, general)
 
 
-def test_forged_env_gets_the_shared_pool_and_is_counted(guest_node: GuestNode) -> None:
+def test_forged_env_gets_the_shared_pool_and_is_counted(guest_node: GuestStandinNode) -> None:
     node = guest_node
     owner = node.run_pod("owner", uid=str(uuid.uuid4()))
     claim = node.prepared([result("cpu-numa1", cpus=1)], [owner.uid])
@@ -46,7 +47,7 @@ def test_forged_env_gets_the_shared_pool_and_is_counted(guest_node: GuestNode) -
     forger = node.run_pod("forger")
     # A copy of the claim's exact variable looks like a pod that shares the claim (NRI does not say which CDI
     # devices a container got): refused, not run.
-    with pytest.raises(GuestError, match="does not share a claim's CPUs across pods"):
+    with pytest.raises(GuestError, match=ONE_POD_AT_A_TIME):
         node.create_container(forger, "copied", env={env: format_cpulist(claimed)})
     assert node.metric("dra_cpu_shared_claim_refused") >= 1
     forged = node.create_container(forger, "forged", env={env: format_cpulist(node.online())})
@@ -58,7 +59,7 @@ def test_forged_env_gets_the_shared_pool_and_is_counted(guest_node: GuestNode) -
     assert node.metric("dra_cpu_forged_env") == before + 2
 
 
-def test_someone_elses_update_does_not_unpin(guest_node: GuestNode) -> None:
+def test_someone_elses_update_does_not_unpin(guest_node: GuestStandinNode) -> None:
     node = guest_node
     pod = node.run_pod("claimant", uid=str(uuid.uuid4()))
     claim = node.prepared([result("cpu-numa0", cpus=2)], [pod.uid])
@@ -73,7 +74,7 @@ def test_someone_elses_update_does_not_unpin(guest_node: GuestNode) -> None:
     node.assert_allowed(plain, node.shared())
 
 
-def test_plugin_restart_keeps_pins_and_reconciles(guest_node: GuestNode) -> None:
+def test_plugin_restart_keeps_pins_and_reconciles(guest_node: GuestStandinNode) -> None:
     node = guest_node
     pod = node.run_pod("claimant", uid=str(uuid.uuid4()))
     claim = node.prepared([result("cpu-numa1", cpus=2)], [pod.uid])
@@ -95,7 +96,7 @@ def test_plugin_restart_keeps_pins_and_reconciles(guest_node: GuestNode) -> None
     node.assert_allowed(pinned, claimed)
 
 
-def test_container_cgroup_is_a_v2_cgroup_under_the_pod_parent(guest_node: GuestNode) -> None:
+def test_container_cgroup_is_a_v2_cgroup_under_the_pod_parent(guest_node: GuestStandinNode) -> None:
     node = guest_node
     bystander = node.create_container(node.run_pod("bystander"), "plain")
     pod = node.run_pod("claimant", uid=str(uuid.uuid4()))
@@ -119,7 +120,7 @@ def test_container_cgroup_is_a_v2_cgroup_under_the_pod_parent(guest_node: GuestN
     assert cpulist(node.cgroup_file(pinned, "cpuset.mems")) == {0}
 
 
-def test_memory_policy_binds_a_claim_over_two_nodes_where_the_runtime_offers_it(guest_node: GuestNode) -> None:
+def test_memory_policy_binds_a_claim_over_two_nodes_where_the_runtime_offers_it(guest_node: GuestStandinNode) -> None:
     """The NRI 0.12 LinuxMemoryPolicy on a multi-NUMA kernel: MPOL_BIND to nodes 0 and 1 shows in numa_maps as
     "bind:0-1" (containerd 2.4 with its runc 1.5); the older runtimes leave the task's policy "default"."""
     node = guest_node

@@ -9,18 +9,19 @@ import uuid
 
 import yaml
 
-from tests.support.guest import SPEC
-from tests.support.guest_node import (
+from tests.harness.guest.vm import SPEC
+from tests.harness.nodes.fixtures import only_newest_containerd
+from tests.harness.nodes.guest_standin import (
+    GUEST_INTERVAL,
     GUEST_USR,
     PYTHON_ENV,
-    GuestNode,
+    GuestStandinNode,
     container_python,
     cpulist,
-    eventually,
-    only_newest_containerd,
     pages_by_node,
     result,
 )
+from tests.harness.poll import NotYet, wait_until
 
 pytestmark = only_newest_containerd
 
@@ -60,7 +61,7 @@ def node_cpus(node: int) -> frozenset[int]:
     return frozenset(next(n.cpus for n in SPEC.nodes if n.id == node))
 
 
-def test_claim_split_over_both_nodes_pins_the_container_and_others_keep_off(guest_node: GuestNode) -> None:
+def test_claim_split_over_both_nodes_pins_the_container_and_others_keep_off(guest_node: GuestStandinNode) -> None:
     node = guest_node
     general = node.online() - {SPEC.isolated_cpu}
     bystander = node.create_container(node.run_pod("bystander"), "app")
@@ -91,17 +92,17 @@ def test_claim_split_over_both_nodes_pins_the_container_and_others_keep_off(gues
     # The memory it touched is on its nodes, none on the memory-only node 2.
     pid = node.pid(app)
 
-    def touched() -> bool | dict[int, int]:
+    def touched() -> bool | NotYet:
         pages = pages_by_node(node.guest.read(f"/proc/{pid}/numa_maps"))
-        return True if sum(pages.values()) >= TOUCH_MIB * 256 else pages
+        return True if sum(pages.values()) >= TOUCH_MIB * 256 else NotYet(pages)
 
-    eventually(touched, "the container to touch its memory")
+    wait_until(touched, "the container to touch its memory", interval=GUEST_INTERVAL)
     pages = pages_by_node(node.guest.read(f"/proc/{pid}/numa_maps"))
     assert set(pages) <= {0, 1}, pages
     node.assert_sidecar_shared_then_released(pod, claim, bystander, general)
 
 
-def test_hugepages_claim_limits_the_container_to_its_pages_on_its_node(guest_node: GuestNode) -> None:
+def test_hugepages_claim_limits_the_container_to_its_pages_on_its_node(guest_node: GuestStandinNode) -> None:
     """hack/examples/claim-cpu-hugepages-2mi.yaml's shape on node 1: 2 CPUs and 16 MiB of 2 MiB pages."""
     node = guest_node
     pages, sysfs = 8, "/sys/devices/system/node/node{}/hugepages/hugepages-2048kB/free_hugepages"
@@ -131,12 +132,12 @@ def test_hugepages_claim_limits_the_container_to_its_pages_on_its_node(guest_nod
     # Its pages come from node 1's pool, and its anonymous memory from node 1.
     pid = node.pid(app)
 
-    def held() -> bool | str:
+    def held() -> bool | NotYet:
         maps = node.guest.read(f"/proc/{pid}/numa_maps")
         done = pages_by_node(maps, huge=True) == {1: pages} and sum(pages_by_node(maps).values()) >= TOUCH_MIB * 256
-        return True if done else maps
+        return True if done else NotYet(maps)
 
-    eventually(held, "the container to hold its hugepages and memory")
+    wait_until(held, "the container to hold its hugepages and memory", interval=GUEST_INTERVAL)
     assert set(pages_by_node(node.guest.read(f"/proc/{pid}/numa_maps"))) == {1}
     free_now = {n.id: int(node.guest.read(sysfs.format(n.id))) for n in SPEC.nodes}
     assert free_now == {**free_before, 1: free_before[1] - pages}
@@ -148,7 +149,7 @@ def test_hugepages_claim_limits_the_container_to_its_pages_on_its_node(guest_nod
     assert int(node.cgroup_file(app, "hugetlb.2MB.current")) == limit
 
 
-def test_isolated_cpu_claim_gets_the_isolated_cpu(guest_node: GuestNode) -> None:
+def test_isolated_cpu_claim_gets_the_isolated_cpu(guest_node: GuestStandinNode) -> None:
     node = guest_node
     general = node.online() - {SPEC.isolated_cpu}
     bystander = node.create_container(node.run_pod("bystander"), "app")
@@ -161,20 +162,20 @@ def test_isolated_cpu_claim_gets_the_isolated_cpu(guest_node: GuestNode) -> None
     node.assert_allowed(bystander, general)
 
 
-def _cpu_device(node: GuestNode, name: str) -> dict[str, object]:
+def _cpu_device(node: GuestStandinNode, name: str) -> dict[str, object]:
     listing = node.guest.run(["sh", "-c", f"cat {node.cluster}/resourceslices/*.yaml"]).stdout
     devices = {d["name"]: d for s in yaml.safe_load_all(listing) if s for d in s["spec"]["devices"]}
     device: dict[str, object] = devices[name]
     return device
 
 
-def _num_cpus(node: GuestNode, name: str) -> int:
+def _num_cpus(node: GuestStandinNode, name: str) -> int:
     attributes = _cpu_device(node, name)["attributes"]
     assert isinstance(attributes, dict)
     return int(attributes["dra.cpu/numCPUs"]["int"])
 
 
-def test_cpu_hotplug_republishes_the_slices(guest_node: GuestNode) -> None:
+def test_cpu_hotplug_republishes_the_slices(guest_node: GuestStandinNode) -> None:
     node = guest_node
     cpu = 5
     before = _num_cpus(node, "cpu-numa1")
@@ -184,12 +185,20 @@ def test_cpu_hotplug_republishes_the_slices(guest_node: GuestNode) -> None:
     try:
         node.guest.write(f"/sys/devices/system/cpu/cpu{cpu}/online", "0")
         assert cpu not in node.online()
-        eventually(lambda: _num_cpus(node, "cpu-numa1") == before - 1, f"cpu-numa1 republished without CPU {cpu}")
+        wait_until(
+            lambda: _num_cpus(node, "cpu-numa1") == before - 1,
+            f"cpu-numa1 republished without CPU {cpu}",
+            interval=GUEST_INTERVAL,
+        )
         capacity = _cpu_device(node, "cpu-numa1")["capacity"]
         assert isinstance(capacity, dict) and capacity["dra.cpu/cpu"]["value"] == str(before - 1)
         node.assert_allowed(bystander, general - {cpu})
     finally:
         node.guest.write(f"/sys/devices/system/cpu/cpu{cpu}/online", "1")
     assert cpu in node.online()
-    eventually(lambda: _num_cpus(node, "cpu-numa1") == before, f"cpu-numa1 republished with CPU {cpu} again")
+    wait_until(
+        lambda: _num_cpus(node, "cpu-numa1") == before,
+        f"cpu-numa1 republished with CPU {cpu} again",
+        interval=GUEST_INTERVAL,
+    )
     node.assert_allowed(bystander, general)

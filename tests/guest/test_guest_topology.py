@@ -4,9 +4,10 @@ siblings, NUMA nodes with their distances, the memory-only node, hugepages reser
 from __future__ import annotations
 
 import json
+import re
 
-from tests.support.guest import SPEC, Guest
-from tests.support.guest_node import cpulist
+from tests.harness.guest.vm import SPEC, Guest
+from tests.harness.nodes.guest_standin import cpulist
 
 
 def test_discover_matches_the_emulated_machine(guest: Guest) -> None:
@@ -100,7 +101,10 @@ def test_demo_confines_a_process_with_a_cgroup_v2_cpuset(guest: Guest) -> None:
     finds cpuset on cgroup2 at /sys/fs/cgroup (the hybrid test machines only ever show it v1)."""
     out = guest.dra_cpu("demo", "--cpus", "2").stdout
     assert "cpu-isolated-numa1" in out and "hugepages-2mi-numa2" in out, out
-    assert "confined by a cgroup-v2 cpuset reads Cpus_allowed_list: 0-1 " in out, out
+    chosen = re.search(r"chosen CPUs: (\S+)", out)
+    assert chosen is not None, out
+    assert len(cpulist(chosen[1])) == 2, out
+    assert f"confined by a cgroup-v2 cpuset reads Cpus_allowed_list: {chosen[1]} " in out, out
     assert "Demo succeeded" in out
     # It leaves no cgroup behind.
     assert guest.run("find /sys/fs/cgroup -mindepth 1 -type d -name 'dra-cpu-demo-*'").stdout == ""

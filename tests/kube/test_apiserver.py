@@ -19,9 +19,9 @@ from dra_cpu.cli import main
 from dra_cpu.errors import DraCpuError
 from dra_cpu.kube.api import ClusterError, Conflict, NotFound
 from dra_cpu.kube.apiserver import KubeAPI, KubeconfigError, connect
-from tests.support.cluster import resource_slice
-from tests.support.testenv_apiserver import ApiServer
-from tests.support.typed import present
+from tests.harness.cluster.control_plane import ApiServer
+from tests.harness.cluster.objects import resource_slice
+from tests.harness.typed import present
 
 
 def unique(prefix: str) -> str:

@@ -16,20 +16,20 @@ from dra_cpu.kube.apiserver import connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.classes import chart_device_classes
-from tests.support.cluster import (
-    Kube,
-    allocated_claim,
+from tests.harness.cluster.client import Kube
+from tests.harness.cluster.control_plane import ControlPlane
+from tests.harness.cluster.objects import (
     busybox_pod,
     cpu_claim,
+    create_node,
+    delete_node,
     ensure,
     new_namespace,
     pinned_pod,
-    pod_scheduled_condition,
-    scheduled,
-    wait_for,
 )
-from tests.support.control_plane import ControlPlane, create_node, delete_node
-from tests.support.paths import SYSFS
+from tests.harness.cluster.pods import pod_scheduled_condition, wait_allocated, wait_scheduled
+from tests.harness.paths import SYSFS
+from tests.harness.poll import wait_until
 
 LOG = logging.getLogger("test.node-allocatable")
 NODE_CPUS = 16  # dual-socket-smt2: two NUMA nodes of 8 CPUs
@@ -70,28 +70,28 @@ def unschedulable(admin: Kube, namespace: str, pod: str) -> dict[str, Any]:
         condition = pod_scheduled_condition(admin.get(path))
         return condition if condition and condition.get("reason") == "Unschedulable" else None
 
-    return wait_for(given_up, f"the scheduler to give up on {pod}")
+    return wait_until(given_up, f"the scheduler to give up on {pod}")
 
 
 def test_a_claims_cpus_count_against_node_allocatable(admin: Kube, mapped_node: str) -> None:
     namespace = new_namespace(admin)
     admin.create(cpu_claim("two", "2"), namespace)
     admin.create(pinned_pod(busybox_pod("claimant", {"cpus": "two"}), mapped_node), namespace)
-    assert scheduled(admin, namespace, "claimant")["spec"]["nodeName"] == mapped_node
-    assert allocated_claim(admin, namespace, "two")["status"]["allocation"]["devices"]["results"][0]["device"]
+    assert wait_scheduled(admin, namespace, "claimant")["spec"]["nodeName"] == mapped_node
+    assert wait_allocated(admin, namespace, "two")["status"]["allocation"]["devices"]["results"][0]["device"]
     # The claim's 2 CPUs are taken from the node's 16 although the claimant requests no cpu: 15 no longer fit.
     admin.create(pinned_pod(cpu_pod("greedy", str(NODE_CPUS - 1)), mapped_node), namespace)
     condition = unschedulable(admin, namespace, "greedy")
     assert "Insufficient cpu" in condition["message"], condition["message"]
     admin.create(pinned_pod(cpu_pod("fits", str(NODE_CPUS - 2)), mapped_node), namespace)
-    assert scheduled(admin, namespace, "fits")["spec"]["nodeName"] == mapped_node
+    assert wait_scheduled(admin, namespace, "fits")["spec"]["nodeName"] == mapped_node
 
 
 def test_a_mapped_claim_is_not_shared_across_pods(admin: Kube, mapped_node: str) -> None:
     namespace = new_namespace(admin)
     admin.create(cpu_claim("one", "1"), namespace)
     admin.create(pinned_pod(busybox_pod("first", {"cpus": "one"}), mapped_node), namespace)
-    scheduled(admin, namespace, "first")
+    wait_scheduled(admin, namespace, "first")
     admin.create(pinned_pod(busybox_pod("second", {"cpus": "one"}), mapped_node), namespace)
     condition = unschedulable(admin, namespace, "second")
     assert "cannot be shared" in condition["message"], condition["message"]

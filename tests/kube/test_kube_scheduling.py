@@ -23,25 +23,23 @@ from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, build_sli
 from dra_cpu.core.quantity import parse_quantity
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.parse import parse_slices
-from tests.support.cluster import (
-    Kube,
-    TestNode,
-    allocated_claim,
+from tests.harness.cluster.client import Kube, close_api_client
+from tests.harness.cluster.control_plane import ControlPlane
+from tests.harness.cluster.helm import Helm
+from tests.harness.cluster.objects import (
     busybox_pod,
     claim_path,
     cpu_claim,
     defaulted_from,
+    delete_node,
     ensure,
     new_namespace,
     pinned_pod,
-    pod_scheduled_condition,
-    publish_node,
-    scheduled,
-    wait_for,
 )
-from tests.support.control_plane import ControlPlane, close, delete_node
-from tests.support.paths import REPO
-from tests.support.testenv_helm import Helm
+from tests.harness.cluster.pods import pod_scheduled_condition, wait_allocated, wait_scheduled
+from tests.harness.nodes.published import PublishedNode, publish_node
+from tests.harness.paths import REPO
+from tests.harness.poll import wait_until
 
 EXAMPLES = REPO / "hack" / "examples"
 # Examples that pair our devices with another driver's have a test of their own (below).
@@ -67,7 +65,7 @@ def classes_file(control_plane: ControlPlane, helm: Helm, tmp_path_factory: pyte
     try:
         ensure(Kube(api), classes)
     finally:
-        close(api)
+        close_api_client(api)
     path = tmp_path_factory.mktemp("classes") / "classes.yaml"
     path.write_text(yaml.safe_dump_all(classes))
     return path
@@ -82,7 +80,7 @@ def namespace(admin: Kube) -> str:
 class NodeMaker(Protocol):
     """The `make_node` fixture: a Node carrying the driver's slices for a sysfs capture."""
 
-    def __call__(self, sysfs_root: Path, group_by: GroupBy = ..., pcie_roots: bool = ...) -> TestNode: ...
+    def __call__(self, sysfs_root: Path, group_by: GroupBy = ..., pcie_roots: bool = ...) -> PublishedNode: ...
 
 
 @pytest.fixture
@@ -90,7 +88,7 @@ def make_node(control_plane: ControlPlane, admin: Kube) -> Iterator[NodeMaker]:
     """Makes Nodes for the test; deleted afterwards (the garbage collector then deletes their slices)."""
     made: list[str] = []
 
-    def make(sysfs_root: Path, group_by: GroupBy = GroupBy.NUMA_NODE, pcie_roots: bool = False) -> TestNode:
+    def make(sysfs_root: Path, group_by: GroupBy = GroupBy.NUMA_NODE, pcie_roots: bool = False) -> PublishedNode:
         name = unique("node")
         made.append(name)
         config = DeviceConfig(node_name=name, group_by=group_by, pcie_roots=pcie_roots)
@@ -128,7 +126,7 @@ def explain(
     return found
 
 
-def explain_claim(claim: Mapping[str, Any], classes_file: Path, node: TestNode, tmp_path: Path) -> dict[str, Any]:
+def explain_claim(claim: Mapping[str, Any], classes_file: Path, node: PublishedNode, tmp_path: Path) -> dict[str, Any]:
     """`explain` of a claim object against the node's slices (written to a file of its name first)."""
     name = claim["metadata"]["name"]
     claim_file = tmp_path / f"{name}.yaml"
@@ -136,7 +134,7 @@ def explain_claim(claim: Mapping[str, Any], classes_file: Path, node: TestNode, 
     return explain(claim_file, name, classes_file, node.slices, tmp_path)
 
 
-def consumption(node: TestNode, device: str, request: Mapping[str, Any]) -> dict[str, Fraction]:
+def consumption(node: PublishedNode, device: str, request: Mapping[str, Any]) -> dict[str, Fraction]:
     """What a request takes of each capacity of `device` under its requestPolicy (the explain model's rounding):
     the amount asked for rounded up to a valid one, or the policy's default for capacities not asked for."""
     [found] = [d for d in parse_slices(node.slices, node.name) if d.name == device]
@@ -155,7 +153,7 @@ def quantities(consumed: Mapping[str, str]) -> dict[str, Fraction]:
 
 def run_pod(admin: Kube, namespace: str, pod: Mapping[str, Any], node: str) -> dict[str, Any]:
     admin.create(pinned_pod(pod, node), namespace)
-    bound = scheduled(admin, namespace, pod["metadata"]["name"])
+    bound = wait_scheduled(admin, namespace, pod["metadata"]["name"])
     assert bound["spec"]["nodeName"] == node
     return bound
 
@@ -165,7 +163,7 @@ def results_by_request(claim: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def check_allocation(
-    claim: Mapping[str, Any], predicted: Mapping[str, Any], node: TestNode, pod: Mapping[str, Any]
+    claim: Mapping[str, Any], predicted: Mapping[str, Any], node: PublishedNode, pod: Mapping[str, Any]
 ) -> None:
     """The scheduler's allocation is what explain predicted: the same device for each request, the capacity the
     requestPolicy rounds to, a share ID per allocation of a shareable device, and the pod reserving the claim."""
@@ -223,7 +221,7 @@ def test_example_pods_get_the_allocation_explain_predicts(
     bound = run_pod(admin, namespace, pod, node.name)
     for claim in claims:
         name = claim["metadata"]["name"]
-        stored = allocated_claim(admin, namespace, name)
+        stored = wait_allocated(admin, namespace, name)
         assert stored["spec"]["devices"]["requests"][0]["name"] == claim["spec"]["devices"]["requests"][0]["name"]
         check_allocation(stored, predicted[name], node, bound)
     admin.delete(f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}", force=True)
@@ -237,7 +235,7 @@ def test_half_a_cpu_takes_one_under_the_request_policy(
     predicted = explain_claim(claim, classes_file, node, tmp_path)
     admin.create(claim, namespace)
     bound = run_pod(admin, namespace, busybox_pod("half", {"cpus": "half"}), node.name)
-    stored = allocated_claim(admin, namespace, "half")
+    stored = wait_allocated(admin, namespace, "half")
     check_allocation(stored, predicted, node, bound)
     # The scheduler rounded 500m up to the policy's step: one whole CPU, as explain says.
     assert results_by_request(stored)["cpus"]["consumedCapacity"] == {f"{DRIVER}/cpu": "1"}
@@ -260,7 +258,7 @@ def test_a_claim_that_fits_no_device_leaves_the_pod_pending_with_the_reason(
         condition = pod_scheduled_condition(admin.get(path))
         return condition if condition and condition.get("reason") == "Unschedulable" else None
 
-    condition = wait_for(unschedulable, "the scheduler to give up on the pod")
+    condition = wait_until(unschedulable, "the scheduler to give up on the pod")
     assert condition["status"] == "False"
     # One node matches the pod's node selector, and the DRA plugin cannot allocate the claim there.
     assert "cannot allocate all claims" in condition["message"], condition["message"]
@@ -275,7 +273,7 @@ def test_twenty_cpus_over_two_numa_nodes_take_ten_of_each(make_node: NodeMaker, 
     [pod] = [d for d in docs if d["kind"] == "Pod"]
     admin.create(claim, namespace)
     run_pod(admin, namespace, pod, node.name)
-    results = results_by_request(allocated_claim(admin, namespace, claim["metadata"]["name"]))
+    results = results_by_request(wait_allocated(admin, namespace, claim["metadata"]["name"]))
     assert {name: (r["device"], r["consumedCapacity"]) for name, r in results.items()} == {
         "numa0-cpus": ("cpu-numa0", {f"{DRIVER}/cpu": "10"}),
         "numa1-cpus": ("cpu-numa1", {f"{DRIVER}/cpu": "10"}),
@@ -303,8 +301,8 @@ def test_a_claim_template_gets_a_claim_per_pod_released_with_the_pod(
 
     def allocated_device(pod: str) -> str:
         bound = run_pod(admin, namespace, busybox_pod(pod, {"cpus": "four-cpus"}, template=True), node.name)
-        name = wait_for(lambda: generated_claim(pod), f"the claim of pod {pod}")
-        claim = allocated_claim(admin, namespace, name)
+        name = wait_until(lambda: generated_claim(pod), f"the claim of pod {pod}")
+        claim = wait_allocated(admin, namespace, name)
         # Made by the resourceclaim controller for this pod, and owned by it.
         assert claim["metadata"]["annotations"]["resource.kubernetes.io/pod-claim-name"] == "cpus"
         assert [o["uid"] for o in claim["metadata"]["ownerReferences"]] == [bound["metadata"]["uid"]]
@@ -314,16 +312,16 @@ def test_a_claim_template_gets_a_claim_per_pod_released_with_the_pod(
         device: str = result["device"]
         return device
 
-    # Four pods fill the node: each claim takes a whole NUMA node's 4 CPUs.
-    devices = [allocated_device(f"pod-{i}") for i in range(4)]
-    assert sorted(devices) == [f"cpu-numa{i}" for i in range(4)]
+    # Three pods fill the node: each claim takes a whole NUMA node's 4 CPUs; node 0 publishes 3 (CPU 0 stays shared).
+    devices = [allocated_device(f"pod-{i}") for i in range(3)]
+    assert sorted(devices) == [f"cpu-numa{i}" for i in range(1, 4)]
     first_claim = generated_claim("pod-0")
     assert first_claim
     admin.delete(f"{pods_path}/pod-0", force=True)
-    wait_for(lambda: admin.find(claim_path(namespace, first_claim)) is None, "the first pod's claim to be deleted")
+    wait_until(lambda: admin.find(claim_path(namespace, first_claim)) is None, "the first pod's claim to be deleted")
     # Its CPUs are free again, and only those: the next pod gets the first one's device.
-    assert allocated_device("pod-4") == devices[0]
-    for i in range(1, 5):
+    assert allocated_device("pod-3") == devices[0]
+    for i in range(1, 4):
         admin.delete(f"{pods_path}/pod-{i}", force=True)
 
 
@@ -373,7 +371,7 @@ def test_cpus_and_a_gpu_on_the_same_pcie_root(
         [pod] = [d for d in docs if d["kind"] == "Pod"]
         admin.create(claim, namespace)
         run_pod(admin, namespace, pod, name)
-        stored = allocated_claim(admin, namespace, claim["metadata"]["name"])
+        stored = wait_allocated(admin, namespace, claim["metadata"]["name"])
         results = results_by_request(stored)
         assert {r: (v["driver"], v["pool"], v["device"]) for r, v in results.items()} == {
             "cpus": (DRIVER, name, "cpu-numa1"),

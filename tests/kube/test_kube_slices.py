@@ -21,20 +21,22 @@ from dra_cpu.core.topology import Topology
 from dra_cpu.kube.apiserver import connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
-from tests.support.cluster import (
+from tests.harness.cluster.client import Kube, close_api_client, new_api_client
+from tests.harness.cluster.control_plane import ControlPlane
+from tests.harness.cluster.helm import CHART, Helm
+from tests.harness.cluster.objects import (
     DRIVER_ACCESS_KINDS,
-    Kube,
+    create_node,
+    delete_node,
     ensure,
     new_namespace,
     pinned_pod,
     resource_slice,
-    scheduled,
-    wait_for,
 )
-from tests.support.control_plane import ControlPlane, close, create_node, delete_node, new_client
-from tests.support.paths import SYSFS
-from tests.support.synthetic import ONE_STEP_CASES, one_step_machine
-from tests.support.testenv_helm import CHART, Helm
+from tests.harness.cluster.pods import wait_scheduled
+from tests.harness.paths import SYSFS
+from tests.harness.poll import wait_until
+from tests.harness.synthetic_sysfs import ONE_STEP_CASES, one_step_machine
 
 LOG = logging.getLogger("test.kube.slices")
 SLICES = "/apis/resource.k8s.io/v1/resourceslices"
@@ -79,7 +81,7 @@ def assert_published_whole(
         written = publisher.sync_once()
         assert (publisher.errors, publisher.dropped_field_warnings) == (0, 0)
     finally:
-        close(kube.api_client)
+        close_api_client(kube.api_client)
     stored = slices_of(admin, device_config.node_name)
     try:
         assert written == len(stored) >= 1
@@ -141,7 +143,7 @@ def driver(control_plane: ControlPlane, helm: Helm) -> Iterator[Driver]:
         node,
     )
     kube.create(pod)
-    bound = scheduled(kube, namespace, "driver")
+    bound = wait_scheduled(kube, namespace, "driver")
     token_request = {
         "apiVersion": "authentication.k8s.io/v1",
         "kind": "TokenRequest",
@@ -166,19 +168,19 @@ def driver(control_plane: ControlPlane, helm: Helm) -> Iterator[Driver]:
             kube.delete(f"{SLICES}/{created['metadata']['name']}")
             return False
 
-        wait_for(refused, "the ValidatingAdmissionPolicy to refuse writes for other nodes")
+        wait_until(refused, "the ValidatingAdmissionPolicy to refuse writes for other nodes")
     finally:
-        close(as_driver)
+        close_api_client(as_driver)
     try:
         yield found
     finally:
         kube.delete(f"/api/v1/namespaces/{namespace}/pods/driver", force=True)
         delete_node(api, node)
-        close(api)
+        close_api_client(api)
 
 
 def client_for(found: Driver) -> client.ApiClient:
-    return new_client(found.kubeconfig)
+    return new_api_client(found.kubeconfig)
 
 
 def test_the_driver_keeps_its_own_node_slices_with_its_service_account(driver: Driver, admin: Kube) -> None:
@@ -191,17 +193,17 @@ def test_the_driver_keeps_its_own_node_slices_with_its_service_account(driver: D
     thread = threading.Thread(target=publisher.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        [first] = wait_for(lambda: slices_of(admin, driver.node) or None, "the first publish")
+        [first] = wait_until(lambda: slices_of(admin, driver.node) or None, "the first publish")
         # get nodes: the slice is owned by the Node.
         node_uid = admin.get(f"/api/v1/nodes/{driver.node}")["metadata"]["uid"]
         assert [o["uid"] for o in first["metadata"]["ownerReferences"]] == [node_uid]
         assert first["spec"]["devices"] == [d.to_api() for d in devices]
         # list + watch: a slice deleted by someone else comes back (create), an edit is undone (update).
         admin.delete(f"{SLICES}/{first['metadata']['name']}")
-        wait_for(lambda: slices_of(admin, driver.node) or None, "the slice to come back")
+        wait_until(lambda: slices_of(admin, driver.node) or None, "the slice to come back")
         [back] = slices_of(admin, driver.node)
         edited = admin.patch(f"{SLICES}/{back['metadata']['name']}", {"spec": {"devices": [{"name": "x"}]}})
-        wait_for(
+        wait_until(
             lambda: (
                 slices_of(admin, driver.node)[0]["metadata"]["resourceVersion"] != edited["metadata"]["resourceVersion"]
             ),
@@ -211,7 +213,7 @@ def test_the_driver_keeps_its_own_node_slices_with_its_service_account(driver: D
     finally:
         stop.set()
         thread.join(timeout=10)
-        close(kube.api_client)
+        close_api_client(kube.api_client)
     assert publisher.errors == 0
     # delete: what the publisher does with slices it no longer wants (a node that shrank to fewer slices).
     kube = connect(str(driver.kubeconfig))
@@ -219,7 +221,7 @@ def test_the_driver_keeps_its_own_node_slices_with_its_service_account(driver: D
         [left] = slices_of(admin, driver.node)
         kube.delete_slice(left["metadata"]["name"])
     finally:
-        close(kube.api_client)
+        close_api_client(kube.api_client)
     assert slices_of(admin, driver.node) == []
 
 
@@ -249,7 +251,7 @@ def test_slices_of_other_nodes_are_refused_by_the_policy(driver: Driver, admin: 
         as_driver.delete(f"{SLICES}/{mine['metadata']['name']}")
     finally:
         admin.delete(f"{SLICES}/{name}")
-        close(api)
+        close_api_client(api)
 
 
 # What dra_cpu.kube.apiserver.KubeAPI calls, and so the daemon: get_node, list_slices/watch_slices, create_slice,

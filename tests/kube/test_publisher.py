@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,14 @@ from dra_cpu.kube.api import ClusterError
 from dra_cpu.kube.apiserver import GROUP, SLICES, VERSION, KubeAPI, connect
 from dra_cpu.kube.publisher import SlicePublisher
 from dra_cpu.node.sysfs import read_topology
-from tests.support.cluster import resource_slice
-from tests.support.control_plane import APISERVER_ONLY, FEATURE_GATES, create_node, delete_node, started
-from tests.support.kube import new_api_client
-from tests.support.paths import SYSFS
-from tests.support.synthetic import uniform_machine, write_tree
-from tests.support.testenv_apiserver import ApiServer
-from tests.support.typed import as_dict
+from tests.harness.cluster.client import new_api_client
+from tests.harness.cluster.control_plane import APISERVER_ONLY, FEATURE_GATES, ApiServer
+from tests.harness.cluster.fixtures import started_plane
+from tests.harness.cluster.objects import create_node, delete_node, resource_slice
+from tests.harness.paths import SYSFS
+from tests.harness.poll import wait_until
+from tests.harness.synthetic_sysfs import uniform_machine, write_tree
+from tests.harness.typed import as_dict
 
 FIXTURES = SYSFS
 LOG = logging.getLogger("test.publisher")
@@ -42,14 +43,6 @@ DEADLINE_SECONDS = 10.0
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def until(what: str, condition: Callable[[], bool], timeout: float = DEADLINE_SECONDS) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -170,10 +163,10 @@ def test_a_deleted_slice_is_republished(kube: KubeAPI, config: DeviceConfig, rea
     publisher = SlicePublisher(kube, config, LOG)
     publisher.set_devices(devices)
     with running(publisher):
-        until("the first publish", lambda: bool(reader.slices()))
+        wait_until(lambda: bool(reader.slices()), "the first publish", DEADLINE_SECONDS)
         [name] = reader.slices()
         reader.delete(name)
-        until("the slice to come back", lambda: bool(reader.slices()))
+        wait_until(lambda: bool(reader.slices()), "the slice to come back", DEADLINE_SECONDS)
     [stored] = reader.slices().values()
     assert stored["spec"]["devices"] == published(devices)
     # Never back to a generation some cache may still hold.
@@ -188,11 +181,11 @@ def test_an_edit_by_another_client_is_undone(
     publisher = SlicePublisher(kube, config, LOG)
     publisher.set_devices(devices)
     with running(publisher):
-        until("two slices", lambda: len(reader.slices()) == 2)
+        wait_until(lambda: len(reader.slices()) == 2, "two slices", DEADLINE_SECONDS)
         edited = reader.slices()[f"{config.node_name}-dra.cpu-1"]
         edited["spec"]["devices"][0]["attributes"]["dra.cpu/socketID"] = {"int": 7}
         reader.replace(edited)
-        until("the edit to be undone", lambda: reader.devices() == published(devices))
+        wait_until(lambda: reader.devices() == published(devices), "the edit to be undone", DEADLINE_SECONDS)
     # Both slices carry the new generation, the one nobody touched too.
     assert reader.generations() == {2}
 
@@ -206,12 +199,12 @@ def test_a_topology_change_bumps_the_generation_everywhere(
     devices = devices_of(root, config)
     publisher.set_devices(devices)
     with running(publisher):
-        until("the first publish", lambda: reader.devices() == published(devices))
+        wait_until(lambda: reader.devices() == published(devices), "the first publish", DEADLINE_SECONDS)
         # CPU 15 goes offline, as `echo 0 > /sys/devices/system/cpu/cpu15/online` would show it.
         (root / "sys/devices/system/cpu/online").write_text("0-14\n")
         changed = devices_of(root, config)
         publisher.set_devices(changed)
-        until("the offline CPU to disappear", lambda: reader.devices() == published(changed))
+        wait_until(lambda: reader.devices() == published(changed), "the offline CPU to disappear", DEADLINE_SECONDS)
     assert "cpu-15" not in {d["name"] for d in reader.devices()}
     assert reader.generations() == {2}
 
@@ -225,7 +218,8 @@ def test_a_big_node_gets_several_slices_and_loses_them_when_it_shrinks(
     publisher.set_devices(devices)
     assert publisher.sync_once() == 3
     stored = reader.slices()
-    assert [len(s["spec"]["devices"]) for _, s in sorted(stored.items())] == [128, 128, 44]
+    # 299 devices: CPU 0 stays shared (minSharedCpus 1).
+    assert [len(s["spec"]["devices"]) for _, s in sorted(stored.items())] == [128, 128, 43]
     assert {json.dumps(s["spec"]["pool"], sort_keys=True) for s in stored.values()} == {
         json.dumps({"generation": 1, "name": config.node_name, "resourceSliceCount": 3}, sort_keys=True)
     }
@@ -347,7 +341,7 @@ def gateless_apiserver(request: pytest.FixtureRequest, tmp_path_factory: pytest.
         "DRANodeAllocatableResources": False,
         "DRAListTypeAttributes": False,
     }
-    with started(request, tmp_path_factory, APISERVER_ONLY, gates, name="gateless") as plane:
+    with started_plane(request, tmp_path_factory, APISERVER_ONLY, gates, name="gateless") as plane:
         yield plane.apiserver
 
 
@@ -503,18 +497,20 @@ def test_the_publisher_rides_out_an_unreachable_server(
     publisher.set_devices(devices)
     try:
         with running(publisher):
-            until("failed attempts", lambda: publisher.errors >= 3)
+            wait_until(lambda: publisher.errors >= 3, "failed attempts", DEADLINE_SECONDS)
             assert reader.slices() == {}
             outage.up()
-            until("the publish once the server answers", lambda: reader.devices() == published(devices))
+            wait_until(
+                lambda: reader.devices() == published(devices), "the publish once the server answers", DEADLINE_SECONDS
+            )
 
             outage.down()
             [name] = reader.slices()
             reader.delete(name)  # while the publisher cannot see it
             cut = outage.refused
-            until("the publisher to try while the server is away", lambda: outage.refused > cut)
+            wait_until(lambda: outage.refused > cut, "the publisher to try while the server is away", DEADLINE_SECONDS)
             outage.up()
-            until("the slice to come back after the outage", lambda: bool(reader.slices()))
+            wait_until(lambda: bool(reader.slices()), "the slice to come back after the outage", DEADLINE_SECONDS)
         assert reader.devices() == published(devices)
         assert reader.generations() == {2}
     finally:

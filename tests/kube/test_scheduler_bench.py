@@ -10,14 +10,17 @@ import sys
 
 import pytest
 
-from tests.support.control_plane import Binaries
-from tests.support.paths import REPO
+from tests.harness.cluster.control_plane import Binaries
+from tests.harness.component import Unavailable
+from tests.harness.paths import REPO
 
 
 @pytest.mark.apiserver
 def test_quick_run_binds_every_pod_and_measures_both_cases() -> None:
-    if Binaries.installed() is None:
-        pytest.skip("the Kubernetes control plane is not installed: run hack/testenv/kubernetes.sh install")
+    try:
+        Binaries.installed()
+    except Unavailable as err:
+        pytest.skip(str(err))
     done = subprocess.run(
         [sys.executable, "hack/bench/scheduler.py", "--quick", "--json"],
         cwd=REPO,

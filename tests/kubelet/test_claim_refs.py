@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from dra_cpu.core.claims import ClaimRef, ref_problem
-from tests.support.kubelet_node import result
+from tests.harness.claims import result
 
 UID = "4f6c1a2e-9b1d-4c5e-8f00-0123456789ab"
 

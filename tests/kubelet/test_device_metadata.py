@@ -14,8 +14,9 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.device_metadata import CONTAINER_DIR, MetadataError
 from dra_cpu.kubelet.client import KubeletClient
 from dra_cpu.store.metadata_files import decode
-from tests.support.kubelet_node import DRIVER, NODE, Node, NodeFactory, make_driver, result, start_plugin
-from tests.support.waiting import eventually
+from tests.harness.claims import DRIVER, NODE, result
+from tests.harness.nodes.standin import NodeFactory, StandinNode, make_driver, start_plugin
+from tests.harness.poll import wait_until
 
 # Where the 1.37.2 kubeletplugin helper's own compatibility fixture lives, when the Go module cache is installed.
 UPSTREAM_FIXTURE = Path(
@@ -24,13 +25,13 @@ UPSTREAM_FIXTURE = Path(
 )
 
 
-def host_file(node: Node, ref: ClaimRef, request: str = "cpus") -> Path:
+def host_file(node: StandinNode, ref: ClaimRef, request: str = "cpus") -> Path:
     return (
         node.plugin.paths.plugin_dir / "dra-device-metadata" / f"{ref.namespace}_{ref.name}" / request / "metadata.json"
     )
 
 
-def metadata_spec(node: Node, ref: ClaimRef, request: str = "cpus") -> Path:
+def metadata_spec(node: StandinNode, ref: ClaimRef, request: str = "cpus") -> Path:
     return node.driver.reconciler.cdi.root / f"{DRIVER}_metadata_{ref.uid}_{request}.json"
 
 
@@ -45,7 +46,7 @@ def objects(data: bytes) -> list[dict[str, Any]]:
     return out
 
 
-def published(node: Node, name: str) -> dict[str, Any]:
+def published(node: StandinNode, name: str) -> dict[str, Any]:
     [device] = [d for d in node.driver.snapshot().view.devices if d.name == name]
     attributes: dict[str, Any] = device.to_api()["attributes"]
     return attributes
@@ -217,7 +218,7 @@ def test_metadata_that_cannot_be_written_leaves_the_claim_prepared_without_it(no
     assert not response.error
     assert list(response.devices[0].cdi_device_ids) == [f"{DRIVER}/cpu=claim-{ref.uid}"]
     assert not metadata_spec(node, ref).exists()
-    eventually(lambda: node.driver.snapshot().ledger.claims.get(ref.uid) is not None, "the claim stays prepared")
+    wait_until(lambda: node.driver.snapshot().ledger.claims.get(ref.uid) is not None, "the claim stays prepared")
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,12 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.kubelet.gen import dra_health_v1_pb2 as pb
 from dra_cpu.kubelet.gen import dra_health_v1_pb2_grpc, dra_health_v1alpha1_pb2, dra_health_v1alpha1_pb2_grpc
 from dra_cpu.kubelet.health import bounded_message
-from tests.support.kubelet_node import Node, NodeFactory, offline_cpus, remove_memory, result
-from tests.support.waiting import eventually
+from tests.harness.claims import result
+from tests.harness.nodes.standin import NodeFactory, StandinNode, offline_cpus, remove_memory
+from tests.harness.poll import wait_until
 
 
-def _stream(node: Node, service: str | None = None) -> list[tuple[str, str, int, str, int]]:
+def _stream(node: StandinNode, service: str | None = None) -> list[tuple[str, str, int, str, int]]:
     """The first response of a fresh stream: (pool, device, health, message, timeout) per device."""
     stream = node.kubelet.watch_health(timeout=5, service=service)
     first = next(stream)
@@ -28,7 +29,7 @@ def _stream(node: Node, service: str | None = None) -> list[tuple[str, str, int,
     ]
 
 
-def _health(node: Node, service: str | None = None) -> dict[str, tuple[int, str]]:
+def _health(node: StandinNode, service: str | None = None) -> dict[str, tuple[int, str]]:
     devices = _stream(node, service)
     assert {pool for pool, *_ in devices} == {"node-a"}
     return {name: (health, message) for _, name, health, message, _ in devices}
@@ -54,7 +55,14 @@ def test_v1_and_v1alpha1_streams_report_the_same_devices_and_states(node_factory
     v1 = _stream(node, "v1.DRAResourceHealth")
     v1alpha1 = _stream(node, "v1alpha1.DRAResourceHealth")
     assert v1 == v1alpha1
-    assert [name for _, name, *_ in v1] == ["cpu-numa0", "cpu-numa1", "hugepages-2mi-numa0", "hugepages-2mi-numa1"]
+    assert [name for _, name, *_ in v1] == [
+        "cpu-numa0",
+        "cpu-numa1",
+        "hugepages-2mi-numa0",
+        "hugepages-2mi-numa1",
+        "memory-numa0",
+        "memory-numa1",
+    ]
     assert {health for _, _, health, _, _ in v1} == {pb.HEALTHY, pb.UNHEALTHY}
     # Two resends of 10 s: one late resend does not turn devices Unknown; a wedged driver does within 20 s.
     assert {timeout for *_, timeout in v1} == {20}
@@ -156,7 +164,7 @@ def test_open_health_streams_never_starve_prepare(node_factory: NodeFactory) -> 
             assert "newer health stream" in (ended.value.details() or "")
         for stream in newest:
             stream.cancel()
-        eventually(lambda: node.plugin.health.open_streams == 0, "the workers of cancelled streams are given back")
+        wait_until(lambda: node.plugin.health.open_streams == 0, "the workers of cancelled streams are given back")
     finally:
         for channel in channels:
             channel.close()

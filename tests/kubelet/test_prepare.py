@@ -10,10 +10,15 @@ from typing import Any
 import grpc
 import pytest
 
+from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceMode, GroupBy
+from dra_cpu.core.ledger import PreparedClaim, PreparedDevice
 from dra_cpu.kubelet.gen import pluginregistration_v1_pb2, pluginregistration_v1_pb2_grpc
-from tests.support.kubelet_node import DRIVER, NODE, NodeFactory, cpu_config, result
+from dra_cpu.store.checkpoint import Checkpoint
+from tests.harness.claims import DRIVER, NODE, cpu_config, result
+from tests.harness.nodes.standin import NodeFactory
+from tests.harness.poll import wait_until
 
 
 def test_registration_answers_like_a_dra_plugin(node_factory: NodeFactory) -> None:
@@ -94,7 +99,8 @@ def test_prepare_is_idempotent_and_unknown_unprepare_succeeds(node_factory: Node
 def test_policies_from_opaque_config(node_factory: NodeFactory) -> None:
     node = node_factory("multi-l3-per-node")
     spread = node.claim([result("cpu-numa0", cpus=4)], [cpu_config(spread=True)])
-    assert node.cpus_of(spread) == CPUSet.parse("0-1,8-9")
+    # CPU 0 is held back for the shared pool: its sibling 1 is a split core, left for an odd remainder.
+    assert node.cpus_of(spread) == CPUSet.parse("2-3,8-9")
     whole = node.claim([result("cpu-numa1", cpus=3)], [cpu_config(wholeCores=True)])
     assert "3 CPUs is not a whole number of cores" in node.prepare(whole).error
     # The class says wholeCores, the claim's own config overrides it for its request.
@@ -127,7 +133,8 @@ def test_socket_and_machine_devices(node_factory: NodeFactory) -> None:
         in machine.prepare(half_cores).error
     )
     ref = machine.claim([result("cpu-machine", cpus=16)], [whole])
-    assert machine.cpus_of(ref) == CPUSet.parse("0-1,8-9,16-17,24-25,32-33,40-41,48-49,56-57")
+    # Node 0's share avoids core 0-1, which CPU 0, held back for the shared pool, splits.
+    assert machine.cpus_of(ref) == CPUSet.parse("2-3,8-9,16-17,24-25,32-33,40-41,48-49,56-57")
 
 
 def test_hugepages_are_recorded(node_factory: NodeFactory) -> None:
@@ -249,6 +256,10 @@ def test_individual_mode(node_factory: NodeFactory) -> None:
     assert f"CPU 41 of device cpu-41 is already prepared for claim default/{ref.name}" in node.prepare(again).error
 
 
+def _allocated() -> dict[str, Any]:
+    return {"devices": {"results": [result("cpu-numa0", cpus=1)]}}
+
+
 def _status(**allocation: Any) -> dict[str, Any]:
     return {"allocation": {"devices": allocation}} if allocation else {}
 
@@ -287,7 +298,7 @@ def _status(**allocation: Any) -> dict[str, Any]:
             None,
             "consumedCapacity['dra.cpu/cpu'] '500m' must be a positive whole number",
         ),
-        ([result("cpu-numa0", cpus=9)], None, None, "9 CPUs requested but only 8 are free"),
+        ([result("cpu-numa0", cpus=8)], None, None, "8 CPUs requested but only 7 are free"),
         (
             [result("cpu-numa0", cpus=1)],
             [cpu_config(wholeCore=True)],
@@ -307,6 +318,55 @@ def _status(**allocation: Any) -> dict[str, Any]:
             "spread and alignL3 contradict each other",
         ),
         ([result("hugepages-2mi-numa0", memory="3Mi")], None, None, "3Mi is not a whole number of 2048 KiB pages"),
+        # A field of the wrong JSON type: one clear error for that claim, naming the field and the value.
+        (
+            [result("cpu-numa0", cpus=1) | {"shareID": {"x": 1}}],
+            None,
+            None,
+            "status.allocation.devices.results[0].shareID must be a non-empty string, not {'x': 1}",
+        ),
+        (
+            [result("cpu-numa0") | {"consumedCapacity": {"dra.cpu/cpu": [1]}}],
+            None,
+            None,
+            "status.allocation.devices.results[0].consumedCapacity['dra.cpu/cpu'] must be a quantity, not [1]",
+        ),
+        (
+            [result("cpu-numa0") | {"consumedCapacity": {"dra.cpu/cpu": True}}],
+            None,
+            None,
+            "consumedCapacity['dra.cpu/cpu'] must be a quantity, not True",
+        ),
+        (
+            [result("cpu-numa0", cpus=1) | {"request": ["cpus"]}],
+            None,
+            None,
+            "status.allocation.devices.results[0].request must be a non-empty string, not ['cpus']",
+        ),
+        (
+            [result("cpu-numa0", cpus=1)],
+            None,
+            {"allocation": _allocated(), "reservedFor": [{"resource": "pods", "name": "p", "uid": {"u": 1}}]},
+            "status.reservedFor[0].uid must be a non-empty string, not {'u': 1}",
+        ),
+        (
+            [result("cpu-numa0", cpus=1)],
+            None,
+            {"allocation": _allocated(), "reservedFor": [{"resource": "pods", "name": 7, "uid": "u"}]},
+            "status.reservedFor[0].name must be a string, not 7",
+        ),
+        (
+            [result("cpu-numa0", cpus=1)],
+            [cpu_config(wholeCores=True) | {"requests": [7]}],
+            None,
+            "status.allocation.devices.config[0].requests[0] must be a non-empty string, not 7",
+        ),
+        (
+            [result("cpu-numa0", cpus=1)],
+            [{"source": "FromClaim", "opaque": {"driver": DRIVER, "parameters": []}}],
+            None,
+            "config[0].opaque.parameters must be an object, not []",
+        ),
     ],
 )
 def test_bad_claims_fail_per_claim_with_the_value(
@@ -350,11 +410,26 @@ def test_unwritable_cdi_folder_rolls_back(node_factory: NodeFactory) -> None:
 
 
 def test_min_shared_cpus(node_factory: NodeFactory) -> None:
+    """The floor is held back from the device (CPU 0 of 2 is not published), so the scheduler never allocates it;
+    prepare still refuses a claim that would break it, which only a claim prepared before the settings changed can
+    make happen (one holding the CPU now kept shared)."""
     node = node_factory("kvm-2cpu")
+    assert node.driver.snapshot().view.devices[0].cpus == CPUSet.parse("1")
     ref = node.claim([result("cpu-numa0", cpus=2)])
-    assert "would leave 0 shared CPU(s)" in node.prepare(ref).error
+    assert "2 CPUs requested but only 1 are free" in node.prepare(ref).error
     ok = node.claim([result("cpu-numa0", cpus=1)])
-    assert len(node.cpus_of(ok)) == 1
+    assert node.cpus_of(ok) == CPUSet.parse("1")
+    assert node.kubelet.unprepare([ok]).claims[ok.uid].error == ""
+    earlier = PreparedClaim(
+        ClaimRef("default", "earlier", "00000000-0000-4000-8000-0000000000e0"),
+        (PreparedDevice(("cpus",), "n", "cpu-numa0", cpus=CPUSet.parse("0")),),
+    )
+    # As a checkpoint written before minSharedCpus was raised leaves it, recovered by a restart.
+    files = node.driver.reconciler
+    files.checkpoint.save(Checkpoint(node.driver.snapshot().ledger.with_claim(earlier), files.boot_id))
+    node.driver.start()
+    late = node.claim([result("cpu-numa0", cpus=1)])
+    assert "taking CPUs 1 would leave 0 shared CPU(s) (none); at least 1 must stay" in node.prepare(late).error
 
 
 def test_fifty_parallel_prepares_never_share_a_cpu(node_factory: NodeFactory) -> None:
@@ -387,10 +462,12 @@ def test_refused_registration_is_retried_with_a_new_socket(node_factory: NodeFac
     with pytest.raises(KubeletError):
         KubeletClient.register(socket, accept=False).close()
     assert not node.plugin.registered.is_set()
-    deadline = time.monotonic() + 10
-    while not socket.exists() or socket.stat().st_ctime_ns == first:
-        assert time.monotonic() < deadline, "no new registration socket after the refusal"
-        time.sleep(0.05)
+    wait_until(
+        lambda: socket.stat().st_ctime_ns != first,
+        "a new registration socket after the refusal",
+        10,
+        retry_on=(FileNotFoundError,),
+    )
     KubeletClient.register(socket).close()
     assert node.plugin.registered.is_set()
 

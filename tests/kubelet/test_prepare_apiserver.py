@@ -12,21 +12,22 @@ import pytest
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceMode
 from dra_cpu.kube.apiserver import connect
-from tests.support.kubelet_node import Node, NodeFactory, cpu_config, result
-from tests.support.testenv_apiserver import ApiServer, ServerClaims
+from tests.harness.claims import ServerClaims, cpu_config, result
+from tests.harness.cluster.control_plane import ApiServer
+from tests.harness.nodes.standin import NodeFactory, StandinNode
 
 
 class ServerNodeFactory(Protocol):
-    """The `server_node` fixture: a Node whose driver reads its claims from the API server."""
+    """The `server_node` fixture: a StandinNode whose driver reads its claims from the API server."""
 
-    def __call__(self, fixture: str = ..., mode: DeviceMode = ...) -> Node: ...
+    def __call__(self, fixture: str = ..., mode: DeviceMode = ...) -> StandinNode: ...
 
 
 @pytest.fixture
 def server_node(
     node_factory: NodeFactory, apiserver: ApiServer, kube_api: kubernetes.client.ApiClient, kube_namespace: str
 ) -> ServerNodeFactory:
-    def start(fixture: str = "dual-socket-smt2", mode: DeviceMode = DeviceMode.GROUPED) -> Node:
+    def start(fixture: str = "dual-socket-smt2", mode: DeviceMode = DeviceMode.GROUPED) -> StandinNode:
         claims = ServerClaims(kubernetes.client.CustomObjectsApi(kube_api))
         return node_factory(
             fixture, mode, api=connect(str(apiserver.kubeconfig)), claims=claims, namespace=kube_namespace
@@ -102,7 +103,7 @@ def test_deleted_and_recreated_claim_is_refused(
 
 def _pod(
     kube_api: kubernetes.client.ApiClient,
-    node: Node,
+    node: StandinNode,
     claim: str,
     limits: dict[str, str],
     status: dict[str, Any] | None = None,

@@ -34,11 +34,11 @@ from dra_cpu.kubelet.gen import (
     pluginregistration_v1_pb2_grpc,
 )
 from dra_cpu.nri.gen import nri_ttrpc_pb2, nri_v1alpha1_pb2
-from tests.support.gen import cri_runtime_v1_pb2
-from tests.support.paths import REPO
-from tests.support.testenv_containerd import CACHE
+from tests.harness.paths import REPO
+from tests.harness.runtimes.containerd import CACHE
+from tests.harness.runtimes.gen import cri_runtime_v1_pb2
 
-GENERATED_DIRS = ["dra_cpu/kubelet/gen", "dra_cpu/nri/gen", "tests/support/gen"]
+GENERATED_DIRS = ["dra_cpu/kubelet/gen", "dra_cpu/nri/gen", "tests/harness/runtimes/gen"]
 GENERATED_MODULES = [
     f"{d.replace('/', '.')}.{p.stem}" for d in GENERATED_DIRS for p in sorted((REPO / d).glob("*_pb2*.py"))
 ]

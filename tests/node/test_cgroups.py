@@ -20,7 +20,7 @@ from dra_cpu.node.cgroups import (
     read_cpuset,
     write_cpuset,
 )
-from tests.support.cri import Allowed
+from tests.harness.runtimes.cri import Allowed
 
 HYBRID_MOUNTS = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755

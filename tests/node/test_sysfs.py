@@ -13,8 +13,8 @@ from dra_cpu.cli import main
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.node.sysfs import SysfsError, read_topology
 from dra_cpu.tools.render import topology_table
-from tests.support.paths import SYSFS
-from tests.support.synthetic import SyntheticCpu, SyntheticNode, uniform_machine, write_pcie_root, write_tree
+from tests.harness.paths import SYSFS
+from tests.harness.synthetic_sysfs import SyntheticCpu, SyntheticNode, uniform_machine, write_pcie_root, write_tree
 
 
 def test_fixture_matches_expected_field_by_field(sysfs_fixture: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,14 +20,16 @@ import pytest
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.sharing import ONE_POD_AT_A_TIME
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.hugetlb import find_hugetlb_hierarchy
-from tests.support.nri_node import ONLINE, Node, nri_node
-from tests.support.testenv_containerd import Containerd, speaks_nri_0_12
-from tests.support.waiting import eventually
+from tests.harness.fixtures import started
+from tests.harness.nodes.nri import ONLINE, NriNode
+from tests.harness.poll import wait_until
+from tests.harness.runtimes.containerd import Containerd, speaks_nri_0_12
 
 
-def test_claimed_container_pinned_and_shared_pool_follows_claims(node: Node) -> None:
+def test_claimed_container_pinned_and_shared_pool_follows_claims(node: NriNode) -> None:
     cri = node.cri
     bystander = cri.create_container(cri.run_pod("bystander"), "plain")
     node.assert_allowed(bystander, ONLINE)
@@ -63,7 +65,7 @@ def _logged_since(log: Path, offset: int) -> list[str]:
         return f.read().decode(errors="replace").splitlines()
 
 
-def test_container_events_come_by_their_own_rpcs_where_the_runtime_has_them(node: Node) -> None:
+def test_container_events_come_by_their_own_rpcs_where_the_runtime_has_them(node: NriNode) -> None:
     """containerd 2.3+ (NRI 0.12) calls StartContainer and RemoveContainer, and would fall back to StateChange, with a
     deprecation warning in its log, had the plugin answered UNIMPLEMENTED; older ones send StateChange events."""
     cri, log = node.cri, node.containerd.log
@@ -90,7 +92,7 @@ def test_container_events_come_by_their_own_rpcs_where_the_runtime_has_them(node
     assert [line for line in _logged_since(log, offset) if any(d in line for d in DEPRECATION_LINES)] == []
 
 
-def test_forged_env_gets_the_shared_pool_and_is_counted(node: Node) -> None:
+def test_forged_env_gets_the_shared_pool_and_is_counted(node: NriNode) -> None:
     cri = node.cri
     owner = cri.run_pod("owner", uid=str(uuid.uuid4()))
     ref = node.claim([owner.uid])
@@ -100,7 +102,7 @@ def test_forged_env_gets_the_shared_pool_and_is_counted(node: Node) -> None:
 
     # A copy of the claim's exact variable looks like a pod that shares the claim (NRI does not say which CDI
     # devices a container got): refused, not run.
-    with pytest.raises(grpc.RpcError, match="does not share a claim's CPUs across pods"):
+    with pytest.raises(grpc.RpcError, match=ONE_POD_AT_A_TIME):
         cri.create_container(forger, "copied", env={f"DRA_CPUSET_{ref.uid}": str(claimed)})
     forged = cri.create_container(forger, "forged", env={f"DRA_CPUSET_{ref.uid}": str(ONLINE)})
     node.assert_allowed(forged, ONLINE - claimed)
@@ -112,7 +114,7 @@ def test_forged_env_gets_the_shared_pool_and_is_counted(node: Node) -> None:
     assert node.plugin.counters.forged_env == before + 2
 
 
-def test_someone_elses_update_does_not_unpin(node: Node) -> None:
+def test_someone_elses_update_does_not_unpin(node: NriNode) -> None:
     cri = node.cri
     pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
     ref = node.claim([pod.uid])
@@ -126,7 +128,7 @@ def test_someone_elses_update_does_not_unpin(node: Node) -> None:
     node.assert_allowed(plain, node.shared())
 
 
-def test_plugin_restart_keeps_pins_and_reconciles(node: Node) -> None:
+def test_plugin_restart_keeps_pins_and_reconciles(node: NriNode) -> None:
     cri = node.cri
     pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
     ref = node.claim([pod.uid])
@@ -145,7 +147,7 @@ def test_plugin_restart_keeps_pins_and_reconciles(node: Node) -> None:
     node.assert_allowed(pinned, node.cpus_of(ref))
 
 
-def test_containerd_restart_reconnects_and_resynchronizes(fresh_node: Node) -> None:
+def test_containerd_restart_reconnects_and_resynchronizes(fresh_node: NriNode) -> None:
     node = fresh_node
     cri = node.cri
     pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
@@ -164,12 +166,12 @@ def test_containerd_restart_reconnects_and_resynchronizes(fresh_node: Node) -> N
     node.assert_allowed(plain, ONLINE)
 
 
-def test_enforcement_down_fails_prepares_after_the_grace_period(fresh_node: Node) -> None:
+def test_enforcement_down_fails_prepares_after_the_grace_period(fresh_node: NriNode) -> None:
     node = fresh_node
     node.plugin.stop()
     node.new_plugin(grace_seconds=0.0)
     os.kill(int((node.containerd.dir / "containerd.pid").read_text()), signal.SIGKILL)
-    eventually(lambda: not node.plugin.ready.is_set(), "the plugin should notice the runtime is gone")
+    wait_until(lambda: not node.plugin.ready.is_set(), "the plugin should notice the runtime is gone")
     with pytest.raises(DraCpuError, match="not enforced"):
         node.plugin.check_ready()
     ref = ClaimRef("default", "late", str(uuid.uuid4()))
@@ -179,9 +181,7 @@ def test_enforcement_down_fails_prepares_after_the_grace_period(fresh_node: Node
 def test_two_claims_never_overlap_and_an_empty_shared_pool_refuses_containers(
     containerd: Containerd, tmp_path: Path
 ) -> None:
-    nodes = nri_node(containerd, tmp_path, min_shared_cpus=0)
-    node = next(nodes)
-    try:
+    with started(NriNode(containerd, tmp_path, min_shared_cpus=0), "the NRI node") as node:
         cri = node.cri
         pods = [cri.run_pod(f"claimant-{i}", uid=str(uuid.uuid4())) for i in range(len(ONLINE))]
         refs = [node.claim([pod.uid]) for pod in pods]
@@ -191,11 +191,9 @@ def test_two_claims_never_overlap_and_an_empty_shared_pool_refuses_containers(
             node.assert_allowed(node.claimed_container(pod, ref), mine)
         with pytest.raises(grpc.RpcError, match="no shared CPU"):
             cri.create_container(pods[0], "unclaimed")
-    finally:
-        next(nodes, None)
 
 
-def test_containers_of_one_pod_share_its_claim_and_another_pod_is_refused(node: Node) -> None:
+def test_containers_of_one_pod_share_its_claim_and_another_pod_is_refused(node: NriNode) -> None:
     cri = node.cri
     pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
     ref = node.claim([pod.uid])
@@ -208,8 +206,8 @@ def test_containers_of_one_pod_share_its_claim_and_another_pod_is_refused(node: 
     before = node.plugin.counters.forged_env
     with pytest.raises(grpc.RpcError) as refused:
         node.claimed_container(cri.run_pod("second", uid=str(uuid.uuid4())), ref)
-    assert f"claim {ref} is prepared for pod {pod.uid}" in str(refused.value)
-    assert "dra-cpu does not share a claim's CPUs across pods" in str(refused.value)
+    assert f"claim {ref} is held by pod {pod.uid}" in str(refused.value)
+    assert ONE_POD_AT_A_TIME in str(refused.value)
     assert (node.plugin.counters.shared_claim_refused, node.plugin.counters.forged_env) == (1, before)
 
 
@@ -252,22 +250,17 @@ def test_hugepage_claim_limits_read_back_from_cgroupfs(containerd: Containerd, t
     hierarchy = find_hugetlb_hierarchy(Path("/sys/fs/cgroup"))
     if hierarchy is None or hierarchy.version != 2:
         pytest.skip("no cgroup v2 hugetlb controller on this machine")
-    with _reserved_2mi_pages(2):
-        nodes = nri_node(containerd, tmp_path)
-        node = next(nodes)
-        try:
-            cri = node.cri
-            pod = cri.run_pod("hugepages", uid=str(uuid.uuid4()))
-            ref = node.claim([pod.uid], hugepages_2mi="4Mi")
-            container_cgroup = PurePosixPath(pod.cgroup_parent.lstrip("/")) / "c"
-            with _hugetlb_enabled(hierarchy.root, container_cgroup):
-                pinned = node.claimed_container(pod, ref)
-                node.assert_allowed(pinned, node.cpus_of(ref), mems=CPUSet.of([0]))
-                directory = hierarchy.root / pod.cgroup_parent.lstrip("/") / pinned.id
-                for name in ("hugetlb.2MB.max", "hugetlb.2MB.rsvd.max"):
-                    assert (directory / name).read_text().strip() == str(4 << 20), name
-                assert node.plugin.counters.hugetlb_unenforced == 0
-                cri.remove_pod(pod)
-            assert node.driver.unprepare([ref]) == {ref.uid: ""}
-        finally:
-            next(nodes, None)
+    with _reserved_2mi_pages(2), started(NriNode(containerd, tmp_path), "the NRI node") as node:
+        cri = node.cri
+        pod = cri.run_pod("hugepages", uid=str(uuid.uuid4()))
+        ref = node.claim([pod.uid], hugepages_2mi="4Mi")
+        container_cgroup = PurePosixPath(pod.cgroup_parent.lstrip("/")) / "c"
+        with _hugetlb_enabled(hierarchy.root, container_cgroup):
+            pinned = node.claimed_container(pod, ref)
+            node.assert_allowed(pinned, node.cpus_of(ref), mems=CPUSet.of([0]))
+            directory = hierarchy.root / pod.cgroup_parent.lstrip("/") / pinned.id
+            for name in ("hugetlb.2MB.max", "hugetlb.2MB.rsvd.max"):
+                assert (directory / name).read_text().strip() == str(4 << 20), name
+            assert node.plugin.counters.hugetlb_unenforced == 0
+            cri.remove_pod(pod)
+        assert node.driver.unprepare([ref]) == {ref.uid: ""}

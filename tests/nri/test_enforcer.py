@@ -15,6 +15,7 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.entitlement import MemoryPolicy, Pin, pools
 from dra_cpu.core.ledger import HugePageGrant, Ledger, MemoryGrant, PreparedClaim, PreparedDevice
 from dra_cpu.core.memory import MemoryBinding
+from dra_cpu.core.sharing import not_held
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.nri import messages
@@ -22,8 +23,8 @@ from dra_cpu.nri.enforcer import NriConfig, NriEnforcer, major_minor
 from dra_cpu.nri.gen import nri_ttrpc_pb2
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
 from dra_cpu.nri.transport import FAILED_PRECONDITION, RUNTIME_CONN, TYPE_REQUEST, UNIMPLEMENTED
-from tests.support.nri_peer import Runtime
-from tests.support.paths import SYSFS
+from tests.harness.paths import SYSFS
+from tests.harness.runtimes.nri_peer import Runtime
 
 TOPOLOGY = read_topology(SYSFS / "kvm-2cpu")
 POD = api.PodSandbox(id="sandbox-1", uid="pod-1", name="p", namespace="ns")
@@ -327,11 +328,23 @@ def test_a_container_of_another_pod_using_the_claim_is_refused_naming_claim_and_
     request = api.CreateContainerRequest(pod=second, container=container("app", ("DRA_CPUSET_uid-1=1",)))
     refused = fake.call("CreateContainer", request, api.CreateContainerResponse)
     assert getattr(refused, "code", None) == FAILED_PRECONDITION
-    assert getattr(refused, "message", "") == (
-        "claim ns/c is prepared for pod pod-1; container app of pod ns/second (pod-2) cannot use it: dra-cpu does "
-        "not share a claim's CPUs across pods (use one claim per pod, e.g. a ResourceClaimTemplate)"
-    )
+    assert getattr(refused, "message", "") == not_held(CLAIM.ref, ("pod-1",), "app", "ns/second", "pod-2")
     assert (plugin.counters.shared_claim_refused, plugin.counters.forged_env) == (1, 0)
+    # Hand-over is told which pod waits for which claim, and what it knows of why that pod cannot hold it is added.
+    told: list[tuple[str, str]] = []
+
+    def waiting(claim: str, pod: str) -> str:
+        told.append((claim, pod))
+        return "its CPU limit is too low"
+
+    plugin.waiting = waiting
+    again = fake.call("CreateContainer", request, api.CreateContainerResponse)
+    assert told == [("uid-1", "pod-2")]
+    assert getattr(again, "message", "") == (
+        not_held(CLAIM.ref, ("pod-1",), "app", "ns/second", "pod-2") + "; this pod cannot hold it: its CPU limit is "
+        "too low"
+    )
+    plugin.waiting = None
     # An env that matches no prepared claim is still a forgery: shared pool, counted.
     forged = fake.call(
         "CreateContainer",

@@ -29,7 +29,7 @@ from dra_cpu.nri.transport import (
     ProtocolError,
     TransportError,
 )
-from tests.support.nri_peer import SERVICE, Peer
+from tests.harness.runtimes.nri_peer import SERVICE, Peer
 
 
 def echo(service: str, method: str, payload: bytes) -> bytes:

@@ -17,7 +17,8 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim, PreparedDevice
 from dra_cpu.driver import Driver, PreparedResult
 from dra_cpu.store.checkpoint import VERSION, Checkpoint, CheckpointError, CheckpointFile, decode, encode
-from tests.support.kubelet_node import make_driver, result, write_claim
+from tests.harness.claims import result
+from tests.harness.nodes.standin import make_driver, write_claim
 
 
 def _ledger() -> Ledger:

@@ -18,8 +18,9 @@ from dra_cpu.core.ledger import ClaimMetadata, HugePageGrant, Ledger, PreparedCl
 from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.store import checkpoint_v1
 from dra_cpu.store.checkpoint import READERS, VERSION, Checkpoint, CheckpointError, CheckpointFile, decode, encode
-from tests.support.kubelet_node import make_driver, result, write_claim
-from tests.support.paths import FIXTURES
+from tests.harness.claims import result
+from tests.harness.nodes.standin import make_driver, write_claim
+from tests.harness.paths import FIXTURES
 
 GOLDEN = FIXTURES / "checkpoint"
 BOOT = "2b7e1516-28ae-4d2a-a6d2-abf7158809cf"

@@ -1,7 +1,7 @@
 """kill -9 at random points during streams of prepares and unprepares: after every restart no CPU is in two claims
 and no hugepage pool is over what the machine reserves, every acknowledged claim has the same grant or, when the
 machine it restarted on no longer has its CPUs or pages, is reported as unrestorable (never silently lost), and CDI
-specs and checkpoint entries agree. The engine is tests/support/crash.py; hack/bench/crash.py prints its figures."""
+specs and checkpoint entries agree. The engine is tests/harness/crash.py; hack/bench/crash.py prints its figures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.crash import run_stream, streams
+from tests.harness.crash import run_stream, streams
 
 # Restarts per stream: 200 for plain CPU claims (about 90 s on 2 cores), fewer for the two others.
 KILLS = {"plain": 200, "hugepages": 60, "shrunken": 60}

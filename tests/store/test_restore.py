@@ -17,7 +17,8 @@ from dra_cpu.core.ledger import HugePageGrant, Ledger, MemoryGrant, PreparedClai
 from dra_cpu.core.memory import MemoryBinding, parse_reserved_memory
 from dra_cpu.driver import Driver
 from dra_cpu.store.checkpoint import Checkpoint, CheckpointFile
-from tests.support.kubelet_node import make_driver, result, write_claim
+from tests.harness.claims import result
+from tests.harness.nodes.standin import make_driver, write_claim
 
 FIXTURE = "dual-socket-smt2"  # CPUs 0-15: node0 0-7, node1 8-15; 2Mi pages: 128Mi on node0, 64Mi on node1
 
@@ -99,7 +100,7 @@ def test_checkpoint_naming_vanished_cpus_starts_and_reports(tmp_path: Path, capl
 
 
 def test_smt_turned_off_drops_only_claims_on_the_lost_siblings(tmp_path: Path) -> None:
-    from tests.support.synthetic import uniform_machine, write_tree
+    from tests.harness.synthetic_sysfs import uniform_machine, write_tree
 
     cpus, nodes = uniform_machine(sockets=2, nodes_per_socket=1, cores_per_node=4, threads=2)
     smt_on = write_tree(tmp_path / "smt-on", cpus, nodes)
@@ -199,7 +200,7 @@ def test_memory_is_restored_within_what_the_node_has_for_claims_now(tmp_path: Pa
 
 def test_memory_and_its_binding_are_rebuilt_from_the_cdi_specs(tmp_path: Path) -> None:
     """A corrupt checkpoint: each claim's memory per node and its binding come back from its CDI spec."""
-    from tests.support.kubelet_node import cpu_config
+    from tests.harness.claims import cpu_config
 
     (tmp_path / "state").mkdir()
     driver = make_driver(tmp_path, FIXTURE)

@@ -8,9 +8,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.support.kube import unparsed
-from tests.support.testenv_apiserver import ApiServer
-from tests.support.typed import as_dict, present
+from tests.harness.cluster.client import unparsed
+from tests.harness.cluster.control_plane import ApiServer
+from tests.harness.typed import as_dict, present
 
 MERGE_PATCH = "application/merge-patch+json"
 

@@ -8,9 +8,9 @@ import uuid
 from pathlib import Path
 
 from dra_cpu.core.cpuset import CPUSet
-from tests.support.cri import Allowed
-from tests.support.testenv_containerd import Containerd
-from tests.support.testenv_podman import Podman
+from tests.harness.runtimes.containerd import Containerd
+from tests.harness.runtimes.cri import Allowed
+from tests.harness.runtimes.podman import Podman
 
 KIND = "dra.cpu/cpu"
 

@@ -25,4 +25,4 @@ def test_demo_refuses_to_take_every_cpu() -> None:
         [sys.executable, "-m", "dra_cpu", "demo", "--cpus", "64"], capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 2
-    assert "--cpus 64: NUMA node 0 has" in run.stderr and "Traceback" not in run.stderr
+    assert "--cpus 64: NUMA node 0 publishes" in run.stderr and "Traceback" not in run.stderr

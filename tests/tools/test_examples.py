@@ -28,10 +28,10 @@ from dra_cpu.tools.explain.model import DeviceClass
 from dra_cpu.tools.explain.parse import parse_claim, parse_class, parse_slices
 from dra_cpu.tools.explain.result import Explanation
 from dra_cpu.tools.explain.search import explain
-from tests.support.cluster import defaulted_from
-from tests.support.paths import EXAMPLES, FIXTURES, SYSFS_FIXTURES
-from tests.support.testenv_helm import Helm
-from tests.support.typed import as_dict
+from tests.harness.cluster.helm import Helm
+from tests.harness.cluster.objects import defaulted_from
+from tests.harness.paths import EXAMPLES, FIXTURES, SYSFS_FIXTURES
+from tests.harness.typed import as_dict
 
 FILES = sorted(EXAMPLES.glob("*.yaml"))
 DRIVER = "dra.cpu"

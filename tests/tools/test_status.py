@@ -17,9 +17,9 @@ from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, build_sli
 from dra_cpu.node.sysfs import read_topology
 from dra_cpu.tools.explain.parse import parse_slices, parse_usage
 from dra_cpu.tools.status import cluster_status, render_table
-from tests.support.paths import FIXTURES
-from tests.support.testenv_apiserver import ApiServer
-from tests.support.typed import as_dict
+from tests.harness.cluster.control_plane import ApiServer
+from tests.harness.paths import FIXTURES
+from tests.harness.typed import as_dict
 
 GROUP, VERSION = "resource.k8s.io", "v1"
 
@@ -78,7 +78,8 @@ def test_status_pure_counts_what_claims_consumed() -> None:
         {
             "node": "n",
             "numaNode": 0,
-            "cpus": {"total": 8, "allocated": 0, "free": 8},
+            # CPU 0 is held back for containers without claims (minSharedCpus 1): not published.
+            "cpus": {"total": 7, "allocated": 0, "free": 7},
             "isolatedCpus": {"total": 0, "allocated": 0, "free": 0},
             "memory": {"total": "305Mi", "allocated": "0", "free": "305Mi"},
             "hugepages": {"2Mi": {"total": "128Mi", "allocated": "0", "free": "128Mi"}},
@@ -108,7 +109,7 @@ def cluster(apiserver: ApiServer, kube_api: client.ApiClient, kube_namespace: st
     objects = client.CustomObjectsApi(kube_api)
     for obj in slices_for("dual-socket-smt2", big, driver) + slices_for("snc-4numa", small, driver):
         objects.create_cluster_custom_object(GROUP, VERSION, "resourceslices", obj)
-    allocate(objects, claim("web", kube_namespace), results(driver, big, ("cpu-numa0", f"{driver}/cpu", "6")))
+    allocate(objects, claim("web", kube_namespace), results(driver, big, ("cpu-numa0", f"{driver}/cpu", "5")))
     allocate(
         objects,
         claim("db", kube_namespace),
@@ -154,7 +155,7 @@ def test_status_against_the_api_server(cluster: dict[str, str], capsys: pytest.C
     assert [(r["numaNode"], r["cpus"], r["hugepages"], r["memory"]) for r in rows] == [
         (
             0,
-            {"total": 8, "allocated": 8, "free": 0},
+            {"total": 7, "allocated": 7, "free": 0},
             {"2Mi": {"total": "128Mi", "allocated": "64Mi", "free": "64Mi"}},
             {"total": "305Mi", "allocated": "200Mi", "free": "105Mi"},
         ),
@@ -169,7 +170,7 @@ def test_status_against_the_api_server(cluster: dict[str, str], capsys: pytest.C
         (f"{ns}/db", "2 CPU(s)"),
         (f"{ns}/db", "200Mi of memory"),
         (f"{ns}/db", "64Mi of 2Mi hugepages"),
-        (f"{ns}/web", "6 CPU(s)"),
+        (f"{ns}/web", "5 CPU(s)"),
     ]
 
     assert main(base) == 0
@@ -187,9 +188,9 @@ def test_status_against_the_api_server(cluster: dict[str, str], capsys: pytest.C
     ]
     mine = [line.split()[:5] for line in table[1:] if line.split()[0] in (cluster["big"], cluster["small"])]
     assert mine == [
-        [cluster["big"], "0", "8", "8", "0"],
+        [cluster["big"], "0", "7", "7", "0"],
         [cluster["big"], "1", "8", "0", "8"],
-        [cluster["small"], "0", "4", "0", "4"],
+        [cluster["small"], "0", "3", "0", "3"],
         [cluster["small"], "1", "4", "0", "4"],
         [cluster["small"], "2", "4", "0", "4"],
         [cluster["small"], "3", "4", "4", "0"],
@@ -227,10 +228,10 @@ def test_explain_reads_slices_classes_and_claims_in_use_from_the_cluster(
     assert out["node"] == cluster["big"]
     assert cpus["candidates"] == [f"{cluster['big']}/cpu-numa1"]
     assert cpus["reasons"][f"{cluster['big']}/cpu-numa0"] == (
-        f"{driver}/cpu: requests 5, only 0 of 8 free ({cluster['ns']}/db, {cluster['ns']}/web hold 8)"
+        f"{driver}/cpu: requests 5, only 0 of 7 free ({cluster['ns']}/db, {cluster['ns']}/web hold 7)"
     )
     assert (
-        cpus["reasons"][f"{cluster['small']}/cpu-numa0"] == f"{driver}/cpu: requests 5, above the requestPolicy (max 4)"
+        cpus["reasons"][f"{cluster['small']}/cpu-numa0"] == f"{driver}/cpu: requests 5, above the requestPolicy (max 3)"
     )
 
 
@@ -251,7 +252,7 @@ def test_status_of_socket_devices_over_several_numa_nodes() -> None:
     rows = cluster_status(parse_slices(slices, "s"), parse_usage(usage, "c"), "dra.cpu")
     # Memory stays per NUMA node: its rows follow the sockets'.
     assert [(r.numa, r.numa_nodes, int(r.cpus.total), int(r.cpus.allocated), r.memory.total > 0) for r in rows] == [
-        (-1, "0-1", 16, 0, False),
+        (-1, "0-1", 15, 0, False),  # CPU 0 stays shared
         (-1, "2-3", 16, 6, False),
         (-1, "4-5", 16, 0, False),
         (-1, "6-7", 16, 0, False),
