@@ -326,7 +326,8 @@ def test_invalid_node_name() -> None:
 
 def test_node_allocatable_mappings(capsys: pytest.CaptureFixture[str]) -> None:
     """KEP-5517: grouped CPU devices map consumed dra.cpu/cpu 1:1 to cpu, hugepage devices their bytes to
-    hugepages-<size>, individual CPU devices one cpu each; nothing is published unless asked."""
+    hugepages-<size>, memory devices theirs to memory, individual CPU devices one cpu each; nothing is published
+    unless asked."""
     root = FIXTURES / "dual-socket-smt2"
     assert not any("nodeAllocatableResources" in d for d in _devices(_slices(root, capsys=capsys)).values())
     devices = _devices(_slices(root, "--publish-node-allocatable-resources", capsys=capsys))
@@ -336,6 +337,11 @@ def test_node_allocatable_mappings(capsys: pytest.CaptureFixture[str]) -> None:
     assert devices["hugepages-2mi-numa0"]["nodeAllocatableResources"] == {
         "hugepages-2Mi": {"mapping": {"capacityKey": "dra.cpu/memory", "capacityMultiplier": "1"}}
     }
+    # The scheduler charges a claim's memory against the Node's allocatable memory: pods need not repeat it.
+    for node in (0, 1):
+        assert devices[f"memory-numa{node}"]["nodeAllocatableResources"] == {
+            "memory": {"mapping": {"capacityKey": "dra.cpu/memory", "capacityMultiplier": "1"}}
+        }
     individual = _devices(
         _slices(root, "--device-mode", "individual", "--publish-node-allocatable-resources", capsys=capsys)
     )
