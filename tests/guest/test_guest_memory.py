@@ -14,16 +14,13 @@ process's Mems_allowed_list from the guest itself:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.memory import DEFAULT_RESERVED_MEMORY, MEMORY_STEP, allocatable_memory, parse_reserved_memory
 from dra_cpu.core.quantity import parse_quantity
 from dra_cpu.core.topology import HugePagePool, NumaNode
-from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, new_namespace, pinned_pod
+from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, pinned_pod
 from tests.harness.cluster.pods import create_all, delete_pod, unschedulable, wait_running
 from tests.harness.guest.vm import SPEC
 from tests.harness.nodes.guest_kubelet import SLICES, GuestKubeletNode
@@ -35,16 +32,6 @@ CLAIMED = 200 << 20
 RUNNING_SECONDS = 240.0
 """Scheduling, prepare and the container's start, on the emulated guest of a loaded 2-core machine."""
 NODES_WITH_MEMORY = CPUSet.of(n.id for n in SPEC.nodes if n.memory_mib)
-
-
-@pytest.fixture
-def namespace(guest_kubelet: GuestKubeletNode) -> Iterator[str]:
-    kube = guest_kubelet.kube
-    name = new_namespace(kube, "guest-memory")
-    yield name
-    for pod in kube.list(f"/api/v1/namespaces/{name}/pods"):
-        delete_pod(kube, name, pod["metadata"]["name"], timeout=RUNNING_SECONDS)
-    kube.delete(f"/api/v1/namespaces/{name}")
 
 
 def on_node(node: int) -> list[dict[str, Any]]:

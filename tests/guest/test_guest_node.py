@@ -11,14 +11,11 @@ the guest itself (the API server cannot reach this kubelet: no exec or logs thro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-
 from dra_cpu.core.cpuset import CPUSet
-from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, new_namespace, pinned_pod
-from tests.harness.cluster.pods import create_all, delete_pod, wait_running
+from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, pinned_pod
+from tests.harness.cluster.pods import create_all, wait_running
 from tests.harness.guest.vm import SPEC
 from tests.harness.nodes.guest_kubelet import GuestKubeletNode
 from tests.harness.nodes.kubelet import container_id
@@ -31,16 +28,6 @@ RUNNING_SECONDS = 240.0
 """Scheduling, prepare and the container's start, on the emulated guest of a loaded 2-core machine."""
 HEALTH_SECONDS = 120.0
 """The driver notices within a second (uevents, its 1 s poll); the kubelet writes the pod's status at its next sync."""
-
-
-@pytest.fixture
-def namespace(guest_kubelet: GuestKubeletNode) -> Iterator[str]:
-    kube = guest_kubelet.kube
-    name = new_namespace(kube, "guest-node")
-    yield name
-    for pod in kube.list(f"/api/v1/namespaces/{name}/pods"):
-        delete_pod(kube, name, pod["metadata"]["name"], timeout=RUNNING_SECONDS)
-    kube.delete(f"/api/v1/namespaces/{name}")
 
 
 def numa_request(name: str, node: int) -> dict[str, Any]:
