@@ -18,15 +18,14 @@ from typing import Any
 
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.memory import DEFAULT_RESERVED_MEMORY, MEMORY_STEP, allocatable_memory, parse_reserved_memory
-from dra_cpu.core.quantity import parse_quantity
 from dra_cpu.core.topology import HugePagePool, NumaNode
-from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, pinned_pod
+from tests.harness.cluster.memory import memory_pod, numa_claim, published_memory
+from tests.harness.cluster.objects import claim_path, pinned_pod
 from tests.harness.cluster.pods import create_all, delete_pod, unschedulable, wait_running
 from tests.harness.guest.vm import SPEC
-from tests.harness.nodes.guest_kubelet import SLICES, GuestKubeletNode
+from tests.harness.nodes.guest_kubelet import GuestKubeletNode
 from tests.harness.nodes.kubelet import container_id
 
-MEMORY_CAPACITY = "dra.cpu/memory"
 CLAIMED = 200 << 20
 """Node 0's memory a claim takes: well within the guest's 1 GiB node, well beyond one page."""
 RUNNING_SECONDS = 240.0
@@ -34,57 +33,10 @@ RUNNING_SECONDS = 240.0
 NODES_WITH_MEMORY = CPUSet.of(n.id for n in SPEC.nodes if n.memory_mib)
 
 
-def on_node(node: int) -> list[dict[str, Any]]:
-    return [{"cel": {"expression": f'device.attributes["resource.kubernetes.io"].numaNode == {node}'}}]
-
-
-def claim(name: str, memory: int, cpus: int = 1) -> dict[str, Any]:
-    """`cpus` CPUs and `memory` bytes (none: no memory request) of NUMA node 0."""
-    requests: list[dict[str, Any]] = [
-        {
-            "name": "cpus",
-            "exactly": {
-                "deviceClassName": "dra.cpu",
-                "capacity": {"requests": {CPU_CAPACITY: str(cpus)}},
-                "selectors": on_node(0),
-            },
-        }
-    ]
-    if memory:
-        requests.append(
-            {
-                "name": "memory",
-                "exactly": {
-                    "deviceClassName": "dra.cpu.memory",
-                    "capacity": {"requests": {MEMORY_CAPACITY: str(memory)}},
-                    "selectors": on_node(0),
-                },
-            }
-        )
-    spec = {"devices": {"requests": requests}}
-    return {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim", "metadata": {"name": name}, "spec": spec}
-
-
 def pod(name: str, node: str, memory: int) -> dict[str, Any]:
-    """A pod whose container uses claim `name`, with a memory limit of `memory` bytes (none when 0): a strict claim's
-    containers must not be able to outgrow it (prepare refuses them otherwise)."""
-    obj = pinned_pod(busybox_pod(name, {"numa": name}), node)
+    obj = pinned_pod(memory_pod(name, memory), node)
     obj["spec"]["hostNetwork"] = True  # the guest's node has no pod network (tests/harness/nodes/guest_kubelet.py)
-    if memory:
-        [app] = obj["spec"]["containers"]
-        app["resources"]["limits"] = app["resources"]["requests"] = {"memory": str(memory)}
     return obj
-
-
-def published_memory(node: GuestKubeletNode) -> dict[int, int]:
-    """NUMA node -> the capacity of its memory device, as the API server has the slices."""
-    found = {}
-    for stored in node.kube.list(SLICES, field_selector=f"spec.nodeName={node.name},spec.driver=dra.cpu"):
-        for device in stored["spec"].get("devices", []):
-            if device["attributes"]["dra.cpu/type"]["string"] == "memory":
-                numa = device["attributes"]["resource.kubernetes.io/numaNode"]["int"]
-                found[numa] = int(parse_quantity(device["capacity"][MEMORY_CAPACITY]["value"]))
-    return found
 
 
 def numa_node(node: GuestKubeletNode, numa: int) -> NumaNode:
@@ -101,7 +53,7 @@ def test_memory_of_a_numa_node_is_counted_and_bound_there(guest_kubelet: GuestKu
     node, kube = guest_kubelet, guest_kubelet.kube
 
     # Each node's device publishes its MemTotal less its pages and the default 5 %, as core/memory.py computes it.
-    published = published_memory(node)
+    published = published_memory(kube, node.name)
     assert set(published) == set(NODES_WITH_MEMORY), published
     reserved = parse_reserved_memory(DEFAULT_RESERVED_MEMORY)
     for numa in NODES_WITH_MEMORY:
@@ -110,7 +62,7 @@ def test_memory_of_a_numa_node_is_counted_and_bound_there(guest_kubelet: GuestKu
     assert free > CLAIMED and free % MEMORY_STEP == 0
 
     # CPUs and memory of node 0: bound there, in the cgroup and as the kernel reports the task.
-    create_all(kube, namespace, [claim("bound", CLAIMED), pod("bound", node.name, CLAIMED)])
+    create_all(kube, namespace, [numa_claim("bound", 0, 1, CLAIMED), pod("bound", node.name, CLAIMED)])
     running = wait_running(kube, namespace, "bound", RUNNING_SECONDS, details=node.describe)
     uid = kube.get(claim_path(namespace, "bound"))["metadata"]["uid"]
     record = node.checkpoint_claims()[uid]
@@ -123,13 +75,13 @@ def test_memory_of_a_numa_node_is_counted_and_bound_there(guest_kubelet: GuestKu
 
     # More than node 0 has left: the memory device has no room, so the scheduler never allocates it there.
     over = free - CLAIMED + MEMORY_STEP
-    create_all(kube, namespace, [claim("over", over), pod("over", node.name, over)])
+    create_all(kube, namespace, [numa_claim("over", 0, 1, over), pod("over", node.name, over)])
     message = unschedulable(kube, namespace, "over", RUNNING_SECONDS)
     assert "cannot allocate all claims" in message, message
     assert not kube.get(claim_path(namespace, "over")).get("status", {}).get("allocation"), "never allocated"
 
     # CPUs only: nothing counted, so nothing bound; every node with memory stays the container's.
-    create_all(kube, namespace, [claim("cpus-only", 0), pod("cpus-only", node.name, 0)])
+    create_all(kube, namespace, [numa_claim("cpus-only", 0, 1), pod("cpus-only", node.name, 0)])
     running = wait_running(kube, namespace, "cpus-only", RUNNING_SECONDS, details=node.describe)
     container = container_id(running, "cpus-only")
     assert node.cpuset(container)[1] == NODES_WITH_MEMORY
