@@ -52,7 +52,8 @@ def test_memory_claims_are_counted_per_node_and_bound_there(
     # A pod whose memory limit exceeds what its claim binds it to is scheduled, and refused at prepare saying why.
     create_all(kube, namespace, [numa_claim("greedy", 0, memory=CLAIMED), memory_pod("greedy", 2 * CLAIMED)])
     refusal = (
-        "container 'app' may use 128Mi of memory (spec.containers[0].resources.limits.memory 128Mi), more than the 64Mi"
+        "container 'app' may use 128Mi of memory (spec.containers[0].resources.limits.memory 134217728), more than the "
+        "64Mi on NUMA node(s) 0 claim 'greedy' binds it to"
     )
     wait_until(lambda: any(refusal in e for e in events(kube, namespace, "greedy")), "prepare to refuse greedy", 90)
     delete_pod(kube, namespace, "greedy")
