@@ -4,7 +4,9 @@ The claim's CDI spec adds this hook; the runtime runs it on the host after it cr
 before the container's process starts, with the OCI state (pid, bundle, annotations) on stdin. It reads the
 container's DRA_CPUSET_<uid> variables from the bundle's config.json, trusts each only when the driver's own spec
 for that claim (in --cdi-dir) names the same cpuset and, when the runtime names the pod, lists the pod among the
-claim's reservedFor pods, then writes the union of the claims' CPUs and memory nodes to the container's cgroup.
+claim's reservedFor pods, then writes the union of the claims' CPUs to the container's cgroup, and the memory nodes
+of its strict claims (core/entitlement.memory_placement): a container without one keeps every memory node. A hook
+cannot set a memory policy.
 
 What it cannot do: keep other containers off the claimed CPUs (no shared pool), or re-pin a container after a
 later resource update of the runtime. Prefer NRI wherever the runtime has it.
@@ -21,8 +23,9 @@ from typing import Any, TextIO
 
 from dra_cpu.core import cdi_spec
 from dra_cpu.core.cdi_spec import CDIError
+from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.entitlement import Entitlement, refusal
+from dra_cpu.core.entitlement import Entitlement, memory_placement, refusal
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.cgroups import cpuset_dir_of_pid, write_cpuset
 from dra_cpu.store.cdi_files import CDIStore
@@ -65,17 +68,17 @@ def pin_for(
 ) -> tuple[HookPin, list[str]]:
     """Pure: the container's env and the driver's spec env per claim uid -> what to pin, and why entries were
     refused. `specs[uid]` is None when the driver has no spec for that claim."""
-    cpus, mems, claims, refused = CPUSet(), CPUSet(), [], []
+    granted: dict[str, Entitlement] = {}
+    refused = []
     for uid, value in cdi_spec.claimed_cpusets(env).items():
         prepared = _entitlement(uid, specs.get(uid))
         reason = refusal(value, pod_uid, prepared)
         if reason or prepared is None:
             refused.append(f"claim {uid}: {reason}")
         else:
-            cpus |= prepared.cpus
-            mems |= prepared.mems
-            claims.append(uid)
-    return HookPin(cpus, mems, tuple(claims)), refused
+            granted[uid] = prepared
+    mems, _ = memory_placement(list(granted.values()), CPUSet())
+    return HookPin(CPUSet.union_all(e.cpus for e in granted.values()), mems, tuple(granted)), refused
 
 
 def _entitlement(uid: str, spec: Mapping[str, str] | None) -> Entitlement | None:
@@ -83,13 +86,11 @@ def _entitlement(uid: str, spec: Mapping[str, str] | None) -> Entitlement | None
     if spec is None:
         return None
     try:
-        return Entitlement(
-            CPUSet.parse(spec.get(f"{cdi_spec.ENV_CPUSET}{uid}", "")),
-            CPUSet.parse(spec.get(f"{cdi_spec.ENV_MEMS}{uid}", "")),
-            tuple(filter(None, spec.get(f"{cdi_spec.ENV_PODS}{uid}", "").split(","))),
-        )
+        claim = cdi_spec.grant_from_env(spec, uid, "", ClaimRef("", "", uid))
+        mems = CPUSet.parse(spec.get(f"{cdi_spec.ENV_MEMS}{uid}", ""))
     except DraCpuError:
         return None
+    return Entitlement(claim.cpus, mems, claim.pod_uids, claim.binding, claim.hugepage_nodes)
 
 
 def _load_json(source: TextIO | Path, what: str) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 
 from dra_cpu.core.cpuset import MAX_CPUS, CPUSet, parse_field
 from dra_cpu.core.devices import DeviceConfig, DeviceMode, GroupBy
+from dra_cpu.core.memory import DEFAULT_RESERVED_MEMORY, parse_reserved_memory
 from dra_cpu.core.node_view import NodeSettings
 from dra_cpu.errors import DraCpuError, shown
 from dra_cpu.store.fileio import read_yaml
@@ -112,6 +113,17 @@ class Config:
         metadata=_opt("copy the NUMA node id to dra.net/numaNode, which claims matched with DRA network drivers use"),
     )
     reserved_cpus: str = field(default="", metadata=_opt("CPUs kept for system daemons, e.g. 0-1"))
+    reserved_memory: str = field(
+        default=DEFAULT_RESERVED_MEMORY,
+        metadata=_opt(
+            "memory of each NUMA node kept from claims for the system: a quantity or a share of the node, per node "
+            "as <node>:<amount>, e.g. 5% or 1Gi,0:2Gi"
+        ),
+    )
+    publish_memory: bool = field(
+        default=True,
+        metadata=_opt("publish each NUMA node's memory as a device (off: slices of CPUs and hugepages only)"),
+    )
     whole_cores: bool = field(default=False, metadata=_opt("hand out whole physical cores only"))
     strict_reserved: bool = field(default=False, metadata=_opt("keep containers without claims off reserved CPUs"))
     min_shared_cpus: int = field(default=1, metadata=_opt("refuse claims that would leave fewer shared CPUs"))
@@ -135,6 +147,8 @@ class Config:
             dranet_numa_attribute=self.publish_dra_net_numa_node,
             min_shared_cpus=self.min_shared_cpus,
             strict_reserved=self.strict_reserved,
+            reserved_memory=parse_reserved_memory(self.reserved_memory),
+            memory_devices=self.publish_memory,
         )
 
     def node_settings(self, cdi_hooks: tuple[dict[str, object], ...] = ()) -> NodeSettings:
@@ -192,7 +206,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file (keys as below, in camelCase)")
     for f in fields(Config):
         meta = f.metadata
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{meta['help']} (default {f.default!r})"}
+        # argparse formats help with %: a literal one (a percentage) is written twice.
+        help_text = f"{meta['help']} (default {f.default!r})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
         if f.type == "bool":

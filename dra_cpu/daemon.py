@@ -221,6 +221,8 @@ class Daemon:
             allocated=ledger.allocated_cpus,
             shared=split.floor.pool(topology, ledger.allocated_cpus),
             nri_connected=float(self.nri is not None and self.nri.ready.is_set()),
+            memory=now.view.memory_capacity,
+            memory_allocated=ledger.allocated_memory,
             counts=observe.Counts(
                 claims_unrestorable=len(ledger.unrestorable),
                 forged_env=nri.forged_env,

@@ -14,12 +14,13 @@ from typing import Any, Protocol
 
 from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.claims import ClaimRef, ClaimRequest, PodRef, parse_claim
-from dra_cpu.core.cpu_quota import ThrottledClaim
 from dra_cpu.core.desired import cdi_ids
 from dra_cpu.core.device_metadata import MetadataError, claim_metadata
 from dra_cpu.core.grant import grant
 from dra_cpu.core.ledger import ClaimMetadata, Ledger, PreparedClaim
+from dra_cpu.core.memory_limit import bound_memory
 from dra_cpu.core.node_view import NodeView
+from dra_cpu.core.pod_limits import PodLimitsError
 from dra_cpu.core.sharing import Holding, hold, holder
 from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
@@ -117,11 +118,12 @@ class Driver:
             metadata = self._metadata(request, settings.device_metadata, log)
             with self._lock:
                 now = self._now
-                held = hold(grant(now.ledger, request, now.view, metadata), request.pod_uids, pods)
+                granted = grant(now.ledger, request, now.view, metadata)
+                held = hold(granted, request.pod_uids, pods, bound_memory(granted, now.view))
                 claim = held.claim
                 if request.pods and not claim.pod_uids:
-                    # No pod that reserved the claim could use its CPUs unthrottled: the prepare fails, saying why.
-                    raise ThrottledClaim("; ".join(held.unfit.values()))
+                    # No pod that reserved the claim has limits that fit it: the prepare fails, saying why.
+                    raise PodLimitsError("; ".join(held.unfit.values()))
                 repeat = now.ledger.claims.get(claim.uid) == claim
                 metadata_ids = self._commit(now, claim, log)
             if repeat:
@@ -156,7 +158,7 @@ class Driver:
             before = now.ledger.claims.get(ref.uid)
             if before is None:
                 return None
-            held = hold(before, request.pod_uids, pods)
+            held = hold(before, request.pod_uids, pods, bound_memory(before, now.view))
             if held.claim != before:
                 self._commit(now, held.claim, log)
         for uid, reason in held.unfit.items():
@@ -201,8 +203,8 @@ class Driver:
             return None
 
     def _reserving_pods(self, namespace: str, refs: Iterable[PodRef], log: OperationLog) -> list[dict[str, Any]]:
-        """The pods the claim is reserved for, as the API server has them now: their CPU limits decide whether
-        the claim's CPUs can be used at all (core/cpu_quota). A pod gone or replaced has no container to check."""
+        """The pods the claim is reserved for, as the API server has them now: their limits decide whether the
+        claim can be used by them at all (core/sharing.py). A pod gone or replaced has no container to check."""
         pods = []
         for pod in refs:
             try:

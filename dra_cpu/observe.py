@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -146,6 +146,17 @@ class StateCollector(Collector):
                 huge_used.add_metric(labels, used)
         yield from (huge_total, huge_used)
 
+        memory_total = GaugeMetricFamily(
+            "dra_cpu_memory_allocatable_bytes",
+            "memory claims may get (MemTotal less pages and reservedMemory)",
+            labels=["numa_node"],
+        )
+        memory_used = GaugeMetricFamily("dra_cpu_memory_allocated_bytes", "memory held by claims", labels=["numa_node"])
+        for node, capacity in sorted(view.memory.items()):
+            memory_total.add_metric([str(node)], capacity)
+            memory_used.add_metric([str(node)], view.memory_allocated.get(node, 0))
+        yield from (memory_total, memory_used)
+
         yield GaugeMetricFamily("dra_cpu_active_claims", "prepared claims", value=len(view.claims))
         yield from _upstream_gauges(view)
         yield GaugeMetricFamily(
@@ -231,6 +242,9 @@ class View:
     nri_connected: float
     counts: Counts = field(default_factory=Counts)
     reserved: CPUSet = field(default_factory=CPUSet)
+    # NUMA node -> bytes: what claims may get (the memory devices' capacity), what they hold.
+    memory: Mapping[int, int] = field(default_factory=dict)
+    memory_allocated: Mapping[int, int] = field(default_factory=dict)
 
 
 ReadinessCheck = Callable[[], list[str]]

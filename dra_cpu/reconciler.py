@@ -168,7 +168,9 @@ class Reconciler:
         log = operation(LOG, "start")
         self._clean_up_leftovers(log)
         loaded = self._load(view, log)
-        ledger = restore(loaded.ledger.claims.values(), view.topology, loaded.ledger.unrestorable.values())
+        ledger = restore(
+            loaded.ledger.claims.values(), view.topology, view.memory_capacity, loaded.ledger.unrestorable.values()
+        )
         for uid, lost in ledger.unrestorable.items():
             if uid not in loaded.ledger.unrestorable:
                 log.error(

@@ -15,6 +15,7 @@ from dra_cpu.core.device_metadata import MetadataError
 from dra_cpu.core.entitlement import Pools
 from dra_cpu.driver import Driver
 from dra_cpu.logs import operation
+from dra_cpu.store.checkpoint import VERSION
 from dra_cpu.store.metadata_files import MetadataStore
 from tests.harness.claims import DRIVER, result
 from tests.harness.nodes.standin import make_driver, write_claim
@@ -112,7 +113,7 @@ def test_start_up_adopts_the_metadata_files_a_version_1_driver_wrote(tmp_path: P
     assert _host_file(upgraded, ref).read_bytes() == written
     assert upgraded.reconciler.metadata.spec_path(ref.uid, "cpus").is_file()
     saved = upgraded.reconciler.checkpoint.load()
-    assert saved is not None and saved.version == 2 and saved.ledger.claims[ref.uid].metadata == metadata
+    assert saved is not None and saved.version == VERSION and saved.ledger.claims[ref.uid].metadata == metadata
 
 
 def test_a_claim_rebuilt_from_its_cdi_spec_keeps_its_metadata_file_and_is_named_by_the_next_prepare(

@@ -20,7 +20,8 @@ from typing import Any
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.ledger import HugePageGrant, PreparedClaim, PreparedDevice
+from dra_cpu.core.ledger import HugePageGrant, MemoryGrant, PreparedClaim, PreparedDevice
+from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.errors import DraCpuError
 
 CDI_VERSION = "0.5.0"
@@ -29,9 +30,13 @@ CDI_CLASS = "cpu"
 ENV_CPUSET = "DRA_CPUSET_"
 ENV_MEMS = "DRA_MEMS_"
 ENV_HUGEPAGES = "DRA_HUGEPAGES_"
+# The claim's memory per NUMA node (`<node>=<bytes>,...`), and how its containers' memory is bound (core/memory.py).
+ENV_MEMORY = "DRA_MEMORY_"
+ENV_MEMORY_BINDING = "DRA_MEMORY_BINDING_"
 ENV_CLAIM = "DRA_CLAIM_"
 ENV_PODS = "DRA_PODS_"
 _HUGEPAGE_ITEM = re.compile(r"^(\d+)kB@(\d+)=(\d+)$")
+_MEMORY_ITEM = re.compile(r"^(\d+)=(\d+)$")
 # A claim UID as shell_uid() writes it: the twins' suffix.
 _SHELL_UID = re.compile(r"[0-9a-fA-F]{8}_[0-9a-fA-F]{4}_[0-9a-fA-F]{4}_[0-9a-fA-F]{4}_[0-9a-fA-F]{12}")
 
@@ -73,6 +78,9 @@ def env_for(claim: PreparedClaim, mems: CPUSet) -> list[str]:
         values.append(
             (ENV_HUGEPAGES, ",".join(f"{h.page_size_kib}kB@{h.numa_node}={h.bytes}" for h in claim.hugepages))
         )
+    if claim.memory:
+        values.append((ENV_MEMORY, ",".join(f"{m.numa_node}={m.bytes}" for m in claim.memory)))
+    values.append((ENV_MEMORY_BINDING, str(claim.binding)))
     names = [claim.uid] if shell_uid(claim.uid) == claim.uid else [claim.uid, shell_uid(claim.uid)]
     return [f"{prefix}{name}={value}" for name in names for prefix, value in values]
 
@@ -106,20 +114,40 @@ def claim_from_env(env: Mapping[str, str], uid: str, pool: str) -> PreparedClaim
     """Rebuild a claim's grant from the variables of its spec (when the checkpoint is lost)."""
     try:
         namespace, _, name = env[f"{ENV_CLAIM}{uid}"].partition("/")
+    except KeyError as err:
+        raise CDIError(f"CDI spec of claim {uid}: cannot read {err}") from None
+    return grant_from_env(env, uid, pool, ClaimRef(namespace, name, uid))
+
+
+def grant_from_env(env: Mapping[str, str], uid: str, pool: str, ref: ClaimRef) -> PreparedClaim:
+    """What the spec's variables say the claim `ref` holds: its CPUs, pages and memory (on devices without names),
+    its pods and its memory binding."""
+    try:
         cpus = CPUSet.parse(env[f"{ENV_CPUSET}{uid}"])
         devices = [PreparedDevice(request_names=(), pool=pool, device="", cpus=cpus)] if cpus else []
-        for item in filter(None, env.get(f"{ENV_HUGEPAGES}{uid}", "").split(",")):
-            match = _HUGEPAGE_ITEM.match(item)
-            if not match:
-                raise ValueError(f"hugepages item {item!r}")
-            size, node, count = map(int, match.groups())
+        for size, node, count in _items(env, f"{ENV_HUGEPAGES}{uid}", _HUGEPAGE_ITEM, "hugepages"):
             devices.append(
                 PreparedDevice(request_names=(), pool=pool, device="", hugepages=HugePageGrant(node, size, count))
             )
+        for node, count in _items(env, f"{ENV_MEMORY}{uid}", _MEMORY_ITEM, "memory"):
+            devices.append(PreparedDevice(request_names=(), pool=pool, device="", memory=MemoryGrant(node, count)))
         pods = tuple(filter(None, env.get(f"{ENV_PODS}{uid}", "").split(",")))
+        binding = env.get(f"{ENV_MEMORY_BINDING}{uid}")
+        # Specs written before the variable existed bound every claim as the default for what it holds does now.
+        memory_binding = MemoryBinding(binding) if binding is not None else None
     except (KeyError, ValueError, DraCpuError) as err:
         raise CDIError(f"CDI spec of claim {uid}: cannot read {err}") from None
-    return PreparedClaim(ClaimRef(namespace, name, uid), tuple(devices), pods)
+    return PreparedClaim(ref, tuple(devices), pods).with_binding(memory_binding)
+
+
+def _items(env: Mapping[str, str], key: str, pattern: re.Pattern[str], what: str) -> list[tuple[int, ...]]:
+    items = []
+    for item in filter(None, env.get(key, "").split(",")):
+        match = pattern.match(item)
+        if not match:
+            raise ValueError(f"{what} item {item!r}")
+        items.append(tuple(map(int, match.groups())))
+    return items
 
 
 def env_of_spec(spec: Mapping[str, Any]) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """ResourceClaim (a resource.k8s.io/v1 dict, as the API server returns it) -> ClaimRequest, validated. Pure.
 
 Only the parts of the claim that concern this driver and this node are kept: the allocation results of our driver
-and pool, what the scheduler recorded as consumed, our opaque configuration, and the pods the claim is reserved for.
+and pool, what the scheduler recorded as consumed, our opaque configuration (`CPUConfig`: the placement policy and
+the memory binding), and the pods the claim is reserved for.
 Every error names the field path and the value, so that the message in the pod's events is actionable.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from dra_cpu.core.allocator import AllocationPolicy
+from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.core.objects import At
 from dra_cpu.errors import DraCpuError, shown
 
@@ -27,6 +29,7 @@ _CONFIG_FIELDS = {
     "spread": "spread",
     "distributeAcrossNUMA": "distribute_across_numa",
 }
+MEMORY_BINDING_FIELD = "memoryBinding"
 
 
 class ClaimError(DraCpuError):
@@ -65,6 +68,15 @@ def ref_problem(namespace: str, name: str, uid: str) -> str:
 
 
 @dataclass(frozen=True)
+class CPUConfig:
+    """The opaque configuration of a request (kind CPUConfig): where its CPUs go, and how the claim's memory is
+    bound (None: the default for what the claim holds, core/ledger.PreparedClaim.binding)."""
+
+    policy: AllocationPolicy = field(default_factory=AllocationPolicy)
+    memory_binding: MemoryBinding | None = None
+
+
+@dataclass(frozen=True)
 class DeviceResult:
     request: str
     device: str
@@ -72,6 +84,7 @@ class DeviceResult:
     share_id: str | None
     consumed: tuple[tuple[str, str], ...]
     policy: AllocationPolicy = field(default_factory=AllocationPolicy)
+    memory_binding: MemoryBinding | None = None
 
     @property
     def base_request(self) -> str:
@@ -180,7 +193,8 @@ def parse_claim(
     devices_at = status_at / "allocation" / "devices"
     devices = devices_at.mapping((status_at / "allocation").mapping(allocation).get("devices"))
     spec = (claim / "spec").mapping(obj.get("spec"))
-    policies = _policies(devices_at / "config", devices.get("config"), spec, driver, default_policy, ref)
+    default = CPUConfig(default_policy)
+    configs = _configs(devices_at / "config", devices.get("config"), spec, driver, default, ref)
     results = []
     for at, raw in (devices_at / "results").items(devices.get("results")):
         result = at.mapping(raw, optional=False)
@@ -193,6 +207,7 @@ def parse_claim(
             )
         request = (at / "request").string(result.get("request"))
         share_id = result.get("shareID")
+        config = configs.get(request, configs.get(request.split("/", 1)[0], configs.get("", default)))
         results.append(
             DeviceResult(
                 request=request,
@@ -200,7 +215,8 @@ def parse_claim(
                 pool=pool,
                 share_id=None if share_id is None else (at / "shareID").string(share_id),
                 consumed=_consumed(at, result.get("consumedCapacity")),
-                policy=policies.get(request, policies.get(request.split("/", 1)[0], policies.get("", default_policy))),
+                policy=config.policy,
+                memory_binding=config.memory_binding,
             )
         )
     if not results:
@@ -235,14 +251,14 @@ def _consumed(at: At, value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(consumed))
 
 
-def _policies(
-    at: At, configs: Any, spec: Mapping[str, Any], driver: str, default: AllocationPolicy, ref: ClaimRef
-) -> dict[str, AllocationPolicy]:
-    """Request name ("" = every request) -> policy. Class config comes first and the claim's own overrides it."""
+def _configs(
+    at: At, configs: Any, spec: Mapping[str, Any], driver: str, default: CPUConfig, ref: ClaimRef
+) -> dict[str, CPUConfig]:
+    """Request name ("" = every request) -> config. Class config comes first and the claim's own overrides it."""
     entries = [(entry_at, entry_at.mapping(raw, optional=False)) for entry_at, raw in at.items(configs)]
     origins = _origins(entries, At(at.source, "spec.devices", at.error), spec)
     ordered = sorted(zip(entries, origins, strict=True), key=lambda e: 0 if e[0][1].get("source") == "FromClass" else 1)
-    policies: dict[str, AllocationPolicy] = {}
+    policies: dict[str, CPUConfig] = {}
     for (entry_at, entry), origin in ordered:
         # What the user wrote is named where they wrote it (a claim's spec, a DeviceClass), not where it was copied.
         opaque_at = At(entry_at.source, origin, entry_at.error) / "opaque"
@@ -310,7 +326,7 @@ def _request_classes(requests: list[Any]) -> dict[str, str]:
     return classes
 
 
-def parse_cpu_config(params: Mapping[str, Any], path: str, base: AllocationPolicy, ref: ClaimRef) -> AllocationPolicy:
+def parse_cpu_config(params: Mapping[str, Any], path: str, base: CPUConfig, ref: ClaimRef) -> CPUConfig:
     if params.get("apiVersion") != CONFIG_API_VERSION or params.get("kind") != CONFIG_KIND:
         raise ClaimError(
             f"claim {ref}: {path} has apiVersion {shown(params.get('apiVersion'))} and kind "
@@ -318,17 +334,28 @@ def parse_cpu_config(params: Mapping[str, Any], path: str, base: AllocationPolic
             f"expected apiVersion {CONFIG_API_VERSION!r} and kind {CONFIG_KIND!r}"
         )
     values: dict[str, bool] = {}
+    binding = base.memory_binding
     for key, value in params.items():
         if key in ("apiVersion", "kind"):
             continue
+        if key == MEMORY_BINDING_FIELD:
+            binding = _memory_binding(value, f"{path}.{key}", ref)
+            continue
         if key not in _CONFIG_FIELDS:
-            raise ClaimError(
-                f"claim {ref}: {path}.{key} is not a known field (known: {', '.join(sorted(_CONFIG_FIELDS))})"
-            )
+            known = ", ".join(sorted([*_CONFIG_FIELDS, MEMORY_BINDING_FIELD]))
+            raise ClaimError(f"claim {ref}: {path}.{key} is not a known field (known: {known})")
         if not isinstance(value, bool):
             raise ClaimError(f"claim {ref}: {path}.{key} must be true or false, not {shown(value)}")
         values[_CONFIG_FIELDS[key]] = value
-    policy = replace(base, **values)
+    policy = replace(base.policy, **values)
     if policy.spread and policy.align_l3:
         raise ClaimError(f"claim {ref}: {path}: spread and alignL3 contradict each other")
-    return policy
+    return CPUConfig(policy, binding)
+
+
+def _memory_binding(value: Any, path: str, ref: ClaimRef) -> MemoryBinding:
+    try:
+        return MemoryBinding(value)
+    except ValueError:
+        choices = " or ".join(repr(b.value) for b in MemoryBinding)
+        raise ClaimError(f"claim {ref}: {path} must be {choices}, not {shown(value)}") from None

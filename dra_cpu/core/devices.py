@@ -3,7 +3,10 @@
 Grouped mode (the default) publishes one consumable-capacity device (KEP-5075) per NUMA node, or per socket, or one
 for the whole machine (`groupBy`): the scheduler counts CPUs, the driver picks the exact ones at prepare time.
 Isolated CPUs get devices of their own so that only a claim that asks for them on purpose lands there. Hugepages
-reserved on a node get one device per page size and NUMA node in every mode. With `node_allocatable` every device
+reserved on a node get one device per page size and NUMA node in every mode, and so does memory: one device per
+NUMA node with its allocatable memory (core/memory.py) as capacity. Both carry the standard NUMA attribute, so that
+a claim's `matchAttribute: resource.kubernetes.io/numaNode` puts its CPUs, memory and pages on one node.
+With `node_allocatable` every device
 also says which node-allocatable resource its allocations stand for (KEP-5517, `nodeAllocatableResources`). With
 `pcie_roots` every CPU device lists the PCIe root complexes local to its CPUs in the standard list attribute
 resource.kubernetes.io/pcieRoot (KEP-5491 list attributes), so that a claim can match it against the scalar pcieRoot
@@ -30,8 +33,9 @@ from typing import Any
 
 from dra_cpu.core.capacity import SharedFloor, split_cpus
 from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.memory import MEMORY_STEP, ReservedMemory, allocatable_memory
 from dra_cpu.core.quantity import format_bytes
-from dra_cpu.core.topology import Topology, page_size_quantity
+from dra_cpu.core.topology import NumaNode, Topology, page_size_quantity
 from dra_cpu.errors import DraCpuError
 
 API_VERSION = "resource.k8s.io/v1"
@@ -71,6 +75,7 @@ class GroupBy(StrEnum):
 class DeviceType(StrEnum):
     CPU = "cpu"
     HUGEPAGES = "hugepages"
+    MEMORY = "memory"
 
 
 class DeviceConfigError(DraCpuError):
@@ -101,6 +106,11 @@ class DeviceConfig:
     # count towards it.
     min_shared_cpus: int = 1
     strict_reserved: bool = False
+    # What each NUMA node keeps for the system: its memory device publishes the rest (core/memory.py). Off, no memory
+    # devices at all: slices of CPUs (and pages) only, for clusters that claim no memory and would rather not pay a
+    # device per NUMA node in every slice the scheduler reads (docs/scale.md).
+    reserved_memory: ReservedMemory = field(default_factory=ReservedMemory)
+    memory_devices: bool = True
 
     def __post_init__(self) -> None:
         _check_dns_subdomain("driver name", self.driver_name, 63)
@@ -133,9 +143,10 @@ class Device:
     cpus: CPUSet
     isolated: bool
     attributes: tuple[tuple[str, AttributeValue], ...]
-    # CPU count or hugepage bytes; 0 for individual-mode devices, which have no capacity.
+    # CPU count or hugepage or memory bytes; 0 for individual-mode devices, which have no capacity.
     capacity: int = 0
-    # Smallest amount a claim may consume, and the step above it (threads per core with whole cores, a page size).
+    # Smallest amount a claim may consume, and the step above it (threads per core with whole cores, a page size,
+    # MEMORY_STEP).
     step: int = 1
     page_size_kib: int | None = None
     capacity_key: str | None = None
@@ -173,7 +184,8 @@ class Device:
             device["allowMultipleAllocations"] = True
         if self.node_allocatable is not None:
             # Capacity devices map what the scheduler records as consumed (1 dra.cpu/cpu = 1 cpu, 1 byte of
-            # dra.cpu/memory = 1 byte of hugepages-<size>); a device without capacity (one CPU) is one unit.
+            # dra.cpu/memory = 1 byte of hugepages-<size> or of memory); a device without capacity (one CPU) is one
+            # unit.
             mapping = (
                 {"capacityKey": key, "capacityMultiplier": "1"}
                 if key is not None and self.capacity
@@ -184,7 +196,7 @@ class Device:
 
 
 def quantity(value: int, kind: DeviceType) -> str:
-    return format_bytes(value) if kind is DeviceType.HUGEPAGES else str(value)
+    return str(value) if kind is DeviceType.CPU else format_bytes(value)
 
 
 def _attribute(value: AttributeValue) -> dict[str, Any]:
@@ -209,7 +221,7 @@ def build_devices(topology: Topology, config: DeviceConfig) -> tuple[Device, ...
         cpu_devices = _individual_devices(topology, config, available)
     else:
         cpu_devices = _grouped_devices(topology, config, available)
-    devices = (*cpu_devices, *_hugepage_devices(topology, config))
+    devices = (*cpu_devices, *_hugepage_devices(topology, config), *_memory_devices(topology, config))
     for device in devices:
         lists = [len(v) for _, v in device.attributes if isinstance(v, tuple)]
         values = len(device.attributes) - len(lists) + sum(lists)
@@ -348,36 +360,78 @@ def _numa_core_order(topology: Topology, available: CPUSet, cpu_id: int) -> tupl
 
 
 def _hugepage_devices(topology: Topology, config: DeviceConfig) -> list[Device]:
-    d = config.driver_name
     devices = []
     for node in topology.numa_nodes:
         for pool in node.hugepages:
             if pool.total <= 0:
                 continue
             size = page_size_quantity(pool.size_kib)
-            attributes: list[tuple[str, AttributeValue]] = [
-                (f"{d}/type", DeviceType.HUGEPAGES.value),
-                (f"{d}/pageSize", size),
-                *_numa_attributes(config, node.id),
-            ]
-            if node.memory_only:
-                attributes.append((f"{d}/memoryOnly", True))
             devices.append(
-                Device(
-                    name=f"hugepages-{size.lower()}-numa{node.id}",
-                    type=DeviceType.HUGEPAGES,
-                    numa_nodes=CPUSet.of([node.id]),
-                    cpus=CPUSet(),
-                    isolated=False,
-                    attributes=tuple(attributes),
-                    capacity=pool.total * pool.size_bytes,
-                    step=pool.size_bytes,
+                _memory_device(
+                    config,
+                    node,
+                    f"hugepages-{size.lower()}-numa{node.id}",
+                    DeviceType.HUGEPAGES,
+                    pool.total * pool.size_bytes,
+                    pool.size_bytes,
+                    [(f"{config.driver_name}/pageSize", size)],
+                    f"hugepages-{size}",
                     page_size_kib=pool.size_kib,
-                    capacity_key=config.memory_capacity,
-                    node_allocatable=f"hugepages-{size}" if config.node_allocatable else None,
                 )
             )
     return devices
+
+
+def _memory_devices(topology: Topology, config: DeviceConfig) -> list[Device]:
+    """One per NUMA node with memory for claims; none for a node whose reservation and pages take it all."""
+    devices: list[Device] = []
+    for node in topology.numa_nodes if config.memory_devices else ():
+        capacity = allocatable_memory(node, config.reserved_memory)
+        if capacity:
+            devices.append(
+                _memory_device(config, node, f"memory-numa{node.id}", DeviceType.MEMORY, capacity, MEMORY_STEP)
+            )
+    return devices
+
+
+def _memory_device(
+    config: DeviceConfig,
+    node: NumaNode,
+    name: str,
+    kind: DeviceType,
+    capacity: int,
+    step: int,
+    extra: list[tuple[str, AttributeValue]] | None = None,
+    allocatable: str = "memory",
+    page_size_kib: int | None = None,
+) -> Device:
+    """A device of bytes on one NUMA node: its hugepages of one size, or its memory."""
+    d = config.driver_name
+    attributes: list[tuple[str, AttributeValue]] = [
+        (f"{d}/type", kind.value),
+        *(extra or []),
+        *_numa_attributes(config, node.id),
+    ]
+    if node.memory_only:
+        attributes.append((f"{d}/memoryOnly", True))
+    return Device(
+        name=name,
+        type=kind,
+        numa_nodes=CPUSet.of([node.id]),
+        cpus=CPUSet(),
+        isolated=False,
+        attributes=tuple(attributes),
+        capacity=capacity,
+        step=step,
+        page_size_kib=page_size_kib,
+        capacity_key=config.memory_capacity,
+        node_allocatable=allocatable if config.node_allocatable else None,
+    )
+
+
+def memory_capacity(devices: Iterable[Device]) -> dict[int, int]:
+    """NUMA node -> the memory claims may get there: what the node's memory device publishes."""
+    return {device.numa_node: device.capacity for device in devices if device.type is DeviceType.MEMORY}
 
 
 def device_index(devices: Iterable[Device]) -> Mapping[str, Device]:

@@ -1,4 +1,4 @@
-"""Which cpuset (and mems, hugepage limits) each container gets. Pure: data in, decisions out.
+"""Which cpuset (and mems, memory policy, hugepage limits) each container gets. Pure: data in, decisions out.
 
 A container is pinned to a claim only when three independent facts agree: the driver prepared the claim, the
 container's env carries the claim's CDI variable with exactly the prepared cpuset, and the container's pod (as the
@@ -11,17 +11,21 @@ a container of another pod whose env names the claim with exactly its cpuset (th
 pod spec, not forged) is refused outright by NRI (ClaimSharedAcrossPods) rather than silently given the shared
 pool, so that the kubelet retries it and it starts pinned once its pod holds the claim. Only the ledger says which
 pod that is: DRA_PODS_<uid> in a container's env is what the claim's spec said when the container was created.
+
+A claimed container's memory is bound to its strict claims' nodes, or, when none of its claims is strict, left on
+every node with the claims' nodes preferred (`memory_placement`, core/memory.py says why).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dra_cpu.core import cdi_spec
 from dra_cpu.core.capacity import SharedFloor
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.ledger import HugePageGrant, Ledger
+from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim
+from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.core.sharing import not_held
 from dra_cpu.core.topology import Topology
 from dra_cpu.errors import DraCpuError
@@ -45,6 +49,15 @@ def container_info(container_id: str, name: str, pod_uid: str, pod: str, env: It
 
 
 @dataclass(frozen=True)
+class MemoryPolicy:
+    """The memory policy of a claimed container's tasks, where the runtime applies one (NRI 0.12+): MPOL_BIND to
+    `nodes` (strict), or a preference for them (MPOL_PREFERRED, MPOL_PREFERRED_MANY for several)."""
+
+    binding: MemoryBinding
+    nodes: CPUSet
+
+
+@dataclass(frozen=True)
 class Pin:
     """The resources a container must have. Empty mems means "leave as is" (no memory node has been chosen)."""
 
@@ -54,6 +67,8 @@ class Pin:
     """(OCI page size such as "2MB", bytes), for hugepage claims."""
     claims: tuple[str, ...] = ()
     """uids of the claims this container is pinned to; empty for the shared pool."""
+    memory_policy: MemoryPolicy | None = None
+    """None for the shared pool (the kernel's default)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,24 @@ class Entitlement:
     cpus: CPUSet
     mems: CPUSet
     pod_uids: tuple[str, ...]
+    binding: MemoryBinding = MemoryBinding.PREFERRED
+    hugepage_nodes: CPUSet = field(default_factory=CPUSet)
+
+
+def entitlement(claim: PreparedClaim, topology: Topology) -> Entitlement:
+    return Entitlement(claim.cpus, claim.mems(topology), claim.pod_uids, claim.binding, claim.hugepage_nodes)
+
+
+def memory_placement(claims: Sequence[Entitlement], wide: CPUSet) -> tuple[CPUSet, MemoryPolicy | None]:
+    """cpuset.mems and the memory policy of a container with `claims`. With a strict claim: bound to the strict
+    claims' nodes, and to every claim's hugepage nodes (its pages come from there). Without: `wide` (every node
+    with memory; empty: leave as is), preferring the claims' nodes."""
+    strict = [c for c in claims if c.binding is MemoryBinding.STRICT]
+    if strict:
+        nodes = CPUSet.union_all(c.mems for c in strict) | CPUSet.union_all(c.hugepage_nodes for c in claims)
+        return nodes, MemoryPolicy(MemoryBinding.STRICT, nodes)
+    preferred = CPUSet.union_all(c.mems for c in claims)
+    return wide, MemoryPolicy(MemoryBinding.PREFERRED, preferred) if preferred else None
 
 
 def refusal(value: str, pod_uid: str, prepared: Entitlement | None) -> str:
@@ -144,7 +177,7 @@ def refusal(value: str, pod_uid: str, prepared: Entitlement | None) -> str:
 
 def _check(container: ContainerInfo, uid: str, value: str, pools: Pools, refuse_shared: bool) -> str:
     claim = pools.ledger.claims.get(uid)
-    prepared = None if claim is None else Entitlement(claim.cpus, claim.mems(pools.topology), claim.pod_uids)
+    prepared = None if claim is None else entitlement(claim, pools.topology)
     reason = refusal(value, container.pod_uid, prepared)
     if reason and refuse_shared and claim is not None and _same_cpuset(value, claim.cpus) and container.pod_uid:
         # The env is the claim's own (the CDI device was given to this container), only the pod is another one.
@@ -175,13 +208,13 @@ def pin_for(container: ContainerInfo, pools: Pools, refuse_shared: bool = False)
             granted.append(pools.ledger.claims[uid])
     if granted:
         cpus = CPUSet.union_all(c.cpus for c in granted)
-        mems = CPUSet.union_all(c.mems(pools.topology) for c in granted)
+        mems, policy = memory_placement([entitlement(c, pools.topology) for c in granted], pools.shared_mems)
         hugepages = _hugepage_limits(h for c in granted for h in c.hugepages)
         if not cpus:
-            # A hugepages-only claim holds no CPUs: the container runs on the shared pool beside its memory.
+            # A claim of hugepages or memory only holds no CPUs: the container runs on the shared pool.
             cpus = pools.shared
         if cpus:
-            return Decision(Pin(cpus, mems, hugepages, tuple(c.uid for c in granted)), tuple(rejected))
+            return Decision(Pin(cpus, mems, hugepages, tuple(c.uid for c in granted), policy), tuple(rejected))
     if not pools.shared:
         raise NoSharedCpus(
             f"container {container.name} of pod {container.pod} needs the shared pool, and no shared CPU is left"

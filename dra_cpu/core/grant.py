@@ -15,7 +15,8 @@ from dra_cpu.core.allocator import AllocationError, choose_cpus
 from dra_cpu.core.claims import ClaimError, ClaimRef, ClaimRequest, DeviceResult
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceType
-from dra_cpu.core.ledger import ClaimMetadata, HugePageGrant, Ledger, PreparedClaim, PreparedDevice
+from dra_cpu.core.ledger import ClaimMetadata, HugePageGrant, Ledger, MemoryGrant, PreparedClaim, PreparedDevice
+from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.core.node_view import NodeView
 from dra_cpu.core.quantity import QuantityError, format_bytes, whole_quantity
 from dra_cpu.core.topology import Topology
@@ -42,6 +43,7 @@ def grant(
     settings = view.settings.devices
     taken = ledger.allocated_cpus
     held = ledger.allocated_hugepages
+    memory = ledger.allocated_memory
     prepared: list[PreparedDevice] = []
     for result in request.results:
         device = devices.get(result.device)
@@ -54,15 +56,21 @@ def grant(
             request_names=(result.base_request,), pool=result.pool, device=device.name, share_id=result.share_id
         )
         if device.type is DeviceType.HUGEPAGES:
-            pages = _hugepages(request.ref, result, device, settings.memory_capacity, held)
-            key = (pages.numa_node, pages.page_size_kib)
-            held[key] = held.get(key, 0) + pages.bytes
-            prepared.append(replace(base, hugepages=pages))
+            key = (device.numa_node, device.page_size_kib or device.step // 1024)
+            size = _bytes(request.ref, result, device, settings.memory_capacity, held.get(key, 0), "hugepages")
+            held[key] = held.get(key, 0) + size
+            prepared.append(replace(base, hugepages=HugePageGrant(*key, size)))
+            continue
+        if device.type is DeviceType.MEMORY:
+            used = memory.get(device.numa_node, 0)
+            size = _bytes(request.ref, result, device, settings.memory_capacity, used, "memory")
+            memory[device.numa_node] = used + size
+            prepared.append(replace(base, memory=MemoryGrant(device.numa_node, size)))
             continue
         cpus = _cpus(ledger, request.ref, result, device, view.topology, taken, settings.cpu_capacity)
         taken |= cpus
         prepared.append(replace(base, cpus=cpus))
-    claim = PreparedClaim(ref=request.ref, devices=tuple(prepared), metadata=metadata)
+    claim = PreparedClaim(ref=request.ref, devices=tuple(prepared), metadata=metadata).with_binding(_binding(request))
     # The devices leave the floor's CPUs out (core/capacity.py): this refuses only what they could not foresee, a
     # claim prepared before the settings or the node changed that holds some of them.
     floor = settings.shared_floor
@@ -94,9 +102,22 @@ def _named(claim: PreparedClaim, request: ClaimRequest, devices: Mapping[str, De
                 None,
             )
             named.append(replace(base, hugepages=pages))
+        elif device.type is DeviceType.MEMORY:
+            named.append(replace(base, memory=next((m for m in claim.memory if m.numa_node == device.numa_node), None)))
         else:
             named.append(replace(base, cpus=claim.cpus & device.cpus))
-    return PreparedClaim(claim.ref, tuple(named), claim.pod_uids, claim.metadata)
+    return PreparedClaim(claim.ref, tuple(named), claim.pod_uids, claim.metadata, claim.memory_binding)
+
+
+def _binding(request: ClaimRequest) -> MemoryBinding | None:
+    """The claim's memoryBinding: one for the whole claim, since its containers get all of its devices."""
+    chosen = {r.memory_binding for r in request.results if r.memory_binding is not None}
+    if len(chosen) > 1:
+        raise ClaimError(
+            f"claim {request.ref}: its requests' CPUConfig set memoryBinding to "
+            f"{' and '.join(sorted(b.value for b in chosen))}; a claim's memory is bound one way"
+        )
+    return chosen.pop() if chosen else None
 
 
 def _cpus(
@@ -138,27 +159,25 @@ def _cpus(
         raise ClaimError(f"claim {ref}: request {result.request!r} on {device.name}: {err}") from None
 
 
-def _hugepages(
-    ref: ClaimRef, result: DeviceResult, device: Device, memory_capacity: str, held: Mapping[tuple[int, int], int]
-) -> HugePageGrant:
-    raw = result.consumed_of(memory_capacity)
-    page = device.step
+def _bytes(ref: ClaimRef, result: DeviceResult, device: Device, key: str, used: int, what: str) -> int:
+    """The bytes of hugepages or memory a result consumed of `device` (its requestPolicy default when it recorded
+    none), which must be whole steps and fit beside the `used` ones. Counted as CPUs are: the scheduler's view may
+    be stale or wrong (a claim allocated against an older slice), and the node has what its device published."""
+    raw = result.consumed_of(key)
+    step = device.step
     try:
-        size = whole_quantity(raw, f"consumedCapacity[{memory_capacity!r}]") if raw is not None else page
+        size = whole_quantity(raw, f"consumedCapacity[{key!r}]") if raw is not None else step
     except QuantityError as err:
         raise ClaimError(f"claim {ref}: request {result.request!r} on {device.name}: {err}") from None
-    if size % page:
+    if size % step:
+        unit = f"{device.page_size_kib} KiB pages" if device.page_size_kib else f"{format_bytes(step)} steps"
         raise ClaimError(
-            f"claim {ref}: request {result.request!r} on {device.name}: {raw} is not a whole number of "
-            f"{device.page_size_kib} KiB pages"
+            f"claim {ref}: request {result.request!r} on {device.name}: {raw} is not a whole number of {unit}"
         )
-    pages = HugePageGrant(numa_node=device.numa_node, page_size_kib=device.page_size_kib or page // 1024, bytes=size)
-    # Counted as CPUs are: the scheduler's view may be stale or wrong (a claim allocated against an older slice),
-    # and the pages are reserved per node, so what is granted here must fit what the node reserved.
-    free = max(0, device.capacity - held.get((pages.numa_node, pages.page_size_kib), 0))
+    free = max(0, device.capacity - used)
     if size > free:
         raise ClaimError(
-            f"claim {ref}: request {result.request!r} on {device.name}: {format_bytes(size)} of hugepages "
+            f"claim {ref}: request {result.request!r} on {device.name}: {format_bytes(size)} of {what} "
             f"requested, {format_bytes(free) if free else 'none'} of {format_bytes(device.capacity)} free"
         )
-    return pages
+    return size

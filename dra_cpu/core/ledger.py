@@ -1,8 +1,9 @@
 """The ledger: the prepared claims and what each holds, the one truth from which everything the driver keeps on
 the node is derived (core/desired.py), and restore(), which checks a ledger loaded from disk against the node. Pure.
 
-A `PreparedClaim` records what a prepare granted (the CPUs and hugepages of each device), the pod it serves (chosen
-and handed over by core/sharing.py), and what its device metadata files name (`ClaimMetadata`).
+A `PreparedClaim` records what a prepare granted (the CPUs, hugepages and memory of each device), how its memory is
+bound (core/memory.py), the pod it serves (chosen and handed over by core/sharing.py), and what its device metadata
+files name (`ClaimMetadata`).
 store/checkpoint.py writes the ledger to disk, in the wire format of its newest version (store/checkpoint_v*.py);
 nothing here knows that format.
 """
@@ -10,12 +11,16 @@ nothing here knows that format.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.core.quantity import format_bytes
 from dra_cpu.core.topology import Topology, page_size_quantity
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,14 @@ class HugePageGrant:
 
 
 @dataclass(frozen=True)
+class MemoryGrant:
+    """Memory granted to one device of a claim: `bytes` of NUMA node `numa_node`'s allocatable memory."""
+
+    numa_node: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class PreparedDevice:
     request_names: tuple[str, ...]
     pool: str
@@ -35,6 +48,7 @@ class PreparedDevice:
     share_id: str | None = None
     cpus: CPUSet = field(default_factory=CPUSet)
     hugepages: HugePageGrant | None = None
+    memory: MemoryGrant | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,9 @@ class PreparedClaim:
     pod_uids: tuple[str, ...] = ()
     # None: the claim has no device metadata files (written with the feature off, or not known: see restore).
     metadata: ClaimMetadata | None = None
+    # As the claim's CPUConfig says (memoryBinding) where that is not the default for what it holds (`binding`);
+    # None: the default. Recorded only then (`with_binding`), so that one binding has one record.
+    memory_binding: MemoryBinding | None = None
 
     @property
     def uid(self) -> str:
@@ -69,14 +86,40 @@ class PreparedClaim:
         return tuple(d.hugepages for d in self.devices if d.hugepages is not None)
 
     @property
+    def memory(self) -> tuple[MemoryGrant, ...]:
+        return tuple(d.memory for d in self.devices if d.memory is not None)
+
+    @property
+    def binding(self) -> MemoryBinding:
+        """Strict for a claim with memory (its bytes are counted per node), preferred for one without: a claim that
+        holds no memory must not be an OOM trap (core/memory.py)."""
+        return self.memory_binding or self._default_binding
+
+    @property
+    def _default_binding(self) -> MemoryBinding:
+        return MemoryBinding.STRICT if self.memory else MemoryBinding.PREFERRED
+
+    def with_binding(self, binding: MemoryBinding | None) -> PreparedClaim:
+        """This claim bound as `binding` says (None: the default)."""
+        return replace(self, memory_binding=None if binding is self._default_binding else binding)
+
+    @property
     def named(self) -> bool:
         """Whether every device is known by name: a claim rebuilt from its CDI spec knows only its CPUs and pages
         until the kubelet's next prepare of it names its devices again (core/grant.py)."""
         return all(d.device for d in self.devices)
 
     def mems(self, topology: Topology) -> CPUSet:
-        """Memory nodes: those of the claim's CPUs and of its hugepages."""
-        return topology.numa_nodes_of(self.cpus) | CPUSet.of(h.numa_node for h in self.hugepages)
+        """The claim's memory nodes, where its containers' memory is bound or preferred (`binding`): those of its
+        memory and hugepages; without memory, those of its CPUs and hugepages."""
+        pages = self.hugepage_nodes
+        if self.memory:
+            return CPUSet.of(m.numa_node for m in self.memory) | pages
+        return topology.numa_nodes_of(self.cpus) | pages
+
+    @property
+    def hugepage_nodes(self) -> CPUSet:
+        return CPUSet.of(h.numa_node for h in self.hugepages)
 
 
 @dataclass(frozen=True)
@@ -117,19 +160,32 @@ class Ledger:
         """(NUMA node, page size KiB) -> bytes held by prepared claims."""
         return _hugepage_bytes(self.claims.values())
 
+    @property
+    def allocated_memory(self) -> dict[int, int]:
+        """NUMA node -> bytes of memory held by prepared claims."""
+        return _memory_bytes(self.claims.values())
+
     def holder_of(self, cpu: int) -> PreparedClaim | None:
         return next((c for c in self.claims.values() if cpu in c.cpus), None)
 
 
-def restore(claims: Iterable[PreparedClaim], topology: Topology, unrestorable: Iterable[Unrestorable] = ()) -> Ledger:
+def restore(
+    claims: Iterable[PreparedClaim],
+    topology: Topology,
+    memory: Mapping[int, int],
+    unrestorable: Iterable[Unrestorable] = (),
+) -> Ledger:
     """The ledger loaded from disk (checkpoint or CDI specs), checked against this node: what enters the process.
+    `memory`: NUMA node -> the memory claims may get there now (the capacity of its memory device).
 
     Claims are taken in the order given (the checkpoint's, or the CDI folder's), and each is kept whole or not at
     all. A claim is dropped, as Unrestorable with the reason, when
     - one of its CPUs is not online here (the node shrank: a VM resized across a reboot, SMT turned off),
-    - one of its hugepage grants names a NUMA node or page size this node no longer reserves,
+    - one of its hugepage grants names a NUMA node or page size this node no longer reserves, or one of its memory
+      grants a NUMA node without memory for claims,
     - one of its CPUs is already held by a claim kept before it (a double booking on disk: the first is kept),
-    - its hugepages, added to those of the claims kept before it, exceed what the node reserves.
+    - its hugepages or memory, added to those of the claims kept before it, exceed what the node has for claims
+      (the node's memory shrank, its hugepage pools grew, the admin reserved more).
     The drop is loud (the driver logs each, a metric counts them, the kubelet's prepares get the reason); refusing
     to start instead would crash-loop the daemon and strand every other claim of the node.
     """
@@ -138,27 +194,27 @@ def restore(claims: Iterable[PreparedClaim], topology: Topology, unrestorable: I
     kept: dict[str, PreparedClaim] = {}
     dropped: dict[str, Unrestorable] = {u.uid: u for u in unrestorable}
     holders: dict[int, PreparedClaim] = {}
-    held: dict[tuple[int, int], int] = {}
+    pages: dict[tuple[int, int], int] = {}
+    used: dict[int, int] = {}
     for claim in claims:
-        reason = _unrestorable_reason(claim, online, pools, holders, held)
+        reason = _unrestorable_reason(claim, online, holders) or _over_capacity(claim, pages, pools, used, memory)
         if reason:
             dropped[claim.uid] = Unrestorable(claim.ref, reason)
             continue
         kept[claim.uid] = claim
         dropped.pop(claim.uid, None)
         holders.update(dict.fromkeys(claim.cpus, claim))
-        for key, size in _hugepage_bytes([claim]).items():
-            held[key] = held.get(key, 0) + size
+        _add(pages, _hugepage_bytes([claim]))
+        _add(used, _memory_bytes([claim]))
     return Ledger(kept, dropped)
 
 
-def _unrestorable_reason(
-    claim: PreparedClaim,
-    online: CPUSet,
-    pools: Mapping[tuple[int, int], int],
-    holders: Mapping[int, PreparedClaim],
-    held: Mapping[tuple[int, int], int],
-) -> str:
+def _add(held: dict[K, int], more: Mapping[K, int]) -> None:
+    for key, size in more.items():
+        held[key] = held.get(key, 0) + size
+
+
+def _unrestorable_reason(claim: PreparedClaim, online: CPUSet, holders: Mapping[int, PreparedClaim]) -> str:
     gone = claim.cpus - online
     if gone:
         return f"its CPU(s) {gone} are not online on this node any more (online: {online or 'none'})"
@@ -166,24 +222,54 @@ def _unrestorable_reason(
     if busy:
         other = holders[busy.first()]
         return f"its CPU(s) {busy} are also held by claim {other.ref} (uid {other.uid}), which is kept"
+    return ""
+
+
+def _over_capacity(
+    claim: PreparedClaim,
+    pages: Mapping[tuple[int, int], int],
+    pools: Mapping[tuple[int, int], int],
+    used: Mapping[int, int],
+    memory: Mapping[int, int],
+) -> str:
+    """Why the claim's pages or memory do not fit beside those (`pages`, `used`) of the claims kept before it."""
     for (node, size_kib), size in _hugepage_bytes([claim]).items():
         what = f"its {format_bytes(size)} of {page_size_quantity(size_kib)} hugepages on NUMA node {node}"
         capacity = pools.get((node, size_kib))
-        if capacity is None:
-            return f"{what}: this node has no such hugepage pool any more"
-        used = held.get((node, size_kib), 0)
-        if used + size > capacity:
-            return (
-                f"{what}: with the {format_bytes(used) if used else '0'} held by claims kept before it, "
-                f"that exceeds the {format_bytes(capacity) if capacity else '0'} reserved"
-            )
+        reason = _exceeds(what, size, pages.get((node, size_kib), 0), capacity, "no such hugepage pool", "reserved")
+        if reason:
+            return reason
+    for node, size in _memory_bytes([claim]).items():
+        what = f"its {format_bytes(size)} of memory on NUMA node {node}"
+        has = memory.get(node)
+        reason = _exceeds(what, size, used.get(node, 0), has, "no memory for claims there", "it has for claims")
+        if reason:
+            return reason
     return ""
+
+
+def _exceeds(what: str, size: int, used: int, capacity: int | None, missing: str, has: str) -> str:
+    if capacity is None:
+        return f"{what}: this node has {missing} any more"
+    if used + size <= capacity:
+        return ""
+    return (
+        f"{what}: with the {format_bytes(used) if used else '0'} held by claims kept before it, "
+        f"that exceeds the {format_bytes(capacity) if capacity else '0'} {has}"
+    )
 
 
 def _hugepage_bytes(claims: Iterable[PreparedClaim]) -> dict[tuple[int, int], int]:
     held: dict[tuple[int, int], int] = {}
     for claim in claims:
         for grant in claim.hugepages:
-            key = (grant.numa_node, grant.page_size_kib)
-            held[key] = held.get(key, 0) + grant.bytes
+            _add(held, {(grant.numa_node, grant.page_size_kib): grant.bytes})
+    return held
+
+
+def _memory_bytes(claims: Iterable[PreparedClaim]) -> dict[int, int]:
+    held: dict[int, int] = {}
+    for claim in claims:
+        for grant in claim.memory:
+            _add(held, {grant.numa_node: grant.bytes})
     return held

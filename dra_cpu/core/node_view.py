@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
-from dra_cpu.core.devices import Device, DeviceConfig, build_devices, device_index
+from dra_cpu.core.devices import Device, DeviceConfig, build_devices, device_index, memory_capacity
 from dra_cpu.core.topology import Topology
 
 
@@ -55,3 +55,8 @@ class NodeView:
     def device_index(self) -> Mapping[str, Device]:
         """The published devices by name."""
         return device_index(self.devices)
+
+    @cached_property
+    def memory_capacity(self) -> Mapping[int, int]:
+        """NUMA node -> the memory claims may get there (its memory device's capacity); a node without any is absent."""
+        return memory_capacity(self.devices)

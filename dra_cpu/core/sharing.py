@@ -5,7 +5,8 @@ that pod that references the claim is pinned to all of it (a pod is one scheduli
 kubelet's CPU manager). Kubernetes lets several pods reserve one claim (`status.reservedFor`); of those the holder is
 
 - chosen when the claim is prepared: the first pod reservedFor lists (the scheduler appends each pod as it reserves
-  the claim for it) whose CPU limits let its containers use the claim's CPUs (core/cpu_quota.py);
+  the claim for it) whose limits fit the claim: CPU limits that let its containers use the claim's CPUs
+  (core/cpu_quota.py), memory limits within what a strict claim binds them to (core/memory_limit.py);
 - kept while reservedFor lists it. The resource claim controller drops a pod from reservedFor once it has ended
   (Succeeded or Failed) or is deleted and its containers are gone;
 - then handed over, by the same rule, to the next pod reservedFor lists. The kubelet prepares a claim once however
@@ -32,6 +33,7 @@ from typing import Any
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpu_quota import throttled
 from dra_cpu.core.ledger import PreparedClaim
+from dra_cpu.core.memory_limit import BoundMemory, unbounded
 
 ONE_POD_AT_A_TIME = "a claim serves one pod at a time"
 """The words every refusal of a claim to a pod that does not hold it carries (docs/user.md)."""
@@ -56,16 +58,23 @@ class Holding:
     unfit: Mapping[str, str]
 
 
-def hold(claim: PreparedClaim, reserved: Sequence[str], pods: Iterable[Mapping[str, Any]]) -> Holding:
+def hold(
+    claim: PreparedClaim,
+    reserved: Sequence[str],
+    pods: Iterable[Mapping[str, Any]],
+    memory: BoundMemory | None = None,
+) -> Holding:
     """`claim` given to the pod the rule picks from `reserved`. `pods` are the objects of the reserving pods that
     could be read (a pod that is gone has no container to check): a pod whose CPU limit would CFS-throttle a
-    container below the claim's CPUs cannot hold it."""
+    container below the claim's CPUs cannot hold it, nor one with a container whose memory may outgrow `memory`,
+    what a strict claim binds it to (core/memory_limit.bound_memory; None: the claim's binding is preferred)."""
     unfit = {}
-    if claim.cpus:
-        for pod in pods:
-            problems = throttled(pod, claim.ref.name, len(claim.cpus))
-            if problems:
-                unfit[str(pod.get("metadata", {}).get("uid"))] = "; ".join(problems)
+    for pod in pods:
+        problems = throttled(pod, claim.ref.name, len(claim.cpus)) if claim.cpus else []
+        if memory is not None:
+            problems += unbounded(pod, claim.ref.name, memory)
+        if problems:
+            unfit[str(pod.get("metadata", {}).get("uid"))] = "; ".join(problems)
     return Holding(replace(claim, pod_uids=holder(claim.pod_uids, reserved, unfit)), unfit)
 
 
@@ -75,7 +84,7 @@ def not_held(claim: ClaimRef, holders: Sequence[str], container: str, pod: str, 
     if not holders:
         return (
             f"claim {claim} is held by no pod; {who} can use it once its pod holds it ({ONE_POD_AT_A_TIME}: the "
-            "first pod its reservedFor lists whose CPU limits allow the claim's CPUs)"
+            "first pod its reservedFor lists whose limits fit the claim)"
         )
     return (
         f"claim {claim} is held by pod {', '.join(holders)}; {who} can use it once that pod has ended "

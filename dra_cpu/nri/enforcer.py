@@ -15,13 +15,16 @@ while its CRI `disable_hugetlb_controller` is true (its default). So once the co
 claim's bytes itself, writing only what differs.
 
 Memory policy: runtimes whose NRI is 0.12 or newer (ConfigureRequest.NRI_version) take a LinuxMemoryPolicy
-adjustment; a claimed container gets MPOL_BIND to its claim's NUMA nodes there. Older runtimes would ignore the
-field; the enforcer says so once and relies on cpuset.mems, which binds the same nodes.
+adjustment; a claimed container gets its pin's policy there: MPOL_BIND to a strict claim's nodes, a preference for
+the claim's nodes otherwise (core/memory.py). Older runtimes would ignore the field; the enforcer says so once and
+relies on cpuset.mems, which binds a strict claim's nodes as well, and on the kernel's local allocation, which
+prefers the nodes of the container's pinned CPUs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -47,11 +50,14 @@ LOG = logging.getLogger("dra_cpu.nri")
 DEFAULT_SOCKET = Path("/var/run/nri/nri.sock")
 MEMORY_POLICY_NRI = (0, 12)
 """The first NRI version whose runtimes apply a LinuxMemoryPolicy adjustment."""
+PREFERRED_MANY_KERNEL = (5, 15)
+"""The first Linux that knows MPOL_PREFERRED_MANY; an older one refuses it, and with it the container."""
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)")
 
 
-def nri_version(text: str) -> tuple[int, int] | None:
-    """(major, minor) of an NRI version such as "v0.12.1"; None when the runtime did not send one."""
+def major_minor(text: str) -> tuple[int, int] | None:
+    """(major, minor) of a version such as NRI's "v0.12.1" or a kernel's "6.1.0-18-amd64"; None when there is none
+    (a runtime that did not send its NRI version)."""
     match = _VERSION.match(text)
     return (int(match.group(1)), int(match.group(2))) if match else None
 
@@ -110,6 +116,8 @@ class NriEnforcer:
         self._synchronized_once = False
         self.memory_policy = False
         """Whether the connected runtime applies memory policy adjustments (NRI 0.12+)."""
+        self.preferred_many = (major_minor(os.uname().release) or (0, 0)) >= PREFERRED_MANY_KERNEL
+        """Whether this node's kernel (the one the runtime's containers run on) knows MPOL_PREFERRED_MANY."""
         self._said_no_memory_policy = False
         self._hugetlb = HugetlbWriter(config.cgroup_root) if config.cgroup_root is not None else None
         self.waiting: Callable[[str, str], str] | None = None
@@ -157,13 +165,13 @@ class NriEnforcer:
     # --- the runtime's calls (stub.Handler; on the transport's reader thread) ------------------------------
 
     def configured(self, request: api.ConfigureRequest) -> None:
-        version = nri_version(request.NRI_version)
+        version = major_minor(request.NRI_version)
         self.memory_policy = version is not None and version >= MEMORY_POLICY_NRI
         if not self.memory_policy and not self._said_no_memory_policy:
             self._said_no_memory_policy = True
             LOG.warning(
-                "the runtime's NRI cannot set a memory policy (it needs NRI 0.12): claimed containers' memory is "
-                "bound by cpuset.mems only",
+                "the runtime's NRI cannot set a memory policy (it needs NRI 0.12): strict claims' memory is bound "
+                "by cpuset.mems only, the others' placed by the kernel's local allocation",
                 extra={
                     "runtime": request.runtime_name,
                     "runtimeVersion": request.runtime_version,
@@ -214,7 +222,7 @@ class NriEnforcer:
             self.containers.track(info)
             self.containers.set_applied(info.id, decision.pin)
             self._report(info, decision, "create")
-        return messages.adjustment(decision.pin, self.memory_policy)
+        return messages.adjustment(decision.pin, self.memory_policy, self.preferred_many)
 
     def start_container(self, pod: api.PodSandbox, container: api.Container) -> None:
         with self._lock:

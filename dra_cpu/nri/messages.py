@@ -3,19 +3,30 @@ what the plugin keeps of a container the runtime describes."""
 
 from __future__ import annotations
 
-from dra_cpu.core.entitlement import ContainerInfo, Pin, container_info
+from dra_cpu.core.entitlement import ContainerInfo, MemoryPolicy, Pin, container_info
+from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
 
-MEMORY_POLICY_MODE = api.MPOL_BIND
 
-
-def adjustment(pin: Pin, memory_policy: bool) -> api.ContainerAdjustment:
-    """`memory_policy`: the runtime applies a LinuxMemoryPolicy (NRI 0.12+); a claimed container then gets
-    MPOL_BIND to its claim's NUMA nodes."""
+def adjustment(pin: Pin, memory_policy: bool, preferred_many: bool = True) -> api.ContainerAdjustment:
+    """`memory_policy`: the runtime applies a LinuxMemoryPolicy (NRI 0.12+); a claimed container then gets its
+    pin's policy. `preferred_many`: the kernel knows MPOL_PREFERRED_MANY (Linux 5.15+); without it a preference for
+    several nodes is left to the kernel's local allocation, which the container's pinned CPUs make the same."""
     linux = api.LinuxContainerAdjustment(resources=_resources(pin))
-    if memory_policy and pin.claims and pin.mems:
-        linux.memory_policy.CopyFrom(api.LinuxMemoryPolicy(mode=MEMORY_POLICY_MODE, nodes=str(pin.mems)))
+    mode = _mode(pin.memory_policy, preferred_many) if memory_policy else None
+    if pin.memory_policy is not None and mode is not None:
+        linux.memory_policy.CopyFrom(api.LinuxMemoryPolicy(mode=mode, nodes=str(pin.memory_policy.nodes)))
     return api.ContainerAdjustment(linux=linux)
+
+
+def _mode(policy: MemoryPolicy | None, preferred_many: bool) -> api.MpolMode.ValueType | None:
+    if policy is None or not policy.nodes:
+        return None
+    if policy.binding is MemoryBinding.STRICT:
+        return api.MPOL_BIND
+    if len(policy.nodes) == 1:
+        return api.MPOL_PREFERRED
+    return api.MPOL_PREFERRED_MANY if preferred_many else None
 
 
 def update(container_id: str, pin: Pin) -> api.ContainerUpdate:

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from dra_cpu.core.ledger import Ledger, PreparedClaim, Unrestorable
 from dra_cpu.errors import DraCpuError
-from dra_cpu.store import checkpoint_v1, checkpoint_v2
+from dra_cpu.store import checkpoint_v1, checkpoint_v2, checkpoint_v3
 from dra_cpu.store.fileio import EXCHANGE_UNSUPPORTED, exchange, fsync_dir, write_atomic, write_in_place
 from dra_cpu.store.leftovers import remove_temp_files
 
@@ -57,9 +57,9 @@ class _Reader(Protocol):
     def unrestorable(self, record: Mapping[str, Any]) -> Unrestorable: ...
 
 
-READERS: Mapping[int, _Reader] = {m.VERSION: m for m in (checkpoint_v1, checkpoint_v2)}
+READERS: Mapping[int, _Reader] = {m.VERSION: m for m in (checkpoint_v1, checkpoint_v2, checkpoint_v3)}
 """Every version ever written, by number."""
-WRITER = checkpoint_v2
+WRITER = checkpoint_v3
 VERSION = WRITER.VERSION
 """The version every save writes."""
 

@@ -1,5 +1,7 @@
-"""`dra-cpu status`: per node and NUMA node, the CPUs and hugepages the driver publishes, what allocated claims
-hold of them (their consumedCapacity) and which claims those are. The view before placing a big NUMA-bound workload.
+"""`dra-cpu status`: per node and NUMA node, the CPUs, memory and hugepages the driver publishes, what allocated
+claims hold of them (their consumedCapacity) and which claims those are. The view before placing a big NUMA-bound
+workload. Totals are what the slices publish (the daemon's own count: core/memory.allocatable_memory for memory),
+held amounts are counted as the scheduler counts them (explain/model.held_amount).
 
 Pure: ResourceSlices + ResourceClaims in, a report out (cli/status.py reads them from the API server).
 """
@@ -25,6 +27,9 @@ class Amount:
         return self.total - self.allocated
 
 
+_NONE = Amount(Fraction(0), Fraction(0))
+
+
 @dataclass(frozen=True)
 class Holding:
     claim: str
@@ -43,6 +48,8 @@ class NumaStatus:
     claims: tuple[Holding, ...]
     # numa -1: a socket or machine device over several NUMA nodes, these ("0-1"); "" when unknown.
     numa_nodes: str = ""
+    # Bytes of the node's memory device.
+    memory: Amount = _NONE
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,14 +58,8 @@ class NumaStatus:
             **({"numaNodes": self.numa_nodes} if self.numa_nodes else {}),
             "cpus": _cpus(self.cpus),
             "isolatedCpus": _cpus(self.isolated),
-            "hugepages": {
-                size: {
-                    "total": format_bytes(int(a.total)),
-                    "allocated": format_bytes(int(a.allocated)),
-                    "free": format_bytes(int(a.free)),
-                }
-                for size, a in self.hugepages
-            },
+            "memory": _bytes(self.memory),
+            "hugepages": {size: _bytes(a) for size, a in self.hugepages},
             "claims": [{"claim": h.claim, "device": h.device, "holds": h.what} for h in self.claims],
         }
 
@@ -67,7 +68,11 @@ def _cpus(amount: Amount) -> dict[str, int]:
     return {"total": int(amount.total), "allocated": int(amount.allocated), "free": int(amount.free)}
 
 
-_NONE = Amount(Fraction(0), Fraction(0))
+def _bytes(amount: Amount) -> dict[str, str]:
+    return {
+        k: format_bytes(int(v))
+        for k, v in (("total", amount.total), ("allocated", amount.allocated), ("free", amount.free))
+    }
 
 
 @dataclass
@@ -75,6 +80,7 @@ class _Tally:
     cpus: Amount = _NONE
     isolated: Amount = _NONE
     hugepages: dict[str, Amount] = field(default_factory=dict)
+    memory: Amount = _NONE
     claims: list[Holding] = field(default_factory=list)
 
 
@@ -113,20 +119,23 @@ def cluster_status(
             else:
                 tally.cpus = _add(tally.cpus, total, taken)
             unit = "CPU(s)"
-        elif kind == "hugepages" and f"{driver}/memory" in device.capacity:
+        elif kind in ("hugepages", "memory") and f"{driver}/memory" in device.capacity:
             key = f"{driver}/memory"
-            size = str(device.attributes.get(f"{driver}/pageSize", "?"))
-            total = device.capacity[key].value
-            previous = tally.hugepages.get(size, _NONE)
-            tally.hugepages[size] = _add(previous, total, held_amount(device, held, key))
-            unit = f"of {size} hugepages"
+            total, taken = device.capacity[key].value, held_amount(device, held, key)
+            if kind == "memory":
+                tally.memory = _add(tally.memory, total, taken)
+                unit = "of memory"
+            else:
+                size = str(device.attributes.get(f"{driver}/pageSize", "?"))
+                tally.hugepages[size] = _add(tally.hugepages.get(size, _NONE), total, taken)
+                unit = f"of {size} hugepages"
         else:
             continue
         for claim in held.holders:
             what = number(held_amount(device, held, key, claim)) if key in device.capacity else "1"
             tally.claims.append(Holding(claim, device.name, f"{what} {unit}"))
     return tuple(
-        NumaStatus(node, numa, t.cpus, t.isolated, tuple(sorted(t.hugepages.items())), tuple(t.claims), span)
+        NumaStatus(node, numa, t.cpus, t.isolated, tuple(sorted(t.hugepages.items())), tuple(t.claims), span, t.memory)
         for (node, numa, span), t in sorted(tallies.items())
     )
 
@@ -138,6 +147,7 @@ _COLUMNS = (
     ("ALLOC", ">5"),
     ("FREE", ">5"),
     ("ISOLATED(A/T)", ">13"),
+    ("MEMORY(A/T)", ">15"),
     ("HUGEPAGES(A/T)", "<24"),
     ("CLAIMS", ""),
 )
@@ -147,13 +157,15 @@ def _line(cells: Iterable[object]) -> str:
     return " ".join(f"{cell!s:{fmt}}" for cell, (_, fmt) in zip(cells, _COLUMNS, strict=True)).rstrip()
 
 
+def _of(amount: Amount) -> str:
+    """allocated/total in bytes."""
+    return f"{format_bytes(int(amount.allocated)) if amount.allocated else '0'}/{format_bytes(int(amount.total))}"
+
+
 def render_table(rows: tuple[NumaStatus, ...]) -> str:
     lines = [_line(name for name, _ in _COLUMNS)]
     for row in rows:
-        pages = ", ".join(
-            f"{size} {format_bytes(int(a.allocated)) if a.allocated else '0'}/{format_bytes(int(a.total))}"
-            for size, a in row.hugepages
-        )
+        pages = ", ".join(f"{size} {_of(a)}" for size, a in row.hugepages)
         cpus = _cpus(row.cpus)
         lines.append(
             _line(
@@ -164,6 +176,7 @@ def render_table(rows: tuple[NumaStatus, ...]) -> str:
                     cpus["allocated"],
                     cpus["free"],
                     f"{int(row.isolated.allocated)}/{int(row.isolated.total)}",
+                    _of(row.memory) if row.memory.total else "-",
                     pages or "-",
                     ", ".join(f"{h.claim} ({h.what})" for h in row.claims) or "-",
                 )

@@ -8,6 +8,7 @@ from dra_cpu.core.allocator import AllocationPolicy
 from dra_cpu.core.claims import (
     ClaimError,
     ClaimRef,
+    CPUConfig,
     allocated_claim_object,
     allocation_result,
     parse_claim,
@@ -17,6 +18,7 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import DeviceConfig, GroupBy
 from dra_cpu.core.grant import grant
 from dra_cpu.core.ledger import Ledger
+from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.node.sysfs import read_topology
 from tests.harness.paths import SYSFS
@@ -30,15 +32,29 @@ def params(**fields: object) -> dict[str, object]:
 
 
 def test_distribute_across_numa_is_a_cpu_config_key() -> None:
-    policy = parse_cpu_config(params(distributeAcrossNUMA=True, wholeCores=True), "p", AllocationPolicy(), REF)
-    assert policy == AllocationPolicy(whole_cores=True, distribute_across_numa=True)
+    config = parse_cpu_config(params(distributeAcrossNUMA=True, wholeCores=True), "p", CPUConfig(), REF)
+    assert config == CPUConfig(AllocationPolicy(whole_cores=True, distribute_across_numa=True))
     # Every other key combines with it: each NUMA node's share is placed under the rest of the policy.
-    both = parse_cpu_config(params(distributeAcrossNUMA=True, alignL3=True), "p", AllocationPolicy(), REF)
+    both = parse_cpu_config(params(distributeAcrossNUMA=True, alignL3=True), "p", CPUConfig(), REF).policy
     assert both.align_l3 and both.distribute_across_numa
     with pytest.raises(ClaimError, match=r"p.distributeAcrossNUMA must be true or false, not 'yes'"):
-        parse_cpu_config(params(distributeAcrossNUMA="yes"), "p", AllocationPolicy(), REF)
-    with pytest.raises(ClaimError, match=r"known: alignL3, distributeAcrossNUMA, spread, wholeCores"):
-        parse_cpu_config(params(distributeCPUs=True), "p", AllocationPolicy(), REF)
+        parse_cpu_config(params(distributeAcrossNUMA="yes"), "p", CPUConfig(), REF)
+    with pytest.raises(ClaimError, match=r"known: alignL3, distributeAcrossNUMA, memoryBinding, spread, wholeCores"):
+        parse_cpu_config(params(distributeCPUs=True), "p", CPUConfig(), REF)
+
+
+def test_memory_binding_is_a_cpu_config_key() -> None:
+    strict = parse_cpu_config(params(memoryBinding="strict", wholeCores=True), "p", CPUConfig(), REF)
+    assert strict == CPUConfig(AllocationPolicy(whole_cores=True), MemoryBinding.STRICT)
+    # The claim's own config overrides the class's, key by key.
+    assert parse_cpu_config(params(spread=True), "p", strict, REF).memory_binding is MemoryBinding.STRICT
+    assert parse_cpu_config(params(memoryBinding="preferred"), "p", strict, REF).memory_binding is (
+        MemoryBinding.PREFERRED
+    )
+    with pytest.raises(ClaimError, match=r"p.memoryBinding must be 'strict' or 'preferred', not 'hard'"):
+        parse_cpu_config(params(memoryBinding="hard"), "p", CPUConfig(), REF)
+    with pytest.raises(ClaimError, match=r"p.memoryBinding must be 'strict' or 'preferred', not True"):
+        parse_cpu_config(params(memoryBinding=True), "p", CPUConfig(), REF)
 
 
 def _decide(state: Ledger, device: str, cpus: int, uid: str, **config: object) -> tuple[Ledger, CPUSet]:

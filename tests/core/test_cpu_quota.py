@@ -2,47 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from dra_cpu.core.cpu_quota import ThrottledClaim, throttled
+from dra_cpu.core.cpu_quota import throttled
+from dra_cpu.core.pod_limits import PodLimitsError
+from tests.core.pods import Pods
 
 CLAIM = "web-cpus"
-
-
-def container(name: str = "app", limit: str | None = None, claims: tuple[str, ...] = ("cpus",)) -> dict[str, Any]:
-    resources: dict[str, Any] = {"claims": [{"name": c} for c in claims]}
-    if limit is not None:
-        resources["limits"] = {"cpu": limit}
-    return {"name": name, "image": "busybox", "resources": resources}
-
-
-def pod(
-    *containers: dict[str, Any],
-    claim: dict[str, str] | None = None,
-    pod_limit: str | None = None,
-    status: dict[str, Any] | None = None,
-    init: tuple[dict[str, Any], ...] = (),
-) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "resourceClaims": [{"name": "cpus", **(claim or {"resourceClaimName": CLAIM})}],
-        "containers": list(containers),
-    }
-    if init:
-        spec["initContainers"] = list(init)
-    if pod_limit is not None:
-        spec["resources"] = {"limits": {"cpu": pod_limit}}
-    return {"metadata": {"namespace": "ns", "name": "web"}, "spec": spec, "status": status or {}}
-
-
-def mapped(cpus: str, *containers: str) -> dict[str, Any]:
-    """pod.status as the 1.37 scheduler leaves it for a claim with a node-allocatable-mapped device."""
-    return {
-        "nodeAllocatableResourceClaimStatuses": [
-            {"resourceClaimName": CLAIM, "containers": list(containers), "mapping": [{"name": "cpu", "quantity": cpus}]}
-        ]
-    }
+PODS = Pods("cpu", "web", CLAIM, "cpus")
+container, pod, mapped = PODS.container, PODS.pod, PODS.mapped
 
 
 @pytest.mark.parametrize("limit", [None, "4", "4000m", "5.5"])
@@ -104,7 +72,7 @@ def test_a_container_limit_wins_over_the_pod_level_limit() -> None:
 
 
 def test_a_malformed_limit_names_the_field() -> None:
-    with pytest.raises(ThrottledClaim, match=r"pod ns/web: spec.containers\[0\].resources.limits.cpu must be a"):
+    with pytest.raises(PodLimitsError, match=r"pod ns/web: spec.containers\[0\].resources.limits.cpu must be a"):
         throttled(pod(container(limit="lots")), CLAIM, 2)
 
 
@@ -129,5 +97,5 @@ def test_the_containers_of_an_extended_resource_claim_come_from_the_pod_status()
 
 def test_a_malformed_extended_resource_status_names_the_field() -> None:
     status = {"extendedResourceClaimStatus": {"resourceClaimName": "x", "requestMappings": "app"}}
-    with pytest.raises(ThrottledClaim, match=r"status\.extendedResourceClaimStatus\.requestMappings must be a list"):
+    with pytest.raises(PodLimitsError, match=r"status\.extendedResourceClaimStatus\.requestMappings must be a list"):
         throttled(pod(container(claims=()), status=status), "x", 1)

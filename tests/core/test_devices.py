@@ -144,8 +144,8 @@ def test_list_attributes_cut_slices_to_64_devices(tmp_path: Path) -> None:
     write_tree(tmp_path, cpus, nodes)
     write_pcie_root(tmp_path, "pci0000:00", {"0000:00:00.0": 0})
     topology = read_topology(tmp_path, pcie_roots=True)
-    # 99 devices: CPU 0 stays shared (minSharedCpus 1).
-    for pcie, sizes in ((False, [99]), (True, [64, 35])):
+    # 99 CPU devices (CPU 0 stays shared: minSharedCpus 1) and the node's memory.
+    for pcie, sizes in ((False, [100]), (True, [64, 36])):
         config = DeviceConfig(node_name="n", device_mode=DeviceMode.INDIVIDUAL, pcie_roots=pcie)
         slices = build_slices(build_devices(topology, config), config)
         assert [len(s["spec"]["devices"]) for s in slices] == sizes
@@ -155,7 +155,14 @@ def test_list_attributes_cut_slices_to_64_devices(tmp_path: Path) -> None:
 
 def test_grouped_dual_socket(capsys: pytest.CaptureFixture[str]) -> None:
     devices = _devices(_slices(FIXTURES / "dual-socket-smt2", capsys=capsys))
-    assert sorted(devices) == ["cpu-numa0", "cpu-numa1", "hugepages-2mi-numa0", "hugepages-2mi-numa1"]
+    assert sorted(devices) == [
+        "cpu-numa0",
+        "cpu-numa1",
+        "hugepages-2mi-numa0",
+        "hugepages-2mi-numa1",
+        "memory-numa0",
+        "memory-numa1",
+    ]
     cpu0 = devices["cpu-numa0"]
     assert cpu0["allowMultipleAllocations"] is True
     # 7 of node 0's 8 CPUs: CPU 0 is held back so that containers without claims keep one (minSharedCpus 1).
@@ -234,7 +241,8 @@ def test_memory_only_node_gets_hugepages_but_no_cpus(tmp_path: Path) -> None:
     ]
     write_tree(tmp_path, cpus, nodes)
     devices = {d.name: d for d in build_devices(read_topology(tmp_path), DeviceConfig(node_name="n"))}
-    assert sorted(devices) == ["cpu-numa0", "hugepages-1gi-numa1"]
+    # Node 1's memory is all in its two 1 GiB pages: no memory device.
+    assert sorted(devices) == ["cpu-numa0", "hugepages-1gi-numa1", "memory-numa0"]
     huge = devices["hugepages-1gi-numa1"].to_api()
     assert huge["attributes"]["dra.cpu/memoryOnly"] == {"bool": True}
     assert huge["capacity"]["dra.cpu/memory"]["value"] == "2Gi"
@@ -244,7 +252,8 @@ def test_individual_mode_names_are_cpu_ids(capsys: pytest.CaptureFixture[str]) -
     devices = _devices(
         _slices(FIXTURES / "big-8numa", "--device-mode", "individual", "--reserved-cpus", "0-3", capsys=capsys)
     )
-    assert len(devices) == 60 and "cpu-3" not in devices
+    assert len([d for d in devices if d.startswith("cpu-")]) == 60 and "cpu-3" not in devices
+    assert [d for d in devices if not d.startswith("cpu-")] == [f"memory-numa{n}" for n in range(8)]
     cpu9 = devices["cpu-9"]
     assert "capacity" not in cpu9 and "allowMultipleAllocations" not in cpu9
     assert cpu9["attributes"]["dra.cpu/cpuID"] == {"int": 9}
@@ -258,7 +267,8 @@ def test_many_devices_spread_over_slices(tmp_path: Path) -> None:
     write_tree(tmp_path, cpus, nodes)
     config = DeviceConfig(node_name="big", device_mode=DeviceMode.INDIVIDUAL)
     slices = build_slices(build_devices(read_topology(tmp_path), config), config, generation=3)
-    assert [len(s["spec"]["devices"]) for s in slices] == [128, 128, 63]  # CPU 0 stays shared
+    # 319 CPUs (CPU 0 stays shared) and each NUMA node's memory.
+    assert [len(s["spec"]["devices"]) for s in slices] == [128, 128, 67]
     assert {s["spec"]["pool"]["resourceSliceCount"] for s in slices} == {3}
     assert {s["spec"]["pool"]["generation"] for s in slices} == {3}
     assert len({s["metadata"]["name"] for s in slices}) == 3
@@ -317,7 +327,8 @@ def test_invalid_node_name() -> None:
 
 def test_node_allocatable_mappings(capsys: pytest.CaptureFixture[str]) -> None:
     """KEP-5517: grouped CPU devices map consumed dra.cpu/cpu 1:1 to cpu, hugepage devices their bytes to
-    hugepages-<size>, individual CPU devices one cpu each; nothing is published unless asked."""
+    hugepages-<size>, memory devices theirs to memory, individual CPU devices one cpu each; nothing is published
+    unless asked."""
     root = FIXTURES / "dual-socket-smt2"
     assert not any("nodeAllocatableResources" in d for d in _devices(_slices(root, capsys=capsys)).values())
     devices = _devices(_slices(root, "--publish-node-allocatable-resources", capsys=capsys))
@@ -327,6 +338,11 @@ def test_node_allocatable_mappings(capsys: pytest.CaptureFixture[str]) -> None:
     assert devices["hugepages-2mi-numa0"]["nodeAllocatableResources"] == {
         "hugepages-2Mi": {"mapping": {"capacityKey": "dra.cpu/memory", "capacityMultiplier": "1"}}
     }
+    # The scheduler charges a claim's memory against the Node's allocatable memory: pods need not repeat it.
+    for node in (0, 1):
+        assert devices[f"memory-numa{node}"]["nodeAllocatableResources"] == {
+            "memory": {"mapping": {"capacityKey": "dra.cpu/memory", "capacityMultiplier": "1"}}
+        }
     individual = _devices(
         _slices(root, "--device-mode", "individual", "--publish-node-allocatable-resources", capsys=capsys)
     )
@@ -351,7 +367,9 @@ def test_group_by_socket(capsys: pytest.CaptureFixture[str]) -> None:
     """big-8numa: 4 sockets of 2 NUMA nodes each. A socket device spans two NUMA nodes, so it carries no NUMA
     attribute (one int cannot say 0 and 1) but says which nodes it covers."""
     devices = _devices(_slices(FIXTURES / "big-8numa", "--group-by", "socket", "--reserved-cpus", "0-1", capsys=capsys))
-    assert sorted(devices) == ["cpu-socket0", "cpu-socket1", "cpu-socket2", "cpu-socket3"]
+    assert sorted(devices) == ["cpu-socket0", "cpu-socket1", "cpu-socket2", "cpu-socket3"] + [
+        f"memory-numa{n}" for n in range(8)
+    ]
     socket0 = devices["cpu-socket0"]
     assert socket0["capacity"]["dra.cpu/cpu"]["value"] == "14"
     assert socket0["allowMultipleAllocations"] is True
@@ -370,7 +388,14 @@ def test_group_by_socket_with_one_numa_node_keeps_the_numa_attributes(capsys: py
     """A socket that is one NUMA node: claims that select resource.kubernetes.io/numaNode or dra.cpu/numaNodeID
     (written for upstream's NUMA devices) still match."""
     devices = _devices(_slices(FIXTURES / "dual-socket-smt2", "--group-by", "socket", capsys=capsys))
-    assert sorted(devices) == ["cpu-socket0", "cpu-socket1", "hugepages-2mi-numa0", "hugepages-2mi-numa1"]
+    assert sorted(devices) == [
+        "cpu-socket0",
+        "cpu-socket1",
+        "hugepages-2mi-numa0",
+        "hugepages-2mi-numa1",
+        "memory-numa0",
+        "memory-numa1",
+    ]
     attrs = devices["cpu-socket1"]["attributes"]
     assert attrs["resource.kubernetes.io/numaNode"] == {"int": 1}
     assert attrs["dra.cpu/numaNodeID"] == {"int": 1}
@@ -389,7 +414,7 @@ def test_group_by_machine(tmp_path: Path) -> None:
     topo = read_topology(tmp_path)
     config = DeviceConfig(node_name="n", group_by=GroupBy.MACHINE, reserved_cpus=CPUSet.parse("0"), whole_cores=True)
     devices = {d.name: d for d in build_devices(topo, config)}
-    assert sorted(devices) == ["cpu-isolated-machine", "cpu-machine"]
+    assert sorted(devices) == ["cpu-isolated-machine", "cpu-machine", "memory-numa0", "memory-numa1"]
     machine = devices["cpu-machine"]
     assert str(machine.cpus) == "1-6,9-14", "core 0 (CPUs 0 and 8) is cut by the reservation: whole cores drop it"
     assert str(machine.numa_nodes) == "0-1"
@@ -415,8 +440,9 @@ def test_group_by_numanode_is_the_default_and_unchanged(capsys: pytest.CaptureFi
 
 def test_a_numa_node_device_carries_each_fact_once(capsys: pytest.CaptureFixture[str]) -> None:
     """The default shape (one device per NUMA node) of the 64-CPU, 8-NUMA capture: the upstream driver's attributes
-    (for its claims), `type` (for the DeviceClasses), and nothing that another attribute or the node already says;
-    the node's slices stay within 3.5 KB of JSON (docs/scale.md)."""
+    (for its claims), `type` (for the DeviceClasses), and nothing that another attribute or the node already says.
+    Without memory devices the node's slices stay within 3.5 KB of JSON; each memory device adds at most 340 bytes
+    (docs/scale.md)."""
     slices = _slices(FIXTURES / "big-8numa", capsys=capsys)
     device = _devices(slices)["cpu-numa3"]
     assert device["attributes"] == {
@@ -428,7 +454,12 @@ def test_a_numa_node_device_carries_each_fact_once(capsys: pytest.CaptureFixture
         "dra.cpu/numCPUs": {"int": 8},
         "dra.cpu/smtEnabled": {"bool": True},
     }
-    assert len(json.dumps(slices, separators=(",", ":"))) <= 3500
+    lean = _slices(FIXTURES / "big-8numa", "--no-publish-memory", capsys=capsys)
+    assert not [name for name in _devices(lean) if name.startswith("memory-")]
+    assert len(json.dumps(lean, separators=(",", ":"))) <= 3500
+    memory = [device for name, device in _devices(slices).items() if name.startswith("memory-")]
+    assert len(memory) == 8
+    assert (len(json.dumps(slices, separators=(",", ":"))) - len(json.dumps(lean, separators=(",", ":")))) <= 8 * 340
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -485,3 +516,80 @@ def test_slices_reads_the_daemons_config_file(tmp_path: Path, capsys: pytest.Cap
         _slices(FIXTURES / "dual-socket-smt2", "--config", str(config), "--device-mode", "grouped", capsys=capsys)
     )
     assert {"cpu-numa0", "cpu-numa1"} <= set(grouped), set(grouped)
+
+
+def test_memory_per_numa_node_is_a_device_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    """dual-socket-smt2: node 0 has MemTotal 467628 kB (456.7 MiB) and 128 MiB of 2 MiB pages, node 1 513752 kB
+    and 64 MiB. Each node's memory device publishes the rest less the default 5 % reservation, in whole MiB; the
+    standard NUMA attribute ties it to the node's CPUs and pages."""
+    devices = _devices(_slices(FIXTURES / "dual-socket-smt2", capsys=capsys))
+    memory = devices["memory-numa0"]
+    assert memory["allowMultipleAllocations"] is True
+    assert memory["capacity"] == {
+        "dra.cpu/memory": {
+            "value": "305Mi",
+            "requestPolicy": {"default": "1Mi", "validRange": {"min": "1Mi", "step": "1Mi"}},
+        }
+    }
+    assert memory["attributes"] == {
+        "dra.cpu/type": {"string": "memory"},
+        "resource.kubernetes.io/numaNode": {"int": 0},
+        "dra.cpu/numaNodeID": {"int": 0},
+        "dra.net/numaNode": {"int": 0},
+    }
+    assert devices["memory-numa1"]["capacity"]["dra.cpu/memory"]["value"] == "412Mi"
+    # The CPU devices are as they were: no memory capacity, so claims written for the upstream driver are unchanged.
+    assert set(devices["cpu-numa0"]["capacity"]) == {"dra.cpu/cpu"}
+
+
+@pytest.mark.parametrize(
+    ("reserved", "values"),
+    [
+        ("0", ["328Mi", "437Mi"]),
+        ("", ["328Mi", "437Mi"]),
+        ("100Mi", ["228Mi", "337Mi"]),
+        ("0:100Mi", ["228Mi", "437Mi"]),
+        ("50%,1:10Mi", ["100Mi", "427Mi"]),
+        ("1:100%", ["328Mi"]),
+    ],
+)
+def test_reserved_memory_per_numa_node(reserved: str, values: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A quantity or a share of the node's MemTotal, for every node or `<node>:` one; a node named nowhere keeps
+    nothing back (as the kubelet's --reserved-memory); a node with nothing left publishes no memory device."""
+    devices = _devices(_slices(FIXTURES / "dual-socket-smt2", f"--reserved-memory={reserved}", capsys=capsys))
+    memory = [d["capacity"]["dra.cpu/memory"]["value"] for name, d in sorted(devices.items()) if "memory" in name]
+    assert memory == values
+
+
+@pytest.mark.parametrize(
+    ("reserved", "message"),
+    [
+        ("lots", "reservedMemory 'lots': 'lots' is neither a quantity nor a percentage"),
+        ("1Gi,2Gi", "reservedMemory '1Gi,2Gi': two amounts for every node"),
+        ("0:1Gi,0:2Gi", "reservedMemory '0:1Gi,0:2Gi': NUMA node 0 named twice"),
+        ("101%", "reservedMemory '101%': '101%' reserves more than the whole node"),
+        ("-1Mi", "reservedMemory '-1Mi': '-1Mi' must be a whole number of bytes, at least 0"),
+        ("0.5", "reservedMemory '0.5': '0.5' must be a whole number of bytes, at least 0"),
+    ],
+)
+def test_bad_reserved_memory_is_one_clear_line(reserved: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    root = FIXTURES / "dual-socket-smt2"
+    assert main(["slices", "--sysfs-root", str(root), "--node-name", "node-a", f"--reserved-memory={reserved}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_memory_of_a_memory_only_node(capsys: pytest.CaptureFixture[str]) -> None:
+    """CXL memory without CPUs: a memory device that says so, as its hugepage devices do."""
+    devices = _devices(_slices(FIXTURES / "cxl-memoryless", capsys=capsys))
+    only = [name for name, d in devices.items() if "dra.cpu/memoryOnly" in d["attributes"]]
+    assert [n for n in only if n.startswith("memory-")], only
+    for name in only:
+        assert devices[name]["attributes"]["dra.cpu/memoryOnly"] == {"bool": True}
+
+
+def test_memory_maps_to_node_allocatable_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    devices = _devices(_slices(FIXTURES / "dual-socket-smt2", "--publish-node-allocatable-resources", capsys=capsys))
+    assert devices["memory-numa1"]["nodeAllocatableResources"] == {
+        "memory": {"mapping": {"capacityKey": "dra.cpu/memory", "capacityMultiplier": "1"}}
+    }

@@ -1,4 +1,4 @@
-"""The pure decision: which cpus, mems and hugepage limits a container gets."""
+"""The pure decision: which cpus, mems, memory policy and hugepage limits a container gets."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 from dra_cpu.core import entitlement
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.entitlement import ContainerInfo, NoSharedCpus, Pin
-from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim, PreparedDevice
+from dra_cpu.core.entitlement import ContainerInfo, MemoryPolicy, NoSharedCpus, Pin
+from dra_cpu.core.ledger import HugePageGrant, Ledger, MemoryGrant, PreparedClaim, PreparedDevice
+from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.core.sharing import not_held
 from dra_cpu.node.sysfs import read_topology
 from tests.harness.paths import SYSFS
@@ -19,11 +20,19 @@ TOPOLOGY = read_topology(SYSFS / "dual-socket-smt2")
 POD = "pod-uid-1"
 
 
-def claim(uid: str, cpus: str, pods: tuple[str, ...] = (POD,), hugepages: HugePageGrant | None = None) -> PreparedClaim:
+def claim(
+    uid: str,
+    cpus: str,
+    pods: tuple[str, ...] = (POD,),
+    hugepages: HugePageGrant | None = None,
+    memory: tuple[MemoryGrant, ...] = (),
+    binding: MemoryBinding | None = None,
+) -> PreparedClaim:
     devices = [PreparedDevice(("cpus",), "node", "cpu-numa0", cpus=CPUSet.parse(cpus))]
     if hugepages is not None:
-        devices.append(PreparedDevice(("mem",), "node", "hugepages-2Mi-numa1", hugepages=hugepages))
-    return PreparedClaim(ClaimRef("ns", f"c-{uid}", uid), tuple(devices), pods)
+        devices.append(PreparedDevice(("pages",), "node", "hugepages-2Mi-numa1", hugepages=hugepages))
+    devices += [PreparedDevice(("mem",), "node", f"memory-numa{m.numa_node}", memory=m) for m in memory]
+    return PreparedClaim(ClaimRef("ns", f"c-{uid}", uid), tuple(devices), pods).with_binding(binding)
 
 
 def container(env: list[str], pod_uid: str = POD) -> ContainerInfo:
@@ -34,10 +43,48 @@ STATE = Ledger({"a": claim("a", "2-3"), "b": claim("b", "8-9", pods=("other-pod"
 POOLS = entitlement.pools(STATE, TOPOLOGY)
 
 
-def test_claimed_container_gets_the_claims_cpus_and_numa_nodes() -> None:
+def prefer(nodes: str) -> MemoryPolicy:
+    return MemoryPolicy(MemoryBinding.PREFERRED, CPUSet.parse(nodes))
+
+
+def bind(nodes: str) -> MemoryPolicy:
+    return MemoryPolicy(MemoryBinding.STRICT, CPUSet.parse(nodes))
+
+
+def test_claimed_container_gets_the_claims_cpus_and_prefers_their_numa_nodes() -> None:
+    """A claim without memory is no OOM trap: every memory node stays allowed, the claim's CPUs' node preferred."""
     decision = entitlement.pin_for(container(["PATH=/bin", "DRA_CPUSET_a=2-3"]), POOLS)
-    assert decision.pin == Pin(CPUSet.parse("2-3"), CPUSet.parse("0"), claims=("a",))
+    assert decision.pin == Pin(CPUSet.parse("2-3"), CPUSet.parse("0-1"), claims=("a",), memory_policy=prefer("0"))
     assert decision.rejected == ()
+
+
+def test_a_claim_with_memory_is_bound_to_its_memory_nodes() -> None:
+    """Bound to the nodes of its memory (accounted there), not of its CPUs: here CPUs on node 0, memory on 1."""
+    state = Ledger({"m": claim("m", "2-3", memory=(MemoryGrant(1, 64 << 20),))})
+    pin = entitlement.pin_for(container(["DRA_CPUSET_m=2-3"]), entitlement.pools(state, TOPOLOGY)).pin
+    assert (pin.mems, pin.memory_policy) == (CPUSet.parse("1"), bind("1"))
+    # Over two nodes, as the Memory Manager's groups.
+    state = Ledger({"m": claim("m", "2-3", memory=(MemoryGrant(0, 1 << 20), MemoryGrant(1, 1 << 20)))})
+    pin = entitlement.pin_for(container(["DRA_CPUSET_m=2-3"]), entitlement.pools(state, TOPOLOGY)).pin
+    assert (pin.mems, pin.memory_policy) == (CPUSet.parse("0-1"), bind("0-1"))
+
+
+def test_strict_and_preferred_are_opt_in_either_way() -> None:
+    strict = Ledger({"s": claim("s", "2-3", binding=MemoryBinding.STRICT)})
+    pin = entitlement.pin_for(container(["DRA_CPUSET_s=2-3"]), entitlement.pools(strict, TOPOLOGY)).pin
+    assert (pin.mems, pin.memory_policy) == (CPUSet.parse("0"), bind("0"))
+    soft = Ledger({"p": claim("p", "2-3", memory=(MemoryGrant(1, 1 << 20),), binding=MemoryBinding.PREFERRED)})
+    pin = entitlement.pin_for(container(["DRA_CPUSET_p=2-3"]), entitlement.pools(soft, TOPOLOGY)).pin
+    assert (pin.mems, pin.memory_policy) == (CPUSet.parse("0-1"), prefer("1"))
+
+
+def test_a_strict_claim_binds_the_container_with_every_claims_hugepage_nodes() -> None:
+    """A container of a strict claim and of a preferred one with pages on node 1: bound to the strict claim's node
+    and to node 1, whose pool its pages come from."""
+    pages = HugePageGrant(numa_node=1, page_size_kib=2048, bytes=4 << 20)
+    state = Ledger({"s": claim("s", "2", memory=(MemoryGrant(0, 1 << 20),)), "h": claim("h", "3", hugepages=pages)})
+    pin = entitlement.pin_for(container(["DRA_CPUSET_s=2", "DRA_CPUSET_h=3"]), entitlement.pools(state, TOPOLOGY)).pin
+    assert (pin.mems, pin.memory_policy) == (CPUSet.parse("0-1"), bind("0-1"))
 
 
 def test_unclaimed_container_gets_the_shared_pool_and_every_memory_node() -> None:
@@ -72,19 +119,20 @@ def test_two_claims_of_one_container_are_united() -> None:
     decision = entitlement.pin_for(
         container(["DRA_CPUSET_a=2-3", "DRA_CPUSET_c=12"]), entitlement.pools(state, TOPOLOGY)
     )
-    assert (decision.pin.cpus, decision.pin.mems, decision.pin.claims) == (
+    assert (decision.pin.cpus, decision.pin.mems, decision.pin.claims, decision.pin.memory_policy) == (
         CPUSet.parse("2-3,12"),
         CPUSet.parse("0-1"),
         ("a", "c"),
+        prefer("0-1"),
     )
 
 
-def test_hugepage_claim_sets_limits_and_its_memory_node() -> None:
+def test_hugepage_claim_sets_limits_and_prefers_its_memory_nodes() -> None:
     grant = HugePageGrant(numa_node=1, page_size_kib=2048, bytes=64 << 20)
     state = Ledger({"h": claim("h", "2-3", hugepages=grant)})
     pin = entitlement.pin_for(container(["DRA_CPUSET_h=2-3"]), entitlement.pools(state, TOPOLOGY)).pin
     assert pin.hugepage_limits == (("2MB", 64 << 20),)
-    assert pin.mems == CPUSet.parse("0-1")
+    assert (pin.mems, pin.memory_policy) == (CPUSet.parse("0-1"), prefer("0-1"))
 
 
 @pytest.mark.parametrize(("kib", "name"), [(64, "64KB"), (2048, "2MB"), (1 << 20, "1GB"), (32768, "32MB")])
@@ -141,7 +189,7 @@ def test_containers_of_the_claims_pod_share_its_cpus() -> None:
         entitlement.pin_for(replace(container(["DRA_CPUSET_a=2-3"]), id=cid, name=cid), POOLS, refuse_shared=True).pin
         for cid in ("app", "sidecar")
     )
-    assert first == second == Pin(CPUSet.parse("2-3"), CPUSet.parse("0"), claims=("a",))
+    assert first == second == Pin(CPUSet.parse("2-3"), CPUSet.parse("0-1"), claims=("a",), memory_policy=prefer("0"))
 
 
 UID = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
@@ -172,10 +220,18 @@ def test_every_variable_a_claim_gives_its_containers_is_documented() -> None:
     from tests.harness.paths import REPO
 
     user = (REPO / "docs" / "user.md").read_text()
-    prepared = claim(UID, "2-3", hugepages=HugePageGrant(0, 2048, 2 << 20))
+    prepared = claim(UID, "2-3", hugepages=HugePageGrant(0, 2048, 2 << 20), memory=(MemoryGrant(0, 64 << 20),))
     names = [item.split("=", 1)[0] for item in env_for(prepared, CPUSet.parse("0"))]
     prefixes = {name.removesuffix(UID) for name in names if name.endswith(UID)}
-    assert prefixes == {"DRA_CPUSET_", "DRA_MEMS_", "DRA_HUGEPAGES_", "DRA_CLAIM_", "DRA_PODS_"}
+    assert prefixes == {
+        "DRA_CPUSET_",
+        "DRA_MEMS_",
+        "DRA_HUGEPAGES_",
+        "DRA_MEMORY_",
+        "DRA_MEMORY_BINDING_",
+        "DRA_CLAIM_",
+        "DRA_PODS_",
+    }
     undocumented = [p for p in sorted(prefixes) if f"`{p}<uid>`" not in user]
     assert not undocumented, f"docs/user.md does not describe {undocumented}"
     assert "the UID with `_` for `-`" in user

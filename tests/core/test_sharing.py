@@ -18,6 +18,7 @@ from dra_cpu.core.devices import DeviceConfig
 from dra_cpu.core.entitlement import ClaimSharedAcrossPods, Pin
 from dra_cpu.core.grant import grant
 from dra_cpu.core.ledger import Ledger, PreparedClaim
+from dra_cpu.core.memory_limit import BoundMemory
 from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.core.sharing import ONE_POD_AT_A_TIME, hold, holder, not_held
 from dra_cpu.node.sysfs import read_topology
@@ -33,11 +34,12 @@ def request(*pods: str) -> ClaimRequest:
     return parse_claim(obj, REF, driver="dra.cpu", pool="n", default_policy=AllocationPolicy())
 
 
-def pod(uid: str, limit: str | None = None) -> dict[str, Any]:
-    """A pod whose container `app` uses claim `c`, with limits.cpu `limit`."""
+def pod(uid: str, limit: str | None = None, memory: str | None = None) -> dict[str, Any]:
+    """A pod whose container `app` uses claim `c`, with limits.cpu `limit` and limits.memory `memory`."""
     resources: dict[str, Any] = {"claims": [{"name": "cpus"}]}
-    if limit is not None:
-        resources["limits"] = {"cpu": limit}
+    limits = {k: v for k, v in (("cpu", limit), ("memory", memory)) if v is not None}
+    if limits:
+        resources["limits"] = limits
     return {
         "metadata": {"namespace": "default", "name": f"pod-{uid}", "uid": uid},
         "spec": {
@@ -129,8 +131,7 @@ def test_the_refusal_names_the_holder_or_says_no_pod_holds_the_claim() -> None:
     )
     assert not_held(REF, (), "app", "default/second", "pod-b") == (
         "claim default/c is held by no pod; container app of pod default/second (pod-b) can use it once its pod "
-        f"holds it ({ONE_POD_AT_A_TIME}: the first pod its reservedFor lists whose CPU limits allow the claim's "
-        "CPUs)"
+        f"holds it ({ONE_POD_AT_A_TIME}: the first pod its reservedFor lists whose limits fit the claim)"
     )
 
 
@@ -156,3 +157,19 @@ def test_enforcement_follows_the_hand_over() -> None:
     moved = entitlement.pin_for(running, after)
     assert moved.pin == Pin(after.shared, after.shared_mems)
     assert [r.reason for r in moved.rejected] == ["pod pod-a is not the pod the claim serves (pod-b)"]
+
+
+def test_a_pod_whose_memory_may_outgrow_a_strict_claim_is_passed_over_and_says_why() -> None:
+    """The memory check is the CFS check's twin, in the same rule: a pod that cannot hold the claim is passed over,
+    at prepare and at a hand-over alike; a preferred claim (None) checks no memory limit."""
+    claim = grant(Ledger(), request("pod-a", "pod-b"), VIEW)
+    bound = BoundMemory(256 << 20, CPUSet.of([0]))
+    pods = [pod("pod-a", memory="1Gi"), pod("pod-b", memory="256Mi")]
+    held = hold(claim, ("pod-a", "pod-b"), pods, bound)
+    assert held.claim.pod_uids == ("pod-b",)
+    assert list(held.unfit) == ["pod-a"]
+    assert "may use 1Gi of memory" in held.unfit["pod-a"] and "256Mi on NUMA node(s) 0" in held.unfit["pod-a"]
+    assert hold(claim, ("pod-a", "pod-b"), pods).claim.pod_uids == ("pod-a",)
+    # A hand-over checks the next holder the same way: no pod fits, none holds it.
+    handed = hold(held.claim, ("pod-a",), pods[:1], bound)
+    assert handed.claim.pod_uids == () and list(handed.unfit) == ["pod-a"]

@@ -61,6 +61,8 @@ CUSTOM = (
     "config.publishPcieRoots=true",
     "--set-string",
     "config.reservedCpus=0-1",
+    "--set-string",
+    "config.reservedMemory=1Gi\\,0:3Gi",
     "--set",
     "nodeSlicePolicy.enabled=false",
     "--set-string",
@@ -130,7 +132,7 @@ def test_defaults(helm: Helm, tmp_path: Path) -> None:
             "ClusterRole",
             "ClusterRoleBinding",
             "DaemonSet",
-            *["DeviceClass"] * 4,
+            *["DeviceClass"] * 5,
             "ValidatingAdmissionPolicy",
             "ValidatingAdmissionPolicyBinding",
         ]
@@ -186,6 +188,7 @@ def test_custom_values(helm: Helm, tmp_path: Path) -> None:
     assert config.enforcement == "cdi-hook"
     assert config.whole_cores is True
     assert config.reserved_cpus == "0-1"
+    assert config.reserved_memory == "1Gi,0:3Gi"
     assert (config.group_by, config.publish_node_allocatable_resources, config.publish_pcie_roots) == (
         "socket",
         True,
@@ -297,6 +300,7 @@ def test_node_slice_policy_binds_the_driver_to_its_node(helm: Helm) -> None:
         (("--set-string", "config.publishNodeAllocatableResources=true"), "publishNodeAllocatableResources"),
         (("--set-string", "config.publishPcieRoots=true"), "publishPcieRoots"),
         (("--set", "config.reservedCPUs=0-1"), "reservedCPUs"),
+        (("--set-string", "config.reservedMemory=lots"), "reservedMemory"),
         (("--set", "config.kubeletRootDir=/x"), "kubeletRootDir"),
         (("--set", "config.enforcement=none"), "enforcement"),
         (("--set-string", "metricsPort=http"), "metricsPort"),
@@ -313,6 +317,7 @@ def test_node_slice_policy_binds_the_driver_to_its_node(helm: Helm) -> None:
         "mapping-type",
         "pcie-roots-type",
         "unknown-key",
+        "reserved-memory",
         "path-key-in-config",
         "dev-only-enforcement",
         "port-type",
@@ -350,7 +355,10 @@ def test_device_classes_are_created_on_the_api_server(
     helm: Helm, kube_api: kubernetes.client.ApiClient, tmp_path: Path
 ) -> None:
     suffix = uuid.uuid4().hex[:8]
-    names = {key: f"{key.lower()}-{suffix}.example.com" for key in ("cpu", "isolated", "hugepages2Mi", "hugepages1Gi")}
+    names = {
+        key: f"{key.lower()}-{suffix}.example.com"
+        for key in ("cpu", "isolated", "hugepages2Mi", "hugepages1Gi", "memory")
+    }
     options = [arg for key, name in names.items() for arg in ("--set", f"deviceClasses.{key}={name}")]
     classes = by_kind(helm.template(*options), "DeviceClass")
     objects = kubernetes.client.CustomObjectsApi(kube_api)
@@ -371,12 +379,15 @@ def test_device_classes_are_created_on_the_api_server(
 
 
 def test_admin_docs_show_the_values_the_real_node_tests_install_with() -> None:
-    """docs/admin.md's values.yaml for a node without kube-proxy is what tests/e2e/test_node_*.py install with."""
+    """docs/admin.md's values.yaml for a node without kube-proxy is what tests/e2e/test_node_*.py install with, but
+    for metricsHost: the tests bind the node's own address, which they know; the docs leave it empty (every address of
+    the node, the pod's IP among them, where the kubelet probes)."""
     text = (REPO / "docs" / "admin.md").read_text()
     block = text.split("# dra-cpu values: a node without kube-proxy and without a registry\n", 1)[1]
     documented = yaml.safe_load(block.split("```", 1)[0])
     assert documented == chart_values(
         node_name="node-a",
+        metrics_host="",
         api_server_port=6443,
         metrics_port=8080,
         kubelet_root_dir="/var/lib/kubelet",

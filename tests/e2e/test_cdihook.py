@@ -17,11 +17,12 @@ from dra_cpu.core import cdi_spec
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.ledger import PreparedClaim, PreparedDevice
+from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.store.cdi_files import CDIStore
 from tests.harness.runtimes.cri import Allowed
 from tests.harness.runtimes.podman import Podman
 
-SPEC_ENV = {"DRA_CPUSET_u1": "1", "DRA_MEMS_u1": "0", "DRA_PODS_u1": "pod-a,pod-b"}
+SPEC_ENV = {"DRA_CPUSET_u1": "1", "DRA_MEMS_u1": "0", "DRA_PODS_u1": "pod-a,pod-b", "DRA_MEMORY_BINDING_u1": "strict"}
 
 
 def test_the_pin_trusts_only_the_drivers_spec() -> None:
@@ -36,6 +37,17 @@ def test_the_pin_trusts_only_the_drivers_spec() -> None:
     ]
     _, refused = cdihook.pin_for(["DRA_CPUSET_u1=1"], "pod-z", specs)
     assert refused == ["claim u1: pod pod-z is not the pod the claim serves (pod-a, pod-b)"]
+
+
+def test_the_hook_binds_memory_of_strict_claims_only() -> None:
+    """A hook cannot set a memory policy: a claim bound `preferred` (the default without memory, and of every spec
+    written before the variable) leaves cpuset.mems as the runtime made it; a strict one, or one with memory, binds."""
+    preferred = {k: v for k, v in SPEC_ENV.items() if not k.startswith("DRA_MEMORY_BINDING_")}
+    grant, _ = cdihook.pin_for(["DRA_CPUSET_u1=1"], "pod-a", {"u1": preferred})
+    assert (grant.cpus, grant.mems) == (CPUSet.of([1]), CPUSet())
+    with_memory = {**preferred, "DRA_MEMS_u1": "1", "DRA_MEMORY_u1": "1=1048576"}
+    grant, _ = cdihook.pin_for(["DRA_CPUSET_u1=1"], "pod-a", {"u1": with_memory})
+    assert (grant.cpus, grant.mems) == (CPUSet.of([1]), CPUSet.of([1]))
 
 
 def test_bad_stdin_is_a_clear_error_and_exit_1(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
@@ -72,7 +84,7 @@ def test_podman_container_is_pinned_by_the_hook(podman: Podman, tmp_path: Path) 
     uid = str(uuid.uuid4())
     claim = PreparedClaim(
         ClaimRef("default", "c", uid), (PreparedDevice(("r",), "node", "cpu-numa0", cpus=CPUSet.of([cpu])),)
-    )
+    ).with_binding(MemoryBinding.STRICT)
     store = CDIStore(tmp_path / "cdi", "dra.cpu")
     hook = cdihook.hook(sys.executable, cdi_dir=store.root, command=("-m", "dra_cpu", "cdi-hook"))
     spec = cdi_spec.build_spec("dra.cpu", claim, CPUSet.of([0]), (hook,))

@@ -67,7 +67,11 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
 
         claim = {
             "metadata": {"name": "c1", "namespace": "default", "uid": UID},
-            "status": {"allocation": {"devices": {"results": [result("cpu-numa0", cpus=3)]}}},
+            "status": {
+                "allocation": {
+                    "devices": {"results": [result("cpu-numa0", cpus=3), result("memory-numa0", "mem", memory="100Mi")]}
+                }
+            },
         }
         path = root / "cluster/resourceclaims/default/c1.yaml"
         path.parent.mkdir(parents=True)
@@ -81,6 +85,10 @@ def test_daemon_serves_prepares_metrics_and_readiness(root: Path) -> None:
         assert 'dra_cpu_prepare_total{result="success"} 1.0' in metrics
         assert "dra_cpu_active_claims 1.0" in metrics
         assert 'dra_cpu_hugepages_allocatable_bytes{numa_node="0",page_size="2Mi"} 1.34217728e+08' in metrics
+        # dual-socket-smt2: 305Mi of node 0 for claims, 100Mi of it held.
+        assert 'dra_cpu_memory_allocatable_bytes{numa_node="0"} 3.1981568e+08' in metrics
+        assert 'dra_cpu_memory_allocated_bytes{numa_node="0"} 1.048576e+08' in metrics
+        assert 'dra_cpu_memory_allocated_bytes{numa_node="1"} 0.0' in metrics
         for counter in ("forged_env", "shared_claim_refused", "hugetlb_unenforced", "nri_update_failures"):
             assert f"dra_cpu_{counter} 0.0" in metrics, counter
         # The upstream driver's names: 15 published CPUs (CPU 0 stays shared), 3 claimed.

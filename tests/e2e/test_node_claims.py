@@ -28,7 +28,7 @@ from tests.harness.cluster.pods import (
     delete_pod,
     events,
     pod_path,
-    pod_scheduled_condition,
+    unschedulable,
     wait_running,
 )
 from tests.harness.driver_files import cdi_spec_uids, checkpoint_claims
@@ -229,16 +229,6 @@ def test_pod_status_shows_device_health(dra_cpu_node: InstalledDriver[RealNode],
     assert statuses == [
         {"name": "claim:cpus", "resources": [{"resourceID": f"dra.cpu/cpu=claim-{uid}", "health": "Healthy"}]}
     ]
-
-
-def unschedulable(kube: Kube, namespace: str, name: str) -> str:
-    """The scheduler's message once it gave up on the pod for now (PodScheduled False, Unschedulable)."""
-
-    def condition() -> str | None:
-        found = pod_scheduled_condition(kube.get(pod_path(namespace, name))) or {}
-        return str(found.get("message")) if found.get("reason") == "Unschedulable" else None
-
-    return wait_until(condition, f"pod {namespace}/{name} to be found unschedulable", 90)
 
 
 def test_what_the_node_cannot_grant_stays_pending_with_the_schedulers_reason(

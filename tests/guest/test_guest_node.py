@@ -11,14 +11,13 @@ the guest itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from dra_cpu.core.cpuset import CPUSet
-from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, new_namespace, pinned_pod
-from tests.harness.cluster.pods import create_all, delete_pod, wait_running
+from tests.harness.cluster.objects import CPU_CAPACITY, busybox_pod, claim_path, pinned_pod
+from tests.harness.cluster.pods import create_all, wait_running
 from tests.harness.guest.vm import SPEC
 from tests.harness.nodes.guest_kubelet import GuestKubeletNode
 from tests.harness.nodes.kubelet import container_id
@@ -35,16 +34,6 @@ HEALTH_SECONDS = 120.0
 # The module's guest node starts in the first test's setup: boot and kubelet about 70 s, then the driver's image
 # imported into the guest's containerd, 2 to 4 minutes under TCG on 2 busy cores (past the suite's 300 s).
 pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture
-def namespace(guest_kubelet: GuestKubeletNode) -> Iterator[str]:
-    kube = guest_kubelet.kube
-    name = new_namespace(kube, "guest-node")
-    yield name
-    for pod in kube.list(f"/api/v1/namespaces/{name}/pods"):
-        delete_pod(kube, name, pod["metadata"]["name"], timeout=RUNNING_SECONDS)
-    kube.delete(f"/api/v1/namespaces/{name}")
 
 
 def numa_request(name: str, node: int) -> dict[str, Any]:

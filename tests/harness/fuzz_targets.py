@@ -33,6 +33,7 @@ from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceConfig, build_devices, build_slices
 from dra_cpu.core.grant import grant
 from dra_cpu.core.ledger import Ledger
+from dra_cpu.core.memory_limit import BoundMemory, unbounded
 from dra_cpu.core.node_view import NodeSettings, NodeView
 from dra_cpu.core.quantity import parse_quantity
 from dra_cpu.core.topology import Topology
@@ -329,14 +330,16 @@ PODS = st.one_of(
 
 
 def run_pod(obj: Any) -> object:
-    """The CFS-quota check prepare runs on a pod the claim `c` (2 CPUs) is reserved for."""
-    return throttled(obj if isinstance(obj, dict) else {"spec": obj}, "c", 2)
+    """The limit checks prepare runs on a pod the claim `c` (2 CPUs, 64 MiB bound to NUMA node 0) is reserved for."""
+    pod = obj if isinstance(obj, dict) else {"spec": obj}
+    return throttled(pod, "c", 2) + unbounded(pod, "c", BoundMemory(64 << 20, CPUSet.of([0])))
 
 
 CONFIG_KEYS = [
     "hugepagePollSeconds",
     "minSharedCpus",
     "reservedCpus",
+    "reservedMemory",
     "kubeletRootDir",
     "nriPluginIndex",
     "deviceMode",

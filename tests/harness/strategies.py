@@ -1,7 +1,8 @@
 """Hypothesis strategies for the core's values: machines, device settings, claim requests and streams of them.
 
 Machines are built as core Topology values directly (no sysfs): NUMA nodes of whole cores with SMT of width 1 or 2,
-one or two L3 groups per node, some CPUs offline, and per-node hugepage pools of 2Mi and 1Gi pages.
+one or two L3 groups per node, some CPUs offline, per-node hugepage pools of 2Mi and 1Gi pages, and a little memory
+per node beside them (tens of MiB, so that claims of memory run out of it).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from dra_cpu.core.capacity import settings_problems
 from dra_cpu.core.claims import ClaimRef, ClaimRequest, DeviceResult, PodRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.devices import Device, DeviceConfig, DeviceMode, DeviceType, GroupBy, build_devices
-from dra_cpu.core.ledger import HugePageGrant, PreparedClaim, PreparedDevice
+from dra_cpu.core.ledger import HugePageGrant, MemoryGrant, PreparedClaim, PreparedDevice
+from dra_cpu.core.memory import MEMORY_STEP, MemoryBinding, ReservedMemory, allocatable_memory, parse_reserved_memory
 from dra_cpu.core.topology import Cpu, HugePagePool, NumaNode, Topology
 
 DRIVER = "dra.cpu"
 POOL = "node-a"
 PAGE_SIZES_KIB = (2048, 1048576)
+RESERVATIONS = ("5%", "0", "8Mi", "0:4Mi,50%")
+bindings = st.sampled_from((None, *MemoryBinding))
 
 
 @st.composite
@@ -63,12 +67,13 @@ def topologies(draw: st.DrawFn) -> Topology:
             HugePagePool(size, total, total)
             for size, total in zip(PAGE_SIZES_KIB, (draw(st.integers(0, 8)), draw(st.integers(0, 2))), strict=True)
         )
+        pages = sum(pool.total * pool.size_bytes for pool in pools)
         numa_nodes.append(
             NumaNode(
                 id=node,
                 cpus=CPUSet.of(c.id for c in cpus if c.numa_node == node and c.online),
                 distances=tuple((other, 10 if other == node else 20) for other in range(nodes)),
-                memory_bytes=1 << 30,
+                memory_bytes=pages + draw(st.integers(0, 48)) * MEMORY_STEP + draw(st.integers(0, 4095)) * 1024,
                 hugepages=pools,
             )
         )
@@ -88,6 +93,7 @@ def device_configs(draw: st.DrawFn, topology: Topology) -> DeviceConfig:
         group_by=draw(st.sampled_from(list(GroupBy))),
         min_shared_cpus=draw(st.integers(1, 3)),
         strict_reserved=draw(st.booleans()),
+        reserved_memory=parse_reserved_memory(draw(st.sampled_from(RESERVATIONS))),
     )
 
 
@@ -98,9 +104,10 @@ policies = st.builds(AllocationPolicy, whole_cores=st.booleans(), align_l3=st.bo
 def device_results(draw: st.DrawFn, devices: tuple[Device, ...], index: int) -> DeviceResult:
     device = draw(st.sampled_from(devices))
     consumed: tuple[tuple[str, str], ...] = ()
-    if device.type is DeviceType.HUGEPAGES:
-        pages = draw(st.integers(1, max(1, device.capacity // device.step) + 2))
-        consumed = ((f"{DRIVER}/memory", str(pages * device.step)),)
+    if device.type is not DeviceType.CPU:
+        # Pages or MiB; none recorded: the requestPolicy default, one step.
+        steps = draw(st.integers(0, max(1, device.capacity // device.step) + 2))
+        consumed = ((f"{DRIVER}/memory", str(steps * device.step)),) if steps else ()
     elif device.capacity:
         count = draw(st.integers(1, device.capacity + 1))
         consumed = ((f"{DRIVER}/cpu", str(count)),)
@@ -111,6 +118,7 @@ def device_results(draw: st.DrawFn, devices: tuple[Device, ...], index: int) -> 
         share_id=f"s{index}" if device.capacity else None,
         consumed=consumed,
         policy=draw(policies),
+        memory_binding=draw(bindings),
     )
 
 
@@ -152,7 +160,8 @@ def scenarios(draw: st.DrawFn, max_claims: int = 8, max_ops: int = 24) -> Scenar
 
 @st.composite
 def loose_claims(draw: st.DrawFn, topology: Topology, max_claims: int = 6) -> list[PreparedClaim]:
-    """Claims as a damaged disk may hold them: any CPUs (some not on this machine), any hugepage grants."""
+    """Claims as a damaged disk may hold them: any CPUs (some not on this machine), any hugepage and memory
+    grants."""
     ids = st.integers(0, len(topology.cpus) + 3)
     claims = []
     for i in range(draw(st.integers(0, max_claims))):
@@ -162,7 +171,18 @@ def loose_claims(draw: st.DrawFn, topology: Topology, max_claims: int = 6) -> li
         if draw(st.booleans()):
             size = draw(st.sampled_from(PAGE_SIZES_KIB))
             grant = HugePageGrant(draw(st.integers(0, 3)), size, draw(st.integers(1, 6)) * size * 1024)
-            devices.append(PreparedDevice(("mem",), POOL, "hugepages", None, hugepages=grant))
+            devices.append(PreparedDevice(("pages",), POOL, "hugepages", None, hugepages=grant))
+        for node in draw(st.lists(st.integers(0, 3), max_size=2)):
+            memory = MemoryGrant(node, draw(st.integers(1, 40)) * MEMORY_STEP)
+            devices.append(PreparedDevice(("mem",), POOL, f"memory-numa{node}", None, memory=memory))
         uid = f"d{i}"
-        claims.append(PreparedClaim(ClaimRef("default", uid, uid), tuple(devices)))
+        claims.append(PreparedClaim(ClaimRef("default", uid, uid), tuple(devices)).with_binding(draw(bindings)))
     return claims
+
+
+@st.composite
+def memory_capacities(draw: st.DrawFn, topology: Topology) -> dict[int, int]:
+    """What each NUMA node's memory device publishes under some reservation (a node of none is absent)."""
+    reserved = draw(st.sampled_from([ReservedMemory(), *map(parse_reserved_memory, RESERVATIONS)]))
+    capacity = {node.id: allocatable_memory(node, reserved) for node in topology.numa_nodes}
+    return {node: size for node, size in capacity.items() if size}

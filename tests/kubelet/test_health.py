@@ -55,7 +55,9 @@ def test_v1_and_v1alpha1_streams_report_the_same_devices_and_states(node_factory
     v1 = _stream(node, "v1.DRAResourceHealth")
     v1alpha1 = _stream(node, "v1alpha1.DRAResourceHealth")
     assert v1 == v1alpha1
-    assert [name for _, name, *_ in v1] == ["cpu-numa0", "cpu-numa1", "hugepages-2mi-numa0", "hugepages-2mi-numa1"]
+    assert [name for _, name, *_ in v1] == [
+        f"{kind}-numa{n}" for kind in ("cpu", "hugepages-2mi", "memory") for n in (0, 1)
+    ]
     assert {health for _, _, health, _, _ in v1} == {pb.HEALTHY, pb.UNHEALTHY}
     # Two resends of 10 s: one late resend does not turn devices Unknown; a wedged driver does within 20 s.
     assert {timeout for *_, timeout in v1} == {20}

@@ -175,6 +175,78 @@ def test_hugepages_of_one_claim_add_up(node_factory: NodeFactory) -> None:
     )
 
 
+def test_memory_is_counted_per_numa_node(node_factory: NodeFactory) -> None:
+    """dual-socket-smt2 has 305Mi of node 0 and 412Mi of node 1 for claims. No byte in two claims, nothing over what
+    a node has, whatever the scheduler allocated; an unprepare gives it back."""
+    node = node_factory()
+    first = node.claim([result("cpu-numa0", cpus=2), result("memory-numa0", "mem", memory="200Mi")])
+    assert not node.prepare(first).error
+    env = node.env(first.uid)
+    assert (env[f"DRA_MEMS_{first.uid}"], env[f"DRA_MEMORY_{first.uid}"]) == (CPUSet.parse("0"), f"0={200 << 20}")
+    assert env[f"DRA_MEMORY_BINDING_{first.uid}"] == "strict"
+    second = node.claim([result("cpu-numa0", cpus=2), result("memory-numa0", "mem", memory="200Mi")])
+    assert node.prepare(second).error.endswith(
+        "request 'mem' on memory-numa0: 200Mi of memory requested, 105Mi of 305Mi free"
+    )
+    odd = node.claim([result("memory-numa1", "mem", memory="1500Ki")])
+    assert "1500Ki is not a whole number of 1Mi steps" in node.prepare(odd).error
+    assert node.kubelet.unprepare([first]).claims[first.uid].error == ""
+    assert not node.prepare(second).error
+    assert node.driver.snapshot().ledger.allocated_memory == {0: 200 << 20}
+
+
+def test_memory_over_two_nodes_and_with_hugepages_in_one_claim(node_factory: NodeFactory) -> None:
+    """As the Memory Manager's groups: memory of two nodes in one claim, bound to both. And CPUs, hugepages and
+    memory of one node in one claim (hack/examples/claim-cpu-memory-hugepages.yaml), bound there."""
+    node = node_factory()
+    wide = node.claim(
+        [
+            result("cpu-numa0", cpus=2),
+            result("memory-numa0", "mem", memory="300Mi"),
+            result("memory-numa1", "mem", memory="300Mi"),
+        ]
+    )
+    assert not node.prepare(wide).error
+    env = node.env(wide.uid)
+    assert (env[f"DRA_MEMS_{wide.uid}"], env[f"DRA_MEMORY_{wide.uid}"]) == (
+        CPUSet.parse("0-1"),
+        f"0={300 << 20},1={300 << 20}",
+    )
+    together = node.claim(
+        [
+            result("cpu-numa1", cpus=4),
+            result("memory-numa1", "mem", memory="100Mi"),
+            result("hugepages-2mi-numa1", "pages", memory="32Mi"),
+        ]
+    )
+    response = node.prepare(together)
+    assert not response.error
+    assert sorted(d.device_name for d in response.devices) == ["cpu-numa1", "hugepages-2mi-numa1", "memory-numa1"]
+    env = node.env(together.uid)
+    assert env[f"DRA_MEMS_{together.uid}"] == CPUSet.parse("1")
+    assert env[f"DRA_HUGEPAGES_{together.uid}"] == f"2048kB@1={32 << 20}"
+    assert env[f"DRA_MEMORY_{together.uid}"] == f"1={100 << 20}"
+    assert node.driver.snapshot().ledger.allocated_memory == {0: 300 << 20, 1: 400 << 20}
+
+
+def test_a_claim_of_cpus_only_prefers_its_node_and_strict_is_opt_in(node_factory: NodeFactory) -> None:
+    node = node_factory()
+    plain = node.claim([result("cpu-numa1", cpus=2)])
+    strict = node.claim([result("cpu-numa1", cpus=2)], [cpu_config(memoryBinding="strict")])
+    assert not node.prepare(plain).error
+    assert node.env(plain.uid)[f"DRA_MEMORY_BINDING_{plain.uid}"] == "preferred"
+    assert not node.prepare(strict).error
+    assert node.env(strict.uid)[f"DRA_MEMORY_BINDING_{strict.uid}"] == "strict"
+    assert node.env(strict.uid)[f"DRA_MEMS_{strict.uid}"] == CPUSet.parse("1")
+    both = node.claim(
+        [result("cpu-numa1", cpus=1), result("memory-numa1", "mem", memory="1Mi")],
+        [cpu_config(["cpus"], memoryBinding="strict"), cpu_config(["mem"], memoryBinding="preferred")],
+    )
+    assert node.prepare(both).error.endswith(
+        "its requests' CPUConfig set memoryBinding to preferred and strict; a claim's memory is bound one way"
+    )
+
+
 def test_individual_mode(node_factory: NodeFactory) -> None:
     node = node_factory("big-8numa", mode=DeviceMode.INDIVIDUAL)
     ref = node.claim([result("cpu-9"), result("cpu-41")])

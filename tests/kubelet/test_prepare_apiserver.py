@@ -117,15 +117,15 @@ def _pod(
     kube_api: kubernetes.client.ApiClient,
     node: StandinNode,
     claim: str,
-    limit: str,
+    limits: dict[str, str],
     status: dict[str, Any] | None = None,
 ) -> None:
     """Create on the server the pod the node's next claim is reserved for: one container using `claim` with
-    limits.cpu `limit`, its status merged with `status`, then bound to the node, in the scheduler's order (status in
-    PreBind, then the binding)."""
+    `limits`, its status merged with `status`, then bound to the node, in the scheduler's order (status in PreBind,
+    then the binding)."""
     core = kubernetes.client.CoreV1Api(kube_api)
     name = f"pod-{claim}"
-    resources = {"claims": [{"name": "cpus"}], "limits": {"cpu": limit}}
+    resources = {"claims": [{"name": "cpus"}], "limits": limits}
     # No controller manager runs against this server to make the namespace's default service account.
     with contextlib.suppress(kubernetes.client.ApiException):
         account = kubernetes.client.V1ServiceAccount.from_dict({"metadata": {"name": "default"}})
@@ -160,7 +160,7 @@ def test_a_pod_whose_cpu_limit_would_throttle_the_claim_is_refused(
 ) -> None:
     """The pod is created (and bound) just before the prepare: with the pod cache, the watch may not have it yet."""
     node = server_node(cached=cached)
-    _pod(kube_api, node, "tight", "1500m")
+    _pod(kube_api, node, "tight", {"cpu": "1500m"})
     ref = node.claim([result("cpu-numa1", cpus=2)], name="tight")
     error = node.prepare(ref).error
     assert error == (
@@ -171,7 +171,7 @@ def test_a_pod_whose_cpu_limit_would_throttle_the_claim_is_refused(
     # Nothing was pinned: no checkpoint entry, no CDI spec.
     assert ref.uid not in node.driver.reconciler.checkpoint.load().ledger.claims  # type: ignore[union-attr]
     assert not node.driver.reconciler.cdi.path(ref.uid).exists()
-    _pod(kube_api, node, "roomy", "2")
+    _pod(kube_api, node, "roomy", {"cpu": "2"})
     roomy = node.claim([result("cpu-numa1", cpus=2)], name="roomy")
     assert not node.prepare(roomy).error
 
@@ -184,11 +184,11 @@ def test_a_pod_replaced_under_the_same_name_is_checked_as_the_new_one(
     api = node.driver.api
     assert isinstance(api, KubeAPI) and api.pods is not None
     cache = api.pods
-    _pod(kube_api, node, "same", "2")
+    _pod(kube_api, node, "same", {"cpu": "2"})
     first = node.pod_uid
     wait_until(lambda: cache.get(node.namespace, "pod-same", first) is not None, "the watch to bring the first pod")
     kubernetes.client.CoreV1Api(kube_api).delete_namespaced_pod("pod-same", node.namespace, grace_period_seconds=0)
-    _pod(kube_api, node, "same", "1")
+    _pod(kube_api, node, "same", {"cpu": "1"})
     assert node.pod_uid != first
     ref = node.claim([result("cpu-numa1", cpus=2)], name="same")
     assert "container 'app' would be CFS-throttled to 1 CPU" in node.prepare(ref).error
@@ -203,8 +203,44 @@ def test_cpus_mapped_to_node_allocatable_count_on_top_of_the_limit(
             {"resourceClaimName": "mapped", "containers": ["app"], "mapping": [{"name": "cpu", "quantity": "2"}]}
         ]
     }
-    _pod(kube_api, node, "mapped", "1m", mapped)
+    _pod(kube_api, node, "mapped", {"cpu": "1m"}, mapped)
     pod = node.driver.api.get_pod(node.namespace, "pod-mapped")
     assert pod["status"]["nodeAllocatableResourceClaimStatuses"][0]["mapping"][0]["quantity"] == "2"
     ref = node.claim([result("cpu-numa1", cpus=2)], name="mapped")
     assert not node.prepare(ref).error
+
+
+def test_a_pod_whose_memory_may_outgrow_its_strict_claim_is_refused(
+    server_node: ServerNodeFactory, kube_api: kubernetes.client.ApiClient
+) -> None:
+    """dual-socket-smt2: 305Mi of node 0 for claims. A claim of CPUs and 200Mi there binds its container's memory to
+    those 200Mi: a memory limit above them, or none, would let it take other claims' memory or be OOM-killed with
+    node 1 free; refused, nothing pinned. A CPU-only claim is preferred, not bound: no limit needed."""
+    node = server_node()
+    claimed = [result("cpu-numa0", cpus=2), result("memory-numa0", "mem", memory="200Mi")]
+    _pod(kube_api, node, "greedy", {"memory": "1Gi"})
+    greedy = node.claim(claimed, name="greedy")
+    assert node.prepare(greedy).error == (
+        f"pod {node.namespace}/pod-greedy: container 'app' may use 1Gi of memory "
+        "(spec.containers[0].resources.limits.memory 1Gi), more than the 200Mi on NUMA node(s) 0 claim 'greedy' "
+        "binds it to; lower that limit to at most 200Mi, or set memoryBinding: preferred in the claim's CPUConfig"
+    )
+    assert not node.driver.reconciler.cdi.path(greedy.uid).exists()
+    assert node.driver.snapshot().ledger.allocated_memory == {}
+    _pod(kube_api, node, "unlimited", {"cpu": "2"})
+    unlimited = node.claim(claimed, name="unlimited")
+    assert "container 'app' has no memory limit, and claim 'unlimited' binds its memory to 200Mi" in (
+        node.prepare(unlimited).error
+    )
+    # Soft on request: the limit may exceed the claim, whose memory is then only preferred.
+    _pod(kube_api, node, "soft", {"memory": "1Gi"})
+    soft_claimed = [result("cpu-numa0", cpus=2), result("memory-numa0", "mem", memory="100Mi")]
+    soft = node.claim(soft_claimed, [cpu_config(memoryBinding="preferred")], name="soft")
+    assert not node.prepare(soft).error
+    _pod(kube_api, node, "fits", {"memory": "200Mi"})
+    fits = node.claim(claimed, name="fits")
+    assert not node.prepare(fits).error
+    assert node.env(fits.uid)[f"DRA_MEMORY_BINDING_{fits.uid}"] == "strict"
+    assert node.driver.snapshot().ledger.allocated_memory == {0: 300 << 20}
+    _pod(kube_api, node, "cpus-only", {"cpu": "2"})
+    assert not node.prepare(node.claim([result("cpu-numa0", cpus=2)], name="cpus-only")).error

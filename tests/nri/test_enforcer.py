@@ -12,12 +12,14 @@ from google.protobuf.message import Message
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.entitlement import pools
-from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim, PreparedDevice
+from dra_cpu.core.entitlement import MemoryPolicy, Pin, pools
+from dra_cpu.core.ledger import HugePageGrant, Ledger, MemoryGrant, PreparedClaim, PreparedDevice
+from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.core.sharing import not_held
 from dra_cpu.errors import DraCpuError
 from dra_cpu.node.sysfs import read_topology
-from dra_cpu.nri.enforcer import NriConfig, NriEnforcer
+from dra_cpu.nri import messages
+from dra_cpu.nri.enforcer import NriConfig, NriEnforcer, major_minor
 from dra_cpu.nri.gen import nri_ttrpc_pb2
 from dra_cpu.nri.gen import nri_v1alpha1_pb2 as api
 from dra_cpu.nri.transport import FAILED_PRECONDITION, RUNTIME_CONN, TYPE_REQUEST, UNIMPLEMENTED
@@ -28,6 +30,13 @@ TOPOLOGY = read_topology(SYSFS / "kvm-2cpu")
 POD = api.PodSandbox(id="sandbox-1", uid="pod-1", name="p", namespace="ns")
 CLAIM = PreparedClaim(
     ClaimRef("ns", "c", "uid-1"), (PreparedDevice(("r",), "node", "cpu-numa0", cpus=CPUSet.parse("1")),), ("pod-1",)
+)
+POD_M = api.PodSandbox(id="sandbox-m", uid="pod-m", name="m", namespace="ns")
+# Memory only: its containers run on the shared CPUs, their memory bound.
+WITH_MEMORY = PreparedClaim(
+    ClaimRef("ns", "m", "uid-m"),
+    (PreparedDevice(("m",), "node", "memory-numa0", memory=MemoryGrant(0, 64 << 20)),),
+    ("pod-m",),
 )
 M = TypeVar("M", bound=Message)
 DELIVERY = pytest.mark.parametrize("own_rpc", [True, False], ids=["own-rpc", "state-change"])
@@ -273,12 +282,20 @@ def test_hugetlb_without_reservation_files_or_controller_is_reported(
         plugin.stop()
 
 
-def test_memory_policy_binds_claimed_containers_where_the_runtime_has_nri_0_12(tmp_path: Path) -> None:
-    fake, plugin = _connected(tmp_path, Ledger({"uid-1": CLAIM}), "v0.12.2")
+def test_memory_policy_of_claimed_containers_where_the_runtime_has_nri_0_12(tmp_path: Path) -> None:
+    """A claim with memory: MPOL_BIND to its nodes. A claim of CPUs only: a preference for theirs. Containers without
+    a claim: the kernel's default, untouched."""
+    fake, plugin = _connected(tmp_path, Ledger({"uid-1": CLAIM, "uid-m": WITH_MEMORY}), "v0.12.2")
     try:
         assert plugin.memory_policy
         policy = _create(fake, "pinned", ("DRA_CPUSET_uid-1=1",)).adjust.linux.memory_policy
-        assert (policy.mode, policy.nodes) == (api.MPOL_BIND, "0")
+        assert (policy.mode, policy.nodes) == (api.MPOL_PREFERRED, "0")
+        bound = _create(fake, "bound", ("DRA_CPUSET_uid-m=",), POD_M).adjust.linux
+        assert (bound.memory_policy.mode, bound.memory_policy.nodes, bound.resources.cpu.mems) == (
+            api.MPOL_BIND,
+            "0",
+            "0",
+        )
         assert not _create(fake, "plain", ()).adjust.linux.HasField("memory_policy")
     finally:
         plugin.stop()
@@ -344,3 +361,37 @@ def test_a_container_of_another_pod_using_the_claim_is_refused_naming_claim_and_
             api.CreateContainerResponse,
         )
         assert isinstance(mine, api.CreateContainerResponse) and mine.adjust.linux.resources.cpu.cpus == "1"
+
+
+@pytest.mark.parametrize(
+    ("binding", "nodes", "preferred_many", "mode"),
+    [
+        (MemoryBinding.STRICT, "0-1", True, api.MPOL_BIND),
+        (MemoryBinding.PREFERRED, "1", True, api.MPOL_PREFERRED),
+        (MemoryBinding.PREFERRED, "1", False, api.MPOL_PREFERRED),
+        (MemoryBinding.PREFERRED, "0-1", True, api.MPOL_PREFERRED_MANY),
+        # Linux before 5.15 refuses MPOL_PREFERRED_MANY, and the container with it: the kernel's local allocation
+        # (the pinned CPUs' nodes first) stands in.
+        (MemoryBinding.PREFERRED, "0-1", False, None),
+    ],
+)
+def test_memory_policy_modes(
+    binding: MemoryBinding, nodes: str, preferred_many: bool, mode: api.MpolMode.ValueType | None
+) -> None:
+    pin = Pin(
+        CPUSet.parse("2"), CPUSet.parse("0-1"), claims=("c",), memory_policy=MemoryPolicy(binding, CPUSet.parse(nodes))
+    )
+    linux = messages.adjustment(pin, True, preferred_many).linux
+    if mode is None:
+        assert not linux.HasField("memory_policy")
+    else:
+        assert (linux.memory_policy.mode, linux.memory_policy.nodes) == (mode, nodes)
+    assert not messages.adjustment(pin, False, preferred_many).linux.HasField("memory_policy")
+
+
+@pytest.mark.parametrize(
+    ("release", "version"),
+    [("6.1.0-18-amd64", (6, 1)), ("5.15.0-91-generic", (5, 15)), ("v0.12.1", (0, 12)), ("", None)],
+)
+def test_major_minor_of_kernels_and_nri(release: str, version: tuple[int, int] | None) -> None:
+    assert major_minor(release) == version

@@ -4,7 +4,7 @@ containerd 2.3 and later vendor NRI 0.12, which passes a plugin's LinuxMemoryPol
 (`linux.memoryPolicy`); runc 1.4 and later apply it with set_mempolicy(2) in the container's init and exec'd
 processes. hack/testenv/containerd.sh builds such a pair (containerd 2.4 with runc 1.5); Debian's containerd 2.1
 and 1.7 predate it. The policy shows in /proc/<pid>/numa_maps: a mapping without a policy of its own lists its
-task's ("bind:0" after MPOL_BIND to node 0, "default" without one).
+task's ("bind:0" after MPOL_BIND to node 0, "prefer:0" after MPOL_PREFERRED, "default" without one).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dra_cpu.bench.numa_maps import parse_numa_maps
+from dra_cpu.core.cpuset import CPUSet
 from tests.harness.nodes.nri import NriNode
 from tests.harness.poll import wait_until
 from tests.harness.runtimes.containerd import offers_memory_policy
@@ -52,21 +53,35 @@ def warnings_not_offered(caplog: pytest.LogCaptureFixture) -> list[logging.LogRe
     return [r for r in records if r.name == "dra_cpu.nri" and r.getMessage().startswith(NOT_OFFERED)]
 
 
-def test_claimed_container_gets_mpol_bind_to_its_claims_nodes_where_the_runtime_offers_it(node: NriNode) -> None:
+@pytest.mark.parametrize(
+    ("memory", "mode", "numa_maps"),
+    [
+        # A claim with memory is bound to it: the memory comes from its node or the container is OOM-killed.
+        ("8Mi", "MPOL_BIND", "bind"),
+        # A CPU-only claim counted no memory: its node is preferred, the memory spills elsewhere when it is full.
+        ("", "MPOL_PREFERRED", "prefer"),
+    ],
+)
+def test_claimed_container_gets_its_claims_memory_policy_where_the_runtime_offers_it(
+    node: NriNode, memory: str, mode: str, numa_maps: str
+) -> None:
     cri = node.cri
     pod = cri.run_pod("claimant", uid=str(uuid.uuid4()))
-    ref = node.claim([pod.uid])
-    mems = node.driver.snapshot().view.topology.numa_nodes_of(node.cpus_of(ref))
+    ref = node.claim([pod.uid], memory=memory)
+    topology = node.driver.snapshot().view.topology
+    nodes = topology.numa_nodes_of(node.cpus_of(ref))
     pinned = node.claimed_container(pod, ref)
     plain = cri.create_container(cri.run_pod("plain"), "plain")
-    node.assert_allowed(pinned, node.cpus_of(ref), mems=mems)
+    # cpuset.mems: only the claim's nodes when bound, every node with memory when preferred.
+    wide = CPUSet.of(n.id for n in topology.numa_nodes if n.memory_bytes > 0)
+    node.assert_allowed(pinned, node.cpus_of(ref), mems=nodes if memory else wide)
 
     offered = offers_memory_policy(node.containerd.version)
     assert node.plugin.memory_policy == offered
     if offered:
-        assert spec_memory_policy(node, pinned) == {"mode": "MPOL_BIND", "nodes": str(mems)}
+        assert spec_memory_policy(node, pinned) == {"mode": mode, "nodes": str(nodes)}
         # Both the container's init process and a process exec'd into it later run under the policy.
-        assert policies_on_host(node, pinned) == policies_inside(node, pinned) == {f"bind:{mems}"}
+        assert policies_on_host(node, pinned) == policies_inside(node, pinned) == {f"{numa_maps}:{nodes}"}
     else:
         # The older runtime drops the field: the memory is bound by cpuset.mems alone (asserted above).
         assert spec_memory_policy(node, pinned) is None

@@ -360,7 +360,7 @@ def _saved(directory: Path, count: int) -> tuple[CheckpointFile, list[Ledger]]:
 def _tear(path: Path) -> None:
     """A save's write into `path` cut short by a power loss: the first bytes of another save over the old ones."""
     data = path.read_bytes()
-    path.write_bytes(b'{"version": 2, "bootID": "boot-1", "che' + data[40:])
+    path.write_bytes(f'{{"version": {VERSION}, "bootID": "boot-1", "che'.encode() + data[40:])
 
 
 # What the disk may hold after a power loss at any instant of the fourth save of one process (saves 1-3 told to the
@@ -450,7 +450,9 @@ def test_a_checkpoint_torn_within_one_boot_is_rebuilt_from_the_cdi_specs_not_the
 def test_a_file_of_an_unknown_version_offers_no_spare(tmp_path: Path) -> None:
     """Not torn: written by a newer driver, whose spare is a save behind it."""
     checkpoint, _ = _saved(tmp_path / "state", 2)
-    checkpoint.path.write_bytes(checkpoint.path.read_bytes().replace(b'"version": 2', b'"version": 9'))
+    written = checkpoint.path.read_bytes()
+    assert f'"version": {VERSION}'.encode() in written
+    checkpoint.path.write_bytes(written.replace(f'"version": {VERSION}'.encode(), b'"version": 9'))
     with pytest.raises(CheckpointError, match="version 9") as raised:
         CheckpointFile(tmp_path / "state").load()
     assert raised.value.spare is None

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from dra_cpu.core import ledger
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
 from dra_cpu.core.ledger import ClaimMetadata, HugePageGrant, Ledger, PreparedClaim, PreparedDevice, Unrestorable
+from dra_cpu.core.memory import MemoryBinding
 from dra_cpu.store import checkpoint_v1
 from dra_cpu.store.checkpoint import READERS, VERSION, Checkpoint, CheckpointError, CheckpointFile, decode, encode
 from tests.harness.claims import result
@@ -51,6 +53,32 @@ V2_CLAIMS = {
     SHARED.uid: PreparedClaim(SHARED.ref, SHARED.devices, SHARED.pod_uids, ClaimMetadata("pinned", ("cpus/big",))),
     REBUILT.uid: REBUILT,
 }
+# What version 3 added: memory per device, and the claim's memoryBinding where it is not the default: CPUs, memory
+# and pages on node 0 (strict by default); a CPU-only claim opted into strict; memory over two nodes, preferred.
+WIDE = PreparedClaim(
+    ref=ClaimRef("default", "wide-memory", "5b6c7d8e-9f0a-4b1c-8d2e-3f4a5b6c7d8e"),
+    devices=(
+        PreparedDevice(("cpus",), "node-a", "cpu-numa0", None, CPUSet.parse("4-5")),
+        PreparedDevice(("memory",), "node-a", "memory-numa0", "share-8", memory=ledger.MemoryGrant(0, 256 << 20)),
+        PreparedDevice(("memory",), "node-a", "memory-numa1", "share-9", memory=ledger.MemoryGrant(1, 256 << 20)),
+    ),
+    pod_uids=("22222222-3333-4444-8555-666666666666",),
+    metadata=ClaimMetadata(None, ("cpus", "memory")),
+).with_binding(MemoryBinding.PREFERRED)
+V3_CLAIMS = {
+    PINNED.uid: PreparedClaim(
+        PINNED.ref,
+        (
+            *PINNED.devices,
+            PreparedDevice(("memory",), "node-a", "memory-numa0", "share-3", memory=ledger.MemoryGrant(0, 400 << 20)),
+        ),
+        PINNED.pod_uids,
+        ClaimMetadata(None, ("cpus", "mem", "memory")),
+    ),
+    SHARED.uid: V2_CLAIMS[SHARED.uid].with_binding(MemoryBinding.STRICT),
+    WIDE.uid: WIDE,
+    REBUILT.uid: REBUILT,
+}
 # Each golden file: (version, the ledger its writer saved).
 FILES = {
     "v1-first-layout.json": (1, Ledger({PINNED.uid: PINNED})),
@@ -60,6 +88,8 @@ FILES = {
     "v2.json": (2, Ledger(V2_CLAIMS)),
     "v2-unrestorable.json": (2, Ledger(V2_CLAIMS, {LOST.uid: LOST})),
     "v2-sequence.json": (2, Ledger(V2_CLAIMS)),
+    "v3.json": (3, Ledger(V3_CLAIMS)),
+    "v3-unrestorable.json": (3, Ledger(V3_CLAIMS, {LOST.uid: LOST})),
 }
 # The save's number in the header, where the writer wrote one (added to version 2 without a bump: a reader that
 # does not know it reads the file right).
@@ -86,7 +116,7 @@ def test_the_newest_writer_writes_its_golden_files_byte_for_byte(name: str) -> N
 
 
 def test_round_trip_of_the_newest_version() -> None:
-    ledger = Ledger(V2_CLAIMS, {LOST.uid: LOST})
+    ledger = Ledger(V3_CLAIMS, {LOST.uid: LOST})
     assert decode(encode(Checkpoint(ledger, "b")), "x") == Checkpoint(ledger, "b", VERSION)
     assert decode(encode(Checkpoint(Ledger(), "")), "x") == Checkpoint(Ledger(), "", VERSION)
 
@@ -124,15 +154,15 @@ def _newer(data: bytes) -> bytes:
     doc = json.loads(data)
     doc["version"] = VERSION + 1
     for claim in doc["claims"]:
-        claim["memory"] = [{"numaNode": 0, "bytes": 1 << 30}]
+        claim["swap"] = [{"numaNode": 0, "bytes": 1 << 30}]
     canonical = "[" + ",".join(json.dumps(c, sort_keys=True, separators=(",", ":")) for c in doc["claims"]) + "]"
     doc["checksum"] = "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
     return json.dumps(doc).encode()
 
 
 def test_a_newer_version_is_refused_by_name() -> None:
-    with pytest.raises(CheckpointError, match=rf"version {VERSION + 1}, expected 1, 2 \(a newer driver's file\?\)"):
-        decode(_newer(encode(Checkpoint(Ledger(V2_CLAIMS), BOOT))), "f")
+    with pytest.raises(CheckpointError, match=rf"version {VERSION + 1}, expected 1, 2, 3 \(a newer driver's file\?\)"):
+        decode(_newer(encode(Checkpoint(Ledger(V3_CLAIMS), BOOT))), "f")
 
 
 def test_a_downgrade_moves_the_newer_file_aside_and_rebuilds_from_the_cdi_specs(tmp_path: Path) -> None:

@@ -9,10 +9,12 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.cpuset import CPUSet
-from dra_cpu.core.ledger import HugePageGrant, Ledger, PreparedClaim, PreparedDevice, Unrestorable
+from dra_cpu.core.ledger import HugePageGrant, Ledger, MemoryGrant, PreparedClaim, PreparedDevice, Unrestorable
+from dra_cpu.core.memory import MemoryBinding, parse_reserved_memory
 from dra_cpu.driver import Driver
 from dra_cpu.store.checkpoint import Checkpoint, CheckpointFile
 from tests.harness.claims import result
@@ -33,10 +35,18 @@ def _pages(uid: str, node: int, size_kib: int, nbytes: int) -> PreparedClaim:
     return PreparedClaim(ClaimRef("default", uid, uid), (device,))
 
 
-def _start_with(root: Path, *claims: PreparedClaim, fixture: str = FIXTURE) -> Driver:
-    (root / "state").mkdir(exist_ok=True)
+def _memory(uid: str, *grants: tuple[int, int]) -> PreparedClaim:
+    devices = tuple(
+        PreparedDevice(("mem",), "node-a", f"memory-numa{node}", None, memory=MemoryGrant(node, nbytes))
+        for node, nbytes in grants
+    )
+    return PreparedClaim(ClaimRef("default", uid, uid), devices)
+
+
+def _start_with(root: Path, *claims: PreparedClaim, fixture: str = FIXTURE, reserved_memory: str = "5%") -> Driver:
+    (root / "state").mkdir(parents=True, exist_ok=True)
     CheckpointFile(root / "state").save(Checkpoint(Ledger({c.uid: c for c in claims}), "boot-1"))
-    driver = make_driver(root, fixture)
+    driver = make_driver(root, fixture, reserved_memory=parse_reserved_memory(reserved_memory))
     driver.start()
     return driver
 
@@ -162,3 +172,54 @@ def test_unrestorable_reports_round_trip_and_old_files_still_load(tmp_path: Path
 
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         decode(tampered, "f")
+
+
+def test_memory_is_restored_within_what_the_node_has_for_claims_now(tmp_path: Path) -> None:
+    """dual-socket-smt2 has 305Mi for claims on node 0 and 412Mi on node 1 (5 % reserved). Restarted with 150Mi
+    reserved on every node (178Mi and 287Mi left), as after an admin raised the reservation or the node's memory
+    shrank: the claims that no longer fit beside those kept before them are dropped, whole, with the reason; a node
+    that publishes no memory any more drops its claims too."""
+    claims = (  # the checkpoint lists them by uid
+        _memory("a-small", (0, 100 << 20)),
+        _memory("b-big", (0, 100 << 20), (1, 10 << 20)),
+        _memory("c-fits", (0, 78 << 20), (1, 200 << 20)),
+        _memory("d-gone", (3, 1 << 20)),
+    )
+    assert set(_start_with(tmp_path / "before", *claims).snapshot().ledger.claims) == {"a-small", "b-big", "c-fits"}
+    ledger = _start_with(tmp_path / "after", *claims, reserved_memory="150Mi").snapshot().ledger
+    assert set(ledger.claims) == {"a-small", "c-fits"}
+    assert ledger.allocated_memory == {0: 178 << 20, 1: 200 << 20}
+    assert ledger.unrestorable["b-big"].reason == (
+        "its 100Mi of memory on NUMA node 0: with the 100Mi held by claims kept before it, that exceeds the 178Mi it "
+        "has for claims"
+    )
+    assert ledger.unrestorable["d-gone"].reason == (
+        "its 1Mi of memory on NUMA node 3: this node has no memory for claims there any more"
+    )
+
+
+def test_memory_and_its_binding_are_rebuilt_from_the_cdi_specs(tmp_path: Path) -> None:
+    """A corrupt checkpoint: each claim's memory per node and its binding come back from its CDI spec."""
+    from tests.harness.claims import cpu_config
+
+    (tmp_path / "state").mkdir()
+    driver = make_driver(tmp_path, FIXTURE)
+    driver.start()
+    memory = write_claim(
+        tmp_path, "memory", [result("memory-numa0", "mem", memory="64Mi"), result("memory-numa1", "mem", memory="8Mi")]
+    )
+    strict = write_claim(tmp_path, "strict", [result("cpu-numa1", cpus=2)])
+    path = tmp_path / "cluster/resourceclaims/default/strict.yaml"
+    claim = yaml.safe_load(path.read_text())
+    claim["status"]["allocation"]["devices"]["config"] = [cpu_config(memoryBinding="strict")]
+    path.write_text(yaml.safe_dump(claim))
+    prepared = {uid: r.claim for uid, r in driver.prepare([memory, strict]).items()}
+    assert all(prepared.values())
+    (tmp_path / "state/checkpoint.json").write_text("{")
+
+    again = make_driver(tmp_path, FIXTURE)
+    again.start()
+    rebuilt = again.snapshot().ledger.claims
+    assert rebuilt["memory"].memory == prepared["memory"].memory  # type: ignore[union-attr]
+    assert (rebuilt["memory"].binding, rebuilt["strict"].binding) == (MemoryBinding.STRICT, MemoryBinding.STRICT)
+    assert again.snapshot().ledger.allocated_memory == {0: 64 << 20, 1: 8 << 20}

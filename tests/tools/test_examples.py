@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from dra_cpu.core.allocator import AllocationError, AllocationPolicy, choose_cpus
-from dra_cpu.core.claims import ClaimRef, parse_cpu_config
+from dra_cpu.core.claims import ClaimRef, CPUConfig, parse_cpu_config
 from dra_cpu.core.devices import DeviceConfig, GroupBy, build_devices, build_slices, device_index
 from dra_cpu.core.quantity import parse_quantity
 from dra_cpu.core.topology import Topology
@@ -64,6 +64,7 @@ def test_the_examples_exist() -> None:
         "claim-cpu-capacity-20",
         "claim-cpu-numa-pinned",
         "claim-cpu-hugepages-2mi",
+        "claim-cpu-memory-hugepages",
         "claim-isolated-cpus",
         "claim-whole-cores",
         "claim-node-allocatable",
@@ -151,9 +152,9 @@ def _policies(claim: dict[str, Any]) -> Iterator[tuple[str, AllocationPolicy]]:
         opaque = entry["opaque"]
         if opaque["driver"] == DRIVER:
             ref = ClaimRef("default", claim["metadata"]["name"], "uid")
-            policy = parse_cpu_config(opaque["parameters"], "config.opaque.parameters", AllocationPolicy(), ref)
+            config = parse_cpu_config(opaque["parameters"], "config.opaque.parameters", CPUConfig(), ref)
             for request in entry["requests"]:
-                yield request, policy
+                yield request, config.policy
 
 
 def _preparable(claim: dict[str, Any], topology: Topology, explanation: Explanation, config: DeviceConfig) -> bool:
@@ -216,8 +217,8 @@ def _on_node(obj: dict[str, Any], node: str) -> dict[str, Any]:
 
 
 def _claimed(pod: dict[str, Any], claims: dict[str, dict[str, Any]]) -> dict[str, Fraction]:
-    """What the claims a container uses ask for, as node resources: cpu and hugepages-<size>."""
-    pages = {"dra.hugepages-2mi": "hugepages-2Mi", "dra.hugepages-1gi": "hugepages-1Gi"}
+    """What the claims a container uses ask for, as node resources: cpu, memory and hugepages-<size>."""
+    pages = {"dra.hugepages-2mi": "hugepages-2Mi", "dra.hugepages-1gi": "hugepages-1Gi", f"{DRIVER}.memory": "memory"}
     refs = {r["name"]: r["resourceClaimName"] for r in pod["spec"]["resourceClaims"]}
     totals: dict[str, Fraction] = {}
     for container in pod["spec"]["containers"]:
@@ -235,8 +236,9 @@ def _claimed(pod: dict[str, Any], claims: dict[str, dict[str, Any]]) -> dict[str
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
 def test_pods_repeat_their_claims_exactly_when_nothing_is_mapped(path: Path) -> None:
-    """Unmapped: requests and limits carry the claims' CPUs and pages (the scheduler and kubelet see nothing else).
-    Mapped (KEP-5517): they carry none of them (they would count twice)."""
+    """Unmapped: requests and limits carry the claims' CPUs, pages and memory (the scheduler and kubelet see nothing
+    else; a strict claim's memory is the container's limit). Mapped (KEP-5517): they carry none of them (they would
+    count twice). Memory a pod asks for without claiming any is its own business."""
     mapped = any(c.node_allocatable for c in settings_of(path))
     claims = {c["metadata"]["name"]: c for c in claims_of(path)}
     for pod in (d for d in documents(path) if d["kind"] == "Pod"):
@@ -245,7 +247,7 @@ def test_pods_repeat_their_claims_exactly_when_nothing_is_mapped(path: Path) -> 
             given: dict[str, Fraction] = {}
             for container in pod["spec"]["containers"]:
                 for resource, value in container["resources"].get(field, {}).items():
-                    if resource == "cpu" or resource.startswith("hugepages-"):
+                    if resource == "cpu" or resource.startswith("hugepages-") or resource in claimed:
                         given[resource] = given.get(resource, Fraction(0)) + parse_quantity(str(value))
             assert given == ({} if mapped else claimed), f"{path.name}: {pod['metadata']['name']} {field}"
 
@@ -280,12 +282,15 @@ def test_claims_written_for_upstream_work_in_every_grouping(
 
 
 def test_the_check_can_fail(topologies: dict[str, Topology], classes: dict[str, DeviceClass]) -> None:
-    """The same checks reject what no topology has: more CPUs than any NUMA node, hugepages of the wrong size."""
+    """The same checks reject what no topology has: more CPUs than any NUMA node, hugepages of the wrong size, more
+    memory than a NUMA node has."""
     too_big = claims_of(EXAMPLES / "claim-cpu-capacity-4.yaml")[0]
     too_big["spec"]["devices"]["requests"][0]["exactly"]["capacity"]["requests"][f"{DRIVER}/cpu"] = "1000"
     gigantic = claims_of(EXAMPLES / "claim-cpu-hugepages-2mi.yaml")[0]
     gigantic["spec"]["devices"]["requests"][1]["exactly"]["deviceClassName"] = "dra.hugepages-1gi"
-    for claim in (too_big, gigantic):
+    hungry = claims_of(EXAMPLES / "claim-cpu-memory-hugepages.yaml")[0]
+    hungry["spec"]["devices"]["requests"][1]["exactly"]["capacity"]["requests"][f"{DRIVER}/memory"] = "1Ti"
+    for claim in (too_big, gigantic, hungry):
         model = parse_claim(claim, "test")
         for name, topology in topologies.items():
             config = DeviceConfig(node_name="n")

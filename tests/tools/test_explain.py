@@ -226,7 +226,7 @@ def test_claims_in_use_leave_less_room() -> None:
     assert cpus["candidates"] == ["cpu-numa1"]
     # cpu-numa0 publishes 7: CPU 0 stays shared.
     assert cpus["reasons"]["cpu-numa0"] == "dra.cpu/cpu: requests 4, only 1 of 7 free (team/one, team/two hold 6)"
-    assert cpus["details"]["cpu-numa1"] == "dra.cpu/cpu: requests 4, 7 of 8 free"
+    assert cpus["details"]["cpu-numa1"] == "dra.cpu/cpu: requests 4, 7 of 8 free (team/x hold 1)"
     assert cpus["allocated"]["devices"] == ["cpu-numa1"]
 
 
@@ -310,7 +310,13 @@ def test_cli_json_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     [numa0] = out["requests"]
     assert numa0["name"] == "numa0-cpus"
     assert numa0["candidates"] == ["cpu-numa0"]
-    assert set(numa0["reasons"]) == {"cpu-numa1", "hugepages-2mi-numa0", "hugepages-2mi-numa1"}
+    assert set(numa0["reasons"]) == {
+        "cpu-numa1",
+        "hugepages-2mi-numa0",
+        "hugepages-2mi-numa1",
+        "memory-numa0",
+        "memory-numa1",
+    }
 
     assert main([*args, "--claim", str(claims), "--claim-name", "cpus-10"]) == 1
     assert json.loads(capsys.readouterr().out)["satisfiable"] is False
@@ -363,7 +369,7 @@ def test_without_class_the_charts_device_classes_are_assumed_and_said(
     assert json.loads(captured.out)["satisfiable"] is True
     assert captured.err == (
         "explain: no --class given: assuming the DeviceClasses the dra-cpu chart installs "
-        "(dra.cpu, dra.cpu.isolated, dra.hugepages-2mi, dra.hugepages-1gi)\n"
+        "(dra.cpu, dra.cpu.isolated, dra.hugepages-2mi, dra.hugepages-1gi, dra.cpu.memory)\n"
     )
     # A class the chart does not install is still reported as missing, naming the ones assumed.
     other = cpus_claim("1")
@@ -679,7 +685,7 @@ def test_the_gpu_example_as_its_comment_runs_it(tmp_path: Path, capsys: pytest.C
     assert "  => gpu: node-a/gpu-1" in captured.out.splitlines()
     assert captured.err == (
         "explain: assuming the dra-cpu chart's DeviceClasses the --class files lack "
-        "(dra.cpu, dra.cpu.isolated, dra.hugepages-2mi, dra.hugepages-1gi)\n"
+        "(dra.cpu, dra.cpu.isolated, dra.hugepages-2mi, dra.hugepages-1gi, dra.cpu.memory)\n"
     )
     # Without publishPcieRoots our CPU devices have no pcieRoot: the constraint cannot hold, and explain says why.
     assert main(["slices", "--node-name", "node-a", "--sysfs-root", str(root)]) == 0

@@ -62,7 +62,11 @@ def test_status_pure_counts_what_claims_consumed() -> None:
                 "allocation": {
                     "devices": {
                         "results": results(
-                            "dra.cpu", "n", ("cpu-numa1", "dra.cpu/cpu", "3"), ("hugepages-2mi-numa1", "memory", "32Mi")
+                            "dra.cpu",
+                            "n",
+                            ("cpu-numa1", "dra.cpu/cpu", "3"),
+                            ("hugepages-2mi-numa1", "memory", "32Mi"),
+                            ("memory-numa1", "dra.cpu/memory", "100Mi"),
                         )
                     }
                 }
@@ -77,6 +81,7 @@ def test_status_pure_counts_what_claims_consumed() -> None:
             # CPU 0 is held back for containers without claims (minSharedCpus 1): not published.
             "cpus": {"total": 7, "allocated": 0, "free": 7},
             "isolatedCpus": {"total": 0, "allocated": 0, "free": 0},
+            "memory": {"total": "305Mi", "allocated": "0", "free": "305Mi"},
             "hugepages": {"2Mi": {"total": "128Mi", "allocated": "0", "free": "128Mi"}},
             "claims": [],
         },
@@ -85,10 +90,12 @@ def test_status_pure_counts_what_claims_consumed() -> None:
             "numaNode": 1,
             "cpus": {"total": 8, "allocated": 3, "free": 5},
             "isolatedCpus": {"total": 0, "allocated": 0, "free": 0},
+            "memory": {"total": "412Mi", "allocated": "100Mi", "free": "312Mi"},
             "hugepages": {"2Mi": {"total": "64Mi", "allocated": "32Mi", "free": "32Mi"}},
             "claims": [
                 {"claim": "ns/a", "device": "cpu-numa1", "holds": "3 CPU(s)"},
                 {"claim": "ns/a", "device": "hugepages-2mi-numa1", "holds": "32Mi of 2Mi hugepages"},
+                {"claim": "ns/a", "device": "memory-numa1", "holds": "100Mi of memory"},
             ],
         },
     ]
@@ -106,7 +113,13 @@ def cluster(apiserver: ApiServer, kube_api: client.ApiClient, kube_namespace: st
     allocate(
         objects,
         claim("db", kube_namespace),
-        results(driver, big, ("cpu-numa0", f"{driver}/cpu", "2"), ("hugepages-2mi-numa0", f"{driver}/memory", "64Mi")),
+        results(
+            driver,
+            big,
+            ("cpu-numa0", f"{driver}/cpu", "2"),
+            ("hugepages-2mi-numa0", f"{driver}/memory", "64Mi"),
+            ("memory-numa0", f"{driver}/memory", "200Mi"),
+        ),
     )
     allocate(objects, claim("tiny", kube_namespace), results(driver, small, ("cpu-numa3", f"{driver}/cpu", "4")))
     objects.create_namespaced_custom_object(
@@ -139,19 +152,40 @@ def test_status_against_the_api_server(cluster: dict[str, str], capsys: pytest.C
     assert main([*base, "--node", cluster["big"], "-o", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)["numaNodes"]
     ns = cluster["ns"]
-    assert [(r["numaNode"], r["cpus"], r["hugepages"]) for r in rows] == [
-        (0, {"total": 7, "allocated": 7, "free": 0}, {"2Mi": {"total": "128Mi", "allocated": "64Mi", "free": "64Mi"}}),
-        (1, {"total": 8, "allocated": 0, "free": 8}, {"2Mi": {"total": "64Mi", "allocated": "0", "free": "64Mi"}}),
+    assert [(r["numaNode"], r["cpus"], r["hugepages"], r["memory"]) for r in rows] == [
+        (
+            0,
+            {"total": 7, "allocated": 7, "free": 0},
+            {"2Mi": {"total": "128Mi", "allocated": "64Mi", "free": "64Mi"}},
+            {"total": "305Mi", "allocated": "200Mi", "free": "105Mi"},
+        ),
+        (
+            1,
+            {"total": 8, "allocated": 0, "free": 8},
+            {"2Mi": {"total": "64Mi", "allocated": "0", "free": "64Mi"}},
+            {"total": "412Mi", "allocated": "0", "free": "412Mi"},
+        ),
     ]
     assert sorted((h["claim"], h["holds"]) for h in rows[0]["claims"]) == [
         (f"{ns}/db", "2 CPU(s)"),
+        (f"{ns}/db", "200Mi of memory"),
         (f"{ns}/db", "64Mi of 2Mi hugepages"),
         (f"{ns}/web", "5 CPU(s)"),
     ]
 
     assert main(base) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["NODE", "NUMA", "CPUS", "ALLOC", "FREE", "ISOLATED(A/T)", "HUGEPAGES(A/T)", "CLAIMS"]
+    assert table[0].split() == [
+        "NODE",
+        "NUMA",
+        "CPUS",
+        "ALLOC",
+        "FREE",
+        "ISOLATED(A/T)",
+        "MEMORY(A/T)",
+        "HUGEPAGES(A/T)",
+        "CLAIMS",
+    ]
     mine = [line.split()[:5] for line in table[1:] if line.split()[0] in (cluster["big"], cluster["small"])]
     assert mine == [
         [cluster["big"], "0", "7", "7", "0"],
@@ -216,12 +250,13 @@ def test_status_of_socket_devices_over_several_numa_nodes() -> None:
         }
     ]
     rows = cluster_status(parse_slices(slices, "s"), parse_usage(usage, "c"), "dra.cpu")
-    assert [(r.numa, r.numa_nodes, int(r.cpus.total), int(r.cpus.allocated)) for r in rows] == [
-        (-1, "0-1", 15, 0),  # CPU 0 stays shared
-        (-1, "2-3", 16, 6),
-        (-1, "4-5", 16, 0),
-        (-1, "6-7", 16, 0),
-    ]
+    # Memory stays per NUMA node: its rows follow the sockets'.
+    assert [(r.numa, r.numa_nodes, int(r.cpus.total), int(r.cpus.allocated), r.memory.total > 0) for r in rows] == [
+        (-1, "0-1", 15, 0, False),  # CPU 0 stays shared
+        (-1, "2-3", 16, 6, False),
+        (-1, "4-5", 16, 0, False),
+        (-1, "6-7", 16, 0, False),
+    ] + [(n, "", 0, 0, True) for n in range(8)]
     assert rows[1].as_dict()["numaNodes"] == "2-3"
     table = render_table(rows).splitlines()
     assert table[2].split()[:5] == ["n", "2-3", "16", "6", "10"]

@@ -23,6 +23,7 @@ def chart_device_classes(driver: str = DEFAULT_DRIVER, extended_resource: str = 
         f"{driver}.isolated": f'{match_driver} && {attrs}.type == "cpu" && {isolated}',
         "dra.hugepages-2mi": f'{match_driver} && {attrs}.type == "hugepages" && {attrs}.pageSize == "2Mi"',
         "dra.hugepages-1gi": f'{match_driver} && {attrs}.type == "hugepages" && {attrs}.pageSize == "1Gi"',
+        f"{driver}.memory": f'{match_driver} && {attrs}.type == "memory"',
     }
     classes = [_class(name, expression) for name, expression in expressions.items()]
     if extended_resource:

@@ -69,11 +69,12 @@ def check_device(alt: Alternative, dclass: DeviceClass, device: SliceDevice, usa
         held = Fraction(0) if alt.admin_access else held_amount(device, usage, key)
         free = cap.value - held
         how = _how(asked, amount)
+        # The device's total, what claims hold of it and what is free: per NUMA node for memory and pages.
+        by = f" ({', '.join(usage.holders)} hold {number(held)})" if held else ""
         if amount > free:
-            by = f" ({', '.join(usage.holders)} hold {number(held)})" if held else ""
             return DeviceCheck(label, False, f"{key}: {how}, only {number(free)} of {number(cap.value)} free{by}")
         takes.append((key, amount))
-        notes.append(f"{key}: {how}, {number(free)} of {number(cap.value)} free")
+        notes.append(f"{key}: {how}, {number(free)} of {number(cap.value)} free{by}")
     return DeviceCheck(label, True, "; ".join(notes), tuple(takes))
 
 

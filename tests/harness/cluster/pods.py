@@ -106,6 +106,16 @@ def pod_scheduled_condition(pod: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def unschedulable(kube: Kube, namespace: str, name: str, timeout: float = 90.0) -> str:
+    """The scheduler's message once it gave up on the pod for now (PodScheduled False, Unschedulable)."""
+
+    def condition() -> str | None:
+        found = pod_scheduled_condition(kube.get(pod_path(namespace, name))) or {}
+        return str(found.get("message")) if found.get("reason") == "Unschedulable" else None
+
+    return wait_until(condition, f"pod {namespace}/{name} to be found unschedulable", timeout)
+
+
 def wait_allocated(kube: Kube, namespace: str, name: str, timeout: float = 60.0) -> dict[str, Any]:
     def allocated() -> dict[str, Any] | None:
         claim: dict[str, Any] = kube.get(claim_path(namespace, name))

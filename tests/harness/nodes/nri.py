@@ -92,14 +92,18 @@ class NriNode(Component):
         self._plugin = plugin
         return plugin
 
-    def claim(self, pod_uids: list[str], cpus: int = 1, hugepages_2mi: str = "") -> ClaimRef:
-        """Write an allocated claim reserved for `pod_uids` (with `hugepages_2mi` bytes of 2 MiB pages from NUMA
-        node 0, e.g. "4Mi") and prepare it."""
+    def claim(self, pod_uids: list[str], cpus: int = 1, hugepages_2mi: str = "", memory: str = "") -> ClaimRef:
+        """Write an allocated claim reserved for `pod_uids` (with `hugepages_2mi` bytes of 2 MiB pages and `memory`
+        bytes of memory from NUMA node 0, e.g. "4Mi") and prepare it."""
         ref = ClaimRef("default", f"claim-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()))
         results = [allocation_result("dra.cpu", NODE, "cpu-numa0", consumed={"dra.cpu/cpu": str(cpus)})]
-        if hugepages_2mi:
-            consumed = {"dra.cpu/memory": hugepages_2mi}
-            results.append(allocation_result("dra.cpu", NODE, "hugepages-2mi-numa0", request="mem", consumed=consumed))
+        for device, request, amount in (
+            ("hugepages-2mi-numa0", "mem", hugepages_2mi),
+            ("memory-numa0", "memory", memory),
+        ):
+            if amount:
+                consumed = {"dra.cpu/memory": amount}
+                results.append(allocation_result("dra.cpu", NODE, device, request=request, consumed=consumed))
         FolderClaims(self.dir / "cluster" / "resourceclaims").put(
             allocated_claim_object(ref.namespace, ref.name, results, uid=ref.uid, pod_uids=pod_uids)
         )
