@@ -48,13 +48,17 @@ def _parse_line(line: str, where: str) -> NumaMapsEntry:
         raise NumaMapsError(f"{where}: start address {fields[0]!r} is not hexadecimal") from None
     pages: dict[int, int] = {}
     page_kib = _DEFAULT_PAGE_KIB
-    for item in fields[2:]:
+    policy, rest = fields[1], fields[2:]
+    if policy == "prefer" and rest and rest[0].startswith("(many)"):
+        # MPOL_PREFERRED_MANY is the one policy whose name has a space: "prefer (many):0-1".
+        policy, rest = f"prefer {rest[0]}", rest[1:]
+    for item in rest:
         key, sep, value = item.partition("=")
         if sep and key == "kernelpagesize_kB":
             page_kib = _count(value, key, where)
         elif sep and len(key) > 1 and key[0] == "N" and key[1:].isdigit():
             pages[int(key[1:])] = _count(value, key, where)
-    return NumaMapsEntry(start, fields[1], tuple(sorted(pages.items())), page_kib, "huge" in fields[2:])
+    return NumaMapsEntry(start, policy, tuple(sorted(pages.items())), page_kib, "huge" in rest)
 
 
 def _count(value: str, key: str, where: str) -> int:

@@ -117,3 +117,10 @@ def test_a_buffer_bound_here_is_verified_on_node_0_and_not_elsewhere() -> None:
 def test_binding_to_a_node_the_machine_lacks_is_a_clear_error() -> None:
     with pytest.raises(MemPolicyError, match=r"^mbind to memory node\(s\) 1000: Invalid argument$"):
         BoundBuffer(1 << 20, 1000)
+
+
+def test_the_preferred_many_policy_is_one_field() -> None:
+    """MPOL_PREFERRED_MANY's name has a space; the page counts after it are still read."""
+    [entry] = parse_numa_maps("7f00 prefer (many):0-1 anon=3 dirty=3 N0=2 N1=1 kernelpagesize_kB=4\n")
+    assert entry.policy == "prefer (many):0-1"
+    assert entry.pages_by_node == ((0, 2), (1, 1))

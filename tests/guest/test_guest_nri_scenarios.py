@@ -29,7 +29,7 @@ def test_claimed_container_pinned_and_shared_pool_follows_claims(guest_node: Gue
     node.assert_allowed(bystander, general - claimed)
 
     pinned = node.create_container(pod, "pinned", claims=[claim])
-    node.assert_allowed(pinned, claimed, mems={0})
+    node.assert_allowed(pinned, claimed, mems=SPEC.memory_nodes)
     env = node.exec(pinned, ["env"])["stdout"].splitlines()
     assert f"DRA_CPUSET_{claim.uid}={format_cpulist(claimed)}" in env
     node.assert_sidecar_shared_then_released(pod, claim, bystander, general)
@@ -103,7 +103,7 @@ def test_container_cgroup_is_a_v2_cgroup_under_the_pod_parent(guest_node: GuestS
     claim = node.prepared([result("cpu-numa0", cpus=1)], [pod.uid])
     claimed = node.granted(claim)
     pinned = node.create_container(pod, "pinned", claims=[claim])
-    node.assert_allowed(pinned, claimed, mems={0})
+    node.assert_allowed(pinned, claimed, mems=SPEC.memory_nodes)
     node.assert_allowed(bystander, node.shared())
 
     for container, cpus in ((pinned, claimed), (bystander, node.shared())):
@@ -117,23 +117,24 @@ def test_container_cgroup_is_a_v2_cgroup_under_the_pod_parent(guest_node: GuestS
         assert cpulist(node.guest.read(f"{directory}/cpuset.cpus")) == cpus
         assert cpulist(node.guest.read(f"{directory}/cpuset.cpus.effective")) == cpus
         assert {"cpuset", "cpu"} <= set(node.guest.read(f"{directory}/cgroup.controllers").split())
-    assert cpulist(node.cgroup_file(pinned, "cpuset.mems")) == {0}
+    assert cpulist(node.cgroup_file(pinned, "cpuset.mems")) == SPEC.memory_nodes
 
 
-def test_memory_policy_binds_a_claim_over_two_nodes_where_the_runtime_offers_it(guest_node: GuestStandinNode) -> None:
-    """The NRI 0.12 LinuxMemoryPolicy on a multi-NUMA kernel: MPOL_BIND to nodes 0 and 1 shows in numa_maps as
-    "bind:0-1" (containerd 2.4 with its runc 1.5); the older runtimes leave the task's policy "default"."""
+def test_memory_policy_prefers_a_claim_over_two_nodes_where_the_runtime_offers_it(guest_node: GuestStandinNode) -> None:
+    """The NRI 0.12 LinuxMemoryPolicy on a multi-NUMA kernel: a claim of CPUs only on nodes 0 and 1 prefers its memory
+    there (MPOL_PREFERRED_MANY, "prefer (many):0-1" in numa_maps) with every node with memory allowed (containerd 2.4
+    with its runc 1.5); the older runtimes leave the task's policy "default". Strict binding: test_guest_memory.py."""
     node = guest_node
     pod = node.run_pod("claimant", uid=str(uuid.uuid4()))
     claim = node.prepared([result("cpu-numa0", "numa0", cpus=1), result("cpu-numa1", "numa1", cpus=1)], [pod.uid])
     pinned = node.create_container(pod, "pinned", claims=[claim])
-    node.assert_allowed(pinned, node.granted(claim), mems={0, 1})
+    node.assert_allowed(pinned, node.granted(claim), mems=SPEC.memory_nodes)
     plain = node.create_container(node.run_pod("plain"), "plain")
 
     def policies(numa_maps: str) -> set[str]:
         return {entry.policy for entry in parse_numa_maps(numa_maps)}
 
-    expected = "bind:0-1" if offers_memory_policy(node.version) else "default"
+    expected = "prefer (many):0-1" if offers_memory_policy(node.version) else "default"
     assert policies(node.guest.read(f"/proc/{node.pid(pinned)}/numa_maps")) == {expected}
     assert policies(node.exec(pinned, ["cat", "/proc/self/numa_maps"])["stdout"]) == {expected}
     assert policies(node.guest.read(f"/proc/{node.pid(plain)}/numa_maps")) == {"default"}

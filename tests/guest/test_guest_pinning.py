@@ -65,7 +65,7 @@ def test_claim_split_over_both_nodes_pins_the_container_and_others_keep_off(gues
     node = guest_node
     general = node.online() - set(SPEC.isolated_cpus)
     bystander = node.create_container(node.run_pod("bystander"), "app")
-    node.assert_allowed(bystander, general, mems={0, 1, 2})
+    node.assert_allowed(bystander, general, mems=SPEC.memory_nodes)
 
     # The shape of hack/examples/claim-cpu-capacity-20.yaml: one request per NUMA node.
     pod = node.run_pod("app", uid=str(uuid.uuid4()))
@@ -85,9 +85,9 @@ def test_claim_split_over_both_nodes_pins_the_container_and_others_keep_off(gues
     app = node.create_container(
         pod, "app", claims=[claim], mounts=[GUEST_USR], env=PYTHON_ENV, command=container_python(HOLD_MEMORY, "32")
     )
-    node.assert_allowed(app, granted, mems={0, 1})
+    node.assert_allowed(app, granted, mems=SPEC.memory_nodes)
     assert cpulist(node.cgroup_file(app, "cpuset.cpus")) == granted
-    assert cpulist(node.cgroup_file(app, "cpuset.mems")) == {0, 1}
+    assert cpulist(node.cgroup_file(app, "cpuset.mems")) == SPEC.memory_nodes
     assert f"DRA_CPUSET_{claim.uid}" in node.exec(app, ["env"])["stdout"]
     # The memory it touched is on its nodes, none on the memory-only node 2.
     pid = node.pid(app)
@@ -122,7 +122,7 @@ def test_hugepages_claim_limits_the_container_to_its_pages_on_its_node(guest_nod
         env=PYTHON_ENV,
         command=container_python(HOLD_MEMORY, str(TOUCH_MIB), str(pages)),
     )
-    node.assert_allowed(app, granted, mems={1})
+    node.assert_allowed(app, granted, mems=SPEC.memory_nodes)
     limit = pages * PAGE_2M
     assert int(node.cgroup_file(app, "hugetlb.2MB.max")) == limit
     # The enforcer writes the reservation limit itself at StartContainer: the guest's bookworm runc 1.1.5 does not.
@@ -158,7 +158,7 @@ def test_isolated_cpu_claim_gets_the_isolated_cpu(guest_node: GuestStandinNode) 
     claim = node.prepared([result(f"cpu-isolated-numa{SPEC.node_of(isolated)}", cpus=1)], [pod.uid])
     assert node.granted(claim) == set(SPEC.isolated_cpus)
     app = node.create_container(pod, "app", claims=[claim])
-    node.assert_allowed(app, set(SPEC.isolated_cpus), mems={SPEC.node_of(isolated)})
+    node.assert_allowed(app, set(SPEC.isolated_cpus), mems=SPEC.memory_nodes)
     # The isolated CPU was never the shared pool's: the bystander keeps every other CPU.
     node.assert_allowed(bystander, general)
 

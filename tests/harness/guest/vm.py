@@ -97,6 +97,12 @@ class GuestSpec:
     def node_of(self, cpu: int) -> int:
         return next(n.id for n in self.nodes if cpu in n.cpus)
 
+    @property
+    def memory_nodes(self) -> frozenset[int]:
+        """The nodes with memory: the cpuset.mems of containers without claims, and of claims that ask for no memory
+        (their memory is preferred on their CPUs' nodes, not bound: docs/user.md)."""
+        return frozenset(n.id for n in self.nodes if n.memory_mib)
+
     def kernel_args(self) -> list[str]:
         pages = ",".join(f"{n.id}:{n.hugepages_2m}" for n in self.nodes if n.hugepages_2m)
         return [
