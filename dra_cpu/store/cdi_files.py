@@ -24,23 +24,26 @@ class CDIStore:
         return self.root / spec_filename(self.driver, uid)
 
     def write(self, uid: str, spec: Mapping[str, Any]) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            # Not durable: the specs live on a tmpfs, and start-up rewrites them from the checkpoint. On one line:
-            # the json module indents in Python, ten times slower than its C encoder, on every prepare.
-            write_atomic(self.path(uid), json.dumps(spec).encode() + b"\n", durable=False)
-        except OSError as err:
-            raise CDIError(f"cannot write CDI spec {self.path(uid)}: {err.strerror}") from None
+        self._write(uid, _encode(spec))
 
     def ensure(self, uid: str, spec: Mapping[str, Any]) -> None:
-        """Write `spec` unless the file holds it already: a retry then succeeds on a full or read-only folder."""
+        """Write `spec` unless the file holds it already: a retry then succeeds on a full or read-only folder.
+        Compared as bytes: the spec is encoded once, and a file holding anything else is rewritten."""
+        data = _encode(spec)
         try:
-            # Compared as JSON reads it back (lists, not tuples).
-            if self.read(uid) == json.loads(json.dumps(spec)):
+            if self.path(uid).read_bytes() == data:
                 return
-        except CDIError:
+        except OSError:
             pass  # missing or unreadable: written below
-        self.write(uid, spec)
+        self._write(uid, data)
+
+    def _write(self, uid: str, data: bytes) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            # Not durable: the specs live on a tmpfs, and start-up rewrites them from the checkpoint.
+            write_atomic(self.path(uid), data, durable=False)
+        except OSError as err:
+            raise CDIError(f"cannot write CDI spec {self.path(uid)}: {err.strerror}") from None
 
     def remove(self, uid: str) -> None:
         try:
@@ -67,3 +70,8 @@ class CDIStore:
         except (OSError, json.JSONDecodeError) as err:
             raise CDIError(f"cannot read CDI spec {self.path(uid)}: {err}") from None
         return spec
+
+
+def _encode(spec: Mapping[str, Any]) -> bytes:
+    # On one line: the json module indents in Python, ten times slower than its C encoder, on every prepare.
+    return json.dumps(spec).encode() + b"\n"

@@ -1,7 +1,8 @@
 """Temp files left by writes killed between create and rename (store/fileio.write_atomic), removed at start-up.
 
-write_atomic names its temp file `.<target name>.<8 random characters>.tmp` (tempfile.mkstemp); only names of that
-shape whose target matches the caller's pattern are removed, so nothing of another program is touched.
+write_atomic names its temp file `.<target name>.<8 random characters>.tmp` (as tempfile.mkstemp did in earlier
+versions); only names of that shape whose target matches the caller's pattern are removed, so nothing of another
+program is touched.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import fnmatch
 import re
 from pathlib import Path
 
-# mkstemp's random part: 8 characters of [a-z0-9_].
+# The random part: 8 characters of [a-z0-9_] (mkstemp's alphabet; write_atomic uses hex digits).
 _TEMP = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 

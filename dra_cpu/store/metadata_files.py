@@ -14,9 +14,11 @@ milliseconds on a busy disk, for files the next prepare rewrites anyway.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +41,23 @@ def encode(request: RequestMetadata, versions: Iterable[str] = dm.VERSIONS) -> b
     kubeletplugin helper writes it. The objects differ in their apiVersion alone: the first is encoded (pretty
     printing runs in Python, not in the json module's C code) and the others are copies with that line changed."""
     first, *others = versions
-    text = json.dumps(dm.document(request, first), indent=2) + "\n"
+    text = pretty_json(dm.document(request, first)) + "\n"
     line = f'"apiVersion": "{dm.GROUP}/{first}"'
     return "".join([text, *(text.replace(line, f'"apiVersion": "{dm.GROUP}/{v}"', 1) for v in others)]).encode()
+
+
+def pretty_json(value: Any, indent: str = "\n") -> str:
+    """json.dumps(value, indent=2) for JSON values with string keys, byte for byte, in half its time: the json
+    module's Python encoder makes a generator per container and value, this one string joins."""
+    if isinstance(value, str):
+        return encode_basestring_ascii(value)
+    inner = indent + "  "
+    if isinstance(value, dict):
+        items = [f"{inner}{encode_basestring_ascii(k)}: {pretty_json(v, inner)}" for k, v in value.items()]
+        return "{" + ",".join(items) + indent + "}" if items else "{}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join([inner + pretty_json(v, inner) for v in value]) + indent + "]" if value else "[]"
+    return json.dumps(value)
 
 
 def decode(data: bytes, versions: Iterable[str] = dm.VERSIONS, validate: bool = True) -> dict[str, Any]:
@@ -127,7 +143,7 @@ class MetadataStore:
                 return
             for request_dir in sorted(claim_dir.iterdir()):
                 if self._uid_in(request_dir) in (ref.uid, None):
-                    _remove_path(request_dir)
+                    _remove_request_dir(request_dir)
             _remove_if_empty(claim_dir)
         except OSError as err:
             raise MetadataError(
@@ -250,6 +266,19 @@ class MetadataStore:
             for request_dir in self.root.glob("*/*"):
                 removed += remove_temp_files(request_dir, dm.HOST_FILE)
         return removed
+
+
+def _remove_request_dir(request_dir: Path) -> None:
+    """A request's folder as an unprepare finds it, its file alone in it, in two calls (half of rmtree's time);
+    anything else (a symlink, temp files of a killed write, what someone put there) as _remove_path removes it."""
+    if not request_dir.is_symlink():
+        try:
+            os.unlink(request_dir / dm.HOST_FILE)
+            os.rmdir(request_dir)
+            return
+        except OSError:
+            pass
+    _remove_path(request_dir)
 
 
 def _remove_path(path: Path) -> None:

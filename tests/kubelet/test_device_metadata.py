@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.device_metadata import CONTAINER_DIR, MetadataError
 from dra_cpu.kubelet.client import KubeletClient
-from dra_cpu.store.metadata_files import decode
+from dra_cpu.store.metadata_files import decode, pretty_json
 from tests.harness.claims import DRIVER, NODE, result
 from tests.harness.nodes.standin import NodeFactory, StandinNode, make_driver, start_plugin
 from tests.harness.poll import wait_until
@@ -273,3 +275,15 @@ def test_the_upstream_writers_file_reads_the_same_way_and_our_keys_keep_its_orde
     assert in_order(ours, upstream) and in_order(ours["metadata"], upstream["metadata"])
     assert in_order(ours["requests"][0], upstream["requests"][0])
     assert in_order(ours["requests"][0]["devices"][0], upstream["requests"][0]["devices"][0])
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(JSON_VALUES)
+def test_the_metadata_file_is_indented_as_the_json_module_indents(value: Any) -> None:
+    assert pretty_json(value) == json.dumps(value, indent=2)
