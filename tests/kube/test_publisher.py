@@ -219,14 +219,14 @@ def test_a_big_node_gets_several_slices_and_loses_them_when_it_shrinks(
     publisher.set_devices(devices)
     assert publisher.sync_once() == 3
     stored = reader.slices()
-    # 299 devices: CPU 0 stays shared (minSharedCpus 1).
-    assert [len(s["spec"]["devices"]) for _, s in sorted(stored.items())] == [128, 128, 43]
+    # 301 devices: 299 CPUs (CPU 0 stays shared, minSharedCpus 1) and each NUMA node's memory.
+    assert [len(s["spec"]["devices"]) for _, s in sorted(stored.items())] == [128, 128, 45]
     assert {json.dumps(s["spec"]["pool"], sort_keys=True) for s in stored.values()} == {
         json.dumps({"generation": 1, "name": config.node_name, "resourceSliceCount": 3}, sort_keys=True)
     }
     assert reader.devices() == published(devices)
 
-    # 200 CPUs reserved for the system: 100 devices left, which fit one slice.
+    # 200 CPUs reserved for the system: 102 devices left, which fit one slice.
     smaller = devices_of(root, individual(config, reserved=CPUSet.of(range(200))))
     publisher.set_devices(smaller)
     assert publisher.sync_once() == 3  # one update, two deletes
