@@ -51,6 +51,7 @@ LOG = logging.getLogger("dra_cpu.daemon")
 def connect_cluster(config: Config) -> ClusterAPI:
     if config.standalone:
         return StandaloneAPI(Path(config.standalone))
+    # Here, not at the top: a standalone daemon (the demo, development) never loads the API client.
     from dra_cpu.kube.apiserver import connect
 
     # With the node's name: the pods reserving a claim come from a watch of this node's pods (kube/pods.py).
