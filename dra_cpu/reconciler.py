@@ -111,8 +111,9 @@ class Reconciler:
 
     def _remove(self, ref: ClaimRef, before: PreparedClaim | None, view: NodeView, log: OperationLog) -> None:
         self.cdi.remove(ref.uid)
+        recorded = before.metadata if before is not None else None
         try:
-            self.metadata.remove(ref)
+            self.metadata.remove(ref, recorded.base_requests if recorded is not None else None)
         except MetadataError:
             self._put_back(before, view, log)
             raise

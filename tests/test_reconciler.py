@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tests.harness.nodes.standin import make_driver, write_claim
 class UnremovableMetadata(MetadataStore):
     """A metadata folder whose files cannot be removed (a read-only or failing disk)."""
 
-    def remove(self, ref: ClaimRef) -> None:
+    def remove(self, ref: ClaimRef, requests: Iterable[str] | None = None) -> None:
         raise MetadataError(f"cannot remove device metadata of claim {ref}: read-only file system")
 
 

@@ -60,6 +60,11 @@ class ClaimMetadata:
     pod_claim_name: str | None
     requests: tuple[str, ...]
 
+    @property
+    def base_requests(self) -> tuple[str, ...]:
+        """The requests' names without a subrequest: one folder and one CDI spec each."""
+        return tuple(name.split("/", 1)[0] for name in self.requests)
+
 
 @dataclass(frozen=True)
 class PreparedClaim:

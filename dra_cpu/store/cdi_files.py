@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dra_cpu.core.cdi_spec import CDI_CLASS, CDIError, spec_filename
-from dra_cpu.store.fileio import write_atomic
+from dra_cpu.store.fileio import read_file, write_atomic
 from dra_cpu.store.leftovers import remove_temp_files
 
 
@@ -31,7 +31,7 @@ class CDIStore:
         Compared as bytes: the spec is encoded once, and a file holding anything else is rewritten."""
         data = _encode(spec)
         try:
-            if self.path(uid).read_bytes() == data:
+            if read_file(self.path(uid)) == data:
                 return
         except OSError:
             pass  # missing or unreadable: written below

@@ -57,6 +57,19 @@ def _temp_file(path: Path) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no free temp file name", str(path))
 
 
+def read_file(path: Path) -> bytes:
+    """The bytes of a small file, for a comparison with what is to be written: four system calls where
+    Path.read_bytes makes seven (a file object asks for the size, whether it is a terminal, and the position)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 def write_in_place(path: Path, data: bytes, mode: int) -> None:
     """Overwrite `path` (created when missing) with `data` and fdatasync it: no new inode, and no block allocation
     when the file was about as long already. Not atomic: for a file nobody reads while it is written."""

@@ -13,6 +13,7 @@ milliseconds on a busy disk, for files the next prepare rewrites anyway.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.desired import MetadataFile
 from dra_cpu.core.device_metadata import MetadataError, RequestMetadata
 from dra_cpu.core.ledger import ClaimMetadata
-from dra_cpu.store.fileio import write_atomic
+from dra_cpu.store.fileio import read_file, write_atomic
 from dra_cpu.store.leftovers import remove_temp_files
 
 DIR_MODE = 0o755
@@ -57,6 +58,10 @@ def pretty_json(value: Any, indent: str = "\n") -> str:
         return "{" + ",".join(items) + indent + "}" if items else "{}"
     if isinstance(value, list | tuple):
         return "[" + ",".join([inner + pretty_json(v, inner) for v in value]) + indent + "]" if value else "[]"
+    if value is True or value is False or value is None:
+        return "true" if value else "false" if value is False else "null"
+    if type(value) is int:
+        return int.__repr__(value)  # as the json module writes an int; a subclass's repr may differ
     return json.dumps(value)
 
 
@@ -132,16 +137,22 @@ class MetadataStore:
             ids[request.base_request] = dm.cdi_device_id(self.driver, request.ref.uid, request.base_request)
         return ids
 
-    def remove(self, ref: ClaimRef) -> None:
-        """Remove a claim's files and specs. Request folders holding another uid's file (the claim was deleted and
-        made again under the same name, and that one is prepared) are left alone."""
+    def remove(self, ref: ClaimRef, requests: Iterable[str] | None = None) -> None:
+        """Remove a claim's files and specs: those of `requests` (base request names) when its record names them,
+        else every one found (the CDI folder listed, the claim's folder read). Request folders holding another
+        uid's file (the claim was deleted and made again under the same name, and that one is prepared) are left
+        alone."""
         try:
-            for spec in self._specs(ref.uid):
-                spec.unlink(missing_ok=True)
             claim_dir = self.root / dm.claim_dir_name(ref.namespace, ref.name)
-            if not claim_dir.is_dir():
-                return
-            for request_dir in sorted(claim_dir.iterdir()):
+            if requests is None:
+                specs = self._specs(ref.uid)
+                request_dirs = sorted(claim_dir.iterdir()) if claim_dir.is_dir() else []
+            else:
+                specs = [self.spec_path(ref.uid, request) for request in requests]
+                request_dirs = [claim_dir / request for request in requests]
+            for spec in specs:
+                spec.unlink(missing_ok=True)
+            for request_dir in request_dirs:
                 if self._uid_in(request_dir) in (ref.uid, None):
                     _remove_request_dir(request_dir)
             _remove_if_empty(claim_dir)
@@ -222,18 +233,12 @@ class MetadataStore:
         """Write `data` unless the file already holds exactly it (a kubelet retry on a full or read-only folder
         then succeeds); True when written."""
         try:
-            if path.read_bytes() == data:
+            if read_file(path) == data:
                 return False
         except OSError:
             pass
         try:
-            missing = []
-            parent = path.parent
-            while not parent.is_dir():
-                missing.append(parent)
-                parent = parent.parent
-            for folder in reversed(missing):
-                folder.mkdir(mode=DIR_MODE, exist_ok=True)
+            _make_folder(path.parent)
             # Not durable: see the module's docstring.
             write_atomic(path, data, mode=FILE_MODE, durable=False)
         except OSError as err:
@@ -254,7 +259,7 @@ class MetadataStore:
     def _uid_in(request_dir: Path) -> str | None:
         try:
             # Only whose it is matters here, not whether a reader would accept it.
-            data = (request_dir / dm.HOST_FILE).read_bytes()
+            data = read_file(request_dir / dm.HOST_FILE)
             uid = (decode(data, validate=False).get("metadata") or {}).get("uid")
         except (OSError, MetadataError):
             return None
@@ -288,6 +293,22 @@ def _remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _make_folder(folder: Path) -> None:
+    """mkdir -p, in one system call when the folder is there already (os.makedirs makes three)."""
+    try:
+        os.mkdir(folder, DIR_MODE)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        _make_folder(folder.parent)
+        os.mkdir(folder, DIR_MODE)
+
+
 def _remove_if_empty(directory: Path) -> None:
-    if directory.is_dir() and not any(directory.iterdir()):
+    try:
         directory.rmdir()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as err:
+        if err.errno != errno.ENOTEMPTY:
+            raise

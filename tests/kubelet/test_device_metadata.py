@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import stat
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,24 @@ def test_unprepare_removes_the_files_and_specs(node_factory: NodeFactory) -> Non
     assert node.kubelet.unprepare([ref]).claims[ref.uid].error == ""
     assert not claim_dir.exists() and not metadata_spec(node, ref).exists()
     assert not any((node.plugin.paths.plugin_dir / "dra-device-metadata").iterdir())
+
+
+def test_unprepare_leaves_the_files_of_a_claim_made_again_under_the_same_name(node_factory: NodeFactory) -> None:
+    node = node_factory()
+    old = node.claim([result("cpu-numa0", cpus=1)], name="same", uid=str(uuid.uuid4()))
+    assert not node.prepare(old).error
+    # Deleted and made again before the kubelet unprepared the old one: the new one's file takes the folder.
+    new = node.claim([result("cpu-numa1", cpus=1)], name="same", uid=str(uuid.uuid4()))
+    assert not node.prepare(new).error
+    written = host_file(node, new).read_bytes()
+    assert decode(written)["metadata"]["uid"] == new.uid
+
+    assert node.kubelet.unprepare([old]).claims[old.uid].error == ""
+    assert not metadata_spec(node, old).exists()
+    assert host_file(node, new).read_bytes() == written and metadata_spec(node, new).is_file()
+
+    assert node.kubelet.unprepare([new]).claims[new.uid].error == ""
+    assert not host_file(node, new).parents[1].exists() and not metadata_spec(node, new).exists()
 
 
 def test_a_restart_keeps_the_prepared_claims_metadata_and_drops_the_rest(node_factory: NodeFactory) -> None:
