@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from dra_cpu.core.cpuset import CPUSet
@@ -115,15 +116,16 @@ class Topology:
     def present_cpus(self) -> CPUSet:
         return CPUSet(frozenset(self._by_id))
 
-    @property
+    # Made once: every prepare asks for these (the capacity of the pool a claim draws from).
+    @cached_property
     def online_cpus(self) -> CPUSet:
         return CPUSet.of(c.id for c in self.cpus if c.online)
 
-    @property
+    @cached_property
     def offline_cpus(self) -> CPUSet:
         return CPUSet.of(c.id for c in self.cpus if not c.online)
 
-    @property
+    @cached_property
     def isolated_cpus(self) -> CPUSet:
         return CPUSet.of(c.id for c in self.cpus if c.isolated)
 
