@@ -55,6 +55,18 @@ UPSTREAM_KEYS = {
     "bindAddress": UpstreamKey("metricsAddress"),
     "exposePCIeRoots": UpstreamKey("publishPcieRoots"),
 }
+# The upstream driver's command-line flags (deprecated there in favour of its file), by the key each sets: taken
+# here too, so that its DaemonSet's arguments start this driver. Its --group-by and --reserved-cpus are ours by
+# name: the first means the same, the second is ours (not strict; docs/admin.md).
+UPSTREAM_FLAGS = {
+    "--cpu-device-mode": "cpuDeviceMode",
+    "--hostname-override": "hostnameOverride",
+    "--bind-address": "bindAddress",
+    "--expose-pcie-roots": "exposePCIeRoots",
+    "--sysfs-overlay": "sysfsOverlay",
+}
+# Go's strconv.ParseBool, which reads the upstream driver's boolean flags (`--expose-pcie-roots=false`).
+_GO_BOOLS = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}
 UPSTREAM_API_VERSION = "v1alpha1"
 # The upstream driver's keys that have no counterpart here, and what to do instead.
 UPSTREAM_ONLY = {
@@ -218,17 +230,61 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         elif f.type == "float":
             kwargs["type"] = float
         parser.add_argument(_flag(f.name), **kwargs)
+    upstream = parser.add_argument_group(
+        "the upstream driver's flags (kubernetes-sigs/dra-driver-cpu), taken under its names"
+    )
+    for flag, key in UPSTREAM_FLAGS.items():
+        ours = UPSTREAM_KEYS[key].ours if key in UPSTREAM_KEYS else ""
+        kwargs = {"dest": _upstream_dest(key), "default": None, "metavar": "VALUE"}
+        if ours == "publishPcieRoots":
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        upstream.add_argument(flag, help=f"as {_flag(_snake(ours))}" if ours else UPSTREAM_ONLY[key], **kwargs)
 
 
 def load(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     values: dict[str, Any] = {}
     if args.config:
         values.update(_from_file(Path(args.config)))
-    values.update({f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None})
+    flagged = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
+    values.update(flagged)
+    values.update(_upstream_flags(args, flagged))
     config = Config(**values)
     if not config.node_name:
         config = dataclasses.replace(config, node_name=environ.get("NODE_NAME") or _hostname())
     return config.validate()
+
+
+def _upstream_dest(key: str) -> str:
+    return f"upstream_{key}"
+
+
+def _snake(key: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in key)
+
+
+def _upstream_flags(args: argparse.Namespace, flagged: dict[str, Any]) -> dict[str, Any]:
+    """Our settings from the upstream driver's flags given; ConfigError for one without a counterpart, or one that
+    contradicts our own flag for the same setting."""
+    values: dict[str, Any] = {}
+    for flag, key in UPSTREAM_FLAGS.items():
+        value = getattr(args, _upstream_dest(key), None)
+        if value is None:
+            continue
+        if key in UPSTREAM_ONLY:
+            raise ConfigError(f"{flag} is the upstream driver's; {UPSTREAM_ONLY[key]}")
+        upstream = UPSTREAM_KEYS[key]
+        name = _snake(upstream.ours)
+        if name == "publish_pcie_roots":
+            if value.lower() not in _GO_BOOLS:
+                raise ConfigError(f"{flag} {shown(value)}: must be true or false")
+            value = _GO_BOOLS[value.lower()]
+        elif name == "node_name":
+            value = value.strip().lower()  # as upstream does
+        for ours, given in ((name, value), *((_snake(k), v) for k, v in upstream.implies)):
+            if ours in flagged and flagged[ours] != given:
+                raise ConfigError(f"{flag} and {_flag(ours)} both given, to different values: give one")
+            values[ours] = given
+    return values
 
 
 def _hostname() -> str:

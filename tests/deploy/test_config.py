@@ -281,6 +281,47 @@ def test_upstream_keys_that_contradict_or_have_no_counterpart_are_one_line(
     assert expected in str(err.value)
 
 
+def test_the_upstream_drivers_flags_work() -> None:
+    """Its DaemonSet's arguments, as its chart writes them, start this driver with the same settings."""
+    config = load_args(
+        "--cpu-device-mode=individual",
+        "--hostname-override",
+        "Node-B",
+        "--bind-address=:9091",
+        "--expose-pcie-roots=false",
+        "--group-by=socket",
+    )
+    assert (config.device_mode, config.node_name, config.metrics_address, config.group_by) == (
+        "individual",
+        "node-b",
+        ":9091",
+        "socket",
+    )
+    assert not config.publish_pcie_roots
+    assert load_args("--expose-pcie-roots").publish_pcie_roots
+    assert load_args("--expose-pcie-roots=T").publish_pcie_roots
+    # The same setting under both names, agreeing: fine.
+    assert load_args("--cpu-device-mode", "grouped", "--device-mode", "grouped").device_mode == "grouped"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ("--cpu-device-mode", "individual", "--device-mode", "grouped"),
+            "--cpu-device-mode and --device-mode both given, to different values: give one",
+        ),
+        (("--expose-pcie-roots=maybe",), "--expose-pcie-roots 'maybe': must be true or false"),
+        (("--sysfs-overlay", "/x"), "--sysfs-overlay is the upstream driver's; dra-cpu reads a whole sysfs tree"),
+        (("--cpu-device-mode", "cores"), "deviceMode 'cores': must be one of grouped, individual"),
+    ],
+)
+def test_upstream_flags_that_contradict_or_have_no_counterpart_are_one_line(
+    argv: tuple[str, ...], expected: str
+) -> None:
+    assert expected in refused(dra_cpu_run(*argv))
+
+
 def test_every_key_is_documented_and_the_chart_offers_only_real_keys() -> None:
     admin = (REPO / "docs" / "admin.md").read_text()
     undocumented = [key for key in [*KEYS.values(), *UPSTREAM_KEYS] if f"`{key}`" not in admin]
