@@ -21,8 +21,10 @@ order:
 
   native      no slices; the pods ask only `cpu`: the baseline.
   numanode    every Node carries the slices the driver publishes with its defaults (core/devices.build_slices:
-              one consumable-capacity device per NUMA node); each pod has a claim from a ResourceClaimTemplate of
-              --cpus `dra.cpu/cpu` of class dra.cpu.
+              one consumable-capacity device per NUMA node, and one for each NUMA node's memory); each pod has a
+              claim from a ResourceClaimTemplate of --cpus `dra.cpu/cpu` of class dra.cpu.
+  nomemory    the same without the memory devices (config.publishMemory: false): what they cost pods that claim
+              only CPUs.
   socket      the same with groupBy socket (one device per socket).
   machine     the same with groupBy machine: one device per Node, the floor of what a slice can cost.
   individual  deviceMode individual (one device per CPU); the template asks for --cpus devices (count).
@@ -127,6 +129,7 @@ class Shape:
     name: str
     mode: DeviceMode = DeviceMode.GROUPED
     group_by: GroupBy = GroupBy.NUMA_NODE
+    memory: bool = True  # config.publishMemory: a memory device per NUMA node beside the CPU devices
 
     def config(self, node: str, upstream_numa: bool = True, dranet_numa: bool = True) -> DeviceConfig:
         return DeviceConfig(
@@ -135,6 +138,7 @@ class Shape:
             group_by=self.group_by,
             upstream_numa_attribute=upstream_numa,
             dranet_numa_attribute=dranet_numa,
+            memory_devices=self.memory,
         )
 
 
@@ -142,6 +146,7 @@ SHAPES = {
     shape.name: shape
     for shape in (
         Shape("numanode"),
+        Shape("nomemory", memory=False),
         Shape("socket", group_by=GroupBy.SOCKET),
         Shape("machine", group_by=GroupBy.MACHINE),
         Shape("individual", mode=DeviceMode.INDIVIDUAL),

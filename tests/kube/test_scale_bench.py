@@ -1,5 +1,5 @@
 """hack/bench/scale.py runs as its docstring says: `--quick` starts its own control plane, every pod of every case
-(native, the four slice shapes with claim templates, DRA extended resources) is bound, and each case has its
+(native, the five slice shapes with claim templates, DRA extended resources) is bound, and each case has its
 figures. It checks the benchmark works, not how fast anything is."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 
 from tests.harness.cluster.benchmarks import quick_report
 
-CASES = ("native", "numanode", "socket", "machine", "individual", "extended")
+CASES = ("native", "numanode", "nomemory", "socket", "machine", "individual", "extended")
 
 
 @pytest.mark.apiserver
@@ -30,4 +30,6 @@ def test_quick_run_binds_every_pod_of_every_case() -> None:
     # Every pod of the claim cases wrote more than a native pod: at least the claim and its allocation.
     native = plane["figures"]["native"]["writes_per_pod"]
     assert all(plane["figures"][case]["writes_per_pod"] >= native + 2 for case in CASES[1:])
+    # The memory devices are the only difference between the two shapes.
+    assert plane["figures"]["nomemory"]["slice_bytes"] < plane["figures"]["numanode"]["slice_bytes"]
     assert report["compatibility"]["numanode"]["both"] > report["compatibility"]["numanode"]["numaNodeId"] > 0
