@@ -233,12 +233,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     upstream = parser.add_argument_group(
         "the upstream driver's flags (kubernetes-sigs/dra-driver-cpu), taken under its names"
     )
+    types = {f.name: f.type for f in fields(Config)}
     for flag, key in UPSTREAM_FLAGS.items():
-        ours = UPSTREAM_KEYS[key].ours if key in UPSTREAM_KEYS else ""
+        ours = _snake(UPSTREAM_KEYS[key].ours) if key in UPSTREAM_KEYS else ""
         kwargs = {"dest": _upstream_dest(key), "default": None, "metavar": "VALUE"}
-        if ours == "publishPcieRoots":
-            kwargs.update(nargs="?", const="true", metavar="BOOL")
-        upstream.add_argument(flag, help=f"as {_flag(_snake(ours))}" if ours else UPSTREAM_ONLY[key], **kwargs)
+        if types.get(ours) == "bool":
+            kwargs.update(nargs="?", const="true", metavar="BOOL")  # Go's flag package: --flag, --flag=false
+        upstream.add_argument(flag, help=f"as {_flag(ours)}" if ours else UPSTREAM_ONLY[key], **kwargs)
 
 
 def load(args: argparse.Namespace, environ: dict[str, str]) -> Config:
@@ -266,6 +267,7 @@ def _upstream_flags(args: argparse.Namespace, flagged: dict[str, Any]) -> dict[s
     """Our settings from the upstream driver's flags given; ConfigError for one without a counterpart, or one that
     contradicts our own flag for the same setting."""
     values: dict[str, Any] = {}
+    types = {f.name: f.type for f in fields(Config)}
     for flag, key in UPSTREAM_FLAGS.items():
         value = getattr(args, _upstream_dest(key), None)
         if value is None:
@@ -274,7 +276,7 @@ def _upstream_flags(args: argparse.Namespace, flagged: dict[str, Any]) -> dict[s
             raise ConfigError(f"{flag} is the upstream driver's; {UPSTREAM_ONLY[key]}")
         upstream = UPSTREAM_KEYS[key]
         name = _snake(upstream.ours)
-        if name == "publish_pcie_roots":
+        if types[name] == "bool":
             if value.lower() not in _GO_BOOLS:
                 raise ConfigError(f"{flag} {shown(value)}: must be true or false")
             value = _GO_BOOLS[value.lower()]
