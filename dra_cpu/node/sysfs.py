@@ -8,13 +8,16 @@ as a CPU list (the node's CPUs, every online CPU for -1) but cannot name a node 
 
 Missing files are normal on real kernels (cpu0 without `online`, offline CPUs without `topology/`, nodes without
 hugepages, machines without an L3): they become None or empty. A file that exists but holds something the kernel
-would never write is an error naming the file and its content.
+would never write is an error naming the file and its content. A CPU taken offline while it is read answers ENODEV
+from its attributes for a moment: the whole read is made again, a few times, before that is an error.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,15 @@ class SysfsError(DraCpuError):
     """A sysfs file that exists but cannot be read or makes no sense."""
 
 
+class DeviceGone(SysfsError):
+    """A device went away while its attributes were read: a hotplug in progress, settled a moment later."""
+
+
+# How often, and after what pauses (seconds, growing), a read torn by a hotplug is made again.
+TORN_READ_TRIES = 5
+TORN_READ_PAUSE_SECONDS = 0.05
+
+
 @dataclass(frozen=True)
 class _Reader:
     root: Path
@@ -57,7 +69,8 @@ class _Reader:
         except FileNotFoundError:
             return None
         except OSError as err:
-            raise SysfsError(f"cannot read {self.path(rel)}: {err.strerror}") from None
+            error = DeviceGone if err.errno == errno.ENODEV else SysfsError
+            raise error(f"cannot read {self.path(rel)}: {err.strerror}") from None
         if len(data) > MAX_FILE_BYTES:
             raise SysfsError(f"{self.path(rel)}: larger than {MAX_FILE_BYTES} bytes, which no kernel writes")
         try:
@@ -97,7 +110,17 @@ def _integer(text: str) -> int:
 
 
 def read_topology(root: str | Path = "/", *, pcie_roots: bool = False) -> Topology:
-    reader = _Reader(Path(root))
+    for attempt in range(1, TORN_READ_TRIES + 1):
+        try:
+            return _read_topology(_Reader(Path(root)), pcie_roots)
+        except DeviceGone:
+            if attempt == TORN_READ_TRIES:
+                raise
+            time.sleep(TORN_READ_PAUSE_SECONDS * attempt)
+    raise AssertionError("unreachable")
+
+
+def _read_topology(reader: _Reader, pcie_roots: bool) -> Topology:
     if not reader.path("sys/devices/system/cpu").is_dir():
         raise SysfsError(f"{reader.path('sys/devices/system/cpu')} does not exist: is --sysfs-root right?")
     nodes = _read_nodes(reader)

@@ -11,6 +11,7 @@ import pytest
 
 from dra_cpu.cli import main
 from dra_cpu.core.cpuset import CPUSet
+from dra_cpu.node import sysfs
 from dra_cpu.node.sysfs import SysfsError, read_topology
 from dra_cpu.tools.render import topology_table
 from tests.harness.paths import SYSFS
@@ -289,3 +290,34 @@ def test_bad_pcie_root_is_one_clear_line_and_exit_2(
     read_topology(tmp_path)  # without publishPcieRoots the PCI folders are not read at all
     assert main(["discover", "--sysfs-root", str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def _offlined_mid_read(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[str]:
+    """The first `failures` reads of cpu1's cluster_id answer ENODEV, as a CPU's attributes do while the kernel takes
+    it offline (what the real hotplug test in tests/node/test_watch.py once met); returns the reads made of it."""
+    reads: list[str] = []
+    real = sysfs._Reader.text
+
+    def text(self: sysfs._Reader, rel: str) -> str | None:
+        if rel.endswith("cpu1/topology/cluster_id"):
+            reads.append(rel)
+            if len(reads) <= failures:
+                raise sysfs.DeviceGone(f"cannot read {self.path(rel)}: No such device")
+        return real(self, rel)
+
+    monkeypatch.setattr(sysfs._Reader, "text", text)
+    monkeypatch.setattr(sysfs, "TORN_READ_PAUSE_SECONDS", 0.001)
+    return reads
+
+
+def test_a_read_torn_by_a_hotplug_is_made_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = read_topology(SYSFS / "dual-socket-smt2")
+    reads = _offlined_mid_read(monkeypatch, failures=sysfs.TORN_READ_TRIES - 1)
+    assert read_topology(SYSFS / "dual-socket-smt2") == expected
+    assert len(reads) == sysfs.TORN_READ_TRIES
+
+
+def test_a_device_that_stays_gone_is_one_error_naming_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    _offlined_mid_read(monkeypatch, failures=sysfs.TORN_READ_TRIES)
+    with pytest.raises(SysfsError, match=r"cpu1/topology/cluster_id: No such device"):
+        read_topology(SYSFS / "dual-socket-smt2")
