@@ -19,9 +19,11 @@ from tests.harness.nodes.kubelet import container_id
 from tests.harness.nodes.real import RealNode
 from tests.harness.poll import NotYet, wait_until
 
-# The kubelet retries a refused container about every 10 s; the hand-over is learnt from a refusal, so a waiting pod
-# starts at the second retry after its holder is gone at the latest. Generous, for a loaded machine.
-HANDOVER_SECONDS = 120
+# The kubelet retries a refused container after a back-off that doubles from 10 s (10, 20, 40, 80 s, ...); the
+# hand-over is learnt from a refusal, so a waiting pod starts at the second retry after its holder is gone at the
+# latest: up to some 160 s after the holder ends when the pod had waited a minute already (CI once saw 147 s).
+# Generous, for a loaded machine.
+HANDOVER_SECONDS = 240
 
 
 def _refusal(kube: Kube, namespace: str, name: str) -> str:
