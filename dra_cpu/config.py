@@ -233,13 +233,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     upstream = parser.add_argument_group(
         "the upstream driver's flags (kubernetes-sigs/dra-driver-cpu), taken under its names"
     )
-    types = {f.name: f.type for f in fields(Config)}
     for flag, key in UPSTREAM_FLAGS.items():
-        ours = _snake(UPSTREAM_KEYS[key].ours) if key in UPSTREAM_KEYS else ""
+        ours = _field(UPSTREAM_KEYS[key].ours) if key in UPSTREAM_KEYS else None
         kwargs = {"dest": _upstream_dest(key), "default": None, "metavar": "VALUE"}
-        if types.get(ours) == "bool":
+        if ours is not None and ours.type == "bool":
             kwargs.update(nargs="?", const="true", metavar="BOOL")  # Go's flag package: --flag, --flag=false
-        upstream.add_argument(flag, help=f"as {_flag(ours)}" if ours else UPSTREAM_ONLY[key], **kwargs)
+        upstream.add_argument(flag, help=f"as {_flag(ours.name)}" if ours else UPSTREAM_ONLY[key], **kwargs)
 
 
 def load(args: argparse.Namespace, environ: dict[str, str]) -> Config:
@@ -259,15 +258,20 @@ def _upstream_dest(key: str) -> str:
     return f"upstream_{key}"
 
 
-def _snake(key: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in key)
+def _field(key: str) -> dataclasses.Field[Any]:
+    """The field of Config whose key (camelCase) is `key`."""
+    return next(f for f in fields(Config) if _camel(f.name) == key)
+
+
+def _upstream_value(key: str, value: Any) -> Any:
+    """An upstream key's value as upstream reads it: its node name lowercased."""
+    return value.strip().lower() if key == "hostnameOverride" and isinstance(value, str) else value
 
 
 def _upstream_flags(args: argparse.Namespace, flagged: dict[str, Any]) -> dict[str, Any]:
     """Our settings from the upstream driver's flags given; ConfigError for one without a counterpart, or one that
     contradicts our own flag for the same setting."""
     values: dict[str, Any] = {}
-    types = {f.name: f.type for f in fields(Config)}
     for flag, key in UPSTREAM_FLAGS.items():
         value = getattr(args, _upstream_dest(key), None)
         if value is None:
@@ -275,14 +279,13 @@ def _upstream_flags(args: argparse.Namespace, flagged: dict[str, Any]) -> dict[s
         if key in UPSTREAM_ONLY:
             raise ConfigError(f"{flag} is the upstream driver's; {UPSTREAM_ONLY[key]}")
         upstream = UPSTREAM_KEYS[key]
-        name = _snake(upstream.ours)
-        if types[name] == "bool":
+        setting = _field(upstream.ours)
+        if setting.type == "bool":
             if value.lower() not in _GO_BOOLS:
                 raise ConfigError(f"{flag} {shown(value)}: must be true or false")
             value = _GO_BOOLS[value.lower()]
-        elif name == "node_name":
-            value = value.strip().lower()  # as upstream does
-        for ours, given in ((name, value), *((_snake(k), v) for k, v in upstream.implies)):
+        settings = ((setting.name, _upstream_value(key, value)), *((_field(k).name, v) for k, v in upstream.implies))
+        for ours, given in settings:
             if ours in flagged and flagged[ours] != given:
                 raise ConfigError(f"{flag} and {_flag(ours)} both given, to different values: give one")
             values[ours] = given
@@ -318,11 +321,7 @@ def _from_file(path: Path) -> dict[str, Any]:
             put(key, key, value)
         elif key in UPSTREAM_KEYS:
             upstream = UPSTREAM_KEYS[key]
-            put(
-                key,
-                upstream.ours,
-                value.strip().lower() if key == "hostnameOverride" and isinstance(value, str) else value,
-            )
+            put(key, upstream.ours, _upstream_value(key, value))
             for ours, implied in upstream.implies:
                 put(f"{key} ({upstream.why})", ours, implied)
         elif key == "apiVersion":

@@ -110,14 +110,13 @@ def _integer(text: str) -> int:
 
 
 def read_topology(root: str | Path = "/", *, pcie_roots: bool = False) -> Topology:
-    for attempt in range(1, TORN_READ_TRIES + 1):
+    reader = _Reader(Path(root))
+    for attempt in range(1, TORN_READ_TRIES):
         try:
-            return _read_topology(_Reader(Path(root)), pcie_roots)
+            return _read_topology(reader, pcie_roots)
         except DeviceGone:
-            if attempt == TORN_READ_TRIES:
-                raise
             time.sleep(TORN_READ_PAUSE_SECONDS * attempt)
-    raise AssertionError("unreachable")
+    return _read_topology(reader, pcie_roots)
 
 
 def _read_topology(reader: _Reader, pcie_roots: bool) -> Topology:
