@@ -178,6 +178,12 @@ class Reconciler:
                     "claim cannot be restored on this node: it is dropped and its prepares are refused",
                     extra={"claimUID": uid, "claim": str(lost.ref), "reason": lost.reason},
                 )
+        try:
+            for action in self.metadata.move_helper_layout():
+                log.info("device metadata moved to this version's layout", extra={"action": action})
+        except MetadataError as err:
+            # Not fatal: what could not be moved is removed below, and a prepare rewrites what it needs.
+            log.error("device metadata of the earlier layout could not be moved", extra={"reason": str(err)})
         ledger = self._adopt_metadata(ledger, log)
         files = {uid: claim_files(claim, view) for uid, claim in ledger.claims.items()}
         for uid in sorted(set(self.cdi.uids()) - set(files)):

@@ -56,7 +56,7 @@ def _prepared(driver: Driver, root: Path, uid: str) -> ClaimRef:
 
 
 def _host_file(driver: Driver, ref: ClaimRef) -> Path:
-    return driver.reconciler.metadata.host_file(ref, "cpus")
+    return driver.reconciler.metadata.host_file(ref.uid, "cpus")
 
 
 def test_a_prepare_writes_the_claims_metadata_with_its_spec_and_answers_both_ids(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ milliseconds on a busy disk, for files the next prepare rewrites anyway.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -35,6 +34,8 @@ from dra_cpu.store.leftovers import remove_temp_files
 DIR_MODE = 0o755
 FILE_MODE = 0o644
 _UUID_LENGTH = 36
+# The file's name in the kubeletplugin helper's layout, which an earlier dra-cpu wrote (move_helper_layout).
+HELPER_LAYOUT_FILE = "metadata.json"
 
 
 def encode(request: RequestMetadata, versions: Iterable[str] = dm.VERSIONS) -> bytes:
@@ -103,8 +104,8 @@ def decode(data: bytes, versions: Iterable[str] = dm.VERSIONS, validate: bool = 
 
 @dataclass(frozen=True)
 class MetadataStore:
-    """Our metadata files under `<plugin_dir>/dra-device-metadata` and our `<driver>_metadata_*` CDI specs; what
-    they should be is core/desired.py's (ClaimFiles.metadata), reconciler.py says when."""
+    """Our metadata files, `<plugin_dir>/dra-device-metadata/<claimUID>_<request>.json`, and our `<driver>_metadata_*`
+    CDI specs; what they should be is core/desired.py's (ClaimFiles.metadata), reconciler.py says when."""
 
     plugin_dir: Path
     cdi_root: Path
@@ -114,8 +115,8 @@ class MetadataStore:
     def root(self) -> Path:
         return self.plugin_dir / dm.HOST_SUBDIR
 
-    def host_file(self, ref: ClaimRef, request: str) -> Path:
-        return Path(dm.host_file(str(self.plugin_dir), ref.namespace, ref.name, request))
+    def host_file(self, uid: str, request: str) -> Path:
+        return self.root / dm.host_file_name(uid, request)
 
     def spec_path(self, uid: str, request: str) -> Path:
         return self.cdi_root / dm.cdi_spec_filename(self.driver, uid, request)
@@ -127,9 +128,9 @@ class MetadataStore:
         ids = {}
         for file in files:
             request = file.request
-            path = self.host_file(request.ref, request.base_request)
+            path = self.host_file(request.ref.uid, request.base_request)
             if file.as_found:
-                if self._uid_in(path.parent) != request.ref.uid:
+                if self._uid_in(path) != request.ref.uid:
                     continue
             else:
                 self._write(path, encode(request))
@@ -139,23 +140,18 @@ class MetadataStore:
 
     def remove(self, ref: ClaimRef, requests: Iterable[str] | None = None) -> None:
         """Remove a claim's files and specs: those of `requests` (base request names) when its record names them,
-        else every one found (the CDI folder listed, the claim's folder read). Request folders holding another
-        uid's file (the claim was deleted and made again under the same name, and that one is prepared) are left
-        alone."""
+        else every one found (both folders listed)."""
         try:
-            claim_dir = self.root / dm.claim_dir_name(ref.namespace, ref.name)
             if requests is None:
-                specs = self._specs(ref.uid)
-                request_dirs = sorted(claim_dir.iterdir()) if claim_dir.is_dir() else []
+                paths = [*self._specs(ref.uid), *self._files(ref.uid)]
             else:
-                specs = [self.spec_path(ref.uid, request) for request in requests]
-                request_dirs = [claim_dir / request for request in requests]
-            for spec in specs:
-                spec.unlink(missing_ok=True)
-            for request_dir in request_dirs:
-                if self._uid_in(request_dir) in (ref.uid, None):
-                    _remove_request_dir(request_dir)
-            _remove_if_empty(claim_dir)
+                named = list(requests)
+                paths = [
+                    *(self.spec_path(ref.uid, request) for request in named),
+                    *(self.host_file(ref.uid, request) for request in named),
+                ]
+            for path in paths:
+                path.unlink(missing_ok=True)
         except OSError as err:
             raise MetadataError(
                 f"cannot remove device metadata of claim {ref}: {err.filename}: {err.strerror}"
@@ -163,17 +159,40 @@ class MetadataStore:
 
     # --- start-up -------------------------------------------------------------------------------------------
 
+    def move_helper_layout(self) -> list[str]:
+        """Move the files an earlier dra-cpu wrote in the kubeletplugin helper's layout,
+        `<namespace>_<claim>/<request>/metadata.json`, to ours, and remove those folders. A rename keeps the file's
+        inode, which the bind mounts of running containers hold; the CDI spec is rewritten to the new path by the
+        write that start-up makes for every prepared claim, and what no prepared claim has goes with the rest
+        (remove_all_but). Returns what it did, one line each."""
+        done: list[str] = []
+        try:
+            folders = (
+                [p for p in self.root.iterdir() if p.is_dir() and not p.is_symlink()] if self.root.is_dir() else []
+            )
+            for claim_dir in sorted(folders):
+                for request_dir in sorted(claim_dir.iterdir()):
+                    uid = self._uid_in(request_dir / HELPER_LAYOUT_FILE)
+                    target = self.host_file(uid, request_dir.name) if uid is not None else None
+                    if target is not None and not target.exists():
+                        os.rename(request_dir / HELPER_LAYOUT_FILE, target)
+                        done.append(f"moved {request_dir / HELPER_LAYOUT_FILE} to {target}")
+                shutil.rmtree(claim_dir)
+                done.append(f"removed {claim_dir}: the earlier layout's folder")
+        except OSError as err:
+            raise MetadataError(f"cannot move device metadata: {err.filename}: {err.strerror}") from None
+        return done
+
     def recorded(self, ref: ClaimRef) -> ClaimMetadata | None:
         """What the files of a claim name, read back from them (for a claim whose record does not say: loaded from
         a version 1 checkpoint, or rebuilt from its CDI spec); None when it has none that are ours and readable."""
-        claim_dir = self.root / dm.claim_dir_name(ref.namespace, ref.name)
         found: dict[str, str | None] = {}
         try:
-            request_dirs = sorted(claim_dir.iterdir()) if claim_dir.is_dir() else []
+            paths = self._files(ref.uid)
         except OSError:
             return None
-        for request_dir in request_dirs:
-            request = self._request_in(request_dir, ref.uid)
+        for path in paths:
+            request = self._request_in(path, ref.uid)
             if request is not None:
                 found[request.name] = request.pod_claim_name
         if not found:
@@ -183,19 +202,15 @@ class MetadataStore:
     def remove_all_but(self, keep: Iterable[MetadataFile]) -> list[str]:
         """Remove every file and spec of ours that is not one of `keep` (files of claims no longer prepared,
         specs without a file), and the temp files of interrupted writes. Returns what it did, one line each."""
-        requests = [f.request for f in keep]
-        wanted = {(r.ref.uid, r.base_request) for r in requests}
-        dirs = {(dm.claim_dir_name(r.ref.namespace, r.ref.name), r.base_request): r.ref.uid for r in requests}
+        wanted = {(f.request.ref.uid, f.request.base_request) for f in keep}
         done: list[str] = []
         try:
             done += [f"removed temp file {p}" for p in self._remove_leftovers()]
-            for claim_dir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-                for request_dir in sorted(claim_dir.iterdir()) if claim_dir.is_dir() else [claim_dir]:
-                    uid = dirs.get((claim_dir.name, request_dir.name))
-                    if uid is None or self._request_in(request_dir, uid) is None:
-                        _remove_path(request_dir)
-                        done.append(f"removed {request_dir}: its claim is not prepared")
-                _remove_if_empty(claim_dir)
+            for path in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+                key = dm.host_file_key(path.name)
+                if key not in wanted or self._request_in(path, key[0]) is None:
+                    _remove_path(path)
+                    done.append(f"removed {path}: its claim is not prepared")
             for spec in self._specs():
                 if self._spec_key(spec.name) not in wanted:
                     spec.unlink(missing_ok=True)
@@ -204,11 +219,13 @@ class MetadataStore:
             raise MetadataError(f"cannot reconcile device metadata: {err.filename}: {err.strerror}") from None
         return done
 
-    def _request_in(self, request_dir: Path, uid: str) -> RequestMetadata | None:
-        """The request a folder's file is for when the file is ours, readable, of claim `uid` and of the folder's
-        request; else None."""
+    def _request_in(self, path: Path, uid: str) -> RequestMetadata | None:
+        """The request a file is for when the file is ours, readable, of claim `uid` and of the request its name
+        says; else None."""
+        if path.is_symlink() or dm.host_file_key(path.name) is None:
+            return None
         try:
-            doc = decode((request_dir / dm.HOST_FILE).read_bytes())
+            doc = decode(path.read_bytes())
         except (OSError, MetadataError):
             return None
         meta = doc.get("metadata") or {}
@@ -216,7 +233,7 @@ class MetadataStore:
         if str(meta.get("uid")) != uid or len(requests) != 1:
             return None
         name = str(requests[0]["name"])
-        if name.split("/", 1)[0] != request_dir.name:
+        if dm.host_file_name(uid, name.split("/", 1)[0]) != path.name:
             return None
         ref = ClaimRef(str(meta.get("namespace")), str(meta.get("name")), uid)
         return RequestMetadata(ref, doc.get("podClaimName"), name, ())
@@ -245,6 +262,12 @@ class MetadataStore:
             raise MetadataError(f"cannot write device metadata {path}: {err.strerror}") from None
         return True
 
+    def _files(self, uid: str) -> list[Path]:
+        """The claim's files, found by listing the folder."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if (dm.host_file_key(p.name) or ("",))[0] == uid)
+
     def _specs(self, uid: str = "") -> list[Path]:
         prefix = dm.cdi_spec_prefix(self.driver, uid)
         if not self.cdi_root.is_dir():
@@ -256,34 +279,19 @@ class MetadataStore:
         return rest[:_UUID_LENGTH], rest[_UUID_LENGTH + 1 :]
 
     @staticmethod
-    def _uid_in(request_dir: Path) -> str | None:
+    def _uid_in(path: Path) -> str | None:
         try:
             # Only whose it is matters here, not whether a reader would accept it.
-            data = read_file(request_dir / dm.HOST_FILE)
-            uid = (decode(data, validate=False).get("metadata") or {}).get("uid")
+            uid = (decode(read_file(path), validate=False).get("metadata") or {}).get("uid")
         except (OSError, MetadataError):
             return None
         return uid if isinstance(uid, str) and uid else None
 
     def _remove_leftovers(self) -> list[Path]:
-        removed = remove_temp_files(self.cdi_root, f"{dm.cdi_spec_prefix(self.driver)}*.json")
-        if self.root.is_dir():
-            for request_dir in self.root.glob("*/*"):
-                removed += remove_temp_files(request_dir, dm.HOST_FILE)
-        return removed
-
-
-def _remove_request_dir(request_dir: Path) -> None:
-    """A request's folder as an unprepare finds it, its file alone in it, in two calls (half of rmtree's time);
-    anything else (a symlink, temp files of a killed write, what someone put there) as _remove_path removes it."""
-    if not request_dir.is_symlink():
-        try:
-            os.unlink(request_dir / dm.HOST_FILE)
-            os.rmdir(request_dir)
-            return
-        except OSError:
-            pass
-    _remove_path(request_dir)
+        return [
+            *remove_temp_files(self.cdi_root, f"{dm.cdi_spec_prefix(self.driver)}*.json"),
+            *remove_temp_files(self.root, "*.json"),
+        ]
 
 
 def _remove_path(path: Path) -> None:
@@ -302,13 +310,3 @@ def _make_folder(folder: Path) -> None:
     except FileNotFoundError:
         _make_folder(folder.parent)
         os.mkdir(folder, DIR_MODE)
-
-
-def _remove_if_empty(directory: Path) -> None:
-    try:
-        directory.rmdir()
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-    except OSError as err:
-        if err.errno != errno.ENOTEMPTY:
-            raise

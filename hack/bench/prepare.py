@@ -569,7 +569,7 @@ def soak(cycles_count: int) -> bool:
     )
     print(f"  RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB (growth {growth:+.1f} MiB, goal <= 5; daemon goal <= 70)")
     print(f"  fds {fds0} -> {fds1}; CDI specs left {len(specs)}; claims in checkpoint {len(state['claims'])}")
-    print(f"  stray state files {stray}; device metadata folders left {metadata}")
+    print(f"  stray state files {stray}; device metadata files left {metadata}")
     return (
         growth <= 5
         and rss1 / 1024 <= 70

@@ -19,10 +19,13 @@ UID = "0b5a3c1e-2f4d-4c6b-8a9e-1d2c3b4a5f60"
 REF = ClaimRef("team-a", "big.claim", UID)
 
 
-def test_paths_and_names_are_the_helpers() -> None:
-    assert dm.host_file("/var/lib/kubelet/plugins/dra.cpu", "team-a", "big.claim", "cpus") == (
-        "/var/lib/kubelet/plugins/dra.cpu/dra-device-metadata/team-a_big.claim/cpus/metadata.json"
+def test_paths_and_names_are_the_helpers_but_on_the_host_flat_by_uid() -> None:
+    assert dm.host_file("/var/lib/kubelet/plugins/dra.cpu", UID, "cpus") == (
+        f"/var/lib/kubelet/plugins/dra.cpu/dra-device-metadata/{UID}_cpus.json"
     )
+    assert dm.host_file_key(f"{UID}_cpus.json") == (UID, "cpus")
+    for name in ("metadata.json", f"{UID}_.json", f"_{UID}.json", f"{UID}_cpus.json.abcd1234.tmp", f"{UID}_cpus"):
+        assert dm.host_file_key(name) is None, name
     assert dm.container_file("dra.cpu", "big.claim", None, "cpus") == (
         "/var/run/kubernetes.io/dra-device-attributes/resourceclaims/big.claim/cpus/dra.cpu-metadata.json"
     )

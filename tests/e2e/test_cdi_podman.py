@@ -63,7 +63,7 @@ def test_a_container_reads_its_claims_device_metadata_at_the_standard_path(
     podman.write_cdi_spec(
         json.loads((node.driver.reconciler.cdi.root / f"dra.cpu_metadata_{ref.uid}_cpus.json").read_text())
     )
-    host = node.plugin.paths.plugin_dir / f"dra-device-metadata/default_{ref.name}/cpus/metadata.json"
+    host = node.plugin.paths.plugin_dir / f"dra-device-metadata/{ref.uid}_cpus.json"
     inside = f"{CONTAINER_DIR}/resourceclaims/{ref.name}/cpus/dra.cpu-metadata.json"
 
     out = podman.run(["cat", inside], devices=[claim_id, metadata_id]).stdout

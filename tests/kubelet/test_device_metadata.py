@@ -28,10 +28,12 @@ UPSTREAM_FIXTURE = Path(
 )
 
 
+def metadata_dir(node: StandinNode) -> Path:
+    return node.plugin.paths.plugin_dir / "dra-device-metadata"
+
+
 def host_file(node: StandinNode, ref: ClaimRef, request: str = "cpus") -> Path:
-    return (
-        node.plugin.paths.plugin_dir / "dra-device-metadata" / f"{ref.namespace}_{ref.name}" / request / "metadata.json"
-    )
+    return metadata_dir(node) / f"{ref.uid}_{request}.json"
 
 
 def metadata_spec(node: StandinNode, ref: ClaimRef, request: str = "cpus") -> Path:
@@ -149,18 +151,17 @@ def test_unprepare_removes_the_files_and_specs(node_factory: NodeFactory) -> Non
     node = node_factory()
     ref = node.claim([result("cpu-numa0", cpus=1)])
     assert not node.prepare(ref).error
-    claim_dir = host_file(node, ref).parents[1]
-    assert claim_dir.is_dir() and metadata_spec(node, ref).exists()
+    assert host_file(node, ref).is_file() and metadata_spec(node, ref).exists()
     assert node.kubelet.unprepare([ref]).claims[ref.uid].error == ""
-    assert not claim_dir.exists() and not metadata_spec(node, ref).exists()
-    assert not any((node.plugin.paths.plugin_dir / "dra-device-metadata").iterdir())
+    assert not metadata_spec(node, ref).exists()
+    assert not any(metadata_dir(node).iterdir())
 
 
 def test_unprepare_leaves_the_files_of_a_claim_made_again_under_the_same_name(node_factory: NodeFactory) -> None:
     node = node_factory()
     old = node.claim([result("cpu-numa0", cpus=1)], name="same", uid=str(uuid.uuid4()))
     assert not node.prepare(old).error
-    # Deleted and made again before the kubelet unprepared the old one: the new one's file takes the folder.
+    # Deleted and made again before the kubelet unprepared the old one: both have files, by uid.
     new = node.claim([result("cpu-numa1", cpus=1)], name="same", uid=str(uuid.uuid4()))
     assert not node.prepare(new).error
     written = host_file(node, new).read_bytes()
@@ -171,7 +172,8 @@ def test_unprepare_leaves_the_files_of_a_claim_made_again_under_the_same_name(no
     assert host_file(node, new).read_bytes() == written and metadata_spec(node, new).is_file()
 
     assert node.kubelet.unprepare([new]).claims[new.uid].error == ""
-    assert not host_file(node, new).parents[1].exists() and not metadata_spec(node, new).exists()
+    assert not host_file(node, new).exists() and not metadata_spec(node, new).exists()
+    assert not any(metadata_dir(node).iterdir())
 
 
 def test_a_restart_keeps_the_prepared_claims_metadata_and_drops_the_rest(node_factory: NodeFactory) -> None:
@@ -182,14 +184,12 @@ def test_a_restart_keeps_the_prepared_claims_metadata_and_drops_the_rest(node_fa
     # `dropped` is unprepared by the driver but its files stay (left by a driver that removed them after the
     # checkpoint entry, and crashed between the two); the CDI folder of `kept` is emptied (a reboot: it is a
     # tmpfs); a write was interrupted.
-    dropped_dir = host_file(node, dropped).parents[1]
-    left = {p: p.read_bytes() for p in [*dropped_dir.rglob("*"), metadata_spec(node, dropped)] if p.is_file()}
+    left = {p: p.read_bytes() for p in (host_file(node, dropped), metadata_spec(node, dropped))}
     assert node.driver.unprepare([dropped]) == {dropped.uid: ""}
     for path, data in left.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     metadata_spec(node, kept).unlink()
-    leftover = host_file(node, kept).with_name(".metadata.json.abcd1234.tmp")
+    leftover = host_file(node, kept).with_name(f".{host_file(node, kept).name}.abcd1234.tmp")
     leftover.write_text("{")
     node.kubelet.close()
     node.plugin.stop()
@@ -201,8 +201,40 @@ def test_a_restart_keeps_the_prepared_claims_metadata_and_drops_the_rest(node_fa
         assert host_file(node, kept).read_bytes() == kept_file
         assert metadata_spec(node, kept).read_bytes() == kept_spec
         assert not leftover.exists()
-        assert not host_file(node, dropped).parents[1].exists()
+        assert not host_file(node, dropped).exists()
         assert not metadata_spec(node, dropped).exists()
+    finally:
+        plugin.stop()
+
+
+def test_a_restart_moves_the_files_of_the_helpers_layout_keeping_their_inode(node_factory: NodeFactory) -> None:
+    """Files an earlier dra-cpu wrote as the kubeletplugin helper lays them out (`<namespace>_<claim>/<request>/
+    metadata.json`): a prepared claim's is moved (running containers' bind mounts hold its inode) and its spec
+    points at it; one of a claim no longer prepared goes, and so do the folders."""
+    node = node_factory()
+    kept, gone = node.claim([result("cpu-numa0", cpus=1)]), node.claim([result("cpu-numa1", cpus=1)])
+    assert not node.prepare(kept).error and not node.prepare(gone).error
+    gone_bytes = host_file(node, gone).read_bytes()
+    assert node.driver.unprepare([gone]) == {gone.uid: ""}
+    node.kubelet.close()
+    node.plugin.stop()
+    helper = {ref.uid: metadata_dir(node) / f"default_{ref.name}" / "cpus" / "metadata.json" for ref in (kept, gone)}
+    for path in helper.values():
+        path.parent.mkdir(parents=True)
+    host_file(node, kept).rename(helper[kept.uid])
+    helper[gone.uid].write_bytes(gone_bytes)
+    kept_bytes, kept_inode = helper[kept.uid].read_bytes(), helper[kept.uid].stat().st_ino
+
+    driver = make_driver(node.root, node.fixture)
+    driver.start()
+    plugin = start_plugin(driver, node.root)
+    try:
+        moved = host_file(node, kept)
+        assert moved.read_bytes() == kept_bytes and moved.stat().st_ino == kept_inode
+        [mount] = json.loads(metadata_spec(node, kept).read_text())["devices"][0]["containerEdits"]["mounts"]
+        assert mount["hostPath"] == str(moved)
+        assert sorted(p.name for p in metadata_dir(node).iterdir()) == [moved.name]
+        assert not metadata_spec(node, gone).exists()
     finally:
         plugin.stop()
 
@@ -222,7 +254,7 @@ def test_turned_off_nothing_is_written_but_earlier_files_are_still_removed(node_
         later = node.claim([result("cpu-numa1", cpus=1)])
         [device] = kubelet.prepare([later]).claims[later.uid].devices
         assert list(device.cdi_device_ids) == [f"{DRIVER}/cpu=claim-{later.uid}"]
-        assert not host_file(node, later).parents[1].exists()
+        assert not host_file(node, later).exists()
         assert kubelet.unprepare([earlier]).claims[earlier.uid].error == ""
         assert not metadata_spec(node, earlier).exists() and not host_file(node, earlier).exists()
         kubelet.close()
@@ -233,7 +265,7 @@ def test_turned_off_nothing_is_written_but_earlier_files_are_still_removed(node_
 def test_metadata_that_cannot_be_written_leaves_the_claim_prepared_without_it(node_factory: NodeFactory) -> None:
     node = node_factory()
     # A file where the metadata folder goes: every write fails (as on a broken or full disk).
-    (node.plugin.paths.plugin_dir / "dra-device-metadata").write_text("")
+    metadata_dir(node).write_text("")
     ref = node.claim([result("cpu-numa0", cpus=1)])
     response = node.prepare(ref)
     assert not response.error
