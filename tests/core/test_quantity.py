@@ -6,6 +6,8 @@ import time
 from fractions import Fraction
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dra_cpu.core.quantity import MAX_QUANTITY, QuantityError, parse_quantity, whole_quantity
 
@@ -61,3 +63,17 @@ def test_whole_quantity_names_the_field() -> None:
     expected = r"consumedCapacity\['dra.cpu/cpu'\]: quantity '1e999999999' is out of range"
     with pytest.raises(QuantityError, match=expected):
         whole_quantity("1e999999999", "consumedCapacity['dra.cpu/cpu']")
+
+
+@given(st.integers(min_value=0, max_value=1 << 64) | st.integers(min_value=0, max_value=999).map(lambda n: n * 10**16))
+def test_a_plain_whole_number_reads_as_the_general_path_reads_it(value: int) -> None:
+    # "e0" takes the general path; the plain digits the shortcut for whole numbers.
+    try:
+        expected: Fraction | str = parse_quantity(f"{value}e0")
+    except QuantityError as err:
+        expected = str(err).replace(f"{value}e0", str(value))
+    try:
+        got: Fraction | str = parse_quantity(str(value))
+    except QuantityError as err:
+        got = str(err)
+    assert got == expected
