@@ -161,6 +161,7 @@ class Daemon:
         # in the runtime's process, and leaves such a container unpinned instead.
         self.handover = Handover(self.driver, self.stop)
         nri.waiting = self.handover.waiting
+        self.driver.api.on_pod_end(self.handover.holder_ended)
         self._spawn("handover", self.handover.run)
         nri.start()
         return nri

@@ -6,6 +6,13 @@ and the kubelet retries it every ten seconds or so. Each refusal queues the clai
 the runtime's) re-reads the claim from the API server and has the driver hand it over (Driver.follow) when its
 reservedFor no longer lists the pod it served. The retry after that starts the container pinned.
 
+The kubelet retries a refused container with a doubling back-off (10, 20, 40, 80 s and on), so a hand-over learnt
+only from a refusal costs the waiting pod one more retry: refused once more after the holder ended, started at the
+retry after. So the end of the holder is also learnt where the driver watches this node's pods (kube/pods.py):
+when the pod a claim serves ends or is deleted while another pod waits for the claim, the claim is read at once,
+and again every `interval`, up to CHASE_READS times, until the claim controller has dropped the pod from
+reservedFor; the waiting pod's next retry then starts it.
+
 A claim is re-read at most once per `interval` however many of its containers are refused, which keeps the reads
 below the kubelet's own: it reads the claim at every retry of the waiting pod. Nothing is read while no pod waits.
 
@@ -31,6 +38,9 @@ LOG = logging.getLogger("dra_cpu.handover")
 
 INTERVAL_SECONDS = 2.0
 """The least time between two reads of one claim: the containers of a pod refused in one retry cost one read."""
+CHASE_READS = 15
+"""Reads of a waited-for claim after its holder ended, one per interval, while reservedFor still lists the holder:
+the claim controller drops an ended pod within seconds, even on a busy control plane."""
 
 
 class Claims(Protocol):
@@ -63,15 +73,39 @@ class Handover:
         """claim uid -> when it was last read."""
         self._unfit: dict[str, dict[str, str]] = {}
         """claim uid -> pod uid -> why that pod cannot hold the claim, as the last read found."""
+        self._waited: set[str] = set()
+        """Claims a pod waits for: one of its containers was refused since the claim last changed hands."""
+        self._chased: dict[str, int] = {}
+        """claim uid -> reads left while its holder has ended but reservedFor still lists it."""
 
     def waiting(self, claim_uid: str, pod_uid: str) -> str:
         """A container of pod `pod_uid` was refused the claim: the claim is read again soon. Returns why that pod
         cannot hold the claim when the last read found a reason ("" otherwise)."""
         with self._lock:
-            if claim_uid not in self._queued:
-                self._queued[claim_uid] = self._last.get(claim_uid, -self.interval) + self.interval
-                self._wake.notify()
+            self._waited.add(claim_uid)
+            self._queue(claim_uid)
             return self._unfit.get(claim_uid, {}).get(pod_uid, "")
+
+    def holder_ended(self, pod_uid: str) -> None:
+        """The pod `pod_uid` ended or was deleted (from the pod watch, any thread, never blocks): each claim it holds
+        that another pod waits for is read, now and then every interval, until it changes hands."""
+        claims = self.claims.snapshot().ledger.claims
+        with self._lock:
+            for uid in self._waited:
+                claim = claims.get(uid)
+                if claim is not None and pod_uid in claim.pod_uids:
+                    LOG.info(
+                        "the pod a waited-for claim serves ended: reading the claim",
+                        extra={"claimUID": uid, "claim": str(claim.ref), "podUID": pod_uid},
+                    )
+                    self._chased[uid] = CHASE_READS
+                    self._queue(uid)
+
+    def _queue(self, uid: str) -> None:
+        """Under the lock: `uid` read once the interval since its last read is over."""
+        if uid not in self._queued:
+            self._queued[uid] = self._last.get(uid, -self.interval) + self.interval
+            self._wake.notify()
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -101,21 +135,33 @@ class Handover:
 
     def _follow(self, uid: str) -> None:
         claim = self.claims.snapshot().ledger.claims.get(uid)
-        held = None
+        held, failed = None, False
         if claim is not None:
             try:
                 held = self.claims.follow(claim.ref)
             except NotFound:
                 LOG.info("claim deleted: the kubelet unprepares it", extra={"claimUID": uid, "claim": str(claim.ref)})
             except DraCpuError as err:
-                # The next refusal of the waiting pod tries again.
+                # The next refusal of the waiting pod, or the next read of a chased claim, tries again.
                 LOG.warning("claim not followed", extra={"claimUID": uid, "claim": str(claim.ref), "reason": str(err)})
-                return
+                failed = True
         prepared = self.claims.snapshot().ledger.claims
         with self._lock:
             if held is not None:
                 self._unfit[uid] = dict(held.unfit)
+            if claim is not None and (failed or (held is not None and held.claim.pod_uids == claim.pod_uids)):
+                # Still with the pod it served: a chased claim is read again after the interval.
+                left = self._chased.pop(uid, 0) - 1
+                if left > 0:
+                    self._chased[uid] = left
+                    self._queue(uid)
+            else:
+                # Handed over, or no longer prepared: nobody waits for it until the next refusal.
+                self._waited.discard(uid)
+                self._chased.pop(uid, None)
             # What is kept of claims no longer prepared goes: the node's claims bound it.
             for gone in [c for c in self._last if c not in prepared and c not in self._queued]:
                 self._last.pop(gone)
                 self._unfit.pop(gone, None)
+                self._waited.discard(gone)
+                self._chased.pop(gone, None)

@@ -13,7 +13,7 @@ import yaml
 from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.sharing import Holding
 from dra_cpu.driver import Driver, Snapshot
-from dra_cpu.handover import Handover
+from dra_cpu.handover import CHASE_READS, Handover
 from tests.harness.claims import FolderClaims, result
 from tests.harness.nodes.standin import make_driver
 from tests.harness.poll import wait_until
@@ -180,3 +180,59 @@ def test_refused_containers_have_their_claim_followed_off_the_runtimes_thread_on
         handover.close()
         thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_a_claim_whose_holder_ended_is_read_until_it_changes_hands_without_another_refusal(tmp_path: Path) -> None:
+    driver, _ = _started(tmp_path)
+    _reserve(tmp_path, ("first", "pod-1"), ("second", "pod-2"))
+    _pod(tmp_path, "second", "pod-2")
+    assert driver.prepare([REF])[UID].claim is not None
+    counting = CountingDriver(driver)
+    stop = threading.Event()
+    handover = Handover(counting, stop, interval=0.2)
+    thread = threading.Thread(target=handover.run, daemon=True)
+    thread.start()
+    try:
+        # The end of a pod nobody waits behind reads nothing.
+        handover.holder_ended("pod-1")
+        handover.waiting(UID, "pod-2")
+        wait_until(lambda: counting.followed == [REF], "the refused pod's claim read once")
+        # Another pod's end reads nothing either.
+        handover.holder_ended("pod-9")
+        # The holder ended; the claim controller has not dropped it from reservedFor yet: read every interval.
+        handover.holder_ended("pod-1")
+        wait_until(lambda: len(counting.followed) >= 3, "the claim read again while reservedFor lists the holder")
+        assert driver.snapshot().ledger.claims[UID].pod_uids == ("pod-1",)
+        _reserve(tmp_path, ("second", "pod-2"))
+        wait_until(lambda: driver.snapshot().ledger.claims[UID].pod_uids == ("pod-2",), "the claim handed over")
+        # Handed over: no more reads, and no refusal of pod-2 was needed for it.
+        settled = len(counting.followed)
+        stop.wait(1.0)
+        assert len(counting.followed) == settled
+    finally:
+        stop.set()
+        handover.close()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_reads_after_the_holder_ended_stop_after_chase_reads(tmp_path: Path) -> None:
+    driver, _ = _started(tmp_path)
+    _reserve(tmp_path, ("first", "pod-1"), ("second", "pod-2"))
+    assert driver.prepare([REF])[UID].claim is not None
+    counting = CountingDriver(driver)
+    stop = threading.Event()
+    handover = Handover(counting, stop, interval=0.05)
+    thread = threading.Thread(target=handover.run, daemon=True)
+    thread.start()
+    try:
+        handover.waiting(UID, "pod-2")
+        wait_until(lambda: len(counting.followed) == 1, "the refused pod's claim read once")
+        handover.holder_ended("pod-1")
+        wait_until(lambda: len(counting.followed) == 1 + CHASE_READS, "a read per interval, CHASE_READS of them")
+        stop.wait(0.5)
+        assert len(counting.followed) == 1 + CHASE_READS, "then the next refusal asks again"
+    finally:
+        stop.set()
+        handover.close()
+        thread.join(timeout=10)

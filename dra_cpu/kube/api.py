@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from dra_cpu.errors import DraCpuError
@@ -34,6 +34,12 @@ class ClusterAPI(Protocol):
 
     def get_node(self, name: str) -> dict[str, Any] | None:
         """The Node, or None when it cannot be read (no such node, no permission, a stand-in server)."""
+        ...
+
+    def on_pod_end(self, callback: Callable[[str], None]) -> None:
+        """From now on, `callback` gets the uid of each of this node's pods using a resource claim when it ends
+        (Succeeded or Failed) or is deleted, from a thread of the client's; never where nothing watches the node's
+        pods (a stand-in cluster)."""
         ...
 
     def list_slices(self, driver: str, node: str) -> list[dict[str, Any]]: ...

@@ -8,7 +8,7 @@ pods (kube/pods.py) when the daemon connects with its node name.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,10 @@ class KubeAPI:
         if self.pods is not None:
             self.pods.close()
         self.rest.close()
+
+    def on_pod_end(self, callback: Callable[[str], None]) -> None:
+        if self.pods is not None:
+            self.pods.on_end(callback)
 
     def get_claim(self, namespace: str, name: str) -> dict[str, Any]:
         return self._request(

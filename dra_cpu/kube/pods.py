@@ -10,6 +10,9 @@ status.nodeAllocatableResourceClaimStatuses in PreBind, before the binding. A po
 watch lags the kubelet's), or has under another uid (deleted and created again under the same name), is read with
 one GET instead, as before there was a cache.
 
+The watch also tells hand-over (handover.py) when a pod that uses a claim ends, so that the claim can go to a pod
+waiting for it without waiting for that pod's next refused container first.
+
 Only pods with spec.resourceClaims are kept (no other pod can reserve a claim), without metadata.managedFields, so
 that a node full of ordinary pods costs next to no memory. The cached dicts are shared, never changed: callers
 must not change them either.
@@ -19,11 +22,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from dra_cpu.kube.rest import Changed, Failed, Listed, RestClient, Watch
 
 LOG = logging.getLogger("dra_cpu.kube")
+# The phases of a pod whose containers have all ended for good (the claim controller then drops it from
+# reservedFor).
+ENDED_PHASES = ("Succeeded", "Failed")
 
 
 def _kept(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -49,6 +56,12 @@ class PodCache:
         self._misses = 0
         self.listed = threading.Event()
         """Set once the first list arrived: from then on the cache knows every pod bound before that list."""
+        self._on_end: Callable[[str], None] | None = None
+
+    def on_end(self, callback: Callable[[str], None]) -> None:
+        """`callback` gets the uid of each kept pod that ends or is deleted from now on, on the watch's thread."""
+        with self._lock:
+            self._on_end = callback
 
     def start(self) -> None:
         threading.Thread(target=self.run, name="pod-watch", daemon=True).start()
@@ -82,20 +95,34 @@ class PodCache:
                     extra={"node": self.node, "error": str(update.error), "retryInSeconds": update.retry_in},
                 )
                 continue
+            ended = None
             with self._lock:
                 if isinstance(update, Listed):
                     kept = (_kept(pod) for pod in update.items)
                     self._pods = {pod["metadata"]["uid"]: pod for pod in kept if pod is not None}
                 else:
-                    self._apply(update)
+                    ended = self._apply(update)
+                on_end = self._on_end
             if isinstance(update, Listed):
                 self.listed.set()
+            if ended is not None and on_end is not None:
+                on_end(ended)
 
-    def _apply(self, change: Changed) -> None:
+    def _apply(self, change: Changed) -> str | None:
+        """The change applied; the pod's uid when it means that a kept pod ended (deleted, or now in an ended
+        phase), else None."""
         uid = change.object.get("metadata", {}).get("uid")
         if change.type == "DELETED" or not isinstance(uid, str):
-            self._pods.pop(str(uid), None)
-            return
+            gone = self._pods.pop(str(uid), None)
+            return str(uid) if gone is not None and not _ended(gone) else None
         pod = _kept(change.object)
-        if pod is not None:
-            self._pods[uid] = pod
+        if pod is None:
+            return None
+        before = self._pods.get(uid)
+        self._pods[uid] = pod
+        return uid if _ended(pod) and (before is None or not _ended(before)) else None
+
+
+def _ended(pod: dict[str, Any]) -> bool:
+    status = pod.get("status")
+    return isinstance(status, dict) and status.get("phase") in ENDED_PHASES

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,9 @@ class StandaloneAPI:
 
     def get_node(self, name: str) -> dict[str, Any] | None:
         return None
+
+    def on_pod_end(self, callback: Callable[[str], None]) -> None:
+        """Nothing watches the folder's pods: hand-over waits for a refused container instead."""
 
     @property
     def _slices(self) -> Path:

@@ -20,8 +20,9 @@ from tests.harness.nodes.real import RealNode
 from tests.harness.poll import NotYet, wait_until
 
 # The kubelet retries a refused container after a back-off that doubles from 10 s (10, 20, 40, 80 s, ...); the
-# hand-over is learnt from a refusal, so a waiting pod starts at the second retry after its holder is gone at the
-# latest: up to some 160 s after the holder ends when the pod had waited a minute already (CI once saw 147 s).
+# hand-over is learnt from the holder's end (the daemon's pod watch) or from a refusal, so a waiting pod starts at
+# the first retry after the claim controller dropped its holder from reservedFor: up to some 80 s after the holder
+# ends when the pod had waited a minute already, and twice that where only a refusal tells (CI once saw 147 s).
 # Generous, for a loaded machine.
 HANDOVER_SECONDS = 240
 
@@ -122,6 +123,12 @@ def test_a_pod_waiting_for_a_claim_starts_when_its_holder_ends(
     assert kube.get(pod_path(namespace, "job"))["status"]["phase"] == "Succeeded"
     _assert_holds(dra_cpu_node, claim_uid, nxt)
     _nothing_of(dra_cpu_node, _uid(job), claim_uid)
+    # The daemon learnt of the holder's end from its watch of the node's pods, not only from a refusal.
+    daemon = dra_cpu_node.ready_pod(node=nxt["spec"]["nodeName"])["metadata"]["name"]
+    logs = dra_cpu_node.logs(daemon)
+    assert any("the pod a waited-for claim serves ended" in line and _uid(job) in line for line in logs.splitlines()), (
+        logs[-3000:]
+    )
 
 
 def test_a_waiting_pod_whose_limit_is_too_low_is_told_why_and_starts_once_resized(

@@ -147,3 +147,32 @@ def test_a_watch_that_drops_catches_up_when_the_server_is_back(
     finally:
         api.close()
         outage.close()
+
+
+def test_the_end_of_a_pod_using_a_claim_is_told_once(
+    cached: KubeAPI, admin: Kube, kube_namespace: str, node: str
+) -> None:
+    """Hand-over learns from the watch when the pod a claim serves ends: in an ended phase, or deleted."""
+    ended: list[str] = []
+    cached.on_pod_end(ended.append)
+    done = admin.create(pod("done", node), kube_namespace)["metadata"]["uid"]
+    deleted = admin.create(pod("deleted", node), kube_namespace)["metadata"]["uid"]
+    admin.create(pod("plain", node, claims=False), kube_namespace)
+    wait_until(lambda: in_cache(cached.pods, kube_namespace, "done", done), "the watch to bring done")
+    wait_until(lambda: in_cache(cached.pods, kube_namespace, "deleted", deleted), "the watch to bring deleted")
+    assert ended == []
+
+    pods = f"/api/v1/namespaces/{kube_namespace}/pods"
+    admin.patch(f"{pods}/done/status", {"status": {"phase": "Running"}})
+    admin.patch(f"{pods}/done/status", {"status": {"phase": "Succeeded"}})
+    wait_until(lambda: ended == [done], "the pod in phase Succeeded told")
+    admin.delete(f"{pods}/deleted", force=True)
+    admin.delete(f"{pods}/plain", force=True)
+    wait_until(lambda: ended == [done, deleted], "the deleted pod told")
+    # Told once: neither a later change of the ended pod nor its deletion tells it again.
+    admin.patch(f"{pods}/done/status", {"status": {"message": "later"}})
+    admin.delete(f"{pods}/done", force=True)
+    marker = admin.create(pod("marker", node), kube_namespace)["metadata"]["uid"]
+    wait_until(lambda: in_cache(cached.pods, kube_namespace, "marker", marker), "the watch past the deletions")
+    wait_until(lambda: not in_cache(cached.pods, kube_namespace, "done", done), "the watch to drop the ended pod")
+    assert ended == [done, deleted]

@@ -232,14 +232,18 @@ class InstalledDriver(Component, Generic[N]):
         where = f" on {node}" if node else ""
         return wait_until(ready, f"the dra-cpu pod{where} to be Ready", timeout, 0.5, details=self.describe)
 
+    def logs(self, name: str, tail: int = -1) -> str:
+        """The log of the driver pod `name` (its last `tail` lines; all by default), or kubectl's error."""
+        logs = self.node.plane.kubectl("-n", NAMESPACE, "logs", name, f"--tail={tail}")
+        return logs.stdout + logs.stderr
+
     def describe(self) -> str:
         """The driver pods' status and logs, and the nodes', for failure messages."""
         lines = []
         for pod in self.pods():
             name = pod["metadata"]["name"]
             lines.append(f"pod {name}: {json.dumps(pod.get('status', {}).get('containerStatuses'))}")
-            logs = self.node.plane.kubectl("-n", NAMESPACE, "logs", name, "--tail=30")
-            lines.append(logs.stdout + logs.stderr)
+            lines.append(self.logs(name, tail=30))
         lines.extend(node.describe() for node in self.nodes)
         return "\n".join(lines)
 
