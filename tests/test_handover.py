@@ -3,8 +3,10 @@ is gone, on the driver's files and pins, without another prepare; a pod that can
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +148,23 @@ class CountingDriver:
         return self.driver.follow(ref)
 
 
+@contextlib.contextmanager
+def _handing_over(driver: Driver, interval: float) -> Iterator[tuple[CountingDriver, Handover, threading.Event]]:
+    """Hand-over running in its thread over `driver`, counted; stopped and joined after."""
+    counting = CountingDriver(driver)
+    stop = threading.Event()
+    handover = Handover(counting, stop, interval=interval)
+    thread = threading.Thread(target=handover.run, daemon=True)
+    thread.start()
+    try:
+        yield counting, handover, stop
+    finally:
+        stop.set()
+        handover.close()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
 def test_refused_containers_have_their_claim_followed_off_the_runtimes_thread_once_per_interval(
     tmp_path: Path,
 ) -> None:
@@ -154,12 +173,7 @@ def test_refused_containers_have_their_claim_followed_off_the_runtimes_thread_on
     assert driver.prepare([REF])[UID].claim is not None
     _reserve(tmp_path, ("second", "pod-2"))
     _pod(tmp_path, "second", "pod-2", limit="1")
-    counting = CountingDriver(driver)
-    stop = threading.Event()
-    handover = Handover(counting, stop, interval=0.5)
-    thread = threading.Thread(target=handover.run, daemon=True)
-    thread.start()
-    try:
+    with _handing_over(driver, interval=0.5) as (counting, handover, _):
         # Three containers of the waiting pod refused at once: nothing is known yet, one read follows.
         assert [handover.waiting(UID, "pod-2") for _ in range(3)] == ["", "", ""]
         wait_until(lambda: counting.followed == [REF], "the claim followed once")
@@ -175,11 +189,6 @@ def test_refused_containers_have_their_claim_followed_off_the_runtimes_thread_on
         handover.waiting(UID, "pod-3")
         handover.waiting("uid-unknown", "pod-3")
         wait_until(lambda: len(counting.followed) == before + 1, "the deleted claim read once")
-    finally:
-        stop.set()
-        handover.close()
-        thread.join(timeout=10)
-    assert not thread.is_alive()
 
 
 def test_a_claim_whose_holder_ended_is_read_until_it_changes_hands_without_another_refusal(tmp_path: Path) -> None:
@@ -187,12 +196,7 @@ def test_a_claim_whose_holder_ended_is_read_until_it_changes_hands_without_anoth
     _reserve(tmp_path, ("first", "pod-1"), ("second", "pod-2"))
     _pod(tmp_path, "second", "pod-2")
     assert driver.prepare([REF])[UID].claim is not None
-    counting = CountingDriver(driver)
-    stop = threading.Event()
-    handover = Handover(counting, stop, interval=0.2)
-    thread = threading.Thread(target=handover.run, daemon=True)
-    thread.start()
-    try:
+    with _handing_over(driver, interval=0.2) as (counting, handover, stop):
         # The end of a pod nobody waits behind reads nothing.
         handover.holder_ended("pod-1")
         handover.waiting(UID, "pod-2")
@@ -209,30 +213,16 @@ def test_a_claim_whose_holder_ended_is_read_until_it_changes_hands_without_anoth
         settled = len(counting.followed)
         stop.wait(1.0)
         assert len(counting.followed) == settled
-    finally:
-        stop.set()
-        handover.close()
-        thread.join(timeout=10)
-    assert not thread.is_alive()
 
 
 def test_reads_after_the_holder_ended_stop_after_chase_reads(tmp_path: Path) -> None:
     driver, _ = _started(tmp_path)
     _reserve(tmp_path, ("first", "pod-1"), ("second", "pod-2"))
     assert driver.prepare([REF])[UID].claim is not None
-    counting = CountingDriver(driver)
-    stop = threading.Event()
-    handover = Handover(counting, stop, interval=0.05)
-    thread = threading.Thread(target=handover.run, daemon=True)
-    thread.start()
-    try:
+    with _handing_over(driver, interval=0.05) as (counting, handover, stop):
         handover.waiting(UID, "pod-2")
         wait_until(lambda: len(counting.followed) == 1, "the refused pod's claim read once")
         handover.holder_ended("pod-1")
         wait_until(lambda: len(counting.followed) == 1 + CHASE_READS, "a read per interval, CHASE_READS of them")
         stop.wait(0.5)
         assert len(counting.followed) == 1 + CHASE_READS, "then the next refusal asks again"
-    finally:
-        stop.set()
-        handover.close()
-        thread.join(timeout=10)
