@@ -11,7 +11,8 @@ watch lags the kubelet's), or has under another uid (deleted and created again u
 one GET instead, as before there was a cache.
 
 The watch also tells hand-over (handover.py) when a pod that uses a claim ends, so that the claim can go to a pod
-waiting for it without waiting for that pod's next refused container first.
+waiting for it without waiting for that pod's next refused container first. A pod that ends while the watch is
+down is not told (a relist replaces the cache whole): hand-over then learns of it from the next refusal.
 
 Only pods with spec.resourceClaims are kept (no other pod can reserve a claim), without metadata.managedFields, so
 that a node full of ordinary pods costs next to no memory. The cached dicts are shared, never changed: callers
