@@ -172,7 +172,8 @@ class MetadataStore:
             )
             for claim_dir in sorted(folders):
                 for request_dir in sorted(claim_dir.iterdir()):
-                    uid = self._uid_in(request_dir / HELPER_LAYOUT_FILE)
+                    # A link is not followed: only what lies in our own folders is moved into the flat one.
+                    uid = None if request_dir.is_symlink() else self._uid_in(request_dir / HELPER_LAYOUT_FILE)
                     target = self.host_file(uid, request_dir.name) if uid is not None else None
                     if target is not None and not target.exists():
                         os.rename(request_dir / HELPER_LAYOUT_FILE, target)
