@@ -23,7 +23,7 @@ recorded nowhere but in the files (claims loaded from a version 1 checkpoint or 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -178,23 +178,23 @@ class Reconciler:
                     "claim cannot be restored on this node: it is dropped and its prepares are refused",
                     extra={"claimUID": uid, "claim": str(lost.ref), "reason": lost.reason},
                 )
-        try:
-            for action in self.metadata.move_helper_layout():
-                log.info("device metadata moved to this version's layout", extra={"action": action})
-        except MetadataError as err:
-            # Not fatal: what could not be moved is removed below, and a prepare rewrites what it needs.
-            log.error("device metadata of the earlier layout could not be moved", extra={"reason": str(err)})
+        _tidy_metadata(
+            self.metadata.move_helper_layout,
+            "device metadata moved to this version's layout",
+            "device metadata of the earlier layout could not be moved",
+            log,
+        )
         ledger = self._adopt_metadata(ledger, log)
         files = {uid: claim_files(claim, view) for uid, claim in ledger.claims.items()}
         for uid in sorted(set(self.cdi.uids()) - set(files)):
             log.info("removing orphaned CDI spec", extra={"claimUID": uid})
             self.cdi.remove(uid)
-        try:
-            for action in self.metadata.remove_all_but(m for f in files.values() for m in f.metadata):
-                log.info("device metadata made to agree with the prepared claims", extra={"action": action})
-        except MetadataError as err:
-            # Not fatal: prepares rewrite what they need, and unprepares remove what is theirs.
-            log.error("device metadata could not be reconciled with the prepared claims", extra={"reason": str(err)})
+        _tidy_metadata(
+            lambda: self.metadata.remove_all_but(m for f in files.values() for m in f.metadata),
+            "device metadata made to agree with the prepared claims",
+            "device metadata could not be reconciled with the prepared claims",
+            log,
+        )
         self._save(ledger)
         for uid, claim_file in files.items():
             self.cdi.ensure(uid, claim_file.cdi_spec)
@@ -273,3 +273,14 @@ class Reconciler:
         for uid in adopted:
             log.info("device metadata files adopted from the disk", extra={"claimUID": uid})
         return replace(ledger, claims={**ledger.claims, **adopted}) if adopted else ledger
+
+
+def _tidy_metadata(step: Callable[[], list[str]], done: str, failed: str, log: OperationLog) -> None:
+    """A start-up step over the metadata files, each thing it did logged as `done`. Its failure is logged as `failed`
+    and is not fatal: what a move left is removed by the sweep after it, prepares rewrite what they need, and
+    unprepares remove what is theirs."""
+    try:
+        for action in step():
+            log.info(done, extra={"action": action})
+    except MetadataError as err:
+        log.error(failed, extra={"reason": str(err)})

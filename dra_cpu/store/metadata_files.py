@@ -267,7 +267,7 @@ class MetadataStore:
         """The claim's files, found by listing the folder."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if (dm.host_file_key(p.name) or ("",))[0] == uid)
+        return sorted(p for p in self.root.iterdir() if (key := dm.host_file_key(p.name)) is not None and key[0] == uid)
 
     def _specs(self, uid: str = "") -> list[Path]:
         prefix = dm.cdi_spec_prefix(self.driver, uid)
