@@ -14,10 +14,13 @@ footprint  The daemon as the DaemonSet runs it (`python -m dra_cpu run`, NRI enf
            - process start -> GetInfo answered (and the CPU time used by then), -> the ResourceSlice published;
              floor: a bare Python gRPC server process started -> its first call answered;
            - RSS and threads after start and after --cycles prepare/unprepare cycles; floor: that server's RSS;
-           - NodePrepareResources and NodeUnprepareResources p50/p99, spaced (--spaced cycles, 100 ms apart) and
-             back to back (the --cycles cycles); floor: one bare gRPC round trip to that server + one GET of a
-             claim from the API server + one fdatasync'd 4 KiB write in the state folder, timed as one, one
-             floor sample before each cycle;
+           - NodePrepareResources and NodeUnprepareResources p50/p99, spaced (--spaced cycles; the floor sample
+             and the prepare each 100 ms after what came before) and back to back (the --cycles cycles); floor: the
+             least a driver's prepare can be, one NodePrepareResources of the same claim by the same stand-in to a
+             bare Python gRPC server process whose handler GETs the claim from the API server with the daemon's
+             client and makes one fdatasync'd 4 KiB write, one floor sample before each cycle; its parts are
+             printed too, each timed alone right after the sample (a round trip to the bare server, a GET, the
+             write), and the three in sequence, the floor of the earlier figures in docs/benchmarks.md;
            - the daemon's CPU time per prepare + unprepare (from /proc/<pid>/stat over the back-to-back cycles);
              floor: the floor server's CPU per round trip.
            Goals (docs/benchmarks.md): prepare p50 <= 1.3x floor, p99 <= 2x floor; CPU per prepare + unprepare
@@ -91,6 +94,35 @@ handler = grpc.method_handlers_generic_handler(
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
 server.add_generic_rpc_handlers((handler,))
 server.add_insecure_port("unix://" + sys.argv[1])
+server.start()
+server.wait_for_termination()
+"""
+# The floor of a prepare: the least a driver's NodePrepareResources can do, in Python, on the same pool (argv:
+# socket, kubeconfig, write file): GET each claim the request names with the daemon's API client, make one
+# fdatasync'd 4 KiB write, answer. Its GET comes inside the call, as a driver's must: what the API server still does
+# after answering a GET (on this machine's cores) then falls inside the call too, as it does in the daemon's.
+MINIMAL_PREPARE_SERVER = """
+import os, sys
+from concurrent import futures
+from pathlib import Path
+import grpc
+from dra_cpu.kube.kubeconfig import from_kubeconfig
+from dra_cpu.kube.rest import RestClient
+from dra_cpu.kubelet.services import DRA_SERVICES
+socket, kubeconfig, path = sys.argv[1:]
+api = RestClient(from_kubeconfig(Path(kubeconfig)))
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+for pb2, grpc_mod in DRA_SERVICES.values():
+    class Minimal(grpc_mod.DRAPluginServicer):
+        def NodePrepareResources(self, request, context, pb2=pb2):
+            for claim in request.claims:
+                api.request("GET", f"/apis/resource.k8s.io/v1/namespaces/{claim.namespace}/resourceclaims/{claim.name}")
+            os.pwrite(fd, b"x" * 4096, 0)
+            os.fdatasync(fd)
+            return pb2.NodePrepareResourcesResponse()
+    grpc_mod.add_DRAPluginServicer_to_server(Minimal(), server)
+server.add_insecure_port("unix://" + socket)
 server.start()
 server.wait_for_termination()
 """
@@ -241,22 +273,26 @@ def footprint_claims(api: RestClient) -> list[ClaimRef]:
 
 @dataclass
 class Floor:
-    """The machine floor: a bare gRPC server process, a GET of a claim, an fdatasync'd write."""
+    """The machine floor: one prepare of the least a driver can do (MINIMAL_PREPARE_SERVER), and its parts one by
+    one: a round trip to a bare gRPC server process, a GET of a claim, an fdatasync'd write."""
 
     channel: grpc.Channel
+    minimal: KubeletClient
     api: RestClient
     claim: str
     file: int
     pid: int
     ping: Callable[[bytes], bytes] = field(init=False)
-    # Milliseconds of each part of each sample: the round trip, the GET, the write.
+    # Milliseconds of each part of each sample: the round trip, the GET, the write; and of the three in sequence.
     parts: tuple[list[float], list[float], list[float]] = field(default_factory=lambda: ([], [], []))
+    in_sequence: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.ping = self.channel.unary_unary("/floor.Floor/Ping")
 
-    def sample(self) -> float:
-        """Milliseconds of one round trip + one GET + one durable write."""
+    def sample(self, ref: ClaimRef) -> float:
+        """Milliseconds of one minimal prepare of `ref`; its parts are timed one by one after it."""
+        minimal_ms, _ = timed(partial(self.minimal.prepare, [ref]))
         start = time.perf_counter()
         self.ping(b"")
         pinged = time.perf_counter()
@@ -267,31 +303,47 @@ class Floor:
         end = time.perf_counter()
         for part, ms in zip(self.parts, (pinged - start, got - pinged, end - got), strict=True):
             part.append(ms * 1000)
-        return (end - start) * 1000
+        self.in_sequence.append((end - start) * 1000)
+        return minimal_ms
+
+
+def answering(call: Callable[[], Any], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            call()
+            return
+        except grpc.RpcError as err:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{what} did not answer in {timeout:.0f} s: {err.code().name}") from None
+            time.sleep(0.002)
 
 
 @contextlib.contextmanager
-def floor(tmp: Path, api: RestClient, claim: str) -> Iterator[tuple[Floor, float, float]]:
-    """The floor, and its server process's start -> first call answered (seconds) and CPU by then."""
-    socket = tmp / "floor.sock"
+def floor(tmp: Path, kubeconfig: Path, claim: str) -> Iterator[tuple[Floor, float, float]]:
+    """The floor, and its bare server process's start -> first call answered (seconds) and CPU by then."""
+    socket, minimal_socket, write = tmp / "floor.sock", tmp / "minimal.sock", tmp / "floor.write"
     start = time.perf_counter()
     with process([sys.executable, "-c", FLOOR_SERVER, str(socket)]) as proc:
         wait_for_socket(proc, socket, "the floor server")
         channel = grpc.insecure_channel(f"unix://{socket}")
         ping = channel.unary_unary("/floor.Floor/Ping")
-        while True:
-            try:
-                ping(b"", timeout=1)
-                break
-            except grpc.RpcError:
-                time.sleep(0.002)
+        answering(lambda: ping(b"", timeout=1), "the floor server")
         started, cpu = time.perf_counter() - start, cpu_seconds(proc.pid)
-        fd = os.open(tmp / "floor.write", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            yield Floor(channel, api, claim, fd, proc.pid), started, cpu
-        finally:
-            os.close(fd)
-            channel.close()
+        minimal_args = [str(minimal_socket), str(kubeconfig), str(tmp / "minimal.write")]
+        with process([sys.executable, "-c", MINIMAL_PREPARE_SERVER, *minimal_args]) as minimal_proc:
+            wait_for_socket(minimal_proc, minimal_socket, "the minimal prepare server")
+            minimal = KubeletClient(None, grpc.insecure_channel(f"unix://{minimal_socket}"), "v1.DRAPlugin")
+            answering(lambda: minimal.prepare([], timeout=1), "the minimal prepare server")
+            api = admin(kubeconfig)
+            fd = os.open(write, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                yield Floor(channel, minimal, api, claim, fd, proc.pid), started, cpu
+            finally:
+                os.close(fd)
+                api.close()
+                minimal.close()
+                channel.close()
 
 
 @dataclass
@@ -335,12 +387,17 @@ def cycles(
     kubelet: KubeletClient, refs: list[ClaimRef], fl: Floor, count: int, pid: int, gap: float
 ) -> tuple[list[float], list[float], list[float], float, float]:
     """`count` prepare + unprepare cycles over `refs`, a floor sample before each: the prepare, unprepare and floor
-    times (ms), and the daemon's CPU seconds spent in prepares and in unprepares."""
+    times (ms), and the daemon's CPU seconds spent in prepares and in unprepares. With a `gap` (seconds), the floor
+    sample and the prepare each come that long after what came before them: both find the machine as idle."""
     prepares, unprepares, floors = [], [], []
     cpu_prepare = cpu_unprepare = 0.0
     for n in range(count):
         ref = refs[n % len(refs)]
-        floors.append(fl.sample())
+        if gap:
+            time.sleep(gap)
+        floors.append(fl.sample(ref))
+        if gap:
+            time.sleep(gap)
         before = cpu_seconds(pid)
         ms, answer = timed(partial(kubelet.prepare, [ref]))
         middle = cpu_seconds(pid)
@@ -352,8 +409,6 @@ def cycles(
         cpu_prepare, cpu_unprepare = cpu_prepare + middle - before, cpu_unprepare + cpu_seconds(pid) - middle
         if answer.claims[ref.uid].error:
             raise SystemExit(f"unprepare failed: {answer.claims[ref.uid].error}")
-        if gap:
-            time.sleep(gap)
     return prepares, unprepares, floors, cpu_prepare, cpu_unprepare
 
 
@@ -380,7 +435,7 @@ def footprint_run(tree: Path, tmp: Path, plane_kubeconfig: Path, refs: list[Clai
         with (
             enforcement(tmp, args.containerd) as enforcing,
             cdi_folder(tmp) as cdi,
-            floor(tmp, admin(plane_kubeconfig), refs[0].name) as (fl, floor_start, floor_cpu),
+            floor(tmp, plane_kubeconfig, refs[0].name) as (fl, floor_start, floor_cpu),
         ):
             command = [
                 sys.executable, "-m", "dra_cpu", "run", "--kubeconfig", str(plane_kubeconfig), "--node-name", NODE,
@@ -426,7 +481,9 @@ def footprint_run(tree: Path, tmp: Path, plane_kubeconfig: Path, refs: list[Clai
                     kubelet.close()
                 floor_p50 = statistics.median(spaced[2] + back[2])  # the parts are of every sample too
                 for part, samples in zip(
-                    ("gRPC round trip", "GET of a claim", "fdatasync'd write"), fl.parts, strict=True
+                    ("gRPC round trip", "GET of a claim", "fdatasync'd write", "the three in sequence"),
+                    (*fl.parts, fl.in_sequence),
+                    strict=True,
                 ):
                     figures[f"floor part: {part} p50 (ms)"] = (statistics.median(samples), floor_p50)
                 for label, (prepares, unprepares, floors, _, _) in (("spaced", spaced), ("back to back", back)):
