@@ -89,13 +89,14 @@ class Reconciler:
             self._save(new)
         # Nothing of a claim that stays prepared is removed: once recorded, its metadata requests never change.
         files = claim_files(after, view)
+        fresh = before is None
         try:
-            self.cdi.ensure(after.uid, files.cdi_spec)
+            self.cdi.ensure(after.uid, files.cdi_spec, fresh)
         except CDIError:
             if changed:
                 self._save_back(old, log)
             raise
-        ids = self._write_metadata(files, log)
+        ids = self._write_metadata(files, log, fresh)
         if changed:
             self._pin(new, view)
         return ids
@@ -144,12 +145,12 @@ class Reconciler:
             # retry of this prepare returns the same CPUs, so nothing is lost.
             log.error("rollback of the checkpoint failed", extra={"reason": str(err)})
 
-    def _write_metadata(self, files: ClaimFiles, log: OperationLog) -> dict[str, str]:
+    def _write_metadata(self, files: ClaimFiles, log: OperationLog, fresh: bool = False) -> dict[str, str]:
         """The soft step: metadata CDI ids by base request name, empty when they could not be written."""
         try:
             if files.metadata_problem:
                 raise MetadataError(files.metadata_problem)
-            return self.metadata.write(files.metadata)
+            return self.metadata.write(files.metadata, fresh)
         except MetadataError as err:
             log.error(
                 "device metadata not written: the claim's containers start without the metadata file",

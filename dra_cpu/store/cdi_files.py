@@ -12,6 +12,9 @@ from dra_cpu.core.cdi_spec import CDI_CLASS, CDIError, spec_filename
 from dra_cpu.store.fileio import read_file, write_atomic
 from dra_cpu.store.leftovers import remove_temp_files
 
+# A missing CDI folder is made as mkdir(1) makes one: 0o777 less the umask.
+FOLDER_MODE = 0o777
+
 
 @dataclass(frozen=True)
 class CDIStore:
@@ -26,22 +29,25 @@ class CDIStore:
     def write(self, uid: str, spec: Mapping[str, Any]) -> None:
         self._write(uid, _encode(spec))
 
-    def ensure(self, uid: str, spec: Mapping[str, Any]) -> None:
+    def ensure(self, uid: str, spec: Mapping[str, Any], fresh: bool = False) -> None:
         """Write `spec` unless the file holds it already: a retry then succeeds on a full or read-only folder.
-        Compared as bytes: the spec is encoded once, and a file holding anything else is rewritten."""
+        Compared as bytes: the spec is encoded once, and a file holding anything else is rewritten. `fresh`: the
+        claim is new to the ledger, and the spec is written without reading what is there first. Whatever an
+        earlier attempt left, rolled back or cut short by a crash, is replaced all the same, and a claim new to
+        the ledger is no retry that the comparison could let succeed: that takes a prepared claim."""
         data = _encode(spec)
-        try:
-            if read_file(self.path(uid)) == data:
-                return
-        except OSError:
-            pass  # missing or unreadable: written below
+        if not fresh:
+            try:
+                if read_file(self.path(uid)) == data:
+                    return
+            except OSError:
+                pass  # missing or unreadable: written below
         self._write(uid, data)
 
     def _write(self, uid: str, data: bytes) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
             # Not durable: the specs live on a tmpfs, and start-up rewrites them from the checkpoint.
-            write_atomic(self.path(uid), data, durable=False)
+            write_atomic(self.path(uid), data, durable=False, folder_mode=FOLDER_MODE)
         except OSError as err:
             raise CDIError(f"cannot write CDI spec {self.path(uid)}: {err.strerror}") from None
 

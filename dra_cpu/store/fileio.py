@@ -19,13 +19,23 @@ from dra_cpu.errors import DraCpuError, not_utf8
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+def write_atomic(
+    path: Path, data: bytes, mode: int = 0o644, durable: bool = True, folder_mode: int | None = None
+) -> None:
     """Temp file in the same folder, rename over `path`: readers see the old or the new content, never half of it.
 
     `durable` adds the fsyncs that make the new content survive a power loss; files on a tmpfs, or rebuilt from a
     durable source at start-up (CDI specs from the checkpoint), skip them: they cost most of a prepare's time.
+    With a `folder_mode`, a missing folder is made (make_folders), not durably: for files that are not durable
+    either. Made only when missing, so that the common write costs no system call for it.
     """
-    fd, tmp = _temp_file(path)
+    try:
+        fd, tmp = _temp_file(path)
+    except FileNotFoundError:
+        if folder_mode is None:
+            raise
+        make_folders(path.parent, folder_mode)
+        fd, tmp = _temp_file(path)
     try:
         try:
             view, done = memoryview(data), 0
@@ -55,6 +65,17 @@ def _temp_file(path: Path) -> tuple[int, str]:
         except FileExistsError:
             continue  # one chance in four billion: another name
     raise FileExistsError(errno.EEXIST, "no free temp file name", str(path))
+
+
+def make_folders(folder: Path, mode: int) -> None:
+    """mkdir -p, in one system call when the folder is there already (os.makedirs makes three)."""
+    try:
+        os.mkdir(folder, mode)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        make_folders(folder.parent, mode)
+        os.mkdir(folder, mode)
 
 
 def read_file(path: Path) -> bytes:

@@ -121,10 +121,11 @@ class MetadataStore:
     def spec_path(self, uid: str, request: str) -> Path:
         return self.cdi_root / dm.cdi_spec_filename(self.driver, uid, request)
 
-    def write(self, files: Iterable[MetadataFile]) -> dict[str, str]:
+    def write(self, files: Iterable[MetadataFile], fresh: bool = False) -> dict[str, str]:
         """Write each request's file and CDI spec, only what differs from what is there (a file `as_found` is left
         as it is, and gets its spec only when it is there); base request name -> the CDI device id that mounts
-        it, for those in place."""
+        it, for those in place. `fresh`: the claim is new to the ledger, so nothing is read back before writing
+        (cdi_files.CDIStore.ensure says why)."""
         ids = {}
         for file in files:
             request = file.request
@@ -133,8 +134,8 @@ class MetadataStore:
                 if self._uid_in(path) != request.ref.uid:
                     continue
             else:
-                self._write(path, encode(request))
-            self._write_spec(request, path)
+                self._write(path, encode(request), fresh)
+            self._write_spec(request, path, fresh)
             ids[request.base_request] = dm.cdi_device_id(self.driver, request.ref.uid, request.base_request)
         return ids
 
@@ -241,24 +242,24 @@ class MetadataStore:
 
     # --- files ----------------------------------------------------------------------------------------------
 
-    def _write_spec(self, request: RequestMetadata, host_path: Path) -> bool:
+    def _write_spec(self, request: RequestMetadata, host_path: Path, fresh: bool = False) -> bool:
         spec = dm.cdi_spec(self.driver, request, str(host_path), CDI_VERSION)
         data = json.dumps(spec).encode() + b"\n"  # on one line, as the claim's CDI spec (cdi_files.py)
-        return self._write(self.spec_path(request.ref.uid, request.base_request), data)
+        return self._write(self.spec_path(request.ref.uid, request.base_request), data, fresh)
 
     @staticmethod
-    def _write(path: Path, data: bytes) -> bool:
+    def _write(path: Path, data: bytes, fresh: bool = False) -> bool:
         """Write `data` unless the file already holds exactly it (a kubelet retry on a full or read-only folder
-        then succeeds); True when written."""
+        then succeeds), or at once when `fresh`; True when written."""
+        if not fresh:
+            try:
+                if read_file(path) == data:
+                    return False
+            except OSError:
+                pass
         try:
-            if read_file(path) == data:
-                return False
-        except OSError:
-            pass
-        try:
-            _make_folder(path.parent)
             # Not durable: see the module's docstring.
-            write_atomic(path, data, mode=FILE_MODE, durable=False)
+            write_atomic(path, data, mode=FILE_MODE, durable=False, folder_mode=DIR_MODE)
         except OSError as err:
             raise MetadataError(f"cannot write device metadata {path}: {err.strerror}") from None
         return True
@@ -300,14 +301,3 @@ def _remove_path(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-def _make_folder(folder: Path) -> None:
-    """mkdir -p, in one system call when the folder is there already (os.makedirs makes three)."""
-    try:
-        os.mkdir(folder, DIR_MODE)
-    except FileExistsError:
-        return
-    except FileNotFoundError:
-        _make_folder(folder.parent)
-        os.mkdir(folder, DIR_MODE)
