@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
-import uuid
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -27,7 +27,7 @@ class OperationLog(logging.LoggerAdapter[logging.Logger]):
 
 
 def operation(logger: logging.Logger, op: str, **fields: Any) -> OperationLog:
-    return OperationLog(logger, {"op": op, "opID": uuid.uuid4().hex[:8], **fields})
+    return OperationLog(logger, {"op": op, "opID": os.urandom(4).hex(), **fields})
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
