@@ -70,6 +70,7 @@ from dra_cpu.kubelet.gen import pluginregistration_v1_pb2, pluginregistration_v1
 from dra_cpu.store.checkpoint import FILENAME, SPARE  # noqa: E402
 from dra_cpu.tools.demo import claim_object  # noqa: E402
 from tests.harness.cluster.control_plane import APISERVER_ONLY, ControlPlane  # noqa: E402
+from tests.harness.poll import wait_until  # noqa: E402
 
 NODE, DRIVER = "bench-node", "dra.cpu"
 FIXTURE = ROOT / "tests/fixtures/sysfs/big-8numa"
@@ -106,18 +107,19 @@ import os, sys
 from concurrent import futures
 from pathlib import Path
 import grpc
+from dra_cpu.kube.apiserver import KubeAPI
 from dra_cpu.kube.kubeconfig import from_kubeconfig
 from dra_cpu.kube.rest import RestClient
 from dra_cpu.kubelet.services import DRA_SERVICES
 socket, kubeconfig, path = sys.argv[1:]
-api = RestClient(from_kubeconfig(Path(kubeconfig)))
+api = KubeAPI(RestClient(from_kubeconfig(Path(kubeconfig))))
 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
 for pb2, grpc_mod in DRA_SERVICES.values():
     class Minimal(grpc_mod.DRAPluginServicer):
         def NodePrepareResources(self, request, context, pb2=pb2):
             for claim in request.claims:
-                api.request("GET", f"/apis/resource.k8s.io/v1/namespaces/{claim.namespace}/resourceclaims/{claim.name}")
+                api.get_claim(claim.namespace, claim.name)
             os.pwrite(fd, b"x" * 4096, 0)
             os.fdatasync(fd)
             return pb2.NodePrepareResourcesResponse()
@@ -283,9 +285,8 @@ class Floor:
     file: int
     pid: int
     ping: Callable[[bytes], bytes] = field(init=False)
-    # Milliseconds of each part of each sample: the round trip, the GET, the write; and of the three in sequence.
+    # Milliseconds of each part of each sample: the round trip, the GET, the write.
     parts: tuple[list[float], list[float], list[float]] = field(default_factory=lambda: ([], [], []))
-    in_sequence: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.ping = self.channel.unary_unary("/floor.Floor/Ping")
@@ -303,20 +304,16 @@ class Floor:
         end = time.perf_counter()
         for part, ms in zip(self.parts, (pinged - start, got - pinged, end - got), strict=True):
             part.append(ms * 1000)
-        self.in_sequence.append((end - start) * 1000)
         return minimal_ms
 
+    def in_sequence(self) -> list[float]:
+        """Milliseconds of each sample's three parts one after another (the floor of the earlier figures)."""
+        return [sum(sample) for sample in zip(*self.parts, strict=True)]
 
-def answering(call: Callable[[], Any], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            call()
-            return
-        except grpc.RpcError as err:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{what} did not answer in {timeout:.0f} s: {err.code().name}") from None
-            time.sleep(0.002)
+
+def answering(call: Callable[[], Any], what: str) -> None:
+    """Wait until `call` gets an answer from a server process just started."""
+    wait_until(call, f"{what} to answer", interval=0.002, retry_on=(grpc.RpcError,), error=SystemExit)
 
 
 @contextlib.contextmanager
@@ -482,7 +479,7 @@ def footprint_run(tree: Path, tmp: Path, plane_kubeconfig: Path, refs: list[Clai
                 floor_p50 = statistics.median(spaced[2] + back[2])  # the parts are of every sample too
                 for part, samples in zip(
                     ("gRPC round trip", "GET of a claim", "fdatasync'd write", "the three in sequence"),
-                    (*fl.parts, fl.in_sequence),
+                    (*fl.parts, fl.in_sequence()),
                     strict=True,
                 ):
                     figures[f"floor part: {part} p50 (ms)"] = (statistics.median(samples), floor_p50)
