@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,12 @@ class CDIStore:
     driver: str
 
     def path(self, uid: str) -> Path:
-        return self.root / spec_filename(self.driver, uid)
+        return Path(self._file(uid))
+
+    def _file(self, uid: str) -> str:
+        # Text: made on every prepare and unprepare, where a Path costs more than the Python around the system
+        # calls (fileio.write_atomic).
+        return f"{self.root}/{spec_filename(self.driver, uid)}"
 
     def write(self, uid: str, spec: Mapping[str, Any]) -> None:
         self._write(uid, _encode(spec))
@@ -38,7 +44,7 @@ class CDIStore:
         data = _encode(spec)
         if not fresh:
             try:
-                if read_file(self.path(uid)) == data:
+                if read_file(self._file(uid)) == data:
                     return
             except OSError:
                 pass  # missing or unreadable: written below
@@ -47,15 +53,17 @@ class CDIStore:
     def _write(self, uid: str, data: bytes) -> None:
         try:
             # Not durable: the specs live on a tmpfs, and start-up rewrites them from the checkpoint.
-            write_atomic(self.path(uid), data, durable=False, folder_mode=FOLDER_MODE)
+            write_atomic(self._file(uid), data, durable=False, folder_mode=FOLDER_MODE)
         except OSError as err:
-            raise CDIError(f"cannot write CDI spec {self.path(uid)}: {err.strerror}") from None
+            raise CDIError(f"cannot write CDI spec {self._file(uid)}: {err.strerror}") from None
 
     def remove(self, uid: str) -> None:
         try:
-            self.path(uid).unlink(missing_ok=True)
+            os.unlink(self._file(uid))
+        except FileNotFoundError:
+            pass
         except OSError as err:
-            raise CDIError(f"cannot remove CDI spec {self.path(uid)}: {err.strerror}") from None
+            raise CDIError(f"cannot remove CDI spec {self._file(uid)}: {err.strerror}") from None
 
     def remove_leftovers(self) -> list[Path]:
         """Temp files of spec writes killed before their rename (`.<our spec file name>.<random>.tmp`); other

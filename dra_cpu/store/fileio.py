@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -20,22 +21,30 @@ YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def write_atomic(
-    path: Path, data: bytes, mode: int = 0o644, durable: bool = True, folder_mode: int | None = None
+    path: str | os.PathLike[str],
+    data: bytes,
+    mode: int = 0o644,
+    durable: bool = True,
+    folder_mode: int | None = None,
 ) -> None:
     """Temp file in the same folder, rename over `path`: readers see the old or the new content, never half of it.
 
     `durable` adds the fsyncs that make the new content survive a power loss; files on a tmpfs, or rebuilt from a
     durable source at start-up (CDI specs from the checkpoint), skip them: they cost most of a prepare's time.
     With a `folder_mode`, a missing folder is made (make_folders), not durably: for files that are not durable
-    either. Made only when missing, so that the common write costs no system call for it.
+    either. Made only when missing, so that the common write costs no system call for it. The path is handled as
+    text: a prepare writes three files, and the Path objects of their folders cost more than the rest of the
+    Python around the system calls.
     """
+    folder, name = os.path.split(os.fspath(path))
+    folder = folder or "."
     try:
-        fd, tmp = _temp_file(path)
+        fd, tmp = _temp_file(folder, name)
     except FileNotFoundError:
         if folder_mode is None:
             raise
-        make_folders(path.parent, folder_mode)
-        fd, tmp = _temp_file(path)
+        make_folders(Path(folder), folder_mode)
+        fd, tmp = _temp_file(folder, name)
     try:
         try:
             view, done = memoryview(data), 0
@@ -48,23 +57,24 @@ def write_atomic(
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     if durable:
-        fsync_dir(path.parent)
+        fsync_dir(folder)
 
 
-def _temp_file(path: Path) -> tuple[int, str]:
-    """A new file `.<name>.<8 random hex digits>.tmp` beside `path` (store/leftovers.py knows the shape), opened
+def _temp_file(folder: str, name: str) -> tuple[int, str]:
+    """A new file `.<name>.<8 random hex digits>.tmp` in `folder` (store/leftovers.py knows the shape), opened
     for writing, mode 0600 until written. Named and opened as tempfile.mkstemp does, at some 15 us less per file:
     no file object, no random-module state."""
     for _ in range(100):
-        tmp = os.path.join(path.parent, f".{path.name}.{os.urandom(4).hex()}.tmp")
+        tmp = f"{folder}/.{name}.{os.urandom(4).hex()}.tmp"
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), tmp
         except FileExistsError:
             continue  # one chance in four billion: another name
-    raise FileExistsError(errno.EEXIST, "no free temp file name", str(path))
+    raise FileExistsError(errno.EEXIST, "no free temp file name", os.path.join(folder, name))
 
 
 def make_folders(folder: Path, mode: int) -> None:
@@ -78,7 +88,7 @@ def make_folders(folder: Path, mode: int) -> None:
         os.mkdir(folder, mode)
 
 
-def read_file(path: Path) -> bytes:
+def read_file(path: str | os.PathLike[str]) -> bytes:
     """The bytes of a small file, for a comparison with what is to be written: four system calls where
     Path.read_bytes makes seven (a file object asks for the size, whether it is a terminal, and the position)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -138,7 +148,7 @@ def _renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
     return call
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

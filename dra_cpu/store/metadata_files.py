@@ -13,11 +13,13 @@ milliseconds on a busy disk, for files the next prepare rewrites anyway.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
@@ -111,15 +113,23 @@ class MetadataStore:
     cdi_root: Path
     driver: str
 
-    @property
+    @cached_property
     def root(self) -> Path:
         return self.plugin_dir / dm.HOST_SUBDIR
 
     def host_file(self, uid: str, request: str) -> Path:
-        return self.root / dm.host_file_name(uid, request)
+        return Path(self._host_file(uid, request))
 
     def spec_path(self, uid: str, request: str) -> Path:
-        return self.cdi_root / dm.cdi_spec_filename(self.driver, uid, request)
+        return Path(self._spec_file(uid, request))
+
+    # The same paths as text, as prepare and unprepare use them: there a Path costs more than the Python around the
+    # system calls (fileio.write_atomic).
+    def _host_file(self, uid: str, request: str) -> str:
+        return f"{self.root}/{dm.host_file_name(uid, request)}"
+
+    def _spec_file(self, uid: str, request: str) -> str:
+        return f"{self.cdi_root}/{dm.cdi_spec_filename(self.driver, uid, request)}"
 
     def write(self, files: Iterable[MetadataFile], fresh: bool = False) -> dict[str, str]:
         """Write each request's file and CDI spec, only what differs from what is there (a file `as_found` is left
@@ -129,7 +139,7 @@ class MetadataStore:
         ids = {}
         for file in files:
             request = file.request
-            path = self.host_file(request.ref.uid, request.base_request)
+            path = self._host_file(request.ref.uid, request.base_request)
             if file.as_found:
                 if self._uid_in(path) != request.ref.uid:
                     continue
@@ -143,16 +153,18 @@ class MetadataStore:
         """Remove a claim's files and specs: those of `requests` (base request names) when its record names them,
         else every one found (both folders listed)."""
         try:
+            paths: list[str | Path]
             if requests is None:
                 paths = [*self._specs(ref.uid), *self._files(ref.uid)]
             else:
                 named = list(requests)
                 paths = [
-                    *(self.spec_path(ref.uid, request) for request in named),
-                    *(self.host_file(ref.uid, request) for request in named),
+                    *(self._spec_file(ref.uid, request) for request in named),
+                    *(self._host_file(ref.uid, request) for request in named),
                 ]
             for path in paths:
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         except OSError as err:
             raise MetadataError(
                 f"cannot remove device metadata of claim {ref}: {err.filename}: {err.strerror}"
@@ -242,13 +254,13 @@ class MetadataStore:
 
     # --- files ----------------------------------------------------------------------------------------------
 
-    def _write_spec(self, request: RequestMetadata, host_path: Path, fresh: bool = False) -> bool:
-        spec = dm.cdi_spec(self.driver, request, str(host_path), CDI_VERSION)
+    def _write_spec(self, request: RequestMetadata, host_path: str, fresh: bool = False) -> bool:
+        spec = dm.cdi_spec(self.driver, request, host_path, CDI_VERSION)
         data = json.dumps(spec).encode() + b"\n"  # on one line, as the claim's CDI spec (cdi_files.py)
-        return self._write(self.spec_path(request.ref.uid, request.base_request), data, fresh)
+        return self._write(self._spec_file(request.ref.uid, request.base_request), data, fresh)
 
     @staticmethod
-    def _write(path: Path, data: bytes, fresh: bool = False) -> bool:
+    def _write(path: str, data: bytes, fresh: bool = False) -> bool:
         """Write `data` unless the file already holds exactly it (a kubelet retry on a full or read-only folder
         then succeeds), or at once when `fresh`; True when written."""
         if not fresh:
@@ -281,7 +293,7 @@ class MetadataStore:
         return rest[:_UUID_LENGTH], rest[_UUID_LENGTH + 1 :]
 
     @staticmethod
-    def _uid_in(path: Path) -> str | None:
+    def _uid_in(path: str | Path) -> str | None:
         try:
             # Only whose it is matters here, not whether a reader would accept it.
             uid = (decode(read_file(path), validate=False).get("metadata") or {}).get("uid")
