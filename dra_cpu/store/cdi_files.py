@@ -28,8 +28,7 @@ class CDIStore:
         return Path(self._file(uid))
 
     def _file(self, uid: str) -> str:
-        # Text: made on every prepare and unprepare, where a Path costs more than the Python around the system
-        # calls (fileio.write_atomic).
+        # Text: made on every prepare and unprepare (fileio.write_atomic says why).
         return f"{self.root}/{spec_filename(self.driver, uid)}"
 
     def write(self, uid: str, spec: Mapping[str, Any]) -> None:

@@ -33,8 +33,8 @@ def write_atomic(
     durable source at start-up (CDI specs from the checkpoint), skip them: they cost most of a prepare's time.
     With a `folder_mode`, a missing folder is made (make_folders), not durably: for files that are not durable
     either. Made only when missing, so that the common write costs no system call for it. The path is handled as
-    text: a prepare writes three files, and the Path objects of their folders cost more than the rest of the
-    Python around the system calls.
+    text: a prepare writes three files and an unprepare removes them, and each Path made on the way (a folder, a
+    file name) costs a few microseconds, as much as some of the system calls.
     """
     folder, name = os.path.split(os.fspath(path))
     folder = folder or "."

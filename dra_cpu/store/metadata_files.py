@@ -123,8 +123,7 @@ class MetadataStore:
     def spec_path(self, uid: str, request: str) -> Path:
         return Path(self._spec_file(uid, request))
 
-    # The same paths as text, as prepare and unprepare use them: there a Path costs more than the Python around the
-    # system calls (fileio.write_atomic).
+    # The same paths as text, as prepare and unprepare use them (fileio.write_atomic says why).
     def _host_file(self, uid: str, request: str) -> str:
         return f"{self.root}/{dm.host_file_name(uid, request)}"
 
