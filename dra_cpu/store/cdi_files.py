@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dra_cpu.core.cdi_spec import CDI_CLASS, CDIError, spec_filename
-from dra_cpu.store.fileio import read_file, write_atomic
+from dra_cpu.store.fileio import read_file, remove_file, write_atomic
 from dra_cpu.store.leftovers import remove_temp_files
 
 # A missing CDI folder is made as mkdir(1) makes one: 0o777 less the umask.
@@ -58,9 +57,7 @@ class CDIStore:
 
     def remove(self, uid: str) -> None:
         try:
-            os.unlink(self._file(uid))
-        except FileNotFoundError:
-            pass
+            remove_file(self._file(uid))
         except OSError as err:
             raise CDIError(f"cannot remove CDI spec {self._file(uid)}: {err.strerror}") from None
 

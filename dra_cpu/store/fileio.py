@@ -57,8 +57,7 @@ def write_atomic(
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        remove_file(tmp)
         raise
     if durable:
         fsync_dir(folder)
@@ -86,6 +85,12 @@ def make_folders(folder: Path, mode: int) -> None:
     except FileNotFoundError:
         make_folders(folder.parent, mode)
         os.mkdir(folder, mode)
+
+
+def remove_file(path: str | os.PathLike[str]) -> None:
+    """unlink, a missing file being no error: Path.unlink(missing_ok=True) for a path kept as text."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def read_file(path: str | os.PathLike[str]) -> bytes:

@@ -13,7 +13,6 @@ milliseconds on a busy disk, for files the next prepare rewrites anyway.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from dra_cpu.core.claims import ClaimRef
 from dra_cpu.core.desired import MetadataFile
 from dra_cpu.core.device_metadata import MetadataError, RequestMetadata
 from dra_cpu.core.ledger import ClaimMetadata
-from dra_cpu.store.fileio import read_file, write_atomic
+from dra_cpu.store.fileio import read_file, remove_file, write_atomic
 from dra_cpu.store.leftovers import remove_temp_files
 
 DIR_MODE = 0o755
@@ -162,8 +161,7 @@ class MetadataStore:
                     *(self._host_file(ref.uid, request) for request in named),
                 ]
             for path in paths:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                remove_file(path)
         except OSError as err:
             raise MetadataError(
                 f"cannot remove device metadata of claim {ref}: {err.filename}: {err.strerror}"
